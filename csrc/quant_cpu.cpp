@@ -1,0 +1,397 @@
+// qlora-ds: C++/OpenMP kernels for the blockwise 4-bit (NF4/FP4) and 8-bit quant ops.
+//
+// Backend interface (identical to qlora_ds/ops/reference.py and the CUDA module): every tensor is 1-D,
+// contiguous and on the CPU, outputs are preallocated by the caller, and every function returns None.
+// Results are bit-exact with the reference (= bitsandbytes' default backend): build without fast-math
+// and with -ffp-contract=off.
+#include <torch/extension.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__SSSE3__) || defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr float kTiny = 1e-38f;
+constexpr int64_t kChunk = 64;  // elements scaled and bucketed at a time (a multiple of 2)
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_f32(c10::Half v) { return static_cast<float>(v); }
+
+// max |x| over [0, len) in fp32; max is exact and associative (no NaN), so partial maxima vectorize.
+template <typename T>
+float block_absmax(const T* x, int64_t len) {
+  float acc[16] = {0.f};
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16)
+    for (int j = 0; j < 16; ++j) {
+      const float a = std::fabs(to_f32(x[i + j]));
+      acc[j] = acc[j] < a ? a : acc[j];
+    }
+  float m = 0.f;
+  for (int j = 0; j < 16; ++j) m = m < acc[j] ? acc[j] : m;
+  for (; i < len; ++i) {
+    const float a = std::fabs(to_f32(x[i]));
+    m = m < a ? a : m;
+  }
+  return m;
+}
+
+// Scale one chunk into [-1, 1]: by reciprocal multiply (full blocks) or true division (partial block).
+template <typename T>
+inline void scale_chunk(const T* x, int64_t len, float inv, float div, bool use_div, float* s) {
+  if (use_div) {
+    for (int64_t i = 0; i < len; ++i) s[i] = std::min(std::max(to_f32(x[i]) / div, -1.f), 1.f);
+  } else {
+    for (int64_t i = 0; i < len; ++i) s[i] = std::min(std::max(to_f32(x[i]) * inv, -1.f), 1.f);
+  }
+}
+
+// Block scale parameters, shared by the 4-bit and 8-bit quantizers. Returns the value to store.
+inline float block_params(float amax, bool partial, float* inv, float* div) {
+  if (partial) {
+    *div = std::max(amax, kTiny);
+    return *div;
+  }
+  *inv = 1.0f / std::max(amax, kTiny);
+  return amax;
+}
+
+template <typename T>
+void quantize_4bit_impl(const T* x, int64_t n, const float* bounds, const uint8_t* order, int64_t bs,
+                        uint8_t* packed, float* absmax) {
+  const int64_t nblocks = (n + bs - 1) / bs;
+  int pad_idx = 0;  // code of s = 0.0 for an odd tail
+  for (int k = 0; k < 15; ++k) pad_idx += bounds[k] < 0.f;
+  const uint8_t pad_code = order[pad_idx];
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t start = b * bs;
+    const int64_t len = std::min(bs, n - start);
+    const bool partial = len < bs;
+    float inv = 0.f, div = 1.f;
+    absmax[b] = block_params(block_absmax(x + start, len), partial, &inv, &div);
+    float s[kChunk];
+    uint8_t idx[kChunk];
+    for (int64_t c = 0; c < len; c += kChunk) {
+      const int64_t m = std::min(kChunk, len - c);
+      scale_chunk(x + start + c, m, inv, div, partial, s);
+      for (int64_t i = 0; i < m; ++i) idx[i] = 0;
+      for (int k = 0; k < 15; ++k) {
+        const float bk = bounds[k];
+        for (int64_t i = 0; i < m; ++i) idx[i] += static_cast<uint8_t>(bk < s[i]);
+      }
+      uint8_t* dst = packed + (start + c) / 2;  // bs is even, so start + c is even
+      const int64_t pairs = m / 2;
+      for (int64_t j = 0; j < pairs; ++j)
+        dst[j] = static_cast<uint8_t>((order[idx[2 * j]] << 4) | order[idx[2 * j + 1]]);
+      if (m & 1) dst[pairs] = static_cast<uint8_t>((order[idx[m - 1]] << 4) | pad_code);
+    }
+  }
+}
+
+void quantize_8bit_impl(const float* x, int64_t n, const float* bounds8, int64_t bs, uint8_t* q, float* absmax) {
+  const int64_t nblocks = (n + bs - 1) / bs;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t start = b * bs;
+    const int64_t len = std::min(bs, n - start);
+    const bool partial = len < bs;
+    float inv = 0.f, div = 1.f;
+    absmax[b] = block_params(block_absmax(x + start, len), partial, &inv, &div);
+    float s[kChunk];
+    for (int64_t c = 0; c < len; c += kChunk) {
+      const int64_t m = std::min(kChunk, len - c);
+      scale_chunk(x + start + c, m, inv, div, partial, s);
+      for (int64_t i = 0; i < m; ++i) {
+        // branchless binary search: number of the 255 sorted bounds strictly below s
+        int pos = 0;
+        for (int step = 128; step > 0; step >>= 1) pos += (bounds8[pos + step - 1] < s[i]) ? step : 0;
+        q[start + c + i] = static_cast<uint8_t>(pos);
+      }
+    }
+  }
+}
+
+// ---- dequantize ---------------------------------------------------------------------------------
+
+// fp32 -> bf16 bits, round-to-nearest-even, NaN -> 0x7FC0 (what c10::BFloat16 does); vectorizes.
+inline uint16_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : r);
+}
+
+// lut[k] = cast(code[k] * a) for the 16 codes, the product rounded in fp32 first.
+#if defined(__AVX2__)
+inline __m256i bf16_bits8(__m256 p) {
+  const __m256i u = _mm256_castps_si256(p);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
+                                         _mm256_set1_epi32(0x7F800000));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+}
+#endif
+
+inline void make_lut16(const float* code, float a, uint16_t* lut, c10::BFloat16*) {
+#if defined(__AVX2__)
+  const __m256 va = _mm256_set1_ps(a);
+  const __m256i r0 = bf16_bits8(_mm256_mul_ps(_mm256_loadu_ps(code), va));
+  const __m256i r1 = bf16_bits8(_mm256_mul_ps(_mm256_loadu_ps(code + 8), va));
+  // packus interleaves 128-bit lanes: [r0 lo, r1 lo, r0 hi, r1 hi] -> reorder the 64-bit quarters
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lut),
+                      _mm256_permute4x64_epi64(_mm256_packus_epi32(r0, r1), 0xD8));
+#else
+  float prod[16];
+  for (int k = 0; k < 16; ++k) prod[k] = code[k] * a;
+  for (int k = 0; k < 16; ++k) lut[k] = bf16_bits(prod[k]);
+#endif
+}
+inline void make_lut16(const float* code, float a, uint16_t* lut, c10::Half*) {
+  float prod[16];
+  for (int k = 0; k < 16; ++k) prod[k] = code[k] * a;
+#if defined(__F16C__)
+  // vcvtps2ph with round-to-nearest-even: same bits as c10::Half for every non-NaN input
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lut),
+                   _mm256_cvtps_ph(_mm256_loadu_ps(prod), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lut + 8),
+                   _mm256_cvtps_ph(_mm256_loadu_ps(prod + 8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  for (int k = 0; k < 16; ++k) lut[k] = c10::Half(prod[k]).x;
+#endif
+}
+
+// Expand `nbytes` packed bytes through a 16-entry table of 16-bit values: out[2j] = lut[hi], out[2j+1] = lut[lo].
+inline void expand16(const uint8_t* p, int64_t nbytes, const uint16_t* lut, uint16_t* out) {
+  int64_t j = 0;
+#if defined(__SSSE3__)
+  // split the 16-bit table into a table of low bytes and one of high bytes
+  const __m128i w0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut));
+  const __m128i w1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut + 8));
+  const __m128i even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i odd = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i tlo = _mm_unpacklo_epi64(_mm_shuffle_epi8(w0, even), _mm_shuffle_epi8(w1, even));
+  const __m128i thi = _mm_unpacklo_epi64(_mm_shuffle_epi8(w0, odd), _mm_shuffle_epi8(w1, odd));
+  const __m128i m0f = _mm_set1_epi8(0x0F);
+  for (; j + 16 <= nbytes; j += 16) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m0f);
+    const __m128i lo = _mm_and_si128(v, m0f);
+    const __m128i i0 = _mm_unpacklo_epi8(hi, lo);  // nibble indices of outputs 0..15
+    const __m128i i1 = _mm_unpackhi_epi8(hi, lo);  // outputs 16..31
+    const __m128i l0 = _mm_shuffle_epi8(tlo, i0), h0 = _mm_shuffle_epi8(thi, i0);
+    const __m128i l1 = _mm_shuffle_epi8(tlo, i1), h1 = _mm_shuffle_epi8(thi, i1);
+    __m128i* o = reinterpret_cast<__m128i*>(out + 2 * j);
+    _mm_storeu_si128(o + 0, _mm_unpacklo_epi8(l0, h0));
+    _mm_storeu_si128(o + 1, _mm_unpackhi_epi8(l0, h0));
+    _mm_storeu_si128(o + 2, _mm_unpacklo_epi8(l1, h1));
+    _mm_storeu_si128(o + 3, _mm_unpackhi_epi8(l1, h1));
+  }
+#endif
+  for (; j < nbytes; ++j) {
+    out[2 * j] = lut[p[j] >> 4];
+    out[2 * j + 1] = lut[p[j] & 0xF];
+  }
+}
+
+// Dequantize one block [start, start+len) given its absmax a. start is even (blocksize is even).
+template <typename OutT>
+inline void dequant_block(const uint8_t* packed, const float* code, float a, int64_t start, int64_t len,
+                          OutT* out) {
+  const uint8_t* p = packed + start / 2;
+  const int64_t pairs = len / 2;
+  if constexpr (std::is_same_v<OutT, float>) {
+    float lut[16];
+    for (int k = 0; k < 16; ++k) lut[k] = code[k] * a;
+    float* o = out + start;
+    for (int64_t j = 0; j < pairs; ++j) {
+      o[2 * j] = lut[p[j] >> 4];
+      o[2 * j + 1] = lut[p[j] & 0xF];
+    }
+    if (len & 1) o[len - 1] = lut[p[pairs] >> 4];
+  } else {
+    alignas(32) uint16_t lut[16];
+    make_lut16(code, a, lut, static_cast<OutT*>(nullptr));
+    uint16_t* o = reinterpret_cast<uint16_t*>(out) + start;
+    expand16(p, pairs, lut, o);
+    if (len & 1) o[len - 1] = lut[p[pairs] >> 4];
+  }
+}
+
+template <typename OutT, typename AbsmaxFn>
+void dequantize_4bit_impl(const uint8_t* packed, const float* code, int64_t bs, int64_t n, OutT* out,
+                          AbsmaxFn absmax_of) {
+  const int64_t nblocks = (n + bs - 1) / bs;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t start = b * bs;
+    dequant_block(packed, code, absmax_of(b), start, std::min(bs, n - start), out);
+  }
+}
+
+// ---- argument checks ----------------------------------------------------------------------------
+
+void check_1d(const torch::Tensor& t, const char* name, c10::optional<at::ScalarType> dtype = c10::nullopt) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), name, " must be 1-D and contiguous, got shape ", t.sizes());
+  if (dtype) TORCH_CHECK(t.scalar_type() == *dtype, name, " must be ", *dtype, ", got ", t.scalar_type());
+}
+
+int64_t nblocks_of(int64_t n, int64_t bs) { return (n + bs - 1) / bs; }
+
+void check_blocksize_4bit(int64_t bs) {
+  TORCH_CHECK(bs > 0 && bs % 2 == 0, "blocksize must be a positive even number, got ", bs);
+}
+
+}  // namespace
+
+// ---- the five backend functions -----------------------------------------------------------------
+
+void quantize_4bit(torch::Tensor x, torch::Tensor bounds, torch::Tensor order, int64_t blocksize,
+                   torch::Tensor packed_out, torch::Tensor absmax_out) {
+  check_1d(x, "x");
+  check_1d(bounds, "bounds", at::kFloat);
+  check_1d(order, "order", at::kByte);
+  check_1d(packed_out, "packed_out", at::kByte);
+  check_1d(absmax_out, "absmax_out", at::kFloat);
+  check_blocksize_4bit(blocksize);
+  const int64_t n = x.numel();
+  TORCH_CHECK(bounds.numel() == 15 && order.numel() == 16, "bounds must have 15 and order 16 entries");
+  TORCH_CHECK(packed_out.numel() == (n + 1) / 2, "packed_out must have (n+1)//2 = ", (n + 1) / 2, " bytes");
+  TORCH_CHECK(absmax_out.numel() == nblocks_of(n, blocksize), "absmax_out must have ceil(n/blocksize) entries");
+  const float* bnd = bounds.data_ptr<float>();
+  const uint8_t* ord = order.data_ptr<uint8_t>();
+  uint8_t* pk = packed_out.data_ptr<uint8_t>();
+  float* am = absmax_out.data_ptr<float>();
+  switch (x.scalar_type()) {
+    case at::kFloat: quantize_4bit_impl(x.data_ptr<float>(), n, bnd, ord, blocksize, pk, am); break;
+    case at::kBFloat16:
+      quantize_4bit_impl(x.data_ptr<c10::BFloat16>(), n, bnd, ord, blocksize, pk, am);
+      break;
+    case at::kHalf: quantize_4bit_impl(x.data_ptr<c10::Half>(), n, bnd, ord, blocksize, pk, am); break;
+    default: TORCH_CHECK(false, "x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+}
+
+template <typename AbsmaxFn>
+static void dequantize_4bit_dispatch(const torch::Tensor& packed, const torch::Tensor& code, int64_t bs,
+                                     torch::Tensor& out, AbsmaxFn fn) {
+  const int64_t n = out.numel();
+  const uint8_t* pk = packed.data_ptr<uint8_t>();
+  const float* cd = code.data_ptr<float>();
+  switch (out.scalar_type()) {
+    case at::kFloat: dequantize_4bit_impl(pk, cd, bs, n, out.data_ptr<float>(), fn); break;
+    case at::kBFloat16: dequantize_4bit_impl(pk, cd, bs, n, out.data_ptr<c10::BFloat16>(), fn); break;
+    case at::kHalf: dequantize_4bit_impl(pk, cd, bs, n, out.data_ptr<c10::Half>(), fn); break;
+    default: TORCH_CHECK(false, "out must be float32, bfloat16 or float16, got ", out.scalar_type());
+  }
+}
+
+static void check_dequant_4bit(const torch::Tensor& packed, const torch::Tensor& code, int64_t bs,
+                               const torch::Tensor& out, int64_t nblocks_have) {
+  check_1d(packed, "packed", at::kByte);
+  check_1d(code, "code", at::kFloat);
+  check_1d(out, "out");
+  check_blocksize_4bit(bs);
+  TORCH_CHECK(code.numel() == 16, "code must have 16 entries");
+  const int64_t n = out.numel();
+  TORCH_CHECK(packed.numel() == (n + 1) / 2, "packed must have (out.numel()+1)//2 = ", (n + 1) / 2, " bytes");
+  TORCH_CHECK(nblocks_have == nblocks_of(n, bs), "absmax must have ceil(n/blocksize) = ", nblocks_of(n, bs),
+              " entries, got ", nblocks_have);
+}
+
+void dequantize_4bit(torch::Tensor packed, torch::Tensor absmax, torch::Tensor code, int64_t blocksize,
+                      torch::Tensor out) {
+  check_1d(absmax, "absmax", at::kFloat);
+  check_dequant_4bit(packed, code, blocksize, out, absmax.numel());
+  const float* am = absmax.data_ptr<float>();
+  dequantize_4bit_dispatch(packed, code, blocksize, out, [am](int64_t b) { return am[b]; });
+}
+
+void dequantize_4bit_dq(torch::Tensor packed, torch::Tensor qabsmax, torch::Tensor absmax2, torch::Tensor code8,
+                        int64_t nested_blocksize, double offset, torch::Tensor code, int64_t blocksize,
+                        torch::Tensor out) {
+  check_1d(qabsmax, "qabsmax", at::kByte);
+  check_1d(absmax2, "absmax2", at::kFloat);
+  check_1d(code8, "code8", at::kFloat);
+  TORCH_CHECK(code8.numel() == 256, "code8 must have 256 entries");
+  TORCH_CHECK(nested_blocksize > 0, "nested_blocksize must be positive");
+  TORCH_CHECK(absmax2.numel() == nblocks_of(qabsmax.numel(), nested_blocksize),
+              "absmax2 must have ceil(qabsmax.numel()/nested_blocksize) entries");
+  check_dequant_4bit(packed, code, blocksize, out, qabsmax.numel());
+  const uint8_t* qa = qabsmax.data_ptr<uint8_t>();
+  const float* a2 = absmax2.data_ptr<float>();
+  const float* c8 = code8.data_ptr<float>();
+  const float off = static_cast<float>(offset);
+  dequantize_4bit_dispatch(packed, code, blocksize, out, [=](int64_t b) {
+    const float a = c8[qa[b]] * a2[b / nested_blocksize];  // two separate fp32 roundings
+    return a + off;
+  });
+}
+
+void quantize_8bit_blockwise(torch::Tensor x, torch::Tensor code8, torch::Tensor bounds8, int64_t blocksize,
+                             torch::Tensor q_out, torch::Tensor absmax_out) {
+  check_1d(x, "x", at::kFloat);
+  check_1d(code8, "code8", at::kFloat);
+  check_1d(bounds8, "bounds8", at::kFloat);
+  check_1d(q_out, "q_out", at::kByte);
+  check_1d(absmax_out, "absmax_out", at::kFloat);
+  TORCH_CHECK(blocksize > 0, "blocksize must be positive, got ", blocksize);
+  TORCH_CHECK(code8.numel() == 256 && bounds8.numel() == 255, "code8 must have 256 and bounds8 255 entries");
+  const int64_t n = x.numel();
+  TORCH_CHECK(q_out.numel() == n, "q_out must have n entries");
+  TORCH_CHECK(absmax_out.numel() == nblocks_of(n, blocksize), "absmax_out must have ceil(n/blocksize) entries");
+  quantize_8bit_impl(x.data_ptr<float>(), n, bounds8.data_ptr<float>(), blocksize, q_out.data_ptr<uint8_t>(),
+                     absmax_out.data_ptr<float>());
+}
+
+void dequantize_8bit_blockwise(torch::Tensor q, torch::Tensor absmax, torch::Tensor code8, int64_t blocksize,
+                               double offset, torch::Tensor out) {
+  check_1d(q, "q", at::kByte);
+  check_1d(absmax, "absmax", at::kFloat);
+  check_1d(code8, "code8", at::kFloat);
+  check_1d(out, "out", at::kFloat);
+  TORCH_CHECK(blocksize > 0, "blocksize must be positive, got ", blocksize);
+  TORCH_CHECK(code8.numel() == 256, "code8 must have 256 entries");
+  const int64_t n = out.numel();
+  TORCH_CHECK(q.numel() == n, "q and out must have the same number of elements");
+  TORCH_CHECK(absmax.numel() == nblocks_of(n, blocksize), "absmax must have ceil(n/blocksize) entries");
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* am = absmax.data_ptr<float>();
+  const float* c8 = code8.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const float off = static_cast<float>(offset);
+  const int64_t nblocks = nblocks_of(n, blocksize);
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t start = b * blocksize, end = std::min(n, start + blocksize);
+    const float a = am[b];
+    for (int64_t i = start; i < end; ++i) {
+      const float v = c8[qp[i]] * a;
+      o[i] = v + off;
+    }
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "qlora-ds CPU kernels for blockwise 4-bit / 8-bit quantization (bit-exact with the reference)";
+  m.def("quantize_4bit", &quantize_4bit, "quantize_4bit(x, bounds, order, blocksize, packed_out, absmax_out)");
+  m.def("dequantize_4bit", &dequantize_4bit, "dequantize_4bit(packed, absmax, code, blocksize, out)");
+  m.def("dequantize_4bit_dq", &dequantize_4bit_dq,
+        "dequantize_4bit_dq(packed, qabsmax, absmax2, code8, nested_blocksize, offset, code, blocksize, out)");
+  m.def("quantize_8bit_blockwise", &quantize_8bit_blockwise,
+        "quantize_8bit_blockwise(x, code8, bounds8, blocksize, q_out, absmax_out)");
+  m.def("dequantize_8bit_blockwise", &dequantize_8bit_blockwise,
+        "dequantize_8bit_blockwise(q, absmax, code8, blocksize, offset, out)");
+}

@@ -1,0 +1,208 @@
+"""DeepSpeed ``OpBuilder`` subclasses for the compiled qlora-ds ops, and a cached loader.
+
+One small builder per (op, device). Sources are absolute paths into the repository's ``csrc/`` (DeepSpeed
+resolves relative paths under ``deepspeed/ops``). ``load_op`` tries a prebuilt module first (built by
+``QLORA_DS_BUILD_OPS=1 pip install -e .``), then DeepSpeed's JIT build (cached under
+``TORCH_EXTENSIONS_DIR``), and raises :class:`OpBuildError` saying why and how to fix it.
+
+Kernels must be bit-exact with ``qlora_ds.ops.reference``: no fast-math, no FMA contraction.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import threading
+from pathlib import Path
+
+from deepspeed.ops.op_builder.builder import CUDAOpBuilder
+from deepspeed.ops.op_builder.cpu.builder import CPUOpBuilder
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_EXACT_CXX = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
+_EXACT_NVCC = ["--fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true"]
+_MIN_CUDA_MAJOR = 7
+
+
+class OpBuildError(RuntimeError):
+    """A compiled op could not be built or loaded; the message says why and how to fix it."""
+
+
+def _src(*names: str) -> list[str]:
+    return [str(CSRC / n) for n in names]
+
+
+class _CPUBuilder(CPUOpBuilder):
+    BUILD_VAR = ""
+    NAME = ""
+    MODULE = ""
+    SOURCES: tuple[str, ...] = ()
+
+    def __init__(self):
+        super().__init__(name=self.NAME)
+
+    def absolute_name(self):
+        return f"qlora_ds.ops.{self.MODULE}"
+
+    def sources(self):
+        return _src(*self.SOURCES)
+
+    def include_paths(self):
+        return [str(CSRC / "include")]
+
+    def cxx_args(self):
+        args = [a for a in super().cxx_args() if "fast-math" not in a]
+        return args + [a for a in _EXACT_CXX if a not in args]
+
+    def extra_ldflags(self):
+        return ["-fopenmp"]
+
+    def builder(self):
+        ext = super().builder()  # CPUOpBuilder.builder drops extra_ldflags: add them back
+        ext.extra_link_args = list(ext.extra_link_args or []) + self.extra_ldflags()
+        return ext
+
+    def is_compatible(self, verbose=False):
+        cxx = os.environ.get("CXX", "c++")
+        if shutil.which(cxx) is None:
+            self.error_log = f"no C++ compiler found ({cxx!r} is not on PATH)"
+            return False
+        return super().is_compatible(verbose)
+
+
+class _CUDABuilder(CUDAOpBuilder):
+    BUILD_VAR = ""
+    NAME = ""
+    MODULE = ""
+    SOURCES: tuple[str, ...] = ()
+
+    def __init__(self):
+        super().__init__(name=self.NAME)
+
+    def absolute_name(self):
+        return f"qlora_ds.ops.{self.MODULE}"
+
+    def sources(self):
+        return _src(*self.SOURCES)
+
+    def include_paths(self):
+        return [str(CSRC / "include")]
+
+    def cxx_args(self):
+        return super().cxx_args() + ["-ffp-contract=off"]
+
+    def nvcc_args(self):
+        args = [a for a in super().nvcc_args() if a not in ("--use_fast_math", "-use_fast_math")]
+        return args + _EXACT_NVCC if not self.build_for_cpu else args
+
+    def is_compatible(self, verbose=False):
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if torch.version.cuda is None:
+            self.error_log = f"torch {torch.__version__} is a build without CUDA"
+            return False
+        if CUDA_HOME is None or shutil.which(str(Path(CUDA_HOME) / "bin" / "nvcc")) is None:
+            self.error_log = "nvcc not found (set CUDA_HOME to the CUDA toolkit)"
+            return False
+        major = self.cuda_capability_major()  # None unless a CUDA context already exists: never creates one
+        if major is not None and major < _MIN_CUDA_MAJOR:
+            self.error_log = f"GPU compute capability {major}.x < {_MIN_CUDA_MAJOR}.0"
+            return False
+        return super().is_compatible(verbose)
+
+
+class QuantCPUBuilder(_CPUBuilder):
+    BUILD_VAR = "QLORA_DS_BUILD_QUANT"
+    NAME = "qlora_ds_quant_cpu"
+    MODULE = "quant_cpu"
+    SOURCES = ("quant_cpu.cpp",)
+
+
+class QuantCUDABuilder(_CUDABuilder):
+    BUILD_VAR = "QLORA_DS_BUILD_QUANT"
+    NAME = "qlora_ds_quant_cuda"
+    MODULE = "quant_cuda"
+    SOURCES = ("quant_cuda_impl.cu", "quant_cuda.cpp")
+
+
+class PagedOptimCPUBuilder(_CPUBuilder):
+    BUILD_VAR = "QLORA_DS_BUILD_PAGED_OPTIM"
+    NAME = "qlora_ds_paged_optim_cpu"
+    MODULE = "paged_optim_cpu"
+    SOURCES = ("paged_optim_cpu.cpp",)
+
+
+class PagedOptimCUDABuilder(_CUDABuilder):
+    BUILD_VAR = "QLORA_DS_BUILD_PAGED_OPTIM"
+    NAME = "qlora_ds_paged_optim_cuda"
+    MODULE = "paged_optim_cuda"
+    SOURCES = ("paged_optim_impl.cu", "paged_optim_cuda.cpp")
+
+
+BUILDERS = {
+    ("quant", "cpu"): QuantCPUBuilder,
+    ("quant", "cuda"): QuantCUDABuilder,
+    ("paged_optim", "cpu"): PagedOptimCPUBuilder,
+    ("paged_optim", "cuda"): PagedOptimCUDABuilder,
+}
+
+_cache: dict = {}
+_lock = threading.Lock()
+
+_FIX = ("Fix: install a C++ compiler (g++ with OpenMP) and ninja; for CUDA set CUDA_HOME to a toolkit that matches "
+        "torch.version.cuda; or prebuild with `QLORA_DS_BUILD_OPS=1 pip install -e .`. "
+        "The pure-torch reference backend works without any of this.")
+
+
+def _why(builder, exc: BaseException) -> str:
+    text = str(exc)
+    if builder.error_log and builder.error_log not in text:
+        text = f"{builder.error_log}; {text}"
+    if len(text) > 3000:
+        text = "...\n" + text[-3000:]
+    return text
+
+
+def load_op(op: str, device_type: str):
+    """The compiled module of ``op`` ("quant" | "paged_optim") for ``device_type`` ("cpu" | "cuda"), cached."""
+    key = (op, device_type)
+    if key not in BUILDERS:
+        raise ValueError(f"unknown op/device {key}; known: {sorted(BUILDERS)}")
+    with _lock:
+        if key in _cache:
+            return _cache[key]
+        builder = BUILDERS[key]()
+        try:  # a module prebuilt by setup.py
+            module = importlib.import_module(builder.absolute_name())
+        except ImportError:
+            missing = [s for s in builder.sources() if not Path(s).is_file()]
+            if missing:
+                raise OpBuildError(f"cannot build {builder.NAME}: sources missing: {missing}. {_FIX}") from None
+            if not builder.is_compatible(verbose=False):
+                raise OpBuildError(f"cannot build {builder.NAME}: incompatible: {builder.error_log}. {_FIX}")
+            try:
+                module = builder.load(verbose=False)
+            except Exception as exc:  # compile/link errors, missing ninja, ...
+                raise OpBuildError(f"building {builder.NAME} failed: {_why(builder, exc)}\n{_FIX}") from exc
+        _cache[key] = module
+        return module
+
+
+def builders_for_setup() -> list:
+    """Builders whose ``.builder()`` extensions setup.py adds when ``QLORA_DS_BUILD_OPS=1``.
+
+    CPU builders always; CUDA ones only when torch has CUDA and nvcc is found. Builders whose sources are not
+    in the tree (yet) are skipped.
+    """
+    out = []
+    for (_, device), cls in BUILDERS.items():
+        b = cls()
+        if not all(Path(s).is_file() for s in b.sources()):
+            continue
+        if device == "cuda" and not b.is_compatible(verbose=False):
+            continue
+        if os.environ.get(b.BUILD_VAR, "1") == "0":
+            continue
+        out.append(b)
+    return out

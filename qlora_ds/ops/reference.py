@@ -1,0 +1,76 @@
+"""Pure-torch reference backend: the oracle the kernels are tested against, and the fallback.
+
+Backend interface (the compiled CPU and CUDA modules expose the same five functions):
+outputs are preallocated by the caller, every tensor is 1-D, contiguous and on one device, and
+every function returns None. Semantics are bitsandbytes' default-backend rules, bit for bit:
+
+* full blocks store their unclamped absmax and scale by ``x * (1 / max(absmax, 1e-38))``;
+* a trailing partial block stores ``max(absmax, 1e-38)`` and scales by a true division;
+* a scaled value maps to the number of code midpoints strictly below it (ties go to the lower code);
+* two 4-bit codes per byte, the first element in the high nibble; an odd tail pads with code(0.0);
+* dequantization multiplies in fp32 and then casts; double-quant absmax is
+  ``fl(fl(code8[q] * absmax2) + offset)`` (two roundings, no FMA).
+"""
+from __future__ import annotations
+
+import torch
+
+_TINY = 1e-38
+
+
+def _scale_blockwise(x: torch.Tensor, blocksize: int, absmax_out: torch.Tensor) -> torch.Tensor:
+    """Scale x (fp32, 1-D) blockwise into [-1, 1]; writes absmax_out; returns the scaled values."""
+    n = x.numel()
+    rem = n % blocksize
+    full = n - rem
+    parts = []
+    if full:
+        xb = x[:full].view(-1, blocksize)
+        amax = xb.abs().amax(dim=1)
+        absmax_out[: full // blocksize].copy_(amax)
+        parts.append((xb * (1.0 / amax.clamp(min=_TINY)).unsqueeze(1)).clamp_(-1, 1).view(-1))
+    if rem:
+        am = x[full:].abs().amax().clamp(min=_TINY)
+        absmax_out[-1] = am
+        parts.append((x[full:] / am).clamp_(-1, 1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def quantize_4bit(x, bounds, order, blocksize, packed_out, absmax_out) -> None:
+    scaled = _scale_blockwise(x.float(), blocksize, absmax_out)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    q = order.long()[torch.bucketize(scaled, bounds)].to(torch.uint8)
+    packed_out.copy_((q[0::2] << 4) | q[1::2])
+
+
+def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    q = torch.stack((packed >> 4, packed & 0xF), dim=1).view(-1)
+    return q[:n].long()
+
+
+def _apply_absmax(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    n = values.numel()
+    idx = torch.arange(n, device=values.device) // blocksize
+    return values * absmax[idx]
+
+
+def dequantize_4bit(packed, absmax, code, blocksize, out) -> None:
+    n = out.numel()
+    out.copy_(_apply_absmax(code[_unpack(packed, n)], absmax, blocksize))
+
+
+def dequantize_8bit_blockwise(q, absmax, code8, blocksize, offset, out) -> None:
+    vals = _apply_absmax(code8[q.long()], absmax, blocksize)
+    out.copy_(vals + torch.tensor(offset, dtype=torch.float32, device=vals.device))
+
+
+def dequantize_4bit_dq(packed, qabsmax, absmax2, code8, nested_blocksize, offset, code, blocksize, out) -> None:
+    absmax = torch.empty(qabsmax.numel(), dtype=torch.float32, device=qabsmax.device)
+    dequantize_8bit_blockwise(qabsmax, absmax2, code8, nested_blocksize, offset, absmax)
+    dequantize_4bit(packed, absmax, code, blocksize, out)
+
+
+def quantize_8bit_blockwise(x, code8, bounds8, blocksize, q_out, absmax_out) -> None:
+    scaled = _scale_blockwise(x.float(), blocksize, absmax_out)
+    q_out.copy_(torch.bucketize(scaled, bounds8).to(torch.uint8))
