@@ -51,7 +51,7 @@ class _CPUBuilder(CPUOpBuilder):
         return [str(CSRC / "include")]
 
     def cxx_args(self):
-        args = [a for a in super().cxx_args() if "fast-math" not in a]
+        args = [a for a in super().cxx_args() if "fast-math" not in a and a != "-g"]
         return args + [a for a in _EXACT_CXX if a not in args]
 
     def extra_ldflags(self):

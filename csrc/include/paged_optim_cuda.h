@@ -1,0 +1,24 @@
+// Launchers of the paged-optimizer CUDA op. The implementation (paged_optim_impl.cu) includes only CUDA headers;
+// the torch binding (paged_optim_cuda.cpp) calls these. Every function returns a cudaError_t (cudaSuccess = 0).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace qlora_ds {
+
+// Fused AdamW over fp32 arrays (same arithmetic as csrc/paged_optim_cpu.cpp), asynchronous on `stream`.
+cudaError_t launch_adamw_fp32(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
+                              double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                              cudaStream_t stream);
+
+// Unified (managed) memory: allocate, free, prefetch to a device or to the host, advise.
+cudaError_t managed_alloc(void** ptr, size_t bytes);
+cudaError_t managed_free(void* ptr);
+cudaError_t managed_prefetch(const void* ptr, size_t bytes, int device, cudaStream_t stream);  // device < 0: host
+cudaError_t managed_advise_preferred_host(const void* ptr, size_t bytes);
+cudaError_t managed_advise_accessed_by(const void* ptr, size_t bytes, int device);
+
+}  // namespace qlora_ds

@@ -1,0 +1,163 @@
+"""Compiled quant kernels (C++/OpenMP and CUDA) against the torch reference and bitsandbytes, bit for bit."""
+import glob
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+
+from qlora_ds.ops import reference as ref
+from qlora_ds.ops.builder import CSRC, OpBuildError, load_op
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BLOCKSIZES = [32, 64, 4096]
+SIZES = [1, 7, 64, 255, 4097, 5000]  # odd, partial blocks, one exact block
+
+
+def codebook(quant_type, device="cpu"):
+    code = bnbF.get_4bit_type(quant_type, device="cpu").float()
+    order = torch.argsort(code, stable=True)
+    bounds = (code[order[:-1]] + code[order[1:]]) / 2
+    return code.to(device), bounds.contiguous().to(device), order.to(torch.uint8).to(device)
+
+
+def codebook8(device="cpu"):
+    code8 = torch.sort(bnbF.create_dynamic_map(signed=True).float())[0]
+    return code8.to(device), ((code8[:-1] + code8[1:]) / 2).contiguous().to(device)
+
+
+def make_input(n, blocksize, dtype, device="cpu"):
+    x = torch.randn(n)
+    x[:blocksize] = 0.0  # an all-zero block (the whole tensor when n <= blocksize)
+    if n > 3 * blocksize:
+        x[blocksize : 2 * blocksize] *= 1e30  # huge magnitudes
+        x[2 * blocksize : 3 * blocksize] *= 1e-30  # tiny ones
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4)
+    return x.to(dtype).to(device)
+
+
+def same_bits(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    if a.is_floating_point():
+        view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+        a, b = a.view(view), b.view(view)
+    return torch.equal(a.cpu(), b.cpu())
+
+
+def run_4bit(mod, x, quant_type, blocksize):
+    code, bounds, order = codebook(quant_type, x.device)
+    n = x.numel()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty((n + blocksize - 1) // blocksize, device=x.device)
+    mod.quantize_4bit(x, bounds, order, blocksize, packed, absmax)
+    return code, packed, absmax
+
+
+def check_backend(mod, device):
+    """Every one of the five functions of `mod` equals the reference bit for bit."""
+    code8, bounds8 = codebook8(device)
+    for quant_type in ("nf4", "fp4"):
+        for dtype in DTYPES:
+            for blocksize in BLOCKSIZES:
+                for n in SIZES:
+                    case = (quant_type, dtype, blocksize, n)
+                    x = make_input(n, blocksize, dtype, device)
+                    code, packed, absmax = run_4bit(mod, x, quant_type, blocksize)
+                    _, packed_r, absmax_r = run_4bit(ref, x, quant_type, blocksize)
+                    assert same_bits(packed, packed_r) and same_bits(absmax, absmax_r), case
+                    for out_dtype in DTYPES:
+                        out = torch.empty(n, dtype=out_dtype, device=device)
+                        out_r = torch.empty_like(out)
+                        mod.dequantize_4bit(packed, absmax, code, blocksize, out)
+                        ref.dequantize_4bit(packed, absmax, code, blocksize, out_r)
+                        assert same_bits(out, out_r), case + (out_dtype,)
+                    # double quant of the absmax (nested block 256 as bnb; 4 to get several nested blocks)
+                    for nested in (4, 256):
+                        offset = float(absmax.mean())
+                        centred = absmax - offset
+                        nb2 = (centred.numel() + nested - 1) // nested
+                        q = torch.empty(centred.numel(), dtype=torch.uint8, device=device)
+                        a2 = torch.empty(nb2, device=device)
+                        q_r, a2_r = torch.empty_like(q), torch.empty_like(a2)
+                        mod.quantize_8bit_blockwise(centred, code8, bounds8, nested, q, a2)
+                        ref.quantize_8bit_blockwise(centred, code8, bounds8, nested, q_r, a2_r)
+                        assert same_bits(q, q_r) and same_bits(a2, a2_r), case + (nested,)
+                        deq = torch.empty_like(absmax)
+                        deq_r = torch.empty_like(absmax)
+                        mod.dequantize_8bit_blockwise(q, a2, code8, nested, offset, deq)
+                        ref.dequantize_8bit_blockwise(q, a2, code8, nested, offset, deq_r)
+                        assert same_bits(deq, deq_r), case + (nested,)
+                        out = torch.empty(n, dtype=torch.bfloat16, device=device)
+                        two_step = torch.empty_like(out)
+                        mod.dequantize_4bit_dq(packed, q, a2, code8, nested, offset, code, blocksize, out)
+                        ref.dequantize_4bit(packed, deq_r, code, blocksize, two_step)
+                        assert same_bits(out, two_step), case + (nested,)
+
+
+@pytest.fixture(scope="module")
+def cpu_op():
+    try:
+        return load_op("quant", "cpu")
+    except OpBuildError as exc:
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip(f"no C++ compiler: {exc}")
+        raise
+
+
+def test_cpu_kernels_match_reference(cpu_op):
+    check_backend(cpu_op, "cpu")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 64), (33, 17), (130, 96)])
+def test_cpu_quantize_matches_bitsandbytes(cpu_op, quant_type, dtype, shape):
+    torch.manual_seed(0)
+    w = torch.randn(shape)
+    w.view(-1)[:64] = 0.0
+    w = w.to(dtype)
+    packed_bnb, state = bnbF.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=False)
+    _, packed, absmax = run_4bit(cpu_op, w.reshape(-1), quant_type, 64)
+    assert same_bits(packed, packed_bnb.view(torch.uint8).reshape(-1))
+    assert same_bits(absmax, state.absmax.float())
+
+
+def test_cpu_kernels_reject_bad_arguments(cpu_op):
+    code, bounds, order = codebook("nf4")
+    x = torch.randn(10)
+    with pytest.raises(RuntimeError, match="packed_out"):
+        cpu_op.quantize_4bit(x, bounds, order, 64, torch.empty(4, dtype=torch.uint8), torch.empty(1))
+    with pytest.raises(RuntimeError, match="blocksize"):
+        cpu_op.quantize_4bit(x, bounds, order, 63, torch.empty(5, dtype=torch.uint8), torch.empty(1))
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        cpu_op.dequantize_4bit(torch.empty(5, dtype=torch.uint8), torch.empty(1), code, 64,
+                               torch.empty(10, dtype=torch.float64))
+
+
+def test_load_op_unknown_op():
+    with pytest.raises(ValueError, match="unknown op"):
+        load_op("nope", "cpu")
+
+
+NVCC = shutil.which("nvcc") or next(iter(sorted(glob.glob("/usr/local/cuda*/bin/nvcc"))), None)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("source", sorted(p.name for p in Path(CSRC).glob("*.cu")))
+def test_cuda_sources_compile(tmp_path, source, arch):
+    cmd = [NVCC, "-c", f"-arch={arch}", "-O3", "--fmad=false", "-I", str(CSRC / "include"), str(CSRC / source),
+           "-o", str(tmp_path / "k.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_match_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    check_backend(load_op("quant", "cuda"), "cuda")
