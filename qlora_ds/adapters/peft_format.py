@@ -1,0 +1,222 @@
+"""LoRA adapters in PEFT's file format: ``adapter_config.json`` + ``adapter_model.safetensors``
+(keys ``base_model.model.<module path>.lora_{A,B}.weight``), plus a side file ``qlora_ds.json`` with
+what PEFT has no field for (per-layer kind, QA-LoRA bits/group size, a hash of the base config).
+PEFT drops unknown config keys with a warning, so our extras live in the side file, not in the config.
+
+``read_adapter`` validates a directory against a model and returns our state-dict entries without
+touching the model; ``load_adapter`` = read + copy, so a bad file leaves the model unchanged.
+QA-LoRA: our pool is the group mean; PEFT's QA-LoRA variant multiplies the mean by in/L, so
+``lora_A`` is divided by in/L on save (``use_qalora``/``qalora_group_size`` set) and multiplied on load.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from ..errors import QLoRADSError
+from ..nn import QALoRALinear, QLoRALinear
+from .atomic import atomic_directory
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+SIDE_NAME = "qlora_ds.json"
+PREFIX = "base_model.model."
+_ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, SIDE_NAME, "README.md")
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype", "quantization_config", "architectures",
+                         "use_cache", "name_or_path")
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> our LoRA layer, for every QLoRALinear / QALoRALinear that carries an adapter."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, QLoRALinear) or (isinstance(m, QALoRALinear) and m.has_adapter)}
+
+
+def base_config_hash(model: nn.Module) -> str | None:
+    """sha256 of the model's (HF) config without fields that do not change the weights' meaning."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return None
+    d = {k: v for k, v in cfg.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _pool_factor(layer: nn.Module) -> int:
+    return layer.in_features // layer.group_size if isinstance(layer, QALoRALinear) else 1
+
+
+def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str | None = None,
+                 model_state: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
+    """Write the adapter of ``model`` atomically in PEFT's format.
+
+    ``model_state``: optional (name, tensor) pairs with our names (``<path>.lora_A.weight``) whose
+    tensors are used instead of the module's parameters (e.g. ones gathered under ZeRO-3); the
+    model then only supplies the structure.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise QLoRADSError("the model has no QLoRALinear/QALoRALinear layers with an adapter; inject them first")
+    given = dict(model_state) if model_state is not None else {}
+    tensors, side_layers, ranks, alphas = {}, {}, {}, {}
+    for path, layer in layers.items():
+        for part in ("lora_A", "lora_B"):
+            key = f"{path}.{part}.weight"
+            t = given[key] if key in given else getattr(layer, part).weight
+            t = t.detach().to("cpu", torch.float32)
+            want = tuple(getattr(layer, part).weight.shape) if not getattr(layer, part).weight.is_meta else t.shape
+            if tuple(t.shape) != tuple(want) or t.numel() == 0:
+                raise QLoRADSError(f"{key}: got shape {tuple(t.shape)}, the layer expects {tuple(want)} (a ZeRO-3 "
+                                   f"partition? gather the parameters and pass them as model_state)")
+            if part == "lora_A":
+                t = t / _pool_factor(layer)
+            tensors[PREFIX + key] = t.contiguous()
+        ranks[path], alphas[path] = layer.r, layer.lora_alpha
+        info = {"kind": "qalora" if isinstance(layer, QALoRALinear) else "qlora", "r": layer.r,
+                "lora_alpha": layer.lora_alpha, "in_features": layer.in_features, "out_features": layer.out_features}
+        if isinstance(layer, QALoRALinear):
+            info.update(bits=layer.bits, group_size=layer.group_size)
+        else:
+            info.update(quant_type=layer.quant_type, blocksize=layer.blocksize, double_quant=layer.double_quant)
+        side_layers[path] = info
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    first = next(iter(layers.values()))
+    qalora = [l for l in layers.values() if isinstance(l, QALoRALinear)]
+    group_sizes = {l.group_size for l in qalora}
+    if len(group_sizes) > 1:
+        raise QLoRADSError(f"QA-LoRA layers use several group sizes {sorted(group_sizes)}; PEFT's format holds one")
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+        "lora_dropout": float(getattr(first.lora_dropout, "p", 0.0)), "bias": "none",
+        "target_modules": sorted({p.rsplit(".", 1)[-1] for p in layers}),
+        "rank_pattern": {p: v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
+        "base_model_name_or_path": base_model_name_or_path
+        or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+        "use_dora": False, "modules_to_save": None, "revision": None,
+        "use_qalora": bool(qalora), "qalora_group_size": qalora[0].group_size if qalora else 16,
+    }
+    side = {"format": "qlora_ds.adapter", "version": 1, "base_config_hash": base_config_hash(model),
+            "layers": side_layers}
+    with atomic_directory(directory, allowed_existing=_ADAPTER_FILES) as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        with open(os.path.join(tmp, SIDE_NAME), "w") as f:
+            json.dump(side, f, indent=2, sort_keys=True)
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise QLoRADSError(f"cannot read the adapter's {what} {path}: {err}; is this a PEFT adapter directory?") from None
+
+
+def _pattern_value(pattern: dict, path: str, default):
+    for key, value in (pattern or {}).items():
+        if path == key or path.endswith("." + key):
+            return value
+    return default
+
+
+def read_adapter(model: nn.Module, directory: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Validate the adapter in ``directory`` against ``model``; return ({our key: tensor}, {path: scaling}).
+    Raises QLoRADSError naming the first bad key; never touches the model."""
+    config = _read_json(os.path.join(directory, CONFIG_NAME), "config")
+    side_path = os.path.join(directory, SIDE_NAME)
+    side = _read_json(side_path, "side file") if os.path.exists(side_path) else {}
+    if config.get("peft_type", "LORA") != "LORA":
+        raise QLoRADSError(f"adapter peft_type={config.get('peft_type')!r}; only LoRA adapters can be loaded")
+    for flag in ("use_dora",):
+        if config.get(flag):
+            raise QLoRADSError(f"adapter uses {flag}=True, which QLoRALinear does not implement; train without it")
+    if config.get("bias", "none") != "none":
+        raise QLoRADSError(f"adapter has bias={config['bias']!r}; only bias='none' adapters are supported")
+    want_hash, have_hash = side.get("base_config_hash"), base_config_hash(model)
+    if want_hash and have_hash and want_hash != have_hash:
+        raise QLoRADSError(f"adapter {directory} was trained on a base model with a different config (hash "
+                           f"{want_hash[:12]} vs this model's {have_hash[:12]}); load it into the base model it "
+                           f"was trained on")
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.exists(weights_path):
+        raise QLoRADSError(f"{weights_path} is missing; save adapters with save_adapter or PEFT save_pretrained "
+                           f"(safe_serialization=True)")
+    tensors = load_file(weights_path)
+    layers = lora_layers(model)
+    qalora_peft = bool(config.get("use_qalora"))
+    out, scalings, seen = {}, {}, set()
+    for key, t in tensors.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = name.replace(".default.weight", ".weight")
+        path, sep, part = name.rpartition(".lora_")
+        if not sep or part not in ("A.weight", "B.weight"):
+            raise QLoRADSError(f"adapter key {key!r} is not a LoRA A/B weight (embeddings, DoRA magnitudes and "
+                               f"modules_to_save are not supported)")
+        layer = layers.get(path)
+        if layer is None:
+            raise QLoRADSError(f"adapter key {key!r} targets module {path!r}, which is not a QLoRALinear/QALoRALinear "
+                               f"in this model; inject layers for the adapter's target_modules "
+                               f"{config.get('target_modules')} first")
+        info = side.get("layers", {}).get(path)
+        if isinstance(layer, QALoRALinear):
+            if info is not None and (info.get("kind") != "qalora" or info.get("bits") != layer.bits
+                                     or info.get("group_size") != layer.group_size):
+                raise QLoRADSError(f"adapter key {key!r} was trained for {info.get('kind')} bits={info.get('bits')} "
+                                   f"group_size={info.get('group_size')}, but the layer is QA-LoRA bits={layer.bits} "
+                                   f"group_size={layer.group_size}; quantize the base the same way")
+            if qalora_peft and config.get("qalora_group_size") != layer.group_size:
+                raise QLoRADSError(f"adapter has qalora_group_size={config.get('qalora_group_size')} but {path} uses "
+                                   f"group_size={layer.group_size}")
+            if part[0] == "A":
+                t = t * _pool_factor(layer)
+        elif info is not None and info.get("kind") != "qlora":
+            raise QLoRADSError(f"adapter key {key!r} is a {info.get('kind')} adapter but {path} is a QLoRALinear")
+        elif qalora_peft:
+            raise QLoRADSError(f"adapter is a QA-LoRA adapter (use_qalora) but {path} is a QLoRALinear")
+        sub = layer.lora_A if part[0] == "A" else layer.lora_B
+        if tuple(t.shape) != tuple(sub.weight.shape):
+            raise QLoRADSError(f"adapter key {key!r} has shape {tuple(t.shape)} but {path}.lora_{part} is "
+                               f"{tuple(sub.weight.shape)} (rank {layer.r}); rebuild the layers with the adapter's "
+                               f"rank r={config.get('r')} and the same base model")
+        r = _pattern_value(config.get("rank_pattern"), path, config.get("r", layer.r))
+        alpha = _pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", layer.lora_alpha))
+        scalings[path] = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
+        out[f"{path}.lora_{part}"] = t.float()
+        seen.add(key)
+    for path in scalings:
+        for part in ("A", "B"):
+            if f"{path}.lora_{part}.weight" not in out:
+                raise QLoRADSError(f"adapter has no lora_{part} weight for {path}; the file is incomplete")
+    return out, scalings
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, directory: str) -> list[str]:
+    """Load a PEFT-format LoRA adapter into the model's QLoRA/QA-LoRA layers; returns the module paths
+    loaded. Layers the adapter does not cover get a zero lora_B (no-op adapter). On any error the model
+    is left unchanged."""
+    state, scalings = read_adapter(model, directory)
+    layers = lora_layers(model)
+    for key, t in state.items():
+        path, _, part = key.rpartition(".lora_")
+        sub = layers[path].lora_A if part[0] == "A" else layers[path].lora_B
+        sub.weight.copy_(t.to(sub.weight.dtype))
+    for path, layer in layers.items():
+        if path in scalings:
+            layer.scaling = scalings[path]
+        else:
+            layer.lora_B.weight.zero_()
+            log.info("adapter does not cover %s: its LoRA is reset to a no-op", path)
+    return sorted(scalings)

@@ -1,0 +1,106 @@
+"""Layer configs: one frozen dataclass per layer kind, validated on construction.
+
+``target_modules``: ``None`` means every ``nn.Linear`` except the LM head; a tuple/list of exact
+leaf or full module names; or a string, taken as a regex matched with ``re.fullmatch`` against the
+full module path (never substring matching). ``matches(path)`` answers for one module path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+from ..errors import QLoRADSError
+from ..quant.codes import QUANT_TYPES
+from ..quant.intn import check_bits, check_group_size
+from ..quant.nf4 import check_blocksize
+
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+LM_HEAD_NAMES = ("lm_head", "embed_out", "output")
+
+
+def _check_lora(cfg) -> None:
+    if not isinstance(cfg.r, int) or isinstance(cfg.r, bool) or cfg.r <= 0:
+        raise QLoRADSError(f"r={cfg.r!r}: the LoRA rank must be a positive integer (QLoRA uses r=64)")
+    if not isinstance(cfg.alpha, (int, float)) or isinstance(cfg.alpha, bool) or cfg.alpha <= 0:
+        raise QLoRADSError(f"alpha={cfg.alpha!r}: lora alpha must be a positive number (QLoRA uses 16)")
+    if not isinstance(cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0:
+        raise QLoRADSError(f"dropout={cfg.dropout!r}: must be in [0, 1) (QLoRA uses 0.1 up to 13B, 0.05 above)")
+    if cfg.compute_dtype not in COMPUTE_DTYPES:
+        raise QLoRADSError(f"compute_dtype={cfg.compute_dtype!r} is not supported; use torch.bfloat16 "
+                           f"(default), torch.float16 or torch.float32")
+    tm = cfg.target_modules
+    if isinstance(tm, list):
+        object.__setattr__(cfg, "target_modules", tuple(tm))   # keep the frozen config hashable
+        tm = cfg.target_modules
+    if tm is None:
+        return
+    if isinstance(tm, str):
+        try:
+            re.compile(tm)
+        except re.error as err:
+            raise QLoRADSError(f"target_modules={tm!r} is not a valid regex ({err}); pass a list of exact "
+                               f"module names or a valid regex") from None
+    elif not (isinstance(tm, tuple) and tm and all(isinstance(n, str) and n for n in tm)):
+        raise QLoRADSError(f"target_modules={tm!r}: use None (all linear layers but the LM head), a list of "
+                           f"exact module names, or a regex string")
+
+
+class _LoRAFields:
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def matches(self, path: str) -> bool:
+        """Whether the linear module at ``path`` (e.g. 'model.layers.0.mlp.up_proj') is targeted."""
+        leaf = path.rsplit(".", 1)[-1]
+        tm = self.target_modules
+        if tm is None:
+            return leaf not in LM_HEAD_NAMES
+        if isinstance(tm, str):
+            return re.fullmatch(tm, path) is not None
+        return leaf in tm or path in tm
+
+
+@dataclasses.dataclass(frozen=True)
+class QLoRAConfig(_LoRAFields):
+    """QLoRA: NF4/FP4 blockwise base (double quant on by default) + LoRA (Guanaco defaults, §4)."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    nested_blocksize: int = 256
+    r: int = 64
+    alpha: float = 16
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] | str | None = None
+    compute_dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self):
+        if self.quant_type not in QUANT_TYPES:
+            raise QLoRADSError(f"quant_type={self.quant_type!r} is unknown; use 'nf4' (QLoRA) or 'fp4'")
+        check_blocksize(self.blocksize)
+        if not isinstance(self.double_quant, bool):
+            raise QLoRADSError(f"double_quant={self.double_quant!r} must be True or False")
+        if self.double_quant:
+            check_blocksize(self.nested_blocksize, "nested_blocksize")
+        _check_lora(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class QALoRAConfig(_LoRAFields):
+    """QA-LoRA: group-wise INT-N base + LoRA whose A reads the group-average-pooled input (§3)."""
+
+    bits: int = 4
+    group_size: int = 32
+    r: int = 64
+    alpha: float = 16
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] | str | None = None
+    compute_dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+        _check_lora(self)

@@ -1,0 +1,109 @@
+"""The autograd Functions of the quantized layers: one per layer kind.
+
+Forward dequantizes the frozen base (through ``qlora_ds.ops`` for NF4/FP4, the INT-N format for
+QA-LoRA), runs the matmul and lets the dequantized weight go; backward dequantizes again and returns
+the input gradient only: the packed base never gets a gradient. Every tensor comes in as an argument
+(never a module attribute captured earlier), so DeepSpeed ZeRO-3's gathered parameters are the ones
+used, and recomputation under non-reentrant checkpointing sees the same inputs.
+
+4-bit dequantization writes into a reused per-(device, dtype) workspace: one buffer as large as the
+largest layer, instead of a fresh allocation per call (it matters for CPU speed). The buffer never
+escapes a Function call.
+"""
+from __future__ import annotations
+
+from math import prod
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..quant.intn import dequantize_parts
+
+_workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A contiguous scratch tensor of ``numel`` elements, reused across calls and layers."""
+    key = (torch.device(device), dtype)
+    buf = _workspaces.get(key)
+    if buf is None or buf.numel() < numel:
+        _workspaces.pop(key, None)
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _workspaces[key] = buf
+    return buf[:numel]
+
+
+def clear_workspaces() -> None:
+    _workspaces.clear()
+
+
+def dequantize_nf4_parts(packed, absmax, absmax2, offset, meta, dtype, out=None) -> torch.Tensor:
+    """Dequantize from the layer's raw uint8 parameters (fp32 values stored as bytes)."""
+    shape, quant_type, blocksize, nested_blocksize = meta
+    if absmax2 is not None:
+        return ops.dequantize_4bit_dq(packed, absmax, absmax2.view(torch.float32), offset.view(torch.float32).item(),
+                                      quant_type, blocksize, nested_blocksize, shape, dtype, out)
+    return ops.dequantize_4bit(packed, absmax.view(torch.float32), quant_type, blocksize, shape, dtype, out)
+
+
+def _bias_grad(grad_out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(bias.dtype)
+
+
+class NF4LinearFunction(torch.autograd.Function):
+    """y = x · deq(W)ᵀ + b for a blockwise 4-bit W (with or without double quantization)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, absmax2, offset, bias, meta):
+        w = dequantize_nf4_parts(packed, absmax, absmax2, offset, meta, x.dtype,
+                                 workspace(prod(meta[0]), x.dtype, x.device))
+        y = F.linear(x, w, bias)
+        ctx.meta = meta
+        ctx.save_for_backward(packed, absmax, absmax2, offset, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        packed, absmax, absmax2, offset, bias = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = dequantize_nf4_parts(packed, absmax, absmax2, offset, ctx.meta, grad_out.dtype,
+                                     workspace(prod(ctx.meta[0]), grad_out.dtype, grad_out.device))
+            grad_x = grad_out.matmul(w)
+        if bias is not None and ctx.needs_input_grad[5]:
+            grad_bias = _bias_grad(grad_out, bias)
+        return grad_x, None, None, None, None, grad_bias, None
+
+
+class IntNLinearFunction(torch.autograd.Function):
+    """y = x · deq(W)ᵀ + b for a group-wise INT-N W with fp32 scales/zeros stored as bytes."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scales, zeros, bias, meta):
+        shape, bits, group_size = meta
+        w = dequantize_parts(qweight, scales.view(torch.float32), zeros.view(torch.float32), bits, group_size,
+                             shape, x.dtype)
+        y = F.linear(x, w, bias)
+        ctx.meta = meta
+        ctx.save_for_backward(qweight, scales, zeros, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qweight, scales, zeros, bias = ctx.saved_tensors
+        shape, bits, group_size = ctx.meta
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = dequantize_parts(qweight, scales.view(torch.float32), zeros.view(torch.float32), bits, group_size,
+                                 shape, grad_out.dtype)
+            grad_x = grad_out.matmul(w)
+        if bias is not None and ctx.needs_input_grad[4]:
+            grad_bias = _bias_grad(grad_out, bias)
+        return grad_x, None, None, None, grad_bias, None
+
+
+def lora_delta(x: torch.Tensor, lora_A: torch.nn.Linear, lora_B: torch.nn.Linear, scaling: float,
+               dtype: torch.dtype) -> torch.Tensor:
+    """scaling · B(A(x)) with the (fp32) LoRA weights cast to the compute dtype."""
+    return F.linear(F.linear(x, lora_A.weight.to(dtype)), lora_B.weight.to(dtype)) * scaling

@@ -1,0 +1,180 @@
+"""PEFT-format adapters: our adapter loads in PEFT (same logits), a PEFT-trained adapter loads into our
+layers (same logits), atomic writes, and mismatched adapters are refused with the model unchanged."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from qlora_ds.adapters import load_adapter, save_adapter
+from qlora_ds.errors import QLoRADSError
+from qlora_ds.nn import QALoRAConfig, QALoRALinear, QLoRAConfig, QLoRALinear
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _llama(seed=0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
+    cfg = LlamaConfig(**{**kwargs, **overrides})
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _inject(model, config, cls=QLoRALinear):
+    """Small local stand-in for the injection policy: swap every targeted nn.Linear."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and config.matches(path):
+            parent, _, leaf = path.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, cls.from_linear(module, config))
+    return model
+
+
+def _dequantized_base(qmodel, base):
+    """The bf16/fp32 base PEFT sees: the same model with each quantized weight dequantized."""
+    with torch.no_grad():
+        for path, m in qmodel.named_modules():
+            if isinstance(m, QLoRALinear):
+                base.get_submodule(path).weight.copy_(m.dequantized_weight(torch.float32))
+    return base
+
+
+CFG = QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32)
+IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 17, 100]])
+
+
+def _randomize_adapter(model, seed=1):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (QLoRALinear, QALoRALinear)):
+                m.lora_B.weight.normal_(std=0.05)
+
+
+def test_our_adapter_loads_in_peft(tmp_path):
+    from peft import PeftModel
+    ours = _inject(_llama(), CFG)
+    _randomize_adapter(ours)
+    save_adapter(ours, str(tmp_path / "ad"), base_model_name_or_path="tiny-llama")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and sorted(cfg["target_modules"]) == sorted(TARGETS) and cfg["r"] == 4
+    peft_model = PeftModel.from_pretrained(_dequantized_base(ours, _llama()), str(tmp_path / "ad")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(IDS).logits, ours(IDS).logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(_dequantized_base(ours, _llama())(IDS).logits, ours(IDS).logits, atol=1e-3)
+
+
+def test_peft_trained_adapter_loads_into_ours(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    ours = _inject(_llama(), CFG)
+    base = _dequantized_base(ours, _llama())
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        loss = peft_model(IDS, labels=IDS).loss
+        opt.zero_grad(); loss.backward(); opt.step()
+    peft_model.eval()
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    loaded = load_adapter(ours, str(tmp_path / "peft"))
+    assert len(loaded) == 2 * len(TARGETS)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, peft_model(IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_roundtrip_qalora_and_refuse_mismatch(tmp_path):
+    qcfg = QALoRAConfig(bits=3, group_size=16, r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32)
+    a = _inject(_llama(), qcfg, QALoRALinear)
+    _randomize_adapter(a)
+    save_adapter(a, str(tmp_path / "qa"))
+    assert json.loads((tmp_path / "qa" / "adapter_config.json").read_text())["use_qalora"] is True
+    b = _inject(_llama(), qcfg, QALoRALinear)
+    load_adapter(b, str(tmp_path / "qa"))
+    with torch.no_grad():
+        torch.testing.assert_close(a(IDS).logits, b(IDS).logits, rtol=0, atol=1e-6)
+    other = _inject(_llama(), QALoRAConfig(bits=4, group_size=16, r=4, alpha=8, dropout=0.0), QALoRALinear)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(QLoRADSError, match="bits=3"):
+        load_adapter(other, str(tmp_path / "qa"))
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(QLoRADSError, match="qalora adapter"):
+        load_adapter(_inject(_llama(), CFG), str(tmp_path / "qa"))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before):
+    return all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_wrong_rank_target_and_config_refused_model_unchanged(tmp_path):
+    src = _inject(_llama(), CFG)
+    _randomize_adapter(src)
+    save_adapter(src, str(tmp_path / "ad"))
+    # wrong rank
+    m = _inject(_llama(), QLoRAConfig(r=8, alpha=8, dropout=0.0, compute_dtype=torch.float32))
+    before = _state(m)
+    with pytest.raises(QLoRADSError, match="rank"):
+        load_adapter(m, str(tmp_path / "ad"))
+    assert _unchanged(m, before)
+    # missing target: only attention is wrapped, the adapter also targets the MLP
+    m = _inject(_llama(), QLoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    before = _state(m)
+    with pytest.raises(QLoRADSError, match="mlp"):
+        load_adapter(m, str(tmp_path / "ad"))
+    assert _unchanged(m, before)
+    # wrong shape: a different MLP width; without our side file (as from PEFT) the shape check names the key
+    with pytest.raises(QLoRADSError, match="different config"):
+        load_adapter(_inject(_llama(intermediate_size=96), CFG), str(tmp_path / "ad"))
+    import shutil
+    shutil.copytree(tmp_path / "ad", tmp_path / "peftlike")
+    os.remove(tmp_path / "peftlike" / "qlora_ds.json")
+    m = _inject(_llama(intermediate_size=96), CFG)
+    before = _state(m)
+    with pytest.raises(QLoRADSError, match=r"mlp\.\w+_proj\.lora_\w\.weight' has shape"):
+        load_adapter(m, str(tmp_path / "peftlike"))
+    assert _unchanged(m, before)
+    # base config hash mismatch (same shapes, different rope theta)
+    m = _inject(_llama(rope_theta=5000.0), CFG)
+    before = _state(m)
+    with pytest.raises(QLoRADSError, match="different config"):
+        load_adapter(m, str(tmp_path / "ad"))
+    assert _unchanged(m, before)
+
+
+def test_atomic_save_keeps_old_adapter_on_failure(tmp_path, monkeypatch):
+    m = _inject(_llama(), CFG)
+    _randomize_adapter(m)
+    out = tmp_path / "ad"
+    save_adapter(m, str(out))
+    good = (out / "adapter_model.safetensors").read_bytes()
+    import qlora_ds.adapters.peft_format as pf
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(pf, "save_file", boom)
+    _randomize_adapter(m, seed=7)
+    with pytest.raises(OSError):
+        save_adapter(m, str(out))
+    assert (out / "adapter_model.safetensors").read_bytes() == good
+    assert sorted(os.listdir(tmp_path)) == ["ad"]                       # no temp dirs left behind
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "optimizer.pt").write_bytes(b"x")
+    monkeypatch.undo()
+    with pytest.raises(QLoRADSError, match="not part of an adapter"):
+        save_adapter(m, str(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / "optimizer.pt").exists()
+
+
+def test_model_state_hook_uses_given_tensors(tmp_path):
+    m = _inject(_llama(), CFG)
+    gathered = {f"{p}.{part}.weight": torch.full_like(getattr(l, part).weight, 0.01)
+                for p, l in m.named_modules() if isinstance(l, QLoRALinear) for part in ("lora_A", "lora_B")}
+    save_adapter(m, str(tmp_path / "ad"), model_state=gathered.items())
+    m2 = _inject(_llama(), CFG)
+    load_adapter(m2, str(tmp_path / "ad"))
+    assert torch.all(m2.model.layers[0].self_attn.q_proj.lora_B.weight == 0.01)

@@ -1,0 +1,189 @@
+"""QLoRALinear: forward/backward against an independent fp32 reference (bitsandbytes dequantize as
+the oracle), frozen base, no-op fresh adapter, checkpointing, merge, training, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from qlora_ds.errors import QLoRADSError
+from qlora_ds.nn import QLoRAConfig, QLoRALinear
+from qlora_ds.quant import quantize
+
+from .helpers import bnb_dequantize
+
+IN, OUT = 96, 80
+
+
+def _bnb_weight(w: torch.Tensor, quant_type: str, dq: bool) -> torch.Tensor:
+    import bitsandbytes.functional as bnbF
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type=quant_type)
+    return bnb_dequantize(packed, state).float()
+
+
+def _layer(seed=0, dtype=torch.float32, quant_type="nf4", dq=True, bias=True, r=8):
+    torch.manual_seed(seed)
+    lin = nn.Linear(IN, OUT, bias=bias)
+    layer = QLoRALinear.from_linear(lin, QLoRAConfig(quant_type=quant_type, double_quant=dq, r=r, alpha=16,
+                                                     dropout=0.0, compute_dtype=dtype))
+    nn.init.normal_(layer.lora_B.weight, std=0.1)   # a trained-looking adapter
+    return lin, layer
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("quant_type,dq", [("nf4", True), ("nf4", False), ("fp4", True)])
+def test_forward_backward_match_fp32_reference(dtype, tol, quant_type, dq):
+    lin, layer = _layer(dtype=dtype, quant_type=quant_type, dq=dq)
+    w_ref = _bnb_weight(lin.weight.detach(), quant_type, dq)      # independent oracle
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, IN)
+    A = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    B = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    y_ref = xr @ w_ref.T + lin.bias.detach().to(dtype).float() + layer.scaling * (xr @ A.T) @ B.T
+    xo = x.clone().requires_grad_(True)
+    y = layer(xo)
+    assert y.dtype == x.dtype
+    scale = y_ref.abs().max().item()
+    assert (y - y_ref).abs().max().item() <= tol * scale
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g)
+    y.backward(g)
+    for ours, ref in ((xo.grad, xr.grad), (layer.lora_A.weight.grad, A.grad), (layer.lora_B.weight.grad, B.grad)):
+        assert (ours - ref).abs().max().item() <= 2 * tol * ref.abs().max().item()
+    for p in (layer.weight, layer.weight_absmax, layer.weight_absmax2, layer.weight_offset, layer.bias):
+        if p is not None:
+            assert not p.requires_grad and p.grad is None
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A.weight", "lora_B.weight"}
+
+
+def test_storage_layout_and_meta_construction():
+    _, layer = _layer()
+    params = dict(layer.named_parameters())
+    for name in ("weight", "weight_absmax", "weight_absmax2", "weight_offset"):
+        assert params[name].dtype == torch.uint8 and params[name].dim() == 1 and not params[name].requires_grad
+    assert layer.bias.dtype == torch.float32 and layer.lora_A.weight.dtype == torch.float32
+    qt = layer.quantized_weight()
+    assert qt.absmax2.data_ptr() == layer.weight_absmax2.data_ptr()       # views, no copies
+    with pytest.raises(RuntimeError):
+        layer.weight.requires_grad_(True)                                 # integer params refuse grads
+    meta = QLoRALinear(IN, OUT, True, QLoRAConfig(), device="meta")
+    assert meta.weight.is_meta and meta.weight.dtype == torch.uint8
+    q = quantize(torch.randn(OUT, IN))
+    meta.set_quantized_weight(q, torch.zeros(OUT))
+    assert not meta.weight.is_meta and torch.equal(meta.weight, q.packed)
+    with pytest.raises(QLoRADSError, match="shape"):
+        meta.set_quantized_weight(quantize(torch.randn(OUT, IN + 32)), torch.zeros(OUT))
+    with pytest.raises(QLoRADSError, match="double_quant"):
+        meta.set_quantized_weight(quantize(torch.randn(OUT, IN), double_quant=False), torch.zeros(OUT))
+
+
+def test_fresh_adapter_is_noop():
+    torch.manual_seed(0)
+    lin = nn.Linear(IN, OUT)
+    layer = QLoRALinear.from_linear(lin, QLoRAConfig(r=4, compute_dtype=torch.float32))
+    layer.eval()
+    x = torch.randn(3, IN)
+    base = x @ layer.dequantized_weight().T + layer.bias
+    assert torch.equal(layer.lora_B.weight, torch.zeros_like(layer.lora_B.weight))
+    torch.testing.assert_close(layer(x), base, rtol=1e-6, atol=1e-6)
+
+
+def test_nonreentrant_checkpointing_same_grads():
+    _, layer = _layer(dtype=torch.bfloat16)
+    x = torch.randn(4, IN)
+    def run(ckpt):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        y = checkpoint(layer, xi, use_reentrant=False) if ckpt else layer(xi)
+        y.float().pow(2).sum().backward()
+        return xi.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()
+    for a, b in zip(run(False), run(True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_merge_and_requantize():
+    lin, layer = _layer(dtype=torch.float32)
+    x = torch.randn(6, IN)
+    merged = layer.merge()
+    assert isinstance(merged, nn.Linear) and merged.weight.dtype == torch.float32
+    torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-5)
+    layer_bf = _layer(dtype=torch.bfloat16)[1]
+    assert layer_bf.merge().weight.dtype == torch.bfloat16
+    new, report = layer.merge_and_requantize()
+    assert isinstance(new, QLoRALinear) and not new.lora_B.weight.any()
+    assert 0 < report["max_abs_error"] < 0.2 and report["rel_fro_error"] < 0.2
+    with torch.no_grad():
+        layer.lora_B.weight[0, 0] = float("nan")
+    with pytest.raises(QLoRADSError, match="NaN"):
+        layer.merge()
+
+
+def _tiny_mlp(linear_cls):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+
+
+def _swap(model: nn.Module, config: QLoRAConfig) -> nn.Module:
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(model, name, QLoRALinear.from_linear(child, config))
+        else:
+            _swap(child, config)
+    return model
+
+
+def test_training_lowers_loss_and_tracks_bf16_lora():
+    """QLoRA on an NF4 base vs plain LoRA on the same (dequantized) base: same init, same data."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64))
+    data = [torch.randn(32, 64) for _ in range(20)]
+    targets = [teacher(d).detach() for d in data]
+    cfg = QLoRAConfig(r=8, alpha=16, dropout=0.0, compute_dtype=torch.float32)
+    q_model = _swap(_tiny_mlp(None), cfg)
+    # reference: dequantized base (frozen fp32 Linear) + identical LoRA init, standard autograd
+    ref = {}
+    for name, m in q_model.named_modules():
+        if isinstance(m, QLoRALinear):
+            ref[name] = (m.dequantized_weight(), m.bias.detach(), m.lora_A.weight.detach().clone().requires_grad_(True),
+                         m.lora_B.weight.detach().clone().requires_grad_(True), m.scaling)
+    def ref_forward(x):
+        for i, name in enumerate(["0", "2"]):
+            w, b, A, B, s = ref[name]
+            x = x @ w.T + b + s * (x @ A.T) @ B.T
+            if i == 0:
+                x = torch.nn.functional.gelu(x)
+        return x
+    opt_q = torch.optim.AdamW([p for p in q_model.parameters() if p.requires_grad], lr=1e-2)
+    opt_r = torch.optim.AdamW([t for v in ref.values() for t in v[2:4]], lr=1e-2)
+    losses_q, losses_r = [], []
+    for x, t in zip(data, targets):
+        for model_fn, opt, losses in ((q_model, opt_q, losses_q), (ref_forward, opt_r, losses_r)):
+            loss = (model_fn(x) - t).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert sum(losses_q[-5:]) < 0.7 * sum(losses_q[:5])
+    for a, b in zip(losses_q, losses_r):
+        assert abs(a - b) <= 1e-3 * max(abs(b), 1e-3)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(r=0), "rank"), (dict(r=-2), "rank"), (dict(alpha=0), "alpha"), (dict(dropout=1.0), "dropout"),
+    (dict(quant_type="int4"), "quant_type"), (dict(blocksize=48), "blocksize"),
+    (dict(compute_dtype=torch.int8), "compute_dtype"), (dict(target_modules="("), "regex"),
+    (dict(target_modules=[]), "target_modules"),
+])
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(QLoRADSError, match=match):
+        QLoRAConfig(**kwargs)
+
+
+def test_config_target_modules():
+    assert QLoRAConfig().matches("model.layers.0.mlp.up_proj") and not QLoRAConfig().matches("lm_head")
+    c = QLoRAConfig(target_modules=["q_proj", "v_proj"])
+    assert c.target_modules == ("q_proj", "v_proj") and c.matches("a.q_proj") and not c.matches("a.q_proj2")
+    c = QLoRAConfig(target_modules=r".*\.layers\.0\..*_proj")
+    assert c.matches("model.layers.0.mlp.up_proj") and not c.matches("model.layers.1.mlp.up_proj")

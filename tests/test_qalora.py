@@ -1,0 +1,133 @@
+"""QA-LoRA: INT-N format, exact merge into the zero points, GPTQ export layout, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from qlora_ds.errors import QLoRADSError
+from qlora_ds.nn import QALoRAConfig, QALoRALinear
+from qlora_ds.quant import intn
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pack_roundtrip_and_quant_error(bits):
+    torch.manual_seed(0)
+    codes = torch.randint(0, 2 ** bits, (5, 64), dtype=torch.uint8)
+    packed = intn.pack(codes, bits)
+    assert packed.shape == (5, 64 * bits // 8)
+    assert torch.equal(intn.unpack(packed, bits, 64), codes)
+    w = torch.randn(16, 64)
+    qt = intn.quantize(w, bits, 32)
+    step = qt.scales.repeat_interleave(32, dim=1)
+    assert ((qt.dequantize() - w).abs() <= 0.5 * step + 1e-6).all()     # round to nearest
+    assert torch.equal(qt.zeros, qt.zeros.round())                      # integer zeros before any merge
+    const = intn.quantize(torch.full((2, 32), 0.25), bits, 32)           # constant group: exact, no /0
+    assert torch.equal(const.dequantize(), torch.full((2, 32), 0.25))
+
+
+def _trained(bits, group_size, dtype=torch.float32, in_f=128, out_f=64):
+    torch.manual_seed(bits * 100 + group_size)
+    cfg = QALoRAConfig(bits=bits, group_size=group_size, r=8, alpha=16, dropout=0.0, compute_dtype=dtype)
+    layer = QALoRALinear.from_linear(nn.Linear(in_f, out_f), cfg)
+    nn.init.normal_(layer.lora_B.weight, std=0.2)
+    return layer
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_merge_is_exact_and_keeps_codes(bits, group_size):
+    """fp32 compute: merged and un-merged differ only by fp32 rounding of the zero point and of the two
+    matmul orders; with |y| ~ 10 and 128-term sums that is ~1e-5 relative, we allow 1e-5·max|y|+1e-5."""
+    layer = _trained(bits, group_size)
+    x = torch.randn(4, 7, 128)
+    y = layer(x)
+    assert (y - layer(x).detach()).abs().max() == 0
+    merged = layer.merge()
+    assert not merged.has_adapter and not any(p.requires_grad for p in merged.parameters())
+    assert torch.equal(merged.quantized_weight().codes(), layer.quantized_weight().codes())
+    assert torch.equal(merged.scales, layer.scales)
+    assert not torch.equal(merged.zeros, layer.zeros)
+    ym = merged(x)
+    assert (ym - y).abs().max().item() <= 1e-5 * y.abs().max().item() + 1e-5
+    # the adapter really mattered (else the test proves nothing)
+    layer.disable_adapter = True
+    assert (layer(x) - y).abs().max().item() > 1e3 * (ym - y).abs().max().item()
+
+
+def test_merge_bf16_compute():
+    """bf16 compute: both paths round the weight and the output to bf16 (eps 2^-8), so they agree to a
+    few bf16 ulps of the output scale."""
+    layer = _trained(4, 32, dtype=torch.bfloat16)
+    x = torch.randn(8, 128)
+    y, ym = layer(x), layer.merge()(x)
+    assert (ym - y).abs().max().item() <= 4 * 2 ** -8 * y.abs().max().item()
+
+
+def test_backward_grads_only_for_adapter():
+    layer = _trained(3, 32)
+    x = torch.randn(5, 128, requires_grad=True)
+    w = layer.dequantized_weight()
+    A = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    B = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    xr = x.detach().clone().requires_grad_(True)
+    pooled = xr.view(5, 4, 32).mean(-1)
+    y_ref = xr @ w.T + layer.bias + layer.scaling * (pooled @ A.T) @ B.T
+    y = layer(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_A.weight.grad, A.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.weight.grad, B.grad, rtol=1e-5, atol=1e-5)
+    assert all(p.grad is None for p in (layer.qweight, layer.scales, layer.zeros, layer.bias))
+
+
+def _gptq_dequantize(sd, bits, group_size):
+    """Independent decoder written from AutoGPTQ's layout: bit stream along the input dim in int32 words,
+    qzeros along the output dim storing zero - 1."""
+    def codes_from_words(words, n):          # words int32 [rows, k] -> codes [rows, n]
+        b = words.to(torch.int64) & 0xFFFFFFFF
+        bitpos = torch.arange(n) * bits
+        word, off = bitpos // 32, bitpos % 32
+        lo = b[:, word] >> off
+        hi = torch.where(off + bits > 32, b[:, (word + 1).clamp(max=b.shape[1] - 1)] << (32 - off), torch.zeros_like(lo))
+        return (lo | hi) & (2 ** bits - 1)
+    qweight, qzeros, scales, g_idx = sd["qweight"], sd["qzeros"], sd["scales"].float(), sd["g_idx"].long()
+    in_f, out_f = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    q = codes_from_words(qweight.t(), in_f).t()                        # [in, out]
+    z = codes_from_words(qzeros, out_f) + 1                            # [groups, out]
+    return ((q - z[g_idx]) * scales[g_idx]).t()                        # [out, in]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_export_layout_and_error_report(bits):
+    layer = _trained(bits, 32)
+    plain = QALoRALinear.from_quantized(layer.quantized_weight(), layer.bias.detach(), layer.config, adapter=False)
+    sd, report = plain.to_gptq_state_dict(scales_dtype=torch.float32)
+    assert sd["qweight"].dtype == torch.int32 and sd["qweight"].shape == (128 * bits // 32, 64)
+    assert sd["qzeros"].shape == (4, 64 * bits // 32) and sd["g_idx"].shape == (128,)
+    w_gptq = _gptq_dequantize(sd, bits, 32)
+    exact_rows = (plain.quantized_weight().zeros >= 1).all(dim=1)     # zero 0 is not representable (z - 1 = -1)
+    torch.testing.assert_close(w_gptq[exact_rows], plain.dequantized_weight()[exact_rows], rtol=0, atol=1e-6)
+    assert report["zeros_rounded"] == 0
+    merged_sd, merged_report = layer.merge().to_gptq_state_dict()
+    assert merged_report["zeros_rounded"] > 0 and merged_report["max_abs_error"] > 0
+    with pytest.raises(QLoRADSError, match="merge"):
+        layer.to_gptq_state_dict()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bits=5), "bits"), (dict(bits=8), "bits"), (dict(group_size=12), "group_size"), (dict(r=0), "rank"),
+])
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(QLoRADSError, match=match):
+        QALoRAConfig(**kwargs)
+
+
+def test_in_features_not_divisible_by_group_size():
+    with pytest.raises(QLoRADSError, match="divisible"):
+        QALoRALinear(100, 64, False, QALoRAConfig(group_size=32))
+    with pytest.raises(QLoRADSError, match="divisible"):
+        QALoRALinear.from_linear(nn.Linear(96, 8), QALoRAConfig(group_size=64))
