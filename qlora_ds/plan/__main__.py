@@ -1,0 +1,71 @@
+"""python -m qlora_ds.plan --model llama-65b --gpus 1 --gpu-mem 48GB  → does it fit, and what to turn."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+
+from ..errors import QLoRADSError
+from . import PlanConfig, apply_ds_config, apply_recipe, format_report, load_shape, parse_mem, plan
+
+log = logging.getLogger("qlora_ds.plan")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m qlora_ds.plan", description=__doc__)
+    p.add_argument("--model", required=True, help="preset (llama-7b … llama-3-70b, smollm2-135m), config.json or dir")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpu-mem", default="48GB", help="memory per GPU, e.g. 48GB (read as GiB), 80GiB")
+    p.add_argument("--seq-len", type=int, default=None, help="default 512 (or the recipe's)")
+    p.add_argument("--batch", type=int, default=None, help="micro batch per GPU (default 1)")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro steps per optimizer step (default 16)")
+    p.add_argument("--zero", type=int, default=None, choices=(0, 1, 2, 3), help="ZeRO stage (default 2)")
+    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank on all linear layers (default 64)")
+    p.add_argument("--no-grad-ckpt", action="store_true", help="gradient checkpointing off")
+    p.add_argument("--bf16-lora", action="store_true", help="bf16 master weights and grads (no fp32 copy)")
+    p.add_argument("--bits", type=int, default=None, choices=(4, 16), help="base weights: 4 (NF4+DQ) or 16")
+    p.add_argument("--optim-bits", type=int, default=None, choices=(8, 32))
+    p.add_argument("--paged", action="store_true", help="paged optimizer (its state may spill to host)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--interconnect-gbps", type=float, default=100.0, help="per-node NIC, Gbit/s")
+    p.add_argument("--intra-gbps", type=float, default=2400.0, help="within a node, Gbit/s")
+    p.add_argument("--tflops", type=float, default=100.0, help="achieved bf16 TFLOP/s per GPU")
+    p.add_argument("--ds-config", help="take ZeRO stage, batch sizes and optimizer from this ds_config")
+    p.add_argument("--recipe", help="take LoRA, sequence length and ds_config from this recipe")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p.parse_args(argv)
+
+
+def config_from_args(a: argparse.Namespace) -> PlanConfig:
+    cfg = PlanConfig(shape=load_shape(a.model), gpus_per_node=a.gpus, nodes=a.nodes,
+                     gpu_mem_bytes=parse_mem(a.gpu_mem), device=a.device,
+                     interconnect_gbps=a.interconnect_gbps, intra_node_gbps=a.intra_gbps, tflops=a.tflops)
+    if a.recipe:
+        cfg = apply_recipe(cfg, a.recipe)
+    if a.ds_config:
+        cfg = apply_ds_config(cfg, a.ds_config)
+    overrides = {"seq_len": a.seq_len, "micro_batch": a.batch, "grad_accum": a.grad_accum,
+                 "zero_stage": a.zero, "lora_r": a.lora_r, "base_bits": a.bits, "optim_bits": a.optim_bits}
+    flags = {"grad_ckpt": False if a.no_grad_ckpt else None, "bf16_master": True if a.bf16_lora else None,
+             "paged": True if a.paged else None}
+    changes = {k: v for k, v in {**overrides, **flags}.items() if v is not None}
+    return replace(cfg, **changes)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    args = parse_args(argv)
+    try:
+        report = plan(config_from_args(args))
+    except (QLoRADSError, OSError, ValueError) as e:
+        log.error("error: %s", e)
+        return 2
+    log.info(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Per-GPU peak memory of QLoRA training under DeepSpeed, from the model shape alone.
+
+Every term is a pure function of ``PlanConfig``; ``estimate_memory`` returns the items by name so a
+user can see where the memory goes. Units: bytes. Formulas (b = micro batch, s = sequence length,
+h = hidden, i = intermediate, kv = key/value width, L = layers, V = vocab, P = LoRA parameters,
+N = data-parallel world size):
+
+* quantized linears: L·Σ(in·out) · bits/8, bits = 4 + 8/64 + 32/(64·256) = 4.127 (NF4 + double quant);
+  16 for a bf16 base. Embedding, lm_head and norms stay 16-bit. ZeRO-3 divides both by N.
+* LoRA: P = L·Σ r·(in+out) over the target linears. Working copy bf16 (2 B), gradients bf16 (2 B),
+  master copy fp32 (4 B; bf16 with ``bf16_master``), Adam moments 2×4 B (2×1 B for 8-bit Adam).
+  ZeRO-1 divides master + moments by N, ZeRO-2 also the gradients, ZeRO-3 also the working copy.
+  DeepSpeed's ZeRO-1/2 step makes an fp32 copy of the gradient partition (4·P/N), when activations
+  are already freed: that is the "step" phase.
+* activations, per token and layer, saved for backward (bf16 unless noted), with SDPA/flash attention
+  (no s² term): two RMSNorms 2·(4h fp32 input + 2h output) = 12h; q, k, v after RoPE 2·(h + 2kv);
+  attention output 2h; MLP gate, up, silu(gate) 3·2i. LoRA adds per target linear the dropped input
+  2·in (+1·in bool mask when dropout > 0; shared input once when dropout = 0) and A·x 2·r.
+  Without checkpointing: L·b·s·(that). With checkpointing: L·b·s·2h (layer inputs) plus one
+  layer's full activations recomputed, plus the input gradient in flight (2·b·s·max(h, i)).
+  Logits: b·s·V·(2 bf16 + 4 fp32 upcast + 4 fp32 grad).
+* ZeRO-3 gather: the layer in use plus the prefetched one (packed bytes), or the lm_head, whichever
+  is larger; dequantization workspace: the largest linear in bf16.
+* overhead: CUDA context + cuBLAS workspace (640 MiB on a GPU, 0 on CPU) and 5 % of the transient
+  tensors for allocator fragmentation; ZeRO-1/2 reduce bucket min(bucket, P)·2 B.
+* paged optimizer: the Adam moments live in unified memory and are evicted to host under pressure,
+  so they are counted as spillable: the run fits when peak − spillable ≤ GPU memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from ..errors import QLoRADSError
+from .presets import ModelShape
+
+GiB = 1 << 30
+MiB = 1 << 20
+NF4_DQ_BITS = 4 + 8 / 64 + 32 / (64 * 256)   # 4.127 bits/param
+NF4_BITS = 4 + 32 / 64                        # 4.5 without double quant
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CUDA_CONTEXT_BYTES = 640 * MiB
+FRAGMENTATION = 0.05
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    shape: ModelShape
+    gpus_per_node: int = 1
+    nodes: int = 1
+    gpu_mem_bytes: int = 48 * GiB
+    seq_len: int = 512
+    micro_batch: int = 1
+    grad_accum: int = 16
+    zero_stage: int = 2
+    lora_r: int = 64
+    lora_targets: tuple = ALL_LINEAR
+    lora_dropout: float = 0.05
+    grad_ckpt: bool = True
+    bf16_master: bool = False
+    base_bits: int = 4
+    double_quant: bool = True
+    optim_bits: int = 32
+    paged: bool = False
+    device: str = "cuda"
+    reduce_bucket_elems: int = 50_000_000
+    interconnect_gbps: float = 100.0     # per node NIC, Gbit/s
+    intra_node_gbps: float = 2400.0      # NVLink-class, Gbit/s (300 GB/s)
+    tflops: float = 100.0                # achieved bf16 TFLOP/s per GPU
+
+    def __post_init__(self):
+        checks = [
+            (self.gpus_per_node >= 1, "gpus", self.gpus_per_node, "use --gpus 1 or more"),
+            (self.nodes >= 1, "nodes", self.nodes, "use --nodes 1 or more"),
+            (self.gpu_mem_bytes > 0, "gpu_mem", self.gpu_mem_bytes, "give e.g. --gpu-mem 48GB"),
+            (self.seq_len >= 1, "seq_len", self.seq_len, "use a positive --seq-len"),
+            (self.micro_batch >= 1, "batch", self.micro_batch, "use a positive --batch"),
+            (self.grad_accum >= 1, "grad_accum", self.grad_accum, "use a positive --grad-accum"),
+            (self.zero_stage in (0, 1, 2, 3), "zero", self.zero_stage, "use --zero 0, 1, 2 or 3"),
+            (self.lora_r >= 0, "lora_r", self.lora_r, "use --lora-r 0 or more"),
+            (self.base_bits in (4, 16), "bits", self.base_bits, "use --bits 4 or 16"),
+            (self.optim_bits in (8, 32), "optim_bits", self.optim_bits, "use --optim-bits 8 or 32"),
+            (0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "use a value in [0, 1)"),
+            (self.device in ("cuda", "cpu"), "device", self.device, "use cuda or cpu"),
+            (self.interconnect_gbps > 0 and self.intra_node_gbps > 0, "interconnect_gbps",
+             self.interconnect_gbps, "use a positive bandwidth"),
+            (self.tflops > 0, "tflops", self.tflops, "use a positive --tflops"),
+        ]
+        for ok, name, value, fix in checks:
+            if not ok:
+                raise QLoRADSError(f"planner: {name}={value!r} is invalid; {fix}")
+        unknown = set(self.lora_targets) - set(ALL_LINEAR)
+        if unknown:
+            raise QLoRADSError(f"planner: lora_targets {sorted(unknown)} unknown; choose from {ALL_LINEAR}")
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def base_bits_per_param(self) -> float:
+        if self.base_bits == 16:
+            return 16.0
+        return NF4_DQ_BITS if self.double_quant else NF4_BITS
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    bytes: float
+    phase: str = "static"        # static | backward | step
+    spillable: bool = False
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    items: tuple
+    capacity: int
+
+    def phase_bytes(self, phase: str) -> float:
+        return sum(it.bytes for it in self.items if it.phase == phase)
+
+    def get(self, name: str) -> float:
+        return sum(it.bytes for it in self.items if it.name == name)
+
+    @property
+    def peak(self) -> float:
+        """Per-GPU peak if every tensor were resident: static + the larger transient phase."""
+        return self.phase_bytes("static") + max(self.phase_bytes("backward"), self.phase_bytes("step"))
+
+    @property
+    def spillable(self) -> float:
+        return sum(it.bytes for it in self.items if it.spillable)
+
+    @property
+    def required(self) -> float:
+        """Device memory that must be resident (paged optimizer state may leave)."""
+        return self.peak - self.spillable
+
+    @property
+    def device_peak(self) -> float:
+        """Predicted device peak: what is resident after paging evicts what does not fit."""
+        return min(self.peak, max(self.required, self.capacity))
+
+    @property
+    def paged_out(self) -> float:
+        return max(0.0, self.peak - self.capacity) if self.fits else 0.0
+
+    @property
+    def fits(self) -> bool:
+        return self.required <= self.capacity
+
+    def as_dict(self) -> dict:
+        return {"items": {it.name: {"bytes": int(it.bytes), "phase": it.phase, "spillable": it.spillable}
+                          for it in self.items},
+                "peak_bytes": int(self.peak), "required_bytes": int(self.required),
+                "device_peak_bytes": int(self.device_peak), "spillable_bytes": int(self.spillable),
+                "paged_out_bytes": int(self.paged_out), "capacity_bytes": int(self.capacity), "fits": self.fits}
+
+
+# ---- pure pieces -------------------------------------------------------------------------------
+
+def lora_params(shape: ModelShape, r: int, targets=ALL_LINEAR) -> int:
+    """LoRA parameters: r·(in+out) per target linear, over all layers."""
+    lin = shape.linears()
+    return shape.layers * sum(r * (lin[t][0] + lin[t][1]) for t in targets)
+
+
+def rank_for_fraction(shape: ModelShape, fraction: float, targets=ALL_LINEAR) -> float:
+    """The (real-valued) r whose LoRA has ``fraction`` of the model's parameters."""
+    return fraction * shape.total_params / lora_params(shape, 1, targets)
+
+
+def base_weight_bytes(shape: ModelShape, bits_per_param: float, embed_bytes: int = 2) -> dict:
+    return {"quantized_linears": shape.linear_params * bits_per_param / 8,
+            "embeddings_norms": shape.embedding_params * embed_bytes}
+
+
+def activation_bytes_per_token_layer(shape: ModelShape, r: int, targets=ALL_LINEAR,
+                                     dropout: float = 0.05) -> float:
+    """Bytes autograd keeps per token in one decoder layer (see the module docstring)."""
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    base = 12 * h + 2 * (h + 2 * kv) + 2 * h + 3 * 2 * i
+    if r == 0 or not targets:
+        return base
+    lin = shape.linears()
+    if dropout > 0:
+        lora = sum(3 * lin[t][0] + 2 * r for t in targets)   # dropped copy (2 B) + bool mask (1 B)
+    else:
+        # q/k/v share their input, gate/up theirs: stored once per distinct input
+        groups = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
+                  "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+        distinct = {groups[t]: lin[t][0] for t in targets}
+        lora = sum(2 * v for v in distinct.values()) + sum(2 * r for _ in targets)
+    return base + lora
+
+
+def activation_bytes(cfg: PlanConfig) -> dict:
+    s = cfg.shape
+    tokens = cfg.micro_batch * cfg.seq_len
+    per_layer = tokens * activation_bytes_per_token_layer(s, cfg.lora_r, cfg.lora_targets, cfg.lora_dropout)
+    if cfg.grad_ckpt:
+        stored = s.layers * tokens * 2 * s.hidden + per_layer + 2 * tokens * max(s.hidden, s.intermediate)
+    else:
+        stored = s.layers * per_layer
+    logits = tokens * s.vocab * (2 + 4 + 4)
+    return {"activations": stored, "logits_loss": logits}
+
+
+def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
+    s, n = cfg.shape, cfg.world_size
+    z = cfg.zero_stage
+    w = base_weight_bytes(s, cfg.base_bits_per_param)
+    p = lora_params(s, cfg.lora_r, cfg.lora_targets)
+    part_params = n if z >= 3 else 1
+    part_grads = n if z >= 2 else 1
+    part_optim = n if z >= 1 else 1
+    moment_bytes = 8 if cfg.optim_bits == 32 else 2
+    master_bytes = 2 if cfg.bf16_master else 4
+
+    items = [
+        Item("quantized_linears" if cfg.base_bits == 4 else "bf16_linears",
+             w["quantized_linears"] / part_params, note=f"{cfg.base_bits_per_param:.3f} bit/param"),
+        Item("embeddings_norms", w["embeddings_norms"] / part_params, note="bf16"),
+        Item("lora_params", p * 2 / part_params, note=f"{p:,} params in bf16"),
+        Item("lora_grads", p * (2 if z >= 1 or cfg.bf16_master else 2 + 4) / part_grads,
+             note="bf16" if z >= 1 else "bf16 + fp32 accumulation (BF16_Optimizer)"),
+        Item("master_weights", p * master_bytes / part_optim, note="bf16" if cfg.bf16_master else "fp32"),
+        Item("optimizer_states", p * moment_bytes / part_optim, spillable=cfg.paged,
+             note=f"Adam {cfg.optim_bits}-bit{' paged' if cfg.paged else ''}"),
+    ]
+    if z in (1, 2) and p:
+        items.append(Item("reduce_bucket", min(cfg.reduce_bucket_elems, p) * 2))
+    if z in (1, 2) and not cfg.bf16_master:
+        items.append(Item("step_fp32_grad_copy", p * 4 / part_grads, phase="step"))
+
+    act = activation_bytes(cfg)
+    items += [Item(k, v, phase="backward") for k, v in act.items()]
+    lin = s.linears()
+    largest = max(a * b for a, b in lin.values())
+    if cfg.base_bits == 4:
+        items.append(Item("dequant_workspace", largest * 2, phase="backward", note="largest linear in bf16"))
+    if z >= 3 and n > 1:
+        layer = s.linear_params_per_layer * cfg.base_bits_per_param / 8 + lora_params(
+            s, cfg.lora_r, cfg.lora_targets) / s.layers * 2
+        head = s.vocab * s.hidden * 2
+        items.append(Item("zero3_gathered", max(2 * layer, head), phase="backward",
+                          note="layer in use + prefetched layer, or lm_head"))
+    transient = sum(it.bytes for it in items if it.phase == "backward")
+    if cfg.device == "cuda":
+        items.append(Item("cuda_context", CUDA_CONTEXT_BYTES, note="context + cuBLAS workspace"))
+    items.append(Item("fragmentation", FRAGMENTATION * transient, phase="backward"))
+    return MemoryEstimate(tuple(items), cfg.gpu_mem_bytes)
+
+
+# ---- advice ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Advice:
+    knob: str
+    flag: str
+    peak_after: float
+    fits_after: bool
+
+
+def _candidates(cfg: PlanConfig):
+    if cfg.base_bits == 16:
+        yield "quantize the base model to NF4", "--bits 4", replace(cfg, base_bits=4)
+    if not cfg.grad_ckpt:
+        yield "turn gradient checkpointing on", "(drop --no-grad-ckpt)", replace(cfg, grad_ckpt=True)
+    if not cfg.paged:
+        yield "use the paged optimizer", "--paged", replace(cfg, paged=True)
+    if cfg.zero_stage < 3 and cfg.world_size > 1:
+        yield "ZeRO-3 across the GPUs you have", "--zero 3", replace(cfg, zero_stage=3)
+    per_node = cfg.gpus_per_node if cfg.nodes > 1 or cfg.gpus_per_node >= 8 else 8
+    for gpus in (2, 4, 8, 16, 32, 64):
+        if gpus <= cfg.world_size:
+            continue
+        g, nodes = (gpus, 1) if gpus <= per_node else (per_node, -(-gpus // per_node))
+        c = replace(cfg, zero_stage=3, gpus_per_node=g, nodes=nodes)
+        if estimate_memory(c).fits:
+            yield f"ZeRO-3 across {c.world_size} GPUs", f"--zero 3 --gpus {g} --nodes {nodes}", c
+            break
+    if cfg.optim_bits == 32:
+        yield "8-bit Adam states", "--optim-bits 8", replace(cfg, optim_bits=8)
+    if not cfg.bf16_master:
+        yield "bf16 master weights (bf16_master_weights_and_grads)", "--bf16-lora", replace(cfg, bf16_master=True)
+    if cfg.micro_batch > 1:
+        yield "a smaller micro batch (raise grad accumulation)", f"--batch {cfg.micro_batch // 2}", replace(
+            cfg, micro_batch=cfg.micro_batch // 2, grad_accum=cfg.grad_accum * 2)
+    if cfg.seq_len > 256:
+        yield "shorter sequences", f"--seq-len {cfg.seq_len // 2}", replace(cfg, seq_len=cfg.seq_len // 2)
+    if cfg.lora_r > 8:
+        yield "a lower LoRA rank", f"--lora-r {cfg.lora_r // 4}", replace(cfg, lora_r=cfg.lora_r // 4)
+
+
+def advise(cfg: PlanConfig) -> list[Advice]:
+    """Knobs that lower the peak, each tried alone; those that make it fit come first."""
+    base = estimate_memory(cfg).required
+    out = []
+    for knob, flag, c in _candidates(cfg):
+        e = estimate_memory(c)
+        if e.required < base:
+            out.append(Advice(knob, flag, e.required, e.fits))
+    return sorted(out, key=lambda a: (not a.fits_after, a.peak_after))
