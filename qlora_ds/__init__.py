@@ -1,8 +1,18 @@
 """qlora-ds: QLoRA / QA-LoRA finetuning through frozen 4-bit weights, as a DeepSpeed plugin."""
 __version__ = "0.1.0"
 
-from .errors import OpBuildError, QLoRADSError
+from .errors import NonFiniteError, OpBuildError, QLoRADSError
 from .quant import QuantizedTensor, bits_per_param, dequantize, quantize
 
-__all__ = ["OpBuildError", "QLoRADSError", "QuantizedTensor", "bits_per_param", "dequantize", "quantize",
-           "__version__"]
+_LAZY = ("from_pretrained", "save_quantized", "save_adapter")
+
+
+def __getattr__(name):  # lazy: importing qlora_ds must not import transformers/deepspeed
+    if name in _LAZY:
+        from . import inject
+        return getattr(inject, name)
+    raise AttributeError(f"module 'qlora_ds' has no attribute {name!r}")
+
+
+__all__ = ["from_pretrained", "save_quantized", "save_adapter", "NonFiniteError", "OpBuildError", "QLoRADSError", "QuantizedTensor", "bits_per_param", "dequantize",
+           "quantize", "__version__"]

@@ -18,6 +18,7 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import QLoRADSError
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")   # refused, never unpickled
 SIDE_NAME = "qlora_ds.json"
 PREFIX = "base_model.model."
 _ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, SIDE_NAME, "README.md")
@@ -151,9 +153,18 @@ def read_adapter(model: nn.Module, directory: str) -> tuple[dict[str, torch.Tens
                            f"was trained on")
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.exists(weights_path):
+        pickles = [n for n in PICKLE_NAMES if os.path.exists(os.path.join(directory, n))]
+        if pickles:
+            raise QLoRADSError(f"{directory} holds only {pickles[0]}, a pickle; qlora-ds never unpickles adapters "
+                               f"(unpickling a file from someone else can run any code). Convert it where you trust "
+                               f"it: PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True)")
         raise QLoRADSError(f"{weights_path} is missing; save adapters with save_adapter or PEFT save_pretrained "
                            f"(safe_serialization=True)")
-    tensors = load_file(weights_path)
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise QLoRADSError(f"{weights_path} is not a readable safetensors file ({err}): it is truncated or corrupt; "
+                           f"copy it again or re-save the adapter") from None
     layers = lora_layers(model)
     qalora_peft = bool(config.get("use_qalora"))
     out, scalings, seen = {}, {}, set()
@@ -186,6 +197,12 @@ def read_adapter(model: nn.Module, directory: str) -> tuple[dict[str, torch.Tens
         elif qalora_peft:
             raise QLoRADSError(f"adapter is a QA-LoRA adapter (use_qalora) but {path} is a QLoRALinear")
         sub = layer.lora_A if part[0] == "A" else layer.lora_B
+        if not t.is_floating_point():
+            raise QLoRADSError(f"adapter key {key!r} has dtype {t.dtype}; LoRA weights must be floating point "
+                               f"(the file is not a LoRA adapter or is corrupt)")
+        if not bool(torch.isfinite(t).all()):
+            raise QLoRADSError(f"adapter key {key!r} holds NaN/Inf values (a diverged run?); load an earlier "
+                               f"checkpoint's adapter")
         if tuple(t.shape) != tuple(sub.weight.shape):
             raise QLoRADSError(f"adapter key {key!r} has shape {tuple(t.shape)} but {path}.lora_{part} is "
                                f"{tuple(sub.weight.shape)} (rank {layer.r}); rebuild the layers with the adapter's "

@@ -9,6 +9,11 @@ used, and recomputation under non-reentrant checkpointing sees the same inputs.
 4-bit dequantization writes into a reused per-(device, dtype) workspace: one buffer as large as the
 largest layer, instead of a fresh allocation per call (it matters for CPU speed). The buffer never
 escapes a Function call.
+
+``guard``: the module name to report when the numerical guards (``guards.py``) are on, else None;
+the dequantized weight is then checked right after dequantization. The NF4 Function takes the
+double-quant offset as a python float (the layer caches it), so a forward never syncs with the
+device to read it.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from . import guards
 from ..quant.intn import dequantize_parts
 
 _workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -39,10 +45,13 @@ def clear_workspaces() -> None:
 
 
 def dequantize_nf4_parts(packed, absmax, absmax2, offset, meta, dtype, out=None) -> torch.Tensor:
-    """Dequantize from the layer's raw uint8 parameters (fp32 values stored as bytes)."""
+    """Dequantize from the layer's raw uint8 parameters (fp32 values stored as bytes). ``offset``: the
+    double-quant offset as a float, or its 4-byte uint8 parameter (read with a device sync)."""
     shape, quant_type, blocksize, nested_blocksize = meta
     if absmax2 is not None:
-        return ops.dequantize_4bit_dq(packed, absmax, absmax2.view(torch.float32), offset.view(torch.float32).item(),
+        if isinstance(offset, torch.Tensor):
+            offset = offset.view(torch.float32).item()
+        return ops.dequantize_4bit_dq(packed, absmax, absmax2.view(torch.float32), float(offset),
                                       quant_type, blocksize, nested_blocksize, shape, dtype, out)
     return ops.dequantize_4bit(packed, absmax.view(torch.float32), quant_type, blocksize, shape, dtype, out)
 
@@ -52,38 +61,43 @@ def _bias_grad(grad_out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 class NF4LinearFunction(torch.autograd.Function):
-    """y = x · deq(W)ᵀ + b for a blockwise 4-bit W (with or without double quantization)."""
+    """y = x · deq(W)ᵀ + b for a blockwise 4-bit W (with or without double quantization).
+    ``offset``: the double-quant offset as a python float (None without double quantization)."""
 
     @staticmethod
-    def forward(ctx, x, packed, absmax, absmax2, offset, bias, meta):
+    def forward(ctx, x, packed, absmax, absmax2, offset, bias, meta, guard=None):
         w = dequantize_nf4_parts(packed, absmax, absmax2, offset, meta, x.dtype,
                                  workspace(prod(meta[0]), x.dtype, x.device))
+        if guard is not None:
+            guards.check(w, guard, "dequantized weight")
         y = F.linear(x, w, bias)
-        ctx.meta = meta
-        ctx.save_for_backward(packed, absmax, absmax2, offset, bias)
+        ctx.meta, ctx.offset = meta, offset
+        ctx.save_for_backward(packed, absmax, absmax2, bias)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        packed, absmax, absmax2, offset, bias = ctx.saved_tensors
+        packed, absmax, absmax2, bias = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = dequantize_nf4_parts(packed, absmax, absmax2, offset, ctx.meta, grad_out.dtype,
+            w = dequantize_nf4_parts(packed, absmax, absmax2, ctx.offset, ctx.meta, grad_out.dtype,
                                      workspace(prod(ctx.meta[0]), grad_out.dtype, grad_out.device))
             grad_x = grad_out.matmul(w)
         if bias is not None and ctx.needs_input_grad[5]:
             grad_bias = _bias_grad(grad_out, bias)
-        return grad_x, None, None, None, None, grad_bias, None
+        return grad_x, None, None, None, None, grad_bias, None, None
 
 
 class IntNLinearFunction(torch.autograd.Function):
     """y = x · deq(W)ᵀ + b for a group-wise INT-N W with fp32 scales/zeros stored as bytes."""
 
     @staticmethod
-    def forward(ctx, x, qweight, scales, zeros, bias, meta):
+    def forward(ctx, x, qweight, scales, zeros, bias, meta, guard=None):
         shape, bits, group_size = meta
         w = dequantize_parts(qweight, scales.view(torch.float32), zeros.view(torch.float32), bits, group_size,
                              shape, x.dtype)
+        if guard is not None:
+            guards.check(w, guard, "dequantized weight")
         y = F.linear(x, w, bias)
         ctx.meta = meta
         ctx.save_for_backward(qweight, scales, zeros, bias)
@@ -100,7 +114,7 @@ class IntNLinearFunction(torch.autograd.Function):
             grad_x = grad_out.matmul(w)
         if bias is not None and ctx.needs_input_grad[4]:
             grad_bias = _bias_grad(grad_out, bias)
-        return grad_x, None, None, None, grad_bias, None
+        return grad_x, None, None, None, grad_bias, None, None
 
 
 def lora_delta(x: torch.Tensor, lora_A: torch.nn.Linear, lora_B: torch.nn.Linear, scaling: float,

@@ -26,6 +26,7 @@ from ..errors import QLoRADSError
 from ..quant import intn
 from ..quant.intn import IntNQuantizedTensor
 from .config import QALoRAConfig
+from . import guards
 from .functional import IntNLinearFunction, lora_delta
 from .qlora_linear import _bytes, _frozen, build_lora, reset_lora
 
@@ -110,10 +111,16 @@ class QALoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype
         xc = x.to(cd)
+        guard = guards.layer_guard(self)
         y = IntNLinearFunction.apply(xc, self.qweight, self.scales, self.zeros, self.bias,
-                                     (tuple(self.weight_shape), self.bits, self.group_size))
+                                     (tuple(self.weight_shape), self.bits, self.group_size), guard)
         if self.has_adapter and not self.disable_adapter:
-            y = y + lora_delta(self.pool(self.lora_dropout(xc)), self.lora_A, self.lora_B, self.scaling, cd)
+            delta = lora_delta(self.pool(self.lora_dropout(xc)), self.lora_A, self.lora_B, self.scaling, cd)
+            if guard is not None:
+                guards.check(delta, guard, "LoRA output", x)
+            y = y + delta
+        if guard is not None:
+            guards.check(y, guard, "layer output", x)
         return y.to(x.dtype)
 
     def reset_lora_parameters(self) -> None:

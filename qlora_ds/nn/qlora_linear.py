@@ -15,6 +15,15 @@ dtype cast ever touches the bytes:
 
 Metadata are plain attributes: ``weight_shape``, ``weight_dtype`` (dtype of the original weight),
 ``quant_type``, ``blocksize``, ``double_quant``, ``nested_blocksize``.
+
+The DQ offset is also cached as a python float (``offset()``), so a forward never reads the 4-byte
+parameter with ``.item()`` (a device sync on CUDA). The cache remembers which ``weight_offset``
+Parameter object, at which version counter, it was read from: ``set_quantized_weight`` fills it
+from the QuantizedTensor, ``load_state_dict`` refreshes it, a replaced parameter (a loader's
+``setattr``) or an in-place write through the parameter (``copy_``) invalidates it, and an invalid
+cache is re-read once — at a forward, where ZeRO-3 has gathered the parameter. ZeRO-3's
+partition/gather (``param.data = …``) keeps the version, so it costs nothing. Code that writes the
+bytes through ``weight_offset.data`` must call ``refresh_offset()``.
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ import torch.nn as nn
 from ..errors import QLoRADSError
 from ..quant.nf4 import QuantizedTensor, quantize
 from .config import QLoRAConfig
+from . import guards
 from .functional import NF4LinearFunction, dequantize_nf4_parts, lora_delta
 
 
@@ -89,6 +99,8 @@ class QLoRALinear(nn.Module):
             self.bias = _frozen(torch.zeros(out_features, dtype=config.compute_dtype, device=device))
         else:
             self.register_parameter("bias", None)
+        self._offset_cache: tuple[nn.Parameter, int, float] | None = None
+        self.register_load_state_dict_post_hook(_refresh_offset_after_load)
         build_lora(self, in_features, out_features, config.r, config.alpha, config.dropout, device)
 
     # ------------------------------------------------------------------ construction
@@ -143,6 +155,27 @@ class QLoRALinear(nn.Module):
                 else:
                     param.copy_(value.to(param.device))
         self.weight_dtype = qt.dtype
+        self._offset_cache = None
+        if qt.double_quant:
+            self._offset_cache = (self.weight_offset, self.weight_offset._version, float(qt.offset))
+
+    def offset(self) -> float | None:
+        """The double-quant offset as a python float (cached, see the module doc); None without DQ."""
+        if not self.double_quant:
+            return None
+        param, cache = self.weight_offset, self._offset_cache
+        if cache is None or cache[0] is not param or cache[1] != param._version:
+            return self.refresh_offset()
+        return cache[2]
+
+    def refresh_offset(self) -> float | None:
+        """Re-read the offset from the ``weight_offset`` bytes (one device sync) and cache it."""
+        self._offset_cache = None
+        if not self.double_quant or self.weight_offset.is_meta or self.weight_offset.numel() != 4:
+            return None     # not filled yet (meta skeleton) or a ZeRO-3 partition outside a gather
+        value = self.weight_offset.detach().view(torch.float32).item()
+        self._offset_cache = (self.weight_offset, self.weight_offset._version, value)
+        return value
 
     def quantized_weight(self) -> QuantizedTensor:
         """The frozen base as a QuantizedTensor (views of the parameters' bytes, no copies)."""
@@ -151,11 +184,11 @@ class QLoRALinear(nn.Module):
             packed=self.weight, absmax=self.weight_absmax if dq else self.weight_absmax.view(torch.float32),
             shape=self.weight_shape, dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
             absmax2=self.weight_absmax2.view(torch.float32) if dq else None,
-            offset=self.weight_offset.view(torch.float32).item() if dq else None,
+            offset=self.offset() if dq else None,
             nested_blocksize=self.nested_blocksize)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_nf4_parts(self.weight, self.weight_absmax, self.weight_absmax2, self.weight_offset,
+        return dequantize_nf4_parts(self.weight, self.weight_absmax, self.weight_absmax2, self.offset(),
                                     self._meta(), dtype)
 
     def _meta(self):
@@ -168,10 +201,16 @@ class QLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype
         xc = x.to(cd)
-        y = NF4LinearFunction.apply(xc, self.weight, self.weight_absmax, self.weight_absmax2, self.weight_offset,
-                                    self.bias, self._meta())
+        guard = guards.layer_guard(self)
+        y = NF4LinearFunction.apply(xc, self.weight, self.weight_absmax, self.weight_absmax2, self.offset(),
+                                    self.bias, self._meta(), guard)
         if not self.disable_adapter:
-            y = y + lora_delta(self.lora_dropout(xc), self.lora_A, self.lora_B, self.scaling, cd)
+            delta = lora_delta(self.lora_dropout(xc), self.lora_A, self.lora_B, self.scaling, cd)
+            if guard is not None:
+                guards.check(delta, guard, "LoRA output", x)
+            y = y + delta
+        if guard is not None:
+            guards.check(y, guard, "layer output", x)
         return y.to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -213,6 +252,10 @@ class QLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
                 f"r={self.r}, scaling={self.scaling:g}, compute_dtype={self.compute_dtype}")
+
+
+def _refresh_offset_after_load(module: "QLoRALinear", incompatible_keys) -> None:
+    module.refresh_offset()
 
 
 def _as_linear(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

@@ -18,14 +18,12 @@ from pathlib import Path
 from deepspeed.ops.op_builder.builder import CUDAOpBuilder
 from deepspeed.ops.op_builder.cpu.builder import CPUOpBuilder
 
+from ..errors import OpBuildError  # the package's one OpBuildError: qlora_ds.ops catches it to fall back
+
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _EXACT_CXX = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 _EXACT_NVCC = ["--fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true"]
 _MIN_CUDA_MAJOR = 7
-
-
-class OpBuildError(RuntimeError):
-    """A compiled op could not be built or loaded; the message says why and how to fix it."""
 
 
 def _src(*names: str) -> list[str]:

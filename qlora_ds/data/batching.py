@@ -1,0 +1,54 @@
+"""Group-by-length batching (as the QLoRA recipe does), deterministic per (seed, epoch) so a resumed run
+sees exactly the batches an uninterrupted one would, and sharded across data-parallel ranks."""
+from __future__ import annotations
+
+import torch
+
+from .tokenize import IGNORE
+
+
+class GroupByLengthBatches:
+    """Batches of indices: shuffle, cut into mega-batches of ``mega`` batches, sort each by length.
+
+    Every rank builds the same global order from (seed, epoch) and takes its own slice of each global
+    batch, so ranks stay in step and the order is reproducible on resume.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, world_size: int = 1, rank: int = 0,
+                 seed: int = 0, mega: int = 50, group_by_length: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lengths, self.batch_size, self.world, self.rank = lengths, batch_size, world_size, rank
+        self.seed, self.mega, self.group = seed, mega, group_by_length
+        self.global_batch = batch_size * world_size
+        if len(lengths) < self.global_batch:
+            raise ValueError(f"dataset has {len(lengths)} examples, fewer than one global batch "
+                             f"({batch_size} per rank x {world_size} ranks); add data or lower the batch size")
+
+    def __len__(self) -> int:
+        return len(self.lengths) // self.global_batch
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        if self.group:
+            span = self.global_batch * self.mega
+            order = [i for s in range(0, len(order), span)
+                     for i in sorted(order[s:s + span], key=lambda j: -self.lengths[j])]
+        batches = [order[s:s + self.global_batch] for s in range(0, len(self) * self.global_batch, self.global_batch)]
+        if self.group:  # long batches first is what QLoRA does to fail fast on OOM; keep the random mix instead
+            perm = torch.randperm(len(batches), generator=g).tolist()
+            batches = [batches[p] for p in perm]
+        return [b[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for b in batches]
+
+
+def collate(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(e["input_ids"].numel() for e in examples)
+    n = len(examples)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = e["input_ids"].numel()
+        input_ids[i, :k], labels[i, :k], attention[i, :k] = e["input_ids"], e["labels"], 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}

@@ -1,0 +1,85 @@
+"""Process-group set-up that works under the deepspeed launcher, torchrun and mpirun alike."""
+from __future__ import annotations
+
+import os
+import socket
+
+from .errors import QLoRADSError
+
+_MPI_VARS = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
+_TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def map_mpi_env(env=os.environ) -> None:
+    """Under mpirun, derive RANK/WORLD_SIZE/LOCAL_RANK from Open MPI's variables (no mpi4py needed).
+
+    A half-set environment (some of either family missing) is refused: it would hang at rendezvous.
+    """
+    have_mpi = [v for v in _MPI_VARS if v in env]
+    have_torch = [v for v in _TORCH_VARS if v in env]
+    if have_torch and len(have_torch) != len(_TORCH_VARS) and not have_mpi:
+        missing = sorted(set(_TORCH_VARS) - set(have_torch))
+        raise QLoRADSError(f"distributed environment is half set: {have_torch} present but {missing} missing; "
+                           f"start through deepspeed, torchrun or mpirun, or set all of {list(_TORCH_VARS)}")
+    if not have_mpi or len(have_torch) == len(_TORCH_VARS):
+        return
+    if len(have_mpi) != len(_MPI_VARS):
+        missing = sorted(set(_MPI_VARS) - set(have_mpi))
+        raise QLoRADSError(f"MPI environment is half set: {missing} missing; start the job with mpirun/mpiexec "
+                           f"from Open MPI, or use the deepspeed launcher / torchrun instead")
+    if "MASTER_PORT" not in env:  # checked before writing anything: a refused env is left as it was
+        raise QLoRADSError("under mpirun set MASTER_PORT (and MASTER_ADDR for several nodes), e.g. "
+                           "`mpirun -x MASTER_ADDR=<node0> -x MASTER_PORT=29500 …`")
+    env["RANK"], env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"]
+    env["LOCAL_RANK"] = env["OMPI_COMM_WORLD_LOCAL_RANK"]
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+
+
+def check_port_free(addr: str, port: int) -> None:
+    """Rank 0 binds the rendezvous port; if something else holds it, say so instead of hanging."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((addr, port))
+        except OSError as err:
+            raise QLoRADSError(f"MASTER_PORT {port} on {addr} is in use ({err.strerror}); pick another port "
+                               f"(--master_port for deepspeed/torchrun, MASTER_PORT for mpirun)") from None
+
+
+def init_distributed(timeout_s: float = 600.0):
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); returns (rank, world, local)."""
+    from datetime import timedelta
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    map_mpi_env()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python finetune.py`: a world of one
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), local
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shutdown() -> None:
+    """Tear down cleanly (avoids gloo's SIGABRT at interpreter exit; design notes §5)."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,403 @@
+"""Streaming quantized loading of Hugging Face checkpoints, and our own pre-quantized format.
+
+``from_pretrained(path, config, ds_config=None, torch_dtype=torch.bfloat16)``:
+
+1. the skeleton is built from ``AutoConfig`` with parameters on the meta device (buffers real);
+2. the policy's target linears are replaced by QLoRALinear / QALoRALinear (still meta);
+3. every key, shape and quantization setting is checked against the checkpoint *headers* on every
+   rank — a bad checkpoint fails here, before any data is read or any training starts;
+4. module by module, the tensors are read one at a time (``safe_open``), target weights quantized
+   on the fly (or taken as stored: bitsandbytes/transformers 4-bit keys, or our own format) and
+   assigned; tied parameters stay one object.
+
+ZeRO-3 (``zero_optimization.stage == 3``): after each module is filled its parameters are handed to
+``deepspeed.zero.Init(module=…)``, which broadcasts them from rank 0 and keeps 1/N per rank. Only
+rank 0 reads and quantizes; the other ranks allocate the (known) shapes empty and receive the bytes.
+So per rank the peak is one module's tensors plus 1/N of the model, the checkpoint is read once per
+node, and quantization is not repeated. (The alternatives: every rank quantizes and copies its own
+slice — no traffic, but N× the quantization work and a dependence on ZeRO's private partition
+layout; ``GatheredParameters(modifier_rank=0)`` per module — an all-gather plus a broadcast each.)
+ZeRO 0/1/2: every rank loads the whole 4-bit model.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+
+import torch
+import torch.nn as nn
+
+from ..errors import QLoRADSError
+from ..nn.config import QALoRAConfig, QLoRAConfig
+from .checkpoint import BNB_STATE, Checkpoint
+from .policies import Policy
+from .replace import inject, is_linear_like, is_quantized_layer, quantize_for
+
+log = logging.getLogger(__name__)
+
+QUANT_META_NAME = "qlora_ds_quant.json"
+QUANT_FORMAT = "qlora-ds.quantized"
+QUANT_VERSION = 1
+_SAVED_FILES = ("model.safetensors", "config.json", QUANT_META_NAME)
+
+
+# ---------------------------------------------------------------------------- config helpers
+def zero_stage(ds_config) -> int:
+    """ZeRO stage of a ds_config given as a dict, a JSON path, or None (→ 0)."""
+    if ds_config is None:
+        return 0
+    if isinstance(ds_config, (str, os.PathLike)):
+        try:
+            with open(ds_config) as f:
+                ds_config = json.load(f)
+        except (OSError, ValueError) as err:
+            raise QLoRADSError(f"cannot read the DeepSpeed config {str(ds_config)!r} ({err}); pass a dict or a "
+                               f"path to a valid JSON file") from None
+    if not isinstance(ds_config, dict):
+        raise QLoRADSError(f"ds_config must be a dict or a JSON path, got {type(ds_config).__name__}")
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def quant_settings(config) -> dict:
+    if isinstance(config, QLoRAConfig):
+        return {"layer": "qlora", "quant_type": config.quant_type, "blocksize": config.blocksize,
+                "double_quant": config.double_quant, "nested_blocksize": config.nested_blocksize}
+    if isinstance(config, QALoRAConfig):
+        return {"layer": "qalora", "bits": config.bits, "group_size": config.group_size}
+    raise QLoRADSError(f"config must be a QLoRAConfig or QALoRAConfig, got {type(config).__name__}")
+
+
+def _read_quant_meta(path: str, config) -> dict | None:
+    meta_path = os.path.join(path, QUANT_META_NAME)
+    if not os.path.isfile(meta_path):
+        return None
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:
+        raise QLoRADSError(f"{meta_path} does not parse ({err}); re-save the model with qlora_ds.save_quantized") \
+            from None
+    if meta.get("format") != QUANT_FORMAT:
+        raise QLoRADSError(f"{meta_path}: format {meta.get('format')!r} is not {QUANT_FORMAT!r}; remove the file "
+                           f"or re-save with qlora_ds.save_quantized")
+    if meta.get("version") != QUANT_VERSION:
+        raise QLoRADSError(f"{meta_path}: quantized-checkpoint version {meta.get('version')!r} is not supported by "
+                           f"this qlora-ds (reads version {QUANT_VERSION}); re-save it with this version's "
+                           f"save_quantized or load the original 16-bit checkpoint")
+    want = quant_settings(config)
+    diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise QLoRADSError(f"quantized checkpoint {path!r} disagrees with the config ({detail}); pass a config "
+                           f"with the checkpoint's settings or quantize the original 16-bit checkpoint again")
+    return meta
+
+
+def _skeleton(hf_config, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+    try:
+        from accelerate import init_empty_weights
+        ctx = init_empty_weights(include_buffers=False)   # parameters on meta, buffers (rotary…) real
+    except ImportError:
+        ctx = torch.device("meta")
+    with ctx:
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()                         # on meta, transformers 5 leaves tied weights untied
+    return model
+
+
+def _renamings(model: nn.Module) -> list[tuple[str, str]]:
+    """transformers 5's plain key renamings for this model (checkpoint name -> module name)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        transforms = get_model_conversion_mapping(model)
+    except Exception:                               # older/newer transformers: names are taken as they are
+        return []
+    out = []
+    for t in transforms:
+        if type(t).__name__ == "WeightRenaming" and getattr(t, "scope_prefix", None) is None:
+            out += [(src, t.target_patterns[0]) for src in t.source_patterns]
+    return out
+
+
+# ---------------------------------------------------------------------------- validation (headers only)
+def _alias_groups(model: nn.Module) -> dict[int, list[str]]:
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return groups
+
+
+def _bnb_meta(ckpt: Checkpoint, key: str) -> tuple[str, dict]:
+    state = [k for k in ckpt.keys() if k.startswith(f"{key}{BNB_STATE}")]
+    if len(state) != 1:
+        return "", {}
+    raw = ckpt.get(state[0])
+    try:
+        return state[0], json.loads(bytes(raw.to(torch.uint8).tolist()).decode())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise QLoRADSError(f"{state[0]}: bitsandbytes quant_state JSON does not parse ({err}); the checkpoint is "
+                           f"corrupt — re-export it") from None
+
+
+def _plan_layer(ckpt: Checkpoint, path: str, layer: nn.Module, conv1d: bool, config, own: dict | None) -> str:
+    """How the layer at ``path`` is filled: 'own' | 'bnb' | 'float'; raises on anything inconsistent."""
+    out_f, in_f = tuple(layer.weight_shape)
+    if own is not None:
+        for name, p in layer.named_parameters(recurse=False):
+            key = f"{path}.{name}"
+            if key not in ckpt:
+                raise QLoRADSError(f"quantized checkpoint lacks {key!r}; it was saved from a model with other "
+                                   f"target modules — use the same target_modules as when it was saved")
+            if ckpt.shape[key] != tuple(p.shape):
+                raise QLoRADSError(f"{key}: checkpoint shape {ckpt.shape[key]} but the model built from config.json "
+                                   f"expects {tuple(p.shape)}; the config and the weights do not belong together")
+        return "own"
+    key = f"{path}.weight"
+    if key not in ckpt:
+        raise QLoRADSError(f"checkpoint lacks {key!r} for target layer {path}; the checkpoint does not match its "
+                           f"config.json (wrong model type or a partial save)")
+    state_key, meta = _bnb_meta(ckpt, key)
+    if state_key:
+        if not isinstance(config, QLoRAConfig):
+            raise QLoRADSError(f"{key} is stored 4-bit by bitsandbytes; QA-LoRA needs INT-N weights — load the "
+                               f"16-bit checkpoint instead, or use a QLoRAConfig")
+        got = (meta.get("quant_type"), meta.get("blocksize"), f"{key}.nested_absmax" in ckpt)
+        want = (config.quant_type, config.blocksize, config.double_quant)
+        if got != want:
+            raise QLoRADSError(f"{key}: checkpoint is quantized with (quant_type, blocksize, double_quant)={got} but "
+                               f"the config says {want}; pass QLoRAConfig(quant_type={got[0]!r}, blocksize={got[1]}, "
+                               f"double_quant={got[2]}) or load the original 16-bit checkpoint")
+        if tuple(meta.get("shape", ())) != (out_f, in_f):
+            raise QLoRADSError(f"{key}: checkpoint weight shape {tuple(meta.get('shape', ()))} but the model built "
+                               f"from config.json expects {(out_f, in_f)}; the config and the weights do not match")
+        return "bnb"
+    want = (in_f, out_f) if conv1d else (out_f, in_f)
+    if ckpt.shape[key] != want:
+        raise QLoRADSError(f"{key}: checkpoint shape {ckpt.shape[key]} but the model built from config.json expects "
+                           f"{want}; the config and the weights do not belong together")
+    if layer.bias is not None and ckpt.shape.get(f"{path}.bias") != (out_f,):
+        raise QLoRADSError(f"{path}.bias: checkpoint has {ckpt.shape.get(f'{path}.bias')}, expected {(out_f,)}")
+    return "float"
+
+
+def _plan(model, ckpt, paths, conv1d, config, own) -> tuple[dict[str, str], dict[int, str]]:
+    layers = {p: model.get_submodule(p) for p in paths}
+    how = {p: _plan_layer(ckpt, p, layer, p in conv1d, config, own) for p, layer in layers.items()}
+    if own is not None and sorted(own.get("modules", [])) != sorted(paths):
+        raise QLoRADSError(f"quantized checkpoint was saved with {len(own.get('modules', []))} quantized layers but "
+                           f"this config targets {len(paths)}; use the target_modules it was saved with")
+    source: dict[int, str] = {}
+    missing = []
+    prefixes = tuple(p + "." for p in paths)
+    for pid, names in _alias_groups(model).items():
+        names = [n for n in names if not n.startswith(prefixes)]
+        if not names:
+            continue
+        key = next((n for n in names if n in ckpt), None)
+        if key is None:
+            missing.append(names[0])
+            continue
+        param = model.get_parameter(names[0])
+        if ckpt.shape[key] != tuple(param.shape):
+            raise QLoRADSError(f"{key}: checkpoint shape {ckpt.shape[key]} but the model built from config.json "
+                               f"expects {tuple(param.shape)}; the config and the weights do not belong together")
+        source[pid] = key
+    if missing:
+        raise QLoRADSError(f"checkpoint {ckpt.path!r} lacks {len(missing)} tensor(s), first {missing[:3]}; it is "
+                           f"incomplete or from another model — re-save it with save_pretrained")
+    bnb_stray = sorted({k.split(BNB_STATE)[0] for k in ckpt.keys() if BNB_STATE in k}
+                       - {f"{p}.weight" for p in paths})
+    if bnb_stray:
+        raise QLoRADSError(f"checkpoint has 4-bit weights for {bnb_stray[:3]} which this config leaves in 16 bit; "
+                           f"add them to target_modules or load the 16-bit checkpoint")
+    return how, source
+
+
+# ---------------------------------------------------------------------------- filling
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _fill_layer(layer, path, how, ckpt, conv1d, config, dtype, read: bool) -> None:
+    base = [n for n, p in layer.named_parameters(recurse=False)]
+    if not read:                                    # ZeRO-3, rank > 0: shapes only, bytes come by broadcast
+        for name in base:
+            p = getattr(layer, name)
+            setattr(layer, name, _frozen(torch.empty(p.shape, dtype=p.dtype)))
+        layer.weight_dtype = dtype
+    elif how == "own":
+        for name in base:
+            p = getattr(layer, name)
+            setattr(layer, name, _frozen(ckpt.get(f"{path}.{name}").to(p.dtype)))
+        layer.weight_dtype = dtype
+    else:
+        bias = ckpt.get(f"{path}.bias") if layer.bias is not None else None
+        if how == "bnb":
+            from ..quant.bnb_format import from_bnb_state_dict
+            key = f"{path}.weight"
+            sd = {k: ckpt.get(k) for k in ckpt.keys() if k == key or k.startswith(key + ".")}
+            qt = from_bnb_state_dict(sd, key)
+        else:
+            w = ckpt.get(f"{path}.weight").to(dtype)
+            qt = quantize_for(config, w.t().contiguous() if conv1d else w)
+            del w
+        layer.set_quantized_weight(qt, bias)
+    for sub in (layer.lora_A, layer.lora_B):
+        sub.to_empty(device="cpu")
+    layer.reset_lora_parameters()
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``): the 16-bit tensors just freed are
+    several MB each and glibc keeps them otherwise, so RSS would grow by about one tensor per layer."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
+def _zero3_partition(params: list[nn.Parameter], ds_config) -> None:
+    """Hand already-filled parameters to ZeRO-3: broadcast from rank 0, keep this rank's 1/N."""
+    import deepspeed
+    holder = nn.Module()
+    for i, p in enumerate(params):
+        holder.register_parameter(f"p{i}", p)
+    deepspeed.zero.Init(module=holder, config_dict_or_path=ds_config, mem_efficient_linear=False)
+
+
+def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype = torch.bfloat16,
+                    policy: Policy | None = None) -> nn.Module:
+    """Load a Hugging Face causal LM with its target linears quantized and LoRA-wrapped (see module doc).
+
+    ``path``: a directory with config.json and safetensors (16-bit; bitsandbytes 4-bit; or written by
+    ``save_quantized``). The model is returned in eval mode; only the LoRA A/B tensors require grad.
+    """
+    from transformers import AutoConfig
+    if not isinstance(config, (QLoRAConfig, QALoRAConfig)):
+        raise QLoRADSError(f"config must be a QLoRAConfig or QALoRAConfig, got {type(config).__name__}")
+    if not os.path.isdir(path):
+        raise QLoRADSError(f"{path!r} is not a directory; pass a local checkpoint directory (no hub downloads)")
+    hf_config = AutoConfig.from_pretrained(path)
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config          # we do the quantization; build a plain skeleton
+    ckpt = Checkpoint(path)
+    own = _read_quant_meta(path, config)
+    stage = zero_stage(ds_config)
+    if stage == 3:
+        import deepspeed
+        import deepspeed.comm as dist
+        if not dist.is_initialized():
+            deepspeed.init_distributed()
+        read = dist.get_rank() == 0
+    else:
+        read = True
+    model = _skeleton(hf_config, torch_dtype)
+    conv1d = {p for p, m in model.named_modules() if is_linear_like(m) and not isinstance(m, nn.Linear)}
+    ckpt.rename(_renamings(model))
+    paths = inject(model, config, policy)
+    how, source = _plan(model, ckpt, paths, conv1d, config, own)
+    layer_set = set(paths)
+    prefixes = tuple(p + "." for p in paths)
+    done: dict[int, nn.Parameter] = {}
+    try:
+        for mpath, module in list(model.named_modules()):
+            if mpath.startswith(prefixes):
+                continue                            # LoRA submodules: filled with their layer
+            if mpath in layer_set:
+                _fill_layer(module, mpath, how[mpath], ckpt, mpath in conv1d, config, torch_dtype, read)
+                new_params = list(module.parameters())
+            else:
+                new_params = []
+                for name, p in list(module._parameters.items()):
+                    if p is None:
+                        continue
+                    if id(p) in done:               # a tied weight: the same Parameter object again
+                        module._parameters[name] = done[id(p)]
+                        continue
+                    t = ckpt.get(source[id(p)]) if read else torch.empty(p.shape, dtype=p.dtype)
+                    if t.is_floating_point():
+                        t = t.to(torch_dtype if p.dtype.is_floating_point else p.dtype)
+                    new = _frozen(t)
+                    done[id(p)] = new
+                    module._parameters[name] = new
+                    new_params.append(new)
+                for name, b in module._buffers.items():
+                    key = f"{mpath}.{name}" if mpath else name
+                    if b is not None and name not in module._non_persistent_buffers_set and key in ckpt and read:
+                        module._buffers[name] = ckpt.get(key).to(b.dtype)
+            if stage == 3 and new_params:
+                _zero3_partition(new_params, ds_config)
+            if mpath in layer_set:
+                _release_freed_memory()
+    finally:
+        ckpt.close()
+    model.requires_grad_(False)
+    for layer in paths:
+        model.get_submodule(layer).lora_A.weight.requires_grad_(True)
+        model.get_submodule(layer).lora_B.weight.requires_grad_(True)
+    model.qlora_ds_targets = tuple(paths)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- save
+def _gathered(params):
+    ds = [p for p in params if hasattr(p, "ds_id")]
+    if not ds:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(ds, modifier_rank=None)
+
+
+def save_quantized(model: nn.Module, directory: str) -> None:
+    """Write the frozen quantized model (no adapters) atomically: ``model.safetensors`` with the layers'
+    packed parameters as stored, ``config.json``, and ``qlora_ds_quant.json`` (format, version, settings).
+    Works under ZeRO-3 too (each module is gathered in turn; rank 0 writes)."""
+    from safetensors.torch import save_file
+
+    from ..adapters.atomic import atomic_directory
+    layers = {p: m for p, m in model.named_modules() if is_quantized_layer(m)}
+    if not layers:
+        raise QLoRADSError("the model has no QLoRALinear/QALoRALinear layers; quantize it with "
+                           "qlora_ds.from_pretrained or inject() before save_quantized")
+    first = next(iter(layers.values()))
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for mpath, module in model.named_modules():
+        if ".lora_A" in mpath or ".lora_B" in mpath:
+            continue
+        params = [(n, p) for n, p in module._parameters.items() if p is not None and id(p) not in seen]
+        with _gathered([p for _, p in params]):
+            for name, p in params:
+                seen.add(id(p))
+                tensors[f"{mpath}.{name}" if mpath else name] = p.detach().to("cpu").clone().contiguous()
+        for name, b in module._buffers.items():
+            if b is not None and name not in module._non_persistent_buffers_set:
+                tensors[f"{mpath}.{name}" if mpath else name] = b.detach().cpu().clone().contiguous()
+    try:
+        import torch.distributed as tdist
+        if tdist.is_available() and tdist.is_initialized() and tdist.get_rank() != 0:
+            return
+    except ImportError:
+        pass
+    from .. import __version__
+    meta = {"format": QUANT_FORMAT, "version": QUANT_VERSION, **quant_settings(first.config),
+            "weight_dtype": str(first.weight_dtype).removeprefix("torch."), "modules": sorted(layers),
+            "qlora_ds_version": __version__}
+    with atomic_directory(directory, allowed_existing=_SAVED_FILES) as tmp:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if getattr(model, "config", None) is not None:
+            model.config.to_json_file(os.path.join(tmp, "config.json"))
+        with open(os.path.join(tmp, QUANT_META_NAME), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)

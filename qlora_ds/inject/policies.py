@@ -1,0 +1,61 @@
+"""Which modules of which architecture get quantized and LoRA-wrapped: small data, one entry each.
+
+A ``Policy`` names the HF ``model_type`` values it covers, the leaf names of its target linear
+layers (exact names, or one regex matched with ``re.fullmatch`` against the full module path), the
+leaf names it never touches (LM head, embeddings), and whether its linears are GPT-2 ``Conv1D``
+(weight stored as (in, out), transposed on the way in). ``POLICIES`` is a plain list;
+``policy_for(model_type)`` returns the matching entry or ``GENERIC`` (every ``nn.Linear`` but the
+LM head), which ``replace`` reports with one log line listing what it wrapped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+LM_HEADS = ("lm_head", "embed_out", "output")
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    name: str
+    model_types: tuple[str, ...]
+    targets: tuple[str, ...] = ()        # exact leaf names of the linears to wrap
+    pattern: str | None = None           # or a regex on the full module path (re.fullmatch)
+    skip: tuple[str, ...] = LM_HEADS     # leaf names never wrapped
+    conv1d: bool = False                 # GPT-2 style Conv1D: weight is (in, out)
+
+    @property
+    def generic(self) -> bool:
+        return not self.targets and self.pattern is None
+
+    def wants(self, path: str) -> bool:
+        """Whether the linear-like module at ``path`` is a target of this policy."""
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf in self.skip:
+            return False
+        if self.pattern is not None:
+            return re.fullmatch(self.pattern, path) is not None
+        return self.generic or leaf in self.targets
+
+
+_NEOX_STYLE = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+
+POLICIES: list[Policy] = [
+    Policy("llama", ("llama", "mistral", "qwen2", "qwen3", "smollm3"),
+           ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    Policy("gpt_neox", ("gpt_neox",), _NEOX_STYLE),
+    # OPT's project_in / project_out (only when word_embed_proj_dim != hidden_size) stay in 16 bit.
+    Policy("opt", ("opt",), ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
+    Policy("bloom", ("bloom",), _NEOX_STYLE),
+    Policy("gpt2", ("gpt2",), ("c_attn", "c_proj", "c_fc"), conv1d=True),
+    Policy("falcon", ("falcon",), _NEOX_STYLE),
+]
+
+GENERIC = Policy("generic", ())
+
+
+def policy_for(model_type: str | None) -> Policy:
+    for policy in POLICIES:
+        if model_type in policy.model_types:
+            return policy
+    return GENERIC

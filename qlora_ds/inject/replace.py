@@ -1,0 +1,123 @@
+"""Swap the target linears of a Hugging Face model for QLoRALinear / QALoRALinear, in place.
+
+Works on an instantiated model (weights are quantized now) and on a meta-device skeleton (the new
+layers stay on meta; the streaming loader fills them). Nothing global is patched: the model's own
+module tree is edited with ``setattr`` on the parent.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from ..errors import QLoRADSError
+from ..nn.config import QALoRAConfig, QLoRAConfig
+from .policies import Policy, policy_for
+
+log = logging.getLogger(__name__)
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for plain torch models
+        return ()
+    return (Conv1D,)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, *_conv1d_type()))
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a GPT-2 Conv1D (whose weight is (in, out))."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.nf
+
+
+def float_weight(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The (out, in) weight of a linear-like module (Conv1D transposed), or of ``weight`` read for it."""
+    w = module.weight if weight is None else weight
+    return w.detach().t().contiguous() if not isinstance(module, nn.Linear) else w.detach()
+
+
+def layer_class(config):
+    if isinstance(config, QLoRAConfig):
+        from ..nn.qlora_linear import QLoRALinear
+        return QLoRALinear
+    if isinstance(config, QALoRAConfig):
+        try:
+            from ..nn import QALoRALinear
+        except ImportError:
+            from ..nn.qalora_linear import QALoRALinear
+        return QALoRALinear
+    raise QLoRADSError(f"config must be a QLoRAConfig or QALoRAConfig, got {type(config).__name__}")
+
+
+def quantize_for(config, weight: torch.Tensor):
+    """Quantize one (out, in) float weight the way ``config`` asks."""
+    if isinstance(config, QLoRAConfig):
+        from ..quant.nf4 import quantize
+        return quantize(weight, config.quant_type, config.blocksize, config.double_quant, config.nested_blocksize)
+    from ..quant.intn import quantize
+    return quantize(weight, config.bits, config.group_size)
+
+
+def is_quantized_layer(module: nn.Module) -> bool:
+    return hasattr(module, "set_quantized_weight") and hasattr(module, "lora_A")
+
+
+def select(model: nn.Module, config, policy: Policy | None = None) -> list[str]:
+    """Paths of the linear-like modules that would be wrapped (user's target_modules win over the policy)."""
+    if policy is None:
+        policy = policy_for(getattr(getattr(model, "config", None), "model_type", None))
+    chosen = []
+    for path, module in model.named_modules():
+        if not path or not is_linear_like(module):
+            continue
+        wanted = config.matches(path) if config.target_modules is not None else policy.wants(path)
+        if wanted:
+            chosen.append(path)
+    return chosen
+
+
+def inject(model: nn.Module, config, policy: Policy | None = None) -> list[str]:
+    """Replace the target linears of ``model`` in place; returns the wrapped module paths.
+
+    On meta modules the replacements are meta too; on real modules each weight is quantized now
+    (one at a time). Every non-LoRA parameter of the model ends up frozen.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if policy is None:
+        policy = policy_for(model_type)
+    cls = layer_class(config)
+    paths = select(model, config, policy)
+    if not paths:
+        raise QLoRADSError(f"no linear layer of this {model_type or type(model).__name__} model matches "
+                           f"target_modules={config.target_modules!r} (policy {policy.name!r}); check the names "
+                           f"with [n for n, m in model.named_modules()]")
+    for path in paths:
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        old = getattr(parent, leaf)
+        in_f, out_f = linear_dims(old)
+        meta = old.weight.is_meta
+        new = cls(in_f, out_f, old.bias is not None, config, device="meta" if meta else old.weight.device)
+        if not meta:
+            bias = None if old.bias is None else old.bias.detach()
+            new.set_quantized_weight(quantize_for(config, float_weight(old)), bias)
+        setattr(parent, leaf, new)
+    for name, param in model.named_parameters():
+        if ".lora_A." not in name and ".lora_B." not in name:
+            param.requires_grad_(False)
+    if policy.generic and config.target_modules is None:
+        log.info("qlora-ds: no policy for model_type=%r; generic policy wrapped %d linear layers: %s",
+                 model_type, len(paths), ", ".join(paths))
+    return paths
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable LoRA tensors by name (``…lora_A.weight``, ``…lora_B.weight``)."""
+    return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}

@@ -1,0 +1,74 @@
+"""ZeRO helpers: adapter save that gathers only the LoRA tensors, and per-rank byte accounting."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from ..errors import QLoRADSError
+from .replace import is_quantized_layer, lora_parameters
+
+
+def unwrap(engine_or_model) -> nn.Module:
+    """The nn.Module inside a DeepSpeed engine (or the module itself)."""
+    module = getattr(engine_or_model, "module", engine_or_model)
+    if not isinstance(module, nn.Module):
+        raise QLoRADSError(f"expected a DeepSpeed engine or an nn.Module, got {type(engine_or_model).__name__}")
+    return module
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def save_adapter(engine_or_model, directory: str, base_model_name_or_path: str | None = None) -> None:
+    """Write the LoRA adapter in PEFT format from rank 0.
+
+    Under ZeRO-3 only the LoRA A/B parameters are gathered (``GatheredParameters``, read-only) —
+    never the quantized base — so the file is complete without a ``zero_to_fp32`` step. Every rank
+    must call this (the gather is a collective); only rank 0 writes.
+    """
+    from ..adapters import save_adapter as write_adapter
+    model = unwrap(engine_or_model)
+    lora = lora_parameters(model)
+    if not lora:
+        raise QLoRADSError("the model has no LoRA parameters; load it with qlora_ds.from_pretrained or inject() "
+                           "before saving an adapter")
+    zero = [p for p in lora.values() if hasattr(p, "ds_id")]
+    if zero:
+        import deepspeed
+        ctx = deepspeed.zero.GatheredParameters(zero, modifier_rank=None)
+    else:
+        ctx = contextlib.nullcontext()
+    with ctx:   # write inside the gather: the writer checks the (then full) parameter shapes
+        if _rank() == 0:
+            state = {n: p.detach().to("cpu", torch.float32).clone() for n, p in lora.items()}
+            write_adapter(model, directory, base_model_name_or_path=base_model_name_or_path,
+                          model_state=state.items())
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def quantized_bytes_on_this_rank(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the quantized layers' frozen uint8 parameters held by this rank, their full size).
+
+    Under ZeRO-3 a partitioned parameter holds its shard in ``ds_tensor`` (1/N, padded) and an empty
+    ``data``; otherwise the whole tensor is local.
+    """
+    local = full = 0
+    for module in unwrap(model).modules():
+        if not is_quantized_layer(module):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.dtype != torch.uint8:
+                continue
+            if hasattr(p, "ds_tensor"):
+                local += p.ds_tensor.numel() * p.ds_tensor.element_size()
+                full += p.ds_numel * p.element_size()
+            else:
+                local += p.numel() * p.element_size()
+                full += p.numel() * p.element_size()
+    return local, full

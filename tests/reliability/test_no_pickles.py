@@ -1,0 +1,111 @@
+"""Issue 9 item 5: no pickles from strangers. A planted malicious pickle (its ``__reduce__`` creates a
+marker file) is refused by every loader, with a clear error, and the marker never appears."""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_ds.adapters import load_adapter, save_adapter
+from qlora_ds.errors import QLoRADSError
+
+from .conftest import inject, state, tiny_llama, unchanged
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_payload_really_runs_when_unpickled(evil, tmp_path):
+    """Control: the planted file is a working exploit, so the refusals below mean something."""
+    write, marker = evil
+    write(tmp_path / "x.pt")
+    torch.load(tmp_path / "x.pt", weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("fmt", ["torch", "pickle"])
+def test_adapter_bin_instead_of_safetensors_refused(evil, tmp_path, fmt):
+    write, marker = evil
+    src = inject(tiny_llama())
+    save_adapter(src, str(tmp_path / "ad"))
+    os.remove(tmp_path / "ad" / "adapter_model.safetensors")
+    write(tmp_path / "ad" / "adapter_model.bin", fmt)
+    model = inject(tiny_llama())
+    before = state(model)
+    with pytest.raises(QLoRADSError, match=r"adapter_model\.bin, a pickle.*never unpickles.*safe_serialization=True"):
+        load_adapter(model, str(tmp_path / "ad"))
+    assert not marker.exists() and unchanged(model, before)
+
+
+def test_adapter_bin_next_to_safetensors_ignored(evil, tmp_path):
+    write, marker = evil
+    src = inject(tiny_llama())
+    save_adapter(src, str(tmp_path / "ad"))
+    write(tmp_path / "ad" / "adapter_model.bin")
+    loaded = load_adapter(inject(tiny_llama()), str(tmp_path / "ad"))
+    assert loaded and not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("fmt", ["torch", "pickle"])
+def test_optimizer_state_pickle_refused_by_weights_only(evil, tmp_path, fmt):
+    """Where an optimizer state dict is read back (qlora_ds.optim / tests), torch.load(weights_only=True)."""
+    write, marker = evil
+    write(tmp_path / "optimizer.pt", fmt)
+    with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only load failed"):
+        torch.load(tmp_path / "optimizer.pt", weights_only=True)
+    assert not marker.exists()
+
+
+def _from_pretrained():
+    try:
+        from qlora_ds.inject import from_pretrained
+    except Exception as err:   # the loader is being written; keep the test, mark why it cannot run
+        pytest.xfail(f"qlora_ds.inject.from_pretrained does not import yet ({type(err).__name__}: {err})")
+    return from_pretrained
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt"])
+def test_model_loader_refuses_pickle_checkpoint(evil, tmp_path, name):
+    from qlora_ds.nn import QLoRAConfig
+    from_pretrained = _from_pretrained()
+    write, marker = evil
+    ckpt = tmp_path / "ckpt"
+    tiny_llama().config.save_pretrained(ckpt)
+    write(ckpt / name)
+    with pytest.raises(QLoRADSError, match=r"model\.safetensors.*safe_serialization=True"):
+        from_pretrained(str(ckpt), QLoRAConfig(r=4, alpha=8, dropout=0.0))
+    assert not marker.exists()
+
+
+_LOAD = re.compile(r"\btorch\.load\s*\(|\bpickle\.loads?\s*\(|\bdill\.|\bjoblib\.load|\bnp\.load\s*\(.*allow_pickle=True")
+
+
+def test_package_loaders_use_safetensors_or_weights_only():
+    """Static audit: every torch.load in the package and launch/ passes weights_only=True; nothing unpickles."""
+    bad = []
+    for folder in ("qlora_ds", "launch"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            text = path.read_text()
+            for m in _LOAD.finditer(text):
+                call = text[m.start():text.find(")", m.end()) + 1]
+                if m.group(0).startswith("torch.load") and "weights_only=True" in call:
+                    continue
+                bad.append(f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {call[:80]}")
+    assert not bad, "loaders that may unpickle untrusted files:\n" + "\n".join(bad)
+
+
+@pytest.mark.xfail(strict=False, reason="DeepSpeed 0.19's TorchCheckpointEngine.load calls torch.load(weights_only="
+                   "False): `--resume` through engine.load_checkpoint unpickles *_model_states.pt / optimizer "
+                   "states; pending: finetune must check its checkpoints (manifest/hash) or load with weights_only")
+def test_deepspeed_checkpoint_engine_refuses_pickle(evil, tmp_path):
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    write, marker = evil
+    write(tmp_path / "mp_rank_00_model_states.pt")
+    engine = TorchCheckpointEngine(config_params=None)
+    with pytest.raises(Exception):
+        engine.load(str(tmp_path / "mp_rank_00_model_states.pt"), map_location="cpu")
+    assert not marker.exists()

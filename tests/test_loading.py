@@ -1,0 +1,151 @@
+"""Streaming quantized loading: equality with quantize-after-load, peak RSS, bnb checkpoints, our
+own pre-quantized format, and clear errors for bad checkpoints."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qlora_ds.errors import QLoRADSError
+from qlora_ds.inject import from_pretrained, inject, save_quantized
+from qlora_ds.nn import QLoRAConfig
+
+from .dist_utils import REPO, dist_env
+from .tiny_models import tiny_config, tiny_model
+
+CFG = QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32)
+
+
+def _base_state(model):
+    return {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama")
+    tiny_model("llama", hidden=128, dtype=torch.bfloat16).save_pretrained(d, max_shard_size="100KB")
+    return str(d)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox", "gpt2"])
+def test_streaming_load_equals_quantize_after_full_load(arch, tmp_path):
+    tiny_model(arch, dtype=torch.bfloat16).save_pretrained(tmp_path, max_shard_size="50KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    streamed = from_pretrained(str(tmp_path), CFG, torch_dtype=torch.bfloat16)
+    full = tiny_model(arch, dtype=torch.bfloat16)
+    inject(full, CFG)
+    a, b = _base_state(streamed), _base_state(full)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert {n for n, p in streamed.named_parameters() if p.requires_grad} == \
+        {n for n in dict(streamed.named_parameters()) if ".lora_" in n}
+    if arch == "qwen2":   # tied embeddings stay one tensor
+        assert streamed.lm_head.weight is streamed.model.embed_tokens.weight
+
+
+def test_peak_rss_of_streaming_load(tmp_path):
+    big, warm = tmp_path / "big", tmp_path / "warm"
+    tiny_model("llama", hidden=768, inter=2048, layers=4, vocab=256, dtype=torch.bfloat16).save_pretrained(
+        big, max_shard_size="10MB")
+    tiny_model("llama", dtype=torch.bfloat16).save_pretrained(warm)
+    size = sum(f.stat().st_size for f in big.glob("*.safetensors"))
+    proc = subprocess.run([sys.executable, str(REPO / "tests/scripts/zero_rss_load.py"), str(big), str(warm)],
+                          capture_output=True, text=True, env=dist_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Bound: 3 × the largest decoder block in bf16 (13 MB here: 4 attention + 3 MLP matrices) + the
+    # quantized model + 32 MiB for allocator slack, the one open 10 MB shard and quantize temporaries.
+    block = 2 * (2 * 768 * 768 + 2 * 768 * 384 + 3 * 768 * 2048)
+    bound = 3 * block + r["quantized"] + 32 * 2**20
+    grew = r["peak"] - r["baseline"]
+    print(f"checkpoint {size / 1e6:.1f} MB, peak RSS growth {grew / 1e6:.1f} MB, bound {bound / 1e6:.1f} MB")
+    assert grew < bound
+
+
+def _bnb_checkpoint(dst, arch="llama"):
+    """A 4-bit checkpoint with exactly the keys bnb's Linear4bit._save_to_state_dict writes."""
+    import bitsandbytes.functional as bnbF
+    model = tiny_model(arch, dtype=torch.bfloat16)
+    targets = set(inject(tiny_model(arch), CFG))
+    sd = {}
+    for k, v in model.state_dict().items():
+        mod = k.rsplit(".", 1)[0]
+        if mod in targets and k.endswith(".weight"):
+            packed, state = bnbF.quantize_4bit(v, blocksize=64, compress_statistics=True, quant_type="nf4")
+            sd[k] = packed
+            for name, t in state.as_dict(packed=True).items():
+                sd[f"{k}.{name}"] = t
+        else:
+            sd[k] = v.contiguous()
+    sd.pop("lm_head.weight", None) if model.config.tie_word_embeddings else None
+    os.makedirs(dst, exist_ok=True)
+    save_file(sd, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    model.config.to_json_file(os.path.join(dst, "config.json"))
+    return sd
+
+
+def test_bnb_quantized_checkpoint_loads_without_requantizing(tmp_path):
+    sd = _bnb_checkpoint(tmp_path)
+    model = from_pretrained(str(tmp_path), CFG, torch_dtype=torch.bfloat16)
+    layer = model.model.layers[1].mlp.down_proj
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(layer.weight, sd[key].view(-1))
+    assert torch.equal(layer.weight_absmax, sd[key + ".absmax"])
+    assert torch.equal(layer.weight_absmax2.view(torch.float32), sd[key + ".nested_absmax"])
+    # logits: same as our own quantization of the same weights (bnb-CPU DQ codes may differ by ±1 in ≤0.5%)
+    ref = tiny_model("llama", dtype=torch.bfloat16)
+    inject(ref, CFG)
+    x = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits.float(), ref(x).logits.float(), rtol=0.05, atol=0.05)
+    bad = QLoRAConfig(r=4, blocksize=128)
+    with pytest.raises(QLoRADSError, match="blocksize"):
+        from_pretrained(str(tmp_path), bad)
+
+
+def test_save_quantized_round_trip_and_metadata_checks(llama_dir, tmp_path):
+    model = from_pretrained(llama_dir, CFG, torch_dtype=torch.bfloat16)
+    out = tmp_path / "q"
+    save_quantized(model, str(out))
+    again = from_pretrained(str(out), CFG, torch_dtype=torch.bfloat16)
+    a, b = _base_state(model), _base_state(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(QLoRADSError, match="quant_type"):
+        from_pretrained(str(out), QLoRAConfig(quant_type="fp4"))
+    meta_path = out / "qlora_ds_quant.json"
+    meta = json.loads(meta_path.read_text())
+    meta["version"] = 99
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(QLoRADSError, match="version 99"):
+        from_pretrained(str(out), CFG)
+
+
+def test_missing_shard_is_a_clear_error(llama_dir, tmp_path):
+    import shutil
+    d = tmp_path / "c"
+    shutil.copytree(llama_dir, d)
+    shard = sorted(d.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(QLoRADSError, match=f"missing.*{shard.name}|{shard.name}.*missing"):
+        from_pretrained(str(d), CFG)
+
+
+def test_shape_mismatch_between_config_and_checkpoint(llama_dir, tmp_path):
+    import shutil
+    d = tmp_path / "c"
+    shutil.copytree(llama_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 384
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QLoRADSError, match="shape"):
+        from_pretrained(str(d), CFG)
+
+
+def test_no_checkpoint_files(tmp_path):
+    tiny_config("llama").save_pretrained(tmp_path)
+    with pytest.raises(QLoRADSError, match="safe_serialization"):
+        from_pretrained(str(tmp_path), CFG)
