@@ -5,6 +5,7 @@
 // Results are bit-exact with the reference (= bitsandbytes' default backend): build without fast-math
 // and with -ffp-contract=off.
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -57,6 +58,17 @@ inline void scale_chunk(const T* x, int64_t len, float inv, float div, bool use_
 }
 
 // Block scale parameters, shared by the 4-bit and 8-bit quantizers. Returns the value to store.
+// Parallel over blocks on torch's own thread pool (at::parallel_for, OpenMP inside torch): a second
+// OpenMP runtime in the process would fight torch's spinning threads on small machines. Each task gets
+// about 32K elements, so small tensors run inline on the calling thread with no fork/join cost.
+template <typename F>
+void for_blocks(int64_t nblocks, int64_t bs, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(bs, 1));
+  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) f(b);
+  });
+}
+
 inline float block_params(float amax, bool partial, float* inv, float* div) {
   if (partial) {
     *div = std::max(amax, kTiny);
@@ -73,8 +85,7 @@ void quantize_4bit_impl(const T* x, int64_t n, const float* bounds, const uint8_
   int pad_idx = 0;  // code of s = 0.0 for an odd tail
   for (int k = 0; k < 15; ++k) pad_idx += bounds[k] < 0.f;
   const uint8_t pad_code = order[pad_idx];
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nblocks; ++b) {
+for_blocks(nblocks, bs, [&](int64_t b) {
     const int64_t start = b * bs;
     const int64_t len = std::min(bs, n - start);
     const bool partial = len < bs;
@@ -96,13 +107,12 @@ void quantize_4bit_impl(const T* x, int64_t n, const float* bounds, const uint8_
         dst[j] = static_cast<uint8_t>((order[idx[2 * j]] << 4) | order[idx[2 * j + 1]]);
       if (m & 1) dst[pairs] = static_cast<uint8_t>((order[idx[m - 1]] << 4) | pad_code);
     }
-  }
+  });
 }
 
 void quantize_8bit_impl(const float* x, int64_t n, const float* bounds8, int64_t bs, uint8_t* q, float* absmax) {
   const int64_t nblocks = (n + bs - 1) / bs;
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nblocks; ++b) {
+for_blocks(nblocks, bs, [&](int64_t b) {
     const int64_t start = b * bs;
     const int64_t len = std::min(bs, n - start);
     const bool partial = len < bs;
@@ -119,7 +129,7 @@ void quantize_8bit_impl(const float* x, int64_t n, const float* bounds8, int64_t
         q[start + c + i] = static_cast<uint8_t>(pos);
       }
     }
-  }
+  });
 }
 
 // ---- dequantize ---------------------------------------------------------------------------------
@@ -233,11 +243,10 @@ template <typename OutT, typename AbsmaxFn>
 void dequantize_4bit_impl(const uint8_t* packed, const float* code, int64_t bs, int64_t n, OutT* out,
                           AbsmaxFn absmax_of) {
   const int64_t nblocks = (n + bs - 1) / bs;
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nblocks; ++b) {
+for_blocks(nblocks, bs, [&](int64_t b) {
     const int64_t start = b * bs;
     dequant_block(packed, code, absmax_of(b), start, std::min(bs, n - start), out);
-  }
+  });
 }
 
 // ---- argument checks ----------------------------------------------------------------------------
@@ -373,15 +382,14 @@ void dequantize_8bit_blockwise(torch::Tensor q, torch::Tensor absmax, torch::Ten
   float* o = out.data_ptr<float>();
   const float off = static_cast<float>(offset);
   const int64_t nblocks = nblocks_of(n, blocksize);
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nblocks; ++b) {
+for_blocks(nblocks, blocksize, [&](int64_t b) {
     const int64_t start = b * blocksize, end = std::min(n, start + blocksize);
     const float a = am[b];
     for (int64_t i = start; i < end; ++i) {
       const float v = c8[qp[i]] * a;
       o[i] = v + off;
     }
-  }
+  });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

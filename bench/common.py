@@ -1,0 +1,158 @@
+"""Shared pieces of the benchmarks: a timer, the machine/version record and the JSONL row writer, and a
+plain-text table printer.
+
+Every row written records its shape, dtype, device, thread count, versions and git commit (style item
+10), so that a file of rows can be read without knowing which machine or checkout produced it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+VERSIONED = ("torch", "bitsandbytes", "torchao", "qlora-ds")
+
+
+def results_dir(override: str | os.PathLike | None = None) -> Path:
+    """``--results-dir`` if given, else ``$QLORA_DS_BENCH_RESULTS``, else ``bench/results``."""
+    return Path(override or os.environ.get("QLORA_DS_BENCH_RESULTS") or DEFAULT_RESULTS_DIR)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 1, repeats: int = 5,
+            max_s: float = 2.0) -> tuple[dict, object]:
+    """Median wall time of ``fn`` in ms after ``warmup`` untimed calls, and the last call's result.
+
+    Times up to ``repeats`` calls but stops once the timed calls have taken ``max_s`` seconds (at least
+    one call is always timed), so slow reference implementations cost a bounded time. The device is
+    synchronised before and after each timed call. Each result is dropped before the next call (as a
+    caller that discards it would), except the last one, which is returned so that a slow quantizer
+    need not run again to produce the tensor the dequantize timing uses.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples: list[float] = []
+    spent = 0.0
+    while True:
+        t0 = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        dt = time.perf_counter() - t0
+        samples.append(dt)
+        spent += dt
+        if len(samples) >= max(1, repeats) or spent >= max_s:
+            break
+        del result
+    timing = {"ms": 1e3 * statistics.median(samples), "ms_min": 1e3 * min(samples), "reps": len(samples),
+              "warmup": warmup}
+    return timing, result
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def git_commit() -> str:
+    """Short HEAD commit, with ``+dirty`` when the working tree has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine(device: torch.device | str) -> dict:
+    """What every row records about where and with what it ran."""
+    return {
+        "device": torch.device(device).type,
+        "device_name": device_name(device),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),   # other processes on the machine make timings noisy
+        "versions": {d: _version(d) for d in VERSIONED},
+        "commit": git_commit(),
+    }
+
+
+class RowWriter:
+    """Appends one JSON object per line to ``<dir>/<name>.jsonl``; each row carries ``machine()`` and a
+    run id / timestamp shared by all rows of one run."""
+
+    def __init__(self, name: str, device: torch.device | str, directory: str | os.PathLike | None = None):
+        self.path = results_dir(directory) / f"{name}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        now = _dt.datetime.now(_dt.timezone.utc)
+        self.common = {"bench": name, "timestamp": now.isoformat(timespec="seconds"), **machine(device)}
+        self.rows: list[dict] = []
+
+    def write(self, **fields) -> dict:
+        """Append one row; fields that are None are left out (rows stay small)."""
+        row = {**self.common, **{k: v for k, v in fields.items() if v is not None}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, separators=(",", ":")) + "\n")
+        self.rows.append(row)
+        return row
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A fixed-width text table (also valid Markdown)."""
+    cells = [[str(h) for h in header]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def describe_machine(device: torch.device | str) -> str:
+    m = machine(device)
+    vers = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) or "?"
+    missing = [k for k, v in m["versions"].items() if not v]
+    return (f"device: {m['device_name']} ({m['device']}), {m['cpu_count']} CPUs, torch threads {m['threads']}, "
+            f"load average {m['loadavg_1m']}; "
+            f"{vers}" + (f" (not installed: {', '.join(missing)})" if missing else "") + f"; commit {m['commit']}")

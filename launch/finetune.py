@@ -1,0 +1,422 @@
+"""QLoRA / QA-LoRA finetuning under DeepSpeed: the deepspeed launcher, torchrun or mpirun; CPU or GPU.
+
+    deepspeed --num_accelerators 2 launch/finetune.py --recipe configs/recipes/cpu_demo.json \
+        --deepspeed_config configs/ds_cpu_demo.json --model DIR --dataset chatterbot --output-dir runs/demo
+
+Reads top to bottom: parse arguments once, then ``train(args)``: set up the process group, check the
+DeepSpeed config against the command line, stream-load the model into quantized LoRA layers, build the
+data, train with periodic held-out loss and checkpoints, then write the adapter, metrics and loss curve.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+from qlora_ds.errors import QLoRADSError
+
+log = logging.getLogger("finetune")
+RUN_CONFIG = "run_config.json"
+CKPT_DIR = "checkpoints"
+# arguments that may differ between a run and its resumption
+RESUMABLE_CHANGES = {"resume", "max_steps", "save_every", "eval_every", "sample_prompt", "overwrite", "local_rank",
+                     "log_every", "keep_checkpoints"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", help="JSON file of defaults for the arguments below (see configs/recipes/)")
+    p.add_argument("--model", help="Hugging Face checkpoint dir (safetensors); 'smollm2' = the packaged SmolLM2-135M")
+    p.add_argument("--dataset", help="JSON/JSONL/TXT file, or 'chatterbot' for the packaged chat corpus")
+    p.add_argument("--output-dir", required=False)
+    p.add_argument("--deepspeed_config", "--deepspeed-config", "--ds-config", dest="ds_config")
+    p.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed-style command lines")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    g = p.add_argument_group("adapter")
+    g.add_argument("--method", choices=["qlora", "qalora"], default="qlora")
+    g.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
+    g.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    g.add_argument("--bits", type=int, default=4, help="QA-LoRA integer bits (2, 3, 4)")
+    g.add_argument("--group-size", type=int, default=32, help="QA-LoRA group size")
+    g.add_argument("--lora-r", type=int, default=64)
+    g.add_argument("--lora-alpha", type=float, default=16)
+    g.add_argument("--lora-dropout", type=float, default=0.1)
+    g.add_argument("--target-modules", nargs="*", default=None, help="leaf names; default: all linear but lm_head")
+    t = p.add_argument_group("training (Guanaco defaults, design notes §4)")
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--warmup-ratio", type=float, default=0.03)
+    t.add_argument("--max-grad-norm", type=float, default=0.3)
+    t.add_argument("--adam-beta2", type=float, default=0.999)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--optimizer", default="PagedAdamW", help="PagedAdamW | PagedAdamW8bit | AdamW8bit")
+    t.add_argument("--micro-batch", type=int, default=None, help="per-rank micro batch (default: ds_config or 1)")
+    t.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation (default: ds_config or 16)")
+    t.add_argument("--max-steps", type=int, default=100)
+    t.add_argument("--max-len", type=int, default=512)
+    t.add_argument("--eval-size", type=int, default=64, help="held-out examples")
+    t.add_argument("--eval-every", type=int, default=20)
+    t.add_argument("--save-every", type=int, default=50)
+    t.add_argument("--keep-checkpoints", type=int, default=2)
+    t.add_argument("--log-every", type=int, default=1)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
+    t.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
+    t.add_argument("--train-on-prompt", action="store_true", help="also train on prompt tokens")
+    t.add_argument("--nan-policy", choices=["skip", "stop"], default="stop",
+                   help="a non-finite loss: skip that step on every rank, or stop with an error")
+    t.add_argument("--sample-prompt", default="What is AI?", help="generated before and after training ('' = none)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    t.add_argument("--overwrite", action="store_true", help="replace a different run in --output-dir")
+    first, _ = p.parse_known_args(argv)
+    if first.recipe:
+        p.set_defaults(**_read_recipe(first.recipe, p))
+    args = p.parse_args(argv)
+    for name in ("model", "dataset", "output_dir"):
+        if not getattr(args, name):
+            p.error(f"--{name.replace('_', '-')} is required (directly or in --recipe)")
+    return args
+
+
+def _read_recipe(path: str, parser: argparse.ArgumentParser) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        recipe = json.load(fh)
+    known = {a.dest for a in parser._actions}
+    values = {k.replace("-", "_"): v for k, v in recipe.items() if not k.startswith("_")}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise QLoRADSError(f"recipe {path} has unknown keys {unknown}; see `launch/finetune.py --help`")
+    return values
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+def adapter_config(args):
+    from qlora_ds.nn import QALoRAConfig, QLoRAConfig
+
+    common = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                  target_modules=tuple(args.target_modules) if args.target_modules else None,
+                  compute_dtype=compute_dtype())
+    if args.method == "qalora":
+        return QALoRAConfig(bits=args.bits, group_size=args.group_size, **common)
+    return QLoRAConfig(quant_type=args.quant_type, double_quant=args.double_quant, **common)
+
+
+def compute_dtype() -> torch.dtype:
+    return torch.bfloat16
+
+
+def resolve_ds_config(args, world: int) -> dict:
+    """The ds_config with the command line folded in; any disagreement is an error, not a silent override."""
+    cfg: dict = {}
+    if args.ds_config:
+        try:
+            with open(args.ds_config, encoding="utf-8") as fh:
+                cfg = json.load(fh)
+        except (OSError, json.JSONDecodeError) as err:
+            raise QLoRADSError(f"cannot read ds_config {args.ds_config!r}: {err}") from None
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+    def merge(key: str, cli, default):
+        if cli is not None and key in cfg and cfg[key] != cli:
+            raise QLoRADSError(f"ds_config {key}={cfg[key]} conflicts with the command line ({cli}); "
+                               f"set it in one place only")
+        cfg[key] = cli if cli is not None else cfg.get(key, default)
+        return cfg[key]
+
+    micro = merge("train_micro_batch_size_per_gpu", args.micro_batch, 1)
+    accum = merge("gradient_accumulation_steps", args.grad_accum, 16)
+    total = micro * accum * world
+    if "train_batch_size" in cfg and cfg["train_batch_size"] != total:
+        raise QLoRADSError(f"ds_config train_batch_size={cfg['train_batch_size']} but micro batch {micro} × "
+                           f"gradient accumulation {accum} × {world} ranks = {total}; fix one of them")
+    cfg["train_batch_size"] = total
+    clip = cfg.setdefault("gradient_clipping", args.max_grad_norm)
+    if clip != args.max_grad_norm and "--max-grad-norm" in " ".join(sys.argv):
+        raise QLoRADSError(f"ds_config gradient_clipping={clip} conflicts with --max-grad-norm {args.max_grad_norm}")
+    if cfg.get("fp16", {}).get("enabled"):
+        raise QLoRADSError("ds_config enables fp16, but qlora-ds computes in bf16 (as QLoRA does); "
+                           "use \"bf16\": {\"enabled\": true} and remove the fp16 section")
+    cfg.setdefault("bf16", {"enabled": True})
+    cfg.setdefault("steps_per_print", 10 ** 9)  # progress is ours (tqdm)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def check_output_dir(args, rank: int) -> str | None:
+    """None for a fresh run, or the checkpoint dir to resume from. Never overwrites another run silently."""
+    out = args.output_dir
+    meta_path = os.path.join(out, RUN_CONFIG)
+    mine = {k: v for k, v in vars(args).items() if k not in RESUMABLE_CHANGES}
+    if os.path.exists(meta_path):
+        with open(meta_path, encoding="utf-8") as fh:
+            theirs = {k: v for k, v in json.load(fh).items() if k not in RESUMABLE_CHANGES}
+        if args.resume:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            if diff:
+                raise QLoRADSError(f"--resume: {out} was started with different settings ({diff}); resume with the "
+                                   f"same arguments or start a new --output-dir")
+        elif args.overwrite:
+            if rank == 0:
+                shutil.rmtree(out)
+        else:
+            raise QLoRADSError(f"{out} holds another run ({RUN_CONFIG} present); continue it with --resume, "
+                               f"choose a new --output-dir, or pass --overwrite to replace it")
+    elif os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        raise QLoRADSError(f"{out} is not empty and holds no qlora-ds run; choose an empty --output-dir")
+    latest = os.path.join(out, CKPT_DIR, "latest")
+    return os.path.join(out, CKPT_DIR) if args.resume and os.path.exists(latest) else None
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+def build_data(args, tokenizer, model_config, rank: int, world: int, micro: int):
+    from qlora_ds.data import GroupByLengthBatches, load_records, tokenize_records
+    from qlora_ds.data.tokenize import check_vocab
+    from qlora_ds.packaged import chatterbot_pairs
+
+    if args.dataset == "chatterbot":
+        records = [{"messages": [{"role": "user", "content": p["instruction"]},
+                                 {"role": "assistant", "content": p["response"]}]} for p in chatterbot_pairs()]
+    else:
+        records = load_records(args.dataset)
+    check_vocab(tokenizer, model_config.vocab_size)
+    ctx = getattr(model_config, "max_position_embeddings", None)
+    examples = tokenize_records(records, tokenizer, args.max_len, ctx, args.train_on_prompt)
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(examples), generator=g).tolist()
+    n_eval = min(args.eval_size, len(examples) // 10)
+    eval_ex = [examples[i] for i in order[:n_eval]]
+    train_ex = [examples[i] for i in order[n_eval:]]
+    batches = GroupByLengthBatches([e["input_ids"].numel() for e in train_ex], micro, world, rank, args.seed,
+                                   group_by_length=args.group_by_length)
+    return train_ex, eval_ex[rank::world], batches
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+def _memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _all_mean(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def evaluate(engine, examples, pad_id: int) -> float:
+    """Token-weighted held-out loss over all ranks' shards."""
+    import torch.distributed as dist
+
+    from qlora_ds.data import collate
+
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, len(examples), 4):
+            batch = collate(examples[i:i + 4], pad_id)
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            out = engine(**batch)
+            total += torch.tensor([out.loss.float().item() * n, n], dtype=torch.float64)
+    dist.all_reduce(total)
+    engine.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def sample(model, tokenizer, prompt: str, device) -> str:
+    msgs = [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    else:
+        text = f"### User:\n{prompt}\n\n### Assistant:\n"
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    model.train(was_training)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def save_checkpoint(engine, out: str, step: int, micro_step: int, keep: int) -> None:
+    """DeepSpeed checkpoint of the trainable state; 'latest' moves only after the tag is complete."""
+    import torch.distributed as dist
+
+    ckpt = os.path.join(out, CKPT_DIR)
+    tag = f"step{step:07d}"
+    if dist.get_rank() == 0 and os.path.exists(os.path.join(ckpt, tag)):
+        shutil.rmtree(os.path.join(ckpt, tag))  # a partial save from a killed run
+    dist.barrier()
+    engine.save_checkpoint(ckpt, tag=tag, client_state={"step": step, "micro_step": micro_step},
+                           exclude_frozen_parameters=True)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        tags = sorted(d for d in os.listdir(ckpt) if d.startswith("step") and os.path.isdir(os.path.join(ckpt, d)))
+        for old in tags[:-keep]:
+            shutil.rmtree(os.path.join(ckpt, old), ignore_errors=True)
+
+
+def train(args) -> dict:
+    import deepspeed
+    from transformers import AutoTokenizer
+
+    from qlora_ds.adapters.atomic import atomic_write_text
+    from qlora_ds.data import collate
+    from qlora_ds.distributed import init_distributed, shutdown
+    from qlora_ds.inject import from_pretrained
+    from qlora_ds.inject.zero import save_adapter
+    from qlora_ds.metrics import MetricsLog
+    from qlora_ds.optim.deepspeed_registration import optimizer_from_ds_config, split_ds_config
+    from qlora_ds.packaged import default_model_dir, export_smollm2
+
+    rank, world, _ = init_distributed()
+    if args.model == "smollm2":
+        if rank == 0:
+            export_smollm2(default_model_dir())
+        torch.distributed.barrier()
+        args.model = default_model_dir()
+    ds_config = resolve_ds_config(args, world)
+    resume_dir = check_output_dir(args, rank)
+    torch.distributed.barrier()
+    torch.manual_seed(args.seed)
+    out = args.output_dir
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        if resume_dir is None:
+            atomic_write_text(os.path.join(out, RUN_CONFIG), json.dumps(vars(args), indent=2, default=str))
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = from_pretrained(args.model, adapter_config(args), ds_config=ds_config, torch_dtype=compute_dtype())
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    accum = ds_config["gradient_accumulation_steps"]
+    train_ex, eval_ex, batches = build_data(args, tokenizer, model.config, rank, world, micro)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ds_plain, section = split_ds_config(ds_config)
+    if section is None and "optimizer" not in ds_plain:
+        section = {"type": args.optimizer, "params": {"lr": args.lr, "betas": [0.9, args.adam_beta2], "eps": 1e-8,
+                                                      "weight_decay": args.weight_decay}}
+    optimizer = optimizer_from_ds_config({**ds_plain, "optimizer": section}, trainable) if section else None
+    if optimizer is not None:  # ours is a plain torch optimizer that DeepSpeed's ZeRO wraps like any other
+        ds_plain.setdefault("zero_allow_untested_optimizer", True)
+    warmup = max(1, math.ceil(args.warmup_ratio * args.max_steps))
+    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))  # noqa: E731
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    before = sample(model, tokenizer, args.sample_prompt, "cpu") if args.sample_prompt and rank == 0 \
+        and zero_stage < 3 and resume_dir is None else None
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                           model_parameters=trainable, config=ds_plain)
+    step = micro_step = 0
+    if resume_dir:
+        _, client = engine.load_checkpoint(resume_dir, load_module_strict=False)
+        step, micro_step = client["step"], client["micro_step"]
+        if rank == 0:
+            log.info("resumed from %s at step %d", resume_dir, step)
+    metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), resume_step=step if resume_dir else None) \
+        if rank == 0 else None
+    n_trainable = sum(p.numel() for p in trainable)
+    if rank == 0:
+        log.info("ranks %d, micro batch %d × accum %d, %d train / %d held-out examples, %.2f M trainable params",
+                 world, micro, accum, len(train_ex), len(eval_ex) * world, n_trainable / 1e6)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True, file=sys.stdout)
+    per_epoch = len(batches)
+    engine.train()
+    t_last, tokens, losses = time.perf_counter(), 0, []
+    while step < args.max_steps:
+        epoch, index = divmod(micro_step, per_epoch)
+        batch_idx = batches.epoch(epoch)[index]
+        batch = collate([train_ex[i] for i in batch_idx], tokenizer.pad_token_id)
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        torch.manual_seed(args.seed * 1_000_003 + micro_step * world + rank)  # dropout: same on resume
+        loss = engine(**batch).loss
+        bad = _all_mean([0.0 if torch.isfinite(loss).item() else 1.0])[0] > 0
+        micro_step += 1
+        if bad:
+            if args.nan_policy == "stop":
+                raise FloatingPointError(f"non-finite loss at step {step} (micro step {micro_step - 1}) on at least "
+                                         f"one rank; lower --lr, check the data, or pass --nan-policy skip")
+            if rank == 0:
+                log.warning("non-finite loss at step %d: skipped on every rank", step)
+            continue
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+        tokens += int(batch["attention_mask"].sum())
+        if micro_step % accum:
+            continue
+        step += 1
+        mean_loss, = _all_mean([sum(losses) / len(losses)])
+        losses = []
+        if step % args.log_every == 0 or step == args.max_steps:
+            now = time.perf_counter()
+            tok_s = tokens * world / (now - t_last)
+            t_last, tokens = now, 0
+            lr = scheduler.get_last_lr()[0]
+            mem = _memory_mb()
+            if rank == 0:
+                metrics.log(step=step, loss=mean_loss, lr=lr, tokens_per_s=tok_s, mem_mb=mem)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}", mem=f"{mem:.0f}MB")
+        bar.update(1)
+        if eval_ex and (step % args.eval_every == 0 or step == args.max_steps):
+            eval_loss = evaluate(engine, eval_ex, tokenizer.pad_token_id)
+            if rank == 0:
+                metrics.log(step=step, eval_loss=eval_loss)
+                bar.write(f"step {step}: held-out loss {eval_loss:.4f}")
+        if step % args.save_every == 0 or step == args.max_steps:
+            save_checkpoint(engine, out, step, micro_step, args.keep_checkpoints)
+    bar.close()
+
+    save_adapter(engine, os.path.join(out, "adapter"))
+    summary = {"steps": step}
+    if rank == 0:
+        metrics.write_csv(os.path.join(out, "metrics.csv"))
+        metrics.plot(os.path.join(out, "loss_curve.png"), title=f"{args.method} on {os.path.basename(args.model)}")
+        evals = [r["eval_loss"] for r in metrics.rows if "eval_loss" in r]
+        summary.update(first_eval_loss=evals[0] if evals else None, last_eval_loss=evals[-1] if evals else None)
+        if args.sample_prompt and zero_stage < 3:
+            summary.update(prompt=args.sample_prompt, before=before, after=sample(engine.module, tokenizer,
+                                                                                   args.sample_prompt, engine.device))
+        atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
+        log.info("done: %s", json.dumps(summary, indent=2))
+        log.info("adapter: %s   loss curve: %s", os.path.join(out, "adapter"), os.path.join(out, "loss_curve.png"))
+    del engine, optimizer, model
+    shutdown()
+    return summary
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    args = parse_args(argv)
+    try:
+        train(args)
+    except QLoRADSError as err:
+        rank = os.environ.get("RANK", "0")
+        log.error("rank %s: %s", rank, err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

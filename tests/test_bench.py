@@ -1,0 +1,36 @@
+"""Smoke test of the benchmark entry point: it runs and appends well-formed rows (speed is not tested)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MACHINE_FIELDS = {"bench", "timestamp", "device", "device_name", "cpu_count", "threads", "versions", "commit"}
+ROW_FIELDS = {"shape", "dtype", "op", "impl", "ms", "ms_min", "reps", "gbps", "pct_copy"}
+
+
+def test_bench_quant_quick_appends_rows(tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "QLORA_DS_BENCH_RESULTS": str(tmp_path)}
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/qlora_ds/torch_extensions"))
+    proc = subprocess.run([sys.executable, "-m", "bench", "quant", "--quick", "--device", "cpu"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "goal quantize+DQ" in proc.stdout and "| impl[backend]" in proc.stdout
+
+    rows = [json.loads(line) for line in (tmp_path / "quant.jsonl").read_text().splitlines()]
+    ops = {(r["impl"], r.get("backend"), r["op"], r.get("format"), r.get("double_quant")) for r in rows}
+    for row in rows:
+        assert MACHINE_FIELDS | ROW_FIELDS <= row.keys(), sorted(MACHINE_FIELDS | ROW_FIELDS - row.keys())
+        assert row["bench"] == "quant" and row["shape"] == [512, 512] and row["dtype"] == "bfloat16"
+        assert row["device"] == "cpu" and row["threads"] >= 1 and row["versions"]["torch"]
+        assert row["ms"] > 0 and row["reps"] >= 1
+    assert {("torch", None, "copy_", None, None), ("torch", None, "clone", None, None)} <= ops
+    for fmt in ("nf4", "fp4"):
+        for dq in (True, False):
+            for op in ("quantize", "dequantize", "dequantize_out"):
+                assert any(o[0] == "qlora_ds" and o[2:] == (op, fmt, dq) and o[1] in ("cpu", "torch") for o in ops)
+            assert ("qlora_ds", "torch", "quantize", fmt, dq) in ops       # the reference backend is timed too
+    for bits in (2, 3, 4):
+        assert ("qlora_ds", "intn", "dequantize", f"int{bits}", None) in ops
+    assert not any(r["impl"] == "bitsandbytes" for r in rows) or any(r.get("vs_bnb") for r in rows)
