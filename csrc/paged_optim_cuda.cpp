@@ -5,7 +5,7 @@
 // update (same arithmetic as the CPU op).
 #include <torch/extension.h>
 
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "paged_optim_cuda.h"
@@ -38,7 +38,7 @@ torch::Tensor managed_empty(int64_t numel, torch::ScalarType dtype, int64_t devi
 void prefetch(torch::Tensor t, int64_t device) {
     TORCH_CHECK(t.is_cuda(), "prefetch needs a CUDA (managed) tensor");
     const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
-    auto stream = at::cuda::getCurrentCUDAStream(t.device().index());
+    auto stream = c10::cuda::getCurrentCUDAStream(t.device().index());
     check_cuda(qlora_ds::managed_prefetch(t.data_ptr(), bytes, static_cast<int>(device), stream.stream()),
                "cudaMemPrefetchAsync");
 }
@@ -62,7 +62,7 @@ void adamw_step(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, 
     check_fp32(exp_avg_sq, "exp_avg_sq", n);
     TORCH_CHECK(step >= 1, "step must be >= 1, got ", step);
     c10::cuda::CUDAGuard guard(param.device());
-    auto stream = at::cuda::getCurrentCUDAStream(param.device().index());
+    auto stream = c10::cuda::getCurrentCUDAStream(param.device().index());
     check_cuda(qlora_ds::launch_adamw_fp32(param.data_ptr<float>(), grad.data_ptr<float>(), exp_avg.data_ptr<float>(),
                                            exp_avg_sq.data_ptr<float>(), n, lr, beta1, beta2, eps, weight_decay, step,
                                            stream.stream()),

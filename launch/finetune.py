@@ -280,7 +280,8 @@ def train(args) -> dict:
     from qlora_ds.inject import from_pretrained
     from qlora_ds.inject.zero import save_adapter
     from qlora_ds.metrics import MetricsLog
-    from qlora_ds.optim.deepspeed_registration import optimizer_from_ds_config, split_ds_config
+    from qlora_ds.optim.deepspeed_registration import (optimizer_from_ds_config, register_with_deepspeed,
+                                                          split_ds_config)
     from qlora_ds.packaged import default_model_dir, export_smollm2
 
     rank, world, _ = init_distributed()
@@ -316,8 +317,7 @@ def train(args) -> dict:
         section = {"type": args.optimizer, "params": {"lr": args.lr, "betas": [0.9, args.adam_beta2], "eps": 1e-8,
                                                       "weight_decay": args.weight_decay}}
     optimizer = optimizer_from_ds_config({**ds_plain, "optimizer": section}, trainable) if section else None
-    if optimizer is not None:  # ours is a plain torch optimizer that DeepSpeed's ZeRO wraps like any other
-        ds_plain.setdefault("zero_allow_untested_optimizer", True)
+    register_with_deepspeed()  # lets ZeRO wrap our optimizers like its own
     warmup = max(1, math.ceil(args.warmup_ratio * args.max_steps))
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))  # noqa: E731
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)

@@ -41,7 +41,7 @@ def load_backend(device_type: str):
             from .builder import load_op
 
             _loaded[device_type] = load_op("quant", device_type)
-        except OpBuildError as err:
+        except (OpBuildError, ImportError) as err:  # ImportError: no deepspeed to build with
             warnings.warn(
                 f"qlora_ds: the compiled {device_type} quant op is unavailable, using the slower "
                 f"pure-torch reference instead.\n{err}", RuntimeWarning, stacklevel=3)

@@ -1,0 +1,128 @@
+"""The paged buffers of one optimizer instance.
+
+Every optimizer state buffer is allocated here. On CUDA (``paged=True``) a buffer lives in unified memory
+(``cudaMallocManaged`` via the paged_optim op): under memory pressure the driver — or :meth:`evict_to_host`, called
+ahead of a known spike — moves its pages to CPU RAM, and :meth:`prefetch_to_device` brings them back before the
+update. On CPU (or ``paged=False``, or without the CUDA op) buffers are ordinary tensors and paging is a no-op, so
+everything above this class runs unchanged. Byte and time counters record what moved each way.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ._op import paged_op
+
+__all__ = ["PageManager", "PagingStats"]
+
+
+@dataclass
+class PagingStats:
+    bytes_to_device: int = 0
+    bytes_to_host: int = 0
+    seconds_to_device: float = 0.0
+    seconds_to_host: float = 0.0
+    prefetches: int = 0
+    evictions: int = 0
+
+
+class PageManager:
+    """Owns the state buffers of one optimizer; ``free()`` releases them all."""
+
+    def __init__(self, paged: bool = True):
+        self.paged = bool(paged)
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._on_host = False  # True after evict_to_host until the next prefetch
+        self.stats = PagingStats()
+        self._warned = False
+
+    # -- allocation ---------------------------------------------------------------------------------------------
+    def zeros(self, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """A zero-filled 1-D state buffer of ``numel`` elements on ``device`` (managed memory when paged on CUDA)."""
+        device = torch.device(device)
+        buf = None
+        if self.paged and device.type == "cuda":
+            op = paged_op("cuda")
+            if op is not None:
+                index = device.index if device.index is not None else torch.cuda.current_device()
+                buf = op.managed_empty(int(numel), dtype, index)
+                buf.zero_()
+            elif not self._warned:
+                self._warned = True
+                warnings.warn("qlora_ds: no CUDA paged_optim op; optimizer state uses ordinary (unpaged) GPU memory.",
+                              RuntimeWarning, stacklevel=3)
+        if buf is None:
+            buf = torch.zeros(int(numel), dtype=dtype, device=device)
+        self._buffers[id(buf)] = buf
+        return buf
+
+    def release(self, *buffers: torch.Tensor) -> None:
+        """Forget buffers (their memory goes when the last reference does)."""
+        for b in buffers:
+            self._buffers.pop(id(b), None)
+
+    def free(self) -> None:
+        """Release every buffer this manager allocated."""
+        self._buffers.clear()
+
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        return list(self._buffers.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def _managed(self) -> list[torch.Tensor]:
+        if not self.paged:
+            return []
+        return [b for b in self._buffers.values() if b.is_cuda]
+
+    # -- paging -------------------------------------------------------------------------------------------------
+    def prefetch_to_device(self) -> int:
+        """Bring evicted pages back to their GPU before an update; returns the bytes moved (0 on CPU)."""
+        if not self._on_host:
+            return 0
+        bufs = self._managed()
+        op = paged_op("cuda") if bufs else None
+        moved, secs = 0, 0.0
+        if op is not None:
+            start = time.perf_counter()
+            for b in bufs:
+                op.prefetch(b, b.device.index)
+                moved += b.numel() * b.element_size()
+            torch.cuda.synchronize()
+            secs = time.perf_counter() - start
+        self._on_host = False
+        self.stats.bytes_to_device += moved
+        self.stats.seconds_to_device += secs
+        self.stats.prefetches += 1
+        return moved
+
+    def evict_to_host(self) -> int:
+        """Memory-pressure hook: move all paged state to CPU RAM now; returns the bytes moved (0 on CPU)."""
+        bufs = self._managed()
+        op = paged_op("cuda") if bufs else None
+        moved, secs = 0, 0.0
+        if op is not None:
+            start = time.perf_counter()
+            for b in bufs:
+                op.prefetch(b, -1)
+                moved += b.numel() * b.element_size()
+            torch.cuda.synchronize()
+            secs = time.perf_counter() - start
+        self._on_host = True
+        self.stats.bytes_to_host += moved
+        self.stats.seconds_to_host += secs
+        self.stats.evictions += 1
+        return moved
+
+    def evict_if_low_memory(self, min_free_bytes: int) -> int:
+        """Evict when the GPU has less than ``min_free_bytes`` free; returns the bytes moved."""
+        if not self._managed():
+            return 0
+        free, _ = torch.cuda.mem_get_info()
+        return self.evict_to_host() if free < min_free_bytes else 0
