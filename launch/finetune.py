@@ -150,7 +150,7 @@ def resolve_ds_config(args, world: int) -> dict:
 
 
 def check_output_dir(args, rank: int) -> str | None:
-    """None for a fresh run, or the checkpoint dir to resume from. Never overwrites another run silently."""
+    """None for a fresh run, or the checkpoint tag to resume from. Never overwrites another run silently."""
     out = args.output_dir
     meta_path = os.path.join(out, RUN_CONFIG)
     mine = {k: v for k, v in vars(args).items() if k not in RESUMABLE_CHANGES}
@@ -170,8 +170,12 @@ def check_output_dir(args, rank: int) -> str | None:
                                f"choose a new --output-dir, or pass --overwrite to replace it")
     elif os.path.isdir(out) and os.listdir(out) and not args.overwrite:
         raise QLoRADSError(f"{out} is not empty and holds no qlora-ds run; choose an empty --output-dir")
-    latest = os.path.join(out, CKPT_DIR, "latest")
-    return os.path.join(out, CKPT_DIR) if args.resume and os.path.exists(latest) else None
+    from qlora_ds.checkpointing import latest_complete
+
+    tag = latest_complete(os.path.join(out, CKPT_DIR)) if args.resume else None
+    if args.resume and tag is None and rank == 0:
+        log.info("--resume: no complete checkpoint in %s yet; starting from step 0", out)
+    return tag
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -252,28 +256,11 @@ def sample(model, tokenizer, prompt: str, device) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def save_checkpoint(engine, out: str, step: int, micro_step: int, keep: int) -> None:
-    """DeepSpeed checkpoint of the trainable state; 'latest' moves only after the tag is complete."""
-    import torch.distributed as dist
-
-    ckpt = os.path.join(out, CKPT_DIR)
-    tag = f"step{step:07d}"
-    if dist.get_rank() == 0 and os.path.exists(os.path.join(ckpt, tag)):
-        shutil.rmtree(os.path.join(ckpt, tag))  # a partial save from a killed run
-    dist.barrier()
-    engine.save_checkpoint(ckpt, tag=tag, client_state={"step": step, "micro_step": micro_step},
-                           exclude_frozen_parameters=True)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        tags = sorted(d for d in os.listdir(ckpt) if d.startswith("step") and os.path.isdir(os.path.join(ckpt, d)))
-        for old in tags[:-keep]:
-            shutil.rmtree(os.path.join(ckpt, old), ignore_errors=True)
-
-
 def train(args) -> dict:
     import deepspeed
     from transformers import AutoTokenizer
 
+    from qlora_ds import checkpointing, faults
     from qlora_ds.adapters.atomic import atomic_write_text
     from qlora_ds.data import collate
     from qlora_ds.distributed import init_distributed, shutdown
@@ -291,13 +278,13 @@ def train(args) -> dict:
         torch.distributed.barrier()
         args.model = default_model_dir()
     ds_config = resolve_ds_config(args, world)
-    resume_dir = check_output_dir(args, rank)
+    resume_tag = check_output_dir(args, rank)
     torch.distributed.barrier()
     torch.manual_seed(args.seed)
     out = args.output_dir
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-        if resume_dir is None:
+        if resume_tag is None:
             atomic_write_text(os.path.join(out, RUN_CONFIG), json.dumps(vars(args), indent=2, default=str))
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -305,7 +292,7 @@ def train(args) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     model = from_pretrained(args.model, adapter_config(args), ds_config=ds_config, torch_dtype=compute_dtype())
     if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     micro = ds_config["train_micro_batch_size_per_gpu"]
     accum = ds_config["gradient_accumulation_steps"]
@@ -322,16 +309,16 @@ def train(args) -> dict:
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))  # noqa: E731
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     before = sample(model, tokenizer, args.sample_prompt, "cpu") if args.sample_prompt and rank == 0 \
-        and zero_stage < 3 and resume_dir is None else None
+        and zero_stage < 3 and resume_tag is None else None
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                            model_parameters=trainable, config=ds_plain)
     step = micro_step = 0
-    if resume_dir:
-        _, client = engine.load_checkpoint(resume_dir, load_module_strict=False)
+    if resume_tag:
+        _, client = engine.load_checkpoint(os.path.join(out, CKPT_DIR), tag=resume_tag, load_module_strict=False)
         step, micro_step = client["step"], client["micro_step"]
         if rank == 0:
-            log.info("resumed from %s at step %d", resume_dir, step)
-    metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), resume_step=step if resume_dir else None) \
+            log.info("resumed from checkpoint %s at step %d", resume_tag, step)
+    metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), resume_step=step if resume_tag else None) \
         if rank == 0 else None
     n_trainable = sum(p.numel() for p in trainable)
     if rank == 0:
@@ -350,7 +337,10 @@ def train(args) -> dict:
         batch = collate([train_ex[i] for i in batch_idx], tokenizer.pad_token_id)
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         torch.manual_seed(args.seed * 1_000_003 + micro_step * world + rank)  # dropout: same on resume
+        faults.inject("raise_at_step", step + 1)
         loss = engine(**batch).loss
+        if faults.triggered("nan_loss_at_micro_step", micro_step):
+            loss = loss * float("nan")
         bad = _all_mean([0.0 if torch.isfinite(loss).item() else 1.0])[0] > 0
         micro_step += 1
         if bad:
@@ -364,7 +354,7 @@ def train(args) -> dict:
         engine.step()
         losses.append(loss.item())
         tokens += int(batch["attention_mask"].sum())
-        if micro_step % accum:
+        if len(losses) < accum:  # counts only micro-batches that stepped, as DeepSpeed's own boundary does
             continue
         step += 1
         mean_loss, = _all_mean([sum(losses) / len(losses)])
@@ -385,7 +375,9 @@ def train(args) -> dict:
                 metrics.log(step=step, eval_loss=eval_loss)
                 bar.write(f"step {step}: held-out loss {eval_loss:.4f}")
         if step % args.save_every == 0 or step == args.max_steps:
-            save_checkpoint(engine, out, step, micro_step, args.keep_checkpoints)
+            checkpointing.save(engine, os.path.join(out, CKPT_DIR), step, {"step": step, "micro_step": micro_step},
+                               args.keep_checkpoints)
+        faults.inject("kill_after_step", step)
     bar.close()
 
     save_adapter(engine, os.path.join(out, "adapter"))
@@ -409,12 +401,15 @@ def train(args) -> dict:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     args = parse_args(argv)
+    rank = os.environ.get("RANK", "0")
     try:
         train(args)
     except QLoRADSError as err:
-        rank = os.environ.get("RANK", "0")
         log.error("rank %s: %s", rank, err)
         return 2
+    except Exception as err:  # noqa: BLE001 - name the rank and the cause, then fail the whole job
+        log.exception("rank %s failed: %s: %s", rank, type(err).__name__, err)
+        return 1
     return 0
 
 

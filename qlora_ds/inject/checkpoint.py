@@ -11,7 +11,7 @@ import os
 import re
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..errors import QLoRADSError
 
@@ -44,10 +44,14 @@ class Checkpoint:
         self.file_of: dict[str, str] = {}
         self.shape: dict[str, tuple[int, ...]] = {}
         for fname in files:
-            with safe_open(os.path.join(path, fname), framework="pt") as f:
-                for key in f.keys():
-                    self.file_of[key] = fname
-                    self.shape[key] = tuple(f.get_slice(key).get_shape())
+            try:
+                with safe_open(os.path.join(path, fname), framework="pt") as f:
+                    for key in f.keys():
+                        self.file_of[key] = fname
+                        self.shape[key] = tuple(f.get_slice(key).get_shape())
+            except SafetensorError as err:
+                raise QLoRADSError(f"shard {fname} in {path!r} is not a readable safetensors file ({err}); it is "
+                                   f"truncated or corrupt: copy it again from the original checkpoint") from None
         if weight_map:
             absent = sorted(k for k, f in weight_map.items() if self.file_of.get(k) != f)
             if absent:

@@ -224,8 +224,6 @@ def test_checkpoint_missing_shard(tmp_path):
         Checkpoint(str(d))
 
 
-@pytest.mark.xfail(strict=False, reason="inject/checkpoint.py passes safetensors' SafetensorError through for a "
-                   "truncated/garbage shard (owner: inject); it should name the shard and say 're-copy it'")
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_checkpoint_truncated_shard(tmp_path, damage):
     Checkpoint, d = _ckpt(tmp_path)

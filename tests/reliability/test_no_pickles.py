@@ -60,18 +60,10 @@ def test_optimizer_state_pickle_refused_by_weights_only(evil, tmp_path, fmt):
     assert not marker.exists()
 
 
-def _from_pretrained():
-    try:
-        from qlora_ds.inject import from_pretrained
-    except Exception as err:   # the loader is being written; keep the test, mark why it cannot run
-        pytest.xfail(f"qlora_ds.inject.from_pretrained does not import yet ({type(err).__name__}: {err})")
-    return from_pretrained
-
-
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt"])
 def test_model_loader_refuses_pickle_checkpoint(evil, tmp_path, name):
     from qlora_ds.nn import QLoRAConfig
-    from_pretrained = _from_pretrained()
+    from qlora_ds.inject import from_pretrained
     write, marker = evil
     ckpt = tmp_path / "ckpt"
     tiny_llama().config.save_pretrained(ckpt)
@@ -98,14 +90,18 @@ def test_package_loaders_use_safetensors_or_weights_only():
     assert not bad, "loaders that may unpickle untrusted files:\n" + "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=False, reason="DeepSpeed 0.19's TorchCheckpointEngine.load calls torch.load(weights_only="
-                   "False): `--resume` through engine.load_checkpoint unpickles *_model_states.pt / optimizer "
-                   "states; pending: finetune must check its checkpoints (manifest/hash) or load with weights_only")
-def test_deepspeed_checkpoint_engine_refuses_pickle(evil, tmp_path):
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+def test_resume_refuses_planted_pickle_in_checkpoint(evil, tmp_path):
+    """DeepSpeed's checkpoint engine unpickles (torch.load(weights_only=False)); ours verifies every file
+    against the sha256 manifest it wrote before DeepSpeed may open anything, so a planted file is refused."""
+    from qlora_ds import checkpointing
+    from qlora_ds.errors import QLoRADSError
+
     write, marker = evil
-    write(tmp_path / "mp_rank_00_model_states.pt")
-    engine = TorchCheckpointEngine(config_params=None)
-    with pytest.raises(Exception):
-        engine.load(str(tmp_path / "mp_rank_00_model_states.pt"), map_location="cpu")
+    tag = tmp_path / "step0000002"
+    tag.mkdir()
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"genuine checkpoint bytes")
+    checkpointing.write_manifest(str(tag), 2)
+    write(tag / "mp_rank_00_model_states.pt")
+    with pytest.raises(QLoRADSError, match="changed after it was written"):
+        checkpointing.latest_complete(str(tmp_path))
     assert not marker.exists()

