@@ -30,7 +30,10 @@ def _src(*names: str) -> list[str]:
     return [str(CSRC / n) for n in names]
 
 
-class _CPUBuilder(CPUOpBuilder):
+class _OurSources:
+    """Name, absolute source paths and includes shared by our CPU and CUDA builders (DeepSpeed resolves
+    relative sources under deepspeed/ops, so third-party builders must give absolute ones)."""
+
     BUILD_VAR = ""
     NAME = ""
     MODULE = ""
@@ -48,6 +51,8 @@ class _CPUBuilder(CPUOpBuilder):
     def include_paths(self):
         return [str(CSRC / "include")]
 
+
+class _CPUBuilder(_OurSources, CPUOpBuilder):
     def cxx_args(self):
         args = [a for a in super().cxx_args() if "fast-math" not in a and a != "-g"]
         return args + [a for a in _EXACT_CXX if a not in args]
@@ -68,24 +73,7 @@ class _CPUBuilder(CPUOpBuilder):
         return super().is_compatible(verbose)
 
 
-class _CUDABuilder(CUDAOpBuilder):
-    BUILD_VAR = ""
-    NAME = ""
-    MODULE = ""
-    SOURCES: tuple[str, ...] = ()
-
-    def __init__(self):
-        super().__init__(name=self.NAME)
-
-    def absolute_name(self):
-        return f"qlora_ds.ops.{self.MODULE}"
-
-    def sources(self):
-        return _src(*self.SOURCES)
-
-    def include_paths(self):
-        return [str(CSRC / "include")]
-
+class _CUDABuilder(_OurSources, CUDAOpBuilder):
     def cxx_args(self):
         return super().cxx_args() + ["-ffp-contract=off"]
 
