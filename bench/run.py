@@ -1,4 +1,4 @@
-"""One entry point for the benchmarks: ``python -m bench quant|layer|all [--quick] [--results-dir DIR] [...]``.
+"""One entry point for the benchmarks: ``python -m bench quant|layer|train|memory|quality|all [--quick] [--results-dir DIR] [...]``.
 
 Each sub-benchmark is a module ``bench/<name>.py`` with a ``main`` (taking ``argv``, or reading
 ``sys.argv`` itself) or a ``run(argv)``. Options after the name that this dispatcher does not know go to
@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-BENCHMARKS = ("quant", "layer")
+BENCHMARKS = ("quant", "layer", "train", "memory", "quality")
 
 
 def _call(name: str, argv: list[str]) -> int:

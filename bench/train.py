@@ -1,0 +1,147 @@
+"""Tokens/s and peak memory of a full LoRA training step (fwd + bwd + clip + AdamW) of SmolLM2-135M.
+
+    python -m bench train            # batch 4 x seq 128, r 16 on all linears, grad checkpointing
+    python -m bench train --quick    # tiny Llama from a config, 2 timed steps (smoke test)
+
+Variants (each in its own subprocess, so peak RSS / CUDA peak is its own): ``ours-nf4dq``
+(qlora_ds.from_pretrained, QLoRA NF4 + DQ), ``bnb-peft`` (transformers BitsAndBytesConfig NF4 + DQ,
+bf16 compute, + PEFT LoRA) and ``bf16-peft`` (PEFT LoRA on the bf16 model). Same batch, sequence
+length, r, α, checkpointing (non-reentrant) and optimizer for all; ratios are taken within one run.
+Memory: ``peak_step`` is the RSS high-water mark during the steps (reset after loading) — CUDA max
+allocated on a GPU; ``peak_process`` the whole process's ru_maxrss, imports and loading included.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from bench import _train_loop as tl
+from bench.common import REPO, RowWriter, default_device, describe_machine, format_table
+
+VARIANTS = ("ours-nf4dq", "bnb-peft", "bf16-peft")
+MiB = 1 << 20
+
+
+def worker(args) -> dict:
+    """One variant in this process: load, warm up, time ``--steps`` steps; a dict of measurements."""
+    device = default_device()
+    torch.manual_seed(args.seed)
+    base_rss = tl.rss()
+    model, params = tl.build(args.worker, args.model, r=args.r, alpha=args.alpha, grad_ckpt=not args.no_ckpt,
+                             device=device)
+    loaded_rss = tl.rss()
+    load_peak = tl.peak_rss()
+    opt, opt_name = tl.make_optimizer(params, lr=2e-4, which=args.optim)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    batch = tl.random_batch(vocab, args.batch, args.seq, seed=args.seed)
+
+    def it():
+        while True:
+            yield batch
+
+    tl.train(model, params, opt, it(), args.warmup, device)     # warm-up (kernels, optimizer state)
+    reset_ok = tl.reset_peak()
+    res = tl.train(model, params, opt, it(), args.steps, device)
+    med = statistics.median(res["step_s"])
+    return {"variant": args.worker, "step_s": med, "step_s_min": min(res["step_s"]), "steps": args.steps,
+            "tokens_per_s": args.batch * args.seq / med, "loss_last": res["losses"][-1],
+            "rss_before_load": base_rss, "rss_after_load": loaded_rss, "peak_load": load_peak,
+            "peak_step": tl.cuda_peak() if device.type == "cuda" else tl.peak_rss(),
+            "peak_step_kind": "cuda_max_allocated" if device.type == "cuda" else
+            ("rss_hwm_since_reset" if reset_ok else "ru_maxrss"),
+            "peak_process": tl.resource.getrusage(tl.resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "trainable_params": sum(p.numel() for p in params), "optimizer": opt_name,
+            "threads": torch.get_num_threads()}
+
+
+def _run_variant(variant: str, args, out: str) -> dict:
+    cmd = [sys.executable, "-m", "bench.train", "--worker", variant, "--model", args.model, "--out", out,
+           "--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r), "--alpha", str(args.alpha),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed), "--optim", args.optim]
+    if args.no_ckpt:
+        cmd.append("--no-ckpt")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0 or not os.path.exists(out):
+        tail = (proc.stderr or proc.stdout)[-1500:]
+        return {"variant": variant, "error": f"exit {proc.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}",
+                "stderr_tail": tail}
+    with open(out) as f:
+        return json.load(f)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bench train", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: exported SmolLM2-135M; tiny with --quick)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=16)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 4; 2 with --quick)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-ckpt", action="store_true", help="gradient checkpointing off")
+    ap.add_argument("--optim", choices=("torch", "paged"), default="torch",
+                    help="torch.optim.AdamW (default, same for every variant) or qlora_ds PagedAdamW")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.steps is None:
+        args.steps = 2 if args.quick else 4
+    if args.worker:
+        result = worker(args)
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        if args.quick:
+            args.batch, args.seq = min(args.batch, 2), min(args.seq, 32)
+        args.model = tl.model_path(args.quick, tmp, args.model)
+        device = default_device()
+        print(describe_machine(device), flush=True)
+        writer = RowWriter("train", device)
+        results = []
+        for v in args.variants.split(","):
+            r = _run_variant(v, args, os.path.join(tmp, f"{v}.json"))
+            results.append(r)
+            print(f"  {v}: " + (f"{r['tokens_per_s']:.0f} tok/s, peak step {r['peak_step'] / MiB:.0f} MiB"
+                                if "error" not in r else r["error"]), flush=True)
+        ref = {r["variant"]: r for r in results if "error" not in r}
+        ours = ref.get("ours-nf4dq")
+        rows = []
+        for r in results:
+            shape = {"model": os.path.basename(os.path.normpath(args.model)), "batch": args.batch, "seq": args.seq,
+                     "r": args.r, "alpha": args.alpha, "grad_ckpt": not args.no_ckpt, "dtype": "bfloat16"}
+            extra = {}
+            if ours and "error" not in r:
+                extra = {"ours_speedup": ours["tokens_per_s"] / r["tokens_per_s"],
+                         "ours_peak_step_ratio": ours["peak_step"] / r["peak_step"]}
+            writer.write(shape=shape, **{k: v for k, v in r.items() if k != "stderr_tail"}, **extra)
+            if "error" in r:
+                rows.append([r["variant"], "error", "", "", "", "", r["error"][:60]])
+                continue
+            rows.append([r["variant"], f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.0f}",
+                         f"{extra.get('ours_speedup', float('nan')):.2f}x",
+                         f"{(r['peak_step'] - (0 if device.type == 'cuda' else r['rss_before_load'])) / MiB:.0f}",
+                         f"{r['peak_step'] / MiB:.0f}", f"{extra.get('ours_peak_step_ratio', float('nan')):.2f}"])
+        print(f"\nbatch {args.batch} x seq {args.seq}, r {args.r}, grad ckpt {not args.no_ckpt}, "
+              f"{args.steps} timed steps (median), optimizer {results[0].get('optimizer', '?')}")
+        mem = "CUDA max allocated MiB" if device.type == "cuda" else "peak RSS MiB"
+        print(format_table(["variant", "step s", "tok/s", "ours speedup", f"{mem} minus pre-load",
+                            mem, "ours/this peak"], rows))
+        print(f"rows appended to {writer.path}")
+        return 0 if ours is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
