@@ -1,4 +1,5 @@
-// qlora-ds: C++/OpenMP kernels for the blockwise 4-bit (NF4/FP4) and 8-bit quant ops.
+// qlora-ds: C++/OpenMP kernels for the blockwise 4-bit (NF4/FP4) and 8-bit quant ops and the group-wise
+// INT-N (QA-LoRA) format.
 //
 // Backend interface (identical to qlora_ds/ops/reference.py and the CUDA module): every tensor is 1-D,
 // contiguous and on the CPU, outputs are preallocated by the caller, and every function returns None.
@@ -142,7 +143,6 @@ inline uint16_t bf16_bits(float v) {
   return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : r);
 }
 
-// lut[k] = cast(code[k] * a) for the 16 codes, the product rounded in fp32 first.
 #if defined(__AVX2__)
 inline __m256i bf16_bits8(__m256 p) {
   const __m256i u = _mm256_castps_si256(p);
@@ -154,35 +154,40 @@ inline __m256i bf16_bits8(__m256 p) {
 }
 #endif
 
-inline void make_lut16(const float* code, float a, uint16_t* lut, c10::BFloat16*) {
+// lut[k] = cast(vals[k]) for 16 fp32 values, round-to-nearest-even.
+inline void cast_lut16(const float* vals, uint16_t* lut, c10::BFloat16*) {
 #if defined(__AVX2__)
-  const __m256 va = _mm256_set1_ps(a);
-  const __m256i r0 = bf16_bits8(_mm256_mul_ps(_mm256_loadu_ps(code), va));
-  const __m256i r1 = bf16_bits8(_mm256_mul_ps(_mm256_loadu_ps(code + 8), va));
+  const __m256i r0 = bf16_bits8(_mm256_loadu_ps(vals));
+  const __m256i r1 = bf16_bits8(_mm256_loadu_ps(vals + 8));
   // packus interleaves 128-bit lanes: [r0 lo, r1 lo, r0 hi, r1 hi] -> reorder the 64-bit quarters
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(lut),
                       _mm256_permute4x64_epi64(_mm256_packus_epi32(r0, r1), 0xD8));
 #else
-  float prod[16];
-  for (int k = 0; k < 16; ++k) prod[k] = code[k] * a;
-  for (int k = 0; k < 16; ++k) lut[k] = bf16_bits(prod[k]);
+  for (int k = 0; k < 16; ++k) lut[k] = bf16_bits(vals[k]);
 #endif
 }
-inline void make_lut16(const float* code, float a, uint16_t* lut, c10::Half*) {
-  float prod[16];
-  for (int k = 0; k < 16; ++k) prod[k] = code[k] * a;
+inline void cast_lut16(const float* vals, uint16_t* lut, c10::Half*) {
 #if defined(__F16C__)
   // vcvtps2ph with round-to-nearest-even: same bits as c10::Half for every non-NaN input
   _mm_storeu_si128(reinterpret_cast<__m128i*>(lut),
-                   _mm256_cvtps_ph(_mm256_loadu_ps(prod), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                   _mm256_cvtps_ph(_mm256_loadu_ps(vals), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(lut + 8),
-                   _mm256_cvtps_ph(_mm256_loadu_ps(prod + 8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                   _mm256_cvtps_ph(_mm256_loadu_ps(vals + 8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
-  for (int k = 0; k < 16; ++k) lut[k] = c10::Half(prod[k]).x;
+  for (int k = 0; k < 16; ++k) lut[k] = c10::Half(vals[k]).x;
 #endif
 }
 
-// Expand `nbytes` packed bytes through a 16-entry table of 16-bit values: out[2j] = lut[hi], out[2j+1] = lut[lo].
+template <typename H>
+inline void make_lut16(const float* code, float a, uint16_t* lut, H* tag) {
+  float prod[16];
+  for (int k = 0; k < 16; ++k) prod[k] = code[k] * a;
+  cast_lut16(prod, lut, tag);
+}
+
+// Expand `nbytes` packed bytes through a 16-entry table of 16-bit values: out[2j] = lut[hi], out[2j+1] = lut[lo]
+// (NF4/FP4, kHighFirst) or out[2j] = lut[lo], out[2j+1] = lut[hi] (INT4's little-endian bit stream).
+template <bool kHighFirst = true>
 inline void expand16(const uint8_t* p, int64_t nbytes, const uint16_t* lut, uint16_t* out) {
   int64_t j = 0;
 #if defined(__SSSE3__)
@@ -198,8 +203,9 @@ inline void expand16(const uint8_t* p, int64_t nbytes, const uint16_t* lut, uint
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j));
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m0f);
     const __m128i lo = _mm_and_si128(v, m0f);
-    const __m128i i0 = _mm_unpacklo_epi8(hi, lo);  // nibble indices of outputs 0..15
-    const __m128i i1 = _mm_unpackhi_epi8(hi, lo);  // outputs 16..31
+    const __m128i first = kHighFirst ? hi : lo, second = kHighFirst ? lo : hi;
+    const __m128i i0 = _mm_unpacklo_epi8(first, second);  // nibble indices of outputs 0..15
+    const __m128i i1 = _mm_unpackhi_epi8(first, second);  // outputs 16..31
     const __m128i l0 = _mm_shuffle_epi8(tlo, i0), h0 = _mm_shuffle_epi8(thi, i0);
     const __m128i l1 = _mm_shuffle_epi8(tlo, i1), h1 = _mm_shuffle_epi8(thi, i1);
     __m128i* o = reinterpret_cast<__m128i*>(out + 2 * j);
@@ -210,8 +216,9 @@ inline void expand16(const uint8_t* p, int64_t nbytes, const uint16_t* lut, uint
   }
 #endif
   for (; j < nbytes; ++j) {
-    out[2 * j] = lut[p[j] >> 4];
-    out[2 * j + 1] = lut[p[j] & 0xF];
+    const uint8_t a = p[j] >> 4, b = p[j] & 0xF;
+    out[2 * j] = lut[kHighFirst ? a : b];
+    out[2 * j + 1] = lut[kHighFirst ? b : a];
   }
 }
 
@@ -249,6 +256,112 @@ for_blocks(nblocks, bs, [&](int64_t b) {
   });
 }
 
+// ---- group-wise INT-N (QA-LoRA) ------------------------------------------------------------------
+// The codes of the whole tensor form one little-endian bit stream (rows hold in*N/8 whole bytes and groups
+// gs*N/8, gs % 8 == 0), so both kernels work on flat groups: 8 codes <-> N bytes.
+
+// Rounding is std::rint: round half to even under the default rounding mode, like torch.round (= nearbyint,
+// which GCC only inlines with -fno-trapping-math; rint becomes one vroundps and vectorizes).
+// torch's clamp(v, 0, maxq): max then min, NaN propagates and -0.0 stays -0.0.
+inline float clamp_q(float v, float maxq) {
+  v = 0.f > v ? 0.f : v;
+  return maxq < v ? maxq : v;
+}
+
+template <typename T>
+inline void group_minmax(const T* x, int64_t len, float* mn, float* mx) {
+  float lo[8], hi[8];
+  for (int j = 0; j < 8; ++j) lo[j] = hi[j] = to_f32(x[0]);
+  for (int64_t i = 0; i < len; i += 8)  // len % 8 == 0
+    for (int j = 0; j < 8; ++j) {
+      const float v = to_f32(x[i + j]);
+      lo[j] = v < lo[j] ? v : lo[j];
+      hi[j] = hi[j] < v ? v : hi[j];
+    }
+  float a = lo[0], b = hi[0];
+  for (int j = 1; j < 8; ++j) {
+    a = lo[j] < a ? lo[j] : a;
+    b = b < hi[j] ? hi[j] : b;
+  }
+  *mn = a;
+  *mx = b;
+}
+
+template <int N>
+inline uint32_t load_codes8(const uint8_t* p) {  // N bytes, little-endian
+  uint32_t w = p[0];
+  for (int b = 1; b < N; ++b) w |= static_cast<uint32_t>(p[b]) << (8 * b);
+  return w;
+}
+
+template <int N, typename T>
+void quantize_intn_impl(const T* x, int64_t n, int64_t gs, uint8_t* qweight, float* scales, float* zeros) {
+  constexpr uint32_t kMask = (1u << N) - 1;
+  constexpr float maxq = static_cast<float>(kMask);
+  for_blocks(n / gs, gs, [&](int64_t g) {
+    const T* xg = x + g * gs;
+    float mn, mx;
+    group_minmax(xg, gs, &mn, &mx);
+    const float span = mx - mn;
+    const bool constant = span == 0.f;
+    float scale = 1.f, zero = -mn;
+    if (!constant) {
+      scale = span / maxq;
+      const float z = -mn / scale;
+      zero = clamp_q(std::rint(z), maxq);
+    }
+    scales[g] = scale;
+    zeros[g] = zero;
+    uint8_t* dst = qweight + g * (gs / 8) * N;
+    for (int64_t c = 0; c < gs; c += 8, dst += N) {
+      uint32_t word = 0;
+      if (!constant) {
+        float q[8];
+        for (int k = 0; k < 8; ++k) {
+          const float v = to_f32(xg[c + k]) / scale;  // true division, then the add: two roundings
+          q[k] = clamp_q(std::rint(v + zero), maxq);
+        }
+        for (int k = 0; k < 8; ++k) word |= (static_cast<uint32_t>(static_cast<int32_t>(q[k])) & kMask) << (N * k);
+      }
+      for (int b = 0; b < N; ++b) dst[b] = static_cast<uint8_t>(word >> (8 * b));
+    }
+  });
+}
+
+template <int N, typename OutT>
+void dequantize_intn_impl(const uint8_t* qweight, const float* scales, const float* zeros, int64_t gs, int64_t n,
+                          OutT* out) {
+  constexpr uint32_t kMask = (1u << N) - 1;
+  for_blocks(n / gs, gs, [&](int64_t g) {
+    alignas(32) float vals[16] = {0.f};
+    const float zero = zeros[g], scale = scales[g];
+    for (uint32_t k = 0; k <= kMask; ++k) {
+      const float d = static_cast<float>(k) - zero;  // two fp32 roundings, no FMA
+      vals[k] = d * scale;
+    }
+    const uint8_t* p = qweight + g * (gs / 8) * N;
+    if constexpr (std::is_same_v<OutT, float>) {
+      float* o = out + g * gs;
+      for (int64_t c = 0; c < gs; c += 8, p += N) {
+        const uint32_t w = load_codes8<N>(p);
+        for (int k = 0; k < 8; ++k) o[c + k] = vals[(w >> (N * k)) & kMask];
+      }
+    } else {
+      alignas(32) uint16_t lut[16];
+      cast_lut16(vals, lut, static_cast<OutT*>(nullptr));
+      uint16_t* o = reinterpret_cast<uint16_t*>(out) + g * gs;
+      if constexpr (N == 4) {
+        expand16<false>(p, gs / 2, lut, o);
+      } else {
+        for (int64_t c = 0; c < gs; c += 8, p += N) {
+          const uint32_t w = load_codes8<N>(p);
+          for (int k = 0; k < 8; ++k) o[c + k] = lut[(w >> (N * k)) & kMask];
+        }
+      }
+    }
+  });
+}
+
 // ---- argument checks ----------------------------------------------------------------------------
 
 void check_1d(const torch::Tensor& t, const char* name, c10::optional<at::ScalarType> dtype = c10::nullopt) {
@@ -265,7 +378,7 @@ void check_blocksize_4bit(int64_t bs) {
 
 }  // namespace
 
-// ---- the five backend functions -----------------------------------------------------------------
+// ---- the seven backend functions -----------------------------------------------------------------
 
 void quantize_4bit(torch::Tensor x, torch::Tensor bounds, torch::Tensor order, int64_t blocksize,
                    torch::Tensor packed_out, torch::Tensor absmax_out) {
@@ -392,8 +505,76 @@ for_blocks(nblocks, blocksize, [&](int64_t b) {
   });
 }
 
+static void check_intn(int64_t bits, int64_t gs, int64_t in_features, int64_t n) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "bits must be 2, 3 or 4, got ", bits);
+  TORCH_CHECK(gs > 0 && gs % 8 == 0, "group_size must be a positive multiple of 8, got ", gs);
+  TORCH_CHECK(in_features > 0 && in_features % gs == 0, "in_features (", in_features,
+              ") must be a positive multiple of group_size (", gs, ")");
+  TORCH_CHECK(n % in_features == 0, "the weight's ", n, " elements are not rows of in_features = ", in_features);
+}
+
+template <typename F>
+static void with_bits(int64_t bits, const F& f) {
+  switch (bits) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+void quantize_intn(torch::Tensor w, int64_t bits, int64_t group_size, int64_t in_features, torch::Tensor qweight_out,
+                   torch::Tensor scales_out, torch::Tensor zeros_out) {
+  check_1d(w, "w");
+  check_1d(qweight_out, "qweight_out", at::kByte);
+  check_1d(scales_out, "scales_out", at::kFloat);
+  check_1d(zeros_out, "zeros_out", at::kFloat);
+  const int64_t n = w.numel();
+  check_intn(bits, group_size, in_features, n);
+  TORCH_CHECK(qweight_out.numel() == n / 8 * bits, "qweight_out must have n*bits/8 = ", n / 8 * bits, " bytes");
+  TORCH_CHECK(scales_out.numel() == n / group_size && zeros_out.numel() == n / group_size,
+              "scales_out and zeros_out must have n/group_size = ", n / group_size, " entries");
+  uint8_t* qw = qweight_out.data_ptr<uint8_t>();
+  float* sc = scales_out.data_ptr<float>();
+  float* zr = zeros_out.data_ptr<float>();
+  with_bits(bits, [&](auto nb) {
+    constexpr int N = decltype(nb)::value;
+    switch (w.scalar_type()) {
+      case at::kFloat: quantize_intn_impl<N>(w.data_ptr<float>(), n, group_size, qw, sc, zr); break;
+      case at::kBFloat16: quantize_intn_impl<N>(w.data_ptr<c10::BFloat16>(), n, group_size, qw, sc, zr); break;
+      case at::kHalf: quantize_intn_impl<N>(w.data_ptr<c10::Half>(), n, group_size, qw, sc, zr); break;
+      default: TORCH_CHECK(false, "w must be float32, bfloat16 or float16, got ", w.scalar_type());
+    }
+  });
+}
+
+void dequantize_intn(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
+                     int64_t group_size, int64_t in_features, torch::Tensor out) {
+  check_1d(qweight, "qweight", at::kByte);
+  check_1d(scales, "scales", at::kFloat);
+  check_1d(zeros, "zeros", at::kFloat);
+  check_1d(out, "out");
+  const int64_t n = out.numel();
+  check_intn(bits, group_size, in_features, n);
+  TORCH_CHECK(qweight.numel() == n / 8 * bits, "qweight must have out.numel()*bits/8 = ", n / 8 * bits, " bytes");
+  TORCH_CHECK(scales.numel() == n / group_size && zeros.numel() == n / group_size,
+              "scales and zeros must have out.numel()/group_size = ", n / group_size, " entries");
+  const uint8_t* qw = qweight.data_ptr<uint8_t>();
+  const float* sc = scales.data_ptr<float>();
+  const float* zr = zeros.data_ptr<float>();
+  with_bits(bits, [&](auto nb) {
+    constexpr int N = decltype(nb)::value;
+    switch (out.scalar_type()) {
+      case at::kFloat: dequantize_intn_impl<N>(qw, sc, zr, group_size, n, out.data_ptr<float>()); break;
+      case at::kBFloat16: dequantize_intn_impl<N>(qw, sc, zr, group_size, n, out.data_ptr<c10::BFloat16>()); break;
+      case at::kHalf: dequantize_intn_impl<N>(qw, sc, zr, group_size, n, out.data_ptr<c10::Half>()); break;
+      default: TORCH_CHECK(false, "out must be float32, bfloat16 or float16, got ", out.scalar_type());
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "qlora-ds CPU kernels for blockwise 4-bit / 8-bit quantization (bit-exact with the reference)";
+  m.doc() = "qlora-ds CPU kernels for blockwise 4-bit / 8-bit and group-wise INT-N quantization (bit-exact with "
+            "the reference)";
   m.def("quantize_4bit", &quantize_4bit, "quantize_4bit(x, bounds, order, blocksize, packed_out, absmax_out)");
   m.def("dequantize_4bit", &dequantize_4bit, "dequantize_4bit(packed, absmax, code, blocksize, out)");
   m.def("dequantize_4bit_dq", &dequantize_4bit_dq,
@@ -402,4 +583,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "quantize_8bit_blockwise(x, code8, bounds8, blocksize, q_out, absmax_out)");
   m.def("dequantize_8bit_blockwise", &dequantize_8bit_blockwise,
         "dequantize_8bit_blockwise(q, absmax, code8, blocksize, offset, out)");
+  m.def("quantize_intn", &quantize_intn,
+        "quantize_intn(w, bits, group_size, in_features, qweight_out, scales_out, zeros_out)");
+  m.def("dequantize_intn", &dequantize_intn,
+        "dequantize_intn(qweight, scales, zeros, bits, group_size, in_features, out)");
 }

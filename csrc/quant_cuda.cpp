@@ -1,4 +1,4 @@
-// qlora-ds: torch binding of the CUDA quant kernels (csrc/quant_cuda_impl.cu). Same five functions, names and
+// qlora-ds: torch binding of the CUDA quant kernels (csrc/quant_cuda_impl.cu). Same seven functions, names and
 // arguments as the CPU module and qlora_ds/ops/reference.py; outputs preallocated, every function returns None.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -125,8 +125,52 @@ void dequantize_8bit_blockwise(torch::Tensor q, torch::Tensor absmax, torch::Ten
                                                           c10::cuda::getCurrentCUDAStream()));
 }
 
+static void check_intn(int64_t bits, int64_t gs, int64_t in_features, int64_t n) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "bits must be 2, 3 or 4, got ", bits);
+  TORCH_CHECK(gs > 0 && gs % 8 == 0, "group_size must be a positive multiple of 8, got ", gs);
+  TORCH_CHECK(in_features > 0 && in_features % gs == 0, "in_features (", in_features,
+              ") must be a positive multiple of group_size (", gs, ")");
+  TORCH_CHECK(n % in_features == 0, "the weight's ", n, " elements are not rows of in_features = ", in_features);
+}
+
+void quantize_intn(torch::Tensor w, int64_t bits, int64_t group_size, int64_t in_features, torch::Tensor qweight_out,
+                   torch::Tensor scales_out, torch::Tensor zeros_out) {
+  check_1d(w, "w");
+  check_1d(qweight_out, "qweight_out", at::kByte);
+  check_1d(scales_out, "scales_out", at::kFloat);
+  check_1d(zeros_out, "zeros_out", at::kFloat);
+  const int64_t n = w.numel();
+  check_intn(bits, group_size, in_features, n);
+  TORCH_CHECK(qweight_out.numel() == n / 8 * bits, "qweight_out must have n*bits/8 = ", n / 8 * bits, " bytes");
+  TORCH_CHECK(scales_out.numel() == n / group_size && zeros_out.numel() == n / group_size,
+              "scales_out and zeros_out must have n/group_size = ", n / group_size, " entries");
+  const c10::cuda::CUDAGuard guard(w.device());
+  check_launch(qlora_ds::launch_quantize_intn(w.data_ptr(), dtype_code(w, "w"), n, static_cast<int>(bits), group_size,
+                                              qweight_out.data_ptr<uint8_t>(), scales_out.data_ptr<float>(),
+                                              zeros_out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+}
+
+void dequantize_intn(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
+                     int64_t group_size, int64_t in_features, torch::Tensor out) {
+  check_1d(qweight, "qweight", at::kByte);
+  check_1d(scales, "scales", at::kFloat);
+  check_1d(zeros, "zeros", at::kFloat);
+  check_1d(out, "out");
+  const int64_t n = out.numel();
+  check_intn(bits, group_size, in_features, n);
+  TORCH_CHECK(qweight.numel() == n / 8 * bits, "qweight must have out.numel()*bits/8 = ", n / 8 * bits, " bytes");
+  TORCH_CHECK(scales.numel() == n / group_size && zeros.numel() == n / group_size,
+              "scales and zeros must have out.numel()/group_size = ", n / group_size, " entries");
+  const c10::cuda::CUDAGuard guard(out.device());
+  check_launch(qlora_ds::launch_dequantize_intn(qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                                                zeros.data_ptr<float>(), static_cast<int>(bits), group_size,
+                                                out.data_ptr(), dtype_code(out, "out"), n,
+                                                c10::cuda::getCurrentCUDAStream()));
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "qlora-ds CUDA kernels for blockwise 4-bit / 8-bit quantization (bit-exact with the reference)";
+  m.doc() = "qlora-ds CUDA kernels for blockwise 4-bit / 8-bit and group-wise INT-N quantization (bit-exact with the "
+            "reference)";
   m.def("quantize_4bit", &quantize_4bit, "quantize_4bit(x, bounds, order, blocksize, packed_out, absmax_out)");
   m.def("dequantize_4bit", &dequantize_4bit, "dequantize_4bit(packed, absmax, code, blocksize, out)");
   m.def("dequantize_4bit_dq", &dequantize_4bit_dq,
@@ -135,4 +179,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "quantize_8bit_blockwise(x, code8, bounds8, blocksize, q_out, absmax_out)");
   m.def("dequantize_8bit_blockwise", &dequantize_8bit_blockwise,
         "dequantize_8bit_blockwise(q, absmax, code8, blocksize, offset, out)");
+  m.def("quantize_intn", &quantize_intn,
+        "quantize_intn(w, bits, group_size, in_features, qweight_out, scales_out, zeros_out)");
+  m.def("dequantize_intn", &dequantize_intn,
+        "dequantize_intn(qweight, scales, zeros, bits, group_size, in_features, out)");
 }

@@ -1,4 +1,4 @@
-// qlora-ds: CUDA kernels for blockwise 4-bit (NF4/FP4) and 8-bit quantization.
+// qlora-ds: CUDA kernels for blockwise 4-bit (NF4/FP4) and 8-bit quantization and group-wise INT-N (QA-LoRA).
 // Only CUDA headers here, so `nvcc -c -arch=sm_80` builds this file without torch. Bit-exact with
 // qlora_ds/ops/reference.py: every rounding step uses an explicit _rn intrinsic (never contracted into an FMA),
 // and the build uses --fmad=false -ftz=false -prec-div=true (no --use_fast_math).
@@ -242,6 +242,128 @@ void launch_deq_any(const uint8_t* packed, const float* code, Fn fn, int64_t bs,
   }
 }
 
+// ---- group-wise INT-N (QA-LoRA) ------------------------------------------------------------------
+// The codes of the whole tensor form one little-endian bit stream and every group is gs*N/8 whole bytes, so both
+// kernels work on flat groups; a chunk of 8 codes is N bytes.
+
+// torch's clamp(v, 0, maxq): max then min, NaN propagates and -0.0 stays -0.0 (fminf/fmaxf would not).
+__device__ __forceinline__ float clamp_q(float v, float maxq) {
+  v = 0.0f > v ? 0.0f : v;
+  return maxq < v ? maxq : v;
+}
+
+// One warp per group: min/max by warp reduction, then each lane quantizes and packs chunks of 8 codes.
+template <int N, typename T>
+__global__ void quantize_intn_kernel(const T* __restrict__ w, int64_t n, int64_t gs, uint8_t* __restrict__ qweight,
+                                     float* __restrict__ scales, float* __restrict__ zeros) {
+  constexpr unsigned kMask = (1u << N) - 1;
+  constexpr float maxq = static_cast<float>(kMask);
+  const int lane = threadIdx.x & 31;
+  const int64_t ngroups = n / gs;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); g < ngroups;
+       g += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t start = g * gs;
+    float mn = load_f32(w, start), mx = mn;
+    for (int64_t i = lane; i < gs; i += 32) {
+      const float v = load_f32(w, start + i);
+      mn = v < mn ? v : mn;
+      mx = mx < v ? v : mx;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float a = __shfl_xor_sync(0xffffffffu, mn, o), b = __shfl_xor_sync(0xffffffffu, mx, o);
+      mn = a < mn ? a : mn;
+      mx = mx < b ? b : mx;
+    }
+    const float span = __fsub_rn(mx, mn);
+    const bool constant = span == 0.0f;
+    float scale = 1.0f, zero = -mn;
+    if (!constant) {
+      scale = __fdiv_rn(span, maxq);
+      zero = clamp_q(rintf(__fdiv_rn(-mn, scale)), maxq);  // rintf: round half to even
+    }
+    if (lane == 0) {
+      scales[g] = scale;
+      zeros[g] = zero;
+    }
+    for (int64_t c = lane; c < gs / 8; c += 32) {
+      unsigned word = 0;
+      if (!constant) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const float q = clamp_q(rintf(__fadd_rn(__fdiv_rn(load_f32(w, start + 8 * c + k), scale), zero)), maxq);
+          word |= (static_cast<unsigned>(static_cast<int>(q)) & kMask) << (N * k);
+        }
+      }
+      uint8_t* dst = qweight + (start / 8 + c) * N;
+#pragma unroll
+      for (int b = 0; b < N; ++b) dst[b] = static_cast<uint8_t>(word >> (8 * b));
+    }
+  }
+}
+
+// One thread per chunk of 8 codes (N bytes in, 8 values out; a chunk never straddles a group).
+template <int N, typename OutT>
+__global__ void dequantize_intn_kernel(const uint8_t* __restrict__ qweight, const float* __restrict__ scales,
+                                       const float* __restrict__ zeros, int64_t gs, OutT* __restrict__ out,
+                                       int64_t n, bool vec_ok) {
+  constexpr unsigned kMask = (1u << N) - 1;
+  const int64_t nchunks = n / 8;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < nchunks;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint8_t* p = qweight + t * N;
+    unsigned word = p[0];
+#pragma unroll
+    for (int b = 1; b < N; ++b) word |= static_cast<unsigned>(p[b]) << (8 * b);
+    const int64_t g = 8 * t / gs;
+    const float zero = zeros[g], scale = scales[g];
+    float v[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      v[k] = __fmul_rn(__fsub_rn(static_cast<float>((word >> (N * k)) & kMask), zero), scale);
+    if (vec_ok) {
+      Store<OutT>::vec8(out + 8 * t, v);
+    } else {
+      for (int k = 0; k < 8; ++k) Store<OutT>::one(out + 8 * t + k, v[k]);
+    }
+  }
+}
+
+template <int N>
+void launch_quant_intn(const void* w, int w_dtype, int64_t n, int64_t gs, uint8_t* qw, float* sc, float* zr,
+                       cudaStream_t stream) {
+  const unsigned grid = grid_for(n / gs, kWarps);
+  switch (w_dtype) {
+    case kOutF32:
+      quantize_intn_kernel<N><<<grid, kThreads, 0, stream>>>(static_cast<const float*>(w), n, gs, qw, sc, zr);
+      break;
+    case kOutBF16:
+      quantize_intn_kernel<N><<<grid, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(w), n, gs, qw, sc, zr);
+      break;
+    default:
+      quantize_intn_kernel<N><<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(w), n, gs, qw, sc, zr);
+      break;
+  }
+}
+
+template <int N, typename OutT>
+void launch_deq_intn(const uint8_t* qw, const float* sc, const float* zr, int64_t gs, void* out, int64_t n,
+                     cudaStream_t stream) {
+  const bool vec_ok = reinterpret_cast<uintptr_t>(out) % 16 == 0;  // 8 outputs of 2 or 4 bytes per thread
+  dequantize_intn_kernel<N, OutT><<<grid_for(n / 8, kThreads), kThreads, 0, stream>>>(
+      qw, sc, zr, gs, static_cast<OutT*>(out), n, vec_ok);
+}
+
+template <int N>
+void launch_deq_intn_any(const uint8_t* qw, const float* sc, const float* zr, int64_t gs, void* out, int out_dtype,
+                         int64_t n, cudaStream_t stream) {
+  switch (out_dtype) {
+    case kOutF32: launch_deq_intn<N, float>(qw, sc, zr, gs, out, n, stream); break;
+    case kOutBF16: launch_deq_intn<N, __nv_bfloat16>(qw, sc, zr, gs, out, n, stream); break;
+    default: launch_deq_intn<N, __half>(qw, sc, zr, gs, out, n, stream); break;
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_quantize_4bit(const void* x, int x_dtype, int64_t n, const float* bounds, const uint8_t* order,
@@ -293,6 +415,30 @@ cudaError_t launch_dequantize_8bit_blockwise(const uint8_t* q, const float* absm
   if (n == 0) return cudaSuccess;
   dequantize_8bit_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(q, absmax, code8, blocksize, offset, out,
                                                                           n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_quantize_intn(const void* w, int w_dtype, int64_t n, int bits, int64_t group_size,
+                                 uint8_t* qweight_out, float* scales_out, float* zeros_out, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  switch (bits) {
+    case 2: launch_quant_intn<2>(w, w_dtype, n, group_size, qweight_out, scales_out, zeros_out, stream); break;
+    case 3: launch_quant_intn<3>(w, w_dtype, n, group_size, qweight_out, scales_out, zeros_out, stream); break;
+    case 4: launch_quant_intn<4>(w, w_dtype, n, group_size, qweight_out, scales_out, zeros_out, stream); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dequantize_intn(const uint8_t* qweight, const float* scales, const float* zeros, int bits,
+                                   int64_t group_size, void* out, int out_dtype, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  switch (bits) {
+    case 2: launch_deq_intn_any<2>(qweight, scales, zeros, group_size, out, out_dtype, n, stream); break;
+    case 3: launch_deq_intn_any<3>(qweight, scales, zeros, group_size, out, out_dtype, n, stream); break;
+    case 4: launch_deq_intn_any<4>(qweight, scales, zeros, group_size, out, out_dtype, n, stream); break;
+    default: return cudaErrorInvalidValue;
+  }
   return cudaGetLastError();
 }
 

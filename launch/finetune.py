@@ -327,6 +327,11 @@ def train(args) -> dict:
 
     from tqdm import tqdm
 
+    if step == 0 and eval_ex:  # the baseline the curve is judged against
+        eval_loss = evaluate(engine, eval_ex, tokenizer.pad_token_id)
+        if rank == 0:
+            metrics.log(step=0, eval_loss=eval_loss)
+            log.info("held-out loss before training: %.4f", eval_loss)
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True, file=sys.stdout)
     per_epoch = len(batches)
     engine.train()

@@ -25,4 +25,11 @@ cudaError_t launch_dequantize_8bit_blockwise(const uint8_t* q, const float* absm
                                              int64_t blocksize, float offset, float* out, int64_t n,
                                              cudaStream_t stream);
 
+// Group-wise INT-N (bits 2/3/4, group_size % 8 == 0, n % group_size == 0): codes as one little-endian bit stream.
+cudaError_t launch_quantize_intn(const void* w, int w_dtype, int64_t n, int bits, int64_t group_size,
+                                 uint8_t* qweight_out, float* scales_out, float* zeros_out, cudaStream_t stream);
+
+cudaError_t launch_dequantize_intn(const uint8_t* qweight, const float* scales, const float* zeros, int bits,
+                                   int64_t group_size, void* out, int out_dtype, int64_t n, cudaStream_t stream);
+
 }  // namespace qlora_ds

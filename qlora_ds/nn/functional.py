@@ -6,7 +6,7 @@ the input gradient only: the packed base never gets a gradient. Every tensor com
 (never a module attribute captured earlier), so DeepSpeed ZeRO-3's gathered parameters are the ones
 used, and recomputation under non-reentrant checkpointing sees the same inputs.
 
-4-bit dequantization writes into a reused per-(device, dtype) workspace: one buffer as large as the
+Dequantization (NF4/FP4 and INT-N) writes into a reused per-(device, dtype) workspace: one buffer as large as the
 largest layer, instead of a fresh allocation per call (it matters for CPU speed). The buffer never
 escapes a Function call.
 
@@ -95,7 +95,7 @@ class IntNLinearFunction(torch.autograd.Function):
     def forward(ctx, x, qweight, scales, zeros, bias, meta, guard=None):
         shape, bits, group_size = meta
         w = dequantize_parts(qweight, scales.view(torch.float32), zeros.view(torch.float32), bits, group_size,
-                             shape, x.dtype)
+                             shape, x.dtype, workspace(prod(shape), x.dtype, x.device))
         if guard is not None:
             guards.check(w, guard, "dequantized weight")
         y = F.linear(x, w, bias)
@@ -110,7 +110,7 @@ class IntNLinearFunction(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             w = dequantize_parts(qweight, scales.view(torch.float32), zeros.view(torch.float32), bits, group_size,
-                                 shape, grad_out.dtype)
+                                 shape, grad_out.dtype, workspace(prod(shape), grad_out.dtype, grad_out.device))
             grad_x = grad_out.matmul(w)
         if bias is not None and ctx.needs_input_grad[4]:
             grad_bias = _bias_grad(grad_out, bias)

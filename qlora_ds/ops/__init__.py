@@ -21,7 +21,7 @@ from . import reference
 
 __all__ = [
     "backend", "use_backend", "quantize_4bit", "dequantize_4bit", "dequantize_4bit_dq",
-    "quantize_8bit_blockwise", "dequantize_8bit_blockwise", "load_backend",
+    "quantize_8bit_blockwise", "dequantize_8bit_blockwise", "quantize_intn", "dequantize_intn", "load_backend",
 ]
 
 _loaded: dict[str, object] = {}
@@ -134,3 +134,45 @@ def dequantize_8bit_blockwise(q: torch.Tensor, absmax: torch.Tensor, blocksize: 
     _impl(q).dequantize_8bit_blockwise(q.contiguous().view(-1), absmax, codes.dynamic_code(q.device), blocksize,
                                        float(offset), out.view(-1))
     return out.view(q.shape)
+
+
+def _check_intn(bits: int, group_size: int, in_features: int) -> None:
+    if bits not in (2, 3, 4):
+        raise ValueError(f"bits={bits!r}: INT-N group quantization supports 2, 3 or 4")
+    if group_size <= 0 or group_size % 8 or in_features % group_size:
+        raise ValueError(f"group_size={group_size} must be a positive multiple of 8 dividing in_features={in_features}")
+
+
+def quantize_intn(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric INT-N of a 2-D weight [out, in]: (packed uint8 [out, in*bits/8],
+    fp32 scales [out, in/group_size], fp32 zeros [out, in/group_size]); see ``quant/intn.py``."""
+    if w.dim() != 2:
+        raise ValueError(f"quantize_intn needs a 2-D weight [out, in], got shape {tuple(w.shape)}")
+    out_f, in_f = w.shape
+    _check_intn(bits, group_size, in_f)
+    if w.dtype not in _OUT_DTYPES:
+        w = w.float()   # what the format does for any other float dtype: fp32 math
+    flat = w.contiguous().view(-1)
+    qweight = torch.empty(out_f, in_f * bits // 8, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(out_f, in_f // group_size, dtype=torch.float32, device=w.device)
+    zeros = torch.empty_like(scales)
+    if flat.numel():
+        _impl(w).quantize_intn(flat, bits, group_size, in_f, qweight.view(-1), scales.view(-1), zeros.view(-1))
+    return qweight, scales, zeros
+
+
+def dequantize_intn(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                    shape: Sequence[int], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``cast(fl(fl(q - zero) * scale))`` of a packed INT-N weight of ``shape`` (out, in) into ``dtype``
+    (into ``out`` when given: a contiguous tensor of out*in elements)."""
+    out_f, in_f = shape
+    _check_intn(bits, group_size, in_f)
+    n_groups = out_f * (in_f // group_size)
+    if qweight.numel() != out_f * in_f * bits // 8 or scales.numel() != n_groups or zeros.numel() != n_groups:
+        raise ValueError(f"qweight ({qweight.numel()} bytes), scales ({scales.numel()}) and zeros ({zeros.numel()}) "
+                         f"do not fit a {bits}-bit weight of shape {tuple(shape)} with group_size={group_size}")
+    out = _out(out, shape, dtype, qweight.device)
+    if out.numel():
+        _impl(qweight).dequantize_intn(qweight.contiguous().view(-1), scales.float().contiguous().view(-1),
+                                       zeros.float().contiguous().view(-1), bits, group_size, in_f, out.view(-1))
+    return out.view(tuple(shape))

@@ -1,6 +1,6 @@
 """Pure-torch reference backend: the oracle the kernels are tested against, and the fallback.
 
-Backend interface (the compiled CPU and CUDA modules expose the same five functions):
+Backend interface (the compiled CPU and CUDA modules expose the same seven functions):
 outputs are preallocated by the caller, every tensor is 1-D, contiguous and on one device, and
 every function returns None. Semantics are bitsandbytes' default-backend rules, bit for bit:
 
@@ -10,6 +10,12 @@ every function returns None. Semantics are bitsandbytes' default-backend rules, 
 * two 4-bit codes per byte, the first element in the high nibble; an odd tail pads with code(0.0);
 * dequantization multiplies in fp32 and then casts; double-quant absmax is
   ``fl(fl(code8[q] * absmax2) + offset)`` (two roundings, no FMA).
+
+Group-wise INT-N (QA-LoRA, ``quant/intn.py``): per (row, group) of fp32 values ``span = max - min``;
+a constant group gets scale 1, zero ``-min`` and code 0, else ``scale = span / maxq``,
+``zero = clamp(round(-min / scale), 0, maxq)``, ``q = clamp(round(w / scale + zero), 0, maxq)``
+(true divisions, round half to even, clamp keeps -0.0); codes form a dense little-endian bit stream
+(code k at bits N*k .. N*k+N-1). Dequantization is ``cast(fl(fl(q - zero) * scale))``.
 """
 from __future__ import annotations
 
@@ -74,3 +80,47 @@ def dequantize_4bit_dq(packed, qabsmax, absmax2, code8, nested_blocksize, offset
 def quantize_8bit_blockwise(x, code8, bounds8, blocksize, q_out, absmax_out) -> None:
     scaled = _scale_blockwise(x.float(), blocksize, absmax_out)
     q_out.copy_(torch.bucketize(scaled, bounds8).to(torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------- INT-N (QA-LoRA)
+def pack_intn(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [rows, n] (n % 8 == 0) -> dense little-endian bit stream uint8 [rows, n*bits/8]."""
+    rows, n = codes.shape
+    c = codes.to(torch.int64).view(rows, n // 8, 8)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
+    word = (c << shifts).sum(dim=-1, keepdim=True)               # 8 codes -> one 8*bits-bit word
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+    return ((word >> byte_shifts) & 0xFF).to(torch.uint8).view(rows, n * bits // 8)
+
+
+def unpack_intn(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of ``pack_intn``: uint8 [rows, n*bits/8] -> uint8 codes [rows, n]."""
+    rows = packed.shape[0]
+    b = packed.to(torch.int64).view(rows, n // 8, bits)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    word = (b << byte_shifts).sum(dim=-1, keepdim=True)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    return ((word >> shifts) & (2 ** bits - 1)).to(torch.uint8).view(rows, n)
+
+
+def quantize_intn(w, bits, group_size, in_features, qweight_out, scales_out, zeros_out) -> None:
+    out_f = w.numel() // in_features
+    maxq = 2 ** bits - 1
+    x = w.float().view(out_f, in_features // group_size, group_size)
+    wmin, wmax = x.amin(dim=-1), x.amax(dim=-1)
+    span = wmax - wmin
+    const = span == 0
+    scales = torch.where(const, torch.ones_like(span), span / maxq)
+    zeros = torch.where(const, -wmin, torch.round(-wmin / scales).clamp(0, maxq))
+    q = torch.round(x / scales.unsqueeze(-1) + zeros.unsqueeze(-1))
+    q = torch.where(const.unsqueeze(-1), torch.zeros_like(q), q.clamp(0, maxq))
+    qweight_out.copy_(pack_intn(q.to(torch.uint8).view(out_f, in_features), bits).view(-1))
+    scales_out.copy_(scales.view(-1))
+    zeros_out.copy_(zeros.view(-1))
+
+
+def dequantize_intn(qweight, scales, zeros, bits, group_size, in_features, out) -> None:
+    out_f = out.numel() // in_features
+    q = unpack_intn(qweight.view(out_f, -1), bits, in_features).view(out_f, -1, group_size).float()
+    w = (q - zeros.view(out_f, -1, 1)) * scales.view(out_f, -1, 1)
+    out.copy_(w.view(-1))

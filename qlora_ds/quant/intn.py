@@ -14,6 +14,9 @@ Choices (the rest of the package relies on them):
   format only has integer zeros: ``to_gptq`` rounds them and reports the extra error it introduced.
 * A constant group (max == min) gets scale 1 and zero ``-min`` so it dequantizes exactly and the
   merge never divides by zero.
+
+``quantize`` and ``dequantize_parts`` run through ``qlora_ds.ops`` (compiled CPU/CUDA kernels, bit-exact
+with the torch reference in ``ops/reference.py``); ``pack``/``unpack`` stay pure torch for GPTQ export.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ import dataclasses
 
 import torch
 
+from .. import ops
 from ..errors import QLoRADSError
+from ..ops import reference
 
 BITS = (2, 3, 4)
 
@@ -89,22 +94,12 @@ class IntNQuantizedTensor:
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [rows, n] (n % 8 == 0) -> dense little-endian bit stream uint8 [rows, n*bits/8]."""
-    rows, n = codes.shape
-    c = codes.to(torch.int64).view(rows, n // 8, 8)
-    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
-    word = (c << shifts).sum(dim=-1, keepdim=True)               # 8 codes -> one 8*bits-bit word
-    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
-    return ((word >> byte_shifts) & 0xFF).to(torch.uint8).view(rows, n * bits // 8)
+    return reference.pack_intn(codes, bits)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of ``pack``: uint8 [rows, n*bits/8] -> uint8 codes [rows, n]."""
-    rows = packed.shape[0]
-    b = packed.to(torch.int64).view(rows, n // 8, bits)
-    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
-    word = (b << byte_shifts).sum(dim=-1, keepdim=True)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
-    return ((word >> shifts) & (2 ** bits - 1)).to(torch.uint8).view(rows, n)
+    return reference.unpack_intn(packed, bits, n)
 
 
 def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 32) -> IntNQuantizedTensor:
@@ -116,29 +111,21 @@ def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 32) -> IntNQ
         raise QLoRADSError("weight must be a finite floating-point tensor; fix NaN/Inf in the checkpoint first")
     out_f, in_f = weight.shape
     check_group_size(group_size, in_f)
-    maxq = 2 ** bits - 1
     with torch.no_grad():
-        w = weight.detach().float().view(out_f, in_f // group_size, group_size)
-        wmin, wmax = w.amin(dim=-1), w.amax(dim=-1)
-        span = wmax - wmin
-        const = span == 0
-        scales = torch.where(const, torch.ones_like(span), span / maxq)
-        zeros = torch.where(const, -wmin, torch.round(-wmin / scales).clamp(0, maxq))
-        q = torch.round(w / scales.unsqueeze(-1) + zeros.unsqueeze(-1))
-        q = torch.where(const.unsqueeze(-1), torch.zeros_like(q), q.clamp(0, maxq))
-        packed = pack(q.to(torch.uint8).view(out_f, in_f), bits)
+        packed, scales, zeros = ops.quantize_intn(weight.detach(), bits, group_size)
     return IntNQuantizedTensor(qweight=packed, scales=scales.contiguous(), zeros=zeros.contiguous(),
                                shape=torch.Size(weight.shape), bits=bits, group_size=group_size, dtype=weight.dtype)
 
 
 def dequantize_parts(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                     group_size: int, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     group_size: int, shape, dtype: torch.dtype = torch.float32,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """``scale * (q - zero)`` in fp32, then one rounding to ``dtype`` (works on raw tensors: the layer
-    passes its gathered parameters here)."""
-    out_f, in_f = shape
-    q = unpack(qweight.view(out_f, -1), bits, in_f).view(out_f, in_f // group_size, group_size).float()
-    w = (q - zeros.view(out_f, -1, 1)) * scales.view(out_f, -1, 1)
-    return w.view(out_f, in_f).to(dtype)
+    passes its gathered parameters here). ``out``: a contiguous ``dtype`` tensor of out*in elements to
+    write into (a reused workspace) instead of a fresh one."""
+    if out is None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return ops.dequantize_intn(qweight, scales, zeros, bits, group_size, tuple(shape), torch.float32).to(dtype)
+    return ops.dequantize_intn(qweight, scales, zeros, bits, group_size, tuple(shape), dtype, out)
 
 
 def dequantize(qt: IntNQuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,0 +1,146 @@
+"""The compiled INT-N (QA-LoRA) quant ops against the torch reference, bit for bit, and the format's entry points."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from qlora_ds import ops
+from qlora_ds.ops import reference as ref
+from qlora_ds.ops.builder import OpBuildError, load_op
+from qlora_ds.quant import intn
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+HUGE = {torch.float32: 1e37, torch.bfloat16: 1e37, torch.float16: 2e4}
+
+
+def same_bits(a, b, nan_ok=False):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    if nan_ok and a.is_floating_point():  # NaN bit patterns differ between torch's own scalar and vector casts
+        both = torch.isnan(a) & torch.isnan(b)
+        a, b = a.masked_fill(both, 0), b.masked_fill(both, 0)
+    if a.is_floating_point():
+        view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+        a, b = a.view(view), b.view(view)
+    return torch.equal(a.cpu(), b.cpu())
+
+
+def make_weight(out_f, in_f, group_size, dtype, seed=0):
+    """Random rows of varied scale with a constant group, a non-negative group (zero point -0.0), ±huge and tiny
+    groups, and a half-integer-heavy group (ties of the rounding)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * torch.rand(out_f, 1, generator=g) * 3
+    flat = w.view(-1)
+    gs = group_size
+    flat[:gs] = 0.7                                                   # constant group
+    flat[gs : 2 * gs] = torch.rand(gs, generator=g)                   # min > 0: round(-min/scale) = -0.0
+    flat[2 * gs : 3 * gs] = torch.randn(gs, generator=g).clamp(-3, 3) * HUGE[dtype] / 3   # ±huge
+    flat[3 * gs : 4 * gs] *= 1e-30 if dtype != torch.float16 else 1e-3                    # tiny
+    flat[4 * gs : 5 * gs] = torch.randint(-16, 16, (gs,), generator=g) / 2.0             # many exact ties
+    flat[5 * gs : 6 * gs] = 0.0                                       # constant zero group
+    return w.to(dtype)
+
+
+def run_quant(mod, w, bits, gs):
+    n, in_f = w.numel(), w.shape[1]
+    qw = torch.empty(n * bits // 8, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(n // gs, device=w.device)
+    zeros = torch.empty(n // gs, device=w.device)
+    mod.quantize_intn(w.reshape(-1), bits, gs, in_f, qw, scales, zeros)
+    return qw, scales, zeros
+
+
+def check_intn_backend(mod, device):
+    for dtype in DTYPES:
+        for bits in (2, 3, 4):
+            for gs in (32, 64, 128):
+                for out_f, in_f in ((7, 6 * gs), (3, 8 * gs)):
+                    case = (dtype, bits, gs, out_f, in_f)
+                    w = make_weight(out_f, in_f, gs, dtype).to(device)
+                    got, want = run_quant(mod, w, bits, gs), run_quant(ref, w, bits, gs)
+                    for name, a, b in zip(("qweight", "scales", "zeros"), got, want):
+                        assert same_bits(a, b), case + (name,)
+                    for out_dtype in DTYPES:
+                        out = torch.empty(w.numel(), dtype=out_dtype, device=device)
+                        out_r = torch.empty_like(out)
+                        mod.dequantize_intn(*want, bits, gs, in_f, out)
+                        ref.dequantize_intn(*want, bits, gs, in_f, out_r)
+                        assert same_bits(out, out_r), case + (out_dtype,)
+
+
+@pytest.fixture(scope="module")
+def cpu_op():
+    try:
+        return load_op("quant", "cpu")
+    except OpBuildError as exc:
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip(f"no C++ compiler: {exc}")
+        raise
+
+
+def test_cpu_intn_matches_reference(cpu_op):
+    check_intn_backend(cpu_op, "cpu")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cpu_intn_span_overflow(cpu_op, bits):
+    """A group spanning more than fp32's range: scale inf; codes, scales, zeros still exact, values NaN."""
+    w = torch.randn(2, 64)
+    w[0, 0], w[0, 5], w[1, 40] = -3e38, 3e38, 1e30
+    got, want = run_quant(cpu_op, w, bits, 32), run_quant(ref, w, bits, 32)
+    assert all(same_bits(a, b) for a, b in zip(got, want))
+    for dtype in DTYPES:
+        out, out_r = torch.empty(128, dtype=dtype), torch.empty(128, dtype=dtype)
+        cpu_op.dequantize_intn(*want, bits, 32, 64, out)
+        ref.dequantize_intn(*want, bits, 32, 64, out_r)
+        assert same_bits(out, out_r, nan_ok=True)
+
+
+def test_cpu_intn_rejects_bad_arguments(cpu_op):
+    w = torch.randn(64)
+    q, s, z = torch.empty(32, dtype=torch.uint8), torch.empty(2), torch.empty(2)
+    with pytest.raises(RuntimeError, match="bits"):
+        cpu_op.quantize_intn(w, 5, 32, 64, q, s, z)
+    with pytest.raises(RuntimeError, match="group_size"):
+        cpu_op.quantize_intn(w, 4, 12, 64, q, s, z)
+    with pytest.raises(RuntimeError, match="qweight_out"):
+        cpu_op.quantize_intn(w, 3, 32, 64, q, s, z)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        cpu_op.dequantize_intn(q, s, z, 4, 32, 64, torch.empty(64, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_intn_format_roundtrip_same_on_every_backend(backend, dtype):
+    """intn.quantize / dequantize_parts give the same bits whichever backend runs them, and match pack/unpack."""
+    w = make_weight(5, 256, 32, dtype if dtype != torch.float64 else torch.float32).to(dtype)
+    ctx = ops.use_backend("torch" if backend == "torch" else None)
+    with ctx:
+        qt = intn.quantize(w, 3, 32)
+        deq = intn.dequantize_parts(qt.qweight, qt.scales, qt.zeros, 3, 32, qt.shape, torch.bfloat16)
+        out = torch.empty(w.numel(), dtype=torch.bfloat16)
+        deq_out = intn.dequantize_parts(qt.qweight, qt.scales, qt.zeros, 3, 32, qt.shape, torch.bfloat16, out=out)
+    with ops.use_backend("torch"):
+        qt_r = intn.quantize(w, 3, 32)
+    assert same_bits(qt.qweight, qt_r.qweight) and same_bits(qt.scales, qt_r.scales)
+    assert same_bits(qt.zeros, qt_r.zeros)
+    assert torch.equal(intn.pack(qt.codes(), 3), qt.qweight)
+    want = ((qt.codes().float().view(5, -1, 32) - qt.zeros.unsqueeze(-1)) * qt.scales.unsqueeze(-1)).view(5, 256)
+    assert same_bits(deq, want.to(torch.bfloat16)) and same_bits(deq_out, deq)
+    assert deq_out.data_ptr() == out.data_ptr() and deq_out.shape == (5, 256)
+
+
+def test_dequantize_intn_rejects_bad_out():
+    qt = intn.quantize(torch.randn(4, 64), 4, 32)
+    with pytest.raises(ValueError, match="out must be"):
+        ops.dequantize_intn(qt.qweight, qt.scales, qt.zeros, 4, 32, qt.shape, torch.bfloat16,
+                            out=torch.empty(255, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.dequantize_intn(qt.qweight, qt.scales, qt.zeros, 3, 32, qt.shape, torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_cuda_intn_matches_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    check_intn_backend(load_op("quant", "cuda"), "cuda")
