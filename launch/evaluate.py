@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from qlora_ds.errors import QLoRADSError
+from qlora_ds.cli import run_main
 
 log = logging.getLogger("evaluate")
 
@@ -81,15 +81,7 @@ def evaluate(args) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    args = parse_args(argv)
-    try:
-        evaluate(args)
-    except QLoRADSError as err:
-        log.error("%s", err)
-        return 2
-    return 0
-
+    return run_main(evaluate, parse_args, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from qlora_ds.cli import run_main
 from qlora_ds.errors import QLoRADSError
 
 log = logging.getLogger("finetune")
@@ -404,19 +405,7 @@ def train(args) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    args = parse_args(argv)
-    rank = os.environ.get("RANK", "0")
-    try:
-        train(args)
-    except QLoRADSError as err:
-        log.error("rank %s: %s", rank, err)
-        return 2
-    except Exception as err:  # noqa: BLE001 - name the rank and the cause, then fail the whole job
-        log.exception("rank %s failed: %s: %s", rank, type(err).__name__, err)
-        return 1
-    return 0
-
+    return run_main(train, parse_args, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

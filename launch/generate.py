@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from qlora_ds.cli import run_main
 from qlora_ds.errors import QLoRADSError
 
 log = logging.getLogger("generate")
@@ -101,15 +102,7 @@ def generate(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    args = parse_args(argv)
-    try:
-        generate(args)
-    except QLoRADSError as err:
-        log.error("%s", err)
-        return 2
-    return 0
-
+    return run_main(generate, parse_args, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

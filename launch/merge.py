@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from qlora_ds.errors import QLoRADSError
+from qlora_ds.cli import run_main
 
 log = logging.getLogger("merge")
 PROMPTS = ("What is AI?", "Write a haiku about the sea.", "List three prime numbers.")
@@ -124,16 +124,11 @@ def merge(args) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    args = parse_args(argv)
-    try:
-        report = merge(args)
-    except QLoRADSError as err:
-        log.error("%s", err)
-        return 2
-    log.info("report: %s", json.dumps(report, indent=2, default=str))
-    return 0 if report.get("verify", {}).get("ok", True) else 1
+    def verified(report) -> int:
+        log.info("report: %s", json.dumps(report, indent=2, default=str))
+        return 0 if report.get("verify", {}).get("ok", True) else 1
 
+    return run_main(merge, parse_args, argv, exit_code=verified)
 
 if __name__ == "__main__":
     sys.exit(main())
