@@ -26,6 +26,7 @@ import torch
 
 from .. import ops
 from ..errors import QLoRADSError
+from .nf4 import all_finite
 from ..ops import reference
 
 BITS = (2, 3, 4)
@@ -107,7 +108,7 @@ def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 32) -> IntNQ
     check_bits(bits)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise QLoRADSError("INT-N group quantization needs a 2-D weight tensor [out_features, in_features]")
-    if not weight.is_floating_point() or not bool(torch.isfinite(weight).all()):
+    if not weight.is_floating_point() or not all_finite(weight):
         raise QLoRADSError("weight must be a finite floating-point tensor; fix NaN/Inf in the checkpoint first")
     out_f, in_f = weight.shape
     check_group_size(group_size, in_f)
