@@ -119,5 +119,14 @@ class IntNLinearFunction(torch.autograd.Function):
 
 def lora_delta(x: torch.Tensor, lora_A: torch.nn.Linear, lora_B: torch.nn.Linear, scaling: float,
                dtype: torch.dtype) -> torch.Tensor:
-    """scaling · B(A(x)) with the (fp32) LoRA weights cast to the compute dtype."""
-    return F.linear(F.linear(x, lora_A.weight.to(dtype)), lora_B.weight.to(dtype)) * scaling
+    """scaling · B(A(x)) with the (fp32) LoRA weights cast to the compute dtype; the scaling is applied to
+    the rank-r intermediate, which is out/r times smaller than the output."""
+    return F.linear(F.linear(x, lora_A.weight.to(dtype)) * scaling, lora_B.weight.to(dtype))
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_A: torch.nn.Linear, lora_B: torch.nn.Linear, scaling: float,
+             dtype: torch.dtype) -> torch.Tensor:
+    """y + scaling · B(A(x)), the add fused into the B matmul (one addmm instead of a matmul and a full-size add)."""
+    a = F.linear(x, lora_A.weight.to(dtype)) * scaling
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1]), lora_B.weight.to(dtype).t())
+    return out.view(y.shape)

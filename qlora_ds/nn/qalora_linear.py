@@ -27,7 +27,7 @@ from ..quant import intn
 from ..quant.intn import IntNQuantizedTensor
 from .config import QALoRAConfig
 from . import guards
-from .functional import IntNLinearFunction, lora_delta
+from .functional import IntNLinearFunction, add_lora, lora_delta
 from .qlora_linear import _bytes, _frozen, build_lora, reset_lora
 
 
@@ -115,10 +115,12 @@ class QALoRALinear(nn.Module):
         y = IntNLinearFunction.apply(xc, self.qweight, self.scales, self.zeros, self.bias,
                                      (tuple(self.weight_shape), self.bits, self.group_size), guard)
         if self.has_adapter and not self.disable_adapter:
-            delta = lora_delta(self.pool(self.lora_dropout(xc)), self.lora_A, self.lora_B, self.scaling, cd)
-            if guard is not None:
+            if guard is None:
+                y = add_lora(y, self.pool(self.lora_dropout(xc)), self.lora_A, self.lora_B, self.scaling, cd)
+            else:
+                delta = lora_delta(self.pool(self.lora_dropout(xc)), self.lora_A, self.lora_B, self.scaling, cd)
                 guards.check(delta, guard, "LoRA output", x)
-            y = y + delta
+                y = y + delta
         if guard is not None:
             guards.check(y, guard, "layer output", x)
         return y.to(x.dtype)
