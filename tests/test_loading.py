@@ -149,3 +149,31 @@ def test_no_checkpoint_files(tmp_path):
     tiny_config("llama").save_pretrained(tmp_path)
     with pytest.raises(QLoRADSError, match="safe_serialization"):
         from_pretrained(str(tmp_path), CFG)
+
+
+def test_checkpoint_saved_by_transformers_bitsandbytes_loads_without_requantizing(tmp_path):
+    """transformers + bitsandbytes quantize (on CPU) and save_pretrained; we load those bytes as they are."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import qlora_ds
+    from qlora_ds.nn import QLoRAConfig
+
+    from .tiny_models import tiny_model
+
+    tiny_model("llama", dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=bnb_cfg, dtype=torch.bfloat16)
+    hf.save_pretrained(tmp_path / "bnb")
+    ours = qlora_ds.from_pretrained(str(tmp_path / "bnb"), QLoRAConfig(r=4, alpha=8, dropout=0.0))
+    with safe_open(str(tmp_path / "bnb" / "model.safetensors"), "pt") as f:
+        for name, module in ours.named_modules():
+            if hasattr(module, "quantized_weight"):
+                assert torch.equal(module.weight, f.get_tensor(f"{name}.weight").view(-1)), name
+                assert torch.equal(module.weight_absmax, f.get_tensor(f"{name}.weight.absmax")), name
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs, mine = hf(ids).logits.float(), ours(ids).logits.float()
+    # both compute in bf16 from the same dequantized weights; differences are bf16 rounding of activations
+    assert (theirs - mine).abs().max() <= 2e-2 * theirs.abs().max()
