@@ -130,3 +130,19 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_A: torch.nn.Linear, lora_B: 
     a = F.linear(x, lora_A.weight.to(dtype)) * scaling
     out = torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1]), lora_B.weight.to(dtype).t())
     return out.view(y.shape)
+
+
+def with_adapter(module, y: torch.Tensor, lora_input, x: torch.Tensor, guard) -> torch.Tensor:
+    """The shared tail of both layers' forward: add the LoRA branch (``lora_input`` is None when the adapter is
+    off; fused into one addmm unless the NaN guard must see it separately), check, cast back to x's dtype."""
+    cd = module.compute_dtype
+    if lora_input is not None:
+        if guard is None:
+            y = add_lora(y, lora_input, module.lora_A, module.lora_B, module.scaling, cd)
+        else:
+            delta = lora_delta(lora_input, module.lora_A, module.lora_B, module.scaling, cd)
+            guards.check(delta, guard, "LoRA output", x)
+            y = y + delta
+    if guard is not None:
+        guards.check(y, guard, "layer output", x)
+    return y.to(x.dtype)

@@ -27,7 +27,7 @@ from ..quant import intn
 from ..quant.intn import IntNQuantizedTensor
 from .config import QALoRAConfig
 from . import guards
-from .functional import IntNLinearFunction, add_lora, lora_delta
+from .functional import IntNLinearFunction, with_adapter
 from .qlora_linear import _bytes, _frozen, build_lora, reset_lora
 
 
@@ -114,16 +114,7 @@ class QALoRALinear(nn.Module):
         guard = guards.layer_guard(self)
         y = IntNLinearFunction.apply(xc, self.qweight, self.scales, self.zeros, self.bias,
                                      (tuple(self.weight_shape), self.bits, self.group_size), guard)
-        if self.has_adapter and not self.disable_adapter:
-            if guard is None:
-                y = add_lora(y, self.pool(self.lora_dropout(xc)), self.lora_A, self.lora_B, self.scaling, cd)
-            else:
-                delta = lora_delta(self.pool(self.lora_dropout(xc)), self.lora_A, self.lora_B, self.scaling, cd)
-                guards.check(delta, guard, "LoRA output", x)
-                y = y + delta
-        if guard is not None:
-            guards.check(y, guard, "layer output", x)
-        return y.to(x.dtype)
+        return with_adapter(self, y, self.pool(self.lora_dropout(xc)) if self.has_adapter and not self.disable_adapter else None, x, guard)
 
     def reset_lora_parameters(self) -> None:
         reset_lora(self)

@@ -36,7 +36,7 @@ from ..errors import QLoRADSError
 from ..quant.nf4 import QuantizedTensor, quantize
 from .config import QLoRAConfig
 from . import guards
-from .functional import NF4LinearFunction, add_lora, dequantize_nf4_parts, lora_delta
+from .functional import NF4LinearFunction, dequantize_nf4_parts, with_adapter
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -204,16 +204,7 @@ class QLoRALinear(nn.Module):
         guard = guards.layer_guard(self)
         y = NF4LinearFunction.apply(xc, self.weight, self.weight_absmax, self.weight_absmax2, self.offset(),
                                     self.bias, self._meta(), guard)
-        if not self.disable_adapter:
-            if guard is None:
-                y = add_lora(y, self.lora_dropout(xc), self.lora_A, self.lora_B, self.scaling, cd)
-            else:
-                delta = lora_delta(self.lora_dropout(xc), self.lora_A, self.lora_B, self.scaling, cd)
-                guards.check(delta, guard, "LoRA output", x)
-                y = y + delta
-        if guard is not None:
-            guards.check(y, guard, "layer output", x)
-        return y.to(x.dtype)
+        return with_adapter(self, y, self.lora_dropout(xc) if not self.disable_adapter else None, x, guard)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B·A in fp32 [out, in]."""
