@@ -123,3 +123,18 @@ def test_output_dir_of_another_run_is_not_overwritten(tiny, tmp_path):
     with pytest.raises(QLoRADSError, match="not empty"):
         ft.check_output_dir(ft.parse_args(_args(tiny, stray)), 0)
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_qalora_single_process(tiny):
+    """--method qalora on one process (plain `python finetune.py`, no launcher): trains and writes an adapter
+    whose side file records bits and group size."""
+    out = tiny["root"] / "qalora"
+    args = _args(tiny, out, "--max-steps", "2", "--method", "qalora", "--bits", "3", "--group-size", "32")
+    i = args.index("--ds-config")
+    del args[i:i + 2]  # no ds_config: DeepSpeed defaults + the command line
+    proc = subprocess.run([sys.executable, str(FINETUNE), *args, "--micro-batch", "2", "--grad-accum", "2"],
+                          env=dist_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    check(proc)
+    side = json.loads((out / "adapter" / "qlora_ds.json").read_text())
+    assert '"bits": 3' in json.dumps(side) and '"group_size": 32' in json.dumps(side)
+    assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2]
