@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     t = p.add_argument_group("training (Guanaco defaults, design notes §4)")
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.03)
-    t.add_argument("--max-grad-norm", type=float, default=0.3)
+    t.add_argument("--max-grad-norm", type=float, default=None, help="default: ds_config gradient_clipping or 0.3")
     t.add_argument("--adam-beta2", type=float, default=0.999)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--optimizer", default="PagedAdamW", help="PagedAdamW | PagedAdamW8bit | AdamW8bit")
@@ -138,9 +138,7 @@ def resolve_ds_config(args, world: int) -> dict:
         raise QLoRADSError(f"ds_config train_batch_size={cfg['train_batch_size']} but micro batch {micro} × "
                            f"gradient accumulation {accum} × {world} ranks = {total}; fix one of them")
     cfg["train_batch_size"] = total
-    clip = cfg.setdefault("gradient_clipping", args.max_grad_norm)
-    if clip != args.max_grad_norm and "--max-grad-norm" in " ".join(sys.argv):
-        raise QLoRADSError(f"ds_config gradient_clipping={clip} conflicts with --max-grad-norm {args.max_grad_norm}")
+    merge("gradient_clipping", args.max_grad_norm, 0.3)
     if cfg.get("fp16", {}).get("enabled"):
         raise QLoRADSError("ds_config enables fp16, but qlora-ds computes in bf16 (as QLoRA does); "
                            "use \"bf16\": {\"enabled\": true} and remove the fp16 section")
