@@ -1,4 +1,5 @@
 import os
+import shutil
 import warnings
 
 import pytest
@@ -36,3 +37,17 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_run")
     return {"model": write_tiny_checkpoint(str(root / "model")),
             "data": write_chat_dataset(str(root / "chat.jsonl"), 96), "root": root}
+
+
+@pytest.fixture(scope="module")
+def cpu_op():
+    """The compiled CPU quant op; skipped only on a machine with no C++ compiler at all."""
+    from qlora_ds.errors import OpBuildError
+    from qlora_ds.ops.builder import load_op
+
+    try:
+        return load_op("quant", "cpu")
+    except OpBuildError as exc:
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip(f"no C++ compiler: {exc}")
+        raise

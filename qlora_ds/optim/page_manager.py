@@ -87,33 +87,31 @@ class PageManager:
         if not self._on_host:
             return 0
         bufs = self._managed()
-        op = paged_op("cuda") if bufs else None
-        moved, secs = 0, 0.0
-        if op is not None:
-            start = time.perf_counter()
-            for b in bufs:
-                op.prefetch(b, b.device.index)
-                moved += b.numel() * b.element_size()
-            torch.cuda.synchronize()
-            secs = time.perf_counter() - start
+        moved, secs = self._prefetch(bufs, to_host=False)
         self._on_host = False
         self.stats.bytes_to_device += moved
         self.stats.seconds_to_device += secs
         self.stats.prefetches += 1
         return moved
 
+    @staticmethod
+    def _prefetch(bufs, to_host: bool) -> tuple[int, float]:
+        """cudaMemPrefetchAsync every managed buffer to the host (-1) or back to its GPU; (bytes, seconds)."""
+        op = paged_op("cuda") if bufs else None
+        if op is None:
+            return 0, 0.0
+        start = time.perf_counter()
+        moved = 0
+        for b in bufs:
+            op.prefetch(b, -1 if to_host else b.device.index)
+            moved += b.numel() * b.element_size()
+        torch.cuda.synchronize()
+        return moved, time.perf_counter() - start
+
     def evict_to_host(self) -> int:
         """Memory-pressure hook: move all paged state to CPU RAM now; returns the bytes moved (0 on CPU)."""
         bufs = self._managed()
-        op = paged_op("cuda") if bufs else None
-        moved, secs = 0, 0.0
-        if op is not None:
-            start = time.perf_counter()
-            for b in bufs:
-                op.prefetch(b, -1)
-                moved += b.numel() * b.element_size()
-            torch.cuda.synchronize()
-            secs = time.perf_counter() - start
+        moved, secs = self._prefetch(bufs, to_host=True)
         self._on_host = True
         self.stats.bytes_to_host += moved
         self.stats.seconds_to_host += secs
