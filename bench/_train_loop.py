@@ -16,55 +16,17 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import sys
 import time
 
 import torch
 
+from qlora_ds.memstats import cuda_peak, peak_rss, reset_peak, rss  # noqa: F401  (bench's workers use tl.rss …)
 from qlora_ds.packaged import chatterbot_pairs, default_model_dir, export_smollm2
 
 IGNORE = -100
 METHODS = ("ours-nf4dq", "ours-fp4", "ours-qalora4", "ours-qalora3", "ours-qalora2", "bnb-peft", "bf16-peft")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-# ------------------------------------------------------------------------------------------- memory
-def _status(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def rss() -> int:
-    """Current resident set size in bytes (ru_maxrss where /proc is missing)."""
-    return _status("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak() -> bool:
-    """Reset the process's RSS high-water mark (Linux: clear_refs 5); CUDA peak stats too."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> int:
-    """RSS high-water mark since the last reset_peak (or process start): VmHWM, else ru_maxrss."""
-    return _status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def cuda_peak() -> int | None:
-    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
 # ------------------------------------------------------------------------------------------- models

@@ -11,7 +11,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from bench._train_loop import cuda_peak, peak_rss, reset_peak, rss
+from qlora_ds.memstats import cuda_peak, peak_rss, reset_peak, rss
 from qlora_ds.inject import from_pretrained, quantized_bytes_on_this_rank
 from qlora_ds.nn import QLoRAConfig
 

@@ -1,14 +1,17 @@
 """Read a safetensors checkpoint (single file or sharded with an index) one tensor at a time.
 
 Everything is validated from the headers first (shard files present, key → shape/dtype), without
-reading tensor data. Data is read with ``safe_open`` one tensor at a time; at most one shard file
-is open (its mapping is dropped when the reader moves on), so resident memory stays near one tensor.
+reading tensor data. Each tensor is then read with plain file reads into memory it owns, not through
+a memory map: tensors that are kept as they are (embeddings, norms, pre-quantized bytes) would
+otherwise keep the whole mapping alive, and every page touched while quantizing would stay in the
+process's resident set (a 16-bit checkpoint's full size on top of the 4-bit model).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import struct
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -18,6 +21,20 @@ from ..errors import QLoRADSError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 BNB_STATE = ".quant_state.bitsandbytes__"
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _data_layout(file: str) -> tuple[int, dict]:
+    """(byte offset of the data section, header) of a safetensors file; the header is already
+    validated by ``safe_open``."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
 
 
 class Checkpoint:
@@ -43,12 +60,14 @@ class Checkpoint:
                                f"missing; copy or download all {len(files)} shards again")
         self.file_of: dict[str, str] = {}
         self.shape: dict[str, tuple[int, ...]] = {}
+        self._layout: dict[str, tuple[int, dict]] = {}
         for fname in files:
             try:
                 with safe_open(os.path.join(path, fname), framework="pt") as f:
                     for key in f.keys():
                         self.file_of[key] = fname
                         self.shape[key] = tuple(f.get_slice(key).get_shape())
+                self._layout[fname] = _data_layout(os.path.join(path, fname))
             except SafetensorError as err:
                 raise QLoRADSError(f"shard {fname} in {path!r} is not a readable safetensors file ({err}); it is "
                                    f"truncated or corrupt: copy it again from the original checkpoint") from None
@@ -83,15 +102,32 @@ class Checkpoint:
         return any(BNB_STATE in k for k in self.file_of)
 
     def get(self, key: str) -> torch.Tensor:
+        """The tensor ``key``, read into fresh memory (no reference to the file remains)."""
         fname = self.file_of[key]
         if fname != self._open_name:
             self.close()
-            self._open = safe_open(os.path.join(self.path, fname), framework="pt")
-            self._open.__enter__()
+            self._open = open(os.path.join(self.path, fname), "rb", buffering=0)
             self._open_name = fname
-        return self._open.get_tensor(self.stored[key])
+        start, header = self._layout[fname]
+        entry = header[self.stored[key]]
+        dtype = DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise QLoRADSError(f"{key} in {fname} has dtype {entry['dtype']}, which qlora-ds does not read; "
+                               f"convert the checkpoint to bf16/fp16/fp32 first")
+        begin, end = entry["data_offsets"]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        view, got = memoryview(buf.numpy()), 0
+        while got < len(view):          # one read returns at most ~2 GiB on Linux
+            n = os.preadv(self._open.fileno(), [view[got:]], start + begin + got)
+            if n == 0:
+                break
+            got += n
+        if got != end - begin:
+            raise QLoRADSError(f"{fname} in {self.path!r} ended after {got} of {end - begin} bytes of {key}; it is "
+                               f"truncated: copy it again from the original checkpoint")
+        return buf.view(dtype).reshape(entry["shape"])
 
     def close(self) -> None:
         if self._open is not None:
-            self._open.__exit__(None, None, None)
+            self._open.close()
         self._open = self._open_name = None

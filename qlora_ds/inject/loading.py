@@ -6,7 +6,7 @@
 2. the policy's target linears are replaced by QLoRALinear / QALoRALinear (still meta);
 3. every key, shape and quantization setting is checked against the checkpoint *headers* on every
    rank — a bad checkpoint fails here, before any data is read or any training starts;
-4. module by module, the tensors are read one at a time (``safe_open``), target weights quantized
+4. module by module, the tensors are read one at a time (plain reads, no memory map), target weights quantized
    on the fly (or taken as stored: bitsandbytes/transformers 4-bit keys, or our own format) and
    assigned; tied parameters stay one object.
 
