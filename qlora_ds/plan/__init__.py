@@ -74,6 +74,9 @@ def apply_ds_config(cfg: PlanConfig, ds_config: dict | str) -> PlanConfig:
         paged=opt_type.startswith("paged"),
         optim_bits=8 if "8bit" in opt_type else 32,
         bf16_master=bool(bf16.get("bf16_master_weights_and_grads", False)),
+        persistence_threshold=int(float(zero.get("stage3_param_persistence_threshold", 1e5))),
+        max_live_parameters=int(float(zero.get("stage3_max_live_parameters", 1e9))),
+        max_reuse_distance=int(float(zero.get("stage3_max_reuse_distance", 1e9))),
     )
 
 

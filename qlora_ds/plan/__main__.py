@@ -26,10 +26,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank on all linear layers (default 64)")
     p.add_argument("--no-grad-ckpt", action="store_true", help="gradient checkpointing off")
     p.add_argument("--bf16-lora", action="store_true", help="bf16 master weights and grads (no fp32 copy)")
-    p.add_argument("--bits", type=int, default=None, choices=(4, 16), help="base weights: 4 (NF4+DQ) or 16")
+    p.add_argument("--bits", type=int, default=None, choices=(2, 3, 4, 16),
+                   help="base weights: 4 (NF4+DQ) or 16; 2/3/4 with --quant int (QA-LoRA)")
+    p.add_argument("--quant", default="nf4", choices=("nf4", "int"), help="nf4 (QLoRA) or int (QA-LoRA INT-N)")
+    p.add_argument("--group-size", type=int, default=32, help="QA-LoRA quantization group (with --quant int)")
     p.add_argument("--optim-bits", type=int, default=None, choices=(8, 32))
     p.add_argument("--paged", action="store_true", help="paged optimizer (its state may spill to host)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--pad-multiple", type=int, default=16,
+                   help="batch widths rounded up to this (finetune.py --pad-to-multiple-of); CPU shape cache")
+    p.add_argument("--runtime-mem", default=None,
+                   help="memory the process holds before the model (default: 640MiB CUDA context on a GPU, "
+                        "420MiB interpreter + libraries on CPU)")
     p.add_argument("--interconnect-gbps", type=float, default=100.0, help="per-node NIC, Gbit/s")
     p.add_argument("--intra-gbps", type=float, default=2400.0, help="within a node, Gbit/s")
     p.add_argument("--tflops", type=float, default=100.0, help="achieved bf16 TFLOP/s per GPU")
@@ -41,7 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_from_args(a: argparse.Namespace) -> PlanConfig:
     cfg = PlanConfig(shape=load_shape(a.model), gpus_per_node=a.gpus, nodes=a.nodes,
-                     gpu_mem_bytes=parse_mem(a.gpu_mem), device=a.device,
+                     gpu_mem_bytes=parse_mem(a.gpu_mem), device=a.device, quant=a.quant, group_size=a.group_size,
+                     pad_multiple=a.pad_multiple,
+                     runtime_bytes=parse_mem(a.runtime_mem) if a.runtime_mem is not None else None,
                      interconnect_gbps=a.interconnect_gbps, intra_node_gbps=a.intra_gbps, tflops=a.tflops)
     if a.recipe:
         cfg = apply_recipe(cfg, a.recipe)

@@ -7,8 +7,9 @@ nodes (×2 for all-reduce). Times are not overlapped with compute, so ``step_s_u
 ``step_s_lower`` (max of compute and communication) the other.
 
 What moves per optimizer step (``grad_accum`` micro steps):
-* ZeRO-3: all-gather of the parameters in forward and again in backward, every micro step. Our base
-  is partitioned as *packed* NF4 bytes (4.127 bit/param) instead of bf16: 4.127/16 of the traffic.
+* ZeRO-3: all-gather of the parameters in forward and again for backward, every micro step (details
+  in ``zero3_gathers``). Our base is partitioned as *packed* NF4 bytes (4.127 bit/param) instead of
+  bf16: 4.127/16 of the traffic.
 * LoRA gradients (bf16): ZeRO-0/1 all-reduce once per step; ZeRO-2/3 reduce-scatter every micro step.
 * ZeRO-1/2: all-gather of the updated bf16 LoRA weights after the step.
 
@@ -61,40 +62,92 @@ def collective_seconds(cfg: PlanConfig, size: float, kind: str) -> float:
     return factor * (intra + inter)
 
 
-def comm_volume(cfg: PlanConfig) -> dict:
-    """Bytes each rank sends per optimizer step, by what is moved."""
-    s, n, z, acc = cfg.shape, cfg.world_size, cfg.zero_stage, cfg.grad_accum
-    p = lora_params(s, cfg.lora_r, cfg.lora_targets)
-    vol = {}
-    if n == 1:
-        return vol
-    if z >= 3:
-        passes = 2 * acc
-        vol["allgather_linears"] = passes * _ring(s.linear_params * cfg.base_bits_per_param / 8, n)
-        vol["allgather_embeddings"] = passes * _ring(s.embedding_params * 2, n)
-        vol["allgather_lora"] = passes * _ring(p * 2, n)
-    if z <= 1:
-        vol["allreduce_lora_grads"] = 2 * _ring(p * 2, n)
+def _quantized_tensor_sizes(cfg: PlanConfig, fan_in: int, fan_out: int) -> list[tuple[int, int]]:
+    """(numel, bytes per element) of the frozen tensors ZeRO-3 partitions for one quantized linear, as
+    QLoRALinear / QALoRALinear store them (all uint8 but a 16-bit base)."""
+    w = fan_in * fan_out
+    if cfg.base_bits == 16:
+        return [(w, 2)]
+    if cfg.quant == "int":
+        groups = w // cfg.group_size
+        return [(w * cfg.base_bits // 8, 1), (4 * groups, 1), (4 * groups, 1)]
+    blocks = -(-w // 64)
+    if cfg.double_quant:
+        return [((w + 1) // 2, 1), (blocks, 1), (4 * -(-blocks // 256), 1), (4, 1)]
+    return [((w + 1) // 2, 1), (4 * blocks, 1)]
+
+
+def zero3_gathers(cfg: PlanConfig) -> dict:
+    """Bytes all-gathered per micro step under ZeRO-3, by what is gathered (full, padded sizes).
+
+    DeepSpeed gathers a module's parameters before its forward and backward and frees them after, so
+    each decoder-layer tensor is gathered once in forward and once more for backward (with
+    checkpointing: for the recomputation, whose parameters the backward then reuses). With
+    ``stage3_max_reuse_distance: 0`` nothing is reused: three gathers with checkpointing. The embedding
+    is gathered for forward only, an untied lm_head for forward and backward (tied: the one tensor
+    three times). Tensors with at most ``stage3_param_persistence_threshold`` elements stay gathered
+    for the whole run and cost nothing per step; a model whose gathered elements fit under both
+    ``stage3_max_live_parameters`` and ``stage3_max_reuse_distance`` stays gathered between forward
+    and backward: one gather per micro step. LoRA A/B stay fp32 under ZeRO-3 (the engine casts them to
+    bf16 only at ZeRO 0-2), so they move 4 bytes per element.
+    """
+    s, n = cfg.shape, cfg.world_size
+
+    def moved(tensors) -> int:   # bytes of the non-persistent tensors, padded to a multiple of n
+        return sum(-(-numel // n) * n * size for numel, size in tensors if numel > cfg.persistence_threshold)
+
+    lin = s.linears()
+    layer_linears = moved(t for a, b in lin.values() for t in _quantized_tensor_sizes(cfg, a, b))
+    layer_lora = moved(t for name in cfg.lora_targets for t in ((cfg.lora_r * lin[name][0], 4),
+                                                                (cfg.lora_r * lin[name][1], 4)) if cfg.lora_r)
+    layer_norms = moved([(s.hidden, 2), (s.hidden, 2)])
+    embed = moved([(s.vocab * s.hidden, 2)])
+    final_norm = moved([(s.hidden, 2)])
+    numel = sum(numel for numel, _ in (
+        [t for a, b in lin.values() for t in _quantized_tensor_sizes(cfg, a, b)] * s.layers)) \
+        + s.vocab * s.hidden * (1 if s.tie_embeddings else 2) + s.layers * sum(
+            cfg.lora_r * (lin[t][0] + lin[t][1]) for t in cfg.lora_targets)
+    if numel <= min(cfg.max_live_parameters, cfg.max_reuse_distance):
+        layer_passes, embed_passes, head_passes = 1, 1, (0 if s.tie_embeddings else 1)
     else:
-        vol["reduce_scatter_lora_grads"] = acc * _ring(p * 2, n)
+        layer_passes = 3 if cfg.grad_ckpt and cfg.max_reuse_distance == 0 else 2
+        embed_passes, head_passes = (3, 0) if s.tie_embeddings else (1, 2)
+    return {"linears": layer_passes * s.layers * layer_linears,
+            "embeddings_norms": (embed_passes + head_passes) * embed + layer_passes * s.layers * layer_norms
+            + (layer_passes if layer_passes == 1 else 2) * final_norm,
+            "lora": layer_passes * s.layers * layer_lora}
+
+
+def _collectives(cfg: PlanConfig) -> list[tuple[str, float, str, int]]:
+    """(what, full message bytes, 'gather' | 'reduce' | 'reduce_scatter', times per optimizer step)."""
+    s, n, z, acc = cfg.shape, cfg.world_size, cfg.zero_stage, cfg.grad_accum
+    if n == 1:
+        return []
+    p = lora_params(s, cfg.lora_r, cfg.lora_targets)
+    out = []
+    if z >= 3:
+        for what, size in zero3_gathers(cfg).items():
+            out.append((f"allgather_{what}", size, "gather", acc))
+    if z <= 1:
+        out.append(("allreduce_lora_grads", p * 2, "reduce", 1))
+    else:
+        out.append(("reduce_scatter_lora_grads", p * 2, "reduce_scatter", acc))
     if z in (1, 2):
-        vol["allgather_lora_update"] = _ring(p * 2, n)
+        out.append(("allgather_lora_update", p * 2, "gather", 1))
+    return out
+
+
+def comm_volume(cfg: PlanConfig) -> dict:
+    """Bytes each rank sends per optimizer step, by what is moved (ring: S·(N−1)/N, all-reduce twice)."""
+    vol: dict[str, float] = {}
+    for what, size, kind, times in _collectives(cfg):
+        vol[what] = vol.get(what, 0.0) + times * (2 if kind == "reduce" else 1) * _ring(size, cfg.world_size)
     return vol
 
 
 def _comm_seconds(cfg: PlanConfig) -> float:
-    s, n, z, acc = cfg.shape, cfg.world_size, cfg.zero_stage, cfg.grad_accum
-    if n == 1:
-        return 0.0
-    p = lora_params(s, cfg.lora_r, cfg.lora_targets)
-    t = 0.0
-    if z >= 3:
-        weights = s.linear_params * cfg.base_bits_per_param / 8 + s.embedding_params * 2 + p * 2
-        t += 2 * acc * collective_seconds(cfg, weights, "gather")
-    t += collective_seconds(cfg, p * 2, "reduce") if z <= 1 else acc * collective_seconds(cfg, p * 2, "gather")
-    if z in (1, 2):
-        t += collective_seconds(cfg, p * 2, "gather")
-    return t
+    return sum(times * collective_seconds(cfg, size, "reduce" if kind == "reduce" else "gather")
+               for _, size, kind, times in _collectives(cfg))
 
 
 def flops_per_token(cfg: PlanConfig) -> float:

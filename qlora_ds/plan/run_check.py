@@ -1,0 +1,42 @@
+"""The planner's prediction for a finetune run, set beside the peak the run measured.
+
+``launch/finetune.py`` calls ``memory_check`` at the end of training and writes the result into its
+summary, so every run checks the planner: on CPU against the process's peak RSS (with the memory the
+process held before loading the model as the planner's runtime term), on CUDA against
+``torch.cuda.max_memory_allocated`` (which leaves out the CUDA context, so the runtime term is 0).
+"""
+from __future__ import annotations
+
+from ..errors import QLoRADSError
+from . import apply_ds_config
+from .memory import ALL_LINEAR, MiB, PlanConfig, estimate_memory
+from .presets import shape_from_hf_config
+
+
+def config_for_run(hf_config: dict, ds_config: dict, *, world: int, device: str, seq_len: int, lora_r: int,
+                   lora_dropout: float, targets, grad_ckpt: bool, method: str = "qlora", bits: int = 4,
+                   group_size: int = 32, double_quant: bool = True, runtime_bytes: int | None = None,
+                   pad_multiple: int = 16) -> PlanConfig:
+    """A PlanConfig for one rank of a run; ``QLoRADSError`` when the planner cannot model the model
+    (not a LLaMA-layout decoder, or LoRA on layers the planner does not know)."""
+    targets = tuple(targets) if targets else ALL_LINEAR
+    if set(targets) - set(ALL_LINEAR):
+        raise QLoRADSError(f"the planner models LoRA on {ALL_LINEAR}, not {sorted(set(targets) - set(ALL_LINEAR))}")
+    cfg = PlanConfig(shape=shape_from_hf_config(hf_config), gpus_per_node=world, device=device, seq_len=seq_len,
+                     lora_r=lora_r, lora_dropout=lora_dropout, lora_targets=targets, grad_ckpt=grad_ckpt,
+                     base_bits=bits if method == "qalora" else 4, quant="int" if method == "qalora" else "nf4",
+                     group_size=group_size, double_quant=double_quant, runtime_bytes=runtime_bytes,
+                     pad_multiple=pad_multiple)
+    return apply_ds_config(cfg, ds_config)
+
+
+def memory_check(cfg: PlanConfig, measured_bytes: float) -> dict:
+    """Planned vs measured peak (MiB) and planned / measured. On CPU, paged optimizer state is host
+    memory anyway, so the whole peak is compared; on a GPU, what stays resident after paging."""
+    mem = estimate_memory(cfg)
+    planned = mem.peak if cfg.device == "cpu" else mem.device_peak
+    name, runtime, _ = cfg.runtime
+    return {"device": cfg.device, "seq_len": cfg.seq_len, "micro_batch": cfg.micro_batch, "planned_peak_mib": round(planned / MiB, 1),
+            "measured_peak_mib": round(measured_bytes / MiB, 1), "runtime_mib": round(runtime / MiB, 1),
+            "planned_over_measured": round(planned / measured_bytes, 3) if measured_bytes else None,
+            "items_mib": {it.name: round(it.bytes / MiB, 1) for it in mem.items}}
