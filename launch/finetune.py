@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation (default: ds_config or 16)")
     t.add_argument("--max-steps", type=int, default=100)
     t.add_argument("--max-len", type=int, default=512)
+    t.add_argument("--pad-to-multiple-of", type=int, default=16,
+                   help="round batch widths up to this (fewer distinct shapes: less per-shape kernel memory)")
     t.add_argument("--eval-size", type=int, default=64, help="held-out examples")
     t.add_argument("--eval-every", type=int, default=20)
     t.add_argument("--save-every", type=int, default=50)
@@ -82,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("model", "dataset", "output_dir"):
         if not getattr(args, name):
             p.error(f"--{name.replace('_', '-')} is required (directly or in --recipe)")
+    if args.pad_to_multiple_of < 1:
+        p.error(f"--pad-to-multiple-of must be 1 or more (1 = no rounding), got {args.pad_to_multiple_of}")
     return args
 
 
@@ -205,11 +209,36 @@ def build_data(args, tokenizer, model_config, rank: int, world: int, micro: int)
 # ------------------------------------------------------------------------------------------------ train
 
 def _memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    import resource
+    from qlora_ds.memstats import device_peak
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return device_peak("cuda" if torch.cuda.is_available() else "cpu") / 2 ** 20
+
+
+def planner_check(args, model_config, ds_config: dict, world: int, runtime: int, widest: int) -> dict | None:
+    """The planner's peak for this run beside the measured one, for the rank with the highest peak, at the
+    widest batch the run met (``widest`` tokens; the planner's worst case is --max-len).
+    CPU: peak RSS, with the RSS before the model as the runtime term; CUDA: max allocated."""
+    import torch.distributed as dist
+
+    from qlora_ds.errors import QLoRADSError
+    from qlora_ds.plan.run_check import config_for_run, memory_check
+
+    cuda = torch.cuda.is_available()
+    mine = torch.tensor([_memory_mb() * 2 ** 20, float(runtime), float(widest)], dtype=torch.float64)
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    peak, runtime, _ = max(every, key=lambda t: t[0].item()).tolist()
+    widest = int(max(t[2].item() for t in every))
+    try:
+        cfg = config_for_run(model_config.to_dict(), ds_config, world=world, device="cuda" if cuda else "cpu",
+                             seq_len=widest, lora_r=args.lora_r, lora_dropout=args.lora_dropout,
+                             targets=args.target_modules, grad_ckpt=args.grad_ckpt, method=args.method,
+                             bits=args.bits, group_size=args.group_size, double_quant=args.double_quant,
+                             runtime_bytes=0 if cuda else int(runtime), pad_multiple=args.pad_to_multiple_of)
+    except QLoRADSError as err:
+        log.info("memory planner: not compared (%s)", err)
+        return None
+    return memory_check(cfg, peak)
 
 
 def _all_mean(values: list[float]) -> list[float]:
@@ -220,24 +249,26 @@ def _all_mean(values: list[float]) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def evaluate(engine, examples, pad_id: int) -> float:
-    """Token-weighted held-out loss over all ranks' shards."""
+def evaluate(engine, examples, pad_id: int, batch_size: int, pad_multiple: int = 1,
+             max_width: int | None = None) -> float:
+    """Token-weighted held-out loss over all ranks' shards, in micro batches (the size that fits in training)."""
     import torch.distributed as dist
 
     from qlora_ds.data import collate
 
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total, widest = torch.zeros(2, dtype=torch.float64), 0
     with torch.no_grad():
-        for i in range(0, len(examples), 4):
-            batch = collate(examples[i:i + 4], pad_id)
+        for i in range(0, len(examples), batch_size):
+            batch = collate(examples[i:i + batch_size], pad_id, pad_multiple, max_width)
             batch = {k: v.to(engine.device) for k, v in batch.items()}
+            widest = max(widest, batch["input_ids"].shape[1])
             n = int((batch["labels"][:, 1:] != -100).sum())
             out = engine(**batch)
             total += torch.tensor([out.loss.float().item() * n, n], dtype=torch.float64)
     dist.all_reduce(total)
     engine.train()
-    return (total[0] / total[1].clamp(min=1)).item()
+    return (total[0] / total[1].clamp(min=1)).item(), widest
 
 
 def sample(model, tokenizer, prompt: str, device) -> str:
@@ -265,6 +296,7 @@ def train(args) -> dict:
     from qlora_ds.distributed import init_distributed, shutdown
     from qlora_ds.inject import from_pretrained
     from qlora_ds.inject.zero import save_adapter
+    from qlora_ds.memstats import rss
     from qlora_ds.metrics import MetricsLog
     from qlora_ds.optim.deepspeed_registration import (optimizer_from_ds_config, register_with_deepspeed,
                                                           split_ds_config)
@@ -289,6 +321,7 @@ def train(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    runtime = 0 if torch.cuda.is_available() else rss()     # the planner's runtime term, measured
     model = from_pretrained(args.model, adapter_config(args), ds_config=ds_config, torch_dtype=compute_dtype())
     if args.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -326,8 +359,10 @@ def train(args) -> dict:
 
     from tqdm import tqdm
 
+    widest = 0                 # the widest batch met, for the planner check at the end
     if step == 0 and eval_ex:  # the baseline the curve is judged against
-        eval_loss = evaluate(engine, eval_ex, tokenizer.pad_token_id)
+        eval_loss, widest = evaluate(engine, eval_ex, tokenizer.pad_token_id, micro, args.pad_to_multiple_of,
+                                     args.max_len)
         if rank == 0:
             metrics.log(step=0, eval_loss=eval_loss)
             log.info("held-out loss before training: %.4f", eval_loss)
@@ -338,8 +373,9 @@ def train(args) -> dict:
     while step < args.max_steps:
         epoch, index = divmod(micro_step, per_epoch)
         batch_idx = batches.epoch(epoch)[index]
-        batch = collate([train_ex[i] for i in batch_idx], tokenizer.pad_token_id)
+        batch = collate([train_ex[i] for i in batch_idx], tokenizer.pad_token_id, args.pad_to_multiple_of, args.max_len)
         batch = {k: v.to(engine.device) for k, v in batch.items()}
+        widest = max(widest, batch["input_ids"].shape[1])
         torch.manual_seed(args.seed * 1_000_003 + micro_step * world + rank)  # dropout: same on resume
         faults.inject("raise_at_step", step + 1)
         loss = engine(**batch).loss
@@ -374,7 +410,9 @@ def train(args) -> dict:
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}", mem=f"{mem:.0f}MB")
         bar.update(1)
         if eval_ex and (step % args.eval_every == 0 or step == args.max_steps):
-            eval_loss = evaluate(engine, eval_ex, tokenizer.pad_token_id)
+            eval_loss, eval_widest = evaluate(engine, eval_ex, tokenizer.pad_token_id, micro, args.pad_to_multiple_of,
+                                              args.max_len)
+            widest = max(widest, eval_widest)
             if rank == 0:
                 metrics.log(step=step, eval_loss=eval_loss)
                 bar.write(f"step {step}: held-out loss {eval_loss:.4f}")
@@ -386,7 +424,13 @@ def train(args) -> dict:
 
     save_adapter(engine, os.path.join(out, "adapter"))
     summary = {"steps": step}
+    memory = planner_check(args, model.config, ds_config, world, runtime, widest)
     if rank == 0:
+        if memory:
+            summary["memory"] = memory
+            log.info("peak memory per rank (%s): measured %.0f MiB, planner %.0f MiB (planned/measured %.2f)",
+                     "CUDA allocated" if memory["device"] == "cuda" else "RSS", memory["measured_peak_mib"],
+                     memory["planned_peak_mib"], memory["planned_over_measured"])
         metrics.write_csv(os.path.join(out, "metrics.csv"))
         metrics.plot(os.path.join(out, "loss_curve.png"), title=f"{args.method} on {os.path.basename(args.model)}")
         evals = [r["eval_loss"] for r in metrics.rows if "eval_loss" in r]

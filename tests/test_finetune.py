@@ -58,6 +58,10 @@ def test_deepspeed_launcher_resume_matches_uninterrupted(tiny):
     assert wa.keys() == wb.keys() and len(wa) == 28  # 7 linears x 2 layers x (A, B)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(k.endswith("lora_B.weight") and wa[k].abs().sum() > 0 for k in wa)  # it trained
+    # the memory planner against the peak RSS of the rank that peaked (2 ranks, ZeRO-2; measured 0.93)
+    mem = json.loads((straight / "summary.json").read_text())["memory"]
+    assert mem["device"] == "cpu" and mem["micro_batch"] == 2 and mem["seq_len"] <= 64
+    assert 0.85 <= mem["planned_over_measured"] <= 1.15, mem
     assert (straight / "loss_curve.png").stat().st_size > 1000 and (straight / "metrics.csv").exists()
 
     # the adapter loads in PEFT on the bf16 base
