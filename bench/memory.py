@@ -77,9 +77,11 @@ def run_zero3(path: str, nproc: int, tmp: str, timeout: float) -> dict:
 
 
 def planned(path: str, world: int, zero: int, device: str, batch: int = 4, seq: int = 128):
+    """Planner (static, peak) for the measured setting, minus its runtime term: the measurements are taken
+    relative to the process before loading. One batch width (the worker's fixed random batches)."""
     from qlora_ds.plan import PlanConfig, load_shape, plan
     cfg = PlanConfig(shape=load_shape(path), device=device, gpus_per_node=world, zero_stage=zero, micro_batch=batch,
-                     seq_len=seq, grad_accum=1, lora_r=16)
+                     seq_len=seq, grad_accum=1, lora_r=16, runtime_bytes=0, pad_multiple=seq)
     mem = plan(cfg).memory
     return mem.phase_bytes("static"), mem.peak
 

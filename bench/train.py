@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def worker(args) -> dict:
             "peak_step": tl.cuda_peak() if device.type == "cuda" else tl.peak_rss(),
             "peak_step_kind": "cuda_max_allocated" if device.type == "cuda" else
             ("rss_hwm_since_reset" if reset_ok else "ru_maxrss"),
-            "peak_process": tl.resource.getrusage(tl.resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "trainable_params": sum(p.numel() for p in params), "optimizer": opt_name,
             "threads": torch.get_num_threads()}
 

@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     # PagedAdamW from the ds_config's optimizer section (None: the Trainer's --optim, or DeepSpeed's own optimizer)
     spec = optimizer_cls_and_kwargs(ds_source, training_args) if ds_source else None
     trainer = QLoRATrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
-                           data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+                           data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, pad_to_multiple_of=16,
+                                                               max_width=data_args.max_len),
                            optimizer_cls_and_kwargs=spec)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()                                  # -> output_dir/adapter (PEFT format)

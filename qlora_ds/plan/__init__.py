@@ -71,6 +71,7 @@ def apply_ds_config(cfg: PlanConfig, ds_config: dict | str) -> PlanConfig:
         micro_batch=int(ds_config.get("train_micro_batch_size_per_gpu", cfg.micro_batch)),
         grad_accum=int(ds_config.get("gradient_accumulation_steps", cfg.grad_accum)),
         reduce_bucket_elems=int(float(zero.get("reduce_bucket_size", 5e8))),
+        overlap_comm=bool(zero.get("overlap_comm", int(zero.get("stage", 0)) == 3)),
         paged=opt_type.startswith("paged"),
         optim_bits=8 if "8bit" in opt_type else 32,
         bf16_master=bool(bf16.get("bf16_master_weights_and_grads", False)),

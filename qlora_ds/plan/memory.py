@@ -32,7 +32,9 @@ N = data-parallel world size):
   (``pad_multiple``, ``launch/finetune.py --pad-to-multiple-of``, default 16) keeps to L/16 widths.
   Both figures were measured on finetunes of a 2-layer, hidden-64 model (tensors negligible) at
   max_len 48 and 128, and checked on SmolLM2-135M runs. Plus 5 % of the transient tensors for allocator
-  fragmentation; ZeRO-1/2 reduce bucket min(bucket, P)·2 B.
+  fragmentation. ZeRO-1/2 gradient bucket: DeepSpeed allocates ``reduce_bucket_size`` elements
+  (bf16 at ZeRO-2, the fp32 accumulator at ZeRO-1; twice with ``overlap_comm``) every micro step; a
+  GPU holds all of it, a CPU only the pages written (min(bucket, P) elements).
 * QA-LoRA bases (``quant="int"``): bits + 64/group bits/param (an fp32 scale and zero per group).
 * paged optimizer: the Adam moments live in unified memory and are evicted to host under pressure,
   so they are counted as spillable: the run fits when peak − spillable ≤ GPU memory.
@@ -79,6 +81,7 @@ class PlanConfig:
     paged: bool = False
     device: str = "cuda"
     reduce_bucket_elems: int = 50_000_000
+    overlap_comm: bool = False
     interconnect_gbps: float = 100.0     # per node NIC, Gbit/s
     intra_node_gbps: float = 2400.0      # NVLink-class, Gbit/s (300 GB/s)
     tflops: float = 100.0                # achieved bf16 TFLOP/s per GPU
@@ -278,7 +281,9 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
              note=f"Adam {cfg.optim_bits}-bit{' paged' if cfg.paged else ''}"),
     ]
     if z in (1, 2) and p:
-        items.append(Item("reduce_bucket", min(cfg.reduce_bucket_elems, p) * 2))
+        elems = cfg.reduce_bucket_elems if cfg.device == "cuda" else min(cfg.reduce_bucket_elems, p)
+        items.append(Item("reduce_bucket", elems * (4 if z == 1 else 2) * (2 if cfg.overlap_comm else 1),
+                          note="double-buffered (overlap_comm)" if cfg.overlap_comm else ""))
     if z in (1, 2) and not cfg.bf16_master:
         items.append(Item("step_fp32_grad_copy", p * 4 / part_grads, phase="step"))
 
