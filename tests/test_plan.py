@@ -217,3 +217,19 @@ def test_cpu_terms_and_run_config():
     qa = config_for_run(hf, ds, world=1, device="cpu", seq_len=8, lora_r=8, lora_dropout=0.0, targets=None,
                         grad_ckpt=True, method="qalora", bits=2, group_size=32)
     assert qa.base_bits_per_param == 2 + 64 / 32
+
+
+def test_cuda_check_leaves_out_paged_state_and_context():
+    """On a GPU the run measures torch's max_memory_allocated: no CUDA context (runtime 0) and no paged
+    optimizer state (CUDA managed memory, outside torch's allocator)."""
+    from qlora_ds.plan.run_check import config_for_run, memory_check
+    hf = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+          "vocab_size": 32000}
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 16, "zero_optimization": {"stage": 2},
+          "optimizer": {"type": "PagedAdamW"}}
+    cfg = config_for_run(hf, ds, world=1, device="cuda", seq_len=512, lora_r=64, lora_dropout=0.1, targets=None,
+                         grad_ckpt=True, runtime_bytes=0)
+    mem = estimate_memory(cfg)
+    report = memory_check(cfg, 10 * GiB)
+    assert cfg.paged and report["items_mib"]["cuda_context"] == 0 and "cpu_shape_cache" not in report["items_mib"]
+    assert report["planned_peak_mib"] == pytest.approx((mem.peak - mem.get("optimizer_states")) / MiB, abs=0.1)

@@ -45,7 +45,7 @@ class GroupByLengthBatches:
 def collate(examples: list[dict[str, torch.Tensor]], pad_id: int, pad_to_multiple_of: int = 1,
             max_width: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad a batch. ``pad_to_multiple_of`` rounds the width up (never past ``max_width``): fewer
-    distinct shapes means fewer kernels built and cached per shape (oneDNN on CPU holds ~5-10 MiB per new
+    distinct shapes means fewer kernels built and buffers kept per shape (on CPU ~5-35 MiB per new
     sequence length until it has seen them all), and aligned shapes for GPU tensor cores. Padding is
     masked and labelled IGNORE, so the loss is unchanged."""
     width = max(e["input_ids"].numel() for e in examples)

@@ -54,7 +54,9 @@ def heldout_loss(model, tokenizer, records, max_len: int | None = None, batch_si
     total, count = 0.0, 0
     try:
         for i in range(0, len(examples), batch_size):
-            nll, n = token_nll(model, collate(examples[i:i + batch_size], pad))
+            # widths padded to 16: a bounded set of shapes (CPU backends keep buffers per shape)
+            batch = collate(examples[i:i + batch_size], pad, pad_to_multiple_of=16, max_width=max_len)
+            nll, n = token_nll(model, batch)
             total, count = total + nll, count + n
     finally:
         model.train(was_training)

@@ -26,10 +26,10 @@ N = data-parallel world size):
   CPU the process itself (interpreter, torch, transformers, DeepSpeed, tokenizer: 420 MiB measured with
   the pinned versions, what ``launch/finetune.py`` holds before it loads the model); ``runtime_bytes``
   overrides either, e.g. with a measured value. On CPU, training adds memory that is not tensors:
-  30 MiB of kernel code, JIT kernels and engines, and — the large part — oneDNN keeps, for every
-  distinct batch shape it has run, a buffer the size of that batch's fp32 logits (4·b·w·V bytes for
-  width w): over a run that is 4·b·V·Σw over the widths met, which padding batches to a multiple
-  (``pad_multiple``, ``launch/finetune.py --pad-to-multiple-of``, default 16) keeps to L/16 widths.
+  30 MiB of kernel code, JIT kernels and engines, and — the large part — memory kept for every
+  distinct batch shape run so far, about that batch's fp32 logits (4·b·w·V bytes for width w; oneDNN's
+  primitive cache holds part of it): over a run 4·b·V·Σw over the widths met, which padding batches
+  to a multiple (``pad_multiple``, ``launch/finetune.py --pad-to-multiple-of``, default 16) keeps to L/16 widths.
   Both figures were measured on finetunes of a 2-layer, hidden-64 model (tensors negligible) at
   max_len 48 and 128, and checked on SmolLM2-135M runs. Plus 5 % of the transient tensors for allocator
   fragmentation. ZeRO-1/2 gradient bucket: DeepSpeed allocates ``reduce_bucket_size`` elements
@@ -306,7 +306,7 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
         items.append(Item("cpu_training_runtime", CPU_TRAINING_RUNTIME_BYTES,
                           note="kernel code, JIT kernels, engines: not tensors"))
         items.append(Item("cpu_shape_cache", cpu_shape_cache_bytes(cfg),
-                          note=f"oneDNN buffers per batch shape, widths padded to {cfg.pad_multiple}"))
+                          note=f"kept per batch shape (oneDNN), widths padded to {cfg.pad_multiple}"))
     items.append(Item("fragmentation", FRAGMENTATION * transient, phase="backward"))
     return MemoryEstimate(tuple(items), cfg.gpu_mem_bytes)
 
