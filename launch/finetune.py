@@ -26,6 +26,8 @@ from qlora_ds.errors import QLoRADSError
 log = logging.getLogger("finetune")
 RUN_CONFIG = "run_config.json"
 CKPT_DIR = "checkpoints"
+# options added later, and the behaviour of runs started before them (resume those with that value)
+BEFORE_OPTION_EXISTED = {"pad_to_multiple_of": 1}
 # arguments that may differ between a run and its resumption
 RESUMABLE_CHANGES = {"resume", "max_steps", "save_every", "eval_every", "sample_prompt", "overwrite", "local_rank",
                      "log_every", "keep_checkpoints"}
@@ -160,6 +162,8 @@ def check_output_dir(args, rank: int) -> str | None:
     if os.path.exists(meta_path):
         with open(meta_path, encoding="utf-8") as fh:
             theirs = {k: v for k, v in json.load(fh).items() if k not in RESUMABLE_CHANGES}
+        for k, v in BEFORE_OPTION_EXISTED.items():   # a run from an older qlora-ds ran with the old behaviour
+            theirs.setdefault(k, v)
         if args.resume:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             if diff:

@@ -129,6 +129,21 @@ def test_output_dir_of_another_run_is_not_overwritten(tiny, tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+def test_run_from_before_pad_option_resumes_with_its_behaviour(tiny, tmp_path):
+    """A run_config.json written before --pad-to-multiple-of existed ran unpadded: resuming it asks for
+    --pad-to-multiple-of 1 instead of silently changing the batch shapes."""
+    ft = _finetune_module()
+    out = tmp_path / "old"
+    out.mkdir()
+    old = {k: v for k, v in vars(ft.parse_args(_args(tiny, out))).items() if k != "pad_to_multiple_of"}
+    (out / "run_config.json").write_text(json.dumps(old))
+    with pytest.raises(QLoRADSError, match="pad_to_multiple_of"):
+        ft.check_output_dir(ft.parse_args(_args(tiny, out, "--resume")), 0)
+    assert ft.check_output_dir(ft.parse_args(_args(tiny, out, "--resume", "--pad-to-multiple-of", "1")), 0) is None
+    with pytest.raises(SystemExit):
+        ft.parse_args(_args(tiny, out, "--pad-to-multiple-of", "0"))
+
+
 def test_qalora_single_process(tiny):
     """--method qalora on one process (plain `python finetune.py`, no launcher): trains and writes an adapter
     whose side file records bits and group size."""
