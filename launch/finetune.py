@@ -254,8 +254,9 @@ def _all_mean(values: list[float]) -> list[float]:
 
 
 def evaluate(engine, examples, pad_id: int, batch_size: int, pad_multiple: int = 1,
-             max_width: int | None = None) -> float:
-    """Token-weighted held-out loss over all ranks' shards, in micro batches (the size that fits in training)."""
+             max_width: int | None = None) -> tuple[float, int]:
+    """Token-weighted held-out loss over all ranks' shards, in micro batches (the size that fits in
+    training), and the widest batch it ran."""
     import torch.distributed as dist
 
     from qlora_ds.data import collate

@@ -10,8 +10,8 @@ from unittest import mock
 import pytest
 
 from qlora_ds.errors import QLoRADSError
-from qlora_ds.plan import (ALL_LINEAR, NF4_DQ_BITS, PlanConfig, apply_recipe, estimate_memory, estimate_scaling, load_shape,
-                           lora_params, parse_mem, plan, rank_for_fraction)
+from qlora_ds.plan import (ALL_LINEAR, NF4_DQ_BITS, PlanConfig, apply_recipe, estimate_memory, estimate_scaling,
+                           load_shape, lora_params, parse_mem, plan, rank_for_fraction)
 from qlora_ds.plan.memory import CUDA_CONTEXT_BYTES, GiB, base_weight_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

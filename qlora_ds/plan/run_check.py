@@ -36,8 +36,9 @@ def memory_check(cfg: PlanConfig, measured_bytes: float) -> dict:
     which torch's allocator (``max_memory_allocated``) does not count: the planner's ``required``."""
     mem = estimate_memory(cfg)
     planned = mem.peak if cfg.device == "cpu" else mem.required
-    name, runtime, _ = cfg.runtime
-    return {"device": cfg.device, "seq_len": cfg.seq_len, "micro_batch": cfg.micro_batch, "planned_peak_mib": round(planned / MiB, 1),
-            "measured_peak_mib": round(measured_bytes / MiB, 1), "runtime_mib": round(runtime / MiB, 1),
+    _, runtime, _ = cfg.runtime
+    return {"device": cfg.device, "seq_len": cfg.seq_len, "micro_batch": cfg.micro_batch,
+            "planned_peak_mib": round(planned / MiB, 1), "measured_peak_mib": round(measured_bytes / MiB, 1),
+            "runtime_mib": round(runtime / MiB, 1),
             "planned_over_measured": round(planned / measured_bytes, 3) if measured_bytes else None,
             "items_mib": {it.name: round(it.bytes / MiB, 1) for it in mem.items}}
