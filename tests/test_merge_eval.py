@@ -236,6 +236,23 @@ def test_mc_accuracy_on_sample(ckpt, tmp_path):
     assert one_by_one["predictions"] == res["predictions"]            # right padding changes nothing
 
 
+def test_mc_last_token_logits_equal_full_logits(ckpt):
+    """The LM head on each row's last real token only (logits_to_keep) gives the logits the full
+    forward has there."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_ds.eval.multiple_choice import _last_token_logits
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ids = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 5:], mask[2, 7:] = 0, 0
+    last = torch.tensor([4, 8, 6])
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits[torch.arange(3), last]
+        kept = _last_token_logits(model, ids, mask, last)
+    assert kept.shape == full.shape and torch.allclose(kept, full, atol=1e-5)
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"question": "Q?", "choices": ["a", "b", "c"], "answer": "A"}', "exactly 4 strings"),
     ('{"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": "E"}', "one of A, B, C, D"),

@@ -175,6 +175,21 @@ def _encode(tokenizer, rec, shots, max_len):
         shots.pop()
 
 
+def _last_token_logits(model, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """(batch, vocab) logits at each row's last real token. The LM head runs on those positions only
+    (transformers' ``logits_to_keep`` with one index per row): b rows instead of b·width, which on a
+    5-shot prompt is most of the head's compute and its largest tensor. Models that do not take it
+    (or ignore it) return every position, and the rows are picked here."""
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=last.view(-1, 1)).logits
+    except TypeError:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    if logits.shape[1] == 1 and ids.shape[1] > 1:
+        return logits[:, 0]
+    return logits[rows, last.to(logits.device)]
+
+
 @torch.no_grad()
 def evaluate_mc(model, tokenizer, records: list[MCRecord], dev: list[MCRecord] | None = None, shots: int = 5,
                 batch_size: int = 4, max_len: int | None = None, return_predictions: bool = False) -> dict:
@@ -199,9 +214,9 @@ def evaluate_mc(model, tokenizer, records: list[MCRecord], dev: list[MCRecord] |
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for j, c in enumerate(chunk):          # right padding: a real token never sees a pad
                 ids[j, :len(c)], mask[j, :len(c)] = torch.tensor(c), 1
-            logits = model(input_ids=ids.to(dev_param), attention_mask=mask.to(dev_param)).logits
-            last = torch.tensor([len(c) - 1 for c in chunk], device=logits.device)
-            scores = logits[torch.arange(len(chunk), device=logits.device), last][:, letter_ids.to(logits.device)]
+            last = torch.tensor([len(c) - 1 for c in chunk], device=dev_param)
+            logits = _last_token_logits(model, ids.to(dev_param), mask.to(dev_param), last)
+            scores = logits[:, letter_ids.to(logits.device)]
             preds += [LETTERS[k] for k in scores.float().argmax(-1).tolist()]
     finally:
         model.train(was_training)
