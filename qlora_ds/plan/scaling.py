@@ -97,16 +97,15 @@ def zero3_gathers(cfg: PlanConfig) -> dict:
         return sum(-(-numel // n) * n * size for numel, size in tensors if numel > cfg.persistence_threshold)
 
     lin = s.linears()
-    layer_linears = moved(t for a, b in lin.values() for t in _quantized_tensor_sizes(cfg, a, b))
+    quantized = [t for a, b in lin.values() for t in _quantized_tensor_sizes(cfg, a, b)]   # one layer
+    layer_linears = moved(quantized)
     layer_lora = moved(t for name in cfg.lora_targets for t in ((cfg.lora_r * lin[name][0], 4),
                                                                 (cfg.lora_r * lin[name][1], 4)) if cfg.lora_r)
     layer_norms = moved([(s.hidden, 2), (s.hidden, 2)])
     embed = moved([(s.vocab * s.hidden, 2)])
     final_norm = moved([(s.hidden, 2)])
-    numel = sum(numel for numel, _ in (
-        [t for a, b in lin.values() for t in _quantized_tensor_sizes(cfg, a, b)] * s.layers)) \
-        + s.vocab * s.hidden * (1 if s.tie_embeddings else 2) + s.layers * sum(
-            cfg.lora_r * (lin[t][0] + lin[t][1]) for t in cfg.lora_targets)
+    numel = s.layers * sum(numel for numel, _ in quantized) + lora_params(s, cfg.lora_r, cfg.lora_targets) \
+        + s.vocab * s.hidden * (1 if s.tie_embeddings else 2)
     if numel <= min(cfg.max_live_parameters, cfg.max_reuse_distance):
         layer_passes, embed_passes, head_passes = 1, 1, (0 if s.tie_embeddings else 1)
     else:
