@@ -1,0 +1,139 @@
+"""Which device and which compute dtype a run uses: one place decides, logs its choice once, and says why.
+
+``auto`` compute dtype = bf16 where the device computes it natively (CUDA capability ≥ 8.0; CPUs with
+AVX512-BF16 or AMX), fp16 on older CUDA GPUs (T4, V100: no bf16 at all), fp32 on CPUs without native bf16
+(torch emulates bf16 matmuls there, ~30× slower than fp32). Storage stays 4-bit and LoRA masters fp32 whatever
+is chosen here. All detection goes through :func:`device_facts`, the single entry point tests mock.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+
+import torch
+
+from .errors import QLoRADSError
+
+log = logging.getLogger(__name__)
+
+DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceFacts:
+    """What the dtype decision needs to know about one device."""
+
+    kind: str                                   # "cuda" | "cpu"
+    name: str                                   # e.g. "NVIDIA H200" or "AMD EPYC 7B13"
+    cuda_capability: tuple[int, int] | None = None
+    cpu_isa: str | None = None                  # "amx" | "avx512_bf16" | "avx512" | "avx2" | "other"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_isa() -> str:
+    """The widest SIMD the CPU offers that matters here: 'amx', 'avx512_bf16', 'avx512', 'avx2' or 'other'."""
+    flags = _cpu_flags()
+    if {"amx_bf16", "amx_tile"} <= flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    if "avx512f" in flags and "avx512bw" in flags:
+        return "avx512"
+    if "avx2" in flags and "fma" in flags:
+        return "avx2"
+    cap = torch.backends.cpu.get_cpu_capability()       # non-Linux: torch's own probe
+    return {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, "other")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def device_facts(device: torch.device) -> DeviceFacts:
+    """The single detection entry point (tests monkeypatch this)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return DeviceFacts("cuda", torch.cuda.get_device_name(idx), cuda_capability=torch.cuda.get_device_capability(idx))
+    return DeviceFacts("cpu", cpu_name(), cpu_isa=cpu_isa())
+
+
+def resolve_device(spec: str | None = "auto") -> torch.device:
+    """``auto``/None: this rank's local GPU (``LOCAL_RANK``) when CUDA is available, else the CPU."""
+    if spec in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise QLoRADSError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QLoRADSError(f"--device {spec} asked for CUDA, but torch sees no GPU (torch {torch.__version__}); "
+                           f"use --device cpu or install a CUDA build of torch")
+    if device.type not in ("cpu", "cuda"):
+        raise QLoRADSError(f"--device {spec!r}: only cpu and cuda are supported")
+    return device
+
+
+def auto_dtype(facts: DeviceFacts) -> tuple[torch.dtype, str]:
+    """(dtype, reason) for ``auto`` on a device described by ``facts``."""
+    if facts.kind == "cuda":
+        major, minor = facts.cuda_capability or (0, 0)
+        if major >= 8:
+            return torch.bfloat16, f"{facts.name} (sm_{major}{minor}) computes bf16 natively"
+        return torch.float16, f"{facts.name} (sm_{major}{minor}) has no bf16: fp16 with dynamic loss scaling"
+    if facts.cpu_isa in ("amx", "avx512_bf16"):
+        return torch.bfloat16, f"CPU {facts.name} has {facts.cpu_isa.upper()}: native bf16 matmuls"
+    return torch.float32, (f"CPU {facts.name} ({(facts.cpu_isa or 'other').upper()}) has no native bf16 "
+                           f"(torch would emulate it, ~30x slower): fp32 compute")
+
+
+_logged: set = set()
+
+
+def resolve_dtype(spec: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype:
+    """``auto|bf16|fp16|fp32`` (or a torch dtype) → the compute dtype; the choice is logged once per process."""
+    if isinstance(spec, torch.dtype):
+        if spec not in DTYPE_NAMES.values():
+            raise QLoRADSError(f"compute dtype {spec} is not supported; use bf16, fp16 or fp32")
+        return spec
+    spec = "auto" if spec is None else str(spec).lower()
+    if spec in DTYPE_NAMES:
+        dtype, reason = DTYPE_NAMES[spec], "asked for"
+    elif spec == "auto":
+        dtype, reason = auto_dtype(device_facts(torch.device(device)))
+    else:
+        raise QLoRADSError(f"dtype {spec!r} is unknown; use one of {', '.join(DTYPE_CHOICES)}")
+    key = (str(device), spec, dtype)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("compute dtype %s on %s (%s: %s)", dtype_name(dtype), device, spec, reason)
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPE_NAMES.items()}[dtype]
