@@ -110,7 +110,9 @@ def quantize_intn(w, bits, group_size, in_features, qweight_out, scales_out, zer
     wmin, wmax = x.amin(dim=-1), x.amax(dim=-1)
     span = wmax - wmin
     const = span == 0
-    scales = torch.where(const, torch.ones_like(span), span / maxq)
+    # divide by a tensor: a Python-scalar divisor is computed on CUDA as span * fl(1/maxq) (torch's CPU-scalar
+    # shortcut), which differs by an ulp from the kernels' true division on a third to two thirds of the scales
+    scales = torch.where(const, torch.ones_like(span), span / torch.full_like(span, maxq))
     zeros = torch.where(const, -wmin, torch.round(-wmin / scales).clamp(0, maxq))
     q = torch.round(x / scales.unsqueeze(-1) + zeros.unsqueeze(-1))
     q = torch.where(const.unsqueeze(-1), torch.zeros_like(q), q.clamp(0, maxq))
