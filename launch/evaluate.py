@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def evaluate(args) -> dict:
-    from qlora_ds.adapters.atomic import atomic_write_text
+    from qlora_ds.atomic import atomic_write_text
     from qlora_ds.eval import evaluate_mc, heldout_loss, load_mc
     from qlora_ds.eval.runs import load, resolve
 

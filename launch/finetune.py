@@ -296,7 +296,7 @@ def train(args) -> dict:
     from transformers import AutoTokenizer
 
     from qlora_ds import checkpointing, faults
-    from qlora_ds.adapters.atomic import atomic_write_text
+    from qlora_ds.atomic import atomic_write_text
     from qlora_ds.data import collate
     from qlora_ds.distributed import init_distributed, shutdown
     from qlora_ds.inject import from_pretrained

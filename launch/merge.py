@@ -80,7 +80,7 @@ def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
 def merge(args) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora_ds.adapters.atomic import atomic_write_text
+    from qlora_ds.atomic import atomic_write_text
     from qlora_ds.adapters.merge import MERGE_META, check_out_dir, export_merged, merge_model, read_gptq_checkpoint
     from qlora_ds.eval.runs import load_base_and_adapter, load_tokenizer, resolve
 

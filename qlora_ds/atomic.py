@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from typing import Callable, Iterator
 
-from ..errors import QLoRADSError
+from .errors import QLoRADSError
 
 
 def fsync_dir(path: str) -> None:

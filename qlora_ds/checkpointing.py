@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 
-from .adapters.atomic import atomic_write_text
+from .atomic import atomic_write_text
 from .errors import QLoRADSError
 from .faults import inject
 

@@ -6,7 +6,7 @@ import io
 import json
 import os
 
-from .adapters.atomic import atomic_write, atomic_write_text
+from .atomic import atomic_write, atomic_write_text
 
 
 class MetricsLog:

@@ -178,3 +178,16 @@ def test_model_state_hook_uses_given_tensors(tmp_path):
     m2 = _inject(_llama(), CFG)
     load_adapter(m2, str(tmp_path / "ad"))
     assert torch.all(m2.model.layers[0].self_attn.q_proj.lora_B.weight == 0.01)
+
+
+def test_atomic_writes_live_below_adapters():
+    """Atomic writing is used by checkpointing, metrics and launch: it sits at the package bottom and pulls in
+    neither the adapters nor the layers."""
+    import subprocess
+    import sys
+    code = ("import sys, qlora_ds.atomic, qlora_ds.checkpointing, qlora_ds.metrics\n"
+            "bad = [m for m in sys.modules if m.startswith(('qlora_ds.adapters', 'qlora_ds.nn', 'qlora_ds.inject'))]\n"
+            "assert not bad, bad\n"
+            "import importlib.util\n"
+            "assert importlib.util.find_spec('qlora_ds.adapters.atomic') is None\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -38,7 +38,7 @@ from ..errors import QLoRADSError
 from ..nn import QALoRALinear, QLoRALinear
 from ..nn.config import QALoRAConfig, QLoRAConfig
 from ..quant import intn
-from .atomic import atomic_directory
+from ..atomic import atomic_directory
 from .peft_format import CONFIG_NAME, SIDE_NAME
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import QLoRADSError
 from ..nn import QALoRALinear, QLoRALinear
-from .atomic import atomic_directory
+from ..atomic import atomic_directory
 
 log = logging.getLogger(__name__)
 

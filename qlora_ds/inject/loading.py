@@ -366,7 +366,7 @@ def save_quantized(model: nn.Module, directory: str) -> None:
     Works under ZeRO-3 too (each module is gathered in turn; rank 0 writes)."""
     from safetensors.torch import save_file
 
-    from ..adapters.atomic import atomic_directory
+    from ..atomic import atomic_directory
     layers = {p: m for p, m in model.named_modules() if is_quantized_layer(m)}
     if not layers:
         raise QLoRADSError("the model has no QLoRALinear/QALoRALinear layers; quantize it with "
