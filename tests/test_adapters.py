@@ -191,3 +191,20 @@ def test_atomic_writes_live_below_adapters():
             "import importlib.util\n"
             "assert importlib.util.find_spec('qlora_ds.adapters.atomic') is None\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_top_level_configs_are_lazy():
+    """``from qlora_ds import QLoRAConfig, QALoRAConfig`` gives the layer configs; importing qlora_ds alone
+    loads neither them nor transformers/deepspeed."""
+    import subprocess
+    import sys
+    code = ("import sys, qlora_ds\n"
+            "heavy = ('qlora_ds.nn', 'qlora_ds.inject', 'transformers', 'deepspeed', 'peft')\n"
+            "assert not [m for m in sys.modules if m.startswith(heavy)], 'eager import'\n"
+            "from qlora_ds import QALoRAConfig, QLoRAConfig\n"
+            "from qlora_ds.nn import config\n"
+            "assert QLoRAConfig is config.QLoRAConfig and QALoRAConfig is config.QALoRAConfig\n"
+            "assert QLoRAConfig(r=8, alpha=16).scaling == 2.0 and QALoRAConfig(bits=2).bits == 2\n"
+            "assert {'QLoRAConfig', 'QALoRAConfig'} <= set(qlora_ds.__all__)\n"
+            "assert not [m for m in sys.modules if m.startswith(heavy[2:])]\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
