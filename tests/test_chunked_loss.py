@@ -1,0 +1,116 @@
+"""Chunked LM head + cross-entropy: the same loss and gradients as the full logits, without them."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qlora_ds.loss import causal_lm_loss, chunked_supported
+from qlora_ds.nn.chunked_loss import IGNORE_INDEX, linear_cross_entropy
+from tests.tiny_models import tiny_model
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def plain_loss(hidden, weight, bias, labels, num_items=None):
+    logits = F.linear(hidden, weight, bias).float()
+    labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    red = "sum" if num_items is not None else "mean"
+    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction=red)
+    return loss / num_items if num_items is not None else loss
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, None])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_function_matches_full_logits(chunk, with_bias):
+    torch.manual_seed(0)
+    b, t, h, v = 3, 21, 32, 97
+    hidden = torch.randn(b, t, h, requires_grad=True)
+    weight = (torch.randn(v, h) * 0.3).requires_grad_()
+    bias = torch.randn(v, requires_grad=True) if with_bias else None
+    labels = torch.randint(0, v, (b, t))
+    labels[0, :9] = IGNORE_INDEX          # a prompt: response-only loss
+    labels[2, 15:] = IGNORE_INDEX         # right padding
+    inputs = [hidden, weight] + ([bias] if with_bias else [])
+    ref = plain_loss(hidden, weight, bias, labels)
+    ref_g = torch.autograd.grad(ref, inputs)
+    got = linear_cross_entropy(hidden, weight, bias, labels, chunk_tokens=chunk)
+    got_g = torch.autograd.grad(got, inputs)
+    assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    for g, r in zip(got_g, ref_g):
+        assert rel(g, r) <= 1e-4
+    # the ignored positions get exactly no gradient (their hidden state predicts nothing)
+    assert got_g[0][0, :8].abs().max().item() == 0.0 and got_g[0][:, -1].abs().max().item() == 0.0
+
+
+def test_num_items_in_batch_and_frozen_head():
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = torch.randn(50, 16)          # frozen: no weight gradient is computed or returned
+    labels = torch.randint(0, 50, (2, 9))
+    ref = plain_loss(hidden, weight, None, labels, num_items=torch.tensor(40))
+    got = linear_cross_entropy(hidden, weight, None, labels, num_items_in_batch=torch.tensor(40), chunk_tokens=5)
+    assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    assert rel(torch.autograd.grad(got, hidden)[0], torch.autograd.grad(ref, hidden)[0]) <= 1e-4
+
+
+def _batch(vocab, b=2, t=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    labels = ids.clone()
+    labels[:, :6] = IGNORE_INDEX
+    mask = torch.ones_like(ids)
+    mask[1, 18:] = 0
+    labels[1, 18:] = IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])   # qwen2: tied embeddings
+def test_model_loss_and_grads_match(arch):
+    model = tiny_model(arch).train()
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == (arch == "qwen2")
+    batch = _batch(model.config.vocab_size)
+    params = [p for p in model.parameters() if p.requires_grad]   # the head (tied or not) trains too here
+    ref = model(**batch).loss
+    ref_g = torch.autograd.grad(ref, params)
+    got = causal_lm_loss(model, batch, chunk_tokens=5)
+    got_g = torch.autograd.grad(got, params)
+    assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    worst = max(rel(g, r) for g, r in zip(got_g, ref_g) if r.norm() > 0)
+    assert worst <= 1e-4, worst
+
+
+def test_no_full_logits_saved_or_returned():
+    """Nothing of [tokens, vocab] size is kept for backward (the plain path keeps it)."""
+    model = tiny_model("llama", vocab=2048).train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.get_input_embeddings().weight.requires_grad_(True)      # something to backpropagate into
+    batch = _batch(2048, t=32)
+    full = batch["input_ids"].numel() * 2048
+    sizes = []
+    head = model.get_output_embeddings().weight
+
+    def pack(t):
+        if t.data_ptr() != head.data_ptr():     # the head weight itself is saved by both paths
+            sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch).loss
+    assert max(sizes) >= full                 # the check can see the plain path's logits
+    sizes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        causal_lm_loss(model, batch, chunk_tokens=8)
+    assert max(sizes) <= full / 16, max(sizes)
+
+
+def test_logit_transform_falls_back_to_plain():
+    model = tiny_model("llama")
+    assert chunked_supported(model) is None
+    model.config.final_logit_softcapping = 30.0
+    assert "softcapping" in chunked_supported(model)
+    batch = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        assert causal_lm_loss(model, batch).item() == model(**batch).loss.item()
