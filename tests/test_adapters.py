@@ -16,13 +16,13 @@ from qlora_ds.nn import QALoRAConfig, QALoRALinear, QLoRAConfig, QLoRALinear
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _llama(seed=0, **overrides):
+def _llama(seed=0, device="cpu", **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
     cfg = LlamaConfig(**{**kwargs, **overrides})
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(cfg).eval().to(device)
 
 
 def _inject(model, config, cls=QLoRALinear):
@@ -55,23 +55,25 @@ def _randomize_adapter(model, seed=1):
                 m.lora_B.weight.normal_(std=0.05)
 
 
-def test_our_adapter_loads_in_peft(tmp_path):
+def test_our_adapter_loads_in_peft(tmp_path, device):
     from peft import PeftModel
-    ours = _inject(_llama(), CFG)
+    IDS = globals()["IDS"].to(device)
+    ours = _inject(_llama(device=device), CFG)
     _randomize_adapter(ours)
     save_adapter(ours, str(tmp_path / "ad"), base_model_name_or_path="tiny-llama")
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and sorted(cfg["target_modules"]) == sorted(TARGETS) and cfg["r"] == 4
-    peft_model = PeftModel.from_pretrained(_dequantized_base(ours, _llama()), str(tmp_path / "ad")).eval()
+    peft_model = PeftModel.from_pretrained(_dequantized_base(ours, _llama(device=device)), str(tmp_path / "ad")).eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(IDS).logits, ours(IDS).logits, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(_dequantized_base(ours, _llama())(IDS).logits, ours(IDS).logits, atol=1e-3)
+    assert not torch.allclose(_dequantized_base(ours, _llama(device=device))(IDS).logits, ours(IDS).logits, atol=1e-3)
 
 
-def test_peft_trained_adapter_loads_into_ours(tmp_path):
+def test_peft_trained_adapter_loads_into_ours(tmp_path, device):
     from peft import LoraConfig, get_peft_model
-    ours = _inject(_llama(), CFG)
-    base = _dequantized_base(ours, _llama())
+    IDS = globals()["IDS"].to(device)
+    ours = _inject(_llama(device=device), CFG)
+    base = _dequantized_base(ours, _llama(device=device))
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
     opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
     for _ in range(3):
@@ -85,13 +87,14 @@ def test_peft_trained_adapter_loads_into_ours(tmp_path):
         torch.testing.assert_close(ours(IDS).logits, peft_model(IDS).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_roundtrip_qalora_and_refuse_mismatch(tmp_path):
+def test_roundtrip_qalora_and_refuse_mismatch(tmp_path, device):
     qcfg = QALoRAConfig(bits=3, group_size=16, r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32)
-    a = _inject(_llama(), qcfg, QALoRALinear)
+    IDS = globals()["IDS"].to(device)
+    a = _inject(_llama(device=device), qcfg, QALoRALinear)
     _randomize_adapter(a)
     save_adapter(a, str(tmp_path / "qa"))
     assert json.loads((tmp_path / "qa" / "adapter_config.json").read_text())["use_qalora"] is True
-    b = _inject(_llama(), qcfg, QALoRALinear)
+    b = _inject(_llama(device=device), qcfg, QALoRALinear)
     load_adapter(b, str(tmp_path / "qa"))
     with torch.no_grad():
         torch.testing.assert_close(a(IDS).logits, b(IDS).logits, rtol=0, atol=1e-6)
@@ -208,3 +211,54 @@ def test_top_level_configs_are_lazy():
             "assert {'QLoRAConfig', 'QALoRAConfig'} <= set(qlora_ds.__all__)\n"
             "assert not [m for m in sys.modules if m.startswith(heavy[2:])]\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+
+
+def _mixed(attn_r, attn_alpha, mlp_r, mlp_alpha):
+    model = _llama()
+    _inject(model, QLoRAConfig(r=attn_r, alpha=attn_alpha, dropout=0.0, target_modules=ATTN,
+                               compute_dtype=torch.float32))
+    return _inject(model, QLoRAConfig(r=mlp_r, alpha=mlp_alpha, dropout=0.0, target_modules=MLP,
+                                      compute_dtype=torch.float32))
+
+
+def test_load_save_load_keeps_the_function_across_alpha_and_rank(tmp_path):
+    """A loaded layer takes the file's α with its scaling; re-saving it must write that α (rank_pattern /
+    alpha_pattern per layer), so load -> save -> load into fresh layers with other α gives the same logits."""
+    src = _mixed(8, 32, 4, 16)                      # attention r=8 α=32 (scaling 4), MLP r=4 α=16 (scaling 4)
+    with torch.no_grad():
+        for m in src.modules():
+            if isinstance(m, QLoRALinear):
+                m.lora_B.weight.normal_(std=0.05)
+        src.model.layers[0].mlp.up_proj.lora_alpha, src.model.layers[0].mlp.up_proj.scaling = 4, 1.0
+        want = src(IDS).logits
+    save_adapter(src, str(tmp_path / "a"))
+    mid = _mixed(8, 8, 4, 2)                        # same ranks, other α everywhere
+    load_adapter(mid, str(tmp_path / "a"))
+    save_adapter(mid, str(tmp_path / "b"))
+    cfg = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    first = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (cfg["lora_alpha"], cfg["alpha_pattern"], cfg["rank_pattern"]) == \
+        (32, first["alpha_pattern"], first["rank_pattern"])
+    assert cfg["alpha_pattern"]["model.layers.0.mlp.up_proj"] == 4 and cfg["rank_pattern"]["model.layers.1.mlp.up_proj"] == 4
+    end = _mixed(8, 1, 4, 1)
+    load_adapter(end, str(tmp_path / "b"))
+    with torch.no_grad():
+        torch.testing.assert_close(mid(IDS).logits, want, rtol=0, atol=0)      # same weights, same scalings
+        torch.testing.assert_close(end(IDS).logits, want, rtol=0, atol=0)
+    # an rsLoRA file (scaling α/√r): the loaded layer keeps α·√r, which re-saves the same scaling without rsLoRA
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
+    rs = _mixed(8, 1, 4, 1)
+    load_adapter(rs, str(tmp_path / "a"))
+    assert rs.model.layers[1].self_attn.q_proj.scaling == 32 / 8 ** 0.5
+    save_adapter(rs, str(tmp_path / "c"))
+    again = _mixed(8, 1, 4, 1)
+    load_adapter(again, str(tmp_path / "c"))
+    with torch.no_grad():
+        got = rs(IDS).logits
+        assert not torch.allclose(got, want, atol=1e-3)
+        torch.testing.assert_close(again(IDS).logits, got, rtol=0, atol=1e-6)

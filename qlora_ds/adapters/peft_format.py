@@ -147,6 +147,13 @@ def read_adapter(model: nn.Module, directory: str) -> tuple[dict[str, torch.Tens
     if config.get("bias", "none") != "none":
         raise QLoRADSError(f"adapter has bias={config['bias']!r}; only bias='none' adapters are supported")
     want_hash, have_hash = side.get("base_config_hash"), base_config_hash(model)
+    out, scalings, _ = _read_adapter(model, directory)
+    return out, scalings
+
+
+def _read_adapter(model: nn.Module, directory: str):
+    """read_adapter plus {path: α} with α/r = the file's scaling for that layer (α·√r for an rsLoRA file),
+    so that the α a layer keeps after loading re-saves the same function."""
     if want_hash and have_hash and want_hash != have_hash:
         raise QLoRADSError(f"adapter {directory} was trained on a base model with a different config (hash "
                            f"{want_hash[:12]} vs this model's {have_hash[:12]}); load it into the base model it "
@@ -167,7 +174,7 @@ def read_adapter(model: nn.Module, directory: str) -> tuple[dict[str, torch.Tens
                            f"copy it again or re-save the adapter") from None
     layers = lora_layers(model)
     qalora_peft = bool(config.get("use_qalora"))
-    out, scalings, seen = {}, {}, set()
+    out, scalings, alphas, seen = {}, {}, {}, set()
     for key, t in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         name = name.replace(".default.weight", ".weight")
@@ -216,15 +223,16 @@ def read_adapter(model: nn.Module, directory: str) -> tuple[dict[str, torch.Tens
         for part in ("A", "B"):
             if f"{path}.lora_{part}.weight" not in out:
                 raise QLoRADSError(f"adapter has no lora_{part} weight for {path}; the file is incomplete")
-    return out, scalings
+    return out, scalings, alphas
 
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, directory: str) -> list[str]:
+        alphas[path] = alpha * r ** 0.5 if config.get("use_rslora") else alpha
     """Load a PEFT-format LoRA adapter into the model's QLoRA/QA-LoRA layers; returns the module paths
     loaded. Layers the adapter does not cover get a zero lora_B (no-op adapter). On any error the model
     is left unchanged."""
-    state, scalings = read_adapter(model, directory)
+    state, scalings, alphas = _read_adapter(model, directory)
     layers = lora_layers(model)
     for key, t in state.items():
         path, _, part = key.rpartition(".lora_")
@@ -232,7 +240,9 @@ def load_adapter(model: nn.Module, directory: str) -> list[str]:
         sub.weight.copy_(t.to(sub.weight.dtype))
     for path, layer in layers.items():
         if path in scalings:
-            layer.scaling = scalings[path]
+            # α goes with the scaling: save_adapter writes lora_alpha, so keeping the layer's own α would
+            # re-save a different function
+            layer.scaling, layer.lora_alpha = scalings[path], alphas[path]
         else:
             layer.lora_B.weight.zero_()
             log.info("adapter does not cover %s: its LoRA is reset to a no-op", path)
