@@ -136,6 +136,13 @@ def _pattern_value(pattern: dict, path: str, default):
 def read_adapter(model: nn.Module, directory: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Validate the adapter in ``directory`` against ``model``; return ({our key: tensor}, {path: scaling}).
     Raises QLoRADSError naming the first bad key; never touches the model."""
+    out, scalings, _ = _read_adapter(model, directory)
+    return out, scalings
+
+
+def _read_adapter(model: nn.Module, directory: str):
+    """read_adapter plus {path: α} with α/r = the file's scaling for that layer (α·√r for an rsLoRA file),
+    so that the α a layer keeps after loading re-saves the same function."""
     config = _read_json(os.path.join(directory, CONFIG_NAME), "config")
     side_path = os.path.join(directory, SIDE_NAME)
     side = _read_json(side_path, "side file") if os.path.exists(side_path) else {}
@@ -147,13 +154,6 @@ def read_adapter(model: nn.Module, directory: str) -> tuple[dict[str, torch.Tens
     if config.get("bias", "none") != "none":
         raise QLoRADSError(f"adapter has bias={config['bias']!r}; only bias='none' adapters are supported")
     want_hash, have_hash = side.get("base_config_hash"), base_config_hash(model)
-    out, scalings, _ = _read_adapter(model, directory)
-    return out, scalings
-
-
-def _read_adapter(model: nn.Module, directory: str):
-    """read_adapter plus {path: α} with α/r = the file's scaling for that layer (α·√r for an rsLoRA file),
-    so that the α a layer keeps after loading re-saves the same function."""
     if want_hash and have_hash and want_hash != have_hash:
         raise QLoRADSError(f"adapter {directory} was trained on a base model with a different config (hash "
                            f"{want_hash[:12]} vs this model's {have_hash[:12]}); load it into the base model it "
@@ -217,6 +217,7 @@ def _read_adapter(model: nn.Module, directory: str):
         r = _pattern_value(config.get("rank_pattern"), path, config.get("r", layer.r))
         alpha = _pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", layer.lora_alpha))
         scalings[path] = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
+        alphas[path] = alpha * r ** 0.5 if config.get("use_rslora") else alpha
         out[f"{path}.lora_{part}"] = t.float()
         seen.add(key)
     for path in scalings:
@@ -228,7 +229,6 @@ def _read_adapter(model: nn.Module, directory: str):
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, directory: str) -> list[str]:
-        alphas[path] = alpha * r ** 0.5 if config.get("use_rslora") else alpha
     """Load a PEFT-format LoRA adapter into the model's QLoRA/QA-LoRA layers; returns the module paths
     loaded. Layers the adapter does not cover get a zero lora_B (no-op adapter). On any error the model
     is left unchanged."""
