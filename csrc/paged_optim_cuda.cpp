@@ -2,7 +2,7 @@
 //
 // managed_empty(numel, dtype, device) returns a tensor over cudaMallocManaged memory whose deleter calls cudaFree;
 // prefetch(t, device) moves its pages (device < 0: to the host) on the current stream; adamw_step is the fused
-// update (same arithmetic as the CPU op).
+// update (torch.optim.AdamW's CUDA roundings; see paged_optim_impl.cu).
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAStream.h>

@@ -1,7 +1,13 @@
 // CUDA half of the paged-optimizer op: a fused AdamW kernel over (possibly managed) fp32 buffers and thin wrappers
 // over the unified-memory API. Only CUDA headers here, so `nvcc -c -arch=sm_80` works without torch.
-// Arithmetic matches csrc/paged_optim_cpu.cpp exactly (explicit __fmaf_rn where torch fuses; build with
-// --fmad=false so nothing else is contracted).
+// Arithmetic is torch.optim.AdamW's single-tensor path as torch's CUDA kernels compute it (explicit __fmaf_rn
+// where nvcc contracts torch's kernels; build with --fmad=false so nothing else is contracted):
+//   p   = p * (1 - lr*wd)                       mul_ by a scalar
+//   m   = lerp(m, g, 1-beta1)                   fma(w, g-m, m) | fma(-(1-w), g-m, g), as on CPU
+//   v   = fma(1-beta2, g*g, v*beta2)            mul_, then addcmul: a + alpha * (b * c)
+//   den = sqrt(v) * fl(1/sqrt(bc2)) + eps       a Python-scalar divisor is a reciprocal multiply on CUDA
+//   p   = fma(-lr/bc1, m/den, p)                addcdiv: a + alpha * (b / c)
+// (csrc/paged_optim_cpu.cpp has torch's CPU forms, which differ.)
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -17,7 +23,7 @@ struct AdamWScalars {
     float beta2;
     float omb2;
     float neg_step_size;
-    float bc2_sqrt;
+    float inv_bc2_sqrt;
     float eps;
     bool decay_on;
     bool w_small;
@@ -32,9 +38,9 @@ __global__ void adamw_fp32_kernel(float* __restrict__ p, const float* __restrict
         const float gi = g[i];
         const float mi = m[i];
         const float mn = __fmaf_rn(s.coeff, __fsub_rn(gi, mi), s.w_small ? mi : gi);
-        const float vi = __fmaf_rn(__fmul_rn(s.omb2, gi), gi, __fmul_rn(v[i], s.beta2));
-        const float den = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), s.bc2_sqrt), s.eps);
-        pi = __fadd_rn(pi, __fdiv_rn(__fmul_rn(s.neg_step_size, mn), den));
+        const float vi = __fmaf_rn(s.omb2, __fmul_rn(gi, gi), __fmul_rn(v[i], s.beta2));
+        const float den = __fadd_rn(__fmul_rn(__fsqrt_rn(vi), s.inv_bc2_sqrt), s.eps);
+        pi = __fmaf_rn(s.neg_step_size, __fdiv_rn(mn, den), pi);
         p[i] = pi;
         m[i] = mn;
         v[i] = vi;
@@ -58,7 +64,7 @@ cudaError_t launch_adamw_fp32(float* param, const float* grad, float* exp_avg, f
     const double bc1 = 1.0 - pow(beta1, static_cast<double>(step));
     const double bc2 = 1.0 - pow(beta2, static_cast<double>(step));
     s.neg_step_size = static_cast<float>(-(lr / bc1));
-    s.bc2_sqrt = static_cast<float>(sqrt(bc2));
+    s.inv_bc2_sqrt = 1.0f / static_cast<float>(sqrt(bc2));  // on the host in fp32, as torch forms inv_b
     s.eps = static_cast<float>(eps);
     const int threads = 256;
     int64_t blocks = (n + threads - 1) / threads;

@@ -9,7 +9,7 @@
 
 namespace qlora_ds {
 
-// Fused AdamW over fp32 arrays (same arithmetic as csrc/paged_optim_cpu.cpp), asynchronous on `stream`.
+// Fused AdamW over fp32 arrays (torch.optim.AdamW's CUDA roundings, see paged_optim_impl.cu), async on `stream`.
 cudaError_t launch_adamw_fp32(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
                               double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
                               cudaStream_t stream);
