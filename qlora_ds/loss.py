@@ -59,7 +59,8 @@ def causal_lm_loss(model, batch: dict, chunked: bool = True, chunk_tokens: int |
                    num_items_in_batch=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """The mean next-token loss of ``batch`` (``input_ids``, ``labels`` and optionally ``attention_mask`` /
     ``position_ids``) — transformers' ``ForCausalLMLoss`` — computed without the [tokens, vocab] logits when
-    ``chunked``. ``model``: a transformers CausalLM or a DeepSpeed engine around one."""
+    ``chunked``. ``model``: a transformers CausalLM or a DeepSpeed engine around one. No KV cache is built: besides
+    saving memory, a cache would turn off transformers' packed-sequence mask (``qlora_ds.data.packing``)."""
     if "labels" not in batch:
         raise QLoRADSError("causal_lm_loss needs 'labels' in the batch (IGNORE_INDEX where no loss is taken)")
     extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
@@ -67,7 +68,7 @@ def causal_lm_loss(model, batch: dict, chunked: bool = True, chunk_tokens: int |
     if why is not None:
         if chunked:
             log.warning("chunked LM-head loss not used: %s; computing the full logits", why)
-        return model(**batch, **extra).loss
+        return model(**batch, **extra, use_cache=False).loss
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     head = getattr(model, "module", model).get_output_embeddings()

@@ -12,7 +12,7 @@ import re
 import torch
 
 from ..errors import QLoRADSError
-from ..quant.codes import QUANT_TYPES
+from ..codebooks import QUANT_TYPES
 from ..quant.intn import check_bits, check_group_size
 from ..quant.nf4 import check_blocksize
 

@@ -1,0 +1,89 @@
+"""Padding-free packing: rows of whole examples whose per-token losses equal the unpacked run's."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qlora_ds.data.packing import (PACKING_MODEL_TYPES, check_packing_supported, collate_packed, pack_examples,
+                                   pack_rows)
+from qlora_ds.data.tokenize import IGNORE
+from qlora_ds.errors import QLoRADSError
+from tests.tiny_models import tiny_model
+
+
+def _examples(vocab, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,), generator=g)
+        labels = ids.clone()
+        labels[: n // 3] = IGNORE       # the prompt: response-only labels
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def test_pack_rows_best_fit():
+    lengths = [9, 3, 7, 1, 5, 4, 2, 8]
+    rows = pack_rows(lengths, 10)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))      # every example once, none split
+    assert all(sum(lengths[i] for i in r) <= 10 for r in rows)
+    assert len(rows) == 4                                                       # 39 tokens: the fewest rows of 10
+    with pytest.raises(QLoRADSError, match="longer than the packing row"):
+        pack_rows([11], 10)
+
+
+def _per_token(model, batch):
+    logits = model(**batch, use_cache=False).logits.float()   # a KV cache turns transformers' packed mask off
+    labels = batch["labels"][:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none")
+    return ce, labels != IGNORE
+
+
+@pytest.mark.parametrize("arch", sorted(PACKING_MODEL_TYPES))
+def test_packed_loss_per_token_equals_unpacked(arch):
+    assert tiny_model(arch).config.model_type in PACKING_MODEL_TYPES
+    model = tiny_model(arch)
+    examples = _examples(model.config.vocab_size, [13, 5, 20, 9, 7, 16, 3, 11])
+    rows = pack_examples(examples, 32)
+    assert len(rows) < len(examples)
+    batch = collate_packed(rows, pad_id=0, pad_to_multiple_of=8, max_width=32)
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        packed_ce, packed_valid = _per_token(model, batch)
+        want, got = [], []
+        for r, row in enumerate(rows):
+            # walk the row's examples in order: their positions restart at 0
+            starts = (row["position_ids"] == 0).nonzero().squeeze(1).tolist() + [row["input_ids"].numel()]
+            for s, e in zip(starts[:-1], starts[1:]):
+                ex = next(x for x in examples if x["input_ids"].numel() == e - s
+                          and torch.equal(x["input_ids"], row["input_ids"][s:e]))
+                one = {"input_ids": ex["input_ids"][None], "labels": ex["labels"][None],
+                       "attention_mask": torch.ones(1, e - s, dtype=torch.long)}
+                ce, valid = _per_token(model, one)
+                want.append(ce[0][valid[0]])
+                # row position t predicts t+1: the example's targets at s+1 .. e-1 are row positions s .. e-2
+                got.append(packed_ce[r, s:e - 1][packed_valid[r, s:e - 1]])
+    want, got = torch.cat(want), torch.cat(got)
+    assert want.numel() == got.numel() == int(packed_valid.sum())    # no target lost or added at boundaries
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
+
+
+def test_packed_mean_loss_matches_and_tied_chunked():
+    """The batch mean (what training steps on) is the unpacked mean over the same examples, chunked loss too."""
+    from qlora_ds.data import collate
+    from qlora_ds.loss import causal_lm_loss
+
+    model = tiny_model("qwen2")
+    examples = _examples(model.config.vocab_size, [6, 14, 9, 21, 4, 10])
+    packed = collate_packed(pack_examples(examples, 24), pad_id=0)
+    plain = collate(examples, pad_id=0)
+    with torch.no_grad():
+        a = causal_lm_loss(model, packed)
+        b = model(**plain, use_cache=False).loss
+    assert abs(a.item() - b.item()) <= 1e-5 * b.item()
+
+
+def test_unsupported_architecture_refused():
+    check_packing_supported(tiny_model("llama").config)
+    for arch in ("opt", "bloom", "falcon"):
+        with pytest.raises(QLoRADSError, match="--packing is not supported"):
+            check_packing_supported(tiny_model(arch).config)
