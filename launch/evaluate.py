@@ -17,9 +17,7 @@ import logging
 import os
 import sys
 
-import torch
-
-from qlora_ds.cli import run_main
+from qlora_ds.cli import add_device_args, run_main
 
 log = logging.getLogger("evaluate")
 
@@ -39,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mc-dev", help="dev split for the k-shot examples")
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype")
+    add_device_args(p)
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     if not args.run and not args.model:
@@ -55,14 +53,18 @@ def evaluate(args) -> dict:
     from qlora_ds.atomic import atomic_write_text
     from qlora_ds.eval import evaluate_mc, heldout_loss, load_mc
     from qlora_ds.eval.runs import load, resolve
+    from qlora_ds.hardware import dtype_name, resolve_device, resolve_dtype
 
     source = resolve(run=args.run, model=args.model, adapter=args.adapter, method=args.method)
     if args.no_adapter:
         source = type(source)(model=source.model, adapter=None, settings=source.settings)
     test = load_mc(args.mc) if args.mc else None             # bad files fail before the model loads
     dev = load_mc(args.mc_dev) if args.mc and args.mc_dev else None
-    model, tokenizer = load(source, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    results: dict = {"model": source.model, "adapter": source.adapter}
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, tokenizer = load(source, dtype=dtype, device=device)
+    results: dict = {"model": source.model, "adapter": source.adapter, "device": str(device),
+                     "dtype": dtype_name(dtype)}
     if args.heldout:
         results["heldout"] = heldout_loss(model, tokenizer, args.heldout, args.max_len, args.batch_size,
                                           args.train_on_prompt)

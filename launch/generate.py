@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from qlora_ds.cli import run_main
+from qlora_ds.cli import add_device_args, run_main
 from qlora_ds.errors import QLoRADSError
 
 log = logging.getLogger("generate")
@@ -37,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", choices=["qlora", "qalora"], help="for adapters without qlora-ds' side file")
+    add_device_args(p)
     args = p.parse_args(argv)
     if not args.run and not args.model:
         p.error("pass --run DIR or --model PATH")
@@ -66,12 +67,14 @@ def reply(model, tokenizer, messages: list[dict], args) -> str:
 
 def generate(args) -> list[str]:
     from qlora_ds.eval.runs import load, resolve
+    from qlora_ds.hardware import resolve_device, resolve_dtype
 
     torch.manual_seed(args.seed)
     source = resolve(run=args.run, model=args.model, adapter=args.adapter, method=args.method)
     if args.no_adapter:
         source = type(source)(model=source.model, adapter=None, settings=source.settings)
-    model, tokenizer = load(source)
+    device = resolve_device(args.device)
+    model, tokenizer = load(source, dtype=resolve_dtype(args.dtype, device), device=device)
     system = [{"role": "system", "content": args.system}] if args.system else []
     answers = []
     if args.prompt:

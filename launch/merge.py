@@ -5,15 +5,19 @@
     python launch/merge.py --model DIR --adapter DIR [--method qlora|qalora …] --out DIR
 
 Reads top to bottom: parse arguments once, then ``merge(args)``: load the quantized base with the
-adapter computing in fp32 (the reference), take its logits on a few prompts, merge layer by layer,
-write the checkpoint atomically, reload it (bf16: plain transformers; gptq: our INT-N reader, as no
-GPTQ kernel runs on CPU) and compare logits. Exit status 1 when the difference is above tolerance:
+adapter on ``--device`` (default: the local GPU if any) computing in ``--dtype`` (the reference; ``auto``
+= bf16 where native, fp32 on CPUs without native bf16), take its logits on a few prompts, merge layer by
+layer (each merged weight computed in fp32), write the checkpoint atomically, reload it on the same
+device in the same dtype (bf16: plain transformers; gptq: our INT-N reader, as no GPTQ kernel runs on
+CPU) and compare logits. Exit status 1 when the difference is above tolerance:
 
 * bf16: every merged weight is rounded once to bf16 (relative error ≤ 2^-8 per weight); through the
-  network that gives logits within ``--tol`` = 2^-5 of max|logit| (measured ~3·2^-8 on tiny Llamas).
-* gptq: the reader rebuilds the merged model exactly (codes + fp32 scales/zeros) in fp32, so the
-  tolerance is fp32 rounding: 1e-4 relative. What a GPTQ kernel sees (integer zeros, fp16 scales)
-  is reported alongside; it differs by up to scale/2 per weight where the merge moved a zero point.
+  network that gives logits within ``--tol`` = 2^-5 of max|logit| in fp32 (measured ~3·2^-8 on tiny
+  Llamas). Computing in bf16/fp16 adds the activations' rounding on both sides: 2^-4 / 2^-5.
+* gptq: the reader rebuilds the merged model exactly (codes + fp32 scales/zeros), so in fp32 the
+  tolerance is fp32 rounding: 1e-4 relative (bf16/fp16 compute: 2^-4 / 2^-6). What a GPTQ kernel sees
+  (integer zeros, fp16 scales) is reported alongside; it differs by up to scale/2 per weight where the
+  merge moved a zero point.
 """
 from __future__ import annotations
 
@@ -25,11 +29,13 @@ import sys
 
 import torch
 
-from qlora_ds.cli import run_main
+from qlora_ds.cli import add_device_args, run_main
 
 log = logging.getLogger("merge")
 PROMPTS = ("What is AI?", "Write a haiku about the sea.", "List three prime numbers.")
-TOLERANCE = {"bf16": 2 ** -5, "gptq": 1e-4}
+TOLERANCE = {("bf16", torch.float32): 2 ** -5, ("gptq", torch.float32): 1e-4,      # (format, compute dtype)
+             ("bf16", torch.bfloat16): 2 ** -4, ("gptq", torch.bfloat16): 2 ** -4,
+             ("bf16", torch.float16): 2 ** -5, ("gptq", torch.float16): 2 ** -6}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bf16 safetensors (any adapter) or INT-N GPTQ layout (QA-LoRA only)")
     p.add_argument("--tol", type=float, default=None, help="max relative logit difference (default per format)")
     p.add_argument("--no-verify", dest="verify", action="store_false")
+    add_device_args(p, dtype_help="compute dtype of the verification (reference and reloaded merge)")
     q = p.add_argument_group("for adapters without qlora-ds' side file (plain PEFT)")
     q.add_argument("--method", choices=["qlora", "qalora"])
     q.add_argument("--quant-type", choices=["nf4", "fp4"])
@@ -66,7 +73,9 @@ def prompt_ids(tokenizer) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def logits_of(model, ids: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [model(input_ids=x).logits.float() for x in ids]
+    """fp32 logits on the CPU (so that models on different devices compare, and the device is freed)."""
+    device = next(model.parameters()).device
+    return [model(input_ids=x.to(device)).logits.float().cpu() for x in ids]
 
 
 def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
@@ -83,15 +92,21 @@ def merge(args) -> dict:
     from qlora_ds.atomic import atomic_write_text
     from qlora_ds.adapters.merge import MERGE_META, check_out_dir, export_merged, merge_model, read_gptq_checkpoint
     from qlora_ds.eval.runs import load_base_and_adapter, load_tokenizer, resolve
+    from qlora_ds.hardware import dtype_name, resolve_device, resolve_dtype
 
     source = resolve(run=args.run, model=args.model, adapter=args.adapter, method=args.method,
                      quant_type=args.quant_type, double_quant=args.double_quant, bits=args.bits,
                      group_size=args.group_size)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     check_out_dir(args.out)                     # before any expensive work
     base_dtype = getattr(AutoConfig.from_pretrained(source.model), "dtype", None) or torch.bfloat16
     base_dtype = getattr(torch, base_dtype) if isinstance(base_dtype, str) else base_dtype
     tokenizer = load_tokenizer(source.model)
-    model = load_base_and_adapter(source, compute_dtype=torch.float32, torch_dtype=torch.float32)
+    if dtype == torch.float16 and base_dtype == torch.bfloat16:
+        log.warning("--dtype fp16 on a bf16 checkpoint: its unquantized tensors (embeddings, norms) pass through "
+                    "fp16 before they are written; values outside fp16's range lose bits (use bf16 or fp32)")
+    model = load_base_and_adapter(source, compute_dtype=dtype, torch_dtype=dtype, device=device)
     ids = prompt_ids(tokenizer)
     ref = logits_of(model, ids) if args.verify else None
     merge_model(model, dtype=torch.bfloat16)
@@ -102,20 +117,23 @@ def merge(args) -> dict:
     del model
     if not args.verify:
         return report
-    tol = args.tol if args.tol is not None else TOLERANCE[args.format]
+    tol = args.tol if args.tol is not None else TOLERANCE[args.format, dtype]
     if args.format == "bf16":
-        reloaded = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(args.out, dtype=dtype).eval().to(device)
         report["verify"] = compare(ref, logits_of(reloaded, ids))
+        del reloaded
     else:
-        report["verify"] = compare(ref, logits_of(read_gptq_checkpoint(args.out, exact=True), ids))
-        report["verify_gptq_kernel_view"] = compare(ref, logits_of(read_gptq_checkpoint(args.out, exact=False), ids))
+        for key, exact in (("verify", True), ("verify_gptq_kernel_view", False)):
+            reloaded = read_gptq_checkpoint(args.out, exact=exact, dtype=dtype).to(device)
+            report[key] = compare(ref, logits_of(reloaded, ids))
+            del reloaded
         v = report["verify_gptq_kernel_view"]
         log.info("as a GPTQ kernel reads it (integer zeros, fp16 scales): max |Δlogit| %.3g, relative %.3g, "
                  "next token agrees %s; %d of %d zero points were rounded (largest weight change %.3g)",
                  v["max_abs_diff"], v["rel_diff"], v["next_token_agree"], report["zeros_rounded"],
                  report["zeros_total"], report["gptq_max_abs_weight_error"])
     v = report["verify"]
-    v["tolerance"] = tol
+    v.update(tolerance=tol, device=str(device), dtype=dtype_name(dtype))
     v["ok"] = v["rel_diff"] <= tol
     log.info("verify (%d prompts): max |Δlogit| %.3g, relative %.3g (tolerance %.3g), next token agrees %s -> %s",
              len(ids), v["max_abs_diff"], v["rel_diff"], tol, v["next_token_agree"], "OK" if v["ok"] else "FAILED")

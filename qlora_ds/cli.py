@@ -26,3 +26,14 @@ def run_main(body: Callable[[Any], Any], parse_args: Callable[[Any], Any], argv=
         log.exception("%s failed: %s: %s", who, type(err).__name__, err)
         return 1
     return exit_code(result)
+
+
+def add_device_args(parser, dtype_default: str = "auto", dtype_help: str = "compute dtype") -> None:
+    """``--device`` and ``--dtype``, shared by the inference scripts (resolved by ``qlora_ds.hardware``)."""
+    from .hardware import DTYPE_CHOICES
+
+    parser.add_argument("--device", default="auto",
+                        help="auto (default: the local GPU if there is one, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=dtype_default,
+                        help=f"{dtype_help}; auto: bf16 where the device computes it natively, fp16 on older "
+                             f"GPUs, fp32 on CPUs without native bf16 (default {dtype_default})")

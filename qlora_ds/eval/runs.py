@@ -5,7 +5,8 @@ model and takes ``<run>/adapter``; ``resolve(model=…, adapter=…)`` takes the
 config is read from the adapter itself (``adapter_config_from_dir``), with the run's settings (or
 the command line's) for what a plain PEFT adapter leaves out.
 
-``load(source)`` returns (model, tokenizer):
+``load(source, dtype, device)`` returns (model, tokenizer), the model on ``device`` (default: the local GPU
+when there is one, else the CPU; ``qlora_ds.hardware.resolve_device``):
 
 * base + adapter -> ``from_pretrained`` into QLoRA/QA-LoRA layers + ``load_adapter``;
 * a checkpoint written by ``export_merged(fmt='gptq')`` -> ``read_gptq_checkpoint`` (exact);
@@ -78,8 +79,10 @@ def load_tokenizer(path: str):
 
 
 def load_base_and_adapter(source: Source, compute_dtype: torch.dtype = torch.bfloat16,
-                          torch_dtype: torch.dtype | None = None):
-    """The quantized base with the adapter loaded (QLoRALinear / QALoRALinear layers), eval mode."""
+                          torch_dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+    """The quantized base with the adapter loaded (QLoRALinear / QALoRALinear layers), eval mode, on
+    ``device`` (None: where the loader put it, the CPU). Loading reads and quantizes on the CPU one tensor at a
+    time; the move copies the packed bytes as they are."""
     from ..adapters import load_adapter
     from ..inject import from_pretrained
 
@@ -88,21 +91,30 @@ def load_base_and_adapter(source: Source, compute_dtype: torch.dtype = torch.bfl
     loaded = load_adapter(model, source.adapter)
     log.info("loaded %s + adapter %s (%d layers, %s)", source.model, source.adapter, len(loaded),
              type(config).__name__)
-    return model.eval()
+    return _to_device(model.eval(), device)
 
 
-def load(source: Source, dtype: torch.dtype = torch.bfloat16):
-    """(model, tokenizer) for generation / evaluation (see module doc)."""
+def _to_device(model, device):
+    if device is not None:
+        model.to(torch.device(device))
+    return model
+
+
+def load(source: Source, dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = "auto"):
+    """(model, tokenizer) for generation / evaluation (see module doc); ``device`` ``"auto"``: the local GPU
+    when there is one, else the CPU; None: leave the model where it was loaded (the CPU)."""
     from transformers import AutoModelForCausalLM
 
     from ..adapters.merge import MERGE_META, read_gptq_checkpoint
+    from ..hardware import resolve_device
 
+    device = resolve_device(device) if isinstance(device, str) else device
     tokenizer = load_tokenizer(source.model)
     if source.adapter:
-        return load_base_and_adapter(source, compute_dtype=dtype), tokenizer
+        return load_base_and_adapter(source, compute_dtype=dtype, device=device), tokenizer
     meta_path = os.path.join(source.model, MERGE_META)
     if os.path.exists(meta_path):
         with open(meta_path) as fh:
             if json.load(fh).get("format") == "gptq":
-                return read_gptq_checkpoint(source.model, exact=True, dtype=dtype), tokenizer
-    return AutoModelForCausalLM.from_pretrained(source.model, dtype=dtype).eval(), tokenizer
+                return _to_device(read_gptq_checkpoint(source.model, exact=True, dtype=dtype), device), tokenizer
+    return _to_device(AutoModelForCausalLM.from_pretrained(source.model, dtype=dtype).eval(), device), tokenizer
