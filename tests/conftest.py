@@ -11,6 +11,43 @@ warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
 
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default=None,
+                     help="device the device-aware tests (layers, injection, optimizer, adapters, merge, "
+                          "single-process finetune: those taking the `device` fixture) run on: cpu (default), "
+                          "cuda or cuda:N; default $QLORA_DS_TEST_DEVICE, else cpu")
+
+
+def _test_device(config) -> torch.device:
+    spec = config.getoption("--device") or os.environ.get("QLORA_DS_TEST_DEVICE") or "cpu"
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise pytest.UsageError(f"--device {spec!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {spec} (or QLORA_DS_TEST_DEVICE) asks for CUDA, but torch "
+                                f"{torch.__version__} sees no GPU; run without it")
+    if device.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"--device {spec}: only cpu and cuda are supported")
+    return device
+
+
+def pytest_configure(config):
+    config._qlora_ds_device = _test_device(config)
+
+
+def pytest_report_header(config):
+    return f"qlora-ds test device: {config._qlora_ds_device}"
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> torch.device:
+    """Where a device-aware test runs (``pytest --device cuda`` / ``QLORA_DS_TEST_DEVICE``; default cpu).
+    The assertions are the same on every device; references stay on the CPU unless bitsandbytes (or
+    torch) has the same op on the device."""
+    return pytestconfig._qlora_ds_device
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -57,7 +57,7 @@ def _randomize_adapter(model, seed=1):
 
 def test_our_adapter_loads_in_peft(tmp_path, device):
     from peft import PeftModel
-    IDS = globals()["IDS"].to(device)
+    ids = IDS.to(device)
     ours = _inject(_llama(device=device), CFG)
     _randomize_adapter(ours)
     save_adapter(ours, str(tmp_path / "ad"), base_model_name_or_path="tiny-llama")
@@ -65,31 +65,31 @@ def test_our_adapter_loads_in_peft(tmp_path, device):
     assert cfg["peft_type"] == "LORA" and sorted(cfg["target_modules"]) == sorted(TARGETS) and cfg["r"] == 4
     peft_model = PeftModel.from_pretrained(_dequantized_base(ours, _llama(device=device)), str(tmp_path / "ad")).eval()
     with torch.no_grad():
-        torch.testing.assert_close(peft_model(IDS).logits, ours(IDS).logits, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(_dequantized_base(ours, _llama(device=device))(IDS).logits, ours(IDS).logits, atol=1e-3)
+        torch.testing.assert_close(peft_model(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(_dequantized_base(ours, _llama(device=device))(ids).logits, ours(ids).logits, atol=1e-3)
 
 
 def test_peft_trained_adapter_loads_into_ours(tmp_path, device):
     from peft import LoraConfig, get_peft_model
-    IDS = globals()["IDS"].to(device)
+    ids = IDS.to(device)
     ours = _inject(_llama(device=device), CFG)
     base = _dequantized_base(ours, _llama(device=device))
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
     opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
     for _ in range(3):
-        loss = peft_model(IDS, labels=IDS).loss
+        loss = peft_model(ids, labels=ids).loss
         opt.zero_grad(); loss.backward(); opt.step()
     peft_model.eval()
     peft_model.save_pretrained(str(tmp_path / "peft"))
     loaded = load_adapter(ours, str(tmp_path / "peft"))
     assert len(loaded) == 2 * len(TARGETS)
     with torch.no_grad():
-        torch.testing.assert_close(ours(IDS).logits, peft_model(IDS).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours(ids).logits, peft_model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_roundtrip_qalora_and_refuse_mismatch(tmp_path, device):
     qcfg = QALoRAConfig(bits=3, group_size=16, r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32)
-    IDS = globals()["IDS"].to(device)
+    ids = IDS.to(device)
     a = _inject(_llama(device=device), qcfg, QALoRALinear)
     _randomize_adapter(a)
     save_adapter(a, str(tmp_path / "qa"))
@@ -97,7 +97,7 @@ def test_roundtrip_qalora_and_refuse_mismatch(tmp_path, device):
     b = _inject(_llama(device=device), qcfg, QALoRALinear)
     load_adapter(b, str(tmp_path / "qa"))
     with torch.no_grad():
-        torch.testing.assert_close(a(IDS).logits, b(IDS).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=1e-6)
     other = _inject(_llama(), QALoRAConfig(bits=4, group_size=16, r=4, alpha=8, dropout=0.0), QALoRALinear)
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(QLoRADSError, match="bits=3"):

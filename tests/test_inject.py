@@ -31,21 +31,22 @@ def test_policy_wraps_exactly_the_intended_linears(arch):
 
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED))
-def test_fresh_adapter_logits_equal_dequantized_original(arch):
-    model, ref = tiny_model(arch), tiny_model(arch)
+def test_fresh_adapter_logits_equal_dequantized_original(arch, device):
+    model, ref = tiny_model(arch).to(device), tiny_model(arch).to(device)     # quantized on the device
     with torch.no_grad():   # the reference: the original model with its targets replaced by deq(quant(W))
         for path, mod in ref.named_modules():
             if path in {p for p, m in model.named_modules() if is_linear_like(m) and p != "lm_head"}:
                 deq = quantize(float_weight(mod)).dequantize(torch.float32)
                 mod.weight.copy_(deq if isinstance(mod, nn.Linear) else deq.t())
     inject(model, CFG)
-    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0)).to(device)
+    assert all(p.device == x.device for p in model.parameters())
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_gpt2_conv1d_is_transposed():
-    model = tiny_model("gpt2")
+def test_gpt2_conv1d_is_transposed(device):
+    model = tiny_model("gpt2").to(device)
     conv = model.transformer.h[0].mlp.c_fc
     w = conv.weight.detach().clone()                     # (in, out)
     inject(model, CFG)

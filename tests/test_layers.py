@@ -33,11 +33,12 @@ def _layer(seed=0, dtype=torch.float32, quant_type="nf4", dq=True, bias=True, r=
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("quant_type,dq", [("nf4", True), ("nf4", False), ("fp4", True)])
-def test_forward_backward_match_fp32_reference(dtype, tol, quant_type, dq):
+def test_forward_backward_match_fp32_reference(dtype, tol, quant_type, dq, device):
     lin, layer = _layer(dtype=dtype, quant_type=quant_type, dq=dq)
-    w_ref = _bnb_weight(lin.weight.detach(), quant_type, dq)      # independent oracle
+    lin, layer = lin.to(device), layer.to(device)
+    w_ref = _bnb_weight(lin.weight.detach(), quant_type, dq)      # independent oracle (bnb's kernel on device)
     torch.manual_seed(1)
-    x = torch.randn(2, 5, IN)
+    x = torch.randn(2, 5, IN).to(device)
     A = layer.lora_A.weight.detach().clone().requires_grad_(True)
     B = layer.lora_B.weight.detach().clone().requires_grad_(True)
     xr = x.clone().requires_grad_(True)
@@ -79,20 +80,20 @@ def test_storage_layout_and_meta_construction():
         meta.set_quantized_weight(quantize(torch.randn(OUT, IN), double_quant=False), torch.zeros(OUT))
 
 
-def test_fresh_adapter_is_noop():
+def test_fresh_adapter_is_noop(device):
     torch.manual_seed(0)
     lin = nn.Linear(IN, OUT)
-    layer = QLoRALinear.from_linear(lin, QLoRAConfig(r=4, compute_dtype=torch.float32))
+    layer = QLoRALinear.from_linear(lin, QLoRAConfig(r=4, compute_dtype=torch.float32)).to(device)
     layer.eval()
-    x = torch.randn(3, IN)
+    x = torch.randn(3, IN).to(device)
     base = x @ layer.dequantized_weight().T + layer.bias
     assert torch.equal(layer.lora_B.weight, torch.zeros_like(layer.lora_B.weight))
     torch.testing.assert_close(layer(x), base, rtol=1e-6, atol=1e-6)
 
 
-def test_nonreentrant_checkpointing_same_grads():
-    _, layer = _layer(dtype=torch.bfloat16)
-    x = torch.randn(4, IN)
+def test_nonreentrant_checkpointing_same_grads(device):
+    layer = _layer(dtype=torch.bfloat16)[1].to(device)
+    x = torch.randn(4, IN).to(device)
     def run(ckpt):
         layer.zero_grad()
         xi = x.clone().requires_grad_(True)
@@ -103,16 +104,17 @@ def test_nonreentrant_checkpointing_same_grads():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_merge_and_requantize():
-    lin, layer = _layer(dtype=torch.float32)
-    x = torch.randn(6, IN)
+def test_merge_and_requantize(device):
+    layer = _layer(dtype=torch.float32)[1].to(device)
+    x = torch.randn(6, IN).to(device)
     merged = layer.merge()
     assert isinstance(merged, nn.Linear) and merged.weight.dtype == torch.float32
+    assert merged.weight.device == x.device
     torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-5)
     layer_bf = _layer(dtype=torch.bfloat16)[1]
     assert layer_bf.merge().weight.dtype == torch.bfloat16
     new, report = layer.merge_and_requantize()
-    assert isinstance(new, QLoRALinear) and not new.lora_B.weight.any()
+    assert isinstance(new, QLoRALinear) and not new.lora_B.weight.any() and new.weight.device == x.device
     assert 0 < report["max_abs_error"] < 0.2 and report["rel_fro_error"] < 0.2
     with torch.no_grad():
         layer.lora_B.weight[0, 0] = float("nan")
@@ -134,14 +136,15 @@ def _swap(model: nn.Module, config: QLoRAConfig) -> nn.Module:
     return model
 
 
-def test_training_lowers_loss_and_tracks_bf16_lora():
+def test_training_lowers_loss_and_tracks_bf16_lora(device):
     """QLoRA on an NF4 base vs plain LoRA on the same (dequantized) base: same init, same data."""
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64))
     data = [torch.randn(32, 64) for _ in range(20)]
-    targets = [teacher(d).detach() for d in data]
+    targets = [teacher(d).detach().to(device) for d in data]
+    data = [d.to(device) for d in data]
     cfg = QLoRAConfig(r=8, alpha=16, dropout=0.0, compute_dtype=torch.float32)
-    q_model = _swap(_tiny_mlp(None), cfg)
+    q_model = _swap(_tiny_mlp(None), cfg).to(device)
     # reference: dequantized base (frozen fp32 Linear) + identical LoRA init, standard autograd
     ref = {}
     for name, m in q_model.named_modules():
