@@ -22,12 +22,13 @@ import torch
 
 from qlora_ds.cli import run_main
 from qlora_ds.errors import QLoRADSError
+from qlora_ds.hardware import DTYPE_CHOICES, dtype_name, resolve_device, resolve_dtype
 
 log = logging.getLogger("finetune")
 RUN_CONFIG = "run_config.json"
 CKPT_DIR = "checkpoints"
 # options added later, and the behaviour of runs started before them (resume those with that value)
-BEFORE_OPTION_EXISTED = {"pad_to_multiple_of": 1}
+BEFORE_OPTION_EXISTED = {"pad_to_multiple_of": 1, "dtype": "bf16"}
 # arguments that may differ between a run and its resumption
 RESUMABLE_CHANGES = {"resume", "max_steps", "save_every", "eval_every", "sample_prompt", "overwrite", "local_rank",
                      "log_every", "keep_checkpoints"}
@@ -42,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deepspeed_config", "--deepspeed-config", "--ds-config", dest="ds_config")
     p.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed-style command lines")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="compute dtype; auto: bf16 where the device computes it natively, fp16 on older GPUs, "
+                        "fp32 on CPUs without native bf16 (the base stays 4-bit, LoRA masters fp32)")
     g = p.add_argument_group("adapter")
     g.add_argument("--method", choices=["qlora", "qalora"], default="qlora")
     g.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
@@ -104,23 +108,57 @@ def _read_recipe(path: str, parser: argparse.ArgumentParser) -> dict:
 
 # ----------------------------------------------------------------------------------------------- config
 
-def adapter_config(args):
+def adapter_config(args, dtype: torch.dtype):
     from qlora_ds.nn import QALoRAConfig, QLoRAConfig
 
     common = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                   target_modules=tuple(args.target_modules) if args.target_modules else None,
-                  compute_dtype=compute_dtype())
+                  compute_dtype=dtype)
     if args.method == "qalora":
         return QALoRAConfig(bits=args.bits, group_size=args.group_size, **common)
     return QLoRAConfig(quant_type=args.quant_type, double_quant=args.double_quant, **common)
 
 
-def compute_dtype() -> torch.dtype:
-    return torch.bfloat16
+def compute_dtype(ds_config: dict) -> torch.dtype:
+    """The compute dtype of a ds_config that went through :func:`resolve_ds_config`."""
+    if ds_config["bf16"]["enabled"]:
+        return torch.bfloat16
+    return torch.float16 if ds_config["fp16"]["enabled"] else torch.float32
 
 
-def resolve_ds_config(args, world: int) -> dict:
-    """The ds_config with the command line folded in; any disagreement is an error, not a silent override."""
+def fold_precision(cfg: dict, dtype: torch.dtype, asked: str) -> None:
+    """Make the ds_config's ``bf16``/``fp16`` sections say ``dtype``: an absent section or ``"enabled": "auto"`` is
+    filled in, an explicit value that disagrees is an error naming both. fp16 keeps DeepSpeed's default dynamic
+    loss scaling (``loss_scale`` 0) unless the section sets a static one."""
+    bad = []
+    for key, want in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        section = cfg.get(key, {})
+        if not isinstance(section, dict):
+            raise QLoRADSError(f"ds_config {key}={section!r} must be an object, e.g. {{\"enabled\": \"auto\"}}")
+        enabled = section.get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != want:
+            bad.append(f"{key}.enabled={json.dumps(enabled)}")
+        cfg[key] = {**section, "enabled": want}
+    if bad:
+        raise QLoRADSError(f"ds_config {' and '.join(bad)} conflicts with the compute dtype {dtype_name(dtype)} "
+                           f"(--dtype {asked}); set \"enabled\": \"auto\" in the ds_config (it then follows --dtype) "
+                           f"or pass the --dtype it was written for")
+
+
+def check_fp16_supported(dtype: torch.dtype, device: torch.device) -> None:
+    """DeepSpeed's CPU accelerator refuses fp16 unless oneDNN has native fp16 (AVX512-FP16 / AMX-FP16)."""
+    if dtype != torch.float16 or device.type != "cpu":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():
+        raise QLoRADSError("--dtype fp16 on this CPU: DeepSpeed trains fp16 on a CPU only where oneDNN computes "
+                           "fp16 natively (AVX512-FP16 / AMX-FP16); use --dtype auto, fp32 or bf16 here")
+
+
+def resolve_ds_config(args, world: int, device: torch.device | None = None) -> dict:
+    """The ds_config with the command line folded in; any disagreement is an error, not a silent override.
+    Its bf16/fp16 sections follow ``--dtype`` resolved for ``device`` (default: this rank's training device)."""
     cfg: dict = {}
     if args.ds_config:
         try:
@@ -145,10 +183,10 @@ def resolve_ds_config(args, world: int) -> dict:
                            f"gradient accumulation {accum} × {world} ranks = {total}; fix one of them")
     cfg["train_batch_size"] = total
     merge("gradient_clipping", args.max_grad_norm, 0.3)
-    if cfg.get("fp16", {}).get("enabled"):
-        raise QLoRADSError("ds_config enables fp16, but qlora-ds computes in bf16 (as QLoRA does); "
-                           "use \"bf16\": {\"enabled\": true} and remove the fp16 section")
-    cfg.setdefault("bf16", {"enabled": True})
+    device = resolve_device("auto") if device is None else torch.device(device)
+    dtype = resolve_dtype(args.dtype, device)
+    fold_precision(cfg, dtype, args.dtype)
+    check_fp16_supported(dtype, device)
     cfg.setdefault("steps_per_print", 10 ** 9)  # progress is ours (tqdm)
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
@@ -314,6 +352,7 @@ def train(args) -> dict:
         torch.distributed.barrier()
         args.model = default_model_dir()
     ds_config = resolve_ds_config(args, world)
+    args.dtype = dtype_name(compute_dtype(ds_config))       # run_config records (and --resume compares) what runs
     resume_tag = check_output_dir(args, rank)
     torch.distributed.barrier()
     torch.manual_seed(args.seed)
@@ -327,7 +366,8 @@ def train(args) -> dict:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     runtime = 0 if torch.cuda.is_available() else rss()     # the planner's runtime term, measured
-    model = from_pretrained(args.model, adapter_config(args), ds_config=ds_config, torch_dtype=compute_dtype())
+    dtype = compute_dtype(ds_config)
+    model = from_pretrained(args.model, adapter_config(args, dtype), ds_config=ds_config, torch_dtype=dtype)
     if args.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -27,27 +27,28 @@ def _problem(seed: int, shapes=((37, 11), (300, 70), (5,))):
     return params, grads
 
 
-def _run(cls, params0, grads, steps=50, **kw):
-    params = [torch.nn.Parameter(p.clone()) for p in params0]
+def _run(cls, params0, grads, steps=50, device="cpu", **kw):
+    params = [torch.nn.Parameter(p.clone().to(device)) for p in params0]
     opt = cls([{"params": params[:-1]}, {"params": params[-1:], "lr": kw.get("lr", 1e-3) * 3,
                                          "weight_decay": 0.0}], **kw)
     for step in range(steps):
         for p, g in zip(params, grads[step]):
-            p.grad = g.clone()
+            p.grad = g.clone().to(device)
         opt.step()
     return params, opt
 
 
 @pytest.mark.parametrize("backend", ["compiled", "torch"])
 @pytest.mark.parametrize("lr,betas,wd", [(1e-3, (0.9, 0.999), 0.01), (3e-2, (0.5, 0.9), 0.0), (1e-4, (0.0, 0.99), 0.1)])
-def test_paged_adamw_matches_torch(monkeypatch, backend, lr, betas, wd):
+def test_paged_adamw_matches_torch(monkeypatch, backend, lr, betas, wd, device):
     if backend == "torch":
         monkeypatch.setenv("QLORA_DS_BACKEND", "torch")
     else:
-        assert _op.paged_op("cpu") is not None, "the compiled paged_optim CPU op must build on this machine"
+        assert _op.paged_op(device.type) is not None, f"the compiled paged_optim {device.type} op must build here"
     params0, grads = _problem(1)
-    ours, opt = _run(PagedAdamW, params0, grads, lr=lr, betas=betas, weight_decay=wd)
-    ref, ref_opt = _run(torch.optim.AdamW, params0, grads, lr=lr, betas=betas, weight_decay=wd, foreach=False)
+    ours, opt = _run(PagedAdamW, params0, grads, device=device, lr=lr, betas=betas, weight_decay=wd)
+    ref, ref_opt = _run(torch.optim.AdamW, params0, grads, device=device, lr=lr, betas=betas, weight_decay=wd,
+                        foreach=False)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     for a, b in zip(ours, ref):
@@ -132,10 +133,10 @@ def test_8bit_state_matches_bnb_one_step():
 
 
 @pytest.mark.parametrize("cls", ALL)
-def test_state_dict_round_trip_and_resume(tmp_path, cls):
+def test_state_dict_round_trip_and_resume(tmp_path, cls, device):
     params0, grads = _problem(5, shapes=((64, 80), (17,)))
-    full, _ = _run(cls, params0, grads, steps=20, lr=1e-2)
-    part, opt = _run(cls, params0, grads, steps=10, lr=1e-2)
+    full, _ = _run(cls, params0, grads, steps=20, device=device, lr=1e-2)
+    part, opt = _run(cls, params0, grads, steps=10, device=device, lr=1e-2)
     sd = opt.state_dict()
     for s in sd["state"].values():
         assert all(t.device.type == "cpu" for t in s.values() if torch.is_tensor(t))
@@ -150,10 +151,10 @@ def test_state_dict_round_trip_and_resume(tmp_path, cls):
                                             for k in a)
     for step in range(10, 20):
         for p, g in zip(params, grads[step]):
-            p.grad = g.clone()
+            p.grad = g.clone().to(device)
         opt2.step()
     for a, b in zip(params, full):
-        assert torch.equal(a, b)
+        assert a.device == b.device and torch.equal(a, b)
 
 
 def test_resume_training_losses_single_rank(tmp_path):

@@ -3,6 +3,9 @@
 ``target_modules``: ``None`` means every ``nn.Linear`` except the LM head; a tuple/list of exact
 leaf or full module names; or a string, taken as a regex matched with ``re.fullmatch`` against the
 full module path (never substring matching). ``matches(path)`` answers for one module path.
+
+``compute_dtype``: a torch dtype, its name ("bf16", "fp16", "fp32"), or "auto" — kept as "auto" in the config
+and chosen for the device when a layer is built (``config.resolved(device)``, ``qlora_ds.hardware``).
 """
 from __future__ import annotations
 
@@ -12,11 +15,13 @@ import re
 import torch
 
 from ..errors import QLoRADSError
+from ..hardware import DTYPE_CHOICES, DTYPE_NAMES, resolve_device, resolve_dtype
 from ..codebooks import QUANT_TYPES
 from ..quant.intn import check_bits, check_group_size
 from ..quant.nf4 import check_blocksize
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+AUTO = "auto"      # compute_dtype chosen for the device at layer construction (``resolved``)
 LM_HEAD_NAMES = ("lm_head", "embed_out", "output")
 
 
@@ -27,9 +32,13 @@ def _check_lora(cfg) -> None:
         raise QLoRADSError(f"alpha={cfg.alpha!r}: lora alpha must be a positive number (QLoRA uses 16)")
     if not isinstance(cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0:
         raise QLoRADSError(f"dropout={cfg.dropout!r}: must be in [0, 1) (QLoRA uses 0.1 up to 13B, 0.05 above)")
-    if cfg.compute_dtype not in COMPUTE_DTYPES:
-        raise QLoRADSError(f"compute_dtype={cfg.compute_dtype!r} is not supported; use torch.bfloat16 "
-                           f"(default), torch.float16 or torch.float32")
+    cd = cfg.compute_dtype
+    if isinstance(cd, str) and cd.lower() in DTYPE_CHOICES:
+        cd = cd.lower()
+        object.__setattr__(cfg, "compute_dtype", AUTO if cd == AUTO else DTYPE_NAMES[cd])
+    elif cd not in COMPUTE_DTYPES:
+        raise QLoRADSError(f"compute_dtype={cd!r} is not supported; use \"auto\" (chosen for the device), "
+                           f"torch.bfloat16 (default), torch.float16 or torch.float32 (or \"bf16\"/\"fp16\"/\"fp32\")")
     tm = cfg.target_modules
     if isinstance(tm, list):
         object.__setattr__(cfg, "target_modules", tuple(tm))   # keep the frozen config hashable
@@ -53,6 +62,17 @@ class _LoRAFields:
         return self.alpha / self.r
 
     def matches(self, path: str) -> bool:
+    def resolved(self, device=None):
+        """This config with ``compute_dtype="auto"`` replaced by the dtype ``device`` computes best (see
+        ``qlora_ds.hardware``); the config itself if it names a dtype. ``device`` None or "meta" (a skeleton
+        built before it is placed) means the device training will use: this rank's GPU, else the CPU."""
+        if self.compute_dtype != AUTO:
+            return self
+        device = None if device is None else torch.device(device)
+        if device is None or device.type == "meta":
+            device = resolve_device("auto")
+        return dataclasses.replace(self, compute_dtype=resolve_dtype(AUTO, device))
+
         """Whether the linear module at ``path`` (e.g. 'model.layers.0.mlp.up_proj') is targeted."""
         leaf = path.rsplit(".", 1)[-1]
         tm = self.target_modules
@@ -75,7 +95,7 @@ class QLoRAConfig(_LoRAFields):
     alpha: float = 16
     dropout: float = 0.1
     target_modules: tuple[str, ...] | str | None = None
-    compute_dtype: torch.dtype = torch.bfloat16
+    compute_dtype: torch.dtype | str = torch.bfloat16
 
     def __post_init__(self):
         if self.quant_type not in QUANT_TYPES:
@@ -98,7 +118,7 @@ class QALoRAConfig(_LoRAFields):
     alpha: float = 16
     dropout: float = 0.1
     target_modules: tuple[str, ...] | str | None = None
-    compute_dtype: torch.dtype = torch.bfloat16
+    compute_dtype: torch.dtype | str = torch.bfloat16
 
     def __post_init__(self):
         check_bits(self.bits)

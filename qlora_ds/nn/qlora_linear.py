@@ -75,6 +75,7 @@ class QLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(config, QLoRAConfig):
             raise QLoRADSError(f"QLoRALinear needs a QLoRAConfig, got {type(config).__name__}")
+        config = config.resolved(device)      # compute_dtype "auto" -> the dtype this device computes best
         if in_features <= 0 or out_features <= 0:
             raise QLoRADSError(f"in_features={in_features}, out_features={out_features} must be positive")
         self.in_features, self.out_features, self.config = in_features, out_features, config
