@@ -105,10 +105,43 @@ def test_config_conflicts_are_refused_before_training(tiny):
     for extra, world, match in cases:
         with pytest.raises(QLoRADSError, match=match):
             ft.resolve_ds_config(ft.parse_args(base + extra), world)
-    fp16 = tiny["root"] / "fp16.json"
-    fp16.write_text(json.dumps({"fp16": {"enabled": True}}))
-    with pytest.raises(QLoRADSError, match="fp16"):
-        ft.resolve_ds_config(ft.parse_args(base + ["--ds-config", str(fp16)]), 2)
+
+
+def test_precision_sections_follow_the_dtype(tiny, monkeypatch):
+    """--dtype (auto: decided by qlora_ds.hardware from the mocked device facts) fills the ds_config's "auto"
+    bf16/fp16 sections; an explicit section that disagrees is refused before anything runs."""
+    from qlora_ds import hardware
+    from qlora_ds.hardware import DeviceFacts
+
+    ft = _finetune_module()
+    base = _args(tiny, tiny["root"] / "unused")
+    facts = {"cpu": DeviceFacts("cpu", "CPU", cpu_isa="avx2"),
+             "cuda": DeviceFacts("cuda", "V100", cuda_capability=(7, 0))}
+    monkeypatch.setattr(hardware, "device_facts", lambda device: facts[torch.device(device).type])
+
+    def precision(extra=(), device="cpu", ds=None):
+        argv = base + list(extra) + (["--ds-config", str(ds)] if ds else [])
+        cfg = ft.resolve_ds_config(ft.parse_args(argv), 2, device)
+        return cfg["bf16"]["enabled"], cfg["fp16"]["enabled"], ft.compute_dtype(cfg)
+
+    assert precision() == (False, False, torch.float32)                      # AVX2: no native bf16
+    assert precision(["--dtype", "bf16"]) == (True, False, torch.bfloat16)
+    assert precision(device="cuda:0") == (False, True, torch.float16)        # sm_70: fp16 + loss scaling
+    facts["cpu"] = DeviceFacts("cpu", "CPU", cpu_isa="amx")
+    assert precision() == (True, False, torch.bfloat16)
+
+    explicit = tiny["root"] / "fp16.json"
+    explicit.write_text(json.dumps({"fp16": {"enabled": True, "loss_scale": 0}, "bf16": {"enabled": False}}))
+    assert precision(device="cuda:0", ds=explicit) == (False, True, torch.float16)   # agrees: kept
+    conflict = r"ds_config bf16.enabled=false and fp16.enabled=true conflicts with the compute dtype bf16 \(--dtype {}\)"
+    with pytest.raises(QLoRADSError, match=conflict.format("auto")):
+        precision(ds=explicit)
+    with pytest.raises(QLoRADSError, match=conflict.format("bf16")):
+        precision(["--dtype", "bf16"], device="cuda:0", ds=explicit)
+    monkeypatch.setattr("deepspeed.accelerator.get_accelerator", lambda: type("A", (), {
+        "is_fp16_supported": lambda self: False})())
+    with pytest.raises(QLoRADSError, match="--dtype fp16 on this CPU"):
+        precision(["--dtype", "fp16"])
 
 
 def test_output_dir_of_another_run_is_not_overwritten(tiny, tmp_path):

@@ -61,7 +61,6 @@ class _LoRAFields:
     def scaling(self) -> float:
         return self.alpha / self.r
 
-    def matches(self, path: str) -> bool:
     def resolved(self, device=None):
         """This config with ``compute_dtype="auto"`` replaced by the dtype ``device`` computes best (see
         ``qlora_ds.hardware``); the config itself if it names a dtype. ``device`` None or "meta" (a skeleton
@@ -73,6 +72,7 @@ class _LoRAFields:
             device = resolve_device("auto")
         return dataclasses.replace(self, compute_dtype=resolve_dtype(AUTO, device))
 
+    def matches(self, path: str) -> bool:
         """Whether the linear module at ``path`` (e.g. 'model.layers.0.mlp.up_proj') is targeted."""
         leaf = path.rsplit(".", 1)[-1]
         tm = self.target_modules

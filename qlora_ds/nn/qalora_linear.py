@@ -37,10 +37,10 @@ class QALoRALinear(nn.Module):
         super().__init__()
         if not isinstance(config, QALoRAConfig):
             raise QLoRADSError(f"QALoRALinear needs a QALoRAConfig, got {type(config).__name__}")
+        config = config.resolved(device)      # compute_dtype "auto" -> the dtype this device computes best
         if in_features <= 0 or out_features <= 0:
             raise QLoRADSError(f"in_features={in_features}, out_features={out_features} must be positive")
         intn.check_group_size(config.group_size, in_features)
-        config = config.resolved(device)      # compute_dtype "auto" -> the dtype this device computes best
         self.in_features, self.out_features, self.config = in_features, out_features, config
         self.compute_dtype, self.bits, self.group_size = config.compute_dtype, config.bits, config.group_size
         self.weight_shape = torch.Size((out_features, in_features))

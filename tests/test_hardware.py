@@ -1,0 +1,80 @@
+"""The compute dtype decision: device × capability → dtype, with detection mocked at its single entry point."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_ds import hardware
+from qlora_ds.errors import QLoRADSError
+from qlora_ds.hardware import DeviceFacts
+
+CUDA = {(7, 0): torch.float16, (7, 5): torch.float16, (8, 0): torch.bfloat16, (9, 0): torch.bfloat16}
+CPU = {"avx2": torch.float32, "avx512": torch.float32, "avx512_bf16": torch.bfloat16, "amx": torch.bfloat16,
+       "other": torch.float32}
+
+
+@pytest.fixture
+def facts(monkeypatch):
+    """Set what ``device_facts`` reports; every caller (resolve_dtype, QLoRAConfig.resolved) sees it."""
+    current = {}
+
+    def fake(device):
+        return current["facts"]
+    monkeypatch.setattr(hardware, "device_facts", fake)
+
+    def set_facts(f: DeviceFacts):
+        current["facts"] = f
+    return set_facts
+
+
+@pytest.mark.parametrize("cap", sorted(CUDA), ids=lambda c: f"sm_{c[0]}{c[1]}")
+def test_auto_dtype_on_cuda(facts, cap):
+    facts(DeviceFacts("cuda", "GPU", cuda_capability=cap))
+    assert hardware.resolve_dtype("auto", "cuda:0") is CUDA[cap]
+
+
+@pytest.mark.parametrize("isa", sorted(CPU))
+def test_auto_dtype_on_cpu(facts, isa):
+    facts(DeviceFacts("cpu", "CPU", cpu_isa=isa))
+    assert hardware.resolve_dtype("auto", "cpu") is CPU[isa]
+    assert hardware.resolve_dtype(None, "cpu") is CPU[isa]
+
+
+def test_explicit_dtypes_are_kept_and_bad_ones_refused(facts):
+    facts(DeviceFacts("cpu", "CPU", cpu_isa="avx2"))
+    for name, dtype in hardware.DTYPE_NAMES.items():
+        assert hardware.resolve_dtype(name, "cpu") is dtype and hardware.resolve_dtype(dtype, "cpu") is dtype
+    with pytest.raises(QLoRADSError, match="unknown"):
+        hardware.resolve_dtype("fp8", "cpu")
+    with pytest.raises(QLoRADSError, match="not supported"):
+        hardware.resolve_dtype(torch.float64, "cpu")
+
+
+def test_choice_logged_once_with_reason(facts, caplog):
+    facts(DeviceFacts("cpu", "Test CPU 9000", cpu_isa="avx2"))
+    hardware._logged.clear()
+    with caplog.at_level("INFO", logger="qlora_ds.hardware"):
+        hardware.resolve_dtype("auto", "cpu")
+        hardware.resolve_dtype("auto", "cpu")
+    lines = [r.getMessage() for r in caplog.records if r.name == "qlora_ds.hardware"]
+    assert len(lines) == 1 and "fp32" in lines[0] and "Test CPU 9000" in lines[0] and "AVX2" in lines[0]
+
+
+@pytest.mark.parametrize("kind", ["qlora", "qalora"])
+def test_config_auto_resolved_at_layer_construction(facts, kind):
+    """compute_dtype="auto" stays "auto" in the (frozen, shared) config; each layer gets the device's dtype."""
+    from qlora_ds.nn import QALoRALinear, QALoRAConfig, QLoRAConfig, QLoRALinear
+
+    cls, cfg = ((QLoRALinear, QLoRAConfig(r=2, compute_dtype="auto")) if kind == "qlora"
+                else (QALoRALinear, QALoRAConfig(r=2, group_size=32, compute_dtype="auto")))
+    for facts_, dtype in ((DeviceFacts("cpu", "CPU", cpu_isa="avx2"), torch.float32),
+                          (DeviceFacts("cpu", "CPU", cpu_isa="amx"), torch.bfloat16)):
+        facts(facts_)
+        layer = cls(64, 32, True, cfg)
+        assert layer.compute_dtype is dtype and layer.config.compute_dtype is dtype
+        assert layer.bias.dtype is dtype
+        assert cfg.compute_dtype == "auto"                       # the caller's config is not changed
+    assert cls(64, 32, False, cfg.resolved("meta"), device="meta").compute_dtype is torch.bfloat16
+    assert QLoRAConfig(compute_dtype="FP16").compute_dtype is torch.float16     # names accepted
+    with pytest.raises(QLoRADSError, match="compute_dtype='int8'"):
+        QLoRAConfig(compute_dtype="int8")
