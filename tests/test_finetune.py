@@ -133,7 +133,7 @@ def test_precision_sections_follow_the_dtype(tiny, monkeypatch):
     explicit = tiny["root"] / "fp16.json"
     explicit.write_text(json.dumps({"fp16": {"enabled": True, "loss_scale": 0}, "bf16": {"enabled": False}}))
     assert precision(device="cuda:0", ds=explicit) == (False, True, torch.float16)   # agrees: kept
-    conflict = r"ds_config bf16.enabled=false and fp16.enabled=true conflicts with the compute dtype bf16 \(--dtype {}\)"
+    conflict = r"ds_config bf16.enabled=false and fp16.enabled=true conflicts with the compute dtype bf16 \(dtype {}\)"
     with pytest.raises(QLoRADSError, match=conflict.format("auto")):
         precision(ds=explicit)
     with pytest.raises(QLoRADSError, match=conflict.format("bf16")):
@@ -177,16 +177,18 @@ def test_run_from_before_pad_option_resumes_with_its_behaviour(tiny, tmp_path):
         ft.parse_args(_args(tiny, out, "--pad-to-multiple-of", "0"))
 
 
-def test_qalora_single_process(tiny):
-    """--method qalora on one process (plain `python finetune.py`, no launcher): trains and writes an adapter
-    whose side file records bits and group size."""
+def test_qalora_single_process(tiny, device):
+    """--method qalora on one process (plain `python finetune.py`, no launcher): trains (on the test device)
+    and writes an adapter whose side file records bits and group size."""
     out = tiny["root"] / "qalora"
     args = _args(tiny, out, "--max-steps", "2", "--method", "qalora", "--bits", "3", "--group-size", "32")
     i = args.index("--ds-config")
     del args[i:i + 2]  # no ds_config: DeepSpeed defaults + the command line
     proc = subprocess.run([sys.executable, str(FINETUNE), *args, "--micro-batch", "2", "--grad-accum", "2"],
-                          env=dist_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+                          env=dist_env(DS_ACCELERATOR=device.type), capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
     check(proc)
+    assert json.loads((out / "summary.json").read_text())["memory"]["device"] == device.type
     side = json.loads((out / "adapter" / "qlora_ds.json").read_text())
     assert '"bits": 3' in json.dumps(side) and '"group_size": 32' in json.dumps(side)
     assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2]
