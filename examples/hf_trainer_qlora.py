@@ -4,8 +4,9 @@
         --deepspeed configs/ds_cpu_demo.json --model DIR --dataset FILE --output_dir OUT --max_steps 10
 
 All ``TrainingArguments`` flags work (``--save_steps``, ``--logging_steps``, ``--gradient_checkpointing``,
-``--resume_from_checkpoint`` …). Batch sizes, clipping, bf16 and the optimizer's settings default to the
-ds_config's values; passing a different one is an error, as in transformers. The adapter lands in
+``--resume_from_checkpoint`` …). Batch sizes, clipping and the optimizer's settings default to the
+ds_config's values; passing a different one is an error, as in transformers. ``--dtype auto`` (default) sets the
+``--bf16``/``--fp16`` defaults for the hardware (fp32 on CPUs without native bf16) and checks the ds_config's. The adapter lands in
 ``OUT/adapter`` (and ``OUT/checkpoint-N/adapter``) in PEFT format.
 
 What differs from a stock Trainer script is three lines:
@@ -31,7 +32,7 @@ from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
 from qlora_ds.data import collate, load_records, tokenize_records
 from qlora_ds.distributed import shutdown
 from qlora_ds.integrations import (QLoRATrainer, ds_training_defaults, optimizer_cls_and_kwargs,
-                                   prepare_for_trainer, trainer_ds_config)
+                                   precision_defaults, prepare_for_trainer, trainer_ds_config)
 from qlora_ds.nn import QLoRAConfig
 
 log = logging.getLogger("hf_trainer_qlora")
@@ -46,6 +47,8 @@ class ModelDataArguments:
     lora_alpha: float = field(default=16)
     lora_dropout: float = field(default=0.1)
     quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4"})
+    dtype: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32: the defaults of --bf16/--fp16 "
+                                                         "(auto: bf16 where native, fp16 on older GPUs, else fp32)"})
 
 
 def parse(argv=None) -> tuple[ModelDataArguments, TrainingArguments, str | None]:
@@ -53,13 +56,14 @@ def parse(argv=None) -> tuple[ModelDataArguments, TrainingArguments, str | None]
     parser = HfArgumentParser((ModelDataArguments, TrainingArguments))
     first, _ = parser.parse_known_args(argv)
     ds_config = None
+    parser.set_defaults(**precision_defaults(first.dtype))     # --bf16/--fp16 from the hardware's choice
     if first.deepspeed:
-        # the ds_config's batch sizes, clipping, precision and lr become the defaults; the optimizer section
-        # (PagedAdamW, which DeepSpeed cannot build) is taken out of the config the Trainer sees
-        parser.set_defaults(**ds_training_defaults(first.deepspeed))
-        if not torch.cuda.is_available():
-            parser.set_defaults(use_cpu=True)     # transformers refuses bf16 without a GPU unless use_cpu is set
+        # the ds_config's batch sizes, clipping and lr become the defaults (its bf16/fp16 sections must agree with
+        # the dtype); the optimizer section (PagedAdamW, which DeepSpeed cannot build) is taken out of the config
+        parser.set_defaults(**ds_training_defaults(first.deepspeed, first.dtype))
         ds_config, _ = trainer_ds_config(first.deepspeed)
+    if not torch.cuda.is_available():
+        parser.set_defaults(use_cpu=True)     # transformers refuses bf16 without a GPU unless use_cpu is set
     values = vars(parser.parse_args(argv))
     if ds_config is not None:
         values["deepspeed"] = ds_config
@@ -75,8 +79,8 @@ def main(argv=None) -> int:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     config = QLoRAConfig(quant_type=data_args.quant_type, r=data_args.lora_r, alpha=data_args.lora_alpha,
-                         dropout=data_args.lora_dropout)
-    model = prepare_for_trainer(data_args.model, config, training_args)
+                         dropout=data_args.lora_dropout, compute_dtype="auto")
+    model = prepare_for_trainer(data_args.model, config, training_args)    # computes in --bf16/--fp16/fp32
     ctx = getattr(model.config, "max_position_embeddings", None)
     train = tokenize_records(load_records(data_args.dataset), tokenizer, data_args.max_len, ctx)
 

@@ -22,7 +22,8 @@ import torch
 
 from qlora_ds.cli import run_main
 from qlora_ds.errors import QLoRADSError
-from qlora_ds.hardware import DTYPE_CHOICES, dtype_name, resolve_device, resolve_dtype
+from qlora_ds.hardware import (DTYPE_CHOICES, ds_compute_dtype, dtype_name, fold_ds_precision, resolve_device,
+                               resolve_dtype)
 
 log = logging.getLogger("finetune")
 RUN_CONFIG = "run_config.json"
@@ -119,30 +120,7 @@ def adapter_config(args, dtype: torch.dtype):
     return QLoRAConfig(quant_type=args.quant_type, double_quant=args.double_quant, **common)
 
 
-def compute_dtype(ds_config: dict) -> torch.dtype:
-    """The compute dtype of a ds_config that went through :func:`resolve_ds_config`."""
-    if ds_config["bf16"]["enabled"]:
-        return torch.bfloat16
-    return torch.float16 if ds_config["fp16"]["enabled"] else torch.float32
-
-
-def fold_precision(cfg: dict, dtype: torch.dtype, asked: str) -> None:
-    """Make the ds_config's ``bf16``/``fp16`` sections say ``dtype``: an absent section or ``"enabled": "auto"`` is
-    filled in, an explicit value that disagrees is an error naming both. fp16 keeps DeepSpeed's default dynamic
-    loss scaling (``loss_scale`` 0) unless the section sets a static one."""
-    bad = []
-    for key, want in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
-        section = cfg.get(key, {})
-        if not isinstance(section, dict):
-            raise QLoRADSError(f"ds_config {key}={section!r} must be an object, e.g. {{\"enabled\": \"auto\"}}")
-        enabled = section.get("enabled", "auto")
-        if enabled != "auto" and bool(enabled) != want:
-            bad.append(f"{key}.enabled={json.dumps(enabled)}")
-        cfg[key] = {**section, "enabled": want}
-    if bad:
-        raise QLoRADSError(f"ds_config {' and '.join(bad)} conflicts with the compute dtype {dtype_name(dtype)} "
-                           f"(--dtype {asked}); set \"enabled\": \"auto\" in the ds_config (it then follows --dtype) "
-                           f"or pass the --dtype it was written for")
+compute_dtype = ds_compute_dtype     # of a ds_config that went through resolve_ds_config
 
 
 def check_fp16_supported(dtype: torch.dtype, device: torch.device) -> None:
@@ -185,7 +163,7 @@ def resolve_ds_config(args, world: int, device: torch.device | None = None) -> d
     merge("gradient_clipping", args.max_grad_norm, 0.3)
     device = resolve_device("auto") if device is None else torch.device(device)
     dtype = resolve_dtype(args.dtype, device)
-    fold_precision(cfg, dtype, args.dtype)
+    fold_ds_precision(cfg, dtype, args.dtype)
     check_fp16_supported(dtype, device)
     cfg.setdefault("steps_per_print", 10 ** 9)  # progress is ours (tqdm)
     cfg.setdefault("wall_clock_breakdown", False)

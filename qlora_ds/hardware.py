@@ -137,3 +137,30 @@ def resolve_dtype(spec: str | torch.dtype | None, device: torch.device | str = "
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPE_NAMES.items()}[dtype]
+
+
+def fold_ds_precision(ds_config: dict, dtype: torch.dtype, asked: str = "auto") -> dict:
+    """Make a DeepSpeed config's ``bf16``/``fp16`` sections say ``dtype`` (in place; returned too): an absent
+    section or ``"enabled": "auto"`` is filled in, an explicit value that disagrees is a QLoRADSError naming both.
+    fp16 keeps DeepSpeed's default dynamic loss scaling (``loss_scale`` 0) unless the section sets a static one."""
+    bad = []
+    for key, want in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        section = ds_config.get(key, {})
+        if not isinstance(section, dict):
+            raise QLoRADSError(f"ds_config {key}={section!r} must be an object, e.g. {{\"enabled\": \"auto\"}}")
+        enabled = section.get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != want:
+            bad.append(f"{key}.enabled={str(enabled).lower()}")
+        ds_config[key] = {**section, "enabled": want}
+    if bad:
+        raise QLoRADSError(f"ds_config {' and '.join(bad)} conflicts with the compute dtype {dtype_name(dtype)} "
+                           f"(dtype {asked}); set \"enabled\": \"auto\" in the ds_config (it then follows the dtype) "
+                           f"or ask for the dtype it was written for")
+    return ds_config
+
+
+def ds_compute_dtype(ds_config: dict) -> torch.dtype:
+    """The compute dtype a ds_config's (explicit) bf16/fp16 sections describe: bf16, fp16, else fp32."""
+    if (ds_config.get("bf16") or {}).get("enabled") is True:
+        return torch.bfloat16
+    return torch.float16 if (ds_config.get("fp16") or {}).get("enabled") is True else torch.float32

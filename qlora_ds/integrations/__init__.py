@@ -1,9 +1,10 @@
 """Glue for other training frameworks; importing this package imports none of them."""
 from .hf_trainer import (ADAPTER_DIR, ds_training_defaults, make_optimizer, optimizer_cls_and_kwargs,
-                         prepare_for_trainer, qlora_trainer_class, trainer_ds_config)
+                         precision_defaults, prepare_for_trainer, qlora_trainer_class, trainer_ds_config,
+                         trainer_dtype)
 
 __all__ = ["ADAPTER_DIR", "QLoRATrainer", "ds_training_defaults", "make_optimizer", "optimizer_cls_and_kwargs",
-           "prepare_for_trainer", "qlora_trainer_class", "trainer_ds_config"]
+           "precision_defaults", "prepare_for_trainer", "qlora_trainer_class", "trainer_ds_config", "trainer_dtype"]
 
 
 def __getattr__(name):  # QLoRATrainer subclasses transformers.Trainer: built on first use

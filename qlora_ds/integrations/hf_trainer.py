@@ -12,6 +12,9 @@ Four pieces, each usable alone:
   for a Trainer without DeepSpeed or for custom loops.
 - :func:`prepare_for_trainer` — :func:`qlora_ds.from_pretrained` with the ds_config taken from the
   ``TrainingArguments``, so a ZeRO-3 config builds the model under ``deepspeed.zero.Init`` (packed bytes sharded).
+- :func:`precision_defaults` / :func:`trainer_dtype` — the compute dtype: ``auto`` is the hardware's choice
+  (:mod:`qlora_ds.hardware`: bf16 where native, fp16 on pre-Ampere GPUs, fp32 on CPUs without native bf16) as
+  ``--bf16``/``--fp16`` defaults, checked against the ds_config; the model then computes in what the Trainer trains.
 - :func:`qlora_trainer_class` / :class:`QLoRATrainer` — a Trainer whose ``save_model`` writes the PEFT-format
   adapter (``<dir>/adapter``) instead of ``save_pretrained`` of the whole state dict (which would dump the packed
   4-bit base, and under ZeRO-3 first gather it on rank 0).
@@ -27,7 +30,7 @@ import torch
 from ..errors import QLoRADSError
 
 __all__ = ["ADAPTER_DIR", "QLoRATrainer", "ds_training_defaults", "make_optimizer", "optimizer_cls_and_kwargs",
-           "prepare_for_trainer", "qlora_trainer_class", "trainer_ds_config"]
+           "precision_defaults", "prepare_for_trainer", "qlora_trainer_class", "trainer_ds_config", "trainer_dtype"]
 
 ADAPTER_DIR = "adapter"
 
@@ -59,12 +62,32 @@ def trainer_ds_config(ds_config) -> tuple[dict, dict | None]:
         raise QLoRADSError(f"ds_config optimizer section: {err}") from None
 
 
-def ds_training_defaults(ds_config) -> dict:
+def precision_defaults(dtype="auto", ds_config=None, device=None) -> dict:
+    """``{"bf16": …, "fp16": …}`` for ``TrainingArguments``: ``dtype`` (auto|bf16|fp16|fp32, ``auto`` decided by
+    :mod:`qlora_ds.hardware` for ``device``, default the local GPU else the CPU) checked against the ds_config's
+    explicit bf16/fp16 sections ("auto" or absent follow the dtype; a conflict is a QLoRADSError)."""
+    from ..hardware import fold_ds_precision, resolve_device, resolve_dtype
+
+    device = resolve_device("auto") if device is None else torch.device(device)
+    resolved = resolve_dtype(dtype, device)
+    cfg = fold_ds_precision(trainer_ds_config(ds_config)[0] if ds_config is not None else {}, resolved, str(dtype))
+    return {"bf16": cfg["bf16"]["enabled"], "fp16": cfg["fp16"]["enabled"]}
+
+
+def trainer_dtype(training_args) -> torch.dtype:
+    """The compute dtype a Trainer run uses: ``--bf16`` → bf16, ``--fp16`` → fp16, neither → fp32."""
+    if getattr(training_args, "bf16", False):
+        return torch.bfloat16
+    return torch.float16 if getattr(training_args, "fp16", False) else torch.float32
+
+
+def ds_training_defaults(ds_config, dtype="auto", device=None) -> dict:
     """``TrainingArguments`` values the ds_config fixes (use them as parser defaults so the two agree).
 
     transformers checks these keys against the arguments and refuses a mismatch; taking them as defaults means a
-    user who passes only ``--deepspeed`` gets the ds_config's batch sizes, clipping, precision and optimizer
-    settings, and one who passes a different value explicitly still gets transformers' clear mismatch error.
+    user who passes only ``--deepspeed`` gets the ds_config's batch sizes, clipping and optimizer settings, and
+    one who passes a different value explicitly still gets transformers' clear mismatch error. ``bf16``/``fp16``
+    come from :func:`precision_defaults` (``dtype``, default auto: the hardware's choice).
     """
     cfg, section = trainer_ds_config(ds_config)
     out = {}
@@ -73,10 +96,7 @@ def ds_training_defaults(ds_config) -> dict:
                         ("gradient_clipping", "max_grad_norm")):
         if isinstance(cfg.get(ds_key), (int, float)):
             out[arg] = cfg[ds_key]
-    for prec in ("bf16", "fp16"):
-        enabled = (cfg.get(prec) or {}).get("enabled")
-        if isinstance(enabled, bool):
-            out[prec] = enabled
+    out.update(precision_defaults(dtype, cfg, device))
     params = (section or {}).get("params") or {}
     for key, arg in (("lr", "learning_rate"), ("eps", "adam_epsilon"), ("weight_decay", "weight_decay")):
         if key in params:
@@ -140,16 +160,25 @@ def make_optimizer(model: torch.nn.Module, ds_config) -> tuple[torch.optim.Optim
     return cls(params, **kwargs), cfg
 
 
-def prepare_for_trainer(model_path: str, config, training_args, torch_dtype: torch.dtype = torch.bfloat16,
+def prepare_for_trainer(model_path: str, config, training_args, torch_dtype: torch.dtype | str = "auto",
                         policy=None) -> torch.nn.Module:
     """Load ``model_path`` quantized with LoRA for a Trainer run described by ``training_args``.
+
+    ``torch_dtype`` "auto" (and a config's ``compute_dtype="auto"``) take the Trainer's precision
+    (:func:`trainer_dtype`: ``--bf16``/``--fp16``, else fp32), so the layers compute in what DeepSpeed trains.
 
     Under a ZeRO-3 ``training_args.deepspeed`` the model is built under ``deepspeed.zero.Init`` (rank 0 reads and
     quantizes; every rank keeps 1/N of the packed bytes). Gradient checkpointing, if asked for, is left to the
     Trainer (``--gradient_checkpointing``); the KV cache is switched off for training.
     """
+    import dataclasses
+
     from ..inject import from_pretrained
 
+    if torch_dtype == "auto":
+        torch_dtype = trainer_dtype(training_args)
+    if getattr(config, "compute_dtype", None) == "auto":
+        config = dataclasses.replace(config, compute_dtype=torch_dtype)
     ds_config = None
     if getattr(training_args, "deepspeed", None):
         ds_config, _ = trainer_ds_config(training_args.deepspeed)
