@@ -13,10 +13,11 @@ from tests.tiny_models import tiny_model
 def _examples(vocab, lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = []
-    for n in lengths:
+    for k, n in enumerate(lengths):
         ids = torch.randint(0, vocab, (n,), generator=g)
         labels = ids.clone()
-        labels[: n // 3] = IGNORE       # the prompt: response-only labels
+        if k % 2:                       # a chat: response-only labels; else plain text, every token labelled
+            labels[: n // 3] = IGNORE
         out.append({"input_ids": ids, "labels": labels})
     return out
 
