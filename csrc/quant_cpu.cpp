@@ -6,6 +6,10 @@
 // Results are bit-exact with the reference (= bitsandbytes' default backend): build without fast-math
 // and with -ffp-contract=off.
 #include <torch/extension.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <string>
 
 #include "quant_cpu_impl.h"
 
@@ -87,7 +91,9 @@ void dequantize_4bit(torch::Tensor packed, torch::Tensor absmax, torch::Tensor c
   check_1d(absmax, "absmax", at::kFloat);
   check_dequant_4bit(packed, code, blocksize, out, absmax.numel());
   const float* am = absmax.data_ptr<float>();
-  dequantize_4bit_dispatch(packed, code, blocksize, out, [am](int64_t b) { return am[b]; });
+  dequantize_4bit_dispatch(packed, code, blocksize, out, [am](int64_t b0, int64_t b1, float* dst) {
+    std::copy(am + b0, am + b1, dst);
+  });
 }
 
 void dequantize_4bit_dq(torch::Tensor packed, torch::Tensor qabsmax, torch::Tensor absmax2, torch::Tensor code8,
@@ -105,9 +111,13 @@ void dequantize_4bit_dq(torch::Tensor packed, torch::Tensor qabsmax, torch::Tens
   const float* a2 = absmax2.data_ptr<float>();
   const float* c8 = code8.data_ptr<float>();
   const float off = static_cast<float>(offset);
-  dequantize_4bit_dispatch(packed, code, blocksize, out, [=](int64_t b) {
-    const float a = c8[qa[b]] * a2[b / nested_blocksize];  // two separate fp32 roundings
-    return a + off;
+  dequantize_4bit_dispatch(packed, code, blocksize, out, [=](int64_t b0, int64_t b1, float* dst) {
+    int64_t g = b0 / nested_blocksize, r = b0 - g * nested_blocksize;  // nested block of b, and b's place in it
+    for (int64_t b = b0; b < b1; ++b) {
+      const float a = c8[qa[b]] * a2[g];  // two separate fp32 roundings
+      dst[b - b0] = a + off;
+      if (++r == nested_blocksize) r = 0, ++g;
+    }
   });
 }
 
@@ -138,20 +148,8 @@ void dequantize_8bit_blockwise(torch::Tensor q, torch::Tensor absmax, torch::Ten
   const int64_t n = out.numel();
   TORCH_CHECK(q.numel() == n, "q and out must have the same number of elements");
   TORCH_CHECK(absmax.numel() == nblocks_of(n, blocksize), "absmax must have ceil(n/blocksize) entries");
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  const float* am = absmax.data_ptr<float>();
-  const float* c8 = code8.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  const float off = static_cast<float>(offset);
-  const int64_t nblocks = nblocks_of(n, blocksize);
-for_blocks(nblocks, blocksize, [&](int64_t b) {
-    const int64_t start = b * blocksize, end = std::min(n, start + blocksize);
-    const float a = am[b];
-    for (int64_t i = start; i < end; ++i) {
-      const float v = c8[qp[i]] * a;
-      o[i] = v + off;
-    }
-  });
+  dequantize_8bit_impl(q.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code8.data_ptr<float>(), blocksize,
+                       static_cast<float>(offset), n, out.data_ptr<float>());
 }
 
 static void check_intn(int64_t bits, int64_t gs, int64_t in_features, int64_t n) {
@@ -221,6 +219,18 @@ void dequantize_intn(torch::Tensor qweight, torch::Tensor scales, torch::Tensor 
   });
 }
 
+// ---- which SIMD path runs (quant_cpu_isa.h) ----------------------------------------------------------
+
+std::string cpu_isa() { return qlora_ds_cpu::isa_name(qlora_ds_cpu::active_isa()); }
+
+void set_cpu_isa(const std::string& name) {
+  const auto have = qlora_ds_cpu::supported_isa_names();
+  std::string list;
+  for (const auto& s : have) list += (list.empty() ? "" : ", ") + s;
+  TORCH_CHECK(qlora_ds_cpu::set_isa_by_name(name), "CPU kernel path '", name,
+              "' is unknown or not supported by this CPU; this CPU supports: auto, ", list);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qlora-ds CPU kernels for blockwise 4-bit / 8-bit and group-wise INT-N quantization (bit-exact with "
             "the reference)";
@@ -236,4 +246,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "quantize_intn(w, bits, group_size, in_features, qweight_out, scales_out, zeros_out)");
   m.def("dequantize_intn", &dequantize_intn,
         "dequantize_intn(qweight, scales, zeros, bits, group_size, in_features, out)");
+  m.def("cpu_isa", &cpu_isa, "the SIMD path the kernels take now: 'avx512', 'avx2' or 'scalar'");
+  m.def("set_cpu_isa", &set_cpu_isa, "set_cpu_isa(name): 'auto' (the widest this CPU has), 'avx512', 'avx2' or "
+        "'scalar'; raises for a path this CPU cannot run");
+  m.def("supported_cpu_isas", &qlora_ds_cpu::supported_isa_names, "the paths this CPU can run, widest first");
 }

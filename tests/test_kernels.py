@@ -12,6 +12,7 @@ from qlora_ds.ops import reference as ref
 from qlora_ds.ops.builder import CSRC, load_op
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CPU_ISAS = ["avx512", "avx2", "scalar"]  # every SIMD path of the CPU kernels; those this CPU lacks are skipped
 BLOCKSIZES = [32, 64, 4096]
 SIZES = [1, 7, 64, 255, 4097, 5000]  # odd, partial blocks, one exact block
 
@@ -97,20 +98,88 @@ def check_backend(mod, device):
                         assert same_bits(out, two_step), case + (nested,)
 
 
-def test_cpu_kernels_match_reference(cpu_op):
-    check_backend(cpu_op, "cpu")
+@pytest.fixture(params=CPU_ISAS)
+def isa_op(request, cpu_op):
+    """The compiled CPU op running its ``request.param`` SIMD path (restored to the default afterwards)."""
+    if request.param not in cpu_op.supported_cpu_isas():
+        pytest.skip(f"this CPU has no {request.param} (it has {cpu_op.supported_cpu_isas()})")
+    before = cpu_op.cpu_isa()
+    cpu_op.set_cpu_isa(request.param)
+    yield cpu_op
+    cpu_op.set_cpu_isa(before)
+
+
+def test_cpu_kernels_match_reference(isa_op):
+    check_backend(isa_op, "cpu")
+
+
+@pytest.mark.parametrize("blocksize", [64, 256])
+def test_cpu_kernels_exact_at_the_bounds(isa_op, blocksize):
+    """Inputs exactly on the midpoints (a tie goes to the lower code) in full SIMD-sized blocks, for the 4-bit
+    and the 8-bit (double-quant) quantizers, with a partial last block."""
+    code8, bounds8 = codebook8()
+    for quant_type in ("nf4", "fp4"):
+        _, bounds, _ = codebook(quant_type)
+        x = torch.cat([bounds, bounds8, torch.nextafter(bounds8, torch.tensor(2.0)), torch.rand(300) * 2 - 1])
+        x = torch.cat([x, x.flip(0), torch.randn(blocksize + 24)])
+        x[::blocksize] = 1.0  # absmax 1 in every block: s == x exactly
+        for mod in (isa_op, ref):
+            out = run_4bit(mod, x, quant_type, blocksize)
+            if mod is isa_op:
+                got = out
+        assert same_bits(got[1], out[1]) and same_bits(got[2], out[2]), quant_type
+    q, a2 = torch.empty(x.numel(), dtype=torch.uint8), torch.empty(-(-x.numel() // blocksize))
+    q_r, a2_r = torch.empty_like(q), torch.empty_like(a2)
+    isa_op.quantize_8bit_blockwise(x, code8, bounds8, blocksize, q, a2)
+    ref.quantize_8bit_blockwise(x, code8, bounds8, blocksize, q_r, a2_r)
+    assert same_bits(q, q_r) and same_bits(a2, a2_r)
+    deq, deq_r = torch.empty(x.numel()), torch.empty(x.numel())
+    isa_op.dequantize_8bit_blockwise(q, a2, code8, blocksize, 0.25, deq)
+    ref.dequantize_8bit_blockwise(q, a2, code8, blocksize, 0.25, deq_r)
+    assert same_bits(deq, deq_r)
+
+
+def test_cpu_isa_selection(cpu_op, monkeypatch):
+    """The widest path is the default; a path the CPU lacks (or a typo) is a clear error, also through the env."""
+    from qlora_ds.errors import QLoRADSError
+    from qlora_ds.ops.builder import _apply_cpu_isa
+
+    have = cpu_op.supported_cpu_isas()
+    assert have[-1] == "scalar" and cpu_op.cpu_isa() == have[0]
+    with pytest.raises(RuntimeError, match="not supported by this CPU"):
+        cpu_op.set_cpu_isa("avx1024")
+    assert cpu_op.cpu_isa() == have[0]
+    monkeypatch.setenv("QLORA_DS_CPU_ISA", "scalar")
+    try:
+        _apply_cpu_isa(cpu_op)
+        assert cpu_op.cpu_isa() == "scalar"
+    finally:
+        cpu_op.set_cpu_isa("auto")
+    monkeypatch.setenv("QLORA_DS_CPU_ISA", "neon512")
+    with pytest.raises(QLoRADSError, match="QLORA_DS_CPU_ISA='neon512'"):
+        _apply_cpu_isa(cpu_op)
+    assert cpu_op.cpu_isa() == have[0]
+
+
+def test_cpu_op_is_built_portably():
+    """No -march=native / host SIMD macros: a prebuilt op must run on any CPU of its architecture."""
+    from qlora_ds.ops.builder import QuantCPUBuilder
+
+    args = QuantCPUBuilder().cxx_args()
+    assert not [a for a in args if a.startswith(("-march", "-mcpu", "-mtune", "-D__AVX"))], args
+    assert "-ffp-contract=off" in args
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(64, 64), (33, 17), (130, 96)])
-def test_cpu_quantize_matches_bitsandbytes(cpu_op, quant_type, dtype, shape):
+def test_cpu_quantize_matches_bitsandbytes(isa_op, quant_type, dtype, shape):
     torch.manual_seed(0)
     w = torch.randn(shape)
     w.view(-1)[:64] = 0.0
     w = w.to(dtype)
     packed_bnb, state = bnbF.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=False)
-    _, packed, absmax = run_4bit(cpu_op, w.reshape(-1), quant_type, 64)
+    _, packed, absmax = run_4bit(isa_op, w.reshape(-1), quant_type, 64)
     assert same_bits(packed, packed_bnb.view(torch.uint8).reshape(-1))
     assert same_bits(absmax, state.absmax.float())
 

@@ -8,6 +8,8 @@ from qlora_ds.ops import reference as ref
 from qlora_ds.ops.builder import load_op
 from qlora_ds.quant import intn
 
+from .test_kernels import isa_op  # noqa: F401 - the fixture: the CPU op on each SIMD path this CPU has
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HUGE = {torch.float32: 1e37, torch.bfloat16: 1e37, torch.float16: 2e4}
 
@@ -66,20 +68,20 @@ def check_intn_backend(mod, device):
                         assert same_bits(out, out_r), case + (out_dtype,)
 
 
-def test_cpu_intn_matches_reference(cpu_op):
-    check_intn_backend(cpu_op, "cpu")
+def test_cpu_intn_matches_reference(isa_op):
+    check_intn_backend(isa_op, "cpu")
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_cpu_intn_span_overflow(cpu_op, bits):
+def test_cpu_intn_span_overflow(isa_op, bits):
     """A group spanning more than fp32's range: scale inf; codes, scales, zeros still exact, values NaN."""
     w = torch.randn(2, 64)
     w[0, 0], w[0, 5], w[1, 40] = -3e38, 3e38, 1e30
-    got, want = run_quant(cpu_op, w, bits, 32), run_quant(ref, w, bits, 32)
+    got, want = run_quant(isa_op, w, bits, 32), run_quant(ref, w, bits, 32)
     assert all(same_bits(a, b) for a, b in zip(got, want))
     for dtype in DTYPES:
         out, out_r = torch.empty(128, dtype=dtype), torch.empty(128, dtype=dtype)
-        cpu_op.dequantize_intn(*want, bits, 32, 64, out)
+        isa_op.dequantize_intn(*want, bits, 32, 64, out)
         ref.dequantize_intn(*want, bits, 32, 64, out_r)
         assert same_bits(out, out_r, nan_ok=True)
 

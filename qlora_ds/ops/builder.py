@@ -18,7 +18,7 @@ from pathlib import Path
 from deepspeed.ops.op_builder.builder import CUDAOpBuilder
 from deepspeed.ops.op_builder.cpu.builder import CPUOpBuilder
 
-from ..errors import OpBuildError  # the package's one OpBuildError: qlora_ds.ops catches it to fall back
+from ..errors import OpBuildError, QLoRADSError  # qlora_ds.ops catches OpBuildError to fall back
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _EXACT_CXX = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
@@ -52,9 +52,20 @@ class _OurSources:
         return [str(CSRC / "include")]
 
 
+# What DeepSpeed's CPUOpBuilder adds for the build machine's CPU (cpu_arch(), simd_width()).
+_HOST_SPECIFIC = ("-march=", "-mcpu=", "-mtune=", "-D__AVX512__", "-D__AVX256__", "-D__SVE__", "-D__NEON__",
+                  "-D__SCALAR__")
+
+
 class _CPUBuilder(_OurSources, CPUOpBuilder):
+    # True: build for the architecture's baseline, not -march=native, so that a prebuilt op runs on any CPU of
+    # that architecture; such an op picks its SIMD path at run time (csrc/include/quant_cpu_isa.h).
+    PORTABLE = False
+
     def cxx_args(self):
         args = [a for a in super().cxx_args() if "fast-math" not in a and a != "-g"]
+        if self.PORTABLE:
+            args = [a for a in args if not a.startswith(_HOST_SPECIFIC)]
         return args + [a for a in _EXACT_CXX if a not in args]
 
     def extra_ldflags(self):
@@ -103,6 +114,7 @@ class QuantCPUBuilder(_CPUBuilder):
     NAME = "qlora_ds_quant_cpu"
     MODULE = "quant_cpu"
     SOURCES = ("quant_cpu.cpp",)
+    PORTABLE = True
 
 
 class QuantCUDABuilder(_CUDABuilder):
@@ -150,6 +162,20 @@ def _why(builder, exc: BaseException) -> str:
     return text
 
 
+CPU_ISA_ENV = "QLORA_DS_CPU_ISA"
+
+
+def _apply_cpu_isa(module) -> None:
+    """``QLORA_DS_CPU_ISA=auto|avx512|avx2|scalar`` picks the CPU kernels' SIMD path (default: the widest the CPU
+    has); a path the CPU lacks is an error, not a silent fallback."""
+    want = os.environ.get(CPU_ISA_ENV, "auto").strip().lower() or "auto"
+    try:
+        module.set_cpu_isa(want)
+    except RuntimeError:
+        raise QLoRADSError(f"{CPU_ISA_ENV}={want!r}: this CPU supports auto, "
+                           f"{', '.join(module.supported_cpu_isas())}; unset it or pick one of those") from None
+
+
 def load_op(op: str, device_type: str):
     """The compiled module of ``op`` ("quant" | "paged_optim") for ``device_type`` ("cpu" | "cuda"), cached."""
     key = (op, device_type)
@@ -171,6 +197,8 @@ def load_op(op: str, device_type: str):
                 module = builder.load(verbose=False)
             except Exception as exc:  # compile/link errors, missing ninja, ...
                 raise OpBuildError(f"building {builder.NAME} failed: {_why(builder, exc)}\n{_FIX}") from exc
+        if key == ("quant", "cpu"):
+            _apply_cpu_isa(module)
         _cache[key] = module
         return module
 
