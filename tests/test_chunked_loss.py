@@ -114,3 +114,23 @@ def test_logit_transform_falls_back_to_plain():
     batch = _batch(model.config.vocab_size)
     with torch.no_grad():
         assert causal_lm_loss(model, batch).item() == model(**batch).loss.item()
+
+
+def test_hf_trainer_uses_chunked_loss(tmp_path):
+    """QLoRATrainer's training loss is the chunked one (the head sees no tokens), equal to the plain loss."""
+    from transformers import TrainingArguments
+
+    from qlora_ds.integrations.hf_trainer import QLoRATrainer
+
+    model = tiny_model("llama").train()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    batch = _batch(model.config.vocab_size)
+    widths = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, o: widths.append(a[0].shape[1]))
+    try:
+        got = QLoRATrainer(model=model, args=args).compute_loss(model, dict(batch), num_items_in_batch=None)
+        ref = QLoRATrainer(model=model, args=args, chunked_loss=False).compute_loss(model, dict(batch))
+    finally:
+        hook.remove()
+    assert widths == [0, batch["input_ids"].shape[1]]
+    assert abs(got.item() - ref.item()) <= 1e-5 * ref.item()

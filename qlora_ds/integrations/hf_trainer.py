@@ -17,7 +17,8 @@ Four pieces, each usable alone:
   ``--bf16``/``--fp16`` defaults, checked against the ds_config; the model then computes in what the Trainer trains.
 - :func:`qlora_trainer_class` / :class:`QLoRATrainer` — a Trainer whose ``save_model`` writes the PEFT-format
   adapter (``<dir>/adapter``) instead of ``save_pretrained`` of the whole state dict (which would dump the packed
-  4-bit base, and under ZeRO-3 first gather it on rank 0).
+  4-bit base, and under ZeRO-3 first gather it on rank 0); its training loss is the chunked LM-head loss
+  (``chunked_loss=False`` for the full logits).
 """
 from __future__ import annotations
 
@@ -202,6 +203,28 @@ def qlora_trainer_class(base: type) -> type:
     from ..inject.zero import save_adapter
 
     class QLoRATrainerOf(base):
+        # the LM head + cross-entropy over token chunks (qlora_ds.loss): no [tokens, vocab] logits in training.
+        # Set ``chunked_loss=False`` (constructor keyword or attribute) for the model's own full-logits loss.
+        chunked_loss = True
+
+        def __init__(self, *args, chunked_loss: bool | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            if chunked_loss is not None:
+                self.chunked_loss = chunked_loss
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if (not self.chunked_loss or return_outputs or "labels" not in inputs
+                    or self.label_smoother is not None or self.compute_loss_func is not None):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            from ..loss import causal_lm_loss
+
+            n = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            loss = causal_lm_loss(model, inputs, num_items_in_batch=n)
+            if self.args.average_tokens_across_devices and n is not None:   # as Trainer.compute_loss scales it
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
+                               else self.args.n_gpu)
+            return loss
+
         def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
             output_dir = output_dir or self.args.output_dir
             engine = self.model_wrapped if getattr(self, "is_deepspeed_enabled", False) else self.model
