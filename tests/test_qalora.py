@@ -26,20 +26,23 @@ def test_pack_roundtrip_and_quant_error(bits):
     assert torch.equal(const.dequantize(), torch.full((2, 32), 0.25))
 
 
-def _trained(bits, group_size, dtype=torch.float32, in_f=128, out_f=64):
+def _trained(bits, group_size, dtype=torch.float32, in_f=128, out_f=64, pool="mean"):
     torch.manual_seed(bits * 100 + group_size)
-    cfg = QALoRAConfig(bits=bits, group_size=group_size, r=8, alpha=16, dropout=0.0, compute_dtype=dtype)
+    cfg = QALoRAConfig(bits=bits, group_size=group_size, pool=pool, r=8, alpha=16, dropout=0.0, compute_dtype=dtype)
     layer = QALoRALinear.from_linear(nn.Linear(in_f, out_f), cfg)
     nn.init.normal_(layer.lora_B.weight, std=0.2)
     return layer
 
 
+@pytest.mark.parametrize("pool", ["mean", "sum"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [32, 64])
-def test_merge_is_exact_and_keeps_codes(bits, group_size):
+def test_merge_is_exact_and_keeps_codes(bits, group_size, pool):
     """fp32 compute: merged and un-merged differ only by fp32 rounding of the zero point and of the two
     matmul orders; with |y| ~ 10 and 128-term sums that is ~1e-5 relative, we allow 1e-5·max|y|+1e-5."""
-    layer = _trained(bits, group_size)
+    layer = _trained(bits, group_size, pool=pool)
+    if pool == "sum":                        # same adapter function scale as the mean case
+        layer.lora_A.weight.data /= group_size
     x = torch.randn(4, 7, 128)
     y = layer(x)
     assert (y - layer(x).detach()).abs().max() == 0
@@ -64,14 +67,15 @@ def test_merge_bf16_compute():
     assert (ym - y).abs().max().item() <= 4 * 2 ** -8 * y.abs().max().item()
 
 
-def test_backward_grads_only_for_adapter():
-    layer = _trained(3, 32)
+@pytest.mark.parametrize("pool", ["mean", "sum"])
+def test_backward_grads_only_for_adapter(pool):
+    layer = _trained(3, 32, pool=pool)
     x = torch.randn(5, 128, requires_grad=True)
     w = layer.dequantized_weight()
     A = layer.lora_A.weight.detach().clone().requires_grad_(True)
     B = layer.lora_B.weight.detach().clone().requires_grad_(True)
     xr = x.detach().clone().requires_grad_(True)
-    pooled = xr.view(5, 4, 32).mean(-1)
+    pooled = xr.view(5, 4, 32).mean(-1) if pool == "mean" else xr.view(5, 4, 32).sum(-1)
     y_ref = xr @ w.T + layer.bias + layer.scaling * (pooled @ A.T) @ B.T
     y = layer(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -118,8 +122,52 @@ def test_gptq_export_layout_and_error_report(bits):
         layer.to_gptq_state_dict()
 
 
+@pytest.mark.parametrize("pool", ["mean", "sum"])
+def test_peft_file_is_peft_function_and_reloads_into_either_pool(tmp_path, pool):
+    """The saved lora_A, run through PEFT's own QA-LoRA forward (mean · in/L), gives our layer's adapter
+    output; the side file records the pool; the file loads into a layer of either pool with the same output."""
+    import json
+    from types import SimpleNamespace
+
+    from peft.tuners.lora.variants import QALoraLinearVariant
+    from safetensors.torch import load_file
+
+    from qlora_ds.adapters.merge import adapter_config_from_dir
+    from qlora_ds.adapters.peft_format import load_adapter, save_adapter
+
+    layer = _trained(4, 32, pool=pool)
+    model = nn.Sequential()
+    model.add_module("proj", layer)
+    save_adapter(model, str(tmp_path / "ad"))
+    x = torch.randn(6, 128)
+    ours = layer(x) - QALoRALinear.from_quantized(layer.quantized_weight(), layer.bias.detach(), layer.config,
+                                                  adapter=False)(x)
+    sd = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    peft_mod = SimpleNamespace(lora_A={"default": SimpleNamespace(weight=sd["base_model.model.proj.lora_A.weight"])},
+                               lora_B={"default": SimpleNamespace(weight=sd["base_model.model.proj.lora_B.weight"])},
+                               lora_dropout={"default": nn.Identity()}, scaling={"default": cfg["lora_alpha"] / cfg["r"]},
+                               qalora_group_size={"default": cfg["qalora_group_size"]}, training=False, in_features=128)
+    theirs = QALoraLinearVariant.forward(peft_mod, "default", x, torch.zeros(6, 64))
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert json.loads((tmp_path / "ad" / "qlora_ds.json").read_text())["layers"]["proj"]["pool"] == pool
+    assert adapter_config_from_dir(str(tmp_path / "ad"), torch.float32).pool == pool
+    y = layer(x)
+    for target in ("mean", "sum"):
+        fresh = nn.Sequential()
+        fresh.add_module("proj", QALoRALinear.from_quantized(layer.quantized_weight(), layer.bias.detach(),
+                                                             QALoRAConfig(bits=4, group_size=32, pool=target, r=8,
+                                                                          alpha=16, dropout=0.0,
+                                                                          compute_dtype=torch.float32)))
+        load_adapter(fresh, str(tmp_path / "ad"))
+        torch.testing.assert_close(fresh(x), y, rtol=1e-6, atol=1e-6)
+        if target == pool:
+            torch.testing.assert_close(fresh.proj.lora_A.weight, layer.lora_A.weight, rtol=2 ** -23, atol=0)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(bits=5), "bits"), (dict(bits=8), "bits"), (dict(group_size=12), "group_size"), (dict(r=0), "rank"),
+    (dict(pool="max"), "pool"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(QLoRADSError, match=match):

@@ -134,7 +134,10 @@ def adapter_config_from_dir(directory: str, compute_dtype: torch.dtype = torch.b
         return first.get(key, fallback.get(key, default))
 
     if kind == "qalora":
-        return QALoRAConfig(bits=int(pick("bits", 4)), group_size=int(pick("group_size", 32)), **common)
+        # files written before ``pool`` existed were trained with the mean; a plain PEFT file loads exactly
+        # into either pool (see peft_format), so "mean" is only a choice of training dynamics there
+        return QALoRAConfig(bits=int(pick("bits", 4)), group_size=int(pick("group_size", 32)),
+                            pool=str(first.get("pool", fallback.get("pool", "mean"))), **common)
     return QLoRAConfig(quant_type=pick("quant_type", "nf4"), blocksize=int(pick("blocksize", 64)),
                        double_quant=bool(pick("double_quant", True)), **common)
 

@@ -5,8 +5,10 @@ PEFT drops unknown config keys with a warning, so our extras live in the side fi
 
 ``read_adapter`` validates a directory against a model and returns our state-dict entries without
 touching the model; ``load_adapter`` = read + copy, so a bad file leaves the model unchanged.
-QA-LoRA: our pool is the group mean; PEFT's QA-LoRA variant multiplies the mean by in/L, so
-``lora_A`` is divided by in/L on save (``use_qalora``/``qalora_group_size`` set) and multiplied on load.
+QA-LoRA: our pool is the group mean or the group sum (``QALoRAConfig.pool``: the mean times c = 1 or L);
+PEFT's QA-LoRA variant multiplies the mean by in/L, so ``lora_A`` is multiplied by c/(in/L) on save
+(``use_qalora``/``qalora_group_size`` set) and by (in/L)/c on load; the side file records ``pool``. The file
+is then the same function whichever pool trained it, and loads exactly (up to fp32 rounding) into either.
 """
 from __future__ import annotations
 
@@ -52,8 +54,17 @@ def base_config_hash(model: nn.Module) -> str | None:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _pool_factor(layer: nn.Module) -> int:
-    return layer.in_features // layer.group_size if isinstance(layer, QALoRALinear) else 1
+def _to_peft_a(layer: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """Our lora_A -> PEFT's (the same function under PEFT's pool = mean·in/L); computed in fp64, one rounding."""
+    if not isinstance(layer, QALoRALinear):
+        return t
+    return (t.double() * layer.pool_factor / (layer.in_features // layer.group_size)).float()
+
+
+def _from_peft_a(layer: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    if not isinstance(layer, QALoRALinear):
+        return t
+    return (t.double() * (layer.in_features // layer.group_size) / layer.pool_factor).float()
 
 
 def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str | None = None,
@@ -79,13 +90,13 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
                 raise QLoRADSError(f"{key}: got shape {tuple(t.shape)}, the layer expects {tuple(want)} (a ZeRO-3 "
                                    f"partition? gather the parameters and pass them as model_state)")
             if part == "lora_A":
-                t = t / _pool_factor(layer)
+                t = _to_peft_a(layer, t)
             tensors[PREFIX + key] = t.contiguous()
         ranks[path], alphas[path] = layer.r, layer.lora_alpha
         info = {"kind": "qalora" if isinstance(layer, QALoRALinear) else "qlora", "r": layer.r,
                 "lora_alpha": layer.lora_alpha, "in_features": layer.in_features, "out_features": layer.out_features}
         if isinstance(layer, QALoRALinear):
-            info.update(bits=layer.bits, group_size=layer.group_size)
+            info.update(bits=layer.bits, group_size=layer.group_size, pool=layer.pool_mode)
         else:
             info.update(quant_type=layer.quant_type, blocksize=layer.blocksize, double_quant=layer.double_quant)
         side_layers[path] = info
@@ -198,7 +209,7 @@ def _read_adapter(model: nn.Module, directory: str):
                 raise QLoRADSError(f"adapter has qalora_group_size={config.get('qalora_group_size')} but {path} uses "
                                    f"group_size={layer.group_size}")
             if part[0] == "A":
-                t = t * _pool_factor(layer)
+                t = _from_peft_a(layer, t)
         elif info is not None and info.get("kind") != "qlora":
             raise QLoRADSError(f"adapter key {key!r} is a {info.get('kind')} adapter but {path} is a QLoRALinear")
         elif qalora_peft:

@@ -23,6 +23,7 @@ from ..quant.nf4 import check_blocksize
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 AUTO = "auto"      # compute_dtype chosen for the device at layer construction (``resolved``)
 LM_HEAD_NAMES = ("lm_head", "embed_out", "output")
+POOLS = ("mean", "sum")
 
 
 def _check_lora(cfg) -> None:
@@ -110,10 +111,16 @@ class QLoRAConfig(_LoRAFields):
 
 @dataclasses.dataclass(frozen=True)
 class QALoRAConfig(_LoRAFields):
-    """QA-LoRA: group-wise INT-N base + LoRA whose A reads the group-average-pooled input (§3)."""
+    """QA-LoRA: group-wise INT-N base + LoRA whose A reads the input pooled over each group (§3).
+
+    ``pool``: "mean" — A sees the group mean (the official repository's AvgPool1d, lr 2e-4); "sum" — A
+    sees the group sum, i.e. the mean times ``group_size`` (the paper's Algorithm 1). With Adam the two
+    differ at equal lr by roughly the group size in effective adapter learning rate.
+    """
 
     bits: int = 4
     group_size: int = 32
+    pool: str = "mean"
     r: int = 64
     alpha: float = 16
     dropout: float = 0.1
@@ -123,4 +130,7 @@ class QALoRAConfig(_LoRAFields):
     def __post_init__(self):
         check_bits(self.bits)
         check_group_size(self.group_size)
+        if self.pool not in POOLS:
+            raise QLoRADSError(f"pool={self.pool!r} is unknown; use 'mean' (the official repository's AvgPool1d) "
+                               f"or 'sum' (the paper's Algorithm 1: the mean times the group size)")
         _check_lora(self)

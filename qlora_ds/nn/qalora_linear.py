@@ -1,19 +1,22 @@
 """QALoRALinear: a frozen group-wise INT-N base whose LoRA-A reads the group-averaged input (QA-LoRA).
 
-``y = x·deq(W)ᵀ + b + (α/r)·B(A(pool(dropout(x))))`` where ``pool`` is the mean over each group of
-``group_size`` input features (the paper's / reference's ``AvgPool1d(group_size)``), so
-``lora_A`` is ``nn.Linear(in_features // group_size, r)``.
+``y = x·deq(W)ᵀ + b + (α/r)·B(A(pool(dropout(x))))`` where ``pool`` reduces each group of
+``group_size`` (L) input features to one value, so ``lora_A`` is ``nn.Linear(in_features // L, r)``:
+``config.pool = "mean"`` (the official repository's ``AvgPool1d(L)``) or ``"sum"`` (the paper's
+Algorithm 1, AvgPool times L). Write ``pool(x)[g] = (c/L)·Σ_{k∈g} x_k`` with ``c = pool_factor`` (1 for
+the mean, L for the sum).
 
-Because ``pool(x)[g] = (1/L)·Σ_{k∈g} x_k``, the adapter adds ``(α/r)·(B·A)[o, g]/L`` to every weight
-of group g in row o — exactly what lowering that group's zero point by ``(α/r)·(B·A)[o, g]/(L·s[o, g])``
-does to ``s·(q − z)``. ``merge()`` does that: integer codes unchanged, only (float) zeros move.
+The adapter then adds ``(α/r)·(B·A)[o, g]·c/L`` to every weight of group g in row o — exactly what
+lowering that group's zero point by ``(α/r)·(B·A)[o, g]·c/(L·s[o, g])`` does to ``s·(q − z)``.
+``merge()`` does that: integer codes unchanged, only (float) zeros move.
 
 Parameter layout (uint8, requires_grad=False, ZeRO-3 safe): ``qweight`` [out·in·bits/8] packed codes
 (see ``quant/intn.py``), ``scales`` and ``zeros`` fp32 [out, in/L] stored as bytes [4·out·in/L];
 ``bias`` frozen in the compute dtype. Metadata: ``weight_shape``, ``bits``, ``group_size``.
 
 PEFT's own QA-LoRA variant (GPTQ layers only) multiplies the pooled mean by ``in/L``; the adapter
-code converts ``lora_A`` by that factor on save/load so files stay interchangeable.
+code converts ``lora_A`` by ``c/(in/L)`` on save (and back on load) so files stay interchangeable,
+and records ``pool`` in its side file.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ class QALoRALinear(nn.Module):
         intn.check_group_size(config.group_size, in_features)
         self.in_features, self.out_features, self.config = in_features, out_features, config
         self.compute_dtype, self.bits, self.group_size = config.compute_dtype, config.bits, config.group_size
+        self.pool_mode = config.pool
         self.weight_shape = torch.Size((out_features, in_features))
         self.weight_dtype = config.compute_dtype
         groups = out_features * (in_features // config.group_size)
@@ -104,9 +108,15 @@ class QALoRALinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.quantized_weight().dequantize(dtype)
 
+    @property
+    def pool_factor(self) -> int:
+        """What the pooled value is times the group mean: 1 ("mean") or the group size ("sum")."""
+        return self.group_size if self.pool_mode == "sum" else 1
+
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean over each group of ``group_size`` input features: [..., in] -> [..., in / L]."""
-        return x.unflatten(-1, (self.in_features // self.group_size, self.group_size)).mean(-1)
+        """Mean or sum over each group of ``group_size`` input features: [..., in] -> [..., in / L]."""
+        g = x.unflatten(-1, (self.in_features // self.group_size, self.group_size))
+        return g.sum(-1) if self.pool_mode == "sum" else g.mean(-1)
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +137,10 @@ class QALoRALinear(nn.Module):
             raise QLoRADSError("this QALoRALinear has no adapter to merge (it was merged already)")
         qt = self.quantized_weight()
         ba = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())     # [out, in/L]
-        zeros = qt.zeros - ba / (self.group_size * qt.scales)
+        if self.pool_mode == "sum":
+            zeros = qt.zeros - ba / qt.scales                        # c/L = 1
+        else:
+            zeros = qt.zeros - ba / (self.group_size * qt.scales)
         if not bool(torch.isfinite(zeros).all()):
             raise QLoRADSError("merging produced NaN/Inf zero points (a diverged adapter?); the layer is left unmerged")
         merged = dataclasses.replace(qt, qweight=qt.qweight.clone(), scales=qt.scales.clone(), zeros=zeros.contiguous())
@@ -148,5 +161,5 @@ class QALoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits={self.bits}, group_size={self.group_size}, adapter={self.has_adapter}, "
+                f"bits={self.bits}, group_size={self.group_size}, pool={self.pool_mode}, adapter={self.has_adapter}, "
                 f"compute_dtype={self.compute_dtype}")

@@ -1,0 +1,264 @@
+"""GPTQ (Frantar et al., 2022) into our group-wise INT-N format: the baseline of the QA-LoRA paper.
+
+``gptq_quantize(W, H)`` quantizes one linear weight [out, in] given its Hessian ``H = 2XᵀX/n`` over
+calibration inputs X [n, in]: columns are quantized left to right and each one's rounding error is
+spread over the not-yet-quantized columns with the inverse Hessian (the OBQ update), computed from the
+upper Cholesky factor of H⁻¹ in blocks of ``blocksize`` columns with lazy batch updates. Settings are
+the paper baseline's: asymmetric, ``group_size`` 32, act-order off, dampening ``percdamp``·mean(diag H).
+
+Choices:
+
+* The grid is **our** format's (``intn.quantize``: per (row, group) min/max of the group, integer zero
+  point, constant group -> scale 1), computed when the quantizer reaches the group's first column from
+  the weights as updated so far (GPTQ with ``static_groups`` off). Reference GPTQ code reads those
+  weights from the outer matrix, which misses the updates of earlier columns of the same block; we read
+  the updated ones, so the blocked algorithm equals the one-column-at-a-time OBQ update exactly (a test
+  checks that). With ``H = I`` it gives exactly ``intn.quantize``'s codes.
+* Computed in H's dtype (fp32, or fp64 if given fp64) on H's device (GPU when the model is there).
+
+``gptq_quantize_model`` drives it through a Hugging Face style decoder true-sequentially: the inputs of
+the first block are captured once, then for each block, stage by stage (linears that read the same
+tensor: q/k/v, o, gate/up, down), Hessians are collected with the earlier stages already quantized, the
+stage is quantized (its weights replaced in place by the dequantized result), and the block's output
+becomes the next block's input. It knows ``torch.nn.Linear`` only; callers wrap the returned
+``IntNQuantizedTensor``s into layers.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from ..errors import QLoRADSError
+from . import intn
+
+log = logging.getLogger(__name__)
+
+
+def _grid(x: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``x`` [out, group]: (scale, zero) of intn.quantize's min/max grid; scale stored as fp32."""
+    wmin, wmax = x.amin(dim=1), x.amax(dim=1)
+    span = wmax - wmin
+    const = span == 0
+    scale = torch.where(const, torch.ones_like(span), span / maxq).float().to(x.dtype)
+    zero = torch.where(const, -wmin, torch.round(-wmin / scale).clamp(0, maxq)).float().to(x.dtype)
+    return scale, zero
+
+
+def hessian_inverse_cholesky(hessian: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(upper Cholesky factor U of (H + λI)⁻¹ with H⁻¹ = UᵀU, dead-column mask, λ used).
+
+    Dead inputs (diag H = 0: never active in the calibration data) get H_ii = 1 (their weights are
+    zeroed by the caller). λ = percdamp·mean(diag H); if H + λI is still not positive definite (too
+    little calibration data), λ is raised tenfold, at most three times."""
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise QLoRADSError(f"the Hessian must be square [in, in], got shape {tuple(hessian.shape)}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise QLoRADSError("the GPTQ Hessian holds NaN/Inf (non-finite calibration activations); check the "
+                           "model in fp32 on the calibration data first")
+    H = hessian.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    base = percdamp * torch.mean(torch.diag(H)).item()
+    for attempt in range(4):
+        damp = base * 10 ** attempt
+        Hd = H.clone()
+        Hd.diagonal().add_(damp)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                if attempt:
+                    log.warning("GPTQ: H + λI was not positive definite; used λ = %.3g (%gx percdamp)", damp, 10 ** attempt)
+                return U, dead, damp
+    raise QLoRADSError(f"GPTQ: the Hessian stays singular even with {1000 * percdamp:g}·mean(diag) dampening; use "
+                       f"more (or longer) calibration samples, or a larger percdamp")
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 32,
+                  percdamp: float = 0.01, blocksize: int = 128) -> intn.IntNQuantizedTensor:
+    """GPTQ-quantize ``weight`` [out, in] with Hessian ``hessian`` [in, in] into an IntNQuantizedTensor."""
+    intn.check_bits(bits)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise QLoRADSError("GPTQ needs a 2-D floating-point weight [out_features, in_features]")
+    out_f, in_f = weight.shape
+    intn.check_group_size(group_size, in_f)
+    if tuple(hessian.shape) != (in_f, in_f):
+        raise QLoRADSError(f"Hessian shape {tuple(hessian.shape)} does not match the weight's in_features {in_f}")
+    if not 0 <= percdamp < 1:
+        raise QLoRADSError(f"percdamp={percdamp!r}: use a small fraction such as 0.01 (GPTQ's default)")
+    if not bool(torch.isfinite(weight).all()):
+        raise QLoRADSError("weight must be finite; fix NaN/Inf in the checkpoint first")
+    dt = torch.float64 if hessian.dtype == torch.float64 else torch.float32
+    dev = hessian.device
+    W = weight.detach().to(dev, dt).clone()
+    U, dead, _ = hessian_inverse_cholesky(hessian.detach().to(dt), percdamp)
+    W[:, dead] = 0
+    maxq = 2 ** bits - 1
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=dev)
+    scales = torch.empty(out_f, in_f // group_size, dtype=dt, device=dev)
+    zeros = torch.empty_like(scales)
+    blocksize = max(group_size, blocksize // group_size * group_size)   # a group never straddles two blocks
+    for i1 in range(0, in_f, blocksize):
+        i2 = min(i1 + blocksize, in_f)
+        W1 = W[:, i1:i2].clone()
+        err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group_size == 0:
+                s, z = _grid(W1[:, i:i + group_size], maxq)
+                scales[:, col // group_size], zeros[:, col // group_size] = s, z
+            w = W1[:, i]
+            q = torch.round(w / s + z).clamp(0, maxq)
+            codes[:, col] = q.to(torch.uint8)
+            e = (w - s * (q - z)) / U1[i, i]
+            W1[:, i:] -= e.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ U[i1:i2, i2:]
+    return intn.IntNQuantizedTensor(qweight=intn.pack(codes, bits).to(weight.device),
+                                    scales=scales.float().contiguous().to(weight.device),
+                                    zeros=zeros.float().contiguous().to(weight.device), shape=torch.Size(weight.shape),
+                                    bits=bits, group_size=group_size, dtype=weight.dtype)
+
+
+class HessianHook:
+    """Forward hook accumulating ``H = 2XᵀX/n`` (fp32, on the input's device) from an ``nn.Linear``'s inputs."""
+
+    def __init__(self, in_features: int):
+        self.sum: torch.Tensor | None = None
+        self.n = 0
+        self.in_features = in_features
+
+    def __call__(self, module, args, output) -> None:
+        x = args[0].detach().reshape(-1, self.in_features).float()
+        if self.sum is None:
+            self.sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
+        self.sum.addmm_(x.t(), x)
+        self.n += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.sum is None or self.n == 0:
+            raise QLoRADSError("a GPTQ layer saw no calibration input (it is not on the forward path?)")
+        return self.sum * (2.0 / self.n)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _blocks(model: nn.Module, wanted: set[str], strict: bool) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder blocks holding (most of) the wanted linears (e.g. 'model.layers')."""
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            n = sum(p.startswith(name + ".") for p in wanted)
+            if n and (best is None or n > best[2]):
+                best = (name, mod, n)
+    if best is None or (strict and best[2] != len(wanted)):
+        raise QLoRADSError("GPTQ needs the quantized linears inside one list of decoder blocks (model.layers "
+                           "in Llama-style models); this model's layout is not supported")
+    return best[0], best[1]
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _stages(block: nn.Module, names: list[str], args, kwargs) -> list[list[str]]:
+    """Linears of ``block`` grouped by the tensor they read, in call order (true-sequential stages)."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    mods = dict(block.named_modules())
+    hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: seen.append((n, a[0]))) for n in names]
+    try:
+        block(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    stages: list[list[str]] = []
+    last = None
+    for n, x in seen:
+        if n in sum(stages, []):
+            continue
+        if last is not None and x is last:
+            stages[-1].append(n)
+        else:
+            stages.append([n])
+        last = x
+    missing = [n for n in names if n not in sum(stages, [])]
+    if missing:
+        raise QLoRADSError(f"GPTQ: linears {missing[:3]} are not called by their block's forward")
+    return stages
+
+
+@torch.no_grad()
+def gptq_quantize_model(model: nn.Module, calibration: Iterable[torch.Tensor], bits: int = 4, group_size: int = 32,
+                        percdamp: float = 0.01, blocksize: int = 128,
+                        select: Callable[[str, nn.Linear], bool] | None = None) -> dict[str, intn.IntNQuantizedTensor]:
+    """GPTQ every selected ``nn.Linear`` of a decoder true-sequentially (see module doc), in place.
+
+    ``calibration``: token id tensors ([T] or [1, T], one unpadded sequence each). ``select(path,
+    linear)``: which linears (default: every ``nn.Linear`` inside the decoder blocks). Each selected
+    weight is overwritten with its dequantized GPTQ result; returns {path: IntNQuantizedTensor}.
+    """
+    linears = {p: m for p, m in model.named_modules() if isinstance(m, nn.Linear)}
+    wanted = {p for p, m in linears.items() if select is None or select(p, m)}
+    if not wanted:
+        raise QLoRADSError("GPTQ: no nn.Linear selected to quantize (merge the adapters into plain linears first)")
+    prefix, blocks = _blocks(model, wanted, strict=select is not None)
+    wanted = {p for p in wanted if p.startswith(prefix + ".")}
+    device = next(model.parameters()).device
+    cached: list[tuple[tuple, dict]] = []
+
+    def catch(module, args, kwargs):
+        cached.append((args, kwargs))
+        raise _Stop
+
+    hook = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for ids in calibration:
+            ids = ids.reshape(1, -1).to(device)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        hook.remove()
+    if not cached:
+        raise QLoRADSError("GPTQ needs calibration samples; pass --calibration data.jsonl with a few dozen records")
+    done: dict[str, intn.IntNQuantizedTensor] = {}
+    try:
+        for b, block in enumerate(blocks):
+            bp = f"{prefix}.{b}."
+            names = sorted(p[len(bp):] for p in wanted if p.startswith(bp))
+            mods = dict(block.named_modules())
+            for stage in _stages(block, names, *cached[0]) if names else []:
+                accs = {n: HessianHook(mods[n].in_features) for n in stage}
+                hooks = [mods[n].register_forward_hook(accs[n]) for n in stage]
+                stop = mods[stage[-1]].register_forward_hook(lambda m, a, o: (_ for _ in ()).throw(_Stop()))
+                try:
+                    for args, kwargs in cached:
+                        try:
+                            block(*args, **kwargs)
+                        except _Stop:
+                            pass
+                finally:
+                    for h in hooks + [stop]:
+                        h.remove()
+                for n in stage:
+                    lin = mods[n]
+                    qt = gptq_quantize(lin.weight, accs[n].hessian(), bits, group_size, percdamp, blocksize)
+                    lin.weight.copy_(qt.dequantize(torch.float32).to(lin.weight.dtype))
+                    done[bp + n] = qt
+            cached = [((_first(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in cached]
+    finally:
+        model.train(was_training)
+    log.info("GPTQ INT%d g%d: %d linears in %d blocks, %d calibration samples", bits, group_size, len(done),
+             len(blocks), len(cached))
+    return done
