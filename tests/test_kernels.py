@@ -201,11 +201,34 @@ def test_load_op_unknown_op():
         load_op("nope", "cpu")
 
 
+@pytest.mark.parametrize("cuda_major", [12, 13])
+def test_cuda_builder_capabilities_without_a_gpu(monkeypatch, cuda_major):
+    """What the CUDA builder passes nvcc when prebuilding with no GPU visible (issue 13 §1.6): our default list
+    instead of DeepSpeed's 6.0;6.1;7.0 fallback, which nvcc 13 rejects; a list nvcc cannot build is filtered,
+    and one with nothing left is a clear error."""
+    from qlora_ds.errors import OpBuildError
+    from qlora_ds.ops.builder import QuantCUDABuilder
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)  # restored afterwards: the builder sets it
+    monkeypatch.setattr(QuantCUDABuilder, "cuda_major", lambda self: cuda_major)
+    b = QuantCUDABuilder()
+    b.jit_mode = False  # the setup.py (prebuild) path
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in (75, 80, 86, 90)] + [
+        "-gencode=arch=compute_90,code=compute_90"]
+    assert b.compute_capability_args() == gencode
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "6.0;6.1;7.0;8.0")
+    kept = ["70", "80"] if cuda_major < 13 else ["80"]
+    assert b.compute_capability_args() == [f"-gencode=arch=compute_{a},code=sm_{a}" for a in kept]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "6.0;6.1")
+    with pytest.raises(OpBuildError, match="TORCH_CUDA_ARCH_LIST"):
+        b.compute_capability_args()
+
+
 NVCC = shutil.which("nvcc") or next(iter(sorted(glob.glob("/usr/local/cuda*/bin/nvcc"))), None)
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])  # the oldest and newest of DEFAULT_CUDA_ARCHS
 @pytest.mark.parametrize("source", sorted(p.name for p in Path(CSRC).glob("*.cu")))
 def test_cuda_sources_compile(tmp_path, source, arch):
     cmd = [NVCC, "-c", f"-arch={arch}", "-O3", "--fmad=false", "-I", str(CSRC / "include"), str(CSRC / source),

@@ -24,6 +24,16 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _EXACT_CXX = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 _EXACT_NVCC = ["--fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true"]
 _MIN_CUDA_MAJOR = 7
+# Prebuilding with no GPU visible and no TORCH_CUDA_ARCH_LIST: DeepSpeed would fall back to 6.0;6.1;7.0 (plus
+# 8.0;8.6;9.0 only for CUDA 11/12), which nvcc 13 rejects. Ours: T4 (7.5) to Hopper, with PTX of the newest so
+# that later GPUs JIT it.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;9.0+PTX"
+
+
+def min_cuda_arch(cuda_major: int) -> tuple[int, int]:
+    """Oldest compute capability we compile for with a CUDA ``cuda_major`` toolkit: nvcc 13 dropped everything
+    below Turing (7.5); older toolkits still reach Volta (7.0), the oldest our kernels support."""
+    return (7, 5) if cuda_major >= 13 else (_MIN_CUDA_MAJOR, 0)
 
 
 def _src(*names: str) -> list[str]:
@@ -87,6 +97,40 @@ class _CPUBuilder(_OurSources, CPUOpBuilder):
 class _CUDABuilder(_OurSources, CUDAOpBuilder):
     def cxx_args(self):
         return super().cxx_args() + ["-ffp-contract=off"]
+
+    def cuda_major(self) -> int:
+        """Major version of the nvcc that will compile (13, the strictest, when none can be run)."""
+        from deepspeed.ops.op_builder.builder import installed_cuda_version
+
+        try:
+            return installed_cuda_version()[0]
+        except Exception:  # noqa: BLE001 - no CUDA_HOME / no nvcc: the build fails later with its own message
+            return 13
+
+    def compute_capability_args(self, cross_compile_archs=None):
+        # Non-JIT builds (setup.py) with neither TORCH_CUDA_ARCH_LIST nor an explicit list: our default, not
+        # DeepSpeed's. JIT builds probe the visible GPUs as DeepSpeed does; filter_ccs applies to both.
+        if not self.jit_mode and cross_compile_archs is None and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            cross_compile_archs = DEFAULT_CUDA_ARCHS
+        return super().compute_capability_args(cross_compile_archs)
+
+    def filter_ccs(self, ccs):
+        """Drop the capabilities this toolkit cannot compile (< 7.5 with nvcc 13), with one warning; none left
+        is an error that says what to set."""
+        cuda = self.cuda_major()
+        lo = min_cuda_arch(cuda)
+        keep, dropped = [], []
+        for cc in ccs:
+            major, minor = cc.strip().split(".")
+            (keep if (int(major), int(minor.split("+")[0])) >= lo else dropped).append([major, minor])
+        if dropped:
+            self.warning(f"{self.name}: not compiling for compute capabilities "
+                         f"{', '.join('.'.join(c) for c in dropped)} (CUDA {cuda} builds >= {lo[0]}.{lo[1]})")
+        if not keep:
+            raise OpBuildError(f"{self.name}: none of the compute capabilities {';'.join(ccs)} is >= {lo[0]}.{lo[1]}, "
+                               f"the oldest CUDA {cuda} can build; set TORCH_CUDA_ARCH_LIST to your GPUs' "
+                               f"capabilities, e.g. TORCH_CUDA_ARCH_LIST=\"{DEFAULT_CUDA_ARCHS}\"")
+        return keep
 
     def nvcc_args(self):
         args = [a for a in super().nvcc_args() if a not in ("--use_fast_math", "-use_fast_math")]
