@@ -31,7 +31,8 @@ def results_dir(override: str | os.PathLike | None = None) -> Path:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``$QLORA_DS_BENCH_DEVICE`` (``python -m bench … --device``) if set, else the GPU if there is one."""
+    return torch.device(os.environ.get("QLORA_DS_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def synchronize(device: torch.device | str) -> None:

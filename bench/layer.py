@@ -1,122 +1,141 @@
-"""fwd+bwd time of QLoRALinear vs bf16 nn.Linear + LoRA vs bitsandbytes Linear4bit + PEFT LoRA.
+"""fwd+bwd time of QLoRALinear vs 16-bit nn.Linear + LoRA vs bitsandbytes Linear4bit + PEFT LoRA.
 
-    python bench/layer.py            # 4096x4096, batch*seq 512, r=64, bf16 (< 2 min on 2 CPU cores)
-    python bench/layer.py --big      # also 11008x4096
-    python bench/layer.py --quick    # small shapes, a smoke run
+    python -m bench layer                  # CPU: 4096x4096, 512 tokens; CUDA: 4096x4096 and 28672x8192, 4096 tokens
+    python -m bench layer --device cuda --shape 28672x8192 --tokens 4096
+    python -m bench layer --quick          # 256x512, 64 tokens: a smoke run
 
-Ratios are measured in the same run; each shape appends a JSONL row to bench/results/layer.jsonl.
+Same r (64), α (16), dropout 0, compute dtype (``--dtype``, auto: bf16 where native, fp32 on CPUs without native
+bf16) and input for the three; ratios are measured in the same run. One JSONL row per shape
+(``bench/results/layer.jsonl`` or ``--results-dir``) with the machine, versions and commit (``bench.common``).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
-import time
+import sys
 
 import torch
 import torch.nn as nn
 
+from bench.common import RowWriter, default_device, describe_machine, format_table, time_fn
+from qlora_ds import ops
 from qlora_ds.nn import QLoRAConfig, QLoRALinear
 from qlora_ds.nn.functional import lora_delta
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+CPU_SHAPES, CUDA_SHAPES = [(4096, 4096)], [(4096, 4096), (28672, 8192)]
 
 
-class BF16LoRA(nn.Module):
-    def __init__(self, base: nn.Linear, r: int, alpha: float):
+class DenseLoRA(nn.Module):
+    """A frozen 16-bit (or fp32) nn.Linear + LoRA: what QLoRA replaces."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dtype: torch.dtype):
         super().__init__()
-        self.base = base.to(torch.bfloat16).requires_grad_(False)
-        self.lora_A = nn.Linear(base.in_features, r, bias=False)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False)
+        self.dtype = dtype
+        self.base = base.to(dtype).requires_grad_(False)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device)
         nn.init.normal_(self.lora_B.weight, std=0.01)
         self.scaling = alpha / r
 
     def forward(self, x):
-        x = x.to(torch.bfloat16)
-        return self.base(x) + lora_delta(x, self.lora_A, self.lora_B, self.scaling, torch.bfloat16)
+        x = x.to(self.dtype)
+        return self.base(x) + lora_delta(x, self.lora_A, self.lora_B, self.scaling, self.dtype)
 
 
-def bnb_peft(base: nn.Linear, r: int, alpha: float):
+def bnb_peft(base: nn.Linear, r: int, alpha: float, dtype: torch.dtype, device: torch.device):
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
-    q = bnb.nn.Linear4bit(base.in_features, base.out_features, bias=False, compute_dtype=torch.bfloat16,
+    q = bnb.nn.Linear4bit(base.in_features, base.out_features, bias=False, compute_dtype=dtype,
                           quant_type="nf4", compress_statistics=True)
-    q.weight = bnb.nn.Params4bit(base.weight.data.clone(), requires_grad=False, quant_type="nf4",
+    q.weight = bnb.nn.Params4bit(base.weight.data.to("cpu").clone(), requires_grad=False, quant_type="nf4",
                                  compress_statistics=True)
-    q.weight = q.weight._quantize("cpu") if hasattr(q.weight, "_quantize") else q.weight
-    holder = nn.Sequential(q)
-    model = get_peft_model(holder, LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"], lora_dropout=0.0))
-    model.train()
-    return model
+    q = q.to(device)          # Params4bit quantizes on its way to the device (bnb 0.50 on CPU too)
+    if q.weight.dtype != torch.uint8 and hasattr(q.weight, "_quantize"):
+        q.weight = q.weight._quantize(device.type)
+    model = get_peft_model(nn.Sequential(q), LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"], lora_dropout=0.0))
+    return model.train()
 
 
-def timeit(module, x, iters, warmup=1):
+def fwd_bwd(module, x):
     def step():
         xi = x.detach().requires_grad_(True)
-        y = module(xi)
-        y.float().sum().backward()
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        module(xi).float().sum().backward()
+    return step
 
 
-def commit() -> str:
+def parse_shape(text: str) -> tuple[int, int]:
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=HERE, stderr=subprocess.DEVNULL).decode().strip()
-    except Exception:
-        return "unknown"
+        out_f, in_f = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not OUTxIN, e.g. 28672x8192") from None
+    return out_f, in_f
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> int:
+    from qlora_ds.hardware import DTYPE_CHOICES, dtype_name, resolve_device, resolve_dtype
+
+    ap = argparse.ArgumentParser(prog="python -m bench layer", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--big", action="store_true", help="also 11008x4096")
-    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU if there is one)")
+    ap.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
+    ap.add_argument("--shape", type=parse_shape, action="append", help="OUTxIN, repeatable (overrides defaults)")
+    ap.add_argument("--big", action="store_true", help="also 11008x4096 (a LLaMA-7B MLP)")
+    ap.add_argument("--tokens", type=int, default=None, help="batch x sequence (default 512 on CPU, 4096 on CUDA)")
     ap.add_argument("--r", type=int, default=64)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--max-s", type=float, default=20.0, help="time budget per variant and shape (s)")
     ap.add_argument("--no-bnb", action="store_true")
-    args = ap.parse_args()
-    shapes = [(256, 512)] if args.quick else [(4096, 4096)] + ([(11008, 4096)] if args.big else [])
-    tokens = 64 if args.quick else args.tokens
+    ap.add_argument("--results-dir", default=None)
+    args = ap.parse_args(argv)
+    device = resolve_device(args.device) if args.device else default_device()
+    dtype = resolve_dtype(args.dtype, device)
+    gpu = device.type == "cuda"
+    shapes = args.shape or ([(256, 512)] if args.quick else (CUDA_SHAPES if gpu else CPU_SHAPES))
+    if args.big and not args.shape:
+        shapes = shapes + [(11008, 4096)]
+    tokens = args.tokens or (64 if args.quick else (4096 if gpu else 512))
+    iters = 2 if args.quick else args.iters
     try:
-        import bitsandbytes
-        bnb_version = bitsandbytes.__version__
+        import bitsandbytes  # noqa: F401
+        have_bnb = not args.no_bnb
     except Exception:
-        bnb_version = None
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+        have_bnb = False
+    print(f"# layer benchmark — {describe_machine(device)}; compute {dtype_name(dtype)}", flush=True)
+    writer = RowWriter("layer", device, args.results_dir)
+    table = []
     for out_f, in_f in shapes:
         torch.manual_seed(0)
-        base = nn.Linear(in_f, out_f, bias=False)
-        x = torch.randn(tokens, in_f, dtype=torch.bfloat16)
-        ours = QLoRALinear.from_linear(base, QLoRAConfig(r=args.r, alpha=16, dropout=0.0))
+        base = nn.Linear(in_f, out_f, bias=False, device=device)
+        x = torch.randn(tokens, in_f, device=device).to(dtype)
+        ours = QLoRALinear.from_linear(base, QLoRAConfig(r=args.r, alpha=16, dropout=0.0, compute_dtype=dtype))
         nn.init.normal_(ours.lora_B.weight, std=0.01)
-        ref = BF16LoRA(base, args.r, 16)
-        row = {"bench": "layer_fwd_bwd", "shape": [out_f, in_f], "tokens": tokens, "r": args.r, "dtype": "bfloat16",
-               "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "bitsandbytes": bnb_version, "commit": commit()}
-        row["bf16_lora_s"] = timeit(ref, x, args.iters)
-        row["qlora_ds_s"] = timeit(ours, x, args.iters)
-        if bnb_version and not args.no_bnb:
+        variants = {"qlora_ds": lambda: ours, "dense_lora": lambda: DenseLoRA(base, args.r, 16, dtype)}
+        if have_bnb:
+            variants["bnb_peft"] = lambda: bnb_peft(base, args.r, 16, dtype, device)
+        row = {"shape": [out_f, in_f], "tokens": tokens, "r": args.r, "dtype": dtype_name(dtype),
+               "quant_backend": ops.backend(device)}
+        for name, make in variants.items():
             try:
-                row["bnb_peft_s"] = timeit(bnb_peft(base, args.r, 16), x, args.iters)
-            except Exception as err:  # bnb CPU paths vary between versions: record, don't die
-                row["bnb_peft_error"] = f"{type(err).__name__}: {err}"[:200]
-        row["ratio_vs_bf16"] = row["qlora_ds_s"] / row["bf16_lora_s"]
-        if "bnb_peft_s" in row:
-            row["ratio_vs_bnb"] = row["qlora_ds_s"] / row["bnb_peft_s"]
-        print(f"{out_f}x{in_f} tokens={tokens}: bf16+LoRA {row['bf16_lora_s']*1e3:.1f} ms | qlora_ds "
-              f"{row['qlora_ds_s']*1e3:.1f} ms ({row['ratio_vs_bf16']:.2f}x) | bnb+PEFT "
-              f"{row.get('bnb_peft_s', float('nan'))*1e3:.1f} ms")
-        with open(os.path.join(HERE, "results", "layer.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+                module = make()
+                timing, _ = time_fn(fwd_bwd(module, x), device, warmup=1, repeats=iters, max_s=args.max_s)
+                row[f"{name}_ms"] = round(timing["ms"], 3)
+                row[f"{name}_reps"] = timing["reps"]
+                del module
+            except Exception as err:  # noqa: BLE001 - bnb's CPU paths vary between versions: record, go on
+                row[f"{name}_error"] = f"{type(err).__name__}: {err}"[:200]
+        if "qlora_ds_ms" in row and "dense_lora_ms" in row:
+            row["ratio_vs_dense"] = round(row["qlora_ds_ms"] / row["dense_lora_ms"], 3)
+        if "qlora_ds_ms" in row and "bnb_peft_ms" in row:
+            row["ratio_vs_bnb"] = round(row["qlora_ds_ms"] / row["bnb_peft_ms"], 3)
+        writer.write(**row)
+        table.append([f"{out_f}x{in_f}", tokens, row.get("dense_lora_ms", "err"), row.get("qlora_ds_ms", "err"),
+                      row.get("bnb_peft_ms", "-" if not have_bnb else "err"), row.get("ratio_vs_dense", ""),
+                      row.get("ratio_vs_bnb", "")])
+        del ours, base, x
+    print(format_table(["shape", "tokens", f"{dtype_name(dtype)} LoRA ms", "qlora_ds ms", "bnb+PEFT ms",
+                        "ours/dense", "ours/bnb"], table))
+    print(f"rows appended to {writer.path}")
+    return 0 if all("qlora_ds_ms" in writer_row for writer_row in writer.rows) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,7 +3,9 @@
 Each sub-benchmark is a module ``bench/<name>.py`` with a ``main`` (taking ``argv``, or reading
 ``sys.argv`` itself) or a ``run(argv)``. Options after the name that this dispatcher does not know go to
 the sub-benchmark unchanged (``all`` forwards only ``--quick``). ``--results-dir`` is passed on as
-``$QLORA_DS_BENCH_RESULTS``, which ``bench.common.results_dir`` reads.
+``$QLORA_DS_BENCH_RESULTS``, which ``bench.common.results_dir`` reads, and ``--device`` (cpu, cuda, cuda:N; default:
+the GPU if there is one) as ``$QLORA_DS_BENCH_DEVICE``, which ``bench.common.default_device`` reads (``all``
+forwards both).
 """
 from __future__ import annotations
 
@@ -49,9 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("which", choices=BENCHMARKS + ("all",))
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI smoke test)")
     p.add_argument("--results-dir", default=None, help="where the JSONL rows go (default bench/results)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU if there is one)")
     args, rest = p.parse_known_args(argv)
     if args.results_dir:
         os.environ["QLORA_DS_BENCH_RESULTS"] = os.path.abspath(args.results_dir)
+    if args.device:
+        from qlora_ds.hardware import resolve_device    # a bad or absent device fails here, before any work
+        from qlora_ds.errors import QLoRADSError
+        try:
+            os.environ["QLORA_DS_BENCH_DEVICE"] = str(resolve_device(args.device))
+        except QLoRADSError as err:
+            p.error(str(err))
     quick = ["--quick"] if args.quick else []
     if args.which != "all":
         return _call(args.which, quick + rest)
