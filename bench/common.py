@@ -11,7 +11,6 @@ import functools
 import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
+
+from qlora_ds import hardware
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -31,8 +32,7 @@ def results_dir(override: str | os.PathLike | None = None) -> Path:
 
 
 def default_device() -> torch.device:
-    """``$QLORA_DS_BENCH_DEVICE`` (``python -m bench … --device``) if set, else the GPU if there is one."""
-    return torch.device(os.environ.get("QLORA_DS_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -71,14 +71,22 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int
 
 
 def cpu_model() -> str:
+    return hardware.cpu_name()
+
+
+def kernel_isa(device: torch.device | str) -> str:
+    """The path our quant ops take for tensors on ``device``: the compiled CPU op's SIMD path ('avx512', 'avx2',
+    'scalar'), 'cuda', or 'torch' (the pure-torch reference)."""
+    device = torch.device(device)
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        from qlora_ds import ops
+
+        mod = ops.load_backend(device.type)
+    except Exception:  # noqa: BLE001 - a row must still be written
+        return "unknown"
+    if mod is ops.reference:
+        return "torch"
+    return mod.cpu_isa() if device.type == "cpu" and hasattr(mod, "cpu_isa") else device.type
 
 
 def device_name(device: torch.device | str) -> str:
@@ -113,6 +121,9 @@ def machine(device: torch.device | str) -> dict:
     return {
         "device": torch.device(device).type,
         "device_name": device_name(device),
+        "cpu_name": hardware.cpu_name(),
+        "cpu_isa": hardware.cpu_isa(),                # widest SIMD of the host CPU: amx | avx512_bf16 | avx512 | avx2
+        "kernel_isa": kernel_isa(device),              # the path our quant kernels actually took
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "loadavg_1m": round(os.getloadavg()[0], 2),   # other processes on the machine make timings noisy
@@ -125,11 +136,15 @@ class RowWriter:
     """Appends one JSON object per line to ``<dir>/<name>.jsonl``; each row carries ``machine()`` and a
     run id / timestamp shared by all rows of one run."""
 
-    def __init__(self, name: str, device: torch.device | str, directory: str | os.PathLike | None = None):
+    def __init__(self, name: str, device: torch.device | str, directory: str | os.PathLike | None = None,
+                 compute_dtype: torch.dtype | str | None = None):
         self.path = results_dir(directory) / f"{name}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         now = _dt.datetime.now(_dt.timezone.utc)
         self.common = {"bench": name, "timestamp": now.isoformat(timespec="seconds"), **machine(device)}
+        if compute_dtype is not None:  # a row's own compute_dtype field (write(compute_dtype=...)) overrides it
+            self.common["compute_dtype"] = (hardware.dtype_name(compute_dtype)
+                                            if isinstance(compute_dtype, torch.dtype) else str(compute_dtype))
         self.rows: list[dict] = []
 
     def write(self, **fields) -> dict:
@@ -154,6 +169,7 @@ def describe_machine(device: torch.device | str) -> str:
     m = machine(device)
     vers = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) or "?"
     missing = [k for k, v in m["versions"].items() if not v]
-    return (f"device: {m['device_name']} ({m['device']}), {m['cpu_count']} CPUs, torch threads {m['threads']}, "
+    return (f"device: {m['device_name']} ({m['device']}), {m['cpu_count']} CPUs ({m['cpu_isa']}), "
+            f"quant kernels: {m['kernel_isa']}, torch threads {m['threads']}, "
             f"load average {m['loadavg_1m']}; "
             f"{vers}" + (f" (not installed: {', '.join(missing)})" if missing else "") + f"; commit {m['commit']}")
