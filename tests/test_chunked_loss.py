@@ -134,3 +134,21 @@ def test_hf_trainer_uses_chunked_loss(tmp_path):
         hook.remove()
     assert widths == [0, batch["input_ids"].shape[1]]
     assert abs(got.item() - ref.item()) <= 1e-5 * ref.item()
+
+
+def test_planner_models_the_chunked_loss():
+    from dataclasses import replace
+
+    from qlora_ds.nn.chunked_loss import LOGIT_BUDGET, default_chunk_tokens
+    from qlora_ds.plan import memory
+    from qlora_ds.plan.presets import shape_from_hf_config
+
+    assert memory.CHUNK_LOGITS == LOGIT_BUDGET
+    shape = shape_from_hf_config(tiny_model("llama", vocab=49152).config.to_dict())
+    plain = memory.PlanConfig(shape=shape, seq_len=2048, device="cpu")
+    chunked = replace(plain, chunked_loss=True)
+    full = memory.activation_bytes(plain)["logits_loss"]
+    part = memory.activation_bytes(chunked)["logits_loss"]
+    assert full == 2048 * 49152 * 12
+    assert part == 2 * 4 * default_chunk_tokens(49152) * 49152 + 2048 * (4 + 8 * shape.hidden)
+    assert memory.estimate_memory(chunked).peak < memory.estimate_memory(plain).peak - 0.9 * (full - part)

@@ -83,6 +83,17 @@ def test_packed_mean_loss_matches_and_tied_chunked():
     assert abs(a.item() - b.item()) <= 1e-5 * b.item()
 
 
+def test_batch_tokens_counts_real_tokens():
+    from qlora_ds.data import collate
+    from qlora_ds.data.batching import batch_tokens
+
+    examples = _examples(50, [6, 14, 9, 21, 4, 10], seed=3)
+    for e in examples:
+        e["input_ids"][e["input_ids"] == 0] = 1       # the pad id never occurs in the data here
+    assert batch_tokens(collate(examples, pad_id=0, pad_to_multiple_of=16), 0) == 64
+    assert batch_tokens(collate_packed(pack_examples(examples, 24), pad_id=0, pad_to_multiple_of=16), 0) == 64
+
+
 def test_unsupported_architecture_refused():
     check_packing_supported(tiny_model("llama").config)
     for arch in ("opt", "bloom", "falcon"):

@@ -60,3 +60,17 @@ def collate(examples: list[dict[str, torch.Tensor]], pad_id: int, pad_to_multipl
         k = e["input_ids"].numel()
         input_ids[i, :k], labels[i, :k], attention[i, :k] = e["input_ids"], e["labels"], 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def batch_tokens(batch: dict[str, torch.Tensor], pad_id: int) -> int:
+    """Real (non-padding) tokens of a batch from ``collate`` (its attention mask) or from
+    ``packing.collate_packed`` (no mask: a row's padding is its last segment, all ``pad_id`` and unlabelled —
+    an example always has a label)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    total = batch["input_ids"].numel()
+    for ids, labels, pos in zip(batch["input_ids"], batch["labels"], batch["position_ids"]):
+        start = int((pos == 0).nonzero()[-1])
+        if start > 0 and bool((ids[start:] == pad_id).all()) and bool((labels[start:] == IGNORE).all()):
+            total -= ids.numel() - start
+    return total

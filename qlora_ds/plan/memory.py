@@ -89,6 +89,7 @@ class PlanConfig:
     pad_multiple: int = 16               # batch widths are rounded up to this (CPU shape cache)
     persistence_threshold: int = 100_000  # ZeRO-3: tensors this small stay gathered (DeepSpeed default)
     max_live_parameters: int = 1_000_000_000
+    chunked_loss: bool = False           # LM head + CE over token chunks (qlora_ds.loss): see chunked_loss_bytes
     max_reuse_distance: int = 1_000_000_000
 
     def __post_init__(self):
@@ -246,8 +247,20 @@ def activation_bytes(cfg: PlanConfig) -> dict:
         stored = s.layers * tokens * 2 * s.hidden + per_layer + 2 * tokens * max(s.hidden, s.intermediate)
     else:
         stored = s.layers * per_layer
-    logits = tokens * s.vocab * 12
+    logits = chunked_loss_bytes(cfg, tokens) if cfg.chunked_loss else tokens * s.vocab * 12
     return {"activations": stored, "logits_loss": logits}
+
+
+CHUNK_LOGITS = 1 << 24      # = qlora_ds.nn.chunked_loss.LOGIT_BUDGET (the planner imports no package code)
+
+
+def chunked_loss_bytes(cfg: PlanConfig, tokens: int) -> float:
+    """The chunked LM-head loss (``qlora_ds.nn.chunked_loss``) instead of 12 B per logit: one chunk of fp32 logits
+    and its in-place softmax gradient (2·4·c·V, c = max(16, 2²⁴/V) rows, at most the tokens), plus per token its
+    log-sum-exp (4 B) and the hidden state selected for the loss with its gradient (2·4·h, fp32 at most)."""
+    v, h = cfg.shape.vocab, cfg.shape.hidden
+    rows = min(tokens, max(16, CHUNK_LOGITS // v))
+    return 2 * 4 * rows * v + tokens * (4 + 2 * 4 * h)
 
 
 def cpu_shape_cache_bytes(cfg: PlanConfig) -> float:
