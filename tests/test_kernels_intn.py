@@ -86,6 +86,21 @@ def test_cpu_intn_span_overflow(isa_op, bits):
         assert same_bits(out, out_r, nan_ok=True)
 
 
+@pytest.mark.parametrize("gs", [8, 24, 40])
+def test_cpu_intn_group_sizes_off_the_simd_width(isa_op, gs):
+    """Group sizes that are multiples of 8 but not of 16/32 (the SIMD paths' remainder loops), all bits and dtypes."""
+    for dtype in DTYPES:
+        for bits in (2, 3, 4):
+            w = make_weight(3, 6 * gs, gs, dtype, seed=gs)
+            got, want = run_quant(isa_op, w, bits, gs), run_quant(ref, w, bits, gs)
+            assert all(same_bits(a, b) for a, b in zip(got, want)), (dtype, bits)
+            for out_dtype in DTYPES:
+                out, out_r = torch.empty(w.numel(), dtype=out_dtype), torch.empty(w.numel(), dtype=out_dtype)
+                isa_op.dequantize_intn(*want, bits, gs, 6 * gs, out)
+                ref.dequantize_intn(*want, bits, gs, 6 * gs, out_r)
+                assert same_bits(out, out_r), (dtype, bits, out_dtype)
+
+
 def test_cpu_intn_rejects_bad_arguments(cpu_op):
     w = torch.randn(64)
     q, s, z = torch.empty(32, dtype=torch.uint8), torch.empty(2), torch.empty(2)
