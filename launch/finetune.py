@@ -193,9 +193,9 @@ def check_output_dir(args, rank: int) -> str | None:
                                f"choose a new --output-dir, or pass --overwrite to replace it")
     elif os.path.isdir(out) and os.listdir(out) and not args.overwrite:
         raise QLoRADSError(f"{out} is not empty and holds no qlora-ds run; choose an empty --output-dir")
-    from qlora_ds.checkpointing import latest_complete
+    from qlora_ds.checkpointing import resume_tag  # rank 0 verifies the signed manifests, all ranks get its verdict
 
-    tag = latest_complete(os.path.join(out, CKPT_DIR)) if args.resume else None
+    tag = resume_tag(os.path.join(out, CKPT_DIR)) if args.resume else None
     if args.resume and tag is None and rank == 0:
         log.info("--resume: no complete checkpoint in %s yet; starting from step 0", out)
     return tag

@@ -2,16 +2,26 @@
 
 DeepSpeed writes a tag directory, then its ``latest`` file. We add a manifest (sha256 of every file,
 written atomically last) so a tag is *complete* only once its manifest exists, and resume picks the
-newest complete, untampered tag even if ``latest`` points at a half-written one. DeepSpeed reads its
-files with an unrestricted unpickler; the manifest check before loading means only files this
-run wrote are ever unpickled.
+newest complete, untampered tag even if ``latest`` points at a half-written one.
+
+DeepSpeed reads its files with an unrestricted unpickler, so resume must only open tags this run wrote.
+A manifest beside the files proves nothing by itself (whoever plants a tag can write a matching one), so
+each manifest is signed: HMAC-SHA256 over (run id, tag, step, file digests) with a per-run secret kept
+*outside* the checkpoint directory, in ``$QLORA_DS_SECRET_DIR`` or ``~/.cache/qlora_ds/secrets/<run-id>``
+(mode 0600; the run id is in ``<ckpt_dir>/qlora_ds_run.json``). A tag whose manifest does not verify is
+refused before DeepSpeed sees it. Only global rank 0 signs (it alone writes manifests) and verifies on
+resume, then broadcasts its verdict (``resume_tag``): other hosts never need the secret, but rank 0 must
+run where the secret is (copy the file to the same path if rank 0 moves to another host).
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
 
 from .atomic import atomic_write_text
@@ -20,6 +30,8 @@ from .faults import inject
 
 log = logging.getLogger(__name__)
 MANIFEST = "qlora_ds_manifest.json"
+RUN_FILE = "qlora_ds_run.json"
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def _sha256(path: str) -> str:
@@ -36,19 +48,94 @@ def _tags(ckpt_dir: str) -> list[str]:
     return sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step") and os.path.isdir(os.path.join(ckpt_dir, d)))
 
 
+def secret_dir() -> str:
+    """Where run secrets live: ``$QLORA_DS_SECRET_DIR``, else ``$XDG_CACHE_HOME`` or ~/.cache + qlora_ds/secrets."""
+    if os.environ.get("QLORA_DS_SECRET_DIR"):
+        return os.path.abspath(os.environ["QLORA_DS_SECRET_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.path.abspath(cache), "qlora_ds", "secrets")
+
+
+def _new_run(ckpt_dir: str) -> str:
+    """Create this run's id and secret (0600, never inside the checkpoint directory)."""
+    folder = secret_dir()
+    ckpt = os.path.realpath(ckpt_dir)
+    if os.path.commonpath([os.path.realpath(folder), ckpt]) == ckpt:
+        raise QLoRADSError(f"the checkpoint secret directory {folder} lies inside the checkpoint directory "
+                           f"{ckpt_dir}; whoever can write checkpoints could then sign them. Set "
+                           f"QLORA_DS_SECRET_DIR to a private directory elsewhere")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    run_id = secrets.token_hex(16)
+    fd = os.open(os.path.join(folder, run_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secrets.token_bytes(32))
+        fh.flush()
+        os.fsync(fh.fileno())
+    atomic_write_text(os.path.join(ckpt_dir, RUN_FILE), json.dumps({"run_id": run_id}))
+    return run_id
+
+
+def _run_key(ckpt_dir: str, create: bool) -> tuple[str, bytes]:
+    """(run id, secret) of the run that owns ``ckpt_dir``; created on the first save (``create``)."""
+    path = os.path.join(ckpt_dir, RUN_FILE)
+    if not os.path.exists(path):
+        if not create:
+            raise QLoRADSError(f"{ckpt_dir} has checkpoints but no {RUN_FILE}: they were not written by this run "
+                               f"(or by a qlora-ds from before signed checkpoints); refusing to load them, as "
+                               f"DeepSpeed would unpickle them. Start a new run (--overwrite or another "
+                               f"--output-dir), or delete {ckpt_dir}")
+        run_id = _new_run(ckpt_dir)
+    else:
+        with open(path, encoding="utf-8") as fh:
+            run_id = str(json.load(fh).get("run_id", ""))
+    if not _RUN_ID.fullmatch(run_id):
+        raise QLoRADSError(f"{path} names run id {run_id[:40]!r}, which is not one qlora-ds writes (32 hex digits); "
+                           f"the file was changed: refusing the checkpoints in {ckpt_dir}")
+    key_path = os.path.join(secret_dir(), run_id)
+    try:
+        with open(key_path, "rb") as fh:
+            return run_id, fh.read()
+    except OSError:
+        raise QLoRADSError(f"no secret for run {run_id} at {key_path}: the checkpoints in {ckpt_dir} were written "
+                           f"on another host or by another user (or the file was deleted), so they cannot be "
+                           f"verified and are not loaded. Resume on the host that wrote them (global rank 0), or "
+                           f"copy that file to the same path here (mode 0600)") from None
+
+
+def _signature(key: bytes, manifest: dict) -> str:
+    body = {k: manifest[k] for k in ("run_id", "tag", "step", "files")}
+    return hmac.new(key, json.dumps(body, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
 def write_manifest(tag_dir: str, step: int) -> None:
+    """Digest every file of the tag and sign the list with this run's secret (rank 0 only)."""
     files = {name: _sha256(os.path.join(tag_dir, name)) for name in sorted(os.listdir(tag_dir))
              if name != MANIFEST and os.path.isfile(os.path.join(tag_dir, name))}
-    atomic_write_text(os.path.join(tag_dir, MANIFEST), json.dumps({"step": step, "files": files}, indent=1))
+    run_id, key = _run_key(os.path.dirname(os.path.abspath(tag_dir)), create=True)
+    manifest = {"run_id": run_id, "tag": os.path.basename(os.path.abspath(tag_dir)), "step": step, "files": files}
+    manifest["hmac"] = _signature(key, manifest)
+    atomic_write_text(os.path.join(tag_dir, MANIFEST), json.dumps(manifest, indent=1))
 
 
 def verify(tag_dir: str) -> dict | None:
-    """The manifest if the tag is complete and every file matches it; None if incomplete; error if tampered."""
+    """The manifest if the tag is complete, signed by this run and every file matches it; None if incomplete;
+    QLoRADSError if planted or tampered."""
     path = os.path.join(tag_dir, MANIFEST)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as fh:
-        manifest = json.load(fh)
+    run_id, key = _run_key(os.path.dirname(os.path.abspath(tag_dir)), create=False)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+        claimed = (manifest["run_id"], manifest["tag"], manifest["hmac"])
+        good = hmac.compare_digest(str(manifest["hmac"]), _signature(key, manifest))
+    except (OSError, ValueError, KeyError, TypeError):
+        good, claimed = False, None
+    if not good or claimed[:2] != (run_id, os.path.basename(os.path.abspath(tag_dir))):
+        raise QLoRADSError(f"checkpoint {tag_dir} was not written by this run: its manifest is not signed with "
+                           f"run {run_id}'s secret (planted, copied from elsewhere, or edited). Refusing to load "
+                           f"it, as DeepSpeed would unpickle its files; delete it to resume from an earlier "
+                           f"checkpoint")
     for name, digest in manifest["files"].items():
         file = os.path.join(tag_dir, name)
         if not os.path.exists(file) or _sha256(file) != digest:
@@ -68,6 +155,25 @@ def latest_complete(ckpt_dir: str) -> str | None:
             return tag
         log.warning("checkpoint %s is incomplete (killed or failed while saving); skipping it", tag)
     return None
+
+
+def resume_tag(ckpt_dir: str) -> str | None:
+    """``latest_complete`` decided on global rank 0 alone (the only rank that holds the run secret) and
+    broadcast, so every rank loads the same tag or raises the same QLoRADSError."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return latest_complete(ckpt_dir)
+    verdict = [None]
+    if dist.get_rank() == 0:
+        try:
+            verdict = [{"tag": latest_complete(ckpt_dir)}]
+        except QLoRADSError as err:
+            verdict = [{"error": str(err)}]
+    dist.broadcast_object_list(verdict, src=0)   # pickles a dict of str from our own rank 0, not from a file
+    if "error" in verdict[0]:
+        raise QLoRADSError(verdict[0]["error"])
+    return verdict[0]["tag"]
 
 
 def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int) -> None:

@@ -91,7 +91,8 @@ def test_nan_loss_policy(tiny_run, policy):
         assert [s for s, _ in steps] == [1, 2, 3] and all(l == l for _, l in steps)  # noqa: E741 - no NaN logged
 
 
-def test_tampered_or_planted_checkpoint_is_refused(tmp_path):
+def test_tampered_or_planted_checkpoint_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORA_DS_SECRET_DIR", str(tmp_path.parent / f"{tmp_path.name}-secrets"))
     tag = tmp_path / "step0000002"
     tag.mkdir()
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"genuine bytes")
@@ -104,3 +105,31 @@ def test_tampered_or_planted_checkpoint_is_refused(tmp_path):
     (tag / "extra.pt").write_bytes(b"x")
     with pytest.raises(QLoRADSError, match="did not write"):
         checkpointing.latest_complete(str(tmp_path))
+
+
+def test_resume_refuses_a_planted_tag_then_resumes_the_genuine_one(tiny_run, reference, evil):
+    """A planted newest tag with a matching (unsigned) sha256 manifest stops ``--resume`` on every rank with a
+    clear message before DeepSpeed may unpickle it; once it is removed the run's own checkpoint verifies."""
+    import hashlib
+    import shutil
+
+    write, marker = evil
+    out = tiny_run["root"] / "planted"
+    shutil.copytree(reference, out)
+    run_config = json.loads((out / "run_config.json").read_text())
+    (out / "run_config.json").write_text(json.dumps({**run_config, "output_dir": str(out)}))   # the same run, moved
+    ckpt = out / "checkpoints"
+    assert checkpointing.latest_complete(str(ckpt)) == "step0000005"
+    planted = ckpt / "step0000009"
+    planted.mkdir()
+    write(planted / "mp_rank_00_model_states.pt")
+    digest = hashlib.sha256((planted / "mp_rank_00_model_states.pt").read_bytes()).hexdigest()
+    run_id = json.loads((ckpt / checkpointing.RUN_FILE).read_text())["run_id"]
+    (planted / checkpointing.MANIFEST).write_text(json.dumps(
+        {"run_id": run_id, "tag": planted.name, "step": 9, "files": {"mp_rank_00_model_states.pt": digest}}))
+    proc = run_deepspeed(FINETUNE, *_args(tiny_run, out, "--resume"))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "step0000009 was not written by this run" in text
+    assert not marker.exists()
+    shutil.rmtree(planted)               # a genuine resume end to end: test_sigkill_then_resume_equals_uninterrupted
+    assert checkpointing.latest_complete(str(ckpt)) == "step0000005"

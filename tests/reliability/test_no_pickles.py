@@ -90,12 +90,13 @@ def test_package_loaders_use_safetensors_or_weights_only():
     assert not bad, "loaders that may unpickle untrusted files:\n" + "\n".join(bad)
 
 
-def test_resume_refuses_planted_pickle_in_checkpoint(evil, tmp_path):
+def test_resume_refuses_planted_pickle_in_checkpoint(evil, tmp_path, monkeypatch):
     """DeepSpeed's checkpoint engine unpickles (torch.load(weights_only=False)); ours verifies every file
     against the sha256 manifest it wrote before DeepSpeed may open anything, so a planted file is refused."""
     from qlora_ds import checkpointing
     from qlora_ds.errors import QLoRADSError
 
+    monkeypatch.setenv("QLORA_DS_SECRET_DIR", str(tmp_path.parent / f"{tmp_path.name}-secrets"))
     write, marker = evil
     tag = tmp_path / "step0000002"
     tag.mkdir()
@@ -104,4 +105,63 @@ def test_resume_refuses_planted_pickle_in_checkpoint(evil, tmp_path):
     write(tag / "mp_rank_00_model_states.pt")
     with pytest.raises(QLoRADSError, match="changed after it was written"):
         checkpointing.latest_complete(str(tmp_path))
+    assert not marker.exists()
+
+
+def _sha256(path):
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_planted_tag_with_its_own_matching_manifest_is_refused(evil, tmp_path, monkeypatch):
+    """A sha256 manifest proves nothing when whoever plants the tag writes it too: resume only accepts
+    manifests signed with this run's secret, which lives outside the checkpoint directory."""
+    import json
+    import stat
+
+    from qlora_ds import checkpointing
+    from qlora_ds.errors import QLoRADSError
+
+    secrets_dir = tmp_path / "secrets"
+    monkeypatch.setenv("QLORA_DS_SECRET_DIR", str(secrets_dir))
+    write, marker = evil
+    ckpt = tmp_path / "checkpoints"
+    good = ckpt / "step0000002"
+    good.mkdir(parents=True)
+    (good / "mp_rank_00_model_states.pt").write_bytes(b"genuine checkpoint bytes")
+    checkpointing.write_manifest(str(good), 2)
+    run_id = json.loads((ckpt / checkpointing.RUN_FILE).read_text())["run_id"]
+    key = secrets_dir / run_id
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and not str(key).startswith(str(ckpt))
+    assert checkpointing.latest_complete(str(ckpt)) == "step0000002"
+
+    # the attack: a newer tag holding a pickle, with a manifest in our format whose digests match
+    planted = ckpt / "step0000009"
+    planted.mkdir()
+    write(planted / "mp_rank_00_model_states.pt")
+    manifest = {"run_id": run_id, "tag": planted.name, "step": 9,
+                "files": {"mp_rank_00_model_states.pt": _sha256(planted / "mp_rank_00_model_states.pt")}}
+    for forged in ({}, {"hmac": "0" * 64}):
+        (planted / checkpointing.MANIFEST).write_text(json.dumps({**manifest, **forged}))
+        with pytest.raises(QLoRADSError, match="not written by this run.*delete it"):
+            checkpointing.latest_complete(str(ckpt))
+    # a genuine signed manifest copied onto the planted tag names another tag: refused as well
+    (planted / checkpointing.MANIFEST).write_bytes((good / checkpointing.MANIFEST).read_bytes())
+    with pytest.raises(QLoRADSError, match="not written by this run"):
+        checkpointing.latest_complete(str(ckpt))
+    import shutil
+    shutil.rmtree(planted)
+    assert checkpointing.resume_tag(str(ckpt)) == "step0000002"  # without a process group: rank 0's own verdict
+    # no secret on this host (another host, or deleted): refused with where it is expected
+    key.rename(tmp_path / "moved")
+    with pytest.raises(QLoRADSError, match=f"no secret for run {run_id} at {secrets_dir}"):
+        checkpointing.latest_complete(str(ckpt))
+    (tmp_path / "moved").rename(key)
+    # run id pointing elsewhere (path traversal) or missing run file: refused
+    (ckpt / checkpointing.RUN_FILE).write_text(json.dumps({"run_id": "../../etc/passwd"}))
+    with pytest.raises(QLoRADSError, match="not one qlora-ds writes"):
+        checkpointing.latest_complete(str(ckpt))
+    (ckpt / checkpointing.RUN_FILE).unlink()
+    with pytest.raises(QLoRADSError, match="no qlora_ds_run.json"):
+        checkpointing.latest_complete(str(ckpt))
     assert not marker.exists()
