@@ -62,6 +62,35 @@ def tiny_checkpoint(folder: str, hidden: int = 64, layers: int = 2, seed: int = 
     return folder
 
 
+# Random-weight shapes for machines without the packaged model/tokenizer (the lent GPU box): the batches are random
+# token ids anyway, so a step's time and memory need only the shape. "llama-1b" is TinyLlama-1.1B's layout.
+RANDOM_SHAPES = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=512),
+                 "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                      num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                      tie_word_embeddings=True),
+                 "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                  num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)}
+
+
+def random_checkpoint(folder: str, shape: str, seed: int = 0) -> str:
+    """A LlamaForCausalLM of ``shape`` (RANDOM_SHAPES) with random bf16 weights as safetensors; no tokenizer."""
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(RANDOM_SHAPES)}")
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(max_position_embeddings=2048, **{"tie_word_embeddings": False, **RANDOM_SHAPES[shape]})
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):    # random init is 10x faster there
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()            # the variants run in their own processes: give the memory back
+    return folder
+
+
 def model_path(quick: bool, tmp: str | None = None, given: str | None = None) -> str:
     if given:
         return given

@@ -32,7 +32,8 @@ def results_dir(override: str | os.PathLike | None = None) -> Path:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``$QLORA_DS_BENCH_DEVICE`` (``python -m bench … --device``) if set, else the GPU if there is one."""
+    return torch.device(os.environ.get("QLORA_DS_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -105,7 +106,10 @@ def _version(dist: str) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def git_commit() -> str:
-    """Short HEAD commit, with ``+dirty`` when the working tree has uncommitted changes."""
+    """Short HEAD commit, with ``+dirty`` when the working tree has uncommitted changes; ``$QLORA_DS_COMMIT`` where
+    there is no git checkout (the lent GPU machine gets a copy of the tree: scripts/gpu_check.sh sets it)."""
+    if os.environ.get("QLORA_DS_COMMIT"):
+        return os.environ["QLORA_DS_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()

@@ -2,6 +2,7 @@
 
     python -m bench train            # batch 4 x seq 128, r 16 on all linears, grad checkpointing
     python -m bench train --quick    # tiny Llama from a config, 2 timed steps (smoke test)
+    python -m bench train --device cuda --shape llama-1b   # random weights of a shape, no packaged model needed
 
 Variants (each in its own subprocess, so peak RSS / CUDA peak is its own): ``ours-nf4dq``
 (qlora_ds.from_pretrained, QLoRA NF4 + DQ), ``bnb-peft`` (transformers BitsAndBytesConfig NF4 + DQ,
@@ -81,6 +82,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench train", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default=None, help="checkpoint dir (default: exported SmolLM2-135M; tiny with --quick)")
+    ap.add_argument("--shape", default=None, choices=sorted(tl.RANDOM_SHAPES),
+                    help="instead of --model: random bf16 weights of this shape (tiny, smollm2-135m, llama-1b)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
@@ -107,6 +110,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         if args.quick:
             args.batch, args.seq = min(args.batch, 2), min(args.seq, 32)
+        if args.shape:
+            args.model = tl.random_checkpoint(os.path.join(tmp, f"random-{args.shape}"), args.shape, args.seed)
         args.model = tl.model_path(args.quick, tmp, args.model)
         device = default_device()
         print(describe_machine(device), flush=True)
