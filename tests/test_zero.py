@@ -62,3 +62,13 @@ def test_zero3_adapter_equals_single_rank_and_loads_in_peft(runs):
     loaded = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
     key = next(k for k in loaded if "layers.0.self_attn.q_proj.lora_A" in k)
     torch.testing.assert_close(loaded[key], a["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+
+
+def test_zero3_persistent_buffers_reach_every_rank(tmp_path):
+    """Only rank 0 reads the checkpoint under ZeRO-3 and zero.Init shards parameters only: the persistent
+    buffers it loaded must be broadcast, else rank 1 keeps the skeleton's zeros."""
+    check(run_torchrun("tests/scripts/zero_buffers.py", str(tmp_path / "ckpt"), str(tmp_path), nproc=2))
+    want = {"calibration": torch.linspace(0.5, 3.0, 6).tolist(), "steps": [[40, 41, 42], [43, 44, 45]],
+            "steps_dtype": "torch.int64"}
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == want, rank

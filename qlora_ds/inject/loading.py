@@ -277,6 +277,20 @@ def _zero3_partition(params: list[nn.Parameter], ds_config) -> None:
     deepspeed.zero.Init(module=holder, config_dict_or_path=ds_config, mem_efficient_linear=False)
 
 
+def _broadcast_buffers(buffers: list[tuple[nn.Module, str]]) -> None:
+    """ZeRO-3: only rank 0 read the checkpoint and zero.Init moves parameters only, so send rank 0's
+    persistent buffers to every rank (else ranks > 0 keep the skeleton's defaults)."""
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    device = get_accelerator().current_device_name()    # NCCL needs device tensors, gloo takes CPU ones
+    for module, name in buffers:
+        b = module._buffers[name]
+        t = b.to(device).contiguous()
+        dist.broadcast(t, src=0)
+        module._buffers[name] = t.to(b.device)
+
+
 def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype = torch.bfloat16,
                     policy: Policy | None = None) -> nn.Module:
     """Load a Hugging Face causal LM with its target linears quantized and LoRA-wrapped (see module doc).
@@ -311,6 +325,7 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
     layer_set = set(paths)
     prefixes = tuple(p + "." for p in paths)
     done: dict[int, nn.Parameter] = {}
+    loaded_buffers: list[tuple[nn.Module, str]] = []   # the same list on every rank (from the headers)
     try:
         for mpath, module in list(model.named_modules()):
             if mpath.startswith(prefixes):
@@ -335,14 +350,22 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
                     new_params.append(new)
                 for name, b in module._buffers.items():
                     key = f"{mpath}.{name}" if mpath else name
-                    if b is not None and name not in module._non_persistent_buffers_set and key in ckpt and read:
-                        module._buffers[name] = ckpt.get(key).to(b.dtype)
+                    if b is not None and name not in module._non_persistent_buffers_set and key in ckpt:
+                        if tuple(ckpt.shape[key]) != tuple(b.shape):
+                            raise QLoRADSError(f"checkpoint buffer {key} has shape {tuple(ckpt.shape[key])}, the "
+                                               f"model's is {tuple(b.shape)}; the checkpoint does not match its "
+                                               f"config.json")
+                        if read:
+                            module._buffers[name] = ckpt.get(key).to(b.dtype)
+                        loaded_buffers.append((module, name))
             if stage == 3 and new_params:
                 _zero3_partition(new_params, ds_config)
             if mpath in layer_set:
                 _release_freed_memory()
     finally:
         ckpt.close()
+    if stage == 3:
+        _broadcast_buffers(loaded_buffers)
     model.requires_grad_(False)
     for layer in paths:
         model.get_submodule(layer).lora_A.weight.requires_grad_(True)
