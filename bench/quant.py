@@ -5,7 +5,8 @@
 All numbers of one shape come from the same run (these machines are noisy: read the ratios). GB/s is
 the bytes of the bf16 tensor (numel * 2) over the time — the same definition for every row, so a
 dequantize row's GB/s compares directly with the copy rows' ("% copy" is against ``copy_`` into a
-preallocated tensor). "vs bnb" is bnb's time / this row's time for the same format and double-quant
+preallocated tensor; for a ``dequantize_out`` row, against a ``copy_`` timed right before it, so that the load of a
+shared machine drifting during the run cancels). "vs bnb" is bnb's time / this row's time for the same format and double-quant
 setting (dequantize into ``out=`` against bnb's allocating dequantize; INT-N against bnb NF4 without
 DQ; torchao NF4, which always double-quantizes, against bnb NF4 + DQ).
 """
@@ -49,6 +50,7 @@ class Result:
     gbps: float = 0.0
     vs_bnb: float | None = None
     pct_copy: float | None = None
+    copy_ms: float | None = None   # dequantize_out: the paired copy_ timed just before
 
     @property
     def label(self) -> str:
@@ -129,8 +131,16 @@ def measure_shape(shape, device, plan: Plan, first: bool, slow: set[str], bnbf, 
     for fmt, dq in CONFIGS:
         qt = run(lambda: quant.quantize(w, fmt, BLOCKSIZE, dq), "quantize", "qlora_ds", ours, fmt, dq, BLOCKSIZE)
         run(lambda: quant.dequantize(qt, torch.bfloat16), "dequantize", "qlora_ds", ours, fmt, dq, BLOCKSIZE)
+        copy_timing, _ = time_fn(lambda: buf.copy_(w), device, warmup=1, repeats=repeats, max_s=max_s)
         run(lambda: quant.dequantize(qt, torch.bfloat16, out=buf), "dequantize_out", "qlora_ds", ours, fmt, dq,
             BLOCKSIZE)
+        results[-1].copy_ms = copy_timing["ms"]
+        if bnbf is not None:  # right after ours, so that both see the same load on a shared machine
+            packed, state = run(lambda: bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=dq,
+                                                           quant_type=fmt),
+                                "quantize", "bitsandbytes", None, fmt, dq, BLOCKSIZE)
+            run(lambda: bnbf.dequantize_4bit(packed, state), "dequantize", "bitsandbytes", None, fmt, dq, BLOCKSIZE)
+            del packed, state
     if shape in plan.reference_shapes and ours != "torch":
         with ops.use_backend("torch"):
             for fmt, dq in CONFIGS:
@@ -147,21 +157,14 @@ def measure_shape(shape, device, plan: Plan, first: bool, slow: set[str], bnbf, 
             GROUP_SIZE)
         del qi
 
-    if bnbf is not None:
-        for fmt, dq in CONFIGS:
-            packed, state = run(lambda: bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=dq,
-                                                           quant_type=fmt),
-                                "quantize", "bitsandbytes", None, fmt, dq, BLOCKSIZE)
-            run(lambda: bnbf.dequantize_4bit(packed, state), "dequantize", "bitsandbytes", None, fmt, dq, BLOCKSIZE)
-            del packed, state
-
     if to_nf4 is not None:
         nf4 = run(lambda: to_nf4(w, BLOCKSIZE, NESTED_BLOCKSIZE), "quantize", "torchao", None, "nf4", True, BLOCKSIZE)
         run(lambda: nf4.get_original_weight(), "dequantize", "torchao", None, "nf4", True, BLOCKSIZE)
         del nf4
 
     add_ratios(results, w.numel() * w.element_size())
-    return results
+    order = ["torch", "qlora_ds", "bitsandbytes", "torchao"]  # table order: by implementation, then as measured
+    return sorted(results, key=lambda r: order.index(r.impl) if r.impl in order else len(order))
 
 
 def add_ratios(results: list[Result], nbytes: int) -> None:
@@ -174,7 +177,7 @@ def add_ratios(results: list[Result], nbytes: int) -> None:
         if (op, fmt, dq) in bnb and r.impl != "bitsandbytes":
             r.vs_bnb = bnb[(op, fmt, dq)] / r.timing["ms"]
     for r in results:
-        r.pct_copy = 100.0 * r.gbps / copy.gbps
+        r.pct_copy = 100.0 * (r.copy_ms / r.timing["ms"] if r.copy_ms else r.gbps / copy.gbps)
 
 
 def goals(results: list[Result], ours: str, device_type: str) -> list[tuple[str, bool | None, str]]:
@@ -252,7 +255,8 @@ def main(argv=None) -> int:
                          double_quant=r.double_quant, blocksize=r.blocksize, ms=round(r.timing["ms"], 4),
                          ms_min=round(r.timing["ms_min"], 4), reps=r.timing["reps"], warmup=r.timing["warmup"],
                          gbps=round(r.gbps, 3), vs_bnb=None if r.vs_bnb is None else round(r.vs_bnb, 3),
-                         pct_copy=round(r.pct_copy, 1))
+                         pct_copy=round(r.pct_copy, 1),
+                         copy_ms=None if r.copy_ms is None else round(r.copy_ms, 4))
         print(f"\n## {shape[0]}x{shape[1]} bf16 ({shape[0] * shape[1] * 2 / 2**20:.0f} MiB)\n")
         print(table(results))
         print()
