@@ -1,9 +1,10 @@
 """LM head + cross-entropy over token chunks: the [tokens, vocab] logits never exist at once.
 
-Forward runs the head chunk by chunk, keeps only each token's log-sum-exp (4 bytes a token) and sums the
-losses; backward recomputes each chunk's logits, turns them into ``softmax - onehot`` in place and multiplies
-by the head weight. Peak extra memory is one chunk of logits (``chunk_tokens × vocab``), instead of the 12 bytes
-per logit of a plain fp32 log-softmax with its two gradients. The head weight gets a gradient only if it
+Forward runs the head chunk by chunk; each chunk's logits give its losses (through the log-sum-exp) and, when a
+gradient will be wanted, are turned into ``softmax - onehot`` in place and multiplied by the head weight right
+away, so no chunk is ever recomputed and backward only scales the stored [tokens, hidden] input gradient.
+Peak extra memory is one chunk of logits (``chunk_tokens × vocab``), instead of the 12 bytes per logit of a
+plain fp32 log-softmax with its two gradients. The head weight gets a gradient only if it
 requires one (frozen for QLoRA; a tied embedding that trains gets its head part through this Function).
 
 Only tokens with a target (label != ignore_index) are computed at all: with a response-only loss most prompt
@@ -28,50 +29,56 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of CE(h·Wᵀ + b, target), each row scaled by 1; the caller divides. Rows are pre-selected
-    (every target valid). Inputs: h [n, H], weight [V, H], bias [V] | None, target [n] (long)."""
+    """Sum over rows of CE(h·Wᵀ + b, target); the caller divides. Rows are pre-selected (every target valid).
+    Inputs: h [n, H], weight [V, H], bias [V] | None, target [n] (long).
+
+    With ``eager`` (grad mode on) the gradients are formed in the same pass over the chunks, while each chunk's
+    logits exist anyway: backward then only scales them by the incoming gradient. That costs the head's matmuls
+    once (as the full-logits path does) instead of a forward plus a recomputation, and keeps the same memory:
+    the [n, H] input gradient is saved instead of the [n, H] input. Without ``eager`` (no_grad, evaluation)
+    only the loss is computed."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, chunk: int):
-        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    def forward(ctx, h, weight, bias, target, chunk: int, eager: bool):
+        need_h, need_w = eager and ctx.needs_input_grad[0], eager and ctx.needs_input_grad[1]
+        need_b = eager and bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        w = weight.to(h.dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, h.shape[0], chunk):
-            logits = _logits(h[s:s + chunk], weight, bias)
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, target[s:s + chunk, None]).squeeze(1)
-            total += (lse[s:s + chunk] - picked).sum()
+            hc, tc = h[s:s + chunk], target[s:s + chunk]
+            logits = _logits(hc, w, bias)
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            total += (lse - logits[rows, tc]).sum()
+            if need_h or need_w or need_b:
+                p = logits.sub_(lse[:, None]).exp_()                # softmax, in place of the logits
+                p[rows, tc] -= 1.0                                  # - onehot(target): d loss / d logits
+                pc = p.to(h.dtype)
+                if need_h:
+                    torch.mm(pc, w, out=grad_h[s:s + chunk])
+                if need_w:
+                    grad_w.addmm_(pc.t().float(), hc.float())
+                if need_b:
+                    grad_b += p.sum(0)
+                del p, pc
             del logits
-        ctx.save_for_backward(h, weight, bias, target, lse)
-        ctx.chunk = chunk
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.eager, ctx.dtypes = eager, (weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        h, weight, bias, target, lse = ctx.saved_tensors
-        chunk = ctx.chunk
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        if not ctx.eager:
+            raise RuntimeError("the chunked LM-head loss was computed without grad mode; it has no gradient")
+        grad_h, grad_w, grad_b = ctx.saved_tensors
         g = grad_total.float()
-        for s in range(0, h.shape[0], chunk):
-            hc, tc = h[s:s + chunk], target[s:s + chunk]
-            p = _logits(hc, weight, bias)
-            p.sub_(lse[s:s + chunk, None]).exp_()                   # softmax
-            p[torch.arange(p.shape[0], device=p.device), tc] -= 1.0      # - onehot(target)
-            p.mul_(g)
-            pc = p.to(h.dtype)
-            del p
-            if need_h:
-                torch.mm(pc, weight.to(h.dtype), out=grad_h[s:s + chunk])
-            if need_w:
-                grad_w.addmm_(pc.t().float(), hc.float())
-            if need_b:
-                grad_b += pc.float().sum(0)
-            del pc
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+        out_h = None if grad_h is None else grad_h * g.to(grad_h.dtype)
+        out_w = None if grad_w is None else (grad_w * g).to(ctx.dtypes[0])
+        out_b = None if grad_b is None else (grad_b * g).to(ctx.dtypes[1])
+        return out_h, out_w, out_b, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -90,7 +97,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     keep = (y != ignore_index).nonzero().squeeze(1)
     h, y = h.index_select(0, keep), y.index_select(0, keep)
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
-    total = ChunkedLinearCrossEntropy.apply(h, weight, bias, y, chunk)
+    eager = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    total = ChunkedLinearCrossEntropy.apply(h, weight, bias, y, chunk, eager)
     if num_items_in_batch is not None:
         denom = num_items_in_batch
         if isinstance(denom, torch.Tensor):
