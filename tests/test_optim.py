@@ -91,7 +91,7 @@ def test_8bit_tracks_adamw_and_keeps_small_tensors_fp32():
 def test_unsigned_dynamic_map_matches_bnb():
     bnbF = pytest.importorskip("bitsandbytes.functional")
     assert torch.equal(udynamic_code(), bnbF.create_dynamic_map(signed=False))
-    from qlora_ds.quant import codes
+    from qlora_ds import codebooks as codes
     assert torch.equal(codes.dynamic_code(), bnbF.create_dynamic_map(signed=True))
 
 

@@ -9,7 +9,7 @@ import qlora_ds
 from qlora_ds import ops
 from qlora_ds.errors import QLoRADSError
 from qlora_ds.quant import bits_per_param, dequantize, quantize
-from qlora_ds.quant.codes import dynamic_code
+from qlora_ds.codebooks import dynamic_code
 from qlora_ds.quant.nf4 import QuantizedTensor
 
 from .helpers import bnb_dequantize, smollm2_gguf, smollm2_weight

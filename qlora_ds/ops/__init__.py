@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..errors import OpBuildError
-from ..quant import codes
+from .. import codebooks as codes
 from . import reference
 
 __all__ = [

@@ -12,14 +12,14 @@ anything, so a rejected load leaves the optimizer as it was.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import torch
 
 from ..ops import load_backend
-from ..quant import codes
+from .. import codebooks
+from ..codebooks import udynamic_code
 from ._op import adamw_fp32
 from .page_manager import PageManager
 
@@ -28,30 +28,10 @@ __all__ = ["PagedAdamW", "PagedAdamW8bit", "AdamW8bit", "udynamic_code"]
 _FORMAT_VERSION = 1
 
 
-@functools.lru_cache(maxsize=None)
-def _udynamic_cpu() -> torch.Tensor:
-    """bnb's unsigned dynamic map, ``create_dynamic_map(signed=False)``: 256 sorted values in [0, 1]."""
-    data: list[float] = []
-    for i in range(7):
-        edges = torch.linspace(0.1, 1, 2 ** (i + 1) + 1, dtype=torch.float32)
-        means = (edges[:-1] + edges[1:]) / 2.0
-        data += ((10 ** (-6 + i)) * means).tolist()
-    data += [0.0, 1.0]
-    data.sort()
-    return torch.tensor(data, dtype=torch.float32)
-
-
-def udynamic_code(device=None) -> torch.Tensor:
-    code = _udynamic_cpu()
-    return code if device is None else code.to(device)
-
-
-@functools.lru_cache(maxsize=None)
 def _maps(device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    out = {}
-    for name, code in (("signed", codes.dynamic_code()), ("unsigned", _udynamic_cpu())):
-        out[name] = (code.to(device), ((code[:-1] + code[1:]) / 2).to(device))
-    return out
+    """(code, midpoints) of the signed and unsigned dynamic maps on ``device`` (cached per device in codebooks)."""
+    return {"signed": (codebooks.dynamic_code(device), codebooks.dynamic_bounds(device)),
+            "unsigned": (codebooks.udynamic_code(device), codebooks.udynamic_bounds(device))}
 
 
 def _check_hparams(lr, betas, eps, weight_decay) -> None:

@@ -12,7 +12,7 @@ import json
 import torch
 
 from ..errors import QLoRADSError
-from . import codes
+from .. import codebooks as codes
 from .nf4 import QuantizedTensor
 
 _STATE_KEY = "quant_state.bitsandbytes__"

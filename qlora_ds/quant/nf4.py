@@ -13,7 +13,7 @@ import torch
 
 from .. import ops
 from ..errors import QLoRADSError
-from .codes import QUANT_TYPES
+from ..codebooks import QUANT_TYPES
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCKSIZES = tuple(2 ** k for k in range(5, 13))  # 32 … 4096, as bitsandbytes allows
