@@ -208,12 +208,22 @@ __global__ void dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const
   }
 }
 
+// One warp per quantization block (as the quantizers): the block's absmax is read once, no per-element division.
 __global__ void dequantize_8bit_kernel(const uint8_t* __restrict__ q, const float* __restrict__ absmax,
                                        const float* __restrict__ code8, int64_t bs, float offset,
                                        float* __restrict__ out, int64_t n) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[i] = __fadd_rn(__fmul_rn(code8[q[i]], absmax[i / bs]), offset);
+  __shared__ float sc[256];
+  for (int k = threadIdx.x; k < 256; k += blockDim.x) sc[k] = code8[k];
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int64_t nblocks = (n + bs - 1) / bs;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); b < nblocks;
+       b += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t start = b * bs;
+    const int64_t len = min(bs, n - start);
+    const float a = absmax[b];
+    for (int64_t i = lane; i < len; i += 32) out[start + i] = __fadd_rn(__fmul_rn(sc[q[start + i]], a), offset);
+  }
 }
 
 unsigned grid_for(int64_t work, int64_t per_block) {
@@ -413,8 +423,8 @@ cudaError_t launch_dequantize_8bit_blockwise(const uint8_t* q, const float* absm
                                              int64_t blocksize, float offset, float* out, int64_t n,
                                              cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  dequantize_8bit_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(q, absmax, code8, blocksize, offset, out,
-                                                                          n);
+  dequantize_8bit_kernel<<<grid_for((n + blocksize - 1) / blocksize, kWarps), kThreads, 0, stream>>>(
+      q, absmax, code8, blocksize, offset, out, n);
   return cudaGetLastError();
 }
 
