@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "paged_optim_cuda.h"
@@ -16,19 +17,38 @@ void check_cuda(cudaError_t err, const char* what) {
     TORCH_CHECK(err == cudaSuccess, "qlora_ds paged_optim: ", what, " failed: ", cudaGetErrorString(err));
 }
 
-void check_fp32(const torch::Tensor& t, const char* name, int64_t n) {
-    TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+void check_fp32(const torch::Tensor& t, const char* name, int64_t n, const torch::Tensor& first) {
+    TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+    TORCH_CHECK(t.device() == first.device(), "all tensors must be on one device: ", name, " is on ", t.device(),
+                " but param is on ", first.device(), "; move them to one GPU");
     TORCH_CHECK(t.scalar_type() == torch::kFloat32, name, " must be float32, got ", t.scalar_type());
     TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
     TORCH_CHECK(t.numel() == n, name, " has ", t.numel(), " elements, expected ", n);
 }
 
+int device_index(int64_t device) {
+    TORCH_CHECK(device >= 0 && device < c10::cuda::device_count(), "device ", device, " is not a CUDA device (",
+                static_cast<int>(c10::cuda::device_count()), " visible)");
+    return static_cast<int>(device);
+}
+
+void check_managed(const torch::Tensor& t, const char* what) {
+    TORCH_CHECK(t.is_cuda(), what, " needs a CUDA (managed) tensor, got one on ", t.device());
+}
+
 }  // namespace
+
+bool concurrent_managed_access(int64_t device) {
+    int supported = 0;
+    check_cuda(qlora_ds::concurrent_managed_access(device_index(device), &supported),
+               "cudaDeviceGetAttribute(cudaDevAttrConcurrentManagedAccess)");
+    return supported != 0;
+}
 
 torch::Tensor managed_empty(int64_t numel, torch::ScalarType dtype, int64_t device) {
     TORCH_CHECK(numel >= 0, "numel must be >= 0");
     const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
-    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index(device)));
     void* ptr = nullptr;
     check_cuda(qlora_ds::managed_alloc(&ptr, bytes > 0 ? bytes : 1), "cudaMallocManaged");
     auto options = torch::TensorOptions().dtype(dtype).device(torch::kCUDA, static_cast<c10::DeviceIndex>(device));
@@ -36,7 +56,10 @@ torch::Tensor managed_empty(int64_t numel, torch::ScalarType dtype, int64_t devi
 }
 
 void prefetch(torch::Tensor t, int64_t device) {
-    TORCH_CHECK(t.is_cuda(), "prefetch needs a CUDA (managed) tensor");
+    check_managed(t, "prefetch");
+    TORCH_CHECK(device < 0 || device == t.device().index(), "prefetch of a tensor on ", t.device(), " to device ",
+                device, ": prefetch to its own GPU or to the host (device < 0)");
+    const c10::cuda::CUDAGuard guard(t.device());  // the stream and the call belong to the tensor's GPU
     const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
     auto stream = c10::cuda::getCurrentCUDAStream(t.device().index());
     check_cuda(qlora_ds::managed_prefetch(t.data_ptr(), bytes, static_cast<int>(device), stream.stream()),
@@ -44,11 +67,16 @@ void prefetch(torch::Tensor t, int64_t device) {
 }
 
 void advise_preferred_host(torch::Tensor t) {
+    check_managed(t, "advise_preferred_host");
+    const c10::cuda::CUDAGuard guard(t.device());
     const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
     check_cuda(qlora_ds::managed_advise_preferred_host(t.data_ptr(), bytes), "cudaMemAdvise");
 }
 
 void advise_accessed_by(torch::Tensor t, int64_t device) {
+    check_managed(t, "advise_accessed_by");
+    device_index(device);
+    const c10::cuda::CUDAGuard guard(t.device());
     const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
     check_cuda(qlora_ds::managed_advise_accessed_by(t.data_ptr(), bytes, static_cast<int>(device)), "cudaMemAdvise");
 }
@@ -56,10 +84,10 @@ void advise_accessed_by(torch::Tensor t, int64_t device) {
 void adamw_step(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
                 double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step) {
     const int64_t n = param.numel();
-    check_fp32(param, "param", n);
-    check_fp32(grad, "grad", n);
-    check_fp32(exp_avg, "exp_avg", n);
-    check_fp32(exp_avg_sq, "exp_avg_sq", n);
+    check_fp32(param, "param", n, param);
+    check_fp32(grad, "grad", n, param);
+    check_fp32(exp_avg, "exp_avg", n, param);
+    check_fp32(exp_avg_sq, "exp_avg_sq", n, param);
     TORCH_CHECK(step >= 1, "step must be >= 1, got ", step);
     c10::cuda::CUDAGuard guard(param.device());
     auto stream = c10::cuda::getCurrentCUDAStream(param.device().index());
@@ -73,6 +101,8 @@ void synchronize() { check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "qlora-ds paged optimizer op (CUDA): managed memory + fused AdamW";
+    m.def("concurrent_managed_access", &concurrent_managed_access,
+          "cudaDevAttrConcurrentManagedAccess of a device (false: prefetch/advise unsupported)", py::arg("device"));
     m.def("managed_empty", &managed_empty, "tensor over cudaMallocManaged memory", py::arg("numel"), py::arg("dtype"),
           py::arg("device"));
     m.def("prefetch", &prefetch, "cudaMemPrefetchAsync (device < 0: to host)", py::arg("t"), py::arg("device"));

@@ -73,6 +73,11 @@ cudaError_t launch_adamw_fp32(float* param, const float* grad, float* exp_avg, f
     return cudaGetLastError();
 }
 
+cudaError_t concurrent_managed_access(int device, int* supported) {
+    *supported = 0;
+    return cudaDeviceGetAttribute(supported, cudaDevAttrConcurrentManagedAccess, device);
+}
+
 cudaError_t managed_alloc(void** ptr, size_t bytes) { return cudaMallocManaged(ptr, bytes, cudaMemAttachGlobal); }
 
 cudaError_t managed_free(void* ptr) { return cudaFree(ptr); }

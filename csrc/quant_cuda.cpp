@@ -4,6 +4,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <initializer_list>
+
 #include "quant_cuda.h"
 
 namespace {
@@ -22,6 +24,19 @@ int dtype_code(const torch::Tensor& t, const char* name) {
     default: TORCH_CHECK(false, name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
   }
   return -1;
+}
+
+struct Arg {
+  const char* name;
+  const torch::Tensor& t;
+};
+
+// Every tensor of one call on the first one's GPU (the kernel runs there; a pointer into another GPU would fault).
+void check_same_device(std::initializer_list<Arg> args) {
+  const Arg& first = *args.begin();
+  for (const Arg& a : args)
+    TORCH_CHECK(a.t.device() == first.t.device(), "all tensor arguments must be on one device: ", a.name, " is on ",
+                a.t.device(), " but ", first.name, " is on ", first.t.device(), "; move them to one GPU");
 }
 
 int64_t nblocks_of(int64_t n, int64_t bs) { return (n + bs - 1) / bs; }
@@ -49,6 +64,8 @@ void quantize_4bit(torch::Tensor x, torch::Tensor bounds, torch::Tensor order, i
   check_1d(order, "order", at::kByte);
   check_1d(packed_out, "packed_out", at::kByte);
   check_1d(absmax_out, "absmax_out", at::kFloat);
+  check_same_device({{"x", x}, {"bounds", bounds}, {"order", order}, {"packed_out", packed_out},
+                     {"absmax_out", absmax_out}});
   TORCH_CHECK(blocksize > 0 && blocksize % 2 == 0, "blocksize must be a positive even number, got ", blocksize);
   const int64_t n = x.numel();
   TORCH_CHECK(bounds.numel() == 15 && order.numel() == 16, "bounds must have 15 and order 16 entries");
@@ -64,6 +81,7 @@ void dequantize_4bit(torch::Tensor packed, torch::Tensor absmax, torch::Tensor c
                      torch::Tensor out) {
   check_1d(absmax, "absmax", at::kFloat);
   check_dequant_4bit(packed, code, blocksize, out, absmax.numel());
+  check_same_device({{"out", out}, {"packed", packed}, {"absmax", absmax}, {"code", code}});
   const c10::cuda::CUDAGuard guard(out.device());
   check_launch(qlora_ds::launch_dequantize_4bit(packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), nullptr,
                                                 nullptr, nullptr, 1, 0.0f, code.data_ptr<float>(), blocksize,
@@ -82,6 +100,8 @@ void dequantize_4bit_dq(torch::Tensor packed, torch::Tensor qabsmax, torch::Tens
   TORCH_CHECK(absmax2.numel() == nblocks_of(qabsmax.numel(), nested_blocksize),
               "absmax2 must have ceil(qabsmax.numel()/nested_blocksize) entries");
   check_dequant_4bit(packed, code, blocksize, out, qabsmax.numel());
+  check_same_device({{"out", out}, {"packed", packed}, {"qabsmax", qabsmax}, {"absmax2", absmax2}, {"code8", code8},
+                     {"code", code}});
   const c10::cuda::CUDAGuard guard(out.device());
   check_launch(qlora_ds::launch_dequantize_4bit(
       packed.data_ptr<uint8_t>(), nullptr, qabsmax.data_ptr<uint8_t>(), absmax2.data_ptr<float>(),
@@ -96,6 +116,7 @@ void quantize_8bit_blockwise(torch::Tensor x, torch::Tensor code8, torch::Tensor
   check_1d(bounds8, "bounds8", at::kFloat);
   check_1d(q_out, "q_out", at::kByte);
   check_1d(absmax_out, "absmax_out", at::kFloat);
+  check_same_device({{"x", x}, {"code8", code8}, {"bounds8", bounds8}, {"q_out", q_out}, {"absmax_out", absmax_out}});
   TORCH_CHECK(blocksize > 0, "blocksize must be positive, got ", blocksize);
   TORCH_CHECK(code8.numel() == 256 && bounds8.numel() == 255, "code8 must have 256 and bounds8 255 entries");
   const int64_t n = x.numel();
@@ -113,6 +134,7 @@ void dequantize_8bit_blockwise(torch::Tensor q, torch::Tensor absmax, torch::Ten
   check_1d(absmax, "absmax", at::kFloat);
   check_1d(code8, "code8", at::kFloat);
   check_1d(out, "out", at::kFloat);
+  check_same_device({{"out", out}, {"q", q}, {"absmax", absmax}, {"code8", code8}});
   TORCH_CHECK(blocksize > 0, "blocksize must be positive, got ", blocksize);
   TORCH_CHECK(code8.numel() == 256, "code8 must have 256 entries");
   const int64_t n = out.numel();
@@ -139,6 +161,7 @@ void quantize_intn(torch::Tensor w, int64_t bits, int64_t group_size, int64_t in
   check_1d(qweight_out, "qweight_out", at::kByte);
   check_1d(scales_out, "scales_out", at::kFloat);
   check_1d(zeros_out, "zeros_out", at::kFloat);
+  check_same_device({{"w", w}, {"qweight_out", qweight_out}, {"scales_out", scales_out}, {"zeros_out", zeros_out}});
   const int64_t n = w.numel();
   check_intn(bits, group_size, in_features, n);
   TORCH_CHECK(qweight_out.numel() == n / 8 * bits, "qweight_out must have n*bits/8 = ", n / 8 * bits, " bytes");
@@ -156,6 +179,7 @@ void dequantize_intn(torch::Tensor qweight, torch::Tensor scales, torch::Tensor 
   check_1d(scales, "scales", at::kFloat);
   check_1d(zeros, "zeros", at::kFloat);
   check_1d(out, "out");
+  check_same_device({{"out", out}, {"qweight", qweight}, {"scales", scales}, {"zeros", zeros}});
   const int64_t n = out.numel();
   check_intn(bits, group_size, in_features, n);
   TORCH_CHECK(qweight.numel() == n / 8 * bits, "qweight must have out.numel()*bits/8 = ", n / 8 * bits, " bytes");

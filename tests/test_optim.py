@@ -363,8 +363,9 @@ def test_bf16_and_noncontiguous_params_keep_fp32_state():
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None or not Path("/usr/local/cuda/include/cuda_runtime_api.h").exists(),
                     reason="needs g++ and the CUDA toolkit headers")
-def test_paged_optim_cuda_binding_syntax(tmp_path):
-    """The torch binding compiles (syntax only) against the CPU wheel's headers plus a stub of the one CMake-generated
+@pytest.mark.parametrize("source", ["paged_optim_cuda.cpp", "quant_cuda.cpp"])
+def test_cuda_binding_syntax(tmp_path, source):
+    """The torch bindings compile (syntax only) against the CPU wheel's headers plus a stub of the one CMake-generated
     header the CPU wheel lacks; a real build needs CUDA torch (design notes §6)."""
     import sysconfig
 
@@ -372,10 +373,10 @@ def test_paged_optim_cuda_binding_syntax(tmp_path):
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
     inc = Path(torch.__file__).parent / "include"
-    cmd = ["g++", "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=paged_optim_cuda", f"-I{tmp_path}",
+    cmd = ["g++", "-std=c++20", "-fsyntax-only", f"-DTORCH_EXTENSION_NAME={source[:-4]}", f"-I{tmp_path}",
            f"-I{inc}", f"-I{inc / 'torch' / 'csrc' / 'api' / 'include'}", "-I/usr/local/cuda/include",
            f"-I{REPO / 'csrc' / 'include'}", f"-I{sysconfig.get_paths()['include']}",
-           str(REPO / "csrc" / "paged_optim_cuda.cpp")]
+           str(REPO / "csrc" / source)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -404,3 +405,67 @@ def test_paged_adamw_bit_identical_to_torch_on_cuda(lr, betas, wd):
         assert torch.equal(a, b)
         assert torch.equal(opt.state[a]["exp_avg"].view_as(a), ref_opt.state[b]["exp_avg"])
         assert torch.equal(opt.state[a]["exp_avg_sq"].view_as(a), ref_opt.state[b]["exp_avg_sq"])
+
+
+class _FakeCudaOp:
+    """The compiled CUDA paged_optim op as the page manager sees it, on a machine without a GPU."""
+
+    def __init__(self, concurrent: dict[int, bool]):
+        self.concurrent, self.queries, self.prefetches = concurrent, [], []
+
+    def concurrent_managed_access(self, index):
+        self.queries.append(index)
+        return self.concurrent[index]
+
+    def managed_empty(self, numel, dtype, index):
+        return torch.empty(numel, dtype=dtype)
+
+    def prefetch(self, t, device):
+        self.prefetches.append(device)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    from qlora_ds.optim import page_manager as pm
+
+    def install(concurrent):
+        op = _FakeCudaOp(concurrent)
+        monkeypatch.setattr(pm, "paged_op", lambda device_type: op if device_type == "cuda" else None)
+        monkeypatch.setattr(pm, "_concurrent", {})
+        monkeypatch.setattr(pm, "_warned_no_concurrent", False)
+        monkeypatch.setattr(pm, "_plain_zeros", lambda n, dtype, device: torch.zeros(n, dtype=dtype))
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+        return op
+    return install
+
+
+def test_no_concurrent_managed_access_falls_back_to_plain_memory_with_one_warning(fake_cuda):
+    """WSL2 / Windows / vGPU: cudaMemPrefetchAsync would fail; state goes to plain memory and paging is a no-op.
+    Device sibling: tests/scripts/optim_gpu_paging.py (records the attribute and the fallback on the lent GPU)."""
+    from qlora_ds.optim.page_manager import PageManager
+
+    op = fake_cuda({0: False, 1: False})
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        pages = PageManager(paged=True)
+        for dev in ("cuda:0", "cuda:0", "cuda:1", "cuda:1"):
+            pages.zeros(10, torch.float32, dev)
+    assert op.queries == [0, 1]                                    # once per device
+    assert sum("concurrent managed memory" in str(w.message) for w in rec) == 1
+    assert pages.nbytes == 160 and pages.evict_to_host() == 0 and pages.prefetch_to_device() == 0
+    assert op.prefetches == []                                     # never called where it would fail
+
+
+def test_concurrent_managed_access_pages(fake_cuda):
+    from qlora_ds.optim.page_manager import PageManager
+
+    op = fake_cuda({0: True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pages = PageManager(paged=True)
+        a, b = pages.zeros(10, torch.float32, "cuda:0"), pages.zeros(6, torch.uint8, "cuda:0")
+    assert op.queries == [0]
+    assert pages.evict_to_host() == 46 and op.prefetches == [-1, -1]
+    pages.release(b)
+    assert pages.prefetch_to_device() == 40 and len(op.prefetches) == 3 and op.prefetches[2] != -1  # to the GPU
+

@@ -14,6 +14,10 @@ cudaError_t launch_adamw_fp32(float* param, const float* grad, float* exp_avg, f
                               double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
                               cudaStream_t stream);
 
+// cudaDevAttrConcurrentManagedAccess of `device` into *supported (0 on WSL2, Windows, some vGPUs: there
+// cudaMemPrefetchAsync / cudaMemAdvise fail with cudaErrorInvalidDevice).
+cudaError_t concurrent_managed_access(int device, int* supported);
+
 // Unified (managed) memory: allocate, free, prefetch to a device or to the host, advise.
 cudaError_t managed_alloc(void** ptr, size_t bytes);
 cudaError_t managed_free(void* ptr);

@@ -5,9 +5,14 @@ Every optimizer state buffer is allocated here. On CUDA (``paged=True``) a buffe
 ahead of a known spike — moves its pages to CPU RAM, and :meth:`prefetch_to_device` brings them back before the
 update. On CPU (or ``paged=False``, or without the CUDA op) buffers are ordinary tensors and paging is a no-op, so
 everything above this class runs unchanged. Byte and time counters record what moved each way.
+
+Prefetch and eviction need ``cudaDevAttrConcurrentManagedAccess``; WSL2, Windows and some vGPUs lack it (there
+``cudaMemPrefetchAsync`` fails with cudaErrorInvalidDevice). :func:`managed_memory_usable` queries each device once;
+where it is missing, state goes to plain device memory (paging becomes a no-op) and one warning says so.
 """
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,7 +21,35 @@ import torch
 
 from ._op import paged_op
 
-__all__ = ["PageManager", "PagingStats"]
+__all__ = ["PageManager", "PagingStats", "managed_memory_usable"]
+
+_concurrent: dict[int, bool] = {}  # device index -> cudaDevAttrConcurrentManagedAccess, queried once
+_query_lock = threading.Lock()
+_warned_no_concurrent = False
+
+
+def managed_memory_usable(device: torch.device) -> bool:
+    """Whether optimizer state on this CUDA device can live in prefetchable managed memory: the compiled CUDA op
+    exists and the device supports concurrent managed access (asked once per device; one warning if not)."""
+    global _warned_no_concurrent
+    op = paged_op("cuda")
+    if op is None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _query_lock:
+        if index not in _concurrent:
+            _concurrent[index] = bool(op.concurrent_managed_access(index))
+            if not _concurrent[index] and not _warned_no_concurrent:
+                _warned_no_concurrent = True
+                warnings.warn(
+                    f"qlora_ds: cuda:{index} has no concurrent managed memory access (WSL2, Windows or a vGPU?): "
+                    f"cudaMemPrefetchAsync is unsupported there, so optimizer state uses plain GPU memory and "
+                    f"paging (evict_to_host / prefetch) is a no-op.", RuntimeWarning, stacklevel=4)
+        return _concurrent[index]
+
+
+def _plain_zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros(numel, dtype=dtype, device=device)
 
 
 @dataclass
@@ -35,6 +68,7 @@ class PageManager:
     def __init__(self, paged: bool = True):
         self.paged = bool(paged)
         self._buffers: dict[int, torch.Tensor] = {}
+        self._managed_ids: set[int] = set()  # the buffers in managed (prefetchable) memory
         self._on_host = False  # True after evict_to_host until the next prefetch
         self.stats = PagingStats()
         self._warned = False
@@ -45,17 +79,17 @@ class PageManager:
         device = torch.device(device)
         buf = None
         if self.paged and device.type == "cuda":
-            op = paged_op("cuda")
-            if op is not None:
+            if managed_memory_usable(device):
                 index = device.index if device.index is not None else torch.cuda.current_device()
-                buf = op.managed_empty(int(numel), dtype, index)
+                buf = paged_op("cuda").managed_empty(int(numel), dtype, index)
                 buf.zero_()
-            elif not self._warned:
+                self._managed_ids.add(id(buf))
+            elif paged_op("cuda") is None and not self._warned:
                 self._warned = True
                 warnings.warn("qlora_ds: no CUDA paged_optim op; optimizer state uses ordinary (unpaged) GPU memory.",
                               RuntimeWarning, stacklevel=3)
         if buf is None:
-            buf = torch.zeros(int(numel), dtype=dtype, device=device)
+            buf = _plain_zeros(int(numel), dtype, device)
         self._buffers[id(buf)] = buf
         return buf
 
@@ -63,10 +97,12 @@ class PageManager:
         """Forget buffers (their memory goes when the last reference does)."""
         for b in buffers:
             self._buffers.pop(id(b), None)
+            self._managed_ids.discard(id(b))
 
     def free(self) -> None:
         """Release every buffer this manager allocated."""
         self._buffers.clear()
+        self._managed_ids.clear()
 
     @property
     def buffers(self) -> list[torch.Tensor]:
@@ -79,7 +115,7 @@ class PageManager:
     def _managed(self) -> list[torch.Tensor]:
         if not self.paged:
             return []
-        return [b for b in self._buffers.values() if b.is_cuda]
+        return [b for i, b in self._buffers.items() if i in self._managed_ids]
 
     # -- paging -------------------------------------------------------------------------------------------------
     def prefetch_to_device(self) -> int:
