@@ -9,6 +9,7 @@ from .dist_utils import check, run_torchrun
 from .tiny_models import tiny_model
 
 SCRIPT = "tests/scripts/zero_train.py"
+IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 17, 100, 64, 3]])
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +58,28 @@ def test_zero3_adapter_equals_single_rank_and_loads_in_peft(runs):
         assert (a[k] - b[k]).abs().max() < 1e-3, k
         assert (a[k] - b[k]).norm() <= 1e-3 * b[k].norm() + 1e-7, k
     assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)   # trained, not the zero init
+    # the ZeRO-3 adapter is the same function in PEFT as in our layers: PEFT on the dequantized base
+    # (fp32) vs our quantized model with the adapter loaded
     from peft import PeftModel
-    peft_model = PeftModel.from_pretrained(tiny_model("llama", hidden=128), str(out[3][0] / "adapter"))
-    loaded = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
-    key = next(k for k in loaded if "layers.0.self_attn.q_proj.lora_A" in k)
-    torch.testing.assert_close(loaded[key], a["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+    from transformers import AutoModelForCausalLM
+
+    from qlora_ds.adapters import load_adapter
+    from qlora_ds.inject import from_pretrained
+    from qlora_ds.nn import QLoRAConfig, QLoRALinear
+
+    ours = from_pretrained(str(ckpt), QLoRAConfig(r=8, alpha=16, dropout=0.0, compute_dtype=torch.float32),
+                           torch_dtype=torch.float32)
+    load_adapter(ours, str(out[3][0] / "adapter"))
+    base = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for path, m in ours.named_modules():
+            if isinstance(m, QLoRALinear):
+                base.get_submodule(path).weight.copy_(m.dequantized_weight(torch.float32))
+        plain = base(IDS).logits.clone()
+        peft_model = PeftModel.from_pretrained(base, str(out[3][0] / "adapter")).eval()
+        theirs, mine = peft_model(IDS).logits, ours(IDS).logits
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    assert (theirs - plain).abs().max() > 1e-2            # the adapter changes the output: not a no-op compare
 
 
 def test_zero3_persistent_buffers_reach_every_rank(tmp_path):
