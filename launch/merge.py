@@ -2,6 +2,7 @@
 
     python launch/merge.py --run runs/demo --out runs/demo/merged                   # bf16 safetensors
     python launch/merge.py --run runs/qalora --out runs/qalora/gptq --format gptq   # QA-LoRA -> INT-N GPTQ
+    python launch/merge.py --run runs/demo --out runs/demo/gptq --format gptq --calibration data.jsonl  # QLoRA -> GPTQ
     python launch/merge.py --model DIR --adapter DIR [--method qlora|qalora …] --out DIR
 
 Reads top to bottom: parse arguments once, then ``merge(args)``: load the quantized base with the
@@ -18,6 +19,10 @@ CPU) and compare logits. Exit status 1 when the difference is above tolerance:
   tolerance is fp32 rounding: 1e-4 relative (bf16/fp16 compute: 2^-4 / 2^-6). What a GPTQ kernel sees
   (integer zeros, fp16 scales) is reported alongside; it differs by up to scale/2 per weight where the
   merge moved a zero point.
+* gptq from a QLoRA run (``--calibration``): the merged weights are GPTQ-quantized (INT ``--gptq-bits``,
+  group ``--gptq-group-size``, act-order off, true-sequential) on the calibration records; the check is
+  then the written checkpoint against the in-memory GPTQ model (same tolerance), and the logit change
+  that GPTQ itself made against base + adapter is reported as ``gptq_vs_adapter``.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import sys
 import torch
 
 from qlora_ds.cli import add_device_args, run_main
+from qlora_ds.errors import QLoRADSError
 
 log = logging.getLogger("merge")
 PROMPTS = ("What is AI?", "Write a haiku about the sea.", "List three prime numbers.")
@@ -48,6 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bf16 safetensors (any adapter) or INT-N GPTQ layout (QA-LoRA only)")
     p.add_argument("--tol", type=float, default=None, help="max relative logit difference (default per format)")
     p.add_argument("--no-verify", dest="verify", action="store_false")
+    g = p.add_argument_group("GPTQ deployment of a QLoRA adapter (--format gptq)")
+    g.add_argument("--calibration", help="calibration records (.jsonl/.json/.txt, as --dataset in finetune)")
+    g.add_argument("--calibration-samples", type=int, default=128)
+    g.add_argument("--calibration-len", type=int, default=512, help="tokens per calibration sample (at most)")
+    g.add_argument("--gptq-bits", type=int, choices=[2, 3, 4], default=4)
+    g.add_argument("--gptq-group-size", type=int, default=32)
+    g.add_argument("--percdamp", type=float, default=0.01, help="GPTQ dampening, a fraction of mean(diag H)")
     add_device_args(p, dtype_help="compute dtype of the verification (reference and reloaded merge)")
     q = p.add_argument_group("for adapters without qlora-ds' side file (plain PEFT)")
     q.add_argument("--method", choices=["qlora", "qalora"])
@@ -86,6 +99,16 @@ def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
             "next_token_agree": f"{agree}/{len(ref)}"}
 
 
+def calibration_ids(args, tokenizer) -> list[torch.Tensor]:
+    from qlora_ds.data import load_records, tokenize_records
+
+    examples = tokenize_records(load_records(args.calibration)[:args.calibration_samples], tokenizer,
+                                max_len=args.calibration_len)
+    if not examples:
+        raise QLoRADSError(f"{args.calibration} gave no calibration samples; pass a file with a few dozen records")
+    return [e["input_ids"] for e in examples]
+
+
 def merge(args) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -109,8 +132,24 @@ def merge(args) -> dict:
     model = load_base_and_adapter(source, compute_dtype=dtype, torch_dtype=dtype, device=device)
     ids = prompt_ids(tokenizer)
     ref = logits_of(model, ids) if args.verify else None
-    merge_model(model, dtype=torch.bfloat16)
+    qlora_paths = [p for p, m in model.named_modules() if type(m).__name__ == "QLoRALinear"]
     meta = {"base_model": os.path.abspath(source.model), "adapter": os.path.abspath(source.adapter)}
+    if args.format == "gptq" and qlora_paths:
+        if not args.calibration:
+            raise QLoRADSError("--format gptq of a QLoRA adapter quantizes the merged model with GPTQ, which needs "
+                               "calibration data: pass --calibration data.jsonl (e.g. the training set)")
+        from qlora_ds.adapters.merge import quantize_gptq
+        merge_model(model, dtype=torch.float32)
+        meta.update(quantize_gptq(model, calibration_ids(args, tokenizer), qlora_paths, args.gptq_bits,
+                                  args.gptq_group_size, args.percdamp))
+        if args.verify:
+            meta["gptq_vs_adapter"] = compare(ref, gptq_ref := logits_of(model, ids))
+            ref = gptq_ref
+    elif args.calibration:
+        raise QLoRADSError("--calibration is for --format gptq of a QLoRA adapter; a QA-LoRA adapter merges exactly "
+                           "into its INT-N base and needs none")
+    else:
+        merge_model(model, dtype=torch.bfloat16)
     report = export_merged(model, args.out, args.format, tokenizer_dir=source.model,
                            dtype=torch.bfloat16 if args.format == "bf16" else base_dtype, meta=meta)
     log.info("wrote %s (%s)", args.out, args.format)

