@@ -12,16 +12,19 @@ N = data-parallel world size):
   ZeRO-1 divides master + moments by N, ZeRO-2 also the gradients, ZeRO-3 also the working copy.
   DeepSpeed's ZeRO-1/2 step makes an fp32 copy of the gradient partition (4·P/N), when activations
   are already freed: that is the "step" phase.
-* activations, per token and layer, saved for backward (bf16 unless noted), with SDPA/flash attention
-  (no s² term): two RMSNorms 2·(4h fp32 input + 2h output) = 12h; q, k, v after RoPE 2·(h + 2kv);
-  attention output 2h; MLP gate, up, silu(gate) 3·2i. LoRA adds per target linear the dropped input
-  2·in (+1·in bool mask when dropout > 0; shared input once when dropout = 0) and A·x 2·r.
-  Without checkpointing: L·b·s·(that). With checkpointing: L·b·s·2h (layer inputs) plus one
-  layer's full activations recomputed, plus the input gradient in flight (2·b·s·max(h, i)).
+* compute dtype (``compute_dtype``, e bytes per element: 2 for bf16/fp16, 4 for fp32): activations,
+  embeddings and dequantized weights are e bytes. With fp32 compute the LoRA weights train in fp32
+  themselves: 4 B working copy, 4 B gradients, no master copy, no fp32 gradient copy at the step.
+* activations, per token and layer, saved for backward (e bytes unless noted), with SDPA/flash attention
+  (no s² term): two RMSNorms 2·(4h fp32 input + e·h output) (12h in bf16); q, k, v after RoPE e·(h + 2kv);
+  attention output e·h; MLP gate, up, silu(gate) 3·e·i. LoRA adds per target linear the dropped input
+  e·in (+1·in bool mask when dropout > 0; shared input once when dropout = 0) and A·x e·r.
+  Without checkpointing: L·b·s·(that). With checkpointing: L·b·s·e·h (layer inputs) plus one
+  layer's full activations recomputed, plus the input gradient in flight (e·b·s·max(h, i)).
   Logits: b·s·V·12 B: at the backward peak the fp32 log-softmax output, the gradient coming into it
   and the gradient it produces (measured with the profiler: 12.0 B/element).
 * ZeRO-3 gather: the layer in use plus the prefetched one (packed bytes), or the lm_head, whichever
-  is larger; dequantization workspace: the largest linear in bf16.
+  is larger; dequantization workspace: the largest linear in the compute dtype.
 * overhead: the runtime before the model — on a GPU the CUDA context + cuBLAS workspace (640 MiB); on
   CPU the process itself (interpreter, torch, transformers, DeepSpeed, tokenizer: 420 MiB measured with
   the pinned versions, what ``launch/finetune.py`` holds before it loads the model); ``runtime_bytes``
@@ -56,6 +59,7 @@ CPU_RUNTIME_BYTES = 420 * MiB
 CPU_TRAINING_RUNTIME_BYTES = 30 * MiB
 CPU_SHAPE_CACHE_BYTES_PER_LOGIT = 4
 FRAGMENTATION = 0.05
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)
@@ -86,10 +90,11 @@ class PlanConfig:
     intra_node_gbps: float = 2400.0      # NVLink-class, Gbit/s (300 GB/s)
     tflops: float = 100.0                # achieved bf16 TFLOP/s per GPU
     runtime_bytes: int | None = None     # memory held before the model; None: the device's default
+    compute_dtype: str = "bf16"          # bf16 | fp16 | fp32: activations, embeddings and (fp32) LoRA bytes
     pad_multiple: int = 16               # batch widths are rounded up to this (CPU shape cache)
+    chunked_loss: bool = False           # LM head + CE over token chunks (qlora_ds.loss): see chunked_loss_bytes
     persistence_threshold: int = 100_000  # ZeRO-3: tensors this small stay gathered (DeepSpeed default)
     max_live_parameters: int = 1_000_000_000
-    chunked_loss: bool = False           # LM head + CE over token chunks (qlora_ds.loss): see chunked_loss_bytes
     max_reuse_distance: int = 1_000_000_000
 
     def __post_init__(self):
@@ -115,6 +120,7 @@ class PlanConfig:
             (self.interconnect_gbps > 0 and self.intra_node_gbps > 0, "interconnect_gbps",
              self.interconnect_gbps, "use a positive bandwidth"),
             (self.tflops > 0, "tflops", self.tflops, "use a positive --tflops"),
+            (self.compute_dtype in DTYPE_BYTES, "compute_dtype", self.compute_dtype, "use bf16, fp16 or fp32"),
         ]
         for ok, name, value, fix in checks:
             if not ok:
@@ -126,6 +132,11 @@ class PlanConfig:
     @property
     def world_size(self) -> int:
         return self.gpus_per_node * self.nodes
+
+    @property
+    def elem(self) -> int:
+        """Bytes per element of the compute dtype (activations, embeddings, dequantized weights)."""
+        return DTYPE_BYTES[self.compute_dtype]
 
     @property
     def base_bits_per_param(self) -> float:
@@ -171,6 +182,14 @@ class MemoryEstimate:
     def peak(self) -> float:
         """Per-GPU peak if every tensor were resident: static + the larger transient phase."""
         return self.phase_bytes("static") + max(self.phase_bytes("backward"), self.phase_bytes("step"))
+
+    @property
+    def first_step_peak(self) -> float:
+        """Peak of the very first optimizer step: Adam allocates its moments in that step, after the
+        backward pass, so they are not resident during the first backward (later steps: ``peak``)."""
+        moments = self.get("optimizer_states")
+        static = self.phase_bytes("static") - moments
+        return static + max(self.phase_bytes("backward"), moments + self.phase_bytes("step"))
 
     @property
     def spillable(self) -> float:
@@ -221,30 +240,33 @@ def base_weight_bytes(shape: ModelShape, bits_per_param: float, embed_bytes: int
 
 
 def activation_bytes_per_token_layer(shape: ModelShape, r: int, targets=ALL_LINEAR,
-                                     dropout: float = 0.05) -> float:
-    """Bytes autograd keeps per token in one decoder layer (see the module docstring)."""
+                                     dropout: float = 0.05, elem: int = 2) -> float:
+    """Bytes autograd keeps per token in one decoder layer (see the module docstring); ``elem``: bytes per
+    element of the compute dtype (2 for bf16/fp16, 4 for fp32; the norms' fp32 part is 4 either way)."""
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
-    base = 12 * h + 2 * (h + 2 * kv) + 2 * h + 3 * 2 * i
+    e = elem
+    base = 2 * (4 * h + e * h) + e * (h + 2 * kv) + e * h + 3 * e * i
     if r == 0 or not targets:
         return base
     lin = shape.linears()
     if dropout > 0:
-        lora = sum(3 * lin[t][0] + 2 * r for t in targets)   # dropped copy (2 B) + bool mask (1 B)
+        lora = sum((e + 1) * lin[t][0] + e * r for t in targets)   # dropped copy + bool mask (1 B)
     else:
         # q/k/v share their input, gate/up theirs: stored once per distinct input
         groups = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
                   "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
         distinct = {groups[t]: lin[t][0] for t in targets}
-        lora = sum(2 * v for v in distinct.values()) + sum(2 * r for _ in targets)
+        lora = sum(e * v for v in distinct.values()) + sum(e * r for _ in targets)
     return base + lora
 
 
 def activation_bytes(cfg: PlanConfig) -> dict:
     s = cfg.shape
     tokens = cfg.micro_batch * cfg.seq_len
-    per_layer = tokens * activation_bytes_per_token_layer(s, cfg.lora_r, cfg.lora_targets, cfg.lora_dropout)
+    e = cfg.elem
+    per_layer = tokens * activation_bytes_per_token_layer(s, cfg.lora_r, cfg.lora_targets, cfg.lora_dropout, e)
     if cfg.grad_ckpt:
-        stored = s.layers * tokens * 2 * s.hidden + per_layer + 2 * tokens * max(s.hidden, s.intermediate)
+        stored = s.layers * tokens * e * s.hidden + per_layer + e * tokens * max(s.hidden, s.intermediate)
     else:
         stored = s.layers * per_layer
     logits = chunked_loss_bytes(cfg, tokens) if cfg.chunked_loss else tokens * s.vocab * 12
@@ -274,30 +296,33 @@ def cpu_shape_cache_bytes(cfg: PlanConfig) -> float:
 def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
     s, n = cfg.shape, cfg.world_size
     z = cfg.zero_stage
-    w = base_weight_bytes(s, cfg.base_bits_per_param)
+    w = base_weight_bytes(s, cfg.base_bits_per_param, cfg.elem)
     p = lora_params(s, cfg.lora_r, cfg.lora_targets)
     part_params = n if z >= 3 else 1
     part_grads = n if z >= 2 else 1
     part_optim = n if z >= 1 else 1
     moment_bytes = 8 if cfg.optim_bits == 32 else 2
     master_bytes = 2 if cfg.bf16_master else 4
+    fp32 = cfg.compute_dtype == "fp32"     # LoRA trains in fp32 itself: no 16-bit copy, no master, fp32 grads
+    lora_bytes, grad_bytes = (4, 4) if fp32 else (2, 2 if z >= 1 or cfg.bf16_master else 2 + 4)
 
     items = [
         Item("quantized_linears" if cfg.base_bits < 16 else "bf16_linears",
              w["quantized_linears"] / part_params, note=f"{cfg.base_bits_per_param:.3f} bit/param"),
-        Item("embeddings_norms", w["embeddings_norms"] / part_params, note="bf16"),
-        Item("lora_params", p * 2 / part_params, note=f"{p:,} params in bf16"),
-        Item("lora_grads", p * (2 if z >= 1 or cfg.bf16_master else 2 + 4) / part_grads,
-             note="bf16" if z >= 1 else "bf16 + fp32 accumulation (BF16_Optimizer)"),
-        Item("master_weights", p * master_bytes / part_optim, note="bf16" if cfg.bf16_master else "fp32"),
+        Item("embeddings_norms", w["embeddings_norms"] / part_params, note=cfg.compute_dtype),
+        Item("lora_params", p * lora_bytes / part_params, note=f"{p:,} params in {'fp32' if fp32 else 'bf16'}"),
+        Item("lora_grads", p * grad_bytes / part_grads,
+             note="fp32" if fp32 else "bf16" if z >= 1 else "bf16 + fp32 accumulation (BF16_Optimizer)"),
+        Item("master_weights", 0 if fp32 else p * master_bytes / part_optim,
+             note="none (fp32 training)" if fp32 else "bf16" if cfg.bf16_master else "fp32"),
         Item("optimizer_states", p * moment_bytes / part_optim, spillable=cfg.paged,
              note=f"Adam {cfg.optim_bits}-bit{' paged' if cfg.paged else ''}"),
     ]
     if z in (1, 2) and p:
         elems = cfg.reduce_bucket_elems if cfg.device == "cuda" else min(cfg.reduce_bucket_elems, p)
-        items.append(Item("reduce_bucket", elems * (4 if z == 1 else 2) * (2 if cfg.overlap_comm else 1),
+        items.append(Item("reduce_bucket", elems * (4 if z == 1 or fp32 else 2) * (2 if cfg.overlap_comm else 1),
                           note="double-buffered (overlap_comm)" if cfg.overlap_comm else ""))
-    if z in (1, 2) and not cfg.bf16_master:
+    if z in (1, 2) and not cfg.bf16_master and not fp32:
         items.append(Item("step_fp32_grad_copy", p * 4 / part_grads, phase="step"))
 
     act = activation_bytes(cfg)
@@ -305,11 +330,12 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
     lin = s.linears()
     largest = max(a * b for a, b in lin.values())
     if cfg.base_bits < 16:
-        items.append(Item("dequant_workspace", largest * 2, phase="backward", note="largest linear in bf16"))
+        items.append(Item("dequant_workspace", largest * cfg.elem, phase="backward",
+                          note=f"largest linear in {cfg.compute_dtype}"))
     if z >= 3 and n > 1:
         layer = s.linear_params_per_layer * cfg.base_bits_per_param / 8 + lora_params(
-            s, cfg.lora_r, cfg.lora_targets) / s.layers * 2
-        head = s.vocab * s.hidden * 2
+            s, cfg.lora_r, cfg.lora_targets) / s.layers * (4 if fp32 else 2)
+        head = s.vocab * s.hidden * cfg.elem
         items.append(Item("zero3_gathered", max(2 * layer, head), phase="backward",
                           note="layer in use + prefetched layer, or lm_head"))
     transient = sum(it.bytes for it in items if it.phase == "backward")

@@ -1,0 +1,136 @@
+"""Host (CPU) memory of loading a checkpoint with ``qlora_ds.from_pretrained``, and of one training step,
+predicted from ``config.json`` alone. Validated against fresh processes by ``python -m bench scale``.
+
+Load, from first principles (what the loader does, tensor by tensor, in ``named_modules`` order):
+
+* every tensor is read from safetensors into memory the process owns (no mmap: page cache is not RSS),
+  in the checkpoint dtype (bf16, 2 B/element), then converted to the load dtype (a new e-byte tensor while
+  the 2-byte one is alive, when e != 2);
+* a target linear of n weights is quantized (NF4 + double quant, block 64/256): it keeps n/2 code bytes,
+  n/64 absmax codes, 4·⌈n/64/256⌉ nested absmax and a 4-byte offset; while it runs, the float weight and
+  the fp32 per-block absmax (4·n/64) are alive. Its LoRA A, B (fp32, r·(in+out)) and bias (load dtype) stay;
+* embeddings, norms and lm_head (once when tied) stay in the load dtype.
+* allocator: the transients are freed before the next tensor; large blocks (> glibc's mmap threshold) go
+  back to the OS at ``free``, small ones at the loader's ``malloc_trim`` after each layer. So the peak is
+  the largest (resident so far + this tensor's transient) over the load order, not a sum.
+
+Not derivable from the shapes — the memory the process holds before the model (interpreter, torch,
+transformers, qlora_ds and its compiled op; with DeepSpeed for a ZeRO-3 rank) and the non-tensor memory
+that the first training step adds (code pages of the kernels it runs, autograd and oneDNN state). These
+are the only constants; they were measured once on ONE model, ``CALIBRATION_MODEL``, and frozen here.
+Every other model's prediction is out of sample (bench/RESULTS.md, "Scale").
+
+Step: ``estimate_memory`` (the DeepSpeed planner, plain fp32/bf16 training at ZeRO-0 when compute is fp32)
+with the runtime above; ``first_step_peak`` when the measurement covers the first step only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import QLoRADSError
+from .memory import ALL_LINEAR, DTYPE_BYTES, MiB, MemoryEstimate, PlanConfig, estimate_memory
+from .presets import ModelShape, shape_from_hf_config
+
+# ---- the frozen calibration (bench/scale.py on llama-0.4b = SmolLM2-360M's shape, 2026-12-03, AMD EPYC,
+# torch 2.13.0, transformers 5.23.0, deepspeed 0.19.8). Do not refit on other models: they validate it.
+CALIBRATION_MODEL = "llama-0.4b"
+RUNTIME_BYTES = 371 * MiB          # bench/scripts/scale_worker.py after its imports and warm-up
+ZERO3_RUNTIME_BYTES = 248 * MiB    # bench/scripts/zero3_load.py rank before from_pretrained (DeepSpeed imported)
+ZERO3_LAZY_IMPORT_BYTES = 140 * MiB  # that script's first from_pretrained imports the modeling code + op
+LOAD_OVERHEAD_BYTES = 8 * MiB      # non-tensor memory of the built model (modules, hooks), measured after load
+
+
+@dataclass(frozen=True)
+class LoadEstimate:
+    resident: float          # model bytes after the load (this rank)
+    peak: float              # RSS high-water mark of the process during the load
+    runtime: float
+    largest_transient: float  # the bytes alive for the tensor at which the peak is reached (its kept bytes included)
+    where: str               # the tensor at which the peak is reached
+
+    def as_dict(self) -> dict:
+        return {"resident_mib": round(self.resident / MiB, 1), "peak_mib": round(self.peak / MiB, 1),
+                "runtime_mib": round(self.runtime / MiB, 1), "transient_mib": round(self.largest_transient / MiB, 1),
+                "peak_at": self.where}
+
+
+def nf4_dq_bytes(n: int, blocksize: int = 64, nested: int = 256) -> int:
+    """Stored bytes of one NF4 + double-quant weight of n elements (QLoRALinear's frozen parameters)."""
+    blocks = -(-n // blocksize)
+    return (n + 1) // 2 + blocks + 4 * -(-blocks // nested) + 4
+
+
+def load_order(cfg: dict) -> list[tuple[str, int, bool, int, int]]:
+    """(name, elements, quantized, in, out) for every tensor the loader fills, in its order."""
+    s = shape_from_hf_config(cfg)
+    bias = bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2"))
+    h = s.hidden
+    out = [("embed_tokens", s.vocab * h, False, 0, 0)]
+    for k in range(s.layers):
+        for name, (i, o) in s.linears().items():
+            out.append((f"layers.{k}.{name}", i * o, True, i, o))
+            if bias and name in ("q_proj", "k_proj", "v_proj"):
+                out.append((f"layers.{k}.{name}.bias", o, False, 0, 0))
+        out += [(f"layers.{k}.input_layernorm", h, False, 0, 0), (f"layers.{k}.post_attention_layernorm", h, False, 0, 0)]
+    out.append(("norm", h, False, 0, 0))
+    if not s.tie_embeddings:
+        out.append(("lm_head", s.vocab * h, False, 0, 0))
+    return out
+
+
+def estimate_load(cfg: dict, dtype: str = "bf16", lora_r: int = 16, world: int = 1, zero_stage: int = 0,
+                  runtime_bytes: float | None = None) -> LoadEstimate:
+    """Peak RSS of one rank while ``from_pretrained`` loads the bf16 checkpoint described by ``cfg`` (a
+    config.json dict). ZeRO-3 (``world`` > 1): rank 0 reads and quantizes each module whole, then keeps
+    1/world of its parameters (DeepSpeed pads each to a multiple of world)."""
+    if dtype not in DTYPE_BYTES:
+        raise QLoRADSError(f"dtype={dtype!r}: use one of {sorted(DTYPE_BYTES)}")
+    e = DTYPE_BYTES[dtype]
+    share = world if zero_stage == 3 else 1
+    if runtime_bytes is None:
+        runtime_bytes = RUNTIME_BYTES if share == 1 else ZERO3_RUNTIME_BYTES + ZERO3_LAZY_IMPORT_BYTES
+    resident, best, where, at_peak = 0.0, 0.0, "", 0.0
+    for name, n, quantized, i, o in load_order(cfg):
+        read = 2 * n + (e * n if e != 2 else 0)              # the bf16 read (+ its converted copy)
+        if quantized:
+            kept = nf4_dq_bytes(n) + 4 * lora_r * (i + o)
+            transient = read + 4 * -(-n // 64) + kept        # float weight + fp32 absmax while quantizing
+        else:
+            kept = e * n
+            transient = read if e != 2 else kept
+        if resident + transient > best:
+            best, where, at_peak = resident + transient, name, transient
+        resident += kept / share
+    resident_total = resident + LOAD_OVERHEAD_BYTES
+    peak = max(best, resident) + LOAD_OVERHEAD_BYTES + runtime_bytes
+    return LoadEstimate(resident_total, peak, runtime_bytes, at_peak, where)
+
+
+def step_config(cfg: dict, dtype: str = "fp32", seq_len: int = 256, batch: int = 1, lora_r: int = 16,
+                runtime_bytes: float | None = None) -> PlanConfig:
+    """The planner's config for one plain training step (LoRA r on all linears, dropout 0, gradient
+    checkpointing, Adam 32-bit, one batch shape)."""
+    shape: ModelShape = shape_from_hf_config(cfg)
+    return PlanConfig(shape=shape, device="cpu", zero_stage=0, gpus_per_node=1, seq_len=seq_len, micro_batch=batch,
+                      grad_accum=1, lora_r=lora_r, lora_targets=ALL_LINEAR, lora_dropout=0.0, grad_ckpt=True,
+                      compute_dtype=dtype, pad_multiple=seq_len,
+                      runtime_bytes=int(RUNTIME_BYTES + LOAD_OVERHEAD_BYTES if runtime_bytes is None else runtime_bytes))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    peak: float
+    detail: object           # LoadEstimate | MemoryEstimate
+
+
+def predict(cfg: dict, phase: str, dtype: str = "bf16", seq_len: int = 256, world: int = 1, zero_stage: int = 0,
+            first_step: bool = True) -> Prediction:
+    """``phase`` "load": peak RSS of the load; "step": peak RSS of the training step after it (the first
+    step when ``first_step``), the load's own peak excluded."""
+    if phase == "load":
+        est = estimate_load(cfg, dtype, world=world, zero_stage=zero_stage)
+        return Prediction(est.peak, est)
+    if phase == "step":
+        mem: MemoryEstimate = estimate_memory(step_config(cfg, dtype, seq_len))
+        return Prediction(mem.first_step_peak if first_step else mem.peak, mem)
+    raise QLoRADSError(f"phase={phase!r}: use 'load' or 'step'")
