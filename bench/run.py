@@ -17,6 +17,7 @@ import sys
 import time
 
 BENCHMARKS = ("quant", "layer", "train", "memory", "quality")
+ON_REQUEST = ("scale",)      # not in ``all``: minutes to hours of CPU (``python -m bench scale``)
 
 
 def _call(name: str, argv: list[str]) -> int:
@@ -48,7 +49,7 @@ def _call(name: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("which", choices=BENCHMARKS + ("all",))
+    p.add_argument("which", choices=BENCHMARKS + ON_REQUEST + ("all",))
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI smoke test)")
     p.add_argument("--results-dir", default=None, help="where the JSONL rows go (default bench/results)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU if there is one)")
