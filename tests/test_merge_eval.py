@@ -235,6 +235,19 @@ def test_mc_accuracy_on_sample(ckpt, tmp_path):
     assert set(res["predictions"]) <= {"A", "B", "C", "D"}
     one_by_one = evaluate_mc(model, tok, test, dev, shots=2, batch_size=1, return_predictions=True)
     assert one_by_one["predictions"] == res["predictions"]            # right padding changes nothing
+    # an independent scorer: each prompt alone, a plain full forward, argmax of the last position's logits
+    # over the four letter tokens; the harness must give the same letters and count the same hits
+    letters = [tok(" " + c, add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
+    ref = []
+    with torch.no_grad():
+        for rec in test:
+            ids = tok(build_prompt(rec, select_shots(rec, dev, 2)), return_tensors="pt")["input_ids"]
+            ref.append("ABCD"[int(model(ids).logits[0, -1, letters].argmax())])
+    assert res["predictions"] == ref
+    hits = [p == r.answer for p, r in zip(ref, test)]
+    assert res["correct"] == sum(hits) and res["accuracy"] == sum(hits) / 16
+    for subject, got in res["subjects"].items():
+        assert got["correct"] == sum(h for h, r in zip(hits, test) if r.subject == subject)
 
 
 def test_mc_last_token_logits_equal_full_logits(ckpt):
