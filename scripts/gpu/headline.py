@@ -39,7 +39,8 @@ MiB = 1 << 20
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="llama-65b", help="a planner preset (llama-7b, -13b, -33b, -65b, …)")
+    p.add_argument("--shape", default="llama-65b",
+                   help="a planner preset (llama-7b, -13b, -33b, -65b, …), or several separated by commas")
     p.add_argument("--layers", type=int, help="override the preset's layer count")
     p.add_argument("--hidden", type=int, help="override hidden size")
     p.add_argument("--ffn", type=int, help="override the MLP width (intermediate size)")
@@ -235,8 +236,18 @@ def summary_line(row: dict) -> str:
 
 
 def main(argv=None) -> int:
-    row = run(parse_args(argv))
-    return 0 if row.get("ok") else 1
+    """``--shape a,b,…`` runs the shapes one after another in this process (the dry run); the GPU check starts one
+    process per shape, so that each peak and each out-of-memory is its own."""
+    import gc
+
+    args = parse_args(argv)
+    ok = True
+    for name in args.shape.split(","):
+        ok &= bool(run(argparse.Namespace(**{**vars(args), "shape": name})).get("ok"))
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""JIT-build one of our compiled ops through its DeepSpeed OpBuilder (``qlora_ds.ops.builder.load_op``) and say
+how long it took and what it compiled for; exit 1 (with the builder's reason) when it cannot be built.
+
+    python scripts/gpu/build_ops.py quant cuda
+    python scripts/gpu/build_ops.py paged_optim cuda
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def main(argv: list[str]) -> int:
+    op, device = (argv + ["quant", "cuda"][len(argv):])[:2]
+    from qlora_ds.errors import OpBuildError
+    from qlora_ds.ops.builder import BUILDERS, load_op
+
+    builder = BUILDERS[(op, device)]()
+    if device == "cuda":
+        try:
+            builder.jit_mode = True                      # as load() will: the visible GPU's capability
+            print(f"{op}: nvcc arch flags {builder.compute_capability_args()}", flush=True)
+        except Exception as err:  # noqa: BLE001 - informational only
+            print(f"{op}: could not list the arch flags ({type(err).__name__}: {err})", flush=True)
+    t0 = time.perf_counter()
+    try:
+        module = load_op(op, device)
+    except OpBuildError as err:
+        print(f"{op} ({device}): BUILD FAILED after {time.perf_counter() - t0:.1f} s\n{err}", flush=True)
+        return 1
+    print(f"{op} ({device}): built/loaded {module.__name__} in {time.perf_counter() - t0:.1f} s "
+          f"(TORCH_EXTENSIONS_DIR={os.environ.get('TORCH_EXTENSIONS_DIR')})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

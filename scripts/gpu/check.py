@@ -1,0 +1,278 @@
+"""The steps of scripts/gpu_check.sh and their runner (see that script's header for what it proves).
+
+On the GPU (default) every step is its own process under a time budget — min(its budget, what is left of the total
+minus 5 s) — so a crash, a hang or an out-of-memory error costs one step, is recorded, and the next step runs; the
+CUDA tests run in the background beside the headline. With ``--dry-run`` the same steps run at tiny shapes on the
+CPU inside this one process (a SIGALRM per step is the budget), so that the CI test (tests/test_gpu_check.py)
+costs one interpreter start, not ten; only bench train's variant worker is a process of its own.
+
+    python scripts/gpu/check.py [--dry-run] [--results DIR] [--wheels DIR] [--budget SECONDS] [--only a,b]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PY = sys.executable
+DRY_SLACK = 3                        # dry-run steps get 3x their GPU budget: tiny work, but CI boxes are shared
+TINY = ["--layers", "2", "--hidden", "64", "--ffn", "172", "--heads", "4", "--vocab", "512", "--seq", "32"]
+CUDA_TESTS = ["tests/test_layers.py", "tests/test_inject.py", "tests/test_adapters.py", "tests/test_optim.py",
+              "tests/test_kernels.py", "tests/test_kernels_intn.py", "tests/test_quant.py", "tests/test_codebooks.py",
+              "tests/test_launch_device.py", "tests/test_finetune.py"]
+
+
+@dataclasses.dataclass
+class Step:
+    name: str
+    budget: int                       # seconds on the GPU machine
+    gpu: list[str] | None             # argv on the GPU (None: not run there)
+    dry: list[str] | None             # argv in the dry run (None: skipped, with ``why``)
+    why: str = ""
+    background: bool = False          # GPU: run beside the following steps ...
+    waits_for: tuple = ()             # ... until one that waits for the background steps named with these prefixes
+
+
+def steps(res: str) -> list[Step]:
+    headline = [Step(f"headline_{s}", b, ["scripts/gpu/headline.py", "--shape", f"llama-{s}", "--cap-gib", "48",
+                                          "--device", "cuda"], None, "the dry run does all shapes in the step above")
+                for s, b in (("65b", 100), ("33b", 60), ("13b", 45), ("7b", 35))]
+    headline[0].dry = ["scripts/gpu/headline.py", "--shape", "llama-65b,llama-33b,llama-13b,llama-7b", *TINY,
+                       "--device", "cpu"]
+    headline[0].name = "headline"
+    headline[0].waits_for = ("build",)      # the builds are done (but the tests run on beside it)
+    pytest_args = ["-q", "-p", "no:cacheprovider", f"--junitxml={res}/pytest.xml", "--durations=10"]
+    return [
+        Step("env", 20, ["scripts/gpu/env.py", f"{res}/env.json"], ["scripts/gpu/env.py", f"{res}/env.json"]),
+        Step("build_quant", 170, ["scripts/gpu/build_ops.py", "quant", "cuda"], ["scripts/gpu/build_ops.py", "quant", "cpu"],
+             background=True),
+        Step("build_paged_optim", 170, ["scripts/gpu/build_ops.py", "paged_optim", "cuda"], None,
+             "the CPU paged op is built by the CPU tests"),
+        Step("tests", 150, ["-m", "pytest", *pytest_args, "--device", "cuda", "-m", "not multirank and not slow",
+                            "-k", "not two_ranks and not launcher", *CUDA_TESTS],
+             ["-m", "pytest", *pytest_args, "--device", "cpu", "-k", "test_fresh_adapter_is_noop",
+              "tests/test_layers.py"], background=True, waits_for=("build",)),
+        *headline,
+        Step("paging", 60, ["tests/scripts/optim_gpu_paging.py", f"{res}/paging.json"], None,
+             "needs CUDA managed memory", waits_for=("build", "tests")),     # the tests end before timings
+        Step("bench_quant", 45, ["-m", "bench", "quant", "--device", "cuda"],
+             ["-m", "bench", "quant", "--quick", "--device", "cpu", "--shape", "256x256"]),
+        Step("bench_layer", 45, ["-m", "bench", "layer", "--device", "cuda"],
+             ["-m", "bench", "layer", "--quick", "--no-bnb", "--device", "cpu"]),
+        Step("bench_train_135m", 50, ["-m", "bench", "train", "--device", "cuda", "--shape", "smollm2-135m", "--batch",
+                                      "4", "--seq", "512", "--r", "64", "--steps", "3", "--timeout", "45"],
+             ["-m", "bench", "train", "--device", "cpu", "--shape", "tiny", "--variants", "ours-nf4dq", "--steps", "1",
+              "--warmup", "0", "--batch", "1", "--seq", "16"]),
+        Step("bench_train_1b", 60, ["-m", "bench", "train", "--device", "cuda", "--shape", "llama-1b", "--batch", "4",
+                                    "--seq", "512", "--r", "64", "--steps", "3", "--timeout", "55"], None,
+             "one train shape is enough on CPU"),
+    ]
+
+
+class Runner:
+    def __init__(self, res: str, budget: int, dry: bool):
+        self.res, self.budget, self.dry = res, budget, dry
+        self.start = time.monotonic()
+        self.log = open(os.path.join(res, "log.txt"), "a", buffering=1)
+        self.rows = open(os.path.join(res, "steps.jsonl"), "a", buffering=1)
+        self.lock = threading.Lock()
+
+    def left(self) -> float:
+        return self.budget - (time.monotonic() - self.start)
+
+    def record(self, name: str, rc, seconds: float, budget: float, note: str = "") -> None:
+        row = {"step": name, "rc": rc, "seconds": round(seconds, 1), "budget_s": round(budget),
+               "timed_out": rc in (124, 137, "timeout"), "note": note}
+        with self.lock:
+            self.rows.write(json.dumps(row) + "\n")
+            print(f"== {name:<18} rc {str(rc):<8} {seconds:6.1f} s (budget {budget:.0f} s) {note}", flush=True)
+
+    def limit(self, step: Step) -> float:
+        return min(step.budget, self.left() - 5)
+
+    # -- the GPU machine: a process per step -------------------------------------------------------------
+    def run_process(self, step: Step) -> None:
+        t = self.limit(step)
+        if t < 5:
+            return self.record(step.name, "skipped", 0, 0, "out of time")
+        out = tempfile.TemporaryFile(mode="w+")
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run([PY, *step.gpu], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=t)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+        out.seek(0)
+        text = out.read()
+        with self.lock:
+            self.log.write(f"#### {step.name} (budget {t:.0f} s): {' '.join(step.gpu)}\n{text}\n")
+        last = text.strip().splitlines()[-1][:150] if text.strip() else ""
+        self.record(step.name, rc, time.monotonic() - t0, t, last if step.name == "tests" else "")
+
+    # -- the dry run: the same entry points, in this process ----------------------------------------------
+    def run_inline(self, step: Step) -> None:
+        if step.dry is None:
+            return self.record(step.name, "skipped", 0, 0, f"dry run: {step.why}")
+        t = max(1, int(min(DRY_SLACK * step.budget, self.left() - 5)))   # a shared CI box may be loaded
+        self.log.write(f"#### {step.name} (budget {t} s, in process): {' '.join(step.dry)}\n")
+        t0 = time.monotonic()
+
+        def alarm(*_):
+            raise TimeoutError(f"step {step.name} ran past {t} s")
+        old = signal.signal(signal.SIGALRM, alarm)
+        signal.alarm(t)
+        try:
+            with contextlib.redirect_stdout(self.log), contextlib.redirect_stderr(self.log):
+                rc = _call(step.dry)
+        except TimeoutError:
+            rc = "timeout"
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except Exception as exc:  # noqa: BLE001 - a failed step is recorded, the next one runs
+            self.log.write(f"{type(exc).__name__}: {exc}\n")
+            rc = 1
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+        self.record(step.name, rc, time.monotonic() - t0, t)
+
+    def run_all(self, plan: list[Step]) -> None:
+        pending: list[tuple[str, threading.Thread]] = []
+        for step in plan:
+            if self.dry:
+                self.run_inline(step)
+                continue
+            if step.gpu is None:
+                self.record(step.name, "skipped", 0, 0, step.why)
+                continue
+            for name, th in pending:
+                if name.startswith(step.waits_for):
+                    th.join()
+            if step.background:
+                th = threading.Thread(target=self.run_process, args=(step,), daemon=True)
+                th.start()
+                pending.append((step.name, th))
+            else:
+                self.run_process(step)
+        for _, th in pending:
+            th.join()
+
+
+def _call(argv: list[str]) -> int:
+    """Run ``python ARGV`` in this process: ``-m pytest``, ``-m bench`` or a script path's ``main``."""
+    if argv[:2] == ["-m", "pytest"]:
+        import pytest
+        return int(pytest.main(argv[2:]))
+    if argv[:2] == ["-m", "bench"]:
+        from bench.run import main
+        return main(argv[2:])
+    spec = importlib.util.spec_from_file_location(f"gpu_check_{os.path.basename(argv[0])[:-3]}",
+                                                  os.path.join(REPO, argv[0]))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        entry = mod.main
+        rc = entry(argv[1:]) if entry.__code__.co_argcount else entry()
+    finally:
+        sys.argv = saved
+    return rc if isinstance(rc, int) else 0
+
+
+def install(runner: Runner, wheels: str) -> None:
+    """deepspeed + bitsandbytes (+ deepspeed's needs the image lacks) from the carried wheels into /tmp."""
+    if runner.dry:
+        return runner.record("install", "skipped", 0, 0, "dry run: the venv has them")
+    found = sorted(glob.glob(os.path.join(wheels, "*.whl")))
+    if not found:
+        return runner.record("install", 1, 0, 0, f"no wheels in {wheels}: run scripts/gpu/fetch_wheels.sh and carry it")
+    target = "/tmp/qlora_ds_site"
+    runner.run_process(Step("install", 60, ["-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                                            "--no-cache-dir", "--upgrade", "--target", target, *found], None))
+    os.environ["PYTHONPATH"] = os.pathsep.join([target, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join([os.path.join(target, "bin"), os.environ.get("PATH", "")])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--results", default=os.environ.get("OUT") or os.path.join(REPO, "gpu_results"))
+    p.add_argument("--wheels", default=os.environ.get("QLORA_DS_WHEELS") or os.path.join(REPO, "gpu_wheels"))
+    p.add_argument("--budget", type=int, default=int(os.environ.get("GPU_CHECK_BUDGET", "470")))
+    p.add_argument("--only", default=None, help="comma-separated step names (a rerun of some steps; install and "
+                                                "the builds run whenever a later step needs them)")
+    args = p.parse_args(argv)
+    res = os.path.abspath(args.results)
+    os.chdir(REPO)
+    os.makedirs(res, exist_ok=True)
+    for name in ("steps.jsonl", "log.txt", "rows.jsonl", "summary.md"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(res, name))
+    rows = tempfile.mkdtemp(prefix="gpu_check_rows.")    # the benchmarks' JSONL files, merged into rows.jsonl
+    os.environ.update(QLORA_DS_BENCH_RESULTS=rows, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+                      HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    os.environ["PYTHONPATH"] = os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    commit_file = os.path.join(args.wheels, "COMMIT")
+    if os.path.exists(commit_file):
+        with open(commit_file) as fh:
+            os.environ["QLORA_DS_COMMIT"] = fh.read().strip()
+    if args.dry_run:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/qlora_ds/torch_extensions"))
+    else:
+        os.environ.update(DS_ACCELERATOR="cuda", TORCH_EXTENSIONS_DIR="/tmp/qlora_ds_ext")
+        os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 8))
+        nvcc = shutil.which("nvcc")
+        if nvcc and "CUDA_HOME" not in os.environ:
+            os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(nvcc))
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ:      # this GPU's arch only: a third of the compile time
+            with contextlib.suppress(Exception):
+                import torch
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "%d.%d" % torch.cuda.get_device_capability()
+    runner = Runner(res, args.budget, args.dry_run)
+    install(runner, args.wheels)
+    plan = steps(res)
+    if args.only:
+        wanted = set(args.only.split(",")) | {"env", "build_quant", "build_paged_optim"}
+        unknown = wanted - {s.name for s in plan}
+        if unknown:
+            p.error(f"--only: unknown steps {sorted(unknown)}; steps are {', '.join(s.name for s in plan)}")
+        for s in plan:
+            if s.name not in wanted:
+                s.gpu = s.dry = None
+                s.why = "not in --only"
+    runner.run_all(plan)
+    with open(os.path.join(res, "rows.jsonl"), "w") as out:
+        for path in sorted(glob.glob(os.path.join(rows, "*.jsonl"))):
+            with open(path) as fh:
+                out.write(fh.read())
+    shutil.rmtree(rows, ignore_errors=True)
+    elapsed = int(time.monotonic() - runner.start)
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        _call(["scripts/gpu/summarize.py", res, "--elapsed", str(elapsed)])
+    summary = buf.getvalue()
+    with open(os.path.join(res, "summary.md"), "w") as fh:
+        fh.write(summary)
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
