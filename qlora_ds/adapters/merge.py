@@ -15,8 +15,8 @@
   layout (``checkpoint_format`` "gptq": zero-minus-one, int32 words), a ``quantization_config`` in
   config.json and a ``quantize_config.json`` as optimum / auto-gptq / transformers' ``GPTQConfig``
   read them. GPTQ zero points are integers, a merged QA-LoRA layer's are not: the GPTQ tensors carry
-  the zeros *rounded* (each weight then moves by at most scale/2; the export report gives the
-  error), and ``qlora_ds_intn.safetensors`` keeps the exact fp32 scales and zeros per layer.
+  the zeros *rounded* (each weight then moves by at most scale/2, more only where the rounded zero is
+  clamped into [1, 2^bits], plus the fp16 rounding of the scale; the export report gives the error), and ``qlora_ds_intn.safetensors`` keeps the exact fp32 scales and zeros per layer.
   ``read_gptq_checkpoint(dir, exact=True)`` rebuilds an fp32 HF model from the codes plus those
   exact values (the merged model, bit for bit); ``exact=False`` reads only what a GPTQ loader reads.
 
