@@ -97,6 +97,40 @@ void adamw_step(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, 
                "adamw kernel launch");
 }
 
+void adamw8bit_step(torch::Tensor param, torch::Tensor grad, torch::Tensor qm, torch::Tensor absmax_m,
+                    torch::Tensor qv, torch::Tensor absmax_v, torch::Tensor code_m, torch::Tensor bounds_m,
+                    torch::Tensor code_v, torch::Tensor bounds_v, int64_t blocksize, double lr, double beta1,
+                    double beta2, double eps, double weight_decay, int64_t step) {
+    const int64_t n = param.numel();
+    TORCH_CHECK(blocksize >= 1 && blocksize <= qlora_ds::kMaxBlocksize8, "blocksize must be in 1..",
+                qlora_ds::kMaxBlocksize8, ", got ", blocksize);
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+    check_fp32(param, "param", n, param);
+    check_fp32(grad, "grad", n, param);
+    check_fp32(absmax_m, "exp_avg_absmax", nblocks, param);
+    check_fp32(absmax_v, "exp_avg_sq_absmax", nblocks, param);
+    check_fp32(code_m, "code_m", 256, param);
+    check_fp32(code_v, "code_v", 256, param);
+    check_fp32(bounds_m, "bounds_m", 255, param);
+    check_fp32(bounds_v, "bounds_v", 255, param);
+    for (const auto* t : {&qm, &qv}) {
+        TORCH_CHECK(t->is_cuda() && t->device() == param.device(), "8-bit state must be on ", param.device(),
+                    ", got ", t->device());
+        TORCH_CHECK(t->scalar_type() == torch::kUInt8 && t->is_contiguous() && t->numel() == n,
+                    "8-bit state must be contiguous uint8 with ", n, " elements");
+    }
+    TORCH_CHECK(step >= 1, "step must be >= 1, got ", step);
+    c10::cuda::CUDAGuard guard(param.device());
+    auto stream = c10::cuda::getCurrentCUDAStream(param.device().index());
+    const qlora_ds::Tables8 tables{code_m.data_ptr<float>(), bounds_m.data_ptr<float>(), code_v.data_ptr<float>(),
+                                   bounds_v.data_ptr<float>()};
+    check_cuda(qlora_ds::launch_adamw_8bit(param.data_ptr<float>(), grad.data_ptr<float>(), qm.data_ptr<uint8_t>(),
+                                           absmax_m.data_ptr<float>(), qv.data_ptr<uint8_t>(),
+                                           absmax_v.data_ptr<float>(), tables, n, blocksize, lr, beta1, beta2, eps,
+                                           weight_decay, step, stream.stream()),
+               "adamw 8-bit kernel launch");
+}
+
 void synchronize() { check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -111,5 +145,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("adamw_step", &adamw_step, "fused AdamW step, in place (fp32, contiguous, CUDA)", py::arg("param"),
           py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("lr"), py::arg("beta1"),
           py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"));
+    m.def("adamw8bit_step", &adamw8bit_step,
+          "fused AdamW step over blockwise 8-bit state (dequantize, update, requantize per block), in place",
+          py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_absmax"), py::arg("exp_avg_sq"),
+          py::arg("exp_avg_sq_absmax"), py::arg("code_m"), py::arg("bounds_m"), py::arg("code_v"),
+          py::arg("bounds_v"), py::arg("blocksize"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+          py::arg("eps"), py::arg("weight_decay"), py::arg("step"));
     m.def("synchronize", &synchronize, "cudaDeviceSynchronize");
 }

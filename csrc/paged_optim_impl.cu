@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "paged_optim_cuda.h"
 
@@ -47,12 +48,96 @@ __global__ void adamw_fp32_kernel(float* __restrict__ p, const float* __restrict
     }
 }
 
-}  // namespace
+// 8-bit state (csrc/paged_optim_cpu.cpp states the rules): one thread block per quantization block dequantizes,
+// updates (the arithmetic above) and keeps the new moments in shared memory, reduces their absmax, then requantizes:
+// the bytes of the unfused dequantize -> adamw_fp32_kernel -> quantize kernels, with no full-size fp32 temporaries.
+constexpr int kThreads8 = 256;
+constexpr float kTiny = 1e-38f;
 
-cudaError_t launch_adamw_fp32(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
-                              double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
-                              cudaStream_t stream) {
-    if (n <= 0) return cudaSuccess;
+__device__ __forceinline__ float block_max(float v, float* red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();  // red is reused across calls
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float m = 0.0f;
+    for (int w = 0; w < kThreads8 / 32; ++w) m = fmaxf(m, red[w]);
+    return m;
+}
+
+__device__ __forceinline__ uint8_t nearest_code(float s, const float* bounds) {
+    int pos = 0;  // number of the 255 sorted midpoints strictly below s
+#pragma unroll
+    for (int step = 128; step > 0; step >>= 1) pos += (bounds[pos + step - 1] < s) ? step : 0;
+    return static_cast<uint8_t>(pos);
+}
+
+__device__ __forceinline__ float scale_of(float x, bool partial, float inv, float div) {
+    const float s = partial ? __fdiv_rn(x, div) : __fmul_rn(x, inv);
+    return fminf(fmaxf(s, -1.0f), 1.0f);
+}
+
+__global__ void adamw_8bit_kernel(float* __restrict__ p, const float* __restrict__ g, uint8_t* __restrict__ qm,
+                                  float* __restrict__ am, uint8_t* __restrict__ qv, float* __restrict__ av,
+                                  Tables8 t, int64_t n, int64_t bs, AdamWScalars s) {
+    extern __shared__ float smem[];  // code_m[256] code_v[256] bounds_m[255] bounds_v[255] | m[bs] v[bs]
+    float* code_m = smem;
+    float* code_v = smem + 256;
+    float* bounds_m = smem + 512;
+    float* bounds_v = smem + 767;
+    float* ms = smem + 1022;
+    float* vs = ms + bs;
+    __shared__ float red[kThreads8 / 32];
+    for (int k = threadIdx.x; k < 256; k += blockDim.x) {
+        code_m[k] = t.code_m[k];
+        code_v[k] = t.code_v[k];
+        if (k < 255) {
+            bounds_m[k] = t.bounds_m[k];
+            bounds_v[k] = t.bounds_v[k];
+        }
+    }
+    __syncthreads();
+    const int64_t nblocks = (n + bs - 1) / bs;
+    for (int64_t b = blockIdx.x; b < nblocks; b += gridDim.x) {
+        const int64_t start = b * bs;
+        const int64_t len = min(bs, n - start);
+        const float a_m = am[b], a_v = av[b];
+        float mx_m = 0.0f, mx_v = 0.0f;
+        for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+            const int64_t e = start + i;
+            float pi = p[e];
+            if (s.decay_on) pi = __fmul_rn(pi, s.decay);
+            const float gi = g[e];
+            const float mi = __fadd_rn(__fmul_rn(code_m[qm[e]], a_m), 0.0f);
+            const float vo = __fadd_rn(__fmul_rn(code_v[qv[e]], a_v), 0.0f);
+            const float mn = __fmaf_rn(s.coeff, __fsub_rn(gi, mi), s.w_small ? mi : gi);
+            const float vi = __fmaf_rn(s.omb2, __fmul_rn(gi, gi), __fmul_rn(vo, s.beta2));
+            const float den = __fadd_rn(__fmul_rn(__fsqrt_rn(vi), s.inv_bc2_sqrt), s.eps);
+            p[e] = __fmaf_rn(s.neg_step_size, __fdiv_rn(mn, den), pi);
+            ms[i] = mn;
+            vs[i] = vi;
+            mx_m = fmaxf(mx_m, fabsf(mn));
+            mx_v = fmaxf(mx_v, fabsf(vi));
+        }
+        mx_m = block_max(mx_m, red);  // its __syncthreads also publishes ms / vs
+        mx_v = block_max(mx_v, red);
+        const bool partial = len < bs;
+        const float div_m = fmaxf(mx_m, kTiny), div_v = fmaxf(mx_v, kTiny);
+        const float inv_m = __fdiv_rn(1.0f, div_m), inv_v = __fdiv_rn(1.0f, div_v);
+        if (threadIdx.x == 0) {
+            am[b] = partial ? div_m : mx_m;
+            av[b] = partial ? div_v : mx_v;
+        }
+        for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+            qm[start + i] = nearest_code(scale_of(ms[i], partial, inv_m, div_m), bounds_m);
+            qv[start + i] = nearest_code(scale_of(vs[i], partial, inv_v, div_v), bounds_v);
+        }
+        __syncthreads();  // ms / vs are rewritten by the next block
+    }
+}
+
+AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step) {
     AdamWScalars s;
     s.decay_on = weight_decay != 0.0;
     s.decay = static_cast<float>(1.0 - lr * weight_decay);
@@ -66,6 +151,31 @@ cudaError_t launch_adamw_fp32(float* param, const float* grad, float* exp_avg, f
     s.neg_step_size = static_cast<float>(-(lr / bc1));
     s.inv_bc2_sqrt = 1.0f / static_cast<float>(sqrt(bc2));  // on the host in fp32, as torch forms inv_b
     s.eps = static_cast<float>(eps);
+    return s;
+}
+
+}  // namespace
+
+cudaError_t launch_adamw_8bit(float* param, const float* grad, uint8_t* exp_avg, float* exp_avg_absmax,
+                              uint8_t* exp_avg_sq, float* exp_avg_sq_absmax, Tables8 tables, int64_t n,
+                              int64_t blocksize, double lr, double beta1, double beta2, double eps,
+                              double weight_decay, int64_t step, cudaStream_t stream) {
+    if (n <= 0) return cudaSuccess;
+    if (blocksize < 1 || blocksize > kMaxBlocksize8) return cudaErrorInvalidValue;
+    const size_t shared = (1022 + 2 * static_cast<size_t>(blocksize)) * sizeof(float);  // <= 36.1 KiB
+    int64_t blocks = (n + blocksize - 1) / blocksize;
+    if (blocks > 65535LL * 8) blocks = 65535LL * 8;
+    adamw_8bit_kernel<<<static_cast<unsigned>(blocks), kThreads8, shared, stream>>>(
+        param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, tables, n, blocksize,
+        adamw_scalars(lr, beta1, beta2, eps, weight_decay, step));
+    return cudaGetLastError();
+}
+
+cudaError_t launch_adamw_fp32(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
+                              double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                              cudaStream_t stream) {
+    if (n <= 0) return cudaSuccess;
+    const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
     const int threads = 256;
     int64_t blocks = (n + threads - 1) / threads;
     if (blocks > 65535LL * 8) blocks = 65535LL * 8;

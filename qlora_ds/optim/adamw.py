@@ -4,7 +4,8 @@ Hyper-parameters and update are torch.optim.AdamW's (decoupled weight decay, bia
 gives torch's results to fp32 rounding. 8-bit state follows bitsandbytes 0.50's rules: exp_avg in the signed
 dynamic map, exp_avg_sq in the unsigned dynamic map, blockwise absmax (block 256, bnb 0.50's optimizer block;
 older bnb used 2048 — ``blocksize`` sets it), and tensors under ``min_8bit_size`` (4096) elements keep fp32 state.
-Each step dequantizes a tensor's state, runs the fp32 AdamW kernel and requantizes (exact nearest code).
+Each step dequantizes a tensor's state, runs the fp32 AdamW update and requantizes (exact nearest code), fused
+per quantization block (``_op.adamw_8bit``): no fp32 copy of the moments is ever materialised.
 
 State buffers come from the instance's :class:`PageManager` (paged = CUDA unified memory). ``state_dict()`` holds
 plain CPU tensors plus a ``qlora_ds`` tag; ``load_state_dict`` checks type, layout and shapes before touching
@@ -17,10 +18,9 @@ from typing import Any
 
 import torch
 
-from ..ops import load_backend
 from .. import codebooks
 from ..codebooks import udynamic_code
-from ._op import adamw_fp32
+from ._op import adamw_8bit, adamw_fp32
 from .page_manager import PageManager
 
 __all__ = ["PagedAdamW", "PagedAdamW8bit", "AdamW8bit", "udynamic_code"]
@@ -60,8 +60,8 @@ class _AdamWBase(torch.optim.Optimizer):
                  weight_decay: float = 1e-2, *, blocksize: int = 256, min_8bit_size: int = 4096):
         _check_hparams(lr, betas, eps, weight_decay)
         if self.OPTIM_BITS == 8:
-            if not isinstance(blocksize, int) or blocksize < 64 or blocksize & (blocksize - 1):
-                raise ValueError(f"blocksize must be a power of two >= 64, got {blocksize!r}")
+            if not isinstance(blocksize, int) or not 64 <= blocksize <= 4096 or blocksize & (blocksize - 1):
+                raise ValueError(f"blocksize must be a power of two from 64 to 4096 (bnb's range), got {blocksize!r}")
             if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
                 raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
         self.blocksize = blocksize
@@ -127,19 +127,8 @@ class _AdamWBase(torch.optim.Optimizer):
         g32 = g32.contiguous()
         flat = p32.view(-1)
         if "exp_avg_absmax" in state:
-            maps = _maps(p.device)
-            kernels = load_backend(p.device.type)
-            m = torch.empty(flat.numel(), dtype=torch.float32, device=p.device)
-            v = torch.empty_like(m)
-            kernels.dequantize_8bit_blockwise(state["exp_avg"], state["exp_avg_absmax"], maps["signed"][0],
-                                              self.blocksize, 0.0, m)
-            kernels.dequantize_8bit_blockwise(state["exp_avg_sq"], state["exp_avg_sq_absmax"], maps["unsigned"][0],
-                                              self.blocksize, 0.0, v)
-            adamw_fp32(flat, g32, m, v, lr, beta1, beta2, eps, wd, step)
-            kernels.quantize_8bit_blockwise(m, maps["signed"][0], maps["signed"][1], self.blocksize,
-                                            state["exp_avg"], state["exp_avg_absmax"])
-            kernels.quantize_8bit_blockwise(v, maps["unsigned"][0], maps["unsigned"][1], self.blocksize,
-                                            state["exp_avg_sq"], state["exp_avg_sq_absmax"])
+            adamw_8bit(flat, g32, state["exp_avg"], state["exp_avg_absmax"], state["exp_avg_sq"],
+                       state["exp_avg_sq_absmax"], _maps(p.device), self.blocksize, lr, beta1, beta2, eps, wd, step)
         else:
             adamw_fp32(flat, g32, state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2, eps, wd, step)
         if not exact:

@@ -8,7 +8,8 @@ N = data-parallel world size):
 * quantized linears: L·Σ(in·out) · bits/8, bits = 4 + 8/64 + 32/(64·256) = 4.127 (NF4 + double quant);
   16 for a bf16 base. Embedding, lm_head and norms stay 16-bit. ZeRO-3 divides both by N.
 * LoRA: P = L·Σ r·(in+out) over the target linears. Working copy bf16 (2 B), gradients bf16 (2 B),
-  master copy fp32 (4 B; bf16 with ``bf16_master``), Adam moments 2×4 B (2×1 B for 8-bit Adam).
+  master copy fp32 (4 B; bf16 with ``bf16_master``), Adam moments 2×4 B (2×1 B + 8 B per 256-block absmax
+  for 8-bit Adam, whose step dequantizes per block: no fp32 moments).
   ZeRO-1 divides master + moments by N, ZeRO-2 also the gradients, ZeRO-3 also the working copy.
   DeepSpeed's ZeRO-1/2 step makes an fp32 copy of the gradient partition (4·P/N), when activations
   are already freed: that is the "step" phase.
@@ -301,7 +302,9 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
     part_params = n if z >= 3 else 1
     part_grads = n if z >= 2 else 1
     part_optim = n if z >= 1 else 1
-    moment_bytes = 8 if cfg.optim_bits == 32 else 2
+    # 8-bit: two uint8 codes + two fp32 absmax per 256-block; the step is fused per block (bounded scratch, no fp32
+    # copy of the moments: tests/test_optim.py bounds it), so nothing else is counted for it
+    moment_bytes = 8 if cfg.optim_bits == 32 else 2 + 8 / 256
     master_bytes = 2 if cfg.bf16_master else 4
     fp32 = cfg.compute_dtype == "fp32"     # LoRA trains in fp32 itself: no 16-bit copy, no master, fp32 grads
     lora_bytes, grad_bytes = (4, 4) if fp32 else (2, 2 if z >= 1 or cfg.bf16_master else 2 + 4)
