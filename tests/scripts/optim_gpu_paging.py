@@ -92,8 +92,9 @@ def paging_demo():
     evicted = opt.page_manager.evict_to_host()           # the memory-pressure hook
     free1, _ = torch.cuda.mem_get_info()
     spike = torch.empty(spike_bytes // 4, device="cuda")  # the spike (e.g. a long sequence's activations)
-    spike.normal_()
-    spike_sum = spike.sum().item()
+    spike.fill_(1.0)
+    # every element of the spike was written and read back on the GPU (fp64 sum of ones: exact below 2^53)
+    spike_ok = int(spike.sum(dtype=torch.float64).item()) == spike.numel() == spike_bytes // 4
     del spike
     torch.cuda.empty_cache()
     for ps, o in ((paged, opt), (plain, ref)):
@@ -102,7 +103,9 @@ def paging_demo():
     torch.cuda.synchronize()
     s = opt.page_manager.stats
     return {"state_bytes": opt.page_manager.nbytes, "free_before": free0, "free_after_evict": free1,
-            "total": total, "spike_bytes": spike_bytes, "spike_ok": bool(spike_sum == spike_sum),
+            "total": total, "spike_bytes": spike_bytes, "spike_ok": spike_ok,
+            # eviction gave the GPU the state's pages back (managed pages on the device count as used)
+            "evict_freed_gpu_bytes": free1 - free0, "evict_freed_state": free1 - free0 >= 0.9 * opt.page_manager.nbytes,
             "bytes_to_host": s.bytes_to_host, "seconds_to_host": s.seconds_to_host, "evicted": evicted,
             "bytes_to_device": s.bytes_to_device, "seconds_to_device": s.seconds_to_device,
             "paged_equals_unpaged": all(torch.equal(a, b) for a, b in zip(paged, plain))}
@@ -127,8 +130,10 @@ def step_times(cls, paged: bool, steps=20):
 def main(out):
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    cuda_op()
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernel": check_kernel(),
+    op = cuda_op()
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "concurrent_managed_access": bool(op.concurrent_managed_access(torch.cuda.current_device())),
+           "kernel": check_kernel(),
            "paging": paging_demo()}
     res["step_s"] = {"PagedAdamW/paged": step_times(PagedAdamW, True),
                      "PagedAdamW/unpaged": step_times(PagedAdamW, False)}
