@@ -17,7 +17,7 @@ import sys
 import time
 
 BENCHMARKS = ("quant", "layer", "train", "memory", "quality")
-ON_REQUEST = ("scale",)      # not in ``all``: minutes to hours of CPU (``python -m bench scale``)
+ON_REQUEST = ("scale", "longctx", "packing")   # not in ``all``: minutes to hours of CPU (``python -m bench scale``)
 
 
 def _call(name: str, argv: list[str]) -> int:
