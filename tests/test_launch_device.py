@@ -1,7 +1,9 @@
 """generate / evaluate / merge run on the device they are given (``--device``, default the local GPU if any)
 in the compute dtype ``--dtype`` resolves (auto: by the device's facts, mocked at their single entry point).
 
-Runs on the test device (``pytest --device cuda``); on CPU by default."""
+Runs on the test device (``pytest --device cuda``); on CPU by default. Self-contained (a word-level tokenizer
+with a chat template and a tiny random Llama, written here), so it runs where the packaged SmolLM2 is not
+installed — the lent GPU machine."""
 from __future__ import annotations
 
 import importlib.util
@@ -27,18 +29,50 @@ def _script(name):
     return mod
 
 
+PAIRS = [("What is AI?", "A branch of computer science."), ("Hi there", "Hello, how are you?"),
+         ("Name a color", "Blue is a color."), ("Count to three", "One two three.")]
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
 @pytest.fixture(scope="module")
-def run_dir(tiny_run, tmp_path_factory):
+def tiny_ckpt(tmp_path_factory):
+    """A 2-layer random Llama (bf16) with a word-level tokenizer of PAIRS' words and a chat template; data file."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("dev_ckpt")
+    words = sorted({w for q, a in PAIRS for w in f"{q} {a}".split()})
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>",
+                                         "<|system|>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(str(root / "model"))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 bos_token_id=2, eos_token_id=3, pad_token_id=1)
+                     ).to(torch.bfloat16).save_pretrained(str(root / "model"))
+    data = root / "val.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "response": a}) + "\n" for q, a in PAIRS))
+    return {"model": str(root / "model"), "data": str(data)}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_ckpt, tmp_path_factory):
     """A finished QLoRA 'run' on the tiny checkpoint, its adapter's B random (so merging matters)."""
     run = tmp_path_factory.mktemp("dev_run")
-    model = from_pretrained(tiny_run["model"], QLoRAConfig(r=8, dropout=0.0, compute_dtype=torch.float32),
+    model = from_pretrained(tiny_ckpt["model"], QLoRAConfig(r=8, dropout=0.0, compute_dtype=torch.float32),
                             torch_dtype=torch.float32)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
     save_adapter(model, str(run / "adapter"))
-    (run / "run_config.json").write_text(json.dumps({"model": tiny_run["model"], "method": "qlora", "lora_r": 8}))
+    (run / "run_config.json").write_text(json.dumps({"model": tiny_ckpt["model"], "method": "qlora", "lora_r": 8}))
     return run
 
 
@@ -78,9 +112,9 @@ def test_generate_auto_device_and_dtype(run_dir, device, loaded, monkeypatch, ca
         assert {p.device.type for p in loaded[-1].parameters()} == {"cpu"}
 
 
-def test_evaluate_records_device_and_dtype(run_dir, tiny_run, device, loaded, tmp_path):
+def test_evaluate_records_device_and_dtype(run_dir, tiny_ckpt, device, loaded, tmp_path):
     out = tmp_path / "res.json"
-    assert _script("evaluate").main(["--run", str(run_dir), "--heldout", tiny_run["data"], "--max-len", "48",
+    assert _script("evaluate").main(["--run", str(run_dir), "--heldout", tiny_ckpt["data"], "--max-len", "48",
                                      "--device", str(device), "--dtype", "fp32", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["device"] == str(device) and res["dtype"] == "fp32" and res["heldout"]["tokens"] > 0
