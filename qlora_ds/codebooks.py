@@ -79,7 +79,7 @@ _BUILDERS: dict[str, Callable[[], torch.Tensor]] = {
     "udynamic.bounds": lambda: _midpoints(_dynamic(False)),
 }
 _cache: dict[tuple[str, torch.device], torch.Tensor] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # table() of a device takes the CPU table under it
 
 
 def _device(device) -> torch.device:
