@@ -29,10 +29,10 @@ log = logging.getLogger("finetune")
 RUN_CONFIG = "run_config.json"
 CKPT_DIR = "checkpoints"
 # options added later, and the behaviour of runs started before them (resume those with that value)
-BEFORE_OPTION_EXISTED = {"pad_to_multiple_of": 1, "dtype": "bf16"}
+BEFORE_OPTION_EXISTED = {"pad_to_multiple_of": 1, "dtype": "bf16", "packing": False}
 # arguments that may differ between a run and its resumption
 RESUMABLE_CHANGES = {"resume", "max_steps", "save_every", "eval_every", "sample_prompt", "overwrite", "local_rank",
-                     "log_every", "keep_checkpoints"}
+                     "log_every", "keep_checkpoints", "chunked_loss"}   # chunked: the same loss, computed leaner
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,6 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--log-every", type=int, default=1)
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
+    t.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="LM head + cross-entropy over token chunks, never the full [tokens, vocab] logits (default on)")
+    t.add_argument("--packing", action="store_true",
+                   help="pack whole training examples into --max-len rows (per-example positions, no cross-example "
+                        "attention, no padding); held-out evaluation stays unpacked")
     t.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
     t.add_argument("--train-on-prompt", action="store_true", help="also train on prompt tokens")
     t.add_argument("--nan-policy", choices=["skip", "stop"], default="stop",
@@ -221,6 +226,11 @@ def build_data(args, tokenizer, model_config, rank: int, world: int, micro: int)
     n_eval = min(args.eval_size, len(examples) // 10)
     eval_ex = [examples[i] for i in order[:n_eval]]
     train_ex = [examples[i] for i in order[n_eval:]]
+    if args.packing:
+        from qlora_ds.data.packing import check_packing_supported, pack_examples
+
+        check_packing_supported(model_config)
+        train_ex = pack_examples(train_ex, args.max_len)
     batches = GroupByLengthBatches([e["input_ids"].numel() for e in train_ex], micro, world, rank, args.seed,
                                    group_by_length=args.group_by_length)
     return train_ex, eval_ex[rank::world], batches
@@ -254,7 +264,8 @@ def planner_check(args, model_config, ds_config: dict, world: int, runtime: int,
                              seq_len=widest, lora_r=args.lora_r, lora_dropout=args.lora_dropout,
                              targets=args.target_modules, grad_ckpt=args.grad_ckpt, method=args.method,
                              bits=args.bits, group_size=args.group_size, double_quant=args.double_quant,
-                             runtime_bytes=0 if cuda else int(runtime), pad_multiple=args.pad_to_multiple_of)
+                             runtime_bytes=0 if cuda else int(runtime), pad_multiple=args.pad_to_multiple_of,
+                             chunked_loss=args.chunked_loss)
     except QLoRADSError as err:
         log.info("memory planner: not compared (%s)", err)
         return None
@@ -270,12 +281,13 @@ def _all_mean(values: list[float]) -> list[float]:
 
 
 def evaluate(engine, examples, pad_id: int, batch_size: int, pad_multiple: int = 1,
-             max_width: int | None = None) -> tuple[float, int]:
+             max_width: int | None = None, chunked: bool = True) -> tuple[float, int]:
     """Token-weighted held-out loss over all ranks' shards, in micro batches (the size that fits in
     training), and the widest batch it ran."""
     import torch.distributed as dist
 
     from qlora_ds.data import collate
+    from qlora_ds.loss import causal_lm_loss
 
     engine.eval()
     total, widest = torch.zeros(2, dtype=torch.float64), 0
@@ -285,8 +297,8 @@ def evaluate(engine, examples, pad_id: int, batch_size: int, pad_multiple: int =
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             widest = max(widest, batch["input_ids"].shape[1])
             n = int((batch["labels"][:, 1:] != -100).sum())
-            out = engine(**batch)
-            total += torch.tensor([out.loss.float().item() * n, n], dtype=torch.float64)
+            loss = causal_lm_loss(engine, batch, chunked=chunked)
+            total += torch.tensor([loss.float().item() * n, n], dtype=torch.float64)
     dist.all_reduce(total)
     engine.train()
     return (total[0] / total[1].clamp(min=1)).item(), widest
@@ -314,7 +326,10 @@ def train(args) -> dict:
     from qlora_ds import checkpointing, faults
     from qlora_ds.atomic import atomic_write_text
     from qlora_ds.data import collate
+    from qlora_ds.data.batching import batch_tokens
+    from qlora_ds.data.packing import collate_packed
     from qlora_ds.distributed import init_distributed, shutdown
+    from qlora_ds.loss import causal_lm_loss
     from qlora_ds.inject import from_pretrained
     from qlora_ds.inject.zero import save_adapter
     from qlora_ds.memstats import rss
@@ -385,7 +400,7 @@ def train(args) -> dict:
     widest = 0                 # the widest batch met, for the planner check at the end
     if step == 0 and eval_ex:  # the baseline the curve is judged against
         eval_loss, widest = evaluate(engine, eval_ex, tokenizer.pad_token_id, micro, args.pad_to_multiple_of,
-                                     args.max_len)
+                                     args.max_len, chunked=args.chunked_loss)
         if rank == 0:
             metrics.log(step=0, eval_loss=eval_loss)
             log.info("held-out loss before training: %.4f", eval_loss)
@@ -396,12 +411,12 @@ def train(args) -> dict:
     while step < args.max_steps:
         epoch, index = divmod(micro_step, per_epoch)
         batch_idx = batches.epoch(epoch)[index]
-        batch = collate([train_ex[i] for i in batch_idx], tokenizer.pad_token_id, args.pad_to_multiple_of, args.max_len)
+        batch = (collate_packed if args.packing else collate)([train_ex[i] for i in batch_idx], tokenizer.pad_token_id, args.pad_to_multiple_of, args.max_len)
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         widest = max(widest, batch["input_ids"].shape[1])
         torch.manual_seed(args.seed * 1_000_003 + micro_step * world + rank)  # dropout: same on resume
         faults.inject("raise_at_step", step + 1)
-        loss = engine(**batch).loss
+        loss = causal_lm_loss(engine, batch, chunked=args.chunked_loss)
         if faults.triggered("nan_loss_at_micro_step", micro_step):
             loss = loss * float("nan")
         bad = _all_mean([0.0 if torch.isfinite(loss).item() else 1.0])[0] > 0
@@ -416,7 +431,7 @@ def train(args) -> dict:
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-        tokens += int(batch["attention_mask"].sum())
+        tokens += batch_tokens(batch, tokenizer.pad_token_id)
         if len(losses) < accum:  # counts only micro-batches that stepped, as DeepSpeed's own boundary does
             continue
         step += 1
@@ -434,7 +449,7 @@ def train(args) -> dict:
         bar.update(1)
         if eval_ex and (step % args.eval_every == 0 or step == args.max_steps):
             eval_loss, eval_widest = evaluate(engine, eval_ex, tokenizer.pad_token_id, micro, args.pad_to_multiple_of,
-                                              args.max_len)
+                                              args.max_len, chunked=args.chunked_loss)
             widest = max(widest, eval_widest)
             if rank == 0:
                 metrics.log(step=step, eval_loss=eval_loss)
