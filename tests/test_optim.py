@@ -567,3 +567,21 @@ def test_8bit_step_extra_memory_is_bounded():
     bound = 2 << 20
     assert extra["fused"] <= bound and extra["chunked"] <= bound, extra
     assert extra["unfused"] >= 6 * numel, extra  # the control: full fp32 m and v (8 B/param) are seen
+
+
+@pytest.mark.cuda
+def test_cuda_ops_refuse_tensors_on_two_devices():
+    """Every CUDA op checks that its tensors share one GPU (needs two; on one GPU a CPU tensor is refused instead).
+    CPU side: the bindings' syntax test above compiles these checks."""
+    from qlora_ds.ops.builder import load_op
+
+    op, quant = _op.paged_op("cuda"), load_op("quant", "cuda")
+    other = "cuda:1" if torch.cuda.device_count() > 1 else "cpu"
+    match = "one device" if other != "cpu" else "CUDA tensor"
+    p, g, m, v = (torch.zeros(64, device="cuda:0") for _ in range(4))
+    with pytest.raises(RuntimeError, match=match):
+        op.adamw_step(p, g, m, v.to(other), 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    with pytest.raises(RuntimeError, match=match):
+        quant.dequantize_8bit_blockwise(torch.zeros(64, dtype=torch.uint8, device="cuda:0"),
+                                        torch.ones(1, device="cuda:0"), torch.zeros(256, device=other), 64, 0.0,
+                                        torch.empty(64, device="cuda:0"))
