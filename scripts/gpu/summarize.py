@@ -118,8 +118,8 @@ def main(argv=None) -> int:
             env = json.load(fh)
     rows = _jsonl(os.path.join(args.results, "rows.jsonl"))
     lines = header(env, args.elapsed) + steps_table(_jsonl(os.path.join(args.results, "steps.jsonl")))
-    lines += headline_table([r for r in rows if r.get("bench") == "headline"]) + bench_tables(rows)
-    lines += paging_lines(args.results)
+    lines += bench_tables(rows) + paging_lines(args.results)
+    lines += headline_table([r for r in rows if r.get("bench") == "headline"])   # last: the reply's output tail
     print("\n".join(lines))
     return 0
 
