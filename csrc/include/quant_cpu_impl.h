@@ -33,12 +33,15 @@ void quantize_4bit_impl(const T* x, int64_t n, const float* bounds, const uint8_
 void quantize_8bit_impl(const float* x, int64_t n, const float* bounds8, int64_t bs, uint8_t* q, float* absmax) {
   const Quant8Job job{x, n, bs, bounds8, q, absmax};
   const Isa isa = qlora_ds_cpu::active_isa();
+  // Double quant sees n/64 absmax values (262K for a 4096^2 weight: ~1 ms on one core with AVX2): not worth a
+  // fork/join, which on a loaded 2-core box can wait a whole time slice for the second thread.
+  const int64_t grain_elems = isa == Isa::kScalar ? int64_t{1} << 15 : int64_t{1} << 19;
   for_ranges((n + bs - 1) / bs, bs, [&](int64_t b0, int64_t b1) {
 #if QLORA_DS_X86
     if (isa != Isa::kScalar) return quant8_blocks_avx2(job, b0, b1);
 #endif
     for (int64_t b = b0; b < b1; ++b) quant8_block_scalar(job, b);
-  });
+  }, grain_elems);
 }
 
 void dequantize_8bit_impl(const uint8_t* q, const float* absmax, const float* code8, int64_t bs, float off,

@@ -25,10 +25,10 @@ inline float to_f32(c10::Half v) { return static_cast<float>(v); }
 
 // Parallel over ranges of blocks on torch's own thread pool (at::parallel_for, OpenMP inside torch): a second
 // OpenMP runtime in the process would fight torch's spinning threads on small machines. Each task gets
-// about 32K elements, so small tensors run inline on the calling thread with no fork/join cost.
+// about `grain_elems` elements (32K), so small tensors run inline on the calling thread with no fork/join cost.
 template <typename F>
-void for_ranges(int64_t nblocks, int64_t bs, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(bs, 1));
+void for_ranges(int64_t nblocks, int64_t bs, const F& f, int64_t grain_elems = int64_t{1} << 15) {
+  const int64_t grain = std::max<int64_t>(1, grain_elems / std::max<int64_t>(bs, 1));
   at::parallel_for(0, nblocks, grain, f);
 }
 
