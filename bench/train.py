@@ -69,7 +69,10 @@ def _run_variant(variant: str, args, out: str) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed), "--optim", args.optim]
     if args.no_ckpt:
         cmd.append("--no-ckpt")
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:     # a row saying so, and the next variant runs
+        return {"variant": variant, "error": f"timed out after {args.timeout:g} s (--timeout)", "stderr_tail": ""}
     if proc.returncode != 0 or not os.path.exists(out):
         tail = (proc.stderr or proc.stdout)[-1500:]
         return {"variant": variant, "error": f"exit {proc.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}",
