@@ -158,8 +158,8 @@ def run(args) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GiB / torch.cuda.get_device_properties(
             device).total_memory), device)
         row.update(gpu=torch.cuda.get_device_name(device), capability=list(torch.cuda.get_device_capability(device)),
-                   cuda=torch.version.cuda, gpu_total_gib=round(torch.cuda.get_device_properties(device).total_memory
-                                                                 / GiB, 1))
+                   cuda=torch.version.cuda, driver=_driver(), gpu_total_gib=round(
+                       torch.cuda.get_device_properties(device).total_memory / GiB, 1))
     from qlora_ds import ops
     row["quant_backend"] = ops.backend(device)
     writer = RowWriter("headline", device, args.results_dir)
@@ -213,6 +213,16 @@ def run(args) -> dict:
     writer.write(**row)
     print(summary_line(row), flush=True)
     return row
+
+
+def _driver() -> str | None:
+    import subprocess
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        return out.splitlines()[0] if out else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _sync(device) -> None:
