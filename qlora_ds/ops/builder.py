@@ -62,20 +62,16 @@ class _OurSources:
         return [str(CSRC / "include")]
 
 
-# What DeepSpeed's CPUOpBuilder adds for the build machine's CPU (cpu_arch(), simd_width()).
-_HOST_SPECIFIC = ("-march=", "-mcpu=", "-mtune=", "-D__AVX512__", "-D__AVX256__", "-D__SVE__", "-D__NEON__",
-                  "-D__SCALAR__")
-
-
 class _CPUBuilder(_OurSources, CPUOpBuilder):
     # True: build for the architecture's baseline, not -march=native, so that a prebuilt op runs on any CPU of
     # that architecture; such an op picks its SIMD path at run time (csrc/include/quant_cpu_isa.h).
     PORTABLE = False
 
     def cxx_args(self):
-        args = [a for a in super().cxx_args() if "fast-math" not in a and a != "-g"]
-        if self.PORTABLE:
-            args = [a for a in args if not a.startswith(_HOST_SPECIFIC)]
+        if self.PORTABLE:  # CPUOpBuilder's args less the host-specific ones, without its two py-cpuinfo probes
+            args = ["-O3", "-Wno-reorder", "-fopenmp"]  # (subprocesses of ~1-2 s each, run on every JIT load)
+        else:
+            args = [a for a in super().cxx_args() if "fast-math" not in a and a != "-g"]
         return args + [a for a in _EXACT_CXX if a not in args]
 
     def extra_ldflags(self):
