@@ -9,8 +9,9 @@ LM head, non-reentrant checkpointing, torch AdamW, random tokens all labelled (n
 help from response-only labels), in the machine's compute dtype (``qlora_ds.hardware.resolve_dtype("auto")``):
 ``ours`` (``qlora_ds.from_pretrained`` NF4 + DQ, ``qlora_ds.loss.causal_lm_loss``), ``ours-full-logits`` (the same
 model, the model's own loss) and ``bnb-peft`` (BitsAndBytesConfig NF4 + DQ + PEFT LoRA, the model's own loss).
-``peak_step``: the RSS high-water mark over the timed steps (reset after warm-up; CUDA: max allocated), minus the
-RSS before them. The planner's peak for the same setting is printed beside ours.
+``peak_step``: the RSS high-water mark over the timed steps (reset after warm-up; CUDA: max allocated);
+``peak_step_over_loaded``: that minus the memory held right after loading. The planner's transient terms
+(activations + logits/loss) for the same setting are printed beside ours.
 """
 from __future__ import annotations
 
@@ -82,15 +83,18 @@ def worker(args) -> dict:
             raise RuntimeError(f"loss {loss.item()}")
         return time.perf_counter() - t0
 
+    loaded = tl.rss() if device.type == "cpu" else torch.cuda.memory_allocated()
     step()                                       # warm-up: kernels, optimizer state
     before = tl.rss() if device.type == "cpu" else torch.cuda.memory_allocated()
     tl.reset_peak()
     times = [step() for _ in range(args.steps)]
     peak = tl.peak_rss() if device.type == "cpu" else tl.cuda_peak()
+    # peak_step: the high-water mark during the timed steps, absolute; peak_step_over_loaded: minus the memory
+    # held once the model was loaded (the step's own activations, logits, optimizer state, allocator slack)
     return {"variant": args.worker, "seq": args.seq, "dtype": str(dtype).replace("torch.", ""),
-            "step_s": statistics.median(times), "step_s_all": times, "peak_step": peak - before,
-            "peak_kind": "rss_hwm_minus_before" if device.type == "cpu" else "cuda_max_allocated_minus_before",
-            "rss_before": before, "device": device.type}
+            "step_s": statistics.median(times), "step_s_all": times, "peak_step": peak,
+            "peak_step_over_loaded": peak - loaded, "rss_after_load": loaded, "rss_before": before,
+            "peak_kind": "rss_hwm" if device.type == "cpu" else "cuda_max_allocated", "device": device.type}
 
 
 def run_variant(variant: str, model: str, seq: int, steps: int, timeout: float) -> dict:
@@ -173,8 +177,10 @@ def main(argv=None) -> int:
                 s *= 2
     table = [[r["variant"], r["seq"], r.get("dtype", ""), f"{r['step_s']:.2f}" if "step_s" in r else r.get("error"),
               f"{r['peak_step'] / MiB:.0f}" if "peak_step" in r else "",
+              f"{r['peak_step_over_loaded'] / MiB:.0f}" if "peak_step_over_loaded" in r else "",
               f"{r['planned_peak'] / MiB:.0f}" if r.get("planned_peak") else ""] for r in rows]
-    print(format_table(["variant", "seq", "dtype", "step s", "peak step MiB", "planned MiB"], table))
+    print(format_table(["variant", "seq", "dtype", "step s", "peak step MiB", "over loaded MiB",
+                        "planned transient MiB"], table))
     return 0
 
 

@@ -17,6 +17,8 @@ device to read it.
 """
 from __future__ import annotations
 
+import os
+import threading
 from math import prod
 
 import torch
@@ -42,6 +44,45 @@ def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
 
 def clear_workspaces() -> None:
     _workspaces.clear()
+    _kept.clear()
+
+
+# ---- dequantized weights kept from forward to backward (a bounded pool)
+# A forward that will be differentiated dequantizes into a pooled buffer and saves it for backward, which then
+# needs no second dequantization. Buffers are reused once no saved tensor refers to them (their storage's use
+# count is back to the pool's own), so the pool stays at the few layers alive between a forward and its backward
+# (one decoder layer under checkpointing: the first, discarded pass frees its buffer at once). It never grows past
+# KEEP_LIMIT bytes (the planner's ``dequant_keep``); past that, backward dequantizes again as before.
+KEEP_LIMIT = int(float(os.environ.get("QLORA_DS_KEEP_DEQUANT_MB", "256")) * (1 << 20))
+_kept: list[tuple[torch.Tensor, int]] = []          # (buffer, its storage use count when free)
+_recording = threading.local()                      # set by NF4LinearFunction.apply around its forward
+_recording.on = False
+
+
+def set_keep_limit(nbytes: int) -> None:
+    """Bytes the kept-weight pool may hold (0 turns keeping off); buffers above the limit are dropped."""
+    global KEEP_LIMIT
+    KEEP_LIMIT = max(0, int(nbytes))
+    while _kept and sum(b.numel() * b.element_size() for b, _ in _kept) > KEEP_LIMIT:
+        _kept.pop()
+
+
+def _uses(buf: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(buf.untyped_storage()._cdata)
+
+
+def kept_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """A free pooled buffer of ``numel`` elements (allocated within KEEP_LIMIT if none is free), or None."""
+    device = torch.device(device)
+    for buf, free in _kept:
+        if buf.dtype == dtype and buf.device == device and buf.numel() >= numel and _uses(buf) == free:
+            return buf[:numel]
+    size = numel * torch.empty((), dtype=dtype).element_size()
+    if sum(b.numel() * b.element_size() for b, _ in _kept) + size > KEEP_LIMIT:
+        return None
+    buf = torch.empty(numel, dtype=dtype, device=device)
+    _kept.append((buf, _uses(buf)))
+    return buf[:numel]
 
 
 def dequantize_nf4_parts(packed, absmax, absmax2, offset, meta, dtype, out=None) -> torch.Tensor:
@@ -62,26 +103,39 @@ def _bias_grad(grad_out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 class NF4LinearFunction(torch.autograd.Function):
     """y = x · deq(W)ᵀ + b for a blockwise 4-bit W (with or without double quantization).
-    ``offset``: the double-quant offset as a python float (None without double quantization)."""
+    ``offset``: the double-quant offset as a python float (None without double quantization).
+    When the call is recorded for backward, the dequantized weight is kept for it if the pool has room."""
+
+    @classmethod
+    def apply(cls, *args):
+        # forward runs with grad mode off and needs_input_grad ignores no_grad: note whether this call records
+        _recording.on = torch.is_grad_enabled()
+        try:
+            return super().apply(*args)
+        finally:
+            _recording.on = False
 
     @staticmethod
     def forward(ctx, x, packed, absmax, absmax2, offset, bias, meta, guard=None):
+        n = prod(meta[0])
+        keep = kept_buffer(n, x.dtype, x.device) if ctx.needs_input_grad[0] and _recording.on else None
         w = dequantize_nf4_parts(packed, absmax, absmax2, offset, meta, x.dtype,
-                                 workspace(prod(meta[0]), x.dtype, x.device))
+                                 keep if keep is not None else workspace(n, x.dtype, x.device))
         if guard is not None:
             guards.check(w, guard, "dequantized weight")
         y = F.linear(x, w, bias)
         ctx.meta, ctx.offset = meta, offset
-        ctx.save_for_backward(packed, absmax, absmax2, bias)
+        ctx.save_for_backward(packed, absmax, absmax2, bias, w if keep is not None else None)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        packed, absmax, absmax2, bias = ctx.saved_tensors
+        packed, absmax, absmax2, bias, w = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = dequantize_nf4_parts(packed, absmax, absmax2, ctx.offset, ctx.meta, grad_out.dtype,
-                                     workspace(prod(ctx.meta[0]), grad_out.dtype, grad_out.device))
+            if w is None or w.dtype != grad_out.dtype:
+                w = dequantize_nf4_parts(packed, absmax, absmax2, ctx.offset, ctx.meta, grad_out.dtype,
+                                         workspace(prod(ctx.meta[0]), grad_out.dtype, grad_out.device))
             grad_x = grad_out.matmul(w)
         if bias is not None and ctx.needs_input_grad[5]:
             grad_bias = _bias_grad(grad_out, bias)

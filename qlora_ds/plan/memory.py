@@ -94,6 +94,7 @@ class PlanConfig:
     compute_dtype: str = "bf16"          # bf16 | fp16 | fp32: activations, embeddings and (fp32) LoRA bytes
     pad_multiple: int = 16               # batch widths are rounded up to this (CPU shape cache)
     chunked_loss: bool = False           # LM head + CE over token chunks (qlora_ds.loss): see chunked_loss_bytes
+    keep_dequant_bytes: int = 256 * MiB  # qlora_ds.nn.functional.KEEP_LIMIT: NF4 weights kept from forward to backward
     persistence_threshold: int = 100_000  # ZeRO-3: tensors this small stay gathered (DeepSpeed default)
     max_live_parameters: int = 1_000_000_000
     max_reuse_distance: int = 1_000_000_000
@@ -335,6 +336,12 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
     if cfg.base_bits < 16:
         items.append(Item("dequant_workspace", largest * cfg.elem, phase="backward",
                           note=f"largest linear in {cfg.compute_dtype}"))
+    if cfg.base_bits < 16 and cfg.quant == "nf4" and cfg.keep_dequant_bytes:
+        # the kept-weight pool holds the layers alive between a forward and its backward: one decoder layer under
+        # checkpointing (the recomputed one), else all of them, never more than its limit; it stays allocated
+        per_layer = s.linear_params_per_layer * cfg.elem
+        items.append(Item("dequant_keep", min(cfg.keep_dequant_bytes, per_layer * (1 if cfg.grad_ckpt else s.layers)),
+                          phase="backward", note="dequantized weights kept for backward (bounded pool)"))
     if z >= 3 and n > 1:
         layer = s.linear_params_per_layer * cfg.base_bits_per_param / 8 + lora_params(
             s, cfg.lora_r, cfg.lora_targets) / s.layers * (4 if fp32 else 2)
