@@ -99,6 +99,20 @@ def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
             "next_token_agree": f"{agree}/{len(ref)}"}
 
 
+def check_gptq_args(args, source) -> None:
+    """GPTQ deployment needs calibration data for QLoRA and none for QA-LoRA (which merges exactly)."""
+    from qlora_ds.eval.runs import layer_config
+    from qlora_ds.nn.config import QLoRAConfig
+
+    qlora = isinstance(layer_config(source), QLoRAConfig)
+    if args.format == "gptq" and qlora and not args.calibration:
+        raise QLoRADSError("--format gptq of a QLoRA adapter quantizes the merged model with GPTQ, which needs "
+                           "calibration data: pass --calibration data.jsonl (e.g. the training set)")
+    if args.calibration and not (args.format == "gptq" and qlora):
+        raise QLoRADSError("--calibration is for --format gptq of a QLoRA adapter; a QA-LoRA adapter merges exactly "
+                           "into its INT-N base and needs none")
+
+
 def calibration_ids(args, tokenizer) -> list[torch.Tensor]:
     from qlora_ds.data import load_records, tokenize_records
 
@@ -123,6 +137,7 @@ def merge(args) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     check_out_dir(args.out)                     # before any expensive work
+    check_gptq_args(args, source)
     base_dtype = getattr(AutoConfig.from_pretrained(source.model), "dtype", None) or torch.bfloat16
     base_dtype = getattr(torch, base_dtype) if isinstance(base_dtype, str) else base_dtype
     tokenizer = load_tokenizer(source.model)
@@ -135,9 +150,6 @@ def merge(args) -> dict:
     qlora_paths = [p for p, m in model.named_modules() if type(m).__name__ == "QLoRALinear"]
     meta = {"base_model": os.path.abspath(source.model), "adapter": os.path.abspath(source.adapter)}
     if args.format == "gptq" and qlora_paths:
-        if not args.calibration:
-            raise QLoRADSError("--format gptq of a QLoRA adapter quantizes the merged model with GPTQ, which needs "
-                               "calibration data: pass --calibration data.jsonl (e.g. the training set)")
         from qlora_ds.adapters.merge import quantize_gptq
         merge_model(model, dtype=torch.float32)
         meta.update(quantize_gptq(model, calibration_ids(args, tokenizer), qlora_paths, args.gptq_bits,
@@ -145,9 +157,6 @@ def merge(args) -> dict:
         if args.verify:
             meta["gptq_vs_adapter"] = compare(ref, gptq_ref := logits_of(model, ids))
             ref = gptq_ref
-    elif args.calibration:
-        raise QLoRADSError("--calibration is for --format gptq of a QLoRA adapter; a QA-LoRA adapter merges exactly "
-                           "into its INT-N base and needs none")
     else:
         merge_model(model, dtype=torch.bfloat16)
     report = export_merged(model, args.out, args.format, tokenizer_dir=source.model,
