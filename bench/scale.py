@@ -274,6 +274,56 @@ def table(rows: list[dict]) -> str:
                          "RSS after load MiB", "note"], out)
 
 
+def largest_bf16_tensor(name: str) -> int:
+    return 2 * max(_numel(s) for _, s in tensors(SHAPES[name]))
+
+
+def goals(rows: list[dict]) -> str:
+    """Per model: the issue's load goals (peak above the pre-load RSS <= loaded model + 2 x the largest bf16
+    tensor + 300 MiB; load time <= 0.5 x transformers + bnb), ZeRO-3 share, ours vs bnb step."""
+    by = {(r["model"], r["impl"], r["what"]): r for r in rows if r.get("status") == "ok"}
+    out = []
+    for m in sorted({r["model"] for r in rows}, key=lambda m: n_params(SHAPES[m])):
+        ol, bl, z = by.get((m, "ours", "load")), by.get((m, "bnb", "load")), by.get((m, "ours", "zero3_load"))
+        os_, bs = by.get((m, "ours", "step")), by.get((m, "bnb", "step"))
+        cell = ["-"] * 6
+        if ol:
+            used, bound = ol["peak_load"] - ol["rss_before"], ol["model_bytes"] + 2 * largest_bf16_tensor(m) + 300 * MiB
+            cell[0] = f"{used / MiB:.0f} <= {bound / MiB:.0f} {'yes' if used <= bound else 'NO'}"
+        if ol and bl:
+            cell[1] = f"{ol['load_s'] / bl['load_s']:.2f}"
+            cell[2] = f"{(ol['peak_load'] - ol['rss_before']) / (bl['peak_load'] - bl['rss_before']):.2f}"
+        if z:
+            share = max(k["quantized_local"] / k["quantized_full"] for k in z["ranks"])
+            cell[3] = f"{share:.3f} {'yes' if share <= 0.525 else 'NO'}"
+            cell[4] = f"{max(k['peak_load'] - k['rss_before'] for k in z['ranks']) / MiB:.0f}"
+        if os_ and bs:
+            cell[5] = f"{os_['step_s'][-1] / bs['step_s'][-1]:.2f} / {os_['peak_step'] / bs['peak_step']:.2f}"
+        out.append([m, SHAPES[m]["_source"], f"{n_params(SHAPES[m]) / 1e9:.2f}", *cell])
+    return format_table(["model", "shape of", "B params", "load peak - pre-load MiB <= bound", "load time ours/bnb",
+                         "load peak ours/bnb (above pre-load)", "ZeRO-3 x2 packed share held <= 0.525",
+                         "ZeRO-3 rank load peak - pre-load MiB", "step time / peak ours/bnb"], out)
+
+
+def planner_table(rows: list[dict]) -> str:
+    from qlora_ds.plan.host import CALIBRATION_MODEL
+    out = []
+    for r in sorted(map(with_plan, rows), key=lambda r: (n_params(SHAPES[r["model"]]), r["what"])):
+        if r["impl"] != "ours" or r.get("status") != "ok":
+            continue
+        if r["what"] == "zero3_load":
+            pairs = [("ZeRO-3 x2 load, rank max", max(k["peak_load"] for k in r["ranks"]), r["planned_peak_load"])]
+        elif r["what"] == "load":
+            pairs = [("load bf16", r["peak_load"], r["planned_peak_load"])]
+        else:
+            pairs = [(f"load {r['compute_dtype']}", r["peak_load"], r["planned_peak_load"]),
+                     (f"step {r['compute_dtype']} seq {r['seq']}", r["peak_step"], r["planned_peak_step"])]
+        for what, meas, plan in pairs:
+            out.append([r["model"], "calibration" if r["model"] == CALIBRATION_MODEL else "validation", what,
+                        f"{meas / MiB:.0f}", f"{plan / MiB:.0f}", f"{plan / meas:.3f}"])
+    return format_table(["model", "role", "peak RSS of", "measured MiB", "planned MiB", "planned/measured"], out)
+
+
 def plot(rows: list[dict], png: Path) -> None:
     rows = [with_plan(r) for r in rows]
     import matplotlib
@@ -341,11 +391,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=None, help="step sequence length (default 256; 128 with --quick)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per measurement; past it: 'timeout'")
     ap.add_argument("--plot", action="store_true", help="only redraw bench/results/scale.png from scale.jsonl")
+    ap.add_argument("--report", action="store_true", help="only print the tables of the latest rows in scale.jsonl")
     args = ap.parse_args(argv)
     out_dir = results_dir()
     name = "scale-quick" if args.quick else "scale"
-    if args.plot:
-        plot(load_rows(out_dir / f"{name}.jsonl"), out_dir / f"{name}.png")
+    if args.plot or args.report:
+        rows = load_rows(out_dir / f"{name}.jsonl")
+        if args.plot:
+            plot(rows, out_dir / f"{name}.png")
+        if args.report:
+            print(table(rows), goals(rows), planner_table(rows), sep="\n\n")
         return 0
     from qlora_ds.hardware import resolve_dtype
     dt = resolve_dtype(args.dtype, torch.device("cpu"))
@@ -394,7 +449,7 @@ def main(argv=None) -> int:
                 rows.append(writer.rows[-1])
                 print(table([rows[-1]]).splitlines()[-1], flush=True)
     print(f"\n{name}: {len(rows)} measurements in {time.perf_counter() - t_all:.0f} s")
-    print(table(rows))
+    print(table(rows), goals(rows), planner_table(rows), sep="\n\n")
     if not args.quick:
         plot(load_rows(writer.path), out_dir / "scale.png")
     print(f"rows appended to {writer.path}")
