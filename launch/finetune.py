@@ -58,12 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lora-dropout", type=float, default=0.1)
     g.add_argument("--target-modules", nargs="*", default=None, help="leaf names; default: all linear but lm_head")
     t = p.add_argument_group("training (Guanaco defaults, design notes §4)")
-    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--lr", type=float, default=None, help="default: the ds_config optimizer's lr, else 2e-4")
     t.add_argument("--warmup-ratio", type=float, default=0.03)
     t.add_argument("--max-grad-norm", type=float, default=None, help="default: ds_config gradient_clipping or 0.3")
-    t.add_argument("--adam-beta2", type=float, default=0.999)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--optimizer", default="PagedAdamW", help="PagedAdamW | PagedAdamW8bit | AdamW8bit")
+    t.add_argument("--adam-beta2", type=float, default=None, help="default: the ds_config optimizer's, else 0.999")
+    t.add_argument("--weight-decay", type=float, default=None, help="default: the ds_config optimizer's, else 0")
+    t.add_argument("--optimizer", default=None,
+                   help="PagedAdamW | PagedAdamW8bit | AdamW8bit (default: the ds_config's optimizer, else PagedAdamW)")
     t.add_argument("--micro-batch", type=int, default=None, help="per-rank micro batch (default: ds_config or 1)")
     t.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation (default: ds_config or 16)")
     t.add_argument("--max-steps", type=int, default=100)
@@ -166,6 +167,7 @@ def resolve_ds_config(args, world: int, device: torch.device | None = None) -> d
                            f"gradient accumulation {accum} × {world} ranks = {total}; fix one of them")
     cfg["train_batch_size"] = total
     merge("gradient_clipping", args.max_grad_norm, 0.3)
+    fold_optimizer(cfg, args)
     device = resolve_device("auto") if device is None else torch.device(device)
     dtype = resolve_dtype(args.dtype, device)
     fold_ds_precision(cfg, dtype, args.dtype)
@@ -173,6 +175,37 @@ def resolve_ds_config(args, world: int, device: torch.device | None = None) -> d
     cfg.setdefault("steps_per_print", 10 ** 9)  # progress is ours (tqdm)
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
+
+
+OPTIMIZER_DEFAULTS = {"optimizer": "PagedAdamW", "lr": 2e-4, "adam_beta2": 0.999, "weight_decay": 0.0}
+
+
+def fold_optimizer(cfg: dict, args) -> None:
+    """``--optimizer/--lr/--adam-beta2/--weight-decay`` and the ds_config's ``optimizer`` section made one: a flag
+    given (on the command line or in the recipe) must agree with the section, else an error naming both; what is
+    missing on one side comes from the other (then the defaults). ``args`` is set to what will run, so
+    run_config.json records it."""
+    section = cfg.get("optimizer")
+    if section is not None and not (isinstance(section, dict) and isinstance(section.get("type"), str)):
+        raise QLoRADSError(f"ds_config optimizer={section!r} must be an object with a \"type\" and \"params\"")
+    params = dict((section or {}).get("params") or {})
+    betas = params.get("betas")
+    theirs = {"optimizer": (section or {}).get("type"), "lr": params.get("lr"),
+              "adam_beta2": betas[1] if isinstance(betas, (list, tuple)) and len(betas) == 2 else None,
+              "weight_decay": params.get("weight_decay")}
+    same = lambda key, a, b: a.lower() == b.lower() if key == "optimizer" else float(a) == float(b)  # noqa: E731
+    bad = [f"--{k.replace('_', '-')} {getattr(args, k)} vs ds_config {v}" for k, v in theirs.items()
+           if getattr(args, k) is not None and v is not None and not same(k, getattr(args, k), v)]
+    if bad:
+        raise QLoRADSError(f"the command line (or recipe) and the ds_config's optimizer section disagree "
+                           f"({'; '.join(bad)}); set each in one place only")
+    for key, default in OPTIMIZER_DEFAULTS.items():
+        value = theirs[key] if theirs[key] is not None else getattr(args, key)
+        setattr(args, key, default if value is None else value)
+    params.update(lr=args.lr, betas=[betas[0] if theirs["adam_beta2"] is not None else 0.9, args.adam_beta2],
+                  weight_decay=args.weight_decay)
+    params.setdefault("eps", 1e-8)
+    cfg["optimizer"] = {**(section or {}), "type": args.optimizer, "params": params}
 
 
 def check_output_dir(args, rank: int) -> str | None:
@@ -289,22 +322,32 @@ def evaluate(engine, examples, pad_id: int, batch_size: int, pad_multiple: int =
     from qlora_ds.data import collate
     from qlora_ds.loss import causal_lm_loss
 
+    # Under ZeRO-3 every forward gathers parameters collectively: every rank runs as many forwards as the rank
+    # with the most batches, shorter (or empty) shards padding with a fully masked batch that counts nothing.
+    count = torch.tensor([-(-len(examples) // batch_size)], dtype=torch.int64)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    filler = [{"input_ids": torch.tensor([pad_id]), "labels": torch.tensor([-100])}]
     engine.eval()
     total, widest = torch.zeros(2, dtype=torch.float64), 0
     with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            batch = collate(examples[i:i + batch_size], pad_id, pad_multiple, max_width)
+        for i in range(0, int(count) * batch_size, batch_size):
+            chunk = examples[i:i + batch_size]
+            batch = collate(chunk or filler, pad_id, pad_multiple, max_width)
             batch = {k: v.to(engine.device) for k, v in batch.items()}
-            widest = max(widest, batch["input_ids"].shape[1])
             n = int((batch["labels"][:, 1:] != -100).sum())
             loss = causal_lm_loss(engine, batch, chunked=chunked)
-            total += torch.tensor([loss.float().item() * n, n], dtype=torch.float64)
+            if chunk:
+                widest = max(widest, batch["input_ids"].shape[1])
+            if n:
+                total += torch.tensor([loss.float().item() * n, n], dtype=torch.float64)
     dist.all_reduce(total)
     engine.train()
     return (total[0] / total[1].clamp(min=1)).item(), widest
 
 
-def sample(model, tokenizer, prompt: str, device) -> str:
+def sample(model, tokenizer, prompt: str, device, synced: bool = False) -> str:
+    """Greedy 40-token answer to ``prompt``. ``synced``: every rank calls this and decodes in step (ZeRO-3, where
+    each forward gathers the partitioned weights)."""
     msgs = [{"role": "user", "content": prompt}]
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -314,28 +357,40 @@ def sample(model, tokenizer, prompt: str, device) -> str:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(**ids, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             synced_gpus=synced)
     model.train(was_training)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def train(args) -> dict:
-    import deepspeed
-    from transformers import AutoTokenizer
+class Run:
+    """What the steps of one run share: the process group, the resolved ds_config, where things go.
+    (A plain class: tests load this script by path, where a dataclass cannot find its module.)"""
 
-    from qlora_ds import checkpointing, faults
+    def __init__(self, args: argparse.Namespace, rank: int, world: int, ds_config: dict, resume_tag: str | None):
+        self.args, self.rank, self.world, self.ds_config, self.resume_tag = args, rank, world, ds_config, resume_tag
+
+    @property
+    def out(self) -> str:
+        return self.args.output_dir
+
+    @property
+    def micro(self) -> int:
+        return self.ds_config["train_micro_batch_size_per_gpu"]
+
+    @property
+    def accum(self) -> int:
+        return self.ds_config["gradient_accumulation_steps"]
+
+    @property
+    def zero_stage(self) -> int:
+        return self.ds_config.get("zero_optimization", {}).get("stage", 0)
+
+
+def setup_run(args) -> Run:
+    """Process group, model path, the ds_config with the command line folded in, the output directory."""
     from qlora_ds.atomic import atomic_write_text
-    from qlora_ds.data import collate
-    from qlora_ds.data.batching import batch_tokens
-    from qlora_ds.data.packing import collate_packed
-    from qlora_ds.distributed import init_distributed, shutdown
-    from qlora_ds.loss import causal_lm_loss
-    from qlora_ds.inject import from_pretrained
-    from qlora_ds.inject.zero import save_adapter
-    from qlora_ds.memstats import rss
-    from qlora_ds.metrics import MetricsLog
-    from qlora_ds.optim.deepspeed_registration import (optimizer_from_ds_config, register_with_deepspeed,
-                                                          split_ds_config)
+    from qlora_ds.distributed import init_distributed
     from qlora_ds.packaged import default_model_dir, export_smollm2
 
     rank, world, _ = init_distributed()
@@ -349,137 +404,238 @@ def train(args) -> dict:
     resume_tag = check_output_dir(args, rank)
     torch.distributed.barrier()
     torch.manual_seed(args.seed)
-    out = args.output_dir
     if rank == 0:
-        os.makedirs(out, exist_ok=True)
+        os.makedirs(args.output_dir, exist_ok=True)
         if resume_tag is None:
-            atomic_write_text(os.path.join(out, RUN_CONFIG), json.dumps(vars(args), indent=2, default=str))
+            atomic_write_text(os.path.join(args.output_dir, RUN_CONFIG), json.dumps(vars(args), indent=2, default=str))
+    return Run(args, rank, world, ds_config, resume_tag)
 
+
+def build_model(run: Run):
+    """(tokenizer, quantized LoRA model in the compute dtype, the RSS before it: the planner's runtime term)."""
+    from transformers import AutoTokenizer
+
+    from qlora_ds.inject import from_pretrained
+    from qlora_ds.memstats import rss
+
+    args = run.args
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     runtime = 0 if torch.cuda.is_available() else rss()     # the planner's runtime term, measured
-    dtype = compute_dtype(ds_config)
-    model = from_pretrained(args.model, adapter_config(args, dtype), ds_config=ds_config, torch_dtype=dtype)
+    dtype = compute_dtype(run.ds_config)
+    model = from_pretrained(args.model, adapter_config(args, dtype), ds_config=run.ds_config, torch_dtype=dtype)
     if args.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    micro = ds_config["train_micro_batch_size_per_gpu"]
-    accum = ds_config["gradient_accumulation_steps"]
-    train_ex, eval_ex, batches = build_data(args, tokenizer, model.config, rank, world, micro)
+    return tokenizer, model, runtime
+
+
+def build_engine(run: Run, model):
+    """(engine, lr scheduler): our optimizer from the ds_config's (resolved) optimizer section, handed to DeepSpeed
+    as the client optimizer; DeepSpeed's own optimizer names stay in the config for DeepSpeed to build."""
+    import deepspeed
+
+    from qlora_ds.optim.deepspeed_registration import (optimizer_from_ds_config, register_with_deepspeed,
+                                                          split_ds_config)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    ds_plain, section = split_ds_config(ds_config)
-    if section is None and "optimizer" not in ds_plain:
-        section = {"type": args.optimizer, "params": {"lr": args.lr, "betas": [0.9, args.adam_beta2], "eps": 1e-8,
-                                                      "weight_decay": args.weight_decay}}
-    optimizer = optimizer_from_ds_config({**ds_plain, "optimizer": section}, trainable) if section else None
+    ds_plain, section = split_ds_config(run.ds_config)
+    optimizer = optimizer_from_ds_config(run.ds_config, trainable) if section else None
     register_with_deepspeed()  # lets ZeRO wrap our optimizers like its own
-    warmup = max(1, math.ceil(args.warmup_ratio * args.max_steps))
+    warmup = max(1, math.ceil(run.args.warmup_ratio * run.args.max_steps))
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))  # noqa: E731
-    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    before = sample(model, tokenizer, args.sample_prompt, "cpu") if args.sample_prompt and rank == 0 \
-        and zero_stage < 3 and resume_tag is None else None
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                                           model_parameters=trainable, config=ds_plain)
-    step = micro_step = 0
-    if resume_tag:
-        _, client = engine.load_checkpoint(os.path.join(out, CKPT_DIR), tag=resume_tag, load_module_strict=False)
-        step, micro_step = client["step"], client["micro_step"]
-        if rank == 0:
-            log.info("resumed from checkpoint %s at step %d", resume_tag, step)
-    metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), resume_step=step if resume_tag else None) \
-        if rank == 0 else None
-    n_trainable = sum(p.numel() for p in trainable)
-    if rank == 0:
-        log.info("ranks %d, micro batch %d × accum %d, %d train / %d held-out examples, %.2f M trainable params",
-                 world, micro, accum, len(train_ex), len(eval_ex) * world, n_trainable / 1e6)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                   model_parameters=trainable, config=ds_plain)
+    if run.rank == 0:
+        log.info("ranks %d, micro batch %d × accum %d, %s %s, %.2f M trainable params", run.world, run.micro,
+                 run.accum, run.args.optimizer, run.args.dtype, sum(p.numel() for p in trainable) / 1e6)
+    return engine, scheduler
 
-    from tqdm import tqdm
 
-    widest = 0                 # the widest batch met, for the planner check at the end
-    if step == 0 and eval_ex:  # the baseline the curve is judged against
-        eval_loss, widest = evaluate(engine, eval_ex, tokenizer.pad_token_id, micro, args.pad_to_multiple_of,
-                                     args.max_len, chunked=args.chunked_loss)
-        if rank == 0:
-            metrics.log(step=0, eval_loss=eval_loss)
-            log.info("held-out loss before training: %.4f", eval_loss)
-    bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True, file=sys.stdout)
-    per_epoch = len(batches)
-    engine.train()
-    t_last, tokens, losses = time.perf_counter(), 0, []
-    while step < args.max_steps:
-        epoch, index = divmod(micro_step, per_epoch)
-        batch_idx = batches.epoch(epoch)[index]
-        batch = (collate_packed if args.packing else collate)([train_ex[i] for i in batch_idx], tokenizer.pad_token_id, args.pad_to_multiple_of, args.max_len)
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
-        widest = max(widest, batch["input_ids"].shape[1])
-        torch.manual_seed(args.seed * 1_000_003 + micro_step * world + rank)  # dropout: same on resume
-        faults.inject("raise_at_step", step + 1)
-        loss = causal_lm_loss(engine, batch, chunked=args.chunked_loss)
-        if faults.triggered("nan_loss_at_micro_step", micro_step):
+def restore(run: Run, engine) -> tuple[int, int]:
+    """(step, micro step) to continue from: (0, 0), or the checkpoint's (model, optimizer and loss-scaler state)."""
+    if not run.resume_tag:
+        return 0, 0
+    _, client = engine.load_checkpoint(os.path.join(run.out, CKPT_DIR), tag=run.resume_tag, load_module_strict=False)
+    if run.rank == 0:
+        log.info("resumed from checkpoint %s at step %d", run.resume_tag, client["step"])
+    return client["step"], client["micro_step"]
+
+
+def maybe_sample(run: Run, engine, tokenizer) -> str | None:
+    """The sample answer on the training device, every rank in step (ZeRO-3 gathers weights per forward);
+    None without a prompt or after a resume (the "before" of a resumed run was its first run's)."""
+    if not run.args.sample_prompt:
+        return None
+    return sample(engine.module, tokenizer, run.args.sample_prompt, engine.device,
+                  synced=run.zero_stage == 3 and run.world > 1)
+
+
+class Loop:
+    """The training loop's state and its periodic work (log, held-out loss, checkpoint)."""
+
+    def __init__(self, run: Run, engine, scheduler, tokenizer, data, metrics, step: int, micro_step: int):
+        self.run, self.engine, self.scheduler, self.metrics = run, engine, scheduler, metrics
+        self.pad_id = tokenizer.pad_token_id
+        self.train_ex, self.eval_ex, self.batches = data
+        self.step, self.micro_step = step, micro_step
+        self.widest = 0                        # the widest batch met, for the planner check at the end
+        self.losses, self.tokens, self.t_last = [], 0, time.perf_counter()
+        self.bar = None
+
+    def next_batch(self) -> dict:
+        from qlora_ds.data import collate
+        from qlora_ds.data.packing import collate_packed
+
+        args = self.run.args
+        epoch, index = divmod(self.micro_step, len(self.batches))
+        batch = (collate_packed if args.packing else collate)([self.train_ex[i] for i in self.batches.epoch(epoch)[index]], self.pad_id,
+                        args.pad_to_multiple_of, args.max_len)
+        self.widest = max(self.widest, batch["input_ids"].shape[1])
+        return {k: v.to(self.engine.device) for k, v in batch.items()}
+
+    def forward(self, batch: dict):
+        """The micro batch's loss, or None when it is non-finite on any rank (skipped everywhere, or an error)."""
+        from qlora_ds import faults
+        from qlora_ds.loss import causal_lm_loss
+
+        run = self.run
+        torch.manual_seed(run.args.seed * 1_000_003 + self.micro_step * run.world + run.rank)  # dropout: resumable
+        faults.inject("raise_at_step", self.step + 1)
+        loss = causal_lm_loss(self.engine, batch, chunked=run.args.chunked_loss)
+        if faults.triggered("nan_loss_at_micro_step", self.micro_step):
             loss = loss * float("nan")
         bad = _all_mean([0.0 if torch.isfinite(loss).item() else 1.0])[0] > 0
-        micro_step += 1
-        if bad:
-            if args.nan_policy == "stop":
-                raise FloatingPointError(f"non-finite loss at step {step} (micro step {micro_step - 1}) on at least "
-                                         f"one rank; lower --lr, check the data, or pass --nan-policy skip")
-            if rank == 0:
-                log.warning("non-finite loss at step %d: skipped on every rank", step)
-            continue
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-        tokens += batch_tokens(batch, tokenizer.pad_token_id)
-        if len(losses) < accum:  # counts only micro-batches that stepped, as DeepSpeed's own boundary does
-            continue
-        step += 1
-        mean_loss, = _all_mean([sum(losses) / len(losses)])
-        losses = []
-        if step % args.log_every == 0 or step == args.max_steps:
-            now = time.perf_counter()
-            tok_s = tokens * world / (now - t_last)
-            t_last, tokens = now, 0
-            lr = scheduler.get_last_lr()[0]
-            mem = _memory_mb()
-            if rank == 0:
-                metrics.log(step=step, loss=mean_loss, lr=lr, tokens_per_s=tok_s, mem_mb=mem)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}", mem=f"{mem:.0f}MB")
-        bar.update(1)
-        if eval_ex and (step % args.eval_every == 0 or step == args.max_steps):
-            eval_loss, eval_widest = evaluate(engine, eval_ex, tokenizer.pad_token_id, micro, args.pad_to_multiple_of,
-                                              args.max_len, chunked=args.chunked_loss)
-            widest = max(widest, eval_widest)
-            if rank == 0:
-                metrics.log(step=step, eval_loss=eval_loss)
-                bar.write(f"step {step}: held-out loss {eval_loss:.4f}")
-        if step % args.save_every == 0 or step == args.max_steps:
-            checkpointing.save(engine, os.path.join(out, CKPT_DIR), step, {"step": step, "micro_step": micro_step},
-                               args.keep_checkpoints)
-        faults.inject("kill_after_step", step)
-    bar.close()
+        self.micro_step += 1
+        if not bad:
+            return loss
+        if run.args.nan_policy == "stop":
+            raise FloatingPointError(f"non-finite loss at step {self.step} (micro step {self.micro_step - 1}) on at "
+                                     f"least one rank; lower --lr, check the data, or pass --nan-policy skip")
+        if run.rank == 0:
+            log.warning("non-finite loss at step %d: skipped on every rank", self.step)
+        return None
 
+    def log_step(self, mean_loss: float) -> None:
+        now = time.perf_counter()
+        tok_s, self.t_last, self.tokens = self.tokens * self.run.world / (now - self.t_last), now, 0
+        lr, mem = self.scheduler.get_last_lr()[0], _memory_mb()
+        # DeepSpeed skips the optimizer step on a gradient overflow (fp16 loss scaling; bf16 overflow check)
+        row = dict(step=self.step, loss=mean_loss, lr=lr, tokens_per_s=tok_s, mem_mb=mem,
+                   skipped_steps=int(self.engine.skipped_steps))
+        scale = loss_scale(self.engine)
+        if scale is not None:
+            row["loss_scale"] = scale
+        if self.run.rank == 0:
+            self.metrics.log(**row)
+            self.bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}", mem=f"{mem:.0f}MB")
+
+    def held_out(self) -> None:
+        args = self.run.args
+        eval_loss, widest = evaluate(self.engine, self.eval_ex, self.pad_id, self.run.micro, args.pad_to_multiple_of,
+                                     args.max_len, chunked=args.chunked_loss)
+        self.widest = max(self.widest, widest)
+        if self.run.rank == 0:
+            self.metrics.log(step=self.step, eval_loss=eval_loss)
+            (self.bar.write if self.bar else log.info)(f"step {self.step}: held-out loss {eval_loss:.4f}")
+
+    def run_steps(self) -> None:
+        from tqdm import tqdm
+
+        from qlora_ds import checkpointing, faults
+        from qlora_ds.data.batching import batch_tokens
+
+        args, run = self.run.args, self.run
+        if self.step == 0 and self.eval_ex:         # the baseline the curve is judged against
+            self.held_out()
+        self.bar = tqdm(total=args.max_steps, initial=self.step, disable=run.rank != 0, dynamic_ncols=True,
+                        file=sys.stdout)
+        self.engine.train()
+        while self.step < args.max_steps:
+            batch = self.next_batch()
+            loss = self.forward(batch)
+            if loss is None:
+                continue
+            self.engine.backward(loss)
+            self.engine.step()
+            self.losses.append(loss.item())
+            self.tokens += batch_tokens(batch, self.pad_id)
+            if len(self.losses) < run.accum:     # counts only micro-batches that stepped, as DeepSpeed's boundary
+                continue
+            self.step += 1
+            mean_loss, = _all_mean([sum(self.losses) / len(self.losses)])
+            self.losses = []
+            last = self.step == args.max_steps
+            if self.step % args.log_every == 0 or last:
+                self.log_step(mean_loss)
+            self.bar.update(1)
+            if self.eval_ex and (self.step % args.eval_every == 0 or last):
+                self.held_out()
+            if self.step % args.save_every == 0 or last:
+                checkpointing.save(self.engine, os.path.join(run.out, CKPT_DIR), self.step,
+                                   {"step": self.step, "micro_step": self.micro_step}, args.keep_checkpoints)
+            faults.inject("kill_after_step", self.step)
+        self.bar.close()
+
+
+def loss_scale(engine) -> float | None:
+    """The fp16 dynamic loss scale DeepSpeed's optimizer wrapper holds (None without fp16)."""
+    if not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
+    return float(scale) if scale is not None else None
+
+
+def finish(run: Run, engine, model, tokenizer, metrics, loop: Loop, runtime: int, before: str | None) -> dict:
+    """Adapter, planner check, CSV, curve, the "after" sample and summary.json."""
+    from qlora_ds.atomic import atomic_write_text
+    from qlora_ds.inject.zero import save_adapter
+
+    args, out = run.args, run.out
     save_adapter(engine, os.path.join(out, "adapter"))
-    summary = {"steps": step}
-    memory = planner_check(args, model.config, ds_config, world, runtime, widest)
-    if rank == 0:
-        if memory:
-            summary["memory"] = memory
-            log.info("peak memory per rank (%s): measured %.0f MiB, planner %.0f MiB (planned/measured %.2f)",
-                     "CUDA allocated" if memory["device"] == "cuda" else "RSS", memory["measured_peak_mib"],
-                     memory["planned_peak_mib"], memory["planned_over_measured"])
-        metrics.write_csv(os.path.join(out, "metrics.csv"))
-        metrics.plot(os.path.join(out, "loss_curve.png"), title=f"{args.method} on {os.path.basename(args.model)}")
-        evals = [r["eval_loss"] for r in metrics.rows if "eval_loss" in r]
-        summary.update(first_eval_loss=evals[0] if evals else None, last_eval_loss=evals[-1] if evals else None)
-        if args.sample_prompt and zero_stage < 3:
-            summary.update(prompt=args.sample_prompt, before=before, after=sample(engine.module, tokenizer,
-                                                                                   args.sample_prompt, engine.device))
-        atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
-        log.info("done: %s", json.dumps(summary, indent=2))
-        log.info("adapter: %s   loss curve: %s", os.path.join(out, "adapter"), os.path.join(out, "loss_curve.png"))
-    del engine, optimizer, model
+    summary = {"steps": loop.step, "dtype": args.dtype, "skipped_steps": int(engine.skipped_steps)}
+    memory = planner_check(args, model.config, run.ds_config, run.world, runtime, loop.widest)
+    after = maybe_sample(run, engine, tokenizer)
+    if run.rank != 0:
+        return summary
+    if memory:
+        summary["memory"] = memory
+        log.info("peak memory per rank (%s): measured %.0f MiB, planner %.0f MiB (planned/measured %.2f)",
+                 "CUDA allocated" if memory["device"] == "cuda" else "RSS", memory["measured_peak_mib"],
+                 memory["planned_peak_mib"], memory["planned_over_measured"])
+    metrics.write_csv(os.path.join(out, "metrics.csv"))
+    metrics.plot(os.path.join(out, "loss_curve.png"), title=f"{args.method} on {os.path.basename(args.model)}")
+    evals = [r["eval_loss"] for r in metrics.rows if "eval_loss" in r]
+    summary.update(first_eval_loss=evals[0] if evals else None, last_eval_loss=evals[-1] if evals else None)
+    if after is not None:
+        summary.update(prompt=args.sample_prompt, before=before, after=after)
+    atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
+    log.info("done: %s", json.dumps(summary, indent=2))
+    log.info("adapter: %s   loss curve: %s", os.path.join(out, "adapter"), os.path.join(out, "loss_curve.png"))
+    return summary
+
+
+def train(args) -> dict:
+    """Build (process group, config, model, engine), data, the loop, then finish (adapter, summary)."""
+    from qlora_ds.distributed import shutdown
+    from qlora_ds.metrics import MetricsLog
+
+    run = setup_run(args)
+    tokenizer, model, runtime = build_model(run)
+    data = build_data(args, tokenizer, model.config, run.rank, run.world, run.micro)
+    engine, scheduler = build_engine(run, model)
+    before = maybe_sample(run, engine, tokenizer) if run.resume_tag is None else None
+    step, micro_step = restore(run, engine)
+    metrics = MetricsLog(os.path.join(run.out, "metrics.jsonl"), resume_step=step if run.resume_tag else None) \
+        if run.rank == 0 else None
+    if run.rank == 0:
+        log.info("%d train / %d held-out examples", len(data[0]), len(data[1]) * run.world)
+    loop = Loop(run, engine, scheduler, tokenizer, data, metrics, step, micro_step)
+    loop.run_steps()
+    summary = finish(run, engine, model, tokenizer, metrics, loop, runtime, before)
+    del engine, model, loop
     shutdown()
     return summary
 
