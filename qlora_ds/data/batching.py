@@ -42,16 +42,21 @@ class GroupByLengthBatches:
         return [b[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for b in batches]
 
 
+def padded_width(width: int, pad_to_multiple_of: int = 1, max_width: int | None = None) -> int:
+    """``width`` rounded up to a multiple of ``pad_to_multiple_of``, never past ``max_width`` (nor below ``width``)."""
+    if pad_to_multiple_of <= 1:
+        return width
+    rounded = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    return max(width, min(rounded, max_width)) if max_width else rounded
+
+
 def collate(examples: list[dict[str, torch.Tensor]], pad_id: int, pad_to_multiple_of: int = 1,
             max_width: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad a batch. ``pad_to_multiple_of`` rounds the width up (never past ``max_width``): fewer
     distinct shapes means fewer kernels built and buffers kept per shape (on CPU ~5-35 MiB per new
     sequence length until it has seen them all), and aligned shapes for GPU tensor cores. Padding is
     masked and labelled IGNORE, so the loss is unchanged."""
-    width = max(e["input_ids"].numel() for e in examples)
-    if pad_to_multiple_of > 1:
-        rounded = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-        width = max(width, min(rounded, max_width)) if max_width else rounded
+    width = padded_width(max(e["input_ids"].numel() for e in examples), pad_to_multiple_of, max_width)
     n = len(examples)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE, dtype=torch.long)

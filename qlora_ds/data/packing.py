@@ -17,6 +17,7 @@ import bisect
 import torch
 
 from ..errors import QLoRADSError
+from .batching import padded_width
 from .tokenize import IGNORE
 
 # model types whose forward takes position_ids and whose mask honours packed position resets (tested per
@@ -76,10 +77,7 @@ def collate_packed(rows: list[dict[str, torch.Tensor]], pad_id: int, pad_to_mult
                    max_width: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad packed rows; no attention_mask (the mask comes from position_ids). The padding is one more
     segment (its positions restart at 0), labelled IGNORE, so it neither attends to nor is seen by real tokens."""
-    width = max(r["input_ids"].numel() for r in rows)
-    if pad_to_multiple_of > 1:
-        rounded = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-        width = max(width, min(rounded, max_width)) if max_width else rounded
+    width = padded_width(max(r["input_ids"].numel() for r in rows), pad_to_multiple_of, max_width)
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE, dtype=torch.long)

@@ -1,0 +1,89 @@
+"""The DeepSpeed config of a finetune: the ds_config file with the command line (or recipe) folded in. Every
+setting lives in one place; a value given in both that disagrees is an error naming both, before the first step."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .errors import QLoRADSError
+from .hardware import fold_ds_precision, resolve_device, resolve_dtype
+
+
+def check_fp16_supported(dtype: torch.dtype, device: torch.device) -> None:
+    """DeepSpeed's CPU accelerator refuses fp16 unless oneDNN has native fp16 (AVX512-FP16 / AMX-FP16)."""
+    if dtype != torch.float16 or device.type != "cpu":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():
+        raise QLoRADSError("--dtype fp16 on this CPU: DeepSpeed trains fp16 on a CPU only where oneDNN computes "
+                           "fp16 natively (AVX512-FP16 / AMX-FP16); use --dtype auto, fp32 or bf16 here")
+
+
+def resolve_ds_config(args, world: int, device: torch.device | None = None) -> dict:
+    """The ds_config with the command line folded in; any disagreement is an error, not a silent override.
+    Its bf16/fp16 sections follow ``--dtype`` resolved for ``device`` (default: this rank's training device)."""
+    cfg: dict = {}
+    if args.ds_config:
+        try:
+            with open(args.ds_config, encoding="utf-8") as fh:
+                cfg = json.load(fh)
+        except (OSError, json.JSONDecodeError) as err:
+            raise QLoRADSError(f"cannot read ds_config {args.ds_config!r}: {err}") from None
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+    def merge(key: str, cli, default):
+        if cli is not None and key in cfg and cfg[key] != cli:
+            raise QLoRADSError(f"ds_config {key}={cfg[key]} conflicts with the command line ({cli}); "
+                               f"set it in one place only")
+        cfg[key] = cli if cli is not None else cfg.get(key, default)
+        return cfg[key]
+
+    micro = merge("train_micro_batch_size_per_gpu", args.micro_batch, 1)
+    accum = merge("gradient_accumulation_steps", args.grad_accum, 16)
+    total = micro * accum * world
+    if "train_batch_size" in cfg and cfg["train_batch_size"] != total:
+        raise QLoRADSError(f"ds_config train_batch_size={cfg['train_batch_size']} but micro batch {micro} × "
+                           f"gradient accumulation {accum} × {world} ranks = {total}; fix one of them")
+    cfg["train_batch_size"] = total
+    merge("gradient_clipping", args.max_grad_norm, 0.3)
+    fold_optimizer(cfg, args)
+    device = resolve_device("auto") if device is None else torch.device(device)
+    dtype = resolve_dtype(args.dtype, device)
+    fold_ds_precision(cfg, dtype, args.dtype)
+    check_fp16_supported(dtype, device)
+    cfg.setdefault("steps_per_print", 10 ** 9)  # progress is ours (tqdm)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+OPTIMIZER_DEFAULTS = {"optimizer": "PagedAdamW", "lr": 2e-4, "adam_beta2": 0.999, "weight_decay": 0.0}
+
+
+def fold_optimizer(cfg: dict, args) -> None:
+    """``--optimizer/--lr/--adam-beta2/--weight-decay`` and the ds_config's ``optimizer`` section made one: a flag
+    given (on the command line or in the recipe) must agree with the section, else an error naming both; what is
+    missing on one side comes from the other (then the defaults). ``args`` is set to what will run, so
+    run_config.json records it."""
+    section = cfg.get("optimizer")
+    if section is not None and not (isinstance(section, dict) and isinstance(section.get("type"), str)):
+        raise QLoRADSError(f"ds_config optimizer={section!r} must be an object with a \"type\" and \"params\"")
+    params = dict((section or {}).get("params") or {})
+    betas = params.get("betas")
+    theirs = {"optimizer": (section or {}).get("type"), "lr": params.get("lr"),
+              "adam_beta2": betas[1] if isinstance(betas, (list, tuple)) and len(betas) == 2 else None,
+              "weight_decay": params.get("weight_decay")}
+    same = lambda key, a, b: a.lower() == b.lower() if key == "optimizer" else float(a) == float(b)  # noqa: E731
+    bad = [f"--{k.replace('_', '-')} {getattr(args, k)} vs ds_config {v}" for k, v in theirs.items()
+           if getattr(args, k) is not None and v is not None and not same(k, getattr(args, k), v)]
+    if bad:
+        raise QLoRADSError(f"the command line (or recipe) and the ds_config's optimizer section disagree "
+                           f"({'; '.join(bad)}); set each in one place only")
+    for key, default in OPTIMIZER_DEFAULTS.items():
+        value = theirs[key] if theirs[key] is not None else getattr(args, key)
+        setattr(args, key, default if value is None else value)
+    params.update(lr=args.lr, betas=[betas[0] if theirs["adam_beta2"] is not None else 0.9, args.adam_beta2],
+                  weight_decay=args.weight_decay)
+    params.setdefault("eps", 1e-8)
+    cfg["optimizer"] = {**(section or {}), "type": args.optimizer, "params": params}
