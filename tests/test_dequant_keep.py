@@ -80,3 +80,26 @@ def test_planner_counts_the_pool():
     assert no_ckpt["dequant_keep"] == min(fn.KEEP_LIMIT, 4 * shape.linear_params_per_layer * 4)
     off = {it.name for it in memory.estimate_memory(replace(cfg, keep_dequant_bytes=0)).items}
     assert "dequant_keep" not in off
+
+
+def test_checkpointed_block_with_a_full_pool_in_the_recompute(pool):
+    """One checkpoint around several layers: the first pass keeps every weight (each buffer is freed at once),
+    the recompute has room for one only. The saved tensors must keep their shapes (torch.utils.checkpoint
+    refuses a recompute whose metadata differs) and the gradients stay exact."""
+    layers, x = _layers(3), torch.randn(6, 32)
+    pool.set_keep_limit(0)
+    ref = [g.clone() for g in _grads(layers, x)]
+
+    def block(h):
+        for layer in layers:
+            h = layer(h)
+        return h
+
+    pool.set_keep_limit(32 * 32 * 4)
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+    xi = x.detach().requires_grad_(True)
+    checkpoint(block, xi, use_reentrant=False).pow(2).sum().backward()
+    got = [xi.grad] + [p.grad for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    assert all(torch.equal(g, r) for g, r in zip(got, ref))
+    assert len(pool._kept) == 1

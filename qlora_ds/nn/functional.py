@@ -85,6 +85,15 @@ def kept_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.T
     return buf[:numel]
 
 
+def _stand_in(w: torch.Tensor) -> torch.Tensor:
+    """A tensor with w's shape, dtype and device holding one element (stride 0): "not kept"."""
+    return torch.empty((), dtype=w.dtype, device=w.device).expand(w.shape)
+
+
+def _is_stand_in(w: torch.Tensor) -> bool:
+    return all(st == 0 for st in w.stride())
+
+
 def dequantize_nf4_parts(packed, absmax, absmax2, offset, meta, dtype, out=None) -> torch.Tensor:
     """Dequantize from the layer's raw uint8 parameters (fp32 values stored as bytes). ``offset``: the
     double-quant offset as a float, or its 4-byte uint8 parameter (read with a device sync)."""
@@ -125,7 +134,10 @@ class NF4LinearFunction(torch.autograd.Function):
             guards.check(w, guard, "dequantized weight")
         y = F.linear(x, w, bias)
         ctx.meta, ctx.offset = meta, offset
-        ctx.save_for_backward(packed, absmax, absmax2, bias, w if keep is not None else None)
+        # Without room in the pool, a 1-element stand-in of w's shape is saved instead: under non-reentrant
+        # checkpointing the recompute must save tensors of the same shapes as the first pass, and the pool can
+        # be full in one pass and not the other (a whole decoder layer's weights are alive in the recompute).
+        ctx.save_for_backward(packed, absmax, absmax2, bias, w if keep is not None else _stand_in(w))
         return y
 
     @staticmethod
@@ -133,7 +145,7 @@ class NF4LinearFunction(torch.autograd.Function):
         packed, absmax, absmax2, bias, w = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            if w is None or w.dtype != grad_out.dtype:
+            if _is_stand_in(w) or w.dtype != grad_out.dtype:
                 w = dequantize_nf4_parts(packed, absmax, absmax2, ctx.offset, ctx.meta, grad_out.dtype,
                                          workspace(prod(ctx.meta[0]), grad_out.dtype, grad_out.device))
             grad_x = grad_out.matmul(w)
