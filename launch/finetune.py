@@ -404,6 +404,7 @@ class Loop:
         self.widest = 0                        # the widest batch met, for the planner check at the end
         self.losses, self.tokens, self.t_last = [], 0, time.perf_counter()
         self.bar = None
+        self.seconds = {"held_out": 0.0, "checkpoints": 0.0}   # inside the loop: what is not training
 
     def next_batch(self) -> dict:
         from qlora_ds.data import collate
@@ -453,13 +454,14 @@ class Loop:
             self.bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}", mem=f"{mem:.0f}MB")
 
     def held_out(self) -> None:
-        args = self.run.args
+        args, t0 = self.run.args, time.perf_counter()
         eval_loss, widest = evaluate(self.engine, self.eval_ex, self.pad_id, self.run.micro, args.pad_to_multiple_of,
                                      args.max_len, chunked=args.chunked_loss)
         self.widest = max(self.widest, widest)
         if self.run.rank == 0:
             self.metrics.log(step=self.step, eval_loss=eval_loss)
             (self.bar.write if self.bar else log.info)(f"step {self.step}: held-out loss {eval_loss:.4f}")
+        self.seconds["held_out"] += time.perf_counter() - t0
 
     def run_steps(self) -> None:
         from tqdm import tqdm
@@ -494,8 +496,10 @@ class Loop:
             if self.eval_ex and (self.step % args.eval_every == 0 or last):
                 self.held_out()
             if self.step % args.save_every == 0 or last:
+                t0 = time.perf_counter()
                 checkpointing.save(self.engine, os.path.join(run.out, CKPT_DIR), self.step,
                                    {"step": self.step, "micro_step": self.micro_step}, args.keep_checkpoints)
+                self.seconds["checkpoints"] += time.perf_counter() - t0
             faults.inject("kill_after_step", self.step)
         self.bar.close()
 
@@ -509,8 +513,9 @@ def loss_scale(engine) -> float | None:
     return float(scale) if scale is not None else None
 
 
-def finish(run: Run, engine, model, tokenizer, metrics, loop: Loop, runtime: int, before: str | None) -> dict:
-    """Adapter, planner check, CSV, curve, the "after" sample and summary.json."""
+def finish(run: Run, engine, model, tokenizer, metrics, loop: Loop, runtime: int, before: str | None,
+           seconds: dict) -> dict:
+    """Adapter, planner check, CSV, curve, the "after" sample and summary.json (with where the time went)."""
     from qlora_ds.atomic import atomic_write_text
     from qlora_ds.inject.zero import save_adapter
 
@@ -518,7 +523,9 @@ def finish(run: Run, engine, model, tokenizer, metrics, loop: Loop, runtime: int
     save_adapter(engine, os.path.join(out, "adapter"))
     summary = {"steps": loop.step, "dtype": args.dtype, "skipped_steps": int(engine.skipped_steps)}
     memory = planner_check(args, model.config, run.ds_config, run.world, runtime, loop.widest)
+    t0 = time.perf_counter()
     after = maybe_sample(run, engine, tokenizer)
+    seconds["samples"] = seconds.get("samples", 0.0) + time.perf_counter() - t0
     if run.rank != 0:
         return summary
     if memory:
@@ -532,6 +539,8 @@ def finish(run: Run, engine, model, tokenizer, metrics, loop: Loop, runtime: int
     summary.update(first_eval_loss=evals[0] if evals else None, last_eval_loss=evals[-1] if evals else None)
     if after is not None:
         summary.update(prompt=args.sample_prompt, before=before, after=after)
+    seconds["total"] = time.perf_counter() - seconds.pop("_start")
+    summary["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
     log.info("done: %s", json.dumps(summary, indent=2))
     log.info("adapter: %s   loss curve: %s", os.path.join(out, "adapter"), os.path.join(out, "loss_curve.png"))
@@ -543,11 +552,21 @@ def train(args) -> dict:
     from qlora_ds.distributed import shutdown
     from qlora_ds.metrics import MetricsLog
 
+    seconds, t0 = {"_start": time.perf_counter()}, time.perf_counter()
+
+    def phase(name: str) -> None:           # seconds since the previous phase ended, on this rank
+        nonlocal t0
+        seconds[name], t0 = time.perf_counter() - t0, time.perf_counter()
+
     run = setup_run(args)
+    phase("setup")
     tokenizer, model, runtime = build_model(run)
+    phase("load")
     data = build_data(args, tokenizer, model.config, run.rank, run.world, run.micro)
     engine, scheduler = build_engine(run, model)
+    phase("data_engine")
     before = maybe_sample(run, engine, tokenizer) if run.resume_tag is None else None
+    phase("samples")
     step, micro_step = restore(run, engine)
     metrics = MetricsLog(os.path.join(run.out, "metrics.jsonl"), resume_step=step if run.resume_tag else None) \
         if run.rank == 0 else None
@@ -555,7 +574,10 @@ def train(args) -> dict:
         log.info("%d train / %d held-out examples", len(data[0]), len(data[1]) * run.world)
     loop = Loop(run, engine, scheduler, tokenizer, data, metrics, step, micro_step)
     loop.run_steps()
-    summary = finish(run, engine, model, tokenizer, metrics, loop, runtime, before)
+    phase("loop")
+    seconds.update(loop.seconds)
+    seconds["train"] = seconds["loop"] - sum(loop.seconds.values())
+    summary = finish(run, engine, model, tokenizer, metrics, loop, runtime, before, seconds)
     del engine, model, loop
     shutdown()
     return summary
