@@ -12,7 +12,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ["install", "env", "build_quant", "build_paged_optim", "tests", "headline", "headline_33b", "headline_13b",
-         "headline_7b", "paging", "bench_quant", "bench_layer", "bench_train_135m", "bench_train_1b"]
+         "headline_7b", "paging", "bench_quant", "bench_layer", "fp16", "bench_train_135m", "bench_train_1b"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_every_step_runs_or_says_why_not(dry_run):
     steps = {s["step"]: s for s in _jsonl(out / "steps.jsonl")}
     assert list(steps) == STEPS
     ran = {n for n, s in steps.items() if s["rc"] != "skipped"}
-    assert ran == {"env", "build_quant", "tests", "headline", "bench_quant", "bench_layer", "bench_train_135m"}
+    assert ran == {"env", "build_quant", "tests", "headline", "bench_quant", "bench_layer", "fp16", "bench_train_135m"}
     failed = {n: s for n, s in steps.items() if n in ran and s["rc"] != 0}
     assert not failed, (failed, (out / "log.txt").read_text()[-4000:])
     assert all(s["note"] for n, s in steps.items() if n not in ran)           # a skip says why
@@ -56,7 +56,9 @@ def test_headline_rows_set_measured_beside_planned(dry_run):
     summary = (out / "summary.md").read_text()
     assert "## Headline" in summary and "llama-65b-shaped" in summary and "## bench layer" in summary
     benches = {r["bench"] for r in _jsonl(out / "rows.jsonl")}
-    assert {"headline", "quant", "layer", "train"} <= benches
+    assert {"headline", "quant", "layer", "train", "fp16"} <= benches
+    fp16 = [r for r in _jsonl(out / "rows.jsonl") if r["bench"] == "fp16"]
+    assert [(r["stage"], r["ok"]) for r in fp16] == [(0, True)] and fp16[0]["restored"]["scale"] == 128.0
 
 
 def test_gpu_mode_without_wheels_records_the_fix(tmp_path):

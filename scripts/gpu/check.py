@@ -71,6 +71,9 @@ def steps(res: str) -> list[Step]:
              ["-m", "bench", "quant", "--quick", "--device", "cpu", "--shape", "256x256"]),
         Step("bench_layer", 45, ["-m", "bench", "layer", "--device", "cuda"],
              ["-m", "bench", "layer", "--quick", "--no-bnb", "--device", "cpu"]),
+        # DeepSpeed fp16 end to end, ZeRO 0-3 (dynamic loss scale, forced overflow, resume); rows -> rows.jsonl
+        Step("fp16", 60, ["scripts/gpu/fp16.py", "--device", "cuda", "--stages", "0,1,2,3"],
+             ["scripts/gpu/fp16.py", "--device", "cpu", "--cpu-fp16", "--stages", "0"], waits_for=("build",)),
         # bench train writes its rows after all three variants: per-variant timeouts keep it inside the step's budget
         Step("bench_train_135m", 55, ["-m", "bench", "train", "--device", "cuda", "--shape", "smollm2-135m", "--batch",
                                       "4", "--seq", "512", "--r", "64", "--steps", "3", "--timeout", "17"],
@@ -120,7 +123,7 @@ class Runner:
         with self.lock:
             self.log.write(f"#### {step.name} (budget {t:.0f} s): {' '.join(step.gpu)}\n{text}\n")
         last = text.strip().splitlines()[-1][:150] if text.strip() else ""
-        self.record(step.name, rc, time.monotonic() - t0, t, last if step.name == "tests" else "")
+        self.record(step.name, rc, time.monotonic() - t0, t, last if step.name in ("tests", "fp16") else "")
 
     # -- the dry run: the same entry points, in this process ----------------------------------------------
     def run_inline(self, step: Step) -> None:
