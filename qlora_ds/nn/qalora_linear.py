@@ -121,11 +121,13 @@ class QALoRALinear(nn.Module):
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype
-        xc = x.to(cd)
+        mid = guards.watch_id(self)                    # fp16 compute: the overflow watch (guards.py), else None
+        xc = guards.watch_input(x, mid).to(cd)
         guard = guards.layer_guard(self)
         y = IntNLinearFunction.apply(xc, self.qweight, self.scales, self.zeros, self.bias,
                                      (tuple(self.weight_shape), self.bits, self.group_size), guard)
-        return with_adapter(self, y, self.pool(self.lora_dropout(xc)) if self.has_adapter and not self.disable_adapter else None, x, guard)
+        lora_in = self.pool(self.lora_dropout(xc)) if self.has_adapter and not self.disable_adapter else None
+        return guards.watch_output(with_adapter(self, y, lora_in, x, guard), mid)
 
     def reset_lora_parameters(self) -> None:
         reset_lora(self)

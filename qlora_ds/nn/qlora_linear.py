@@ -201,11 +201,13 @@ class QLoRALinear(nn.Module):
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype
-        xc = x.to(cd)
+        mid = guards.watch_id(self)                    # fp16 compute: the overflow watch (guards.py), else None
+        xc = guards.watch_input(x, mid).to(cd)
         guard = guards.layer_guard(self)
         y = NF4LinearFunction.apply(xc, self.weight, self.weight_absmax, self.weight_absmax2, self.offset(),
                                     self.bias, self._meta(), guard)
-        return with_adapter(self, y, self.lora_dropout(xc) if not self.disable_adapter else None, x, guard)
+        y = with_adapter(self, y, self.lora_dropout(xc) if not self.disable_adapter else None, x, guard)
+        return guards.watch_output(y, mid)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B·A in fp32 [out, in]."""
