@@ -146,7 +146,12 @@ def run_stage(stage: int, model_dir: str, device, work: str) -> dict:
                               and restored["step"] == SAVE,
         "resumed_losses_match": close and [r["scale"] for r in resumed] == [r["scale"] for r in rows[SAVE:]],
     }
-    return {"bench": "fp16", "stage": stage, **first, "forced": forced, "saved": saved, "restored": restored,
+    note = ""
+    if first["scale"] == 1.0:
+        note = ("DeepSpeed chose a static loss scale of 1: its ZeRO-3 optimizer takes the dtype of the trainable "
+                "parameters, fp32 LoRA weights when they were partitioned; cast them to fp16 before ZeRO-3 partitions "
+                "them (qlora_ds/inject/loading.py from_pretrained)" if stage == 3 else "static loss scale of 1")
+    return {"bench": "fp16", "stage": stage, **first, "note": note, "forced": forced, "saved": saved, "restored": restored,
             "losses": [r["loss"] for r in rows], "resumed": [r["loss"] for r in resumed], "checks": checks,
             "ok": all(checks.values())}
 
