@@ -3,13 +3,17 @@ the head and cross-entropy chunk by chunk (``qlora_ds.nn.chunked_loss``).
 
 The model's forward runs as usual (through a DeepSpeed engine too, so ZeRO-3's root hooks run); a forward
 pre-hook on the output embedding module takes the final hidden states and hands the head an empty slice, so
-the head computes ``[batch, 0, vocab]`` logits. Works for every transformers CausalLM whose forward calls
+the head computes ``[batch, 0, vocab]`` logits, and a forward hook computes the loss right after, inside the
+head's call. Both hooks run first (``prepend``): under ZeRO-3 the head's weight is still gathered in the forward
+hook (no extra all-gather, no copy), and the hidden states are taken before ZeRO-3 wraps the head's input in its
+backward-release Function — the loss's gradient reaches the final norm directly, so ZeRO-3's head hooks (which
+see only the unused empty slice) never fire in backward. The loss's own backward needs no weight (its gradients
+are formed in forward, ``qlora_ds.nn.chunked_loss``). Works for every transformers CausalLM whose forward calls
 ``get_output_embeddings()`` on the final hidden states (Llama, Mistral, Qwen, GPT-NeoX, OPT …); models that
 transform the logits after the head (soft-capping, logit scales) use the plain loss.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -33,30 +37,10 @@ def chunked_supported(model) -> str | None:
     head = get() if get else None
     if not isinstance(getattr(head, "weight", None), torch.Tensor):
         return "the model has no output embedding module with a weight"
-    if hasattr(head.weight, "ds_id"):
-        # ZeRO-3 re-gathers parameters in backward through hooks on module outputs; the head's output here is
-        # an empty slice the loss never uses, and a 2-rank run failed in backward (tests/test_finetune.py)
-        return "ZeRO-3 partitions the model (the chunked loss does not yet run under its backward hooks)"
+    if hasattr(head.weight, "ds_id") and any(p.requires_grad for p in head.parameters(recurse=False)):
+        # ZeRO-3 releases the head's partitions after its forward; a trained head's gradient would arrive after
+        return "ZeRO-3 partitions a trained LM head (the chunked loss needs a frozen head there)"
     return None
-
-
-@contextlib.contextmanager
-def _head_weight(head):
-    """(weight, bias) usable for a whole forward and backward. Under ZeRO-3 the parameters are partitioned
-    between module calls, so a frozen head is gathered once and copied (its size is counted by the planner)."""
-    w, b = head.weight, getattr(head, "bias", None)
-    if not hasattr(w, "ds_id"):
-        yield w, b
-        return
-    import deepspeed
-
-    params = [p for p in (w, b) if p is not None]
-    if any(p.requires_grad for p in params):
-        raise QLoRADSError("chunked loss under ZeRO-3 needs a frozen LM head (a trained head is partitioned); "
-                           "run with --no-chunked-loss or freeze the head")
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        copies = (w.detach().clone(), None if b is None else b.detach().clone())
-    yield copies
 
 
 def causal_lm_loss(model, batch: dict, chunked: bool = True, chunk_tokens: int | None = None,
@@ -77,20 +61,27 @@ def causal_lm_loss(model, batch: dict, chunked: bool = True, chunk_tokens: int |
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     head = getattr(model, "module", model).get_output_embeddings()
     seen: list[torch.Tensor] = []
+    losses: list[torch.Tensor] = []
 
     def take_hidden(_module, args):
         seen.append(args[0])
         return (args[0][..., :0, :],) + tuple(args[1:])
 
-    handle = head.register_forward_pre_hook(take_hidden)
+    def head_loss(module, _args, _output):      # before ZeRO-3's release hook: the weight is whole here
+        if len(seen) == 1 and seen[0].shape[:-1] == labels.shape:
+            losses.append(linear_cross_entropy(seen[0], module.weight, getattr(module, "bias", None), labels,
+                                               ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
+                                               chunk_tokens=chunk_tokens))
+
+    handles = [head.register_forward_pre_hook(take_hidden, prepend=True),
+               head.register_forward_hook(head_loss, prepend=True)]
     try:
         model(**inputs, use_cache=False)
     finally:
-        handle.remove()
-    if len(seen) != 1 or seen[0].shape[:-1] != labels.shape:
+        for handle in handles:
+            handle.remove()
+    if len(seen) != 1 or not losses:
         raise QLoRADSError(f"the model's forward called its output embedding {len(seen)} time(s)"
                            f"{' on ' + str(tuple(seen[0].shape)) if seen else ''}, not once on the hidden states of "
                            f"{tuple(labels.shape)} tokens; run with --no-chunked-loss")
-    with _head_weight(head) as (weight, bias):
-        return linear_cross_entropy(seen[0], weight, bias, labels, ignore_index=ignore_index,
-                                    num_items_in_batch=num_items_in_batch, chunk_tokens=chunk_tokens)
+    return losses[0]

@@ -179,11 +179,12 @@ def test_zero3_two_ranks_uneven_heldout_shards(tiny, tmp_path):
     ds["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
     (tmp_path / "z3.json").write_text(json.dumps(ds))
     out = tmp_path / "z3"
-    # the default (chunked loss on) falls back to the full logits under ZeRO-3: the chunked path broke ZeRO-3's
-    # backward hooks ("active_backward_submodules is empty"), see qlora_ds/loss.py chunked_supported
+    # the default: the chunked loss, through ZeRO-3's backward hooks (no fallback to the full logits)
     args = _args(tiny, out, "--max-steps", "2", "--eval-size", "3", "--ds-config", str(tmp_path / "z3.json"),
                  "--sample-prompt", "Hi")
-    check(run_deepspeed(FINETUNE, *args, timeout=240))
+    proc = run_deepspeed(FINETUNE, *args, timeout=240)
+    check(proc)
+    assert "chunked LM-head loss not used" not in proc.stdout + proc.stderr
     evals = [r for r in _metrics(out) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 2] and all(math.isfinite(r["eval_loss"]) for r in evals)
     summary = json.loads((out / "summary.json").read_text())
