@@ -251,6 +251,11 @@ def with_plan(r: dict) -> dict:
         return r
 
 
+def _box(r: dict) -> str:
+    """Which CPU a row ran on (rows before ``cpu_isa`` was recorded are from the AVX2 box) and its threads."""
+    return f"{r.get('cpu_isa') or 'avx2'} x{r.get('threads', '?')}, load {r.get('loadavg_1m', '?')}"
+
+
 def table(rows: list[dict]) -> str:
     out = []
     for r in map(with_plan, rows):
@@ -261,7 +266,7 @@ def table(rows: list[dict]) -> str:
             out.append([r["model"], f"{r['params'] / 1e9:.2f}", "ours", "zero3 x2 load", "-",
                         _mib(max((k["peak_load"] for k in ranks), default=None)) if ok else r["status"],
                         _mib(r.get("planned_peak_load")), "-", "-",
-                        f"held {held:.3f}" if held else ""])
+                        f"held {held:.3f}; {_box(r)}" if held else _box(r)])
             continue
         peak = r.get("peak_step" if r["what"] == "step" else "peak_load")
         planned = r.get("planned_peak_step" if r["what"] == "step" else "planned_peak_load")
@@ -269,7 +274,7 @@ def table(rows: list[dict]) -> str:
         out.append([r["model"], f"{r['params'] / 1e9:.2f}", r["impl"], f"{r['what']} {r.get('dtype', '')}",
                     "-" if t is None else f"{t:.1f}", _mib(peak) if ok else r["status"], _mib(planned),
                     f"{planned / peak:.3f}" if ok and planned else "-",
-                    _mib(r.get("rss_after_load")) if ok else "-", ""])
+                    _mib(r.get("rss_after_load")) if ok else "-", _box(r)])
     return format_table(["model", "B params", "impl", "what", "s", "peak RSS MiB", "planned MiB", "planned/measured",
                          "RSS after load MiB", "note"], out)
 

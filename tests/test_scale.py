@@ -62,6 +62,12 @@ def test_load_peak_is_at_the_largest_transient():
     assert fp32.resident - est.resident == pytest.approx(2 * (2 * 32000 * 4096 + 65 * 4096), rel=1e-6)
     z3 = host.estimate_load(cfg, world=2, zero_stage=3)
     assert z3.resident == pytest.approx((est.resident - host.LOAD_OVERHEAD_BYTES) / 2 + host.LOAD_OVERHEAD_BYTES)
+    # ZeRO-3: a 16-bit tensor and its 1/world partition are alive together (DeepSpeed's _partition_param); with
+    # Qwen2's 151936-row tied embedding that is rank 0's peak, before any layer is resident
+    qwen = {k: v for k, v in scale.SHAPES["qwen2-0.5b"].items() if not k.startswith("_")}
+    zq = host.estimate_load(qwen, world=2, zero_stage=3)
+    emb = 2 * 151936 * 896
+    assert zq.where == "embed_tokens" and zq.largest_transient == emb + emb // 2
 
 
 def test_fp32_compute_doubles_activations_and_drops_the_master_copy():

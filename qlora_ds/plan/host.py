@@ -28,16 +28,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import QLoRADSError
-from .memory import ALL_LINEAR, DTYPE_BYTES, MiB, MemoryEstimate, PlanConfig, estimate_memory
+from .memory import (ALL_LINEAR, DTYPE_BYTES, FRAGMENTATION, MiB, MemoryEstimate, PlanConfig, activation_bytes,
+                     base_weight_bytes, estimate_memory, lora_params)
 from .presets import ModelShape, shape_from_hf_config
 
-# ---- the frozen calibration (bench/scale.py on llama-0.4b = SmolLM2-360M's shape, 2026-12-03, AMD EPYC,
-# torch 2.13.0, transformers 5.23.0, deepspeed 0.19.8). Do not refit on other models: they validate it.
+# ---- the frozen calibration: bench/scale.py on llama-0.4b (SmolLM2-360M's shape) only, 2026-12-03, AMD EPYC
+# (AVX-512 + AVX512_BF16, 2 cores), torch 2.13.0, transformers 5.23.0, deepspeed 0.19.8, bf16 step at seq 256,
+# 1 thread. Do not refit on other models: they validate it. (AVX2 box, same model: 371 / 248 / 140 / 8 MiB.)
 CALIBRATION_MODEL = "llama-0.4b"
-RUNTIME_BYTES = 371 * MiB          # bench/scripts/scale_worker.py after its imports and warm-up
-ZERO3_RUNTIME_BYTES = 248 * MiB    # bench/scripts/zero3_load.py rank before from_pretrained (DeepSpeed imported)
-ZERO3_LAZY_IMPORT_BYTES = 140 * MiB  # that script's first from_pretrained imports the modeling code + op
-LOAD_OVERHEAD_BYTES = 8 * MiB      # non-tensor memory of the built model (modules, hooks), measured after load
+RUNTIME_BYTES = 372 * MiB          # bench/scripts/scale_worker.py after its imports and warm-up (371.6 measured)
+ZERO3_RUNTIME_BYTES = 249 * MiB    # bench/scripts/zero3_load.py rank before from_pretrained (DeepSpeed imported)
+ZERO3_LAZY_IMPORT_BYTES = 136 * MiB  # that script's first from_pretrained imports the modeling code + op
+LOAD_OVERHEAD_BYTES = 9 * MiB      # non-tensor memory of the built model (modules, hooks), measured after load (8.7)
+STEP_RUNTIME_BYTES = 43 * MiB      # what the first step adds beyond its tensors (kernel code, autograd, oneDNN, heap)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,13 @@ def nf4_dq_bytes(n: int, blocksize: int = 64, nested: int = 256) -> int:
     """Stored bytes of one NF4 + double-quant weight of n elements (QLoRALinear's frozen parameters)."""
     blocks = -(-n // blocksize)
     return (n + 1) // 2 + blocks + 4 * -(-blocks // nested) + 4
+
+
+def _ds_partition(nbytes: float, elem: int, world: int) -> float:
+    """Bytes of one rank's ZeRO-3 partition of a tensor of ``nbytes``: DeepSpeed pads the element count to
+    a multiple of world (``_aligned_size``) and each rank keeps ``aligned // world`` elements."""
+    n = -(-int(nbytes) // elem)
+    return -(-n // world) * elem
 
 
 def load_order(cfg: dict) -> list[tuple[str, int, bool, int, int]]:
@@ -98,9 +108,11 @@ def estimate_load(cfg: dict, dtype: str = "bf16", lora_r: int = 16, world: int =
         else:
             kept = e * n
             transient = read if e != 2 else kept
+        if share > 1:   # zero.Init's _partition_param: the 1/world ds_tensor is allocated while the whole is alive
+            transient = max(transient, kept + _ds_partition(kept, e, world))
         if resident + transient > best:
             best, where, at_peak = resident + transient, name, transient
-        resident += kept / share
+        resident += kept / share if share == 1 else _ds_partition(kept, e if not quantized else 1, world)
     resident_total = resident + LOAD_OVERHEAD_BYTES
     peak = max(best, resident) + LOAD_OVERHEAD_BYTES + runtime_bytes
     return LoadEstimate(resident_total, peak, runtime_bytes, at_peak, where)
@@ -118,6 +130,64 @@ def step_config(cfg: dict, dtype: str = "fp32", seq_len: int = 256, batch: int =
 
 
 @dataclass(frozen=True)
+class StepEstimate:
+    """The first training step as bench/scripts/scale_worker.py runs it, phase by phase (bytes)."""
+    base: float              # resident model + LoRA A/B + process runtime + the step's non-tensor memory
+    phases: dict             # transient bytes of "loss", "layers", "optimizer" (each on top of ``base``)
+    fragmentation: float
+
+    @property
+    def peak(self) -> float:
+        worst = max(self.phases, key=self.phases.get)
+        return self.base + self.phases[worst] * (1 + (self.fragmentation if worst != "optimizer" else 0))
+
+    @property
+    def where(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    def as_dict(self) -> dict:
+        return {"base_mib": round(self.base / MiB, 1), "peak_mib": round(self.peak / MiB, 1), "peak_in": self.where,
+                **{f"{k}_mib": round(v / MiB, 1) for k, v in self.phases.items()}}
+
+
+def estimate_first_step(cfg: dict, dtype: str = "fp32", seq_len: int = 256, batch: int = 1,
+                        lora_r: int = 16) -> StepEstimate:
+    """Peak RSS of the first step: plain torch AdamW on the LoRA A/B, which stay fp32 as ``QLoRALinear``
+    builds them whatever the compute dtype (the forward casts them): fp32 grads, no master copy. Under
+    non-reentrant checkpointing the step passes through three phases that do not overlap:
+
+    * loss: the layer inputs saved by checkpointing (L·b·s·e·h), the 12 B/logit of the loss backward
+      (``memory.activation_bytes``) and the kept-weight pool after the forward — one buffer of the largest
+      linear (the discarded first pass frees each at once, so the next linear reuses it); no LoRA gradient
+      exists yet in the first step;
+    * layers (backward from the last layer to the first): every LoRA gradient (fp32, at most), the saved
+      inputs, one recomputed layer's activations with the gradient in flight, the pool holding that layer's
+      weights (at most its limit) and, when a layer does not fit in the pool, the dequantization workspace;
+    * optimizer: the gradients and Adam's two fp32 moments, allocated in that first step; the pool and the
+      workspace stay allocated (``qlora_ds.nn.functional``'s caches), so they are alive here too.
+
+    The fp32 logits of the loss are freed before the first layer's backward, so they do not add to it
+    (``memory.estimate_memory`` sums the backward terms, an upper bound). Memory kept per batch shape after
+    a step (``memory.cpu_shape_cache_bytes``) is not alive inside the first one."""
+    pc = step_config(cfg, dtype, seq_len, batch, lora_r)
+    shape, e, tokens = pc.shape, pc.elem, batch * seq_len
+    p = lora_params(shape, lora_r, pc.lora_targets)
+    act = activation_bytes(pc)
+    stored = shape.layers * tokens * e * shape.hidden
+    largest = max(a * b for a, b in shape.linears().values()) * e
+    per_layer = shape.linear_params_per_layer * e
+    keep = min(pc.keep_dequant_bytes, per_layer)
+    pools = keep + (largest if per_layer > pc.keep_dequant_bytes else 0)   # allocated once, then kept
+    phases = {"loss": stored + min(largest, keep) + act["logits_loss"],
+              "layers": 4 * p + act["activations"] + pools,
+              "optimizer": 4 * p + 8 * p + pools}
+    weights = base_weight_bytes(shape, pc.base_bits_per_param, e)
+    base = (weights["quantized_linears"] + weights["embeddings_norms"] + 4 * p + RUNTIME_BYTES + LOAD_OVERHEAD_BYTES
+            + STEP_RUNTIME_BYTES)
+    return StepEstimate(base, phases, FRAGMENTATION)
+
+
+@dataclass(frozen=True)
 class Prediction:
     peak: float
     detail: object           # LoadEstimate | MemoryEstimate
@@ -131,6 +201,9 @@ def predict(cfg: dict, phase: str, dtype: str = "bf16", seq_len: int = 256, worl
         est = estimate_load(cfg, dtype, world=world, zero_stage=zero_stage)
         return Prediction(est.peak, est)
     if phase == "step":
+        if first_step:
+            est = estimate_first_step(cfg, dtype, seq_len)
+            return Prediction(est.peak, est)
         mem: MemoryEstimate = estimate_memory(step_config(cfg, dtype, seq_len))
-        return Prediction(mem.first_step_peak if first_step else mem.peak, mem)
+        return Prediction(mem.peak, mem)
     raise QLoRADSError(f"phase={phase!r}: use 'load' or 'step'")
