@@ -337,6 +337,7 @@ def build_model(run: Run):
     from transformers import AutoTokenizer
 
     from qlora_ds.inject import from_pretrained
+    from qlora_ds.nn import guards
     from qlora_ds.memstats import rss
 
     args = run.args
@@ -346,6 +347,7 @@ def build_model(run: Run):
     runtime = 0 if torch.cuda.is_available() else rss()     # the planner's runtime term, measured
     dtype = compute_dtype(run.ds_config)
     model = from_pretrained(args.model, adapter_config(args, dtype), ds_config=run.ds_config, torch_dtype=dtype)
+    guards.watch(model)      # module names; an fp16 overflow in a no-grad forward (held-out, samples) raises, naming it
     if args.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -404,6 +406,8 @@ class Loop:
         self.widest = 0                        # the widest batch met, for the planner check at the end
         self.losses, self.tokens, self.t_last = [], 0, time.perf_counter()
         self.bar = None
+        from qlora_ds.overflow import OverflowMonitor
+        self.overflow, self.skip = OverflowMonitor(engine), None   # the last skipped step's report (module named)
         self.seconds = {"held_out": 0.0, "checkpoints": 0.0}   # inside the loop: what is not training
 
     def next_batch(self) -> dict:
@@ -432,11 +436,14 @@ class Loop:
         self.micro_step += 1
         if not bad:
             return loss
+        from qlora_ds.nn import guards
+        where = guards.take_overflow()                 # fp16: the first module whose values overflowed, if any
+        text = f"non-finite loss at step {self.step} (micro step {self.micro_step - 1}) on at least one rank"
         if run.args.nan_policy == "stop":
-            raise FloatingPointError(f"non-finite loss at step {self.step} (micro step {self.micro_step - 1}) on at "
-                                     f"least one rank; lower --lr, check the data, or pass --nan-policy skip")
+            fix = "lower --lr, check the data, or pass --nan-policy skip"
+            raise where.error(f"{text} ({fix})") if where else FloatingPointError(f"{text}; {fix}")
         if run.rank == 0:
-            log.warning("non-finite loss at step %d: skipped on every rank", self.step)
+            log.warning("%s: skipped on every rank%s", text, f"; {where.describe()}" if where else "")
         return None
 
     def log_step(self, mean_loss: float) -> None:
@@ -446,6 +453,9 @@ class Loop:
         # DeepSpeed skips the optimizer step on a gradient overflow (fp16 loss scaling; bf16 overflow check)
         row = dict(step=self.step, loss=mean_loss, lr=lr, tokens_per_s=tok_s, mem_mb=mem,
                    skipped_steps=int(self.engine.skipped_steps))
+        if self.skip:                                  # a step skipped on overflow since the last row
+            row.update(overflow_module=self.skip["overflow_module"], overflow_at=self.skip["overflow_at"])
+            self.skip = None
         scale = loss_scale(self.engine)
         if scale is not None:
             row["loss_scale"] = scale
@@ -481,7 +491,7 @@ class Loop:
             if loss is None:
                 continue
             self.engine.backward(loss)
-            self.engine.step()
+            self.skip = self.overflow.step() or self.skip     # engine.step(); a skipped step is reported, not raised
             self.losses.append(loss.item())
             self.tokens += batch_tokens(batch, self.pad_id)
             if len(self.losses) < run.accum:     # counts only micro-batches that stepped, as DeepSpeed's boundary

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import QLoRADSError
+from ..hardware import ds_compute_dtype
 from ..nn.config import QALoRAConfig, QLoRAConfig
 from .checkpoint import BNB_STATE, Checkpoint
 from .policies import Policy
@@ -359,6 +360,12 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
                             module._buffers[name] = ckpt.get(key).to(b.dtype)
                         loaded_buffers.append((module, name))
             if stage == 3 and new_params:
+                if ds_compute_dtype(ds_config) == torch.float16:
+                    # ZeRO-3 takes its loss scaler from the trainable parameters' dtype: fp32 LoRA weights there mean
+                    # a static scale of 1 (no dynamic fp16 loss scaling); its optimizer keeps the fp32 masters
+                    for p in new_params:
+                        if p.dtype == torch.float32:
+                            p.data = p.data.half()
                 _zero3_partition(new_params, ds_config)
             if mpath in layer_set:
                 _release_freed_memory()
