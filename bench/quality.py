@@ -186,7 +186,7 @@ def run_one(name: str, seed: int, lr: float, args, data, writer, device, phase: 
             requantize(model, merged, bits, "rtn")
             evals.append((f"{name} merged RTN-INT{bits}", ev()))
         if gptq:
-            for bits in BITS:
+            for bits in args.gptq_bits:
                 requantize(model, merged, bits, "gptq", calib)
                 evals.append((f"{name} merged GPTQ-INT{bits}", ev()))
     eval_s = time.perf_counter() - t1
@@ -308,6 +308,8 @@ def main(argv=None) -> int:
                                                 "with --sweep, else its grid's middle value)")
     ap.add_argument("--sweep", action="store_true", help="lr grid on the first seed, best lr on the others")
     ap.add_argument("--no-gptq", dest="gptq", action="store_false", help="skip the QLoRA -> GPTQ evals")
+    ap.add_argument("--gptq-bits", default="4,3,2", help="bit widths of the QLoRA -> GPTQ evals (GPTQ takes minutes "
+                                                         "per width on a CPU core)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200; 3 --quick)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
@@ -332,6 +334,9 @@ def main(argv=None) -> int:
     args.steps = args.steps or (3 if args.quick else 200)
     args.heldout = args.heldout or (8 if args.quick else 128)
     args.calibration = args.calibration or (4 if args.quick else 128)
+    args.gptq_bits = [int(b) for b in args.gptq_bits.split(",") if b]
+    if any(b not in BITS for b in args.gptq_bits):
+        ap.error(f"--gptq-bits {args.gptq_bits}: each must be one of {BITS}")
     names = args.variants.split(",")
     for n in names:
         try:

@@ -36,3 +36,22 @@ def test_bench_quant_quick_appends_rows(tmp_path):
     for bits in (2, 3, 4):
         assert ("qlora_ds", "intn", "dequantize", f"int{bits}", None) in ops
     assert not any(r["impl"] == "bitsandbytes" for r in rows) or any(r.get("vs_bnb") for r in rows)
+
+
+def test_bench_quality_variants_and_summary():
+    """bench quality: variant names parse, and the summary keeps the lr run on most seeds with its mean ± std."""
+    import pytest
+    from bench import quality as q
+    assert q.parse_variant("qalora-int3-sum") == ("qalora", 3, "sum")
+    assert q.parse_variant("bf16-lora") == ("lora", None, None)
+    with pytest.raises(ValueError, match="unknown variant"):
+        q.parse_variant("qalora-int5")
+    with pytest.raises(SystemExit):
+        q.main(["--gptq-bits", "8", "--quick"])
+    row = lambda lr, seed, loss, phase: {"eval": "qalora-int3-sum merged", "lr": lr, "seed": seed,  # noqa: E731
+                                         "heldout_loss": loss, "phase": phase, "loss_before": 4.0}
+    rows = [row(1e-4, 0, 1.0, "sweep"), row(3e-4, 0, 0.5, "sweep"), row(1e-4, 1, 2.0, "seeds"),
+            row(1e-4, 2, 3.0, "seeds")]
+    table, sweep, best = q.summarize(rows)
+    assert best["qalora-int3-sum merged"] == (1e-4, [1.0, 2.0, 3.0])
+    assert "2.0000 ± 1.0000" in table and "0.5000" in sweep and "1.0000" in sweep
