@@ -71,6 +71,9 @@ def worker(args) -> dict:
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(1234)).tolist()[:args.examples]
     examples = tokenize_records([records[i] for i in order], tok, args.max_len)
     if args.worker == "packed":
+        from qlora_ds.data.packing import check_packing_supported
+        from transformers import AutoConfig
+        check_packing_supported(AutoConfig.from_pretrained(args.model))   # + SDPA per example (as finetune)
         rows = pack_examples(examples, args.max_len)
         batches = [collate_packed([r], pad) for r in rows]
     else:

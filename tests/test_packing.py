@@ -99,3 +99,38 @@ def test_unsupported_architecture_refused():
     for arch in ("opt", "bloom", "falcon"):
         with pytest.raises(QLoRADSError, match="--packing is not supported"):
             check_packing_supported(tiny_model(arch).config)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_attention_per_example_same_logits(arch, monkeypatch):
+    """check_packing_supported routes SDPA over packed rows per example: the same logits as transformers'
+    block-diagonal masked SDPA; a padded (unpacked) batch still goes through transformers' own function."""
+    from transformers.modeling_utils import AttentionInterface
+
+    from qlora_ds.data import collate
+    from qlora_ds.nn import packed_attention as pa
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", AttentionInterface._global_mapping["sdpa"])
+    model = tiny_model(arch)
+    examples = _examples(model.config.vocab_size, [13, 5, 20, 9, 7, 16, 3, 11])
+    rows = pack_examples(examples, 32)
+    packed, padded = collate_packed(rows, 0, 8, 32), collate(examples[:3], pad_id=0)
+    with torch.no_grad():
+        ref = model(**packed, use_cache=False).logits, model(**padded, use_cache=False).logits
+    check_packing_supported(model.config)
+    assert AttentionInterface._global_mapping["sdpa"] is pa.packed_sdpa_forward
+    calls = []
+    real = pa._per_example
+    monkeypatch.setattr(pa, "_per_example", lambda *a: (calls.append(a[3]), real(*a))[1])
+    with torch.no_grad():
+        got = model(**packed, use_cache=False).logits
+        assert len(calls) == model.config.num_hidden_layers
+        bounds = [[(s, e) for s, e in segs] for segs in calls[0]]
+        for r, row in enumerate(rows):            # every example its own segment, the padding one more
+            starts = (row["position_ids"] == 0).nonzero().squeeze(1).tolist()
+            assert [s for s, _ in bounds[r]][:len(starts)] == starts
+        calls.clear()
+        got_padded = model(**padded, use_cache=False).logits
+    assert calls == []
+    assert torch.allclose(got, ref[0], rtol=1e-5, atol=1e-5), (got - ref[0]).abs().max()
+    assert torch.equal(got_padded, ref[1])

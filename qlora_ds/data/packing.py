@@ -3,7 +3,9 @@
 Each example keeps its own ``position_ids`` (0, 1, … from its first token), and the batch carries no
 ``attention_mask``: transformers 5.23 (``masking_utils.find_packed_sequence_indices``) then reads the example
 boundaries from the position resets and builds a block-diagonal causal mask for SDPA/eager, and its flash-attention
-path runs varlen over the same boundaries, so attention never crosses from one example into another. The first
+path runs varlen over the same boundaries, so attention never crosses from one example into another; on SDPA,
+``check_packing_supported`` installs ``qlora_ds.nn.packed_attention``, which runs that mask as causal SDPA per
+example. The first
 token of every example is labelled IGNORE: it is never a target in the unpacked run either (the shift drops it),
 and here it would otherwise be the target of the previous example's last token. With that, every target token
 sees the same context and gets the same loss as unpacked.
@@ -27,10 +29,14 @@ PACKING_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "gpt_neox", "gpt2"
 
 
 def check_packing_supported(model_config) -> None:
+    """Refuse model types that packing would change the loss of; else route SDPA over packed rows per example
+    (``qlora_ds.nn.packed_attention``: the same result, ``Σ len²`` instead of ``T²`` attention per row)."""
     kind = getattr(model_config, "model_type", None)
     if kind not in PACKING_MODEL_TYPES:
         raise QLoRADSError(f"--packing is not supported for model_type {kind!r} (positions or masks do not follow "
                            f"position_ids resets); supported: {sorted(PACKING_MODEL_TYPES)}; drop --packing")
+    from ..nn.packed_attention import install
+    install()
 
 
 def pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:
