@@ -585,3 +585,57 @@ def test_cuda_ops_refuse_tensors_on_two_devices():
         quant.dequantize_8bit_blockwise(torch.zeros(64, dtype=torch.uint8, device="cuda:0"),
                                         torch.ones(1, device="cuda:0"), torch.zeros(256, device=other), 64, 0.0,
                                         torch.empty(64, device="cuda:0"))
+
+
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
+def optim_isa(request):
+    """The compiled CPU optimizer op on each SIMD path this CPU can run (the op picks one at run time)."""
+    op = _op.paged_op("cpu")
+    assert op is not None, "the compiled paged_optim CPU op must build here"
+    if request.param not in op.supported_cpu_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} path (it runs {op.supported_cpu_isas()})")
+    before = op.cpu_isa()
+    op.set_cpu_isa(request.param)
+    yield op
+    op.set_cpu_isa(before)
+
+
+def test_every_cpu_isa_path_is_bit_identical(optim_isa):
+    """The fp32 step on this SIMD path == the scalar path bit for bit (the fma is explicit, nothing is contracted,
+    vector sqrt/div round as the scalar ones), moments == torch's AdamW bit for bit and params within an ulp of it
+    (torch's own vectorized sqrt is Sleef's, not always correctly rounded); the 8-bit fused step == the unfused
+    one on the same path."""
+    from qlora_ds.optim.adamw import _maps
+
+    op = optim_isa
+    isa = op.cpu_isa()
+    gen = torch.Generator().manual_seed(7)
+    n, blocksize = 70000 + 13, 256                      # several OpenMP chunks, a partial one last
+    p0, m0, v0 = torch.randn(n, generator=gen), torch.randn(n, generator=gen), torch.rand(n, generator=gen)
+    grads = [torch.randn(n, generator=gen) for _ in range(3)]
+    for lr, b1, b2, wd in [(1e-3, 0.9, 0.999, 0.01), (3e-2, 0.0, 0.9, 0.0)]:
+        runs = {}
+        for path in (isa, "scalar"):
+            op.set_cpu_isa(path)
+            state = [t.clone() for t in (p0, m0, v0)]
+            for step, g in enumerate(grads, 1):
+                op.adamw_step(state[0], g, state[1], state[2], lr, b1, b2, 1e-8, wd, step)
+            runs[path] = state
+        op.set_cpu_isa(isa)
+        assert all(torch.equal(a, b) for a, b in zip(runs[isa], runs["scalar"])), (isa, lr)
+        ref = [t.clone() for t in (p0, m0, v0)]
+        for step, g in enumerate(grads, 1):
+            _op.torch_adamw(ref[0], g, ref[1], ref[2], lr, b1, b2, 1e-8, wd, step)
+        torch.testing.assert_close(runs[isa][0], ref[0], rtol=3e-7, atol=1e-8)
+        # v is torch's bit for bit; m too, but its step-t value reads m of step t-1, not the ulp-off params
+        assert torch.equal(runs[isa][2], ref[2]) and torch.equal(runs[isa][1], ref[1]), (isa, lr)
+
+    ours, ref = p0.clone(), p0.clone()
+    s_ours, s_ref = _state8(n, blocksize), _state8(n, blocksize)
+    hp = (1e-2, 0.9, 0.999, 1e-8, 0.05)
+    for step in range(1, 4):
+        g = torch.randn(n, generator=gen) * (10.0 ** -step)
+        _op.adamw_8bit(ours, g, s_ours["qm"], s_ours["am"], s_ours["qv"], s_ours["av"], _maps(ours.device),
+                       blocksize, *hp, step)
+        _unfused_8bit(ref, g, s_ref, blocksize, hp, step, op.adamw_step)
+        assert torch.equal(ours, ref) and all(torch.equal(s_ours[k], s_ref[k]) for k in s_ours), (isa, step)
