@@ -163,11 +163,12 @@ def test_cpu_isa_selection(cpu_op, monkeypatch):
 
 def test_cpu_op_is_built_portably():
     """No -march=native / host SIMD macros: a prebuilt op must run on any CPU of its architecture."""
-    from qlora_ds.ops.builder import QuantCPUBuilder
+    from qlora_ds.ops.builder import PagedOptimCPUBuilder, QuantCPUBuilder
 
-    args = QuantCPUBuilder().cxx_args()
-    assert not [a for a in args if a.startswith(("-march", "-mcpu", "-mtune", "-D__AVX"))], args
-    assert "-ffp-contract=off" in args
+    for builder in (QuantCPUBuilder, PagedOptimCPUBuilder):
+        args = builder().cxx_args()
+        assert not [a for a in args if a.startswith(("-march", "-mcpu", "-mtune", "-D__AVX"))], (builder, args)
+        assert "-ffp-contract=off" in args and "-ffast-math" not in args, (builder, args)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
