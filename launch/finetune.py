@@ -24,6 +24,7 @@ from qlora_ds.cli import run_main
 from qlora_ds.errors import QLoRADSError
 from qlora_ds.ds_config import resolve_ds_config
 from qlora_ds.hardware import DTYPE_CHOICES, ds_compute_dtype, dtype_name
+from qlora_ds.overflow import OverflowMonitor, loss_scale
 
 log = logging.getLogger("finetune")
 RUN_CONFIG = "run_config.json"
@@ -406,7 +407,6 @@ class Loop:
         self.widest = 0                        # the widest batch met, for the planner check at the end
         self.losses, self.tokens, self.t_last = [], 0, time.perf_counter()
         self.bar = None
-        from qlora_ds.overflow import OverflowMonitor
         self.overflow, self.skip = OverflowMonitor(engine), None   # the last skipped step's report (module named)
         self.seconds = {"held_out": 0.0, "checkpoints": 0.0}   # inside the loop: what is not training
 
@@ -512,15 +512,6 @@ class Loop:
                 self.seconds["checkpoints"] += time.perf_counter() - t0
             faults.inject("kill_after_step", self.step)
         self.bar.close()
-
-
-def loss_scale(engine) -> float | None:
-    """The fp16 dynamic loss scale DeepSpeed's optimizer wrapper holds (None without fp16)."""
-    if not engine.fp16_enabled():
-        return None
-    opt = engine.optimizer
-    scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
-    return float(scale) if scale is not None else None
 
 
 def finish(run: Run, engine, model, tokenizer, metrics, loop: Loop, runtime: int, before: str | None,
