@@ -334,6 +334,7 @@ def plot(rows: list[dict], png: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     series = {}
     for r in rows:
@@ -362,10 +363,13 @@ def plot(rows: list[dict], png: Path) -> None:
         ax.set_ylabel(yl)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks([0.1, 0.2, 0.5, 1, 2, 5, 10], ["0.1", "0.2", "0.5", "1", "2", "5", "10"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     m = rows[-1] if rows else {}
-    fig.suptitle(f"{m.get('device_name', '?')}, {m.get('cpu_count', '?')} CPUs, load avg {m.get('loadavg_1m', '?')}, "
+    fig.suptitle(f"{m.get('device_name', '?')} ({m.get('cpu_isa') or 'avx2'}), {m.get('cpu_count', '?')} CPUs, "
+                 f"{m.get('threads', '?')} thread(s), load avg {m.get('loadavg_1m', '?')}, "
                  f"compute {m.get('compute_dtype', '?')}; ours = qlora_ds, bnb = transformers + bitsandbytes NF4+DQ")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)

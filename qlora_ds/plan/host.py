@@ -14,14 +14,19 @@ Load, from first principles (what the loader does, tensor by tensor, in ``named_
   back to the OS at ``free``, small ones at the loader's ``malloc_trim`` after each layer. So the peak is
   the largest (resident so far + this tensor's transient) over the load order, not a sum.
 
-Not derivable from the shapes — the memory the process holds before the model (interpreter, torch,
-transformers, qlora_ds and its compiled op; with DeepSpeed for a ZeRO-3 rank) and the non-tensor memory
-that the first training step adds (code pages of the kernels it runs, autograd and oneDNN state). These
-are the only constants; they were measured once on ONE model, ``CALIBRATION_MODEL``, and frozen here.
-Every other model's prediction is out of sample (bench/RESULTS.md, "Scale").
+ZeRO-3 (2 ranks): rank 0 reads and quantizes, ``deepspeed.zero.Init`` then broadcasts each parameter and
+allocates this rank's 1/world partition while the whole tensor is still alive (``_partition_param``), so
+a 16-bit tensor costs 1.5x itself for a moment: with Qwen2's tied 151936-row embedding that is the peak.
 
-Step: ``estimate_memory`` (the DeepSpeed planner, plain fp32/bf16 training at ZeRO-0 when compute is fp32)
-with the runtime above; ``first_step_peak`` when the measurement covers the first step only.
+Step (the first one, as bench/scripts/scale_worker.py runs it): ``estimate_first_step``, three phases that
+do not overlap under non-reentrant checkpointing (loss backward; the layers' backward; Adam's first step).
+
+Not derivable from the shapes — the memory the process holds before the model (interpreter, torch,
+transformers, qlora_ds and its compiled op; with DeepSpeed for a ZeRO-3 rank), the non-tensor memory of
+the built model, and what the first training step adds beyond its tensors (code pages of the kernels it
+runs, autograd and oneDNN state, heap kept by the allocator). These are the only constants (plus the 5 %
+fragmentation allowance of ``memory.py``); they were measured once on ONE model, ``CALIBRATION_MODEL``,
+and frozen here. Every other model's prediction is out of sample (bench/RESULTS.md, "scale").
 """
 from __future__ import annotations
 
