@@ -33,3 +33,38 @@ def write_chat_dataset(path: str, n: int = 96) -> str:
         for pair in chatterbot_pairs()[:n]:
             fh.write(json.dumps(pair) + "\n")
     return path
+
+
+CHAT_PAIRS = [("What is AI?", "A branch of computer science."), ("Hi there", "Hello, how are you?"),
+              ("Name a color", "Blue is a color."), ("Count to three", "One two three.")]
+WORD_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def write_word_level_run(root: str, repeat: int = 10, seed: int = 0) -> dict:
+    """A fast stand-in for the SmolLM2 tokenizer (whose GGUF parse takes seconds): a word-level tokenizer of
+    CHAT_PAIRS' words with a chat template, the tiny random Llama of tests/tiny_models.py over its vocabulary
+    (safetensors), and CHAT_PAIRS x ``repeat`` as a JSONL dataset. Returns {"model", "data"}."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from .tiny_models import tiny_config
+
+    words = sorted({w for q, a in CHAT_PAIRS for w in f"{q} {a}".split()})
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>",
+                                         "<|system|>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.chat_template = WORD_TEMPLATE
+    model_dir = os.path.join(root, "model")
+    fast.save_pretrained(model_dir)
+    config = tiny_config("llama", vocab=len(vocab))
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 2, 3, 1
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
+    data = os.path.join(root, "chat.jsonl")
+    with open(data, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps({"instruction": q, "response": a}) + "\n" for q, a in CHAT_PAIRS * repeat)
+    return {"model": model_dir, "data": data}

@@ -274,3 +274,86 @@ def test_deepspeed_fp16_skips_reports_and_resumes_the_scale(tmp_path):
         assert row["forced"]["module"].startswith("model.layers.") and row["forced"]["at"]
         assert row["restored"] == {"step": 3, "scale": 128.0, "skipped": 1}
         assert all(row["checks"].values()), row["checks"]
+
+
+# ------------------------------------------------------------------ launch/finetune.py --dtype fp16, in process
+
+def _finetune(argv):
+    """launch/finetune.py's main in this process (a world of one)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune", os.path.join(REPO, "launch", "finetune.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def test_finetune_fp16_skips_name_the_module_and_resume_keeps_the_scale(tmp_path, monkeypatch):
+    """finetune --dtype fp16 (ZeRO-2, one process, word-level tiny Llama) from a loss scale of 2^24, far above what
+    its gradients fit in fp16 (2^16-2^17 here): the first steps overflow and are skipped, each halving the scale
+    (hysteresis 1, no growth) and naming the first module that overflowed in metrics.jsonl; the adapter stays
+    untrained. --resume continues from the checkpoint's scale and skipped count (a fresh scaler would start again
+    at 2^23 with 1 skipped) down to a scale that trains."""
+    from deepspeed.accelerator import get_accelerator
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import qlora_ds.distributed as qdist
+    from .finetune_fixtures import write_word_level_run
+
+    paths = write_word_level_run(str(tmp_path))
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: True)   # as scripts/gpu/fp16.py --cpu-fp16
+    monkeypatch.setenv("QLORA_DS_SECRET_DIR", str(tmp_path / "secrets"))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):   # init_distributed sets them
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)                  # recorded by setenv: restored (or removed) after the test
+    shutdown = qdist.shutdown      # one process group for both runs: DeepSpeed caches its groups across engines
+    monkeypatch.setattr(qdist, "shutdown", lambda: None)
+    with open(os.path.join(REPO, "configs", "ds_cpu_demo.json")) as fh:
+        ds = json.load(fh)
+    ds.update(train_batch_size=2, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
+    ds["fp16"] = {"enabled": "auto", "initial_scale_power": 24, "hysteresis": 1, "loss_scale_window": 1000}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    out = tmp_path / "run"
+    argv = ["--model", paths["model"], "--dataset", paths["data"], "--output-dir", str(out), "--ds-config",
+            str(tmp_path / "ds.json"), "--dtype", "fp16", "--lora-r", "4", "--max-len", "32", "--eval-size", "4",
+            "--eval-every", "100", "--save-every", "100", "--sample-prompt=", "--no-grad-ckpt"]
+
+    def rows():
+        with open(out / "metrics.jsonl") as fh:
+            return [r for r in map(json.loads, fh) if "loss" in r]
+
+    def lora_b():
+        tensors = load_file(out / "adapter" / "adapter_model.safetensors")
+        return [v for k, v in tensors.items() if k.endswith("lora_B.weight")]
+
+    with torch.device("meta"):
+        names = {n for n, _ in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(paths["model"]))
+                 .named_modules()}
+    try:
+        assert _finetune(argv + ["--max-steps", "3"]) == 0
+        first = rows()
+        assert [r["step"] for r in first] == [1, 2, 3]
+        assert [r["skipped_steps"] for r in first] == [1, 2, 3]
+        assert [r["loss_scale"] for r in first] == [2.0 ** 23, 2.0 ** 22, 2.0 ** 21]
+        for r in first:        # far above the fitting scale, the loss gradient overflows before any quantized layer
+            assert str(r.get("overflow_module")).startswith("model.layers.") and r["overflow_module"] in names, r
+            assert r["overflow_at"] == "output gradient", r
+        assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 3
+        assert len(lora_b()) == 14 and all(not b.any() for b in lora_b())   # every step skipped: B still zero
+
+        assert _finetune(argv + ["--max-steps", "12", "--resume"]) == 0
+    finally:
+        shutdown()
+    resumed = rows()
+    assert resumed[:3] == first and [r["step"] for r in resumed[3:]] == list(range(4, 13))
+    scales, skipped = [r["loss_scale"] for r in resumed], [r["skipped_steps"] for r in resumed]
+    assert (scales[3], skipped[3]) == (2.0 ** 20, 4), (scales, skipped)   # continued from 2^21 and 3 skipped
+    for i in range(3, len(resumed)):              # halved exactly on a skip, kept otherwise; a skip is reported
+        r, was_skipped = resumed[i], skipped[i] > skipped[i - 1]
+        assert skipped[i] - skipped[i - 1] in (0, 1) and scales[i] == scales[i - 1] / (2 if was_skipped else 1), r
+        assert ("overflow_module" in r) == was_skipped, r
+        assert r.get("overflow_module") is None or r["overflow_module"] in names, r  # None: a LoRA grad's sum
+    assert skipped[-1] < 12 and skipped[-3:] == [skipped[-1]] * 3, (scales, skipped)   # found a scale that trains
+    assert json.loads((out / "summary.json").read_text())["skipped_steps"] == skipped[-1]
+    assert any(b.any() for b in lora_b())                                        # and it trained
