@@ -321,7 +321,7 @@ def planner_table(rows: list[dict]) -> str:
         elif r["what"] == "load":
             pairs = [("load bf16", r["peak_load"], r["planned_peak_load"])]
         else:
-            pairs = [(f"load {r['compute_dtype']}", r["peak_load"], r["planned_peak_load"]),
+            pairs = [(f"load {r['compute_dtype']} (step process)", r["peak_load"], r["planned_peak_load"]),
                      (f"step {r['compute_dtype']} seq {r['seq']}", r["peak_step"], r["planned_peak_step"])]
         for what, meas, plan in pairs:
             out.append([r["model"], "calibration" if r["model"] == CALIBRATION_MODEL else "validation", what,
