@@ -6,9 +6,10 @@
 The same examples (a fixed random sample of each corpus, response-only labels, truncated to ``--max-len``) are
 trained on once per mode, each mode in its own subprocess: ``padded`` — ``GroupByLengthBatches`` of
 ``--batch`` examples, right-padded to a multiple of 16 (finetune's defaults); ``packed`` — rows of ``--max-len``
-tokens from ``qlora_ds.data.packing``, one row per step. Both use the chunked loss, LoRA r 16 on every linear,
+tokens from ``qlora_ds.data.packing``, ``--rows`` rows per step (default 1), width to a multiple of 16 (as finetune collates), SDPA per
+example (``check_packing_supported``, as finetune). Both use the chunked loss, LoRA r 16 on every linear,
 checkpointing, torch AdamW, the machine's compute dtype; one warm-up step is not timed. tokens/s counts real
-(non-padding) tokens. chitchat needs ``pip install --no-deps chitchat-dataset`` (or ``--chitchat-path`` to its
+(non-padding) tokens; the step peak is the resident high-water mark above the loaded model (warm-up included). chitchat needs ``pip install --no-deps chitchat-dataset`` (or ``--chitchat-path`` to its
 ``dataset.json``); without it that corpus is skipped.
 """
 from __future__ import annotations
@@ -75,7 +76,9 @@ def worker(args) -> dict:
         from transformers import AutoConfig
         check_packing_supported(AutoConfig.from_pretrained(args.model))   # + SDPA per example (as finetune)
         rows = pack_examples(examples, args.max_len)
-        batches = [collate_packed([r], pad) for r in rows]
+        # widths to a multiple of 16 as finetune collates them: a new width per row costs CPU kernels a new
+        # shape each step (measured: packed rows at their own widths ran 1.00x of padded on chatterbot)
+        batches = [collate_packed(rows[i:i + args.rows], pad, 16, args.max_len) for i in range(0, len(rows), args.rows)]
     else:
         sampler = GroupByLengthBatches([e["input_ids"].numel() for e in examples], args.batch, seed=0)
         batches = [collate([examples[i] for i in idx], pad, 16, args.max_len) for idx in sampler.epoch(0)]
@@ -96,9 +99,11 @@ def worker(args) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    step(batches[0])                       # warm-up, not timed
+    # the peak counts from before the warm-up step: a warm-up batch that is the widest would otherwise leave its
+    # memory cached (resident) and hide the mode's real peak
     before = tl.rss() if device.type == "cpu" else torch.cuda.memory_allocated()
     tl.reset_peak()
+    step(batches[0])                       # warm-up, not timed
     tl._sync(device)
     t0 = time.perf_counter()
     real = slots = 0
@@ -112,7 +117,7 @@ def worker(args) -> dict:
     return {"corpus": args.corpus, "mode": args.worker, "examples": len(examples), "steps": len(batches) - 1,
             "real_tokens": real, "token_slots": slots, "padding_fraction": 1 - real / max(slots, 1),
             "seconds": secs, "tokens_per_s": real / secs, "peak_step": peak - before,
-            "dtype": str(dtype).replace("torch.", ""), "batch": 1 if args.worker == "packed" else args.batch,
+            "dtype": str(dtype).replace("torch.", ""), "batch": args.rows if args.worker == "packed" else args.batch,
             "max_len": args.max_len,
             "mean_len": sum(e["input_ids"].numel() for e in examples) / len(examples)}
 
@@ -126,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--examples", type=int, default=None, help="examples per corpus (default 160; --quick 48)")
     p.add_argument("--batch", type=int, default=8, help="padded baseline's micro batch")
     p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--rows", type=int, default=1, help="packed rows of --max-len per step")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--worker", choices=["padded", "packed"], help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -150,7 +156,8 @@ def main(argv=None) -> int:
         got = {}
         for mode in ("padded", "packed"):
             cmd = [sys.executable, "-m", "bench.packing", "--worker", mode, "--corpus", name, "--model", model,
-                   "--examples", str(args.examples), "--batch", str(args.batch), "--max-len", str(args.max_len)]
+                   "--examples", str(args.examples), "--batch", str(args.batch), "--max-len", str(args.max_len),
+                   "--rows", str(args.rows)]
             if args.chitchat_path:
                 cmd += ["--chitchat-path", args.chitchat_path]
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
