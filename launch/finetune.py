@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -188,7 +189,14 @@ def build_data(args, tokenizer, model_config, rank: int, world: int, micro: int)
         train_ex = pack_examples(train_ex, args.max_len)
     batches = GroupByLengthBatches([e["input_ids"].numel() for e in train_ex], micro, world, rank, args.seed,
                                    group_by_length=args.group_by_length)
-    return train_ex, eval_ex[rank::world], batches
+    return Data(train_ex, eval_ex[rank::world], n_eval, batches)
+
+
+class Data(NamedTuple):
+    train: list            # this run's training examples (packed rows with --packing)
+    eval_shard: list       # this rank's share of the held-out examples (may be empty)
+    eval_total: int        # held-out examples over all ranks: held-out runs on every rank iff this is > 0
+    batches: object        # GroupByLengthBatches for this rank
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -402,7 +410,9 @@ class Loop:
     def __init__(self, run: Run, engine, scheduler, tokenizer, data, metrics, step: int, micro_step: int):
         self.run, self.engine, self.scheduler, self.metrics = run, engine, scheduler, metrics
         self.pad_id = tokenizer.pad_token_id
-        self.train_ex, self.eval_ex, self.batches = data
+        self.train_ex, self.eval_ex, self.batches = data.train, data.eval_shard, data.batches
+        # a rank whose shard is empty still evaluates (masked filler batches): the others wait in its collectives
+        self.has_eval = data.eval_total > 0
         self.step, self.micro_step = step, micro_step
         self.widest = 0                        # the widest batch met, for the planner check at the end
         self.losses, self.tokens, self.t_last = [], 0, time.perf_counter()
@@ -480,7 +490,7 @@ class Loop:
         from qlora_ds.data.batching import batch_tokens
 
         args, run = self.run.args, self.run
-        if self.step == 0 and self.eval_ex:         # the baseline the curve is judged against
+        if self.step == 0 and self.has_eval:         # the baseline the curve is judged against
             self.held_out()
         self.bar = tqdm(total=args.max_steps, initial=self.step, disable=run.rank != 0, dynamic_ncols=True,
                         file=sys.stdout)
@@ -503,7 +513,7 @@ class Loop:
             if self.step % args.log_every == 0 or last:
                 self.log_step(mean_loss)
             self.bar.update(1)
-            if self.eval_ex and (self.step % args.eval_every == 0 or last):
+            if self.has_eval and (self.step % args.eval_every == 0 or last):
                 self.held_out()
             if self.step % args.save_every == 0 or last:
                 t0 = time.perf_counter()
