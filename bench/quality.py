@@ -235,7 +235,7 @@ def summarize(rows: list[dict]) -> tuple[str, str, dict]:
                            CLAIMS.get(l, "")] for l in order])
     sweep_rows = {}
     for (label, lr), rs in by.items():
-        s0 = [r for r in rs if r.get("phase") == "sweep"]
+        s0 = [r for r in rs if r["seed"] == 0]        # the sweep's runs and the seed-0 run of the chosen lr
         if s0:
             sweep_rows.setdefault(label, {})[lr] = s0[0]["heldout_loss"]
     lrs = sorted({lr for d in sweep_rows.values() for lr in d})

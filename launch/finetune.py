@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no-double-quant", dest="double_quant", action="store_false")
     g.add_argument("--bits", type=int, default=4, help="QA-LoRA integer bits (2, 3, 4)")
     g.add_argument("--group-size", type=int, default=32, help="QA-LoRA group size")
+    g.add_argument("--pool", choices=["sum", "mean"], default=None,
+                   help="QA-LoRA: what LoRA-A reads per group: the sum (the paper's Algorithm 1; the default) or the "
+                        "mean (the official repository; ~group-size times lower effective lr under Adam)")
     g.add_argument("--lora-r", type=int, default=64)
     g.add_argument("--lora-alpha", type=float, default=16)
     g.add_argument("--lora-dropout", type=float, default=0.1)
@@ -124,7 +127,8 @@ def adapter_config(args, dtype: torch.dtype):
                   target_modules=tuple(args.target_modules) if args.target_modules else None,
                   compute_dtype=dtype)
     if args.method == "qalora":
-        return QALoRAConfig(bits=args.bits, group_size=args.group_size, **common)
+        pool = {} if args.pool is None else {"pool": args.pool}
+        return QALoRAConfig(bits=args.bits, group_size=args.group_size, **pool, **common)
     return QLoRAConfig(quant_type=args.quant_type, double_quant=args.double_quant, **common)
 
 

@@ -233,7 +233,8 @@ def test_qalora_single_process(tiny, device):
     """--method qalora on one process (plain `python finetune.py`, no launcher): trains (on the test device)
     and writes an adapter whose side file records bits and group size."""
     out = tiny["root"] / "qalora"
-    args = _args(tiny, out, "--max-steps", "2", "--method", "qalora", "--bits", "3", "--group-size", "32")
+    args = _args(tiny, out, "--max-steps", "2", "--method", "qalora", "--bits", "3", "--group-size", "32",
+                 "--pool", "mean")
     i = args.index("--ds-config")
     del args[i:i + 2]  # no ds_config: DeepSpeed defaults + the command line
     proc = subprocess.run([sys.executable, str(FINETUNE), *args, "--micro-batch", "2", "--grad-accum", "2"],
@@ -243,4 +244,5 @@ def test_qalora_single_process(tiny, device):
     assert json.loads((out / "summary.json").read_text())["memory"]["device"] == device.type
     side = json.loads((out / "adapter" / "qlora_ds.json").read_text())
     assert '"bits": 3' in json.dumps(side) and '"group_size": 32' in json.dumps(side)
+    assert '"pool": "mean"' in json.dumps(side)                     # --pool reached the layers
     assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2]

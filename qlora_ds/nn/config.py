@@ -113,14 +113,17 @@ class QLoRAConfig(_LoRAFields):
 class QALoRAConfig(_LoRAFields):
     """QA-LoRA: group-wise INT-N base + LoRA whose A reads the input pooled over each group (§3).
 
-    ``pool``: "mean" — A sees the group mean (the official repository's AvgPool1d, lr 2e-4); "sum" — A
-    sees the group sum, i.e. the mean times ``group_size`` (the paper's Algorithm 1). With Adam the two
-    differ at equal lr by roughly the group size in effective adapter learning rate.
+    ``pool``: "sum" (default) — A sees the group sum, i.e. the mean times ``group_size`` (the paper's
+    Algorithm 1); "mean" — A sees the group mean (the official repository's AvgPool1d). With Adam the two
+    differ at equal lr by roughly the group size in effective adapter learning rate: at the recipe's lr
+    (2e-4) the mean barely moves the adapter. Default "sum" from bench/RESULTS.md "quality — CPU, issue 18".
+    Adapter files are the same function either way (PEFT layout) and load into either pool; files
+    without a recorded pool load as "mean" (what they were trained with).
     """
 
     bits: int = 4
     group_size: int = 32
-    pool: str = "mean"
+    pool: str = "sum"
     r: int = 64
     alpha: float = 16
     dropout: float = 0.1
