@@ -47,6 +47,11 @@ def _cpu_flags() -> set[str]:
 def cpu_isa() -> str:
     """The widest SIMD the CPU offers that matters here: 'amx', 'avx512_bf16', 'avx512', 'avx2' or 'other'."""
     flags = _cpu_flags()
+    cap = torch.backends.cpu.get_cpu_capability()       # honours ATEN_CPU_CAPABILITY (a restricted torch)
+    if not flags:                                       # non-Linux: torch's own probe
+        return {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, "other")
+    if cap in ("AVX2", "DEFAULT"):                      # torch told to run as an AVX2 / plain x86-64 CPU: so do we
+        return "avx2" if cap == "AVX2" and {"avx2", "fma"} <= flags else "other"
     if {"amx_bf16", "amx_tile"} <= flags:
         return "amx"
     if "avx512_bf16" in flags:
@@ -55,8 +60,7 @@ def cpu_isa() -> str:
         return "avx512"
     if "avx2" in flags and "fma" in flags:
         return "avx2"
-    cap = torch.backends.cpu.get_cpu_capability()       # non-Linux: torch's own probe
-    return {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, "other")
+    return "other"
 
 
 @functools.lru_cache(maxsize=None)

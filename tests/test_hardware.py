@@ -78,3 +78,36 @@ def test_config_auto_resolved_at_layer_construction(facts, kind):
     assert QLoRAConfig(compute_dtype="FP16").compute_dtype is torch.float16     # names accepted
     with pytest.raises(QLoRADSError, match="compute_dtype='int8'"):
         QLoRAConfig(compute_dtype="int8")
+
+
+AVX512_AMX = {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile"}
+
+
+@pytest.mark.parametrize("flags, cap, isa", [
+    (AVX512_AMX, "AVX512", "amx"),
+    (AVX512_AMX, "AVX2", "avx2"),             # ATEN_CPU_CAPABILITY=avx2: torch runs as an AVX2 CPU (bf16 emulated)
+    (AVX512_AMX, "DEFAULT", "other"),
+    ({"avx2", "fma", "avx512f", "avx512bw"}, "AVX512", "avx512"),
+    ({"avx2", "fma"}, "AVX2", "avx2"),
+    (set(), "AVX2", "avx2"),                  # no /proc/cpuinfo: torch's probe
+])
+def test_cpu_isa_from_flags_capped_by_torch(monkeypatch, flags, cap, isa):
+    monkeypatch.setattr(hardware, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cap)
+    hardware.cpu_isa.cache_clear()
+    try:
+        assert hardware.cpu_isa() == isa
+    finally:
+        hardware.cpu_isa.cache_clear()
+
+
+def test_restricted_torch_computes_fp32_on_any_cpu():
+    """A process told to run as an AVX2 CPU (how an AVX2 box is emulated on an AVX-512 one) picks fp32, whatever the
+    CPU under it: the real probe, not a mock."""
+    import subprocess
+    import sys
+
+    code = "from qlora_ds.hardware import cpu_isa, resolve_dtype; print(cpu_isa(), resolve_dtype('auto', 'cpu'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "ATEN_CPU_CAPABILITY": "avx2"}).stdout.split()
+    assert out[-2:] in (["avx2", "torch.float32"], ["other", "torch.float32"])
