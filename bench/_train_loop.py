@@ -7,10 +7,12 @@ losses, tokens/s, peak memory and a held-out loss. Methods:
   FP4 without double quant, as the paper's "FP4" row);
 - ``ours-qalora{2,3,4}``: ``from_pretrained`` with a QALoRAConfig (INT-N, group 32);
 - ``bnb-peft``: transformers ``BitsAndBytesConfig`` NF4 + DQ + PEFT LoRA (what users pick instead);
-- ``bf16-peft``: PEFT LoRA on the bf16 model.
+- ``bf16-peft``: PEFT LoRA on the 16-bit model (the name is historical: its base is loaded in the
+  compute dtype, so in fp32 on a CPU without native bf16).
 
 All use the same r, α, dropout 0, LoRA on every linear layer but the LM head, non-reentrant
-gradient checkpointing, the same optimizer and max grad norm 0.3. Device: CUDA when available.
+gradient checkpointing, the same optimizer, max grad norm 0.3 and compute dtype (``build(dtype=...)``;
+``observed_compute_dtype`` reads back the one a built model really uses). Device: CUDA when available.
 """
 from __future__ import annotations
 
@@ -106,31 +108,33 @@ def _enable_ckpt(model) -> None:
 
 
 def build(method: str, path: str, r: int = 16, alpha: float = 16, grad_ckpt: bool = True,
-          device: torch.device | str = "cpu"):
-    """(model in train mode on ``device``, its trainable parameters) for one method variant."""
+          device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
+    """(model in train mode on ``device``, its trainable parameters) for one method variant computing in ``dtype``
+    (the quantized layers' compute dtype and the dtype of everything left unquantized)."""
     device = torch.device(device)
     if method.startswith("ours-"):
         from qlora_ds.inject import from_pretrained
         from qlora_ds.nn import QALoRAConfig, QLoRAConfig
         kind = method[len("ours-"):]
         if kind == "nf4dq":
-            cfg = QLoRAConfig(quant_type="nf4", double_quant=True, r=r, alpha=alpha, dropout=0.0)
+            cfg = QLoRAConfig(quant_type="nf4", double_quant=True, r=r, alpha=alpha, dropout=0.0, compute_dtype=dtype)
         elif kind == "fp4":
-            cfg = QLoRAConfig(quant_type="fp4", double_quant=False, r=r, alpha=alpha, dropout=0.0)
+            cfg = QLoRAConfig(quant_type="fp4", double_quant=False, r=r, alpha=alpha, dropout=0.0, compute_dtype=dtype)
         elif kind.startswith("qalora"):
-            cfg = QALoRAConfig(bits=int(kind[len("qalora"):]), group_size=32, r=r, alpha=alpha, dropout=0.0)
+            cfg = QALoRAConfig(bits=int(kind[len("qalora"):]), group_size=32, r=r, alpha=alpha, dropout=0.0,
+                               compute_dtype=dtype)
         else:
             raise ValueError(f"unknown method {method!r}")
-        model = from_pretrained(path, cfg, torch_dtype=torch.bfloat16).to(device)
+        model = from_pretrained(path, cfg, torch_dtype=dtype).to(device)
     elif method in ("bnb-peft", "bf16-peft"):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
-        kw = {"dtype": torch.bfloat16}
+        kw = {"dtype": dtype}
         if method == "bnb-peft":
             from transformers import BitsAndBytesConfig
             kw["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16)
+                bnb_4bit_compute_dtype=dtype)
             kw["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
         base = AutoModelForCausalLM.from_pretrained(path, **kw)
         if method == "bf16-peft":
@@ -149,6 +153,20 @@ def build(method: str, path: str, r: int = 16, alpha: float = 16, grad_ckpt: boo
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params
+
+
+def observed_compute_dtype(model) -> torch.dtype | None:
+    """The dtype a built model's LoRA-wrapped linears really compute in: the ``compute_dtype`` of our quantized
+    layers and of bitsandbytes' ``Linear4bit``, else the frozen weight dtype of the first target linear (PEFT on
+    a dense model). None when there is no such layer."""
+    for m in model.modules():
+        cd = getattr(m, "compute_dtype", None)
+        if isinstance(cd, torch.dtype):
+            return cd
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS + ["base_layer"]:
+            return m.weight.dtype
+    return None
 
 
 def make_optimizer(params, lr: float, which: str = "torch"):

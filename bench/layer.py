@@ -6,7 +6,9 @@
 
 Same r (64), α (16), dropout 0, compute dtype (``--dtype``, auto: bf16 where native, fp32 on CPUs without native
 bf16) and input for the three; ratios are measured in the same run. One JSONL row per shape
-(``bench/results/layer.jsonl`` or ``--results-dir``) with the machine, versions and commit (``bench.common``).
+(``bench/results/layer.jsonl`` or ``--results-dir``) with the machine, versions, commit and ``compute_dtype``
+(``bench.common``; ``dtype``, the same value, stays for older readers such as scripts/gpu/summarize.py). A variant
+that cannot compute in that dtype gets a ``<variant>_error`` saying so, and no ratio.
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ def bnb_peft(base: nn.Linear, r: int, alpha: float, dtype: torch.dtype, device: 
     q = q.to(device)          # Params4bit quantizes on its way to the device (bnb 0.50 on CPU too)
     if q.weight.dtype != torch.uint8 and hasattr(q.weight, "_quantize"):
         q.weight = q.weight._quantize(device.type)
+    if q.compute_dtype is not None and q.compute_dtype != dtype:
+        raise RuntimeError(f"bitsandbytes Linear4bit computes in {q.compute_dtype}, not {dtype}")
     model = get_peft_model(nn.Sequential(q), LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"], lora_dropout=0.0))
     return model.train()
 
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
     except Exception:
         have_bnb = False
     print(f"# layer benchmark — {describe_machine(device)}; compute {dtype_name(dtype)}", flush=True)
-    writer = RowWriter("layer", device, args.results_dir)
+    writer = RowWriter("layer", device, args.results_dir, compute_dtype=dtype)
     table = []
     for out_f, in_f in shapes:
         torch.manual_seed(0)

@@ -3,11 +3,15 @@
     python -m bench train            # batch 4 x seq 128, r 16 on all linears, grad checkpointing
     python -m bench train --quick    # tiny Llama from a config, 2 timed steps (smoke test)
     python -m bench train --device cuda --shape llama-1b   # random weights of a shape, no packaged model needed
+    python -m bench train --dtype fp32   # compute dtype (default auto: qlora_ds.hardware.resolve_dtype's choice)
 
 Variants (each in its own subprocess, so peak RSS / CUDA peak is its own): ``ours-nf4dq``
 (qlora_ds.from_pretrained, QLoRA NF4 + DQ), ``bnb-peft`` (transformers BitsAndBytesConfig NF4 + DQ,
-bf16 compute, + PEFT LoRA) and ``bf16-peft`` (PEFT LoRA on the bf16 model). Same batch, sequence
-length, r, α, checkpointing (non-reentrant) and optimizer for all; ratios are taken within one run.
++ PEFT LoRA) and ``bf16-peft`` (PEFT LoRA on the 16-bit model; historical name: its base is in the compute
+dtype). Same batch, sequence length, r, α, checkpointing (non-reentrant), optimizer and compute dtype
+(``--dtype``; auto is bf16 where native, fp32 on CPUs without native bf16) for all; ratios are taken within one
+run. Each row's ``compute_dtype`` is what that variant really computed in; a variant that did not honour
+``--dtype`` says so in ``dtype_mismatch`` and gets no ratios.
 Memory: ``peak_step`` is the RSS high-water mark during the steps (reset after loading) — CUDA max
 allocated on a GPU; ``peak_process`` the whole process's ru_maxrss, imports and loading included.
 """
@@ -26,6 +30,7 @@ import torch
 
 from bench import _train_loop as tl
 from bench.common import REPO, RowWriter, default_device, describe_machine, format_table
+from qlora_ds.hardware import DTYPE_CHOICES, dtype_name, resolve_dtype
 
 VARIANTS = ("ours-nf4dq", "bnb-peft", "bf16-peft")
 MiB = 1 << 20
@@ -34,10 +39,12 @@ MiB = 1 << 20
 def worker(args) -> dict:
     """One variant in this process: load, warm up, time ``--steps`` steps; a dict of measurements."""
     device = default_device()
+    dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     base_rss = tl.rss()
     model, params = tl.build(args.worker, args.model, r=args.r, alpha=args.alpha, grad_ckpt=not args.no_ckpt,
-                             device=device)
+                             device=device, dtype=dtype)
+    observed = tl.observed_compute_dtype(model) or dtype
     loaded_rss = tl.rss()
     load_peak = tl.peak_rss()
     opt, opt_name = tl.make_optimizer(params, lr=2e-4, which=args.optim)
@@ -60,13 +67,21 @@ def worker(args) -> dict:
             ("rss_hwm_since_reset" if reset_ok else "ru_maxrss"),
             "peak_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "trainable_params": sum(p.numel() for p in params), "optimizer": opt_name,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "compute_dtype": _name(observed)}
+
+
+def _name(dtype: torch.dtype) -> str:
+    try:
+        return dtype_name(dtype)
+    except KeyError:
+        return str(dtype).replace("torch.", "")
 
 
 def _run_variant(variant: str, args, out: str) -> dict:
     cmd = [sys.executable, "-m", "bench.train", "--worker", variant, "--model", args.model, "--out", out,
            "--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r), "--alpha", str(args.alpha),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed), "--optim", args.optim]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed), "--optim", args.optim,
+           "--dtype", args.dtype]
     if args.no_ckpt:
         cmd.append("--no-ckpt")
     try:
@@ -87,6 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="checkpoint dir (default: exported SmolLM2-135M; tiny with --quick)")
     ap.add_argument("--shape", default=None, choices=sorted(tl.RANDOM_SHAPES),
                     help="instead of --model: random bf16 weights of this shape (tiny, smollm2-135m, llama-1b)")
+    ap.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                    help="compute dtype of every variant (auto: bf16 where native, fp16 on pre-Ampere GPUs, fp32 on "
+                         "CPUs without native bf16)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
@@ -117,34 +135,41 @@ def main(argv=None) -> int:
             args.model = tl.random_checkpoint(os.path.join(tmp, f"random-{args.shape}"), args.shape, args.seed)
         args.model = tl.model_path(args.quick, tmp, args.model)
         device = default_device()
-        print(describe_machine(device), flush=True)
-        writer = RowWriter("train", device)
+        dtype = resolve_dtype(args.dtype, device)
+        args.dtype = dtype_name(dtype)          # the workers get the resolved name: one decision per run
+        print(describe_machine(device) + f"; compute {args.dtype}", flush=True)
+        writer = RowWriter("train", device, compute_dtype=dtype)
         results = []
         for v in args.variants.split(","):
             r = _run_variant(v, args, os.path.join(tmp, f"{v}.json"))
             results.append(r)
             print(f"  {v}: " + (f"{r['tokens_per_s']:.0f} tok/s, peak step {r['peak_step'] / MiB:.0f} MiB"
                                 if "error" not in r else r["error"]), flush=True)
-        ref = {r["variant"]: r for r in results if "error" not in r}
+        for r in results:
+            if r.get("compute_dtype", args.dtype) != args.dtype:
+                r["dtype_mismatch"] = f"asked {args.dtype}, {r['variant']} computed in {r['compute_dtype']}"
+        ref = {r["variant"]: r for r in results if "error" not in r and "dtype_mismatch" not in r}
         ours = ref.get("ours-nf4dq")
         rows = []
         for r in results:
             shape = {"model": os.path.basename(os.path.normpath(args.model)), "batch": args.batch, "seq": args.seq,
-                     "r": args.r, "alpha": args.alpha, "grad_ckpt": not args.no_ckpt, "dtype": "bfloat16"}
+                     "r": args.r, "alpha": args.alpha, "grad_ckpt": not args.no_ckpt}
             extra = {}
-            if ours and "error" not in r:
+            if ours and r["variant"] in ref:
                 extra = {"ours_speedup": ours["tokens_per_s"] / r["tokens_per_s"],
                          "ours_peak_step_ratio": ours["peak_step"] / r["peak_step"]}
             writer.write(shape=shape, **{k: v for k, v in r.items() if k != "stderr_tail"}, **extra)
             if "error" in r:
                 rows.append([r["variant"], "error", "", "", "", "", r["error"][:60]])
                 continue
-            rows.append([r["variant"], f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.0f}",
+            rows.append([r["variant"] + (f" ({r['compute_dtype']}!)" if "dtype_mismatch" in r else ""),
+                         f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.0f}",
                          f"{extra.get('ours_speedup', float('nan')):.2f}x",
                          f"{(r['peak_step'] - (0 if device.type == 'cuda' else r['rss_before_load'])) / MiB:.0f}",
                          f"{r['peak_step'] / MiB:.0f}", f"{extra.get('ours_peak_step_ratio', float('nan')):.2f}"])
         print(f"\nbatch {args.batch} x seq {args.seq}, r {args.r}, grad ckpt {not args.no_ckpt}, "
-              f"{args.steps} timed steps (median), optimizer {results[0].get('optimizer', '?')}")
+              f"compute {args.dtype}, {args.steps} timed steps (median), "
+              f"optimizer {results[0].get('optimizer', '?')}")
         mem = "CUDA max allocated MiB" if device.type == "cuda" else "peak RSS MiB"
         print(format_table(["variant", "step s", "tok/s", "ours speedup", f"{mem} minus pre-load",
                             mem, "ours/this peak"], rows))

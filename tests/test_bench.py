@@ -55,3 +55,26 @@ def test_bench_quality_variants_and_summary():
     table, sweep, best = q.summarize(rows)
     assert best["qalora-int3-sum merged"] == (1e-4, [1.0, 2.0, 3.0])
     assert "2.0000 ± 1.0000" in table and "0.5000" in sweep and "1.0000" in sweep
+
+
+def test_bench_layer_and_memory_record_compute_dtype(tmp_path, monkeypatch):
+    """bench layer (default --dtype auto: resolve_dtype's choice) and bench memory (--dtype fp32) put the compute
+    dtype and the CPU's ISA in every row, and memory really loads in fp32 (4-byte embeddings)."""
+    import pytest
+    pytest.importorskip("transformers")
+    from bench import _train_loop as tl, layer, memory
+    from qlora_ds.hardware import dtype_name, resolve_dtype
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("QLORA_DS_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.setenv("QLORA_DS_BENCH_DEVICE", "cpu")
+    assert layer.main(["--quick", "--shape", "64x128", "--tokens", "16"]) == 0
+    assert memory.main(["--quick", "--no-zero", "--no-train", "--formats", "nf4+dq", "--dtype", "fp32"]) == 0
+    auto = dtype_name(resolve_dtype("auto", "cpu"))
+    for name, want in (("layer", auto), ("memory", "fp32")):
+        rows = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        assert rows and all(r["compute_dtype"] == want and r["cpu_isa"] and r["kernel_isa"] for r in rows), rows
+    layer_row = json.loads((tmp_path / "layer.jsonl").read_text().splitlines()[0])
+    assert layer_row["dtype"] == auto and "bnb_peft_error" not in layer_row      # the old key, for old readers
+    mem = json.loads((tmp_path / "memory.jsonl").read_text().splitlines()[0])
+    vocab = len(tl.load_tokenizer(tl.tokenizer_source()))     # tiny_checkpoint: hidden 64, 2 layers, tied embeddings
+    assert mem["other_bytes"] == 4 * (vocab * 64 + 5 * 64)      # embeddings and the 5 norms in fp32, not bf16

@@ -29,9 +29,14 @@ def _run(name: str, results: Path, *extra: str) -> list[dict]:
 
 
 def test_bench_train_quick(tmp_path):
-    rows = _run("train", tmp_path)
+    """Every variant computes in the asked dtype (fp32 here: auto would be bf16 on an AMX box) and says so."""
+    rows = _run("train", tmp_path, "--dtype", "fp32")
     ours = [r for r in rows if r["variant"] == "ours-nf4dq"]
     assert ours and ours[0]["tokens_per_s"] > 0 and ours[0]["peak_step"] > 0
+    assert {r["variant"] for r in rows} == {"ours-nf4dq", "bnb-peft", "bf16-peft"}
+    for r in rows:
+        assert r["compute_dtype"] == "fp32" and "dtype_mismatch" not in r, r
+        assert r["cpu_isa"] in ("amx", "avx512_bf16", "avx512", "avx2", "other") and r["kernel_isa"]
 
 
 def test_bench_quality_quick(tmp_path):

@@ -1,6 +1,7 @@
 """Per-rank bytes after ``from_pretrained`` under ZeRO-3 (run under torchrun; CPU/gloo or CUDA/nccl).
 
-usage: zero3_load.py CKPT_DIR OUT_JSON
+usage: zero3_load.py CKPT_DIR OUT_JSON [DTYPE]
+DTYPE: the compute dtype the model loads in (bf16, fp16 or fp32; default bf16).
 Rank 0 writes OUT_JSON: per rank, the quantized bytes it holds (``quantized_bytes_on_this_rank``), the
 full quantized size, RSS after load and the RSS high-water mark of the load (CUDA: max allocated).
 """
@@ -11,20 +12,22 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from qlora_ds.hardware import resolve_dtype
 from qlora_ds.memstats import cuda_peak, peak_rss, reset_peak, rss
 from qlora_ds.inject import from_pretrained, quantized_bytes_on_this_rank
 from qlora_ds.nn import QLoRAConfig
 
 
-def main(ckpt: str, out: str) -> None:
+def main(ckpt: str, out: str, dtype_name: str = "bf16") -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     ds_config = {"train_batch_size": 4 * world, "train_micro_batch_size_per_gpu": 4,
                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    dtype = resolve_dtype(dtype_name)
     before = rss()
     reset_peak()
-    model = from_pretrained(ckpt, QLoRAConfig(r=16, alpha=16, dropout=0.0), ds_config=ds_config,
-                            torch_dtype=torch.bfloat16)
+    model = from_pretrained(ckpt, QLoRAConfig(r=16, alpha=16, dropout=0.0, compute_dtype=dtype), ds_config=ds_config,
+                            torch_dtype=dtype)
     local, full = quantized_bytes_on_this_rank(model)
     mine = {"rank": rank, "quantized_local": local, "quantized_full": full, "rss_before": before,
             "rss_after": rss(), "peak_load": cuda_peak() if torch.cuda.is_available() else peak_rss(),
@@ -40,4 +43,4 @@ def main(ckpt: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])
