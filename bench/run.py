@@ -48,7 +48,9 @@ def _call(name: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    # no abbreviations: parse_known_args would take a sub-benchmark's option for a prefix of ours
+    # (bench train's ``--r 64`` was read as ``--results-dir 64``)
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("which", choices=BENCHMARKS + ON_REQUEST + ("all",))
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI smoke test)")
     p.add_argument("--results-dir", default=None, help="where the JSONL rows go (default bench/results)")

@@ -19,8 +19,11 @@
 #   skipped and reported with its module, resume keeps the loss scale) -> bench train -> rows.jsonl + summary.md.
 #
 #   bash scripts/gpu_check.sh             # on the GPU machine
-#   bash scripts/gpu_check.sh --dry-run   # every step on CPU at tiny shapes, in one process, no install
-#                                         # (CI: tests/test_gpu_check.py)
+#   bash scripts/gpu_check.sh --dry-run   # every step on CPU at tiny shapes, in one process (CI: tests/test_gpu_check.py):
+#       install runs pip on the wheels folder into a temporary target (for CPython 3.12 manylinux; not put on the
+#       path), the builds build the CPU ops and ask the CUDA builders for their plan, the tests step collects the
+#       CUDA selection on the CPU, each headline size runs scaled down, paging runs with a fake managed memory,
+#       the benchmarks run their bnb+PEFT variants; a step it cannot run is printed as skipped with its reason
 #
 # Wheels: fetch them HERE, where pip reaches the registry: `bash scripts/gpu/fetch_wheels.sh` fills gpu_wheels/
 # (gitignored): bitsandbytes 0.50.2 (manylinux_2_24 x86_64, ~43 MB), deepspeed 0.19.8 (a pure-Python wheel built

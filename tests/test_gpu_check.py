@@ -1,28 +1,59 @@
 """scripts/gpu_check.sh --dry-run: every step of the prepared GPU proof runs on CPU at tiny shapes (one process),
-so the script cannot rot before a GPU is lent. ~30 s of CPU on a quiet 2-core box."""
+so the script cannot rot before a GPU is lent. ~30 s on a 2-core box."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ["install", "env", "build_quant", "build_paged_optim", "tests", "headline", "headline_33b", "headline_13b",
          "headline_7b", "paging", "bench_quant", "bench_layer", "fp16", "bench_train_135m", "bench_train_1b"]
+# the steps the dry run cannot run on a CPU, each with its reason: a new skip must be added here, on purpose
+SKIPPED_IN_DRY_RUN: set[str] = set()
+
+
+def _fake_wheel(folder) -> str:
+    """A valid pure-Python wheel, so that the dry run's install step runs pip's command for real."""
+    os.makedirs(folder, exist_ok=True)
+    name, info = "qlora_ds_dry_probe", "qlora_ds_dry_probe-0.0.0.dist-info"
+    files = {f"{name}/__init__.py": b"",
+             f"{info}/METADATA": b"Metadata-Version: 2.1\nName: qlora-ds-dry-probe\nVersion: 0.0.0\n",
+             f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+                     f"{len(data)}\n" for path, data in files.items()) + f"{info}/RECORD,,\n"
+    path = os.path.join(folder, "qlora_ds_dry_probe-0.0.0-py3-none-any.whl")
+    with zipfile.ZipFile(path, "w") as zf:
+        for p, data in {**files, f"{info}/RECORD": record.encode()}.items():
+            zf.writestr(p, data)
+    return path
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_results")
+    wheels = tmp_path_factory.mktemp("gpu_wheels")
+    _fake_wheel(wheels)
     env = {**os.environ, "OUT": str(out), "GPU_CHECK_BUDGET": "900", "OMP_NUM_THREADS": "1",
-           "PYTHON": sys.executable, "QLORA_DS_WHEELS": str(out / "no_wheels")}
+           "PYTHON": sys.executable, "QLORA_DS_WHEELS": str(wheels)}
     proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_check.sh"), "--dry-run"], env=env,
                           capture_output=True, text=True, timeout=900, cwd=REPO)
     return out, proc
+
+
+def _check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check_runner", os.path.join(REPO, "scripts", "gpu", "check.py"))
+    check = sys.modules[spec.name] = importlib.util.module_from_spec(spec)     # its dataclass needs the entry
+    spec.loader.exec_module(check)
+    return check
 
 
 def _jsonl(path):
@@ -34,11 +65,21 @@ def test_every_step_runs_or_says_why_not(dry_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = {s["step"]: s for s in _jsonl(out / "steps.jsonl")}
     assert list(steps) == STEPS
-    ran = {n for n, s in steps.items() if s["rc"] != "skipped"}
-    assert ran == {"env", "build_quant", "tests", "headline", "bench_quant", "bench_layer", "fp16", "bench_train_135m"}
-    failed = {n: s for n, s in steps.items() if n in ran and s["rc"] != 0}
+    skipped = {n for n, s in steps.items() if s["rc"] == "skipped"}
+    assert skipped == SKIPPED_IN_DRY_RUN, {n: steps[n]["note"] for n in skipped}
+    failed = {n: s for n, s in steps.items() if n not in skipped and s["rc"] != 0}
     assert not failed, (failed, (out / "log.txt").read_text()[-4000:])
-    assert all(s["note"] for n, s in steps.items() if n not in ran)           # a skip says why
+    assert all(s["note"].startswith("dry run: ") for n, s in steps.items() if n in skipped)   # a skip says why
+    for n in skipped:
+        assert f"== {n} " in proc.stdout and steps[n]["note"] in proc.stdout         # ... on one printed line
+    # install: the GPU's pip command (for CPython 3.12 manylinux) ran on the carried wheel, off the path
+    assert "qlora_ds_dry_probe-0.0.0" in steps["install"]["note"] and "lacks bitsandbytes" in steps["install"]["note"]
+    log = (out / "log.txt").read_text()
+    # tests: the CUDA selection (same files, -m and -k) collected on the CPU
+    collected = re.search(r"(\d+)(?:/\d+)? tests? collected", log)
+    assert collected and int(collected.group(1)) > 100, log[-3000:]
+    # the builds: the CPU op through its OpBuilder, then the CUDA builder's plan (sources, arch flags)
+    assert "paged_optim (cuda, not built here)" in log and "quant (cuda, not built here)" in log
     # what comes back from the device tool: at most 8 plain files, no folders
     assert len(os.listdir(out)) <= 8 and all((out / f).is_file() for f in os.listdir(out))
 
@@ -61,16 +102,48 @@ def test_headline_rows_set_measured_beside_planned(dry_run):
     assert [(r["stage"], r["ok"]) for r in fp16] == [(0, True)] and fp16[0]["restored"]["scale"] == 128.0
 
 
+def test_bench_rows_include_bitsandbytes_and_the_gpu_settings(dry_run):
+    """bench layer ran its bnb Linear4bit+PEFT variant and bench train its three variants (bnb+PEFT included) with
+    the GPU command's settings (r 64: the dispatcher once read ``--r`` as ``--results-dir``)."""
+    out, _ = dry_run
+    rows = _jsonl(out / "rows.jsonl")
+    layer = [r for r in rows if r["bench"] == "layer"]
+    assert layer and all("bnb_peft_ms" in r and "qlora_ds_ms" in r for r in layer), layer
+    train = [(r["variant"], r["shape"]["r"], r.get("error")) for r in rows if r["bench"] == "train"]
+    assert train == [("ours-nf4dq", 64, None), ("bnb-peft", 64, None), ("bf16-peft", 64, None),   # bench_train_135m
+                     ("ours-nf4dq", 64, None)]                                                     # bench_train_1b
+
+
+def test_paging_ran_through_the_page_managers_managed_path(dry_run):
+    out, _ = dry_run
+    res = json.loads((out / "paging.json").read_text())
+    assert res["kernel"]["bit_identical_to_torch"] and res["kernel"]["state_dict_gpu_cpu_gpu_exact"]
+    pg = res["paging"]
+    assert pg["spike_ok"] and pg["paged_equals_unpaged"]
+    assert pg["bytes_to_host"] == pg["evicted"] == pg["bytes_to_device"] == pg["state_bytes"] > 0
+    assert set(res["step_s"]) >= {"PagedAdamW/paged", "PagedAdamW8bit/unpaged"}
+
+
 def test_gpu_mode_without_wheels_records_the_fix(tmp_path):
     """Outside the dry run a missing wheels folder is a recorded step failure naming the fix, not a crash
     (checked on the runner alone: no GPU steps start here)."""
-    spec = importlib.util.spec_from_file_location("gpu_check_runner", os.path.join(REPO, "scripts", "gpu", "check.py"))
-    check = sys.modules[spec.name] = importlib.util.module_from_spec(spec)     # its dataclass needs the entry
-    spec.loader.exec_module(check)
+    check = _check_module()
     runner = check.Runner(str(tmp_path), budget=60, dry=False)
     check.install(runner, str(tmp_path / "none"))
     row = _jsonl(tmp_path / "steps.jsonl")[0]
     assert row["step"] == "install" and row["rc"] == 1 and "fetch_wheels.sh" in row["note"]
-    names = [s.name for s in check.steps(str(tmp_path))]
-    assert names == STEPS[1:]
-    assert all(s.gpu for s in check.steps(str(tmp_path)))                  # every step has a GPU command
+    plan = check.steps(str(tmp_path))
+    assert [s.name for s in plan] == STEPS[1:]
+    assert all(s.gpu for s in plan)                                        # every step has a GPU command
+    # ... and a dry-run command derived from it, on the CPU
+    assert {s.name for s in plan if s.dry is None} == SKIPPED_IN_DRY_RUN - {"install"}
+    assert all("cuda" not in s.dry for s in plan if s.dry)
+
+
+def test_dry_run_without_wheels_says_it_skips_pip(tmp_path):
+    check = _check_module()
+    runner = check.Runner(str(tmp_path), budget=60, dry=True)
+    check.install(runner, str(tmp_path / "none"))
+    row = _jsonl(tmp_path / "steps.jsonl")[0]
+    assert row["step"] == "install" and row["rc"] == "skipped"
+    assert row["note"].startswith("dry run: no wheels in") and "pip not run" in row["note"]

@@ -3,6 +3,11 @@ how long it took and what it compiled for; exit 1 (with the builder's reason) wh
 
     python scripts/gpu/build_ops.py quant cuda
     python scripts/gpu/build_ops.py paged_optim cuda
+    python scripts/gpu/build_ops.py paged_optim cpu      # the dry run: the CPU op, then the CUDA builder's plan
+
+On ``cpu`` (the dry run of scripts/gpu_check.sh) the CUDA builder of the same op is also asked, without compiling,
+what the GPU step would hand to nvcc: its sources (missing ones fail the step), the capabilities a prebuild compiles
+for, and why it cannot build here.
 """
 from __future__ import annotations
 
@@ -33,6 +38,23 @@ def main(argv: list[str]) -> int:
         return 1
     print(f"{op} ({device}): built/loaded {module.__name__} in {time.perf_counter() - t0:.1f} s "
           f"(TORCH_EXTENSIONS_DIR={os.environ.get('TORCH_EXTENSIONS_DIR')})", flush=True)
+    return cuda_plan(op) if device == "cpu" else 0
+
+
+def cuda_plan(op: str) -> int:
+    """What the GPU step's builder would compile, asked on a machine without a GPU (nothing is compiled)."""
+    from pathlib import Path
+
+    from qlora_ds.ops.builder import BUILDERS
+
+    builder = BUILDERS[(op, "cuda")]()
+    missing = [s for s in builder.sources() if not Path(s).is_file()]
+    if missing:
+        print(f"{op} (cuda): sources missing: {missing}", flush=True)
+        return 1
+    print(f"{op} (cuda, not built here): {builder.NAME} from {[Path(s).name for s in builder.sources()]}; "
+          f"prebuild arch flags {builder.compute_capability_args()}; compatible here: "
+          f"{builder.is_compatible(verbose=False) or builder.error_log}", flush=True)
     return 0
 
 

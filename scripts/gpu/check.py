@@ -4,7 +4,10 @@ On the GPU (default) every step is its own process under a time budget — min(i
 minus 5 s) — so a crash, a hang or an out-of-memory error costs one step, is recorded, and the next step runs; the
 CUDA tests run in the background beside the headline. With ``--dry-run`` the same steps run at tiny shapes on the
 CPU inside this one process (a SIGALRM per step is the budget), so that the CI test (tests/test_gpu_check.py)
-costs one interpreter start, not ten; only bench train's variant worker is a process of its own.
+costs one interpreter start, not ten; only pip (install) and bench train's variant workers are processes of their
+own. Each dry-run command is derived from the GPU's (``on_cpu``: ``cuda`` -> ``cpu``, sizes set small), so the two
+cannot drift apart; a step the CPU cannot run has ``tiny=None`` and a ``why``, printed and recorded as skipped
+(none today; tests/test_gpu_check.py lists the skips it allows).
 
     python scripts/gpu/check.py [--dry-run] [--results DIR] [--wheels DIR] [--budget SECONDS] [--only a,b]
 """
@@ -28,10 +31,29 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PY = sys.executable
 DRY_SLACK = 3                        # dry-run steps get 3x their GPU budget: tiny work, but CI boxes are shared
-TINY = ["--layers", "2", "--hidden", "64", "--ffn", "172", "--heads", "4", "--vocab", "512", "--seq", "32"]
+# the headline's model scaled down for the dry run (every configured size runs, each at this shape)
+TINY = {"--layers": "2", "--hidden": "64", "--ffn": "172", "--heads": "4", "--vocab": "512", "--seq": "32"}
+# bench train's tiny run: its own "tiny" random shape, one timed step (the variants' worker processes stay)
+TINY_TRAIN = {"--shape": "tiny", "--batch": "1", "--seq": "16", "--steps": "1", "--warmup": "0", "--timeout": "90"}
 CUDA_TESTS = ["tests/test_layers.py", "tests/test_inject.py", "tests/test_adapters.py", "tests/test_optim.py",
               "tests/test_kernels.py", "tests/test_kernels_intn.py", "tests/test_quant.py", "tests/test_codebooks.py",
               "tests/test_launch_device.py", "tests/test_finetune.py"]
+# what fetch_wheels.sh puts in gpu_wheels/ (distribution names as wheel files spell them)
+WHEELS = ("bitsandbytes", "deepspeed", "hjson", "pydantic", "pydantic_core", "annotated_types", "typing_inspection",
+          "typing_extensions")
+
+
+def on_cpu(argv: list[str], set: dict | None = None, add: tuple = ()) -> list[str]:
+    """The dry run's command, derived from the GPU's so that the two cannot drift apart: every ``cuda`` argument
+    becomes ``cpu``, each option in ``set`` gets that value (appended when the GPU command lacks it), ``add`` is
+    appended."""
+    out = ["cpu" if a == "cuda" else a for a in argv]
+    for opt, val in (set or {}).items():
+        if opt in out:
+            out[out.index(opt) + 1] = val
+        else:
+            out += [opt, val]
+    return out + list(add)
 
 
 @dataclasses.dataclass
@@ -39,49 +61,47 @@ class Step:
     name: str
     budget: int                       # seconds on the GPU machine
     gpu: list[str] | None             # argv on the GPU (None: not run there)
-    dry: list[str] | None             # argv in the dry run (None: skipped, with ``why``)
-    why: str = ""
+    tiny: dict | None = dataclasses.field(default_factory=dict)  # the dry run: on_cpu(gpu, **tiny); None: skipped
+    why: str = ""                     # why the dry run skips it (printed and recorded)
     background: bool = False          # GPU: run beside the following steps ...
     waits_for: tuple = ()             # ... until one that waits for the background steps named with these prefixes
+
+    @property
+    def dry(self) -> list[str] | None:
+        return None if self.gpu is None or self.tiny is None else on_cpu(self.gpu, **self.tiny)
 
 
 def steps(res: str) -> list[Step]:
     headline = [Step(f"headline_{s}", b, ["scripts/gpu/headline.py", "--shape", f"llama-{s}", "--cap-gib", "48",
-                                          "--device", "cuda"], None, "the dry run does all shapes in the step above")
+                                          "--device", "cuda"], {"set": TINY})
                 for s, b in (("65b", 100), ("33b", 60), ("13b", 45), ("7b", 35))]
-    headline[0].dry = ["scripts/gpu/headline.py", "--shape", "llama-65b,llama-33b,llama-13b,llama-7b", *TINY,
-                       "--device", "cpu"]
     headline[0].name = "headline"
     headline[0].waits_for = ("build",)      # the builds are done (but the tests run on beside it)
     pytest_args = ["-q", "-p", "no:cacheprovider", f"--junitxml={res}/pytest.xml", "--durations=10"]
+    train = ["-m", "bench", "train", "--device", "cuda", "--batch", "4", "--seq", "512", "--r", "64", "--steps", "3"]
     return [
-        Step("env", 20, ["scripts/gpu/env.py", f"{res}/env.json"], ["scripts/gpu/env.py", f"{res}/env.json"]),
-        Step("build_quant", 170, ["scripts/gpu/build_ops.py", "quant", "cuda"], ["scripts/gpu/build_ops.py", "quant", "cpu"],
-             background=True),
-        Step("build_paged_optim", 170, ["scripts/gpu/build_ops.py", "paged_optim", "cuda"], None,
-             "the CPU paged op is built by the CPU tests"),
+        Step("env", 20, ["scripts/gpu/env.py", f"{res}/env.json"]),
+        Step("build_quant", 170, ["scripts/gpu/build_ops.py", "quant", "cuda"], background=True),
+        Step("build_paged_optim", 170, ["scripts/gpu/build_ops.py", "paged_optim", "cuda"]),
+        # dry run: the same selection on the CPU, collected only (running it all is the CPU suite's job)
         Step("tests", 150, ["-m", "pytest", *pytest_args, "--device", "cuda", "-m", "not multirank and not slow",
-                            "-k", "not two_ranks and not launcher", *CUDA_TESTS],
-             ["-m", "pytest", *pytest_args, "--device", "cpu", "-k", "test_fresh_adapter_is_noop",
-              "tests/test_layers.py"], background=True, waits_for=("build",)),
+                            "-k", "not two_ranks and not launcher", *CUDA_TESTS], {"add": ("--collect-only",)},
+             background=True, waits_for=("build",)),
         *headline,
-        Step("paging", 60, ["tests/scripts/optim_gpu_paging.py", f"{res}/paging.json"], None,
-             "needs CUDA managed memory", waits_for=("build", "tests")),     # the tests end before timings
+        Step("paging", 60, ["tests/scripts/optim_gpu_paging.py", f"{res}/paging.json", "--device", "cuda"],
+             waits_for=("build", "tests")),     # the tests end before timings
         Step("bench_quant", 45, ["-m", "bench", "quant", "--device", "cuda"],
-             ["-m", "bench", "quant", "--quick", "--device", "cpu", "--shape", "256x256"]),
-        Step("bench_layer", 45, ["-m", "bench", "layer", "--device", "cuda"],
-             ["-m", "bench", "layer", "--quick", "--no-bnb", "--device", "cpu"]),
-        # DeepSpeed fp16 end to end, ZeRO 0-3 (dynamic loss scale, forced overflow, resume); rows -> rows.jsonl
+             {"set": {"--shape": "256x256"}, "add": ("--quick",)}),
+        Step("bench_layer", 45, ["-m", "bench", "layer", "--device", "cuda"], {"add": ("--quick",)}),
+        # DeepSpeed fp16 end to end, ZeRO 0-3 (dynamic loss scale, forced overflow, resume); rows -> rows.jsonl.
+        # Dry run: ZeRO-0 (tests/test_fp16.py runs this script at ZeRO 0 and 2 on the CPU)
         Step("fp16", 60, ["scripts/gpu/fp16.py", "--device", "cuda", "--stages", "0,1,2,3"],
-             ["scripts/gpu/fp16.py", "--device", "cpu", "--cpu-fp16", "--stages", "0"], waits_for=("build",)),
+             {"set": {"--stages": "0"}, "add": ("--cpu-fp16",)}, waits_for=("build",)),
         # bench train writes its rows after all three variants: per-variant timeouts keep it inside the step's budget
-        Step("bench_train_135m", 55, ["-m", "bench", "train", "--device", "cuda", "--shape", "smollm2-135m", "--batch",
-                                      "4", "--seq", "512", "--r", "64", "--steps", "3", "--timeout", "17"],
-             ["-m", "bench", "train", "--device", "cpu", "--shape", "tiny", "--variants", "ours-nf4dq", "--steps", "1",
-              "--warmup", "0", "--batch", "1", "--seq", "16"]),
-        Step("bench_train_1b", 65, ["-m", "bench", "train", "--device", "cuda", "--shape", "llama-1b", "--batch", "4",
-                                    "--seq", "512", "--r", "64", "--steps", "3", "--timeout", "19"], None,
-             "one train shape is enough on CPU"),
+        Step("bench_train_135m", 55, [*train, "--shape", "smollm2-135m", "--timeout", "17"], {"set": TINY_TRAIN}),
+        # dry run: the same command at the same tiny shape (bench train has no size overrides), ours only
+        Step("bench_train_1b", 65, [*train, "--shape", "llama-1b", "--timeout", "19"],
+             {"set": {**TINY_TRAIN, "--variants": "ours-nf4dq"}}),
     ]
 
 
@@ -107,7 +127,8 @@ class Runner:
         return min(step.budget, self.left() - 5)
 
     # -- the GPU machine: a process per step -------------------------------------------------------------
-    def run_process(self, step: Step) -> None:
+    def run_process(self, step: Step, note=None) -> None:
+        """``note(rc)``: the recorded note (default: the last output line of tests and fp16)."""
         t = self.limit(step)
         if t < 5:
             return self.record(step.name, "skipped", 0, 0, "out of time")
@@ -123,7 +144,8 @@ class Runner:
         with self.lock:
             self.log.write(f"#### {step.name} (budget {t:.0f} s): {' '.join(step.gpu)}\n{text}\n")
         last = text.strip().splitlines()[-1][:150] if text.strip() else ""
-        self.record(step.name, rc, time.monotonic() - t0, t, last if step.name in ("tests", "fp16") else "")
+        self.record(step.name, rc, time.monotonic() - t0, t,
+                    note(rc) if note else last if step.name in ("tests", "fp16") else "")
 
     # -- the dry run: the same entry points, in this process ----------------------------------------------
     def run_inline(self, step: Step) -> None:
@@ -196,16 +218,47 @@ def _call(argv: list[str]) -> int:
     return rc if isinstance(rc, int) else 0
 
 
+# the GPU machine's interpreter and platform, which fetch_wheels.sh fetches for: the dry run installs for them
+GPU_PY_TAGS = ["--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_24_x86_64",
+               "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]
+
+
+def install_step(found: list[str], target: str, dry: bool = False) -> Step:
+    return Step("install", 60, ["-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                                "--no-cache-dir", "--upgrade", "--target", target, *(GPU_PY_TAGS if dry else ()),
+                                *found], None)
+
+
 def install(runner: Runner, wheels: str) -> None:
-    """deepspeed + bitsandbytes (+ deepspeed's needs the image lacks) from the carried wheels into /tmp."""
-    if runner.dry:
-        return runner.record("install", "skipped", 0, 0, "dry run: the venv has them")
+    """deepspeed + bitsandbytes (+ deepspeed's needs the image lacks) from the carried wheels into /tmp.
+
+    Dry run: the same pip command (another process, as on the GPU) into a temporary target that is NOT put on the
+    path (the venv's packages stay in use); it says which of fetch_wheels.sh's wheels the folder lacks, and with no
+    wheels at all it skips pip and says so."""
     found = sorted(glob.glob(os.path.join(wheels, "*.whl")))
+    if runner.dry:
+        have = {os.path.basename(w).split("-")[0].lower() for w in found}
+        missing = [w for w in WHEELS if w not in have]
+        if not found:
+            return runner.record("install", "skipped", 0, 0, f"dry run: no wheels in {wheels}, pip not run (the "
+                                 f"venv's deepspeed and bitsandbytes are used); the GPU run needs "
+                                 f"scripts/gpu/fetch_wheels.sh")
+        target = tempfile.mkdtemp(prefix="gpu_check_site.")
+
+        def note(rc) -> str:
+            got = sorted(n[:-len(".dist-info")] for n in os.listdir(target) if n.endswith(".dist-info"))
+            return (f"dry run: pip (for CPython 3.12 manylinux) into a temporary target, not put on the path (the "
+                    f"venv's packages are used): {', '.join(got) or 'nothing'}; the folder "
+                    f"{'lacks ' + ', '.join(missing) if missing else 'has all of fetch_wheels.sh'}")
+        try:
+            runner.run_process(install_step(found, target, dry=True), note=note)
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
+        return None
     if not found:
         return runner.record("install", 1, 0, 0, f"no wheels in {wheels}: run scripts/gpu/fetch_wheels.sh and carry it")
     target = "/tmp/qlora_ds_site"
-    runner.run_process(Step("install", 60, ["-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                                            "--no-cache-dir", "--upgrade", "--target", target, *found], None))
+    runner.run_process(install_step(found, target))
     os.environ["PYTHONPATH"] = os.pathsep.join([target, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     os.environ["PATH"] = os.pathsep.join([os.path.join(target, "bin"), os.environ.get("PATH", "")])
 
@@ -258,7 +311,7 @@ def main(argv=None) -> int:
             p.error(f"--only: unknown steps {sorted(unknown)}; steps are {', '.join(s.name for s in plan)}")
         for s in plan:
             if s.name not in wanted:
-                s.gpu = s.dry = None
+                s.gpu = None
                 s.why = "not in --only"
     runner.run_all(plan)
     with open(os.path.join(res, "rows.jsonl"), "w") as out:
