@@ -17,18 +17,14 @@ import logging
 import os
 import sys
 
-from qlora_ds.cli import add_device_args, run_main
+from qlora_ds.cli import add_device_args, add_model_source_args, check_model_source, run_main
 
 log = logging.getLogger("evaluate")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", help="finetune output dir (base model + adapter)")
-    p.add_argument("--model", help="base, or merged, checkpoint dir")
-    p.add_argument("--adapter", help="PEFT-format adapter dir")
-    p.add_argument("--no-adapter", action="store_true", help="with --run: the base model alone")
-    p.add_argument("--method", choices=["qlora", "qalora"], help="for adapters without qlora-ds' side file")
+    add_model_source_args(p)
     p.add_argument("--heldout", help="records file (.jsonl/.json/.txt, as for finetune --dataset)")
     p.add_argument("--max-len", type=int, default=None,
                    help="truncation, as finetune --max-len (default: 512 or the model's context if shorter)")
@@ -40,8 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_device_args(p)
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
-    if not args.run and not args.model:
-        p.error("pass --run DIR or --model PATH")
+    check_model_source(p, args)
     if not args.heldout and not args.mc:
         p.error("nothing to evaluate: pass --heldout FILE and/or --mc FILE")
     if args.shots < 0:

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from qlora_ds.cli import add_device_args, run_main
+from qlora_ds.cli import add_device_args, add_model_source_args, check_model_source, run_main
 from qlora_ds.errors import QLoRADSError
 
 log = logging.getLogger("generate")
@@ -23,10 +23,7 @@ log = logging.getLogger("generate")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", help="finetune output dir (base model + adapter)")
-    p.add_argument("--model", help="base, or merged, checkpoint dir")
-    p.add_argument("--adapter", help="PEFT-format adapter dir")
-    p.add_argument("--no-adapter", action="store_true", help="with --run: the base model alone (before training)")
+    add_model_source_args(p)
     p.add_argument("--prompt", action="append", help="user message (repeatable); none: interactive")
     p.add_argument("--system", help="system message")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -36,11 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", choices=["qlora", "qalora"], help="for adapters without qlora-ds' side file")
     add_device_args(p)
     args = p.parse_args(argv)
-    if not args.run and not args.model:
-        p.error("pass --run DIR or --model PATH")
+    check_model_source(p, args)
     return args
 
 

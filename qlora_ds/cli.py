@@ -28,6 +28,21 @@ def run_main(body: Callable[[Any], Any], parse_args: Callable[[Any], Any], argv=
     return exit_code(result)
 
 
+def add_model_source_args(parser) -> None:
+    """``--run`` / ``--model`` / ``--adapter`` / ``--no-adapter`` / ``--method``: the model an inference script loads
+    (``qlora_ds.eval.runs``); one of --run and --model is required (``check_model_source``)."""
+    parser.add_argument("--run", help="finetune output dir (base model + adapter)")
+    parser.add_argument("--model", help="base, or merged, checkpoint dir")
+    parser.add_argument("--adapter", help="PEFT-format adapter dir")
+    parser.add_argument("--no-adapter", action="store_true", help="with --run: the base model alone (before training)")
+    parser.add_argument("--method", choices=["qlora", "qalora"], help="for adapters without qlora-ds' side file")
+
+
+def check_model_source(parser, args) -> None:
+    if not args.run and not args.model:
+        parser.error("pass --run DIR or --model PATH")
+
+
 def add_device_args(parser, dtype_default: str = "auto", dtype_help: str = "compute dtype") -> None:
     """``--device`` and ``--dtype``, shared by the inference scripts (resolved by ``qlora_ds.hardware``)."""
     from .hardware import DTYPE_CHOICES

@@ -41,26 +41,35 @@ WORD_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} 
                  "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 
 
-def write_word_level_run(root: str, repeat: int = 10, seed: int = 0) -> dict:
-    """A fast stand-in for the SmolLM2 tokenizer (whose GGUF parse takes seconds): a word-level tokenizer of
-    CHAT_PAIRS' words with a chat template, the tiny random Llama of tests/tiny_models.py over its vocabulary
-    (safetensors), and CHAT_PAIRS x ``repeat`` as a JSONL dataset. Returns {"model", "data"}."""
+def save_word_level_tokenizer(pairs, model_dir: str, template: str = WORD_TEMPLATE) -> int:
+    """A word-level tokenizer of ``pairs``' words (+ the special and chat-role tokens) with a chat template, saved
+    to ``model_dir``: pad 1, bos 2, eos 3. Returns its vocabulary size."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    from .tiny_models import tiny_config
-
-    words = sorted({w for q, a in CHAT_PAIRS for w in f"{q} {a}".split()})
+    words = sorted({w for q, a in pairs for w in f"{q} {a}".split()})
     vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>",
                                          "<|system|>", *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>")
-    fast.chat_template = WORD_TEMPLATE
-    model_dir = os.path.join(root, "model")
+    fast.chat_template = template
     fast.save_pretrained(model_dir)
-    config = tiny_config("llama", vocab=len(vocab))
+    return len(vocab)
+
+
+def write_word_level_run(root: str, repeat: int = 10, seed: int = 0) -> dict:
+    """A fast stand-in for the SmolLM2 tokenizer (whose GGUF parse takes seconds): a word-level tokenizer of
+    CHAT_PAIRS' words with a chat template, the tiny random Llama of tests/tiny_models.py over its vocabulary
+    (safetensors), and CHAT_PAIRS x ``repeat`` as a JSONL dataset. Returns {"model", "data"}."""
+    from transformers import LlamaForCausalLM
+
+    from .tiny_models import tiny_config
+
+    model_dir = os.path.join(root, "model")
+    vocab_size = save_word_level_tokenizer(CHAT_PAIRS, model_dir)
+    config = tiny_config("llama", vocab=vocab_size)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 2, 3, 1
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)

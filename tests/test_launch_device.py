@@ -19,6 +19,8 @@ from qlora_ds.adapters import lora_layers, save_adapter
 from qlora_ds.inject import from_pretrained
 from qlora_ds.nn.config import QLoRAConfig
 
+from .finetune_fixtures import save_word_level_tokenizer
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,28 +33,17 @@ def _script(name):
 
 PAIRS = [("What is AI?", "A branch of computer science."), ("Hi there", "Hello, how are you?"),
          ("Name a color", "Blue is a color."), ("Count to three", "One two three.")]
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A 2-layer random Llama (bf16) with a word-level tokenizer of PAIRS' words and a chat template; data file."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("dev_ckpt")
-    words = sorted({w for q, a in PAIRS for w in f"{q} {a}".split()})
-    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>",
-                                         "<|system|>", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>")
-    fast.chat_template = TEMPLATE
-    fast.save_pretrained(str(root / "model"))
+    vocab_size = save_word_level_tokenizer(PAIRS, str(root / "model"))
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                  bos_token_id=2, eos_token_id=3, pad_token_id=1)
                      ).to(torch.bfloat16).save_pretrained(str(root / "model"))
