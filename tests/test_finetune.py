@@ -246,3 +246,28 @@ def test_qalora_single_process(tiny, device):
     assert '"bits": 3' in json.dumps(side) and '"group_size": 32' in json.dumps(side)
     assert '"pool": "mean"' in json.dumps(side)                     # --pool reached the layers
     assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2]
+
+
+def test_packing_and_full_logits_end_to_end(tiny, device):
+    """--packing with --no-chunked-loss trains end to end (one process), and the held-out loss before training equals
+    the default run's (unpacked, chunked loss): packing leaves held-out evaluation alone, and the chunked loss is the
+    full-logits loss (LoRA B starts at zero, so both evaluate the same base model)."""
+    def run(name, *extra):
+        out = tiny["root"] / name
+        args = _args(tiny, out, "--max-steps", "2", "--micro-batch", "2", "--grad-accum", "1", *extra)
+        i = args.index("--ds-config")
+        del args[i:i + 2]
+        check(subprocess.run([sys.executable, str(FINETUNE), *args], env=dist_env(DS_ACCELERATOR=device.type),
+                             capture_output=True, text=True, timeout=300, cwd=REPO))
+        rows = _metrics(out)
+        run_config = json.loads((out / "run_config.json").read_text())
+        return ([r["eval_loss"] for r in rows if "eval_loss" in r], [r["loss"] for r in rows if "loss" in r],
+                run_config)
+
+    packed_eval, packed_loss, cfg = run("packed", "--packing", "--no-chunked-loss")
+    plain_eval, plain_loss, plain_cfg = run("plain")
+    assert (cfg["packing"], cfg["chunked_loss"], plain_cfg["packing"], plain_cfg["chunked_loss"]) == (True, False,
+                                                                                                      False, True)
+    assert len(packed_loss) == 2 and all(math.isfinite(v) for v in packed_loss + packed_eval)
+    assert packed_eval[0] == pytest.approx(plain_eval[0], rel=1e-4)
+    assert packed_loss != plain_loss          # different batches: packed rows hold several examples
