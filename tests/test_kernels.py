@@ -145,20 +145,24 @@ def test_cpu_isa_selection(cpu_op, monkeypatch):
     from qlora_ds.ops.builder import _apply_cpu_isa
 
     have = cpu_op.supported_cpu_isas()
-    assert have[-1] == "scalar" and cpu_op.cpu_isa() == have[0]
-    with pytest.raises(RuntimeError, match="not supported by this CPU"):
-        cpu_op.set_cpu_isa("avx1024")
-    assert cpu_op.cpu_isa() == have[0]
-    monkeypatch.setenv("QLORA_DS_CPU_ISA", "scalar")
+    forced = cpu_op.cpu_isa()          # this session's QLORA_DS_CPU_ISA (e.g. an AVX2 emulation) is restored after
+    monkeypatch.delenv("QLORA_DS_CPU_ISA", raising=False)
+    cpu_op.set_cpu_isa("auto")
     try:
+        assert have[-1] == "scalar" and cpu_op.cpu_isa() == have[0]
+        with pytest.raises(RuntimeError, match="not supported by this CPU"):
+            cpu_op.set_cpu_isa("avx1024")
+        assert cpu_op.cpu_isa() == have[0]
+        monkeypatch.setenv("QLORA_DS_CPU_ISA", "scalar")
         _apply_cpu_isa(cpu_op)
         assert cpu_op.cpu_isa() == "scalar"
-    finally:
         cpu_op.set_cpu_isa("auto")
-    monkeypatch.setenv("QLORA_DS_CPU_ISA", "neon512")
-    with pytest.raises(QLoRADSError, match="QLORA_DS_CPU_ISA='neon512'"):
-        _apply_cpu_isa(cpu_op)
-    assert cpu_op.cpu_isa() == have[0]
+        monkeypatch.setenv("QLORA_DS_CPU_ISA", "neon512")
+        with pytest.raises(QLoRADSError, match="QLORA_DS_CPU_ISA='neon512'"):
+            _apply_cpu_isa(cpu_op)
+        assert cpu_op.cpu_isa() == have[0]
+    finally:
+        cpu_op.set_cpu_isa(forced)
 
 
 def test_cpu_op_is_built_portably():
