@@ -328,8 +328,9 @@ def main(argv=None) -> int:
         print(table + "\n\n" + sweep)
         r0 = rows[0]
         plot(rows, best, str(results_dir() / "quality.png"),
-             f"{r0['device_name']} ({r0.get('cpu_count')} cores), fp32 compute, {r0['steps']} steps x batch "
-             f"{r0['shape']['batch']}, seq <= {r0['shape']['seq']}, r {r0['shape']['r']}, commit {r0['commit']}")
+             f"{' + '.join(sorted({r['device_name'] for r in rows}))} ({r0.get('cpu_count')} cores), fp32 compute, "
+             f"{r0['steps']} steps x batch {r0['shape']['batch']}, seq <= {r0['shape']['seq']}, r {r0['shape']['r']}, "
+             f"commits {r0['commit']} .. {rows[-1]['commit']}")
         return 0
     args.steps = args.steps or (3 if args.quick else 200)
     args.heldout = args.heldout or (8 if args.quick else 128)
