@@ -74,11 +74,29 @@ def test_deepspeed_launcher_resume_matches_uninterrupted(tiny):
     assert peft_model.peft_config["default"].r == 8
 
 
+def _shm_buffers() -> set[str]:
+    return {f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer_")} \
+        if os.path.isdir("/dev/shm") else set()
+
+
 def test_torchrun_two_ranks(tiny):
     out = tiny["root"] / "torchrun"
     check(run_torchrun(FINETUNE, *_args(tiny, out, "--max-steps", "2")))
     assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_release_shm_buffer_removes_this_ranks_file():
+    from qlora_ds.distributed import release_shm_buffer, shm_buffer_path
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm on this system")
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "1"}
+    path = shm_buffer_path(env)
+    assert path == f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{env['MASTER_PORT']}_1"
+    open(path, "wb").close()
+    assert release_shm_buffer(env) and not os.path.exists(path)
+    assert not release_shm_buffer(env) and not release_shm_buffer({})
 
 
 @pytest.mark.skipif(shutil.which("mpirun", path=os.path.dirname(sys.executable)) is None,
@@ -183,8 +201,12 @@ def test_zero3_two_ranks_uneven_heldout_shards(tiny, tmp_path):
     # the default: the chunked loss, through ZeRO-3's backward hooks (no fallback to the full logits)
     args = _args(tiny, out, "--max-steps", "2", "--eval-size", "1", "--ds-config", str(tmp_path / "z3.json"),
                  "--sample-prompt", "Hi")
+    before = _shm_buffers()
     proc = run_deepspeed(FINETUNE, *args, timeout=240)
     check(proc)
+    # the deepspeed launcher sets LOCAL_SIZE, so DeepSpeed's CPU all-reduce maps a /dev/shm buffer per rank (RAM,
+    # never removed by DeepSpeed): finetune's shutdown removes them
+    assert _shm_buffers() - before == set()
     assert "chunked LM-head loss not used" not in proc.stdout + proc.stderr
     evals = [r for r in _metrics(out) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 2] and all(math.isfinite(r["eval_loss"]) for r in evals)
