@@ -116,21 +116,18 @@ def run_variant(variant: str, model: str, seq: int, steps: int, timeout: float) 
 
 
 def planned_peak(model: str, seq: int, chunked: bool) -> float | None:
-    """The planner's transient training peak (activations, logits, workspace: what peak_step measures)."""
+    """The host planner's step peak above the loaded model for a step after the first (``plan/host.py``: tensors,
+    phases, heap slack) — what ``peak_step_over_loaded`` measures."""
     from transformers import AutoConfig
 
     from qlora_ds.hardware import resolve_dtype
-    from qlora_ds.plan.memory import PlanConfig, activation_bytes
-    from qlora_ds.plan.presets import shape_from_hf_config
+    from qlora_ds.plan import host
     try:
-        shape = shape_from_hf_config(AutoConfig.from_pretrained(model).to_dict())
+        cfg = AutoConfig.from_pretrained(model).to_dict()
+        dtype = "fp32" if resolve_dtype("auto") == torch.float32 else "bf16"
+        return host.estimate_first_step(cfg, dtype, seq, chunked_loss=chunked, later=True).over_loaded()
     except Exception:   # noqa: BLE001 - a model the planner cannot model: no column
         return None
-    kw = {"compute_dtype": "fp32"} if resolve_dtype("auto") == torch.float32 and \
-        "compute_dtype" in PlanConfig.__dataclass_fields__ else {}
-    cfg = PlanConfig(shape=shape, seq_len=seq, micro_batch=1, lora_r=16, lora_dropout=0.0, device="cpu",
-                     chunked_loss=chunked, **kw)
-    return sum(activation_bytes(cfg).values())
 
 
 def main(argv=None) -> int:
@@ -180,7 +177,7 @@ def main(argv=None) -> int:
               f"{r['peak_step_over_loaded'] / MiB:.0f}" if "peak_step_over_loaded" in r else "",
               f"{r['planned_peak'] / MiB:.0f}" if r.get("planned_peak") else ""] for r in rows]
     print(format_table(["variant", "seq", "dtype", "step s", "peak step MiB", "over loaded MiB",
-                        "planned transient MiB"], table))
+                        "planned over loaded MiB"], table))
     return 0
 
 

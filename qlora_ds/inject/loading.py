@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from ..errors import QLoRADSError
 from ..hardware import ds_compute_dtype
+from ..heap import install_heap_release, release_free_heap
 from ..nn.config import QALoRAConfig, QLoRAConfig
 from .checkpoint import BNB_STATE, Checkpoint
 from .policies import Policy
@@ -252,23 +253,6 @@ def _fill_layer(layer, path, how, ckpt, conv1d, config, dtype, read: bool) -> No
     layer.reset_lora_parameters()
 
 
-def _release_freed_memory() -> None:
-    """Give freed heap pages back to the OS (glibc ``malloc_trim``): the 16-bit tensors just freed are
-    several MB each and glibc keeps them otherwise, so RSS would grow by about one tensor per layer."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
-
-
 def _zero3_partition(params: list[nn.Parameter], ds_config) -> None:
     """Hand already-filled parameters to ZeRO-3: broadcast from rank 0, keep this rank's 1/N."""
     import deepspeed
@@ -368,7 +352,7 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
                             p.data = p.data.half()
                 _zero3_partition(new_params, ds_config)
             if mpath in layer_set:
-                _release_freed_memory()
+                release_free_heap()   # the 16-bit tensors just freed: RSS would grow a tensor per layer
     finally:
         ckpt.close()
     if stage == 3:
@@ -378,6 +362,7 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
         model.get_submodule(layer).lora_A.weight.requires_grad_(True)
         model.get_submodule(layer).lora_B.weight.requires_grad_(True)
     model.qlora_ds_targets = tuple(paths)
+    install_heap_release(model)
     return model.eval()
 
 

@@ -45,7 +45,14 @@ RUNTIME_BYTES = 372 * MiB          # bench/scripts/scale_worker.py after its imp
 ZERO3_RUNTIME_BYTES = 249 * MiB    # bench/scripts/zero3_load.py rank before from_pretrained (DeepSpeed imported)
 ZERO3_LAZY_IMPORT_BYTES = 136 * MiB  # that script's first from_pretrained imports the modeling code + op
 LOAD_OVERHEAD_BYTES = 9 * MiB      # non-tensor memory of the built model (modules, hooks), measured after load (8.7)
-STEP_RUNTIME_BYTES = 43 * MiB      # what the first step adds beyond its tensors (kernel code, autograd, oneDNN, heap)
+STEP_RUNTIME_BYTES = 17 * MiB      # what the first step adds beyond its tensors (kernel code, autograd, oneDNN); 43
+#                                    measured, less llama-0.4b's heap slack below (1.7 x 15 MiB at seq 256)
+# ---- heap slack: glibc keeps freed blocks between live ones even with qlora_ds.heap's release after each decoder
+# layer (the release runs between layers, the fragments form inside a layer's forward and backward). Measured as
+# (RSS high-water mark above the loaded model) - (tensor terms below) = 1.7 x the checkpointed layer inputs
+# (L.b.s.e.h) on llama-0.1b (SmolLM2-135M's shape) at seq 4096, bf16, chunked loss, 2026-12-05, Intel Xeon (AMX),
+# frozen; validated at seq 2048/8192/16384 and other depths (bench/RESULTS.md, "heap").
+HEAP_SLACK_PER_SAVED_INPUT = 1.7
 
 
 @dataclass(frozen=True)
@@ -124,13 +131,13 @@ def estimate_load(cfg: dict, dtype: str = "bf16", lora_r: int = 16, world: int =
 
 
 def step_config(cfg: dict, dtype: str = "fp32", seq_len: int = 256, batch: int = 1, lora_r: int = 16,
-                runtime_bytes: float | None = None) -> PlanConfig:
+                runtime_bytes: float | None = None, chunked_loss: bool = False) -> PlanConfig:
     """The planner's config for one plain training step (LoRA r on all linears, dropout 0, gradient
-    checkpointing, Adam 32-bit, one batch shape)."""
+    checkpointing, Adam 32-bit, one batch shape; ``chunked_loss``: ``qlora_ds.loss.causal_lm_loss``)."""
     shape: ModelShape = shape_from_hf_config(cfg)
     return PlanConfig(shape=shape, device="cpu", zero_stage=0, gpus_per_node=1, seq_len=seq_len, micro_batch=batch,
                       grad_accum=1, lora_r=lora_r, lora_targets=ALL_LINEAR, lora_dropout=0.0, grad_ckpt=True,
-                      compute_dtype=dtype, pad_multiple=seq_len,
+                      compute_dtype=dtype, pad_multiple=seq_len, chunked_loss=chunked_loss,
                       runtime_bytes=int(RUNTIME_BYTES + LOAD_OVERHEAD_BYTES if runtime_bytes is None else runtime_bytes))
 
 
@@ -140,6 +147,11 @@ class StepEstimate:
     base: float              # resident model + LoRA A/B + process runtime + the step's non-tensor memory
     phases: dict             # transient bytes of "loss", "layers", "optimizer" (each on top of ``base``)
     fragmentation: float
+    loaded: float = 0.0      # the part of ``base`` resident before the step: model, LoRA A/B, process runtime
+
+    def over_loaded(self) -> float:
+        """The step's peak above the RSS of the loaded model (what a run can measure: VmHWM - RSS after load)."""
+        return self.peak - self.loaded
 
     @property
     def peak(self) -> float:
@@ -156,7 +168,7 @@ class StepEstimate:
 
 
 def estimate_first_step(cfg: dict, dtype: str = "fp32", seq_len: int = 256, batch: int = 1,
-                        lora_r: int = 16) -> StepEstimate:
+                        lora_r: int = 16, chunked_loss: bool = False, later: bool = False) -> StepEstimate:
     """Peak RSS of the first step: plain torch AdamW on the LoRA A/B, which stay fp32 as ``QLoRALinear``
     builds them whatever the compute dtype (the forward casts them): fp32 grads, no master copy. Under
     non-reentrant checkpointing the step passes through three phases that do not overlap:
@@ -173,8 +185,13 @@ def estimate_first_step(cfg: dict, dtype: str = "fp32", seq_len: int = 256, batc
 
     The fp32 logits of the loss are freed before the first layer's backward, so they do not add to it
     (``memory.estimate_memory`` sums the backward terms, an upper bound). Memory kept per batch shape after
-    a step (``memory.cpu_shape_cache_bytes``) is not alive inside the first one."""
-    pc = step_config(cfg, dtype, seq_len, batch, lora_r)
+    a step (``memory.cpu_shape_cache_bytes``) is not alive inside the first one.
+
+    ``later``: a step after the first (same shape): Adam's moments (8 B per LoRA parameter) are resident from
+    the start, and its update allocates nothing new. Both assume ``qlora_ds.heap``'s release of the heap's
+    free pages after each decoder layer (on by default): without it glibc keeps each layer's freed
+    intermediates resident and a long-sequence step runs up to ~2x these figures (bench/RESULTS.md)."""
+    pc = step_config(cfg, dtype, seq_len, batch, lora_r, chunked_loss=chunked_loss)
     shape, e, tokens = pc.shape, pc.elem, batch * seq_len
     p = lora_params(shape, lora_r, pc.lora_targets)
     act = activation_bytes(pc)
@@ -183,13 +200,14 @@ def estimate_first_step(cfg: dict, dtype: str = "fp32", seq_len: int = 256, batc
     per_layer = shape.linear_params_per_layer * e
     keep = min(pc.keep_dequant_bytes, per_layer)
     pools = keep + (largest if per_layer > pc.keep_dequant_bytes else 0)   # allocated once, then kept
+    moments = 8 * p
     phases = {"loss": stored + min(largest, keep) + act["logits_loss"],
               "layers": 4 * p + act["activations"] + pools,
-              "optimizer": 4 * p + 8 * p + pools}
+              "optimizer": 4 * p + (0 if later else moments) + pools}
     weights = base_weight_bytes(shape, pc.base_bits_per_param, e)
-    base = (weights["quantized_linears"] + weights["embeddings_norms"] + 4 * p + RUNTIME_BYTES + LOAD_OVERHEAD_BYTES
-            + STEP_RUNTIME_BYTES)
-    return StepEstimate(base, phases, FRAGMENTATION)
+    loaded = weights["quantized_linears"] + weights["embeddings_norms"] + 4 * p + RUNTIME_BYTES + LOAD_OVERHEAD_BYTES
+    base = loaded + STEP_RUNTIME_BYTES + HEAP_SLACK_PER_SAVED_INPUT * stored + (moments if later else 0)
+    return StepEstimate(base, phases, FRAGMENTATION, loaded)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,71 @@
+"""qlora_ds.heap: the C heap's free pages go back to the OS after each decoder layer, which keeps a long
+sequence's step near its live tensors (glibc keeps freed blocks between live ones otherwise)."""
+import ctypes.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from bench import scale
+from qlora_ds import heap
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLIBC = sys.platform.startswith("linux") and ctypes.util.find_library("c") is not None
+
+
+def tiny_llama(layers=3):
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg)
+
+
+def test_hooks_every_decoder_layer_once(monkeypatch):
+    monkeypatch.delenv("QLORA_DS_HEAP_RELEASE", raising=False)
+    model = tiny_llama(3)
+    assert heap.decoder_layers(model) == list(model.model.layers)
+    assert heap.install_heap_release(model) == 3
+    assert heap.install_heap_release(model) == 3          # idempotent: still one hook per layer
+    assert all(len(m._forward_hooks) == 1 for m in model.model.layers)
+    monkeypatch.setenv("QLORA_DS_HEAP_RELEASE", "0")
+    other = tiny_llama(2)
+    assert heap.install_heap_release(other) == 0
+    assert all(len(m._forward_hooks) == 0 for m in other.model.layers)
+
+
+@pytest.mark.parametrize("free_mib,expected", [(10_000, 3), (1, 0), (None, 3)])
+def test_release_after_each_layer_when_enough_is_free(monkeypatch, free_mib, expected):
+    calls = []
+    monkeypatch.setattr(heap, "release_free_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr(heap, "free_heap_bytes", lambda: None if free_mib is None else free_mib << 20)
+    monkeypatch.delenv("QLORA_DS_HEAP_RELEASE", raising=False)
+    model = tiny_llama(3)
+    heap.install_heap_release(model)
+    model(torch.randint(0, 128, (1, 8)))
+    assert len(calls) == expected
+
+
+@pytest.mark.skipif(not GLIBC, reason="malloc_trim and mallinfo2 are glibc's")
+def test_glibc_calls_work():
+    assert heap.release_free_heap() is True
+    assert isinstance(heap.free_heap_bytes(), int) and heap.free_heap_bytes() >= 0
+
+
+@pytest.mark.skipif(not GLIBC, reason="malloc_trim and mallinfo2 are glibc's")
+def test_long_sequence_step_peak_is_lower_with_release(tmp_path):
+    """A 6-layer model of SmolLM2-135M's width, one chunked-loss step at seq 4096 in a fresh process each:
+    the release must cut the RSS high-water mark above the loaded model (measured 350 vs 437 MiB, bf16 on AMX)."""
+    cfg = {k: v for k, v in scale._llama(576, 1536, 6, 9, 3, 4096, True, 100000.0).items() if not k.startswith("_")}
+    ckpt = scale.write_checkpoint(cfg, tmp_path / "ckpt")
+    out = {}
+    for flag in ("1", "0"):
+        env = dict(os.environ, QLORA_DS_HEAP_RELEASE=flag, PYTHONPATH=REPO)
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "scripts", "heap_step.py"), str(ckpt),
+                               "4096"], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[flag] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["1"]["hooked"] == 6 and out["0"]["hooked"] == 0
+    assert out["1"]["measured"] < 0.9 * out["0"]["measured"], out
