@@ -24,9 +24,9 @@ do not overlap under non-reentrant checkpointing (loss backward; the layers' bac
 Not derivable from the shapes — the memory the process holds before the model (interpreter, torch,
 transformers, qlora_ds and its compiled op; with DeepSpeed for a ZeRO-3 rank), the non-tensor memory of
 the built model, and what the first training step adds beyond its tensors (code pages of the kernels it
-runs, autograd and oneDNN state, heap kept by the allocator). These are the only constants (plus the 5 %
-fragmentation allowance of ``memory.py``); they were measured once on ONE model, ``CALIBRATION_MODEL``,
-and frozen here. Every other model's prediction is out of sample (bench/RESULTS.md, "scale").
+runs, autograd and oneDNN state, heap kept by the allocator: a slack per checkpointed layer input). These are
+the only constants (plus the 5 % fragmentation allowance of ``memory.py``); they were measured once on ONE
+model, ``CALIBRATION_MODEL``, and frozen here. Every other model's prediction is out of sample (bench/RESULTS.md, "scale").
 """
 from __future__ import annotations
 
@@ -45,14 +45,15 @@ RUNTIME_BYTES = 372 * MiB          # bench/scripts/scale_worker.py after its imp
 ZERO3_RUNTIME_BYTES = 249 * MiB    # bench/scripts/zero3_load.py rank before from_pretrained (DeepSpeed imported)
 ZERO3_LAZY_IMPORT_BYTES = 136 * MiB  # that script's first from_pretrained imports the modeling code + op
 LOAD_OVERHEAD_BYTES = 9 * MiB      # non-tensor memory of the built model (modules, hooks), measured after load (8.7)
-STEP_RUNTIME_BYTES = 17 * MiB      # what the first step adds beyond its tensors (kernel code, autograd, oneDNN); 43
-#                                    measured, less llama-0.4b's heap slack below (1.7 x 15 MiB at seq 256)
-# ---- heap slack: glibc keeps freed blocks between live ones even with qlora_ds.heap's release after each decoder
-# layer (the release runs between layers, the fragments form inside a layer's forward and backward). Measured as
-# (RSS high-water mark above the loaded model) - (tensor terms below) = 1.7 x the checkpointed layer inputs
-# (L.b.s.e.h) on llama-0.1b (SmolLM2-135M's shape) at seq 4096, bf16, chunked loss, 2026-12-05, Intel Xeon (AMX),
-# frozen; validated at seq 2048/8192/16384 and other depths (bench/RESULTS.md, "heap").
-HEAP_SLACK_PER_SAVED_INPUT = 1.7
+# ---- the step beyond its tensors: glibc keeps freed blocks between live ones even with qlora_ds.heap's release after
+# each decoder layer (the release runs between layers; the fragments form inside a layer's forward and backward), plus
+# the code pages, autograd and oneDNN state the first step adds. Modelled as a constant + a slack proportional to the
+# checkpointed layer inputs (L.b.s.e.h), both from llama-0.4b alone (heap release on, bf16, Intel Xeon AMX,
+# 2026-12-05): the step at seq 256 (full logits, first step) and at seq 4096 (chunked loss, a later step): two
+# equations, giving 1.67 x the saved inputs and -6 MiB, taken as 0. Frozen; validated at other models and lengths
+# (bench/RESULTS.md, "scale" and "longctx").
+STEP_RUNTIME_BYTES = 0
+HEAP_SLACK_PER_SAVED_INPUT = 1.67
 
 
 @dataclass(frozen=True)
