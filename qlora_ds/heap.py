@@ -23,42 +23,44 @@ import os
 import torch
 from torch import nn
 
-_trim = None
-_info = None
 HOOK_ATTR = "_qlora_ds_heap_release"
 MIN_FREE_BYTES = int(float(os.environ.get("QLORA_DS_HEAP_RELEASE_MIN_MB", "128")) * (1 << 20))
+_calls = None     # (malloc_trim, mallinfo2) from glibc, each None where missing; False: no libc at all
+
+
+def _glibc():
+    global _calls
+    if _calls is None:
+        try:
+            import ctypes
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _calls = False
+            return _calls
+        trim = getattr(libc, "malloc_trim", None)
+        if trim is not None:
+            trim.argtypes = [ctypes.c_size_t]
+        info = getattr(libc, "mallinfo2", None)
+        if info is not None:
+            class _MallInfo2(ctypes.Structure):
+                _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+            info.restype = _MallInfo2
+        _calls = (trim, info)
+    return _calls
 
 
 def free_heap_bytes() -> int | None:
     """Bytes of free blocks inside glibc's heap (``mallinfo2().fordblks``); None without mallinfo2."""
-    global _info
-    if _info is None:
-        try:
-            import ctypes
-
-            class _MallInfo2(ctypes.Structure):
-                _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                                            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-            fn = ctypes.CDLL("libc.so.6").mallinfo2
-            fn.restype = _MallInfo2
-            _info = fn
-        except (OSError, AttributeError):
-            _info = False
-    return int(_info().fordblks) if _info else None
+    info = _glibc() and _glibc()[1]
+    return int(info().fordblks) if info else None
 
 
 def release_free_heap() -> bool:
     """``malloc_trim(0)``: give the heap's free pages back to the OS. False where libc has no such call."""
-    global _trim
-    if _trim is None:
-        try:
-            import ctypes
-            _trim = ctypes.CDLL("libc.so.6").malloc_trim
-            _trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _trim = False
-    if _trim:
-        _trim(0)
+    trim = _glibc() and _glibc()[0]
+    if trim:
+        trim(0)
         return True
     return False
 

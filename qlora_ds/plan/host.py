@@ -148,7 +148,7 @@ class StepEstimate:
     base: float              # resident model + LoRA A/B + process runtime + the step's non-tensor memory
     phases: dict             # transient bytes of "loss", "layers", "optimizer" (each on top of ``base``)
     fragmentation: float
-    loaded: float = 0.0      # the part of ``base`` resident before the step: model, LoRA A/B, process runtime
+    loaded: float            # the part of ``base`` resident before the step: model, LoRA A/B, process runtime
 
     def over_loaded(self) -> float:
         """The step's peak above the RSS of the loaded model (what a run can measure: VmHWM - RSS after load)."""
