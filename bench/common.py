@@ -71,6 +71,41 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int
     return timing, result
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str, *, warmup: int = 1,
+                     repeats: int = 5, max_s: float = 2.0) -> tuple[dict[str, dict], dict[str, list[float]]]:
+    """``time_fn`` for several variants at once, run in rounds: each round calls every variant once, in an order
+    reversed every other round, so a slow spell of a shared machine (other jobs, clock changes) falls on all of
+    them alike. Returns each variant's timing dict and its per-round seconds; a ratio between two variants is
+    then the median of their per-round ratios (``paired_ratio``), not a ratio of medians taken minutes apart.
+    Stops after ``repeats`` rounds or once the rounds have taken ``max_s`` seconds per variant."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    names = list(fns)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    spent = 0.0
+    while True:
+        order = names if len(samples[names[0]]) % 2 == 0 else names[::-1]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            synchronize(device)
+            dt = time.perf_counter() - t0
+            samples[n].append(dt)
+            spent += dt
+        if len(samples[names[0]]) >= max(1, repeats) or spent >= max_s * len(names):
+            break
+    timings = {n: {"ms": 1e3 * statistics.median(v), "ms_min": 1e3 * min(v), "reps": len(v), "warmup": warmup}
+               for n, v in samples.items()}
+    return timings, samples
+
+
+def paired_ratio(samples: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of a's time / b's time (``time_interleaved``'s samples)."""
+    return statistics.median(x / y for x, y in zip(samples[a], samples[b]))
+
+
 def cpu_model() -> str:
     return hardware.cpu_name()
 

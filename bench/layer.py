@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from bench.common import RowWriter, default_device, describe_machine, format_table, time_fn
+from bench.common import RowWriter, default_device, describe_machine, format_table, paired_ratio, time_interleaved
 from qlora_ds import ops
 from qlora_ds.nn import QLoRAConfig, QLoRALinear
 from qlora_ds.nn.functional import lora_delta
@@ -117,19 +117,26 @@ def main(argv=None) -> int:
             variants["bnb_peft"] = lambda: bnb_peft(base, args.r, 16, dtype, device)
         row = {"shape": [out_f, in_f], "tokens": tokens, "r": args.r, "dtype": dtype_name(dtype),
                "quant_backend": ops.backend(device)}
+        steps = {}
         for name, make in variants.items():
             try:
-                module = make()
-                timing, _ = time_fn(fwd_bwd(module, x), device, warmup=1, repeats=iters, max_s=args.max_s)
-                row[f"{name}_ms"] = round(timing["ms"], 3)
-                row[f"{name}_reps"] = timing["reps"]
-                del module
+                steps[name] = fwd_bwd(make(), x)
+                steps[name]()                       # the warm-up; a variant that fails here is recorded, not timed
             except Exception as err:  # noqa: BLE001 - bnb's CPU paths vary between versions: record, go on
+                steps.pop(name, None)
                 row[f"{name}_error"] = f"{type(err).__name__}: {err}"[:200]
-        if "qlora_ds_ms" in row and "dense_lora_ms" in row:
-            row["ratio_vs_dense"] = round(row["qlora_ds_ms"] / row["dense_lora_ms"], 3)
-        if "qlora_ds_ms" in row and "bnb_peft_ms" in row:
-            row["ratio_vs_bnb"] = round(row["qlora_ds_ms"] / row["bnb_peft_ms"], 3)
+        # interleaved rounds: the ratios are medians of per-round ratios, robust to a shared machine's slow spells
+        timings, samples = time_interleaved(steps, device, warmup=0, repeats=iters, max_s=args.max_s) if steps \
+            else ({}, {})
+        for name, timing in timings.items():
+            row[f"{name}_ms"] = round(timing["ms"], 3)
+            row[f"{name}_reps"] = timing["reps"]
+        if "qlora_ds" in samples and "dense_lora" in samples:
+            row["ratio_vs_dense"] = round(paired_ratio(samples, "qlora_ds", "dense_lora"), 3)
+        if "qlora_ds" in samples and "bnb_peft" in samples:
+            row["ratio_vs_bnb"] = round(paired_ratio(samples, "qlora_ds", "bnb_peft"), 3)
+        row["timing"] = "interleaved rounds; ratios = median of per-round ratios"
+        del steps
         writer.write(**row)
         table.append([f"{out_f}x{in_f}", tokens, row.get("dense_lora_ms", "err"), row.get("qlora_ds_ms", "err"),
                       row.get("bnb_peft_ms", "-" if not have_bnb else "err"), row.get("ratio_vs_dense", ""),

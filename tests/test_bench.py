@@ -78,3 +78,16 @@ def test_bench_layer_and_memory_record_compute_dtype(tmp_path, monkeypatch):
     mem = json.loads((tmp_path / "memory.jsonl").read_text().splitlines()[0])
     vocab = len(tl.load_tokenizer(tl.tokenizer_source()))     # tiny_checkpoint: hidden 64, 2 layers, tied embeddings
     assert mem["other_bytes"] == 4 * (vocab * 64 + 5 * 64)      # embeddings and the 5 norms in fp32, not bf16
+
+
+def test_interleaved_timing_alternates_order_and_pairs_rounds():
+    from bench.common import paired_ratio, time_interleaved
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    timings, samples = time_interleaved(fns, "cpu", warmup=1, repeats=4, max_s=60)
+    assert calls[:3] == ["a", "b", "c"]                       # warm-up
+    assert calls[3:] == ["a", "b", "c", "c", "b", "a"] * 2    # rounds, every other one reversed
+    assert {n: t["reps"] for n, t in timings.items()} == {"a": 4, "b": 4, "c": 4}
+    # the ratio is the median of per-round ratios: one slow round (a machine's busy spell) does not move it
+    s = {"ours": [1.1, 2.2, 1.1, 11.0, 1.1], "dense": [1.0, 2.0, 1.0, 5.0, 1.0]}
+    assert abs(paired_ratio(s, "ours", "dense") - 1.1) < 1e-12

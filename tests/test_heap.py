@@ -36,13 +36,34 @@ def test_hooks_every_decoder_layer_once(monkeypatch):
     assert all(len(m._forward_hooks) == 0 for m in other.model.layers)
 
 
-@pytest.mark.parametrize("free_mib,expected", [(10_000, 3), (1, 0), (None, 3)])
-def test_release_after_each_layer_when_enough_is_free(monkeypatch, free_mib, expected):
+@pytest.mark.parametrize("free_mib,expected", [
+    ([300, 400, 500, 600], 3),        # the free part grows by a layer's intermediates: release after each layer
+    ([300, 302, 299, 301], 0),        # flat (freed blocks reused by the next layer): releasing would only refault
+    ([300, 290, 280, 286, 300], 1),   # growth counts from the lowest seen since the last release
+    ([10, 50, 90, 120], 0),           # never 128 MiB free
+    ([None] * 4, 4),                  # no mallinfo2: release after every layer
+])
+def test_release_when_the_free_heap_grows(monkeypatch, free_mib, expected):
+    state = {"layer": -1, "reread": False}
     calls = []
-    monkeypatch.setattr(heap, "release_free_heap", lambda: calls.append(1) or True)
-    monkeypatch.setattr(heap, "free_heap_bytes", lambda: None if free_mib is None else free_mib << 20)
+
+    def free_heap_bytes():         # one value per layer; the re-read right after a release sees the same heap
+        if not state["reread"]:
+            state["layer"] += 1
+        state["reread"] = False
+        v = free_mib[state["layer"]]
+        return None if v is None else v << 20
+
+    def release():
+        calls.append(1)
+        state["reread"] = True
+        return True
+    monkeypatch.setattr(heap, "release_free_heap", release)
+    monkeypatch.setattr(heap, "free_heap_bytes", free_heap_bytes)
+    monkeypatch.setattr(heap, "_floor", [None])
+    monkeypatch.setattr(heap, "GROWTH_BYTES", 8 << 20)
     monkeypatch.delenv("QLORA_DS_HEAP_RELEASE", raising=False)
-    model = tiny_llama(3)
+    model = tiny_llama(len(free_mib))
     heap.install_heap_release(model)
     model(torch.randint(0, 128, (1, 8)))
     assert len(calls) == expected
