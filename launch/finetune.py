@@ -515,9 +515,11 @@ def finish(run: Run, engine, model, tokenizer, metrics, loop: Loop, runtime: int
         return summary
     if memory:
         summary["memory"] = memory
-        log.info("peak memory per rank (%s): measured %.0f MiB, planner %.0f MiB (planned/measured %.2f)",
+        log.info("peak memory per rank (%s): measured %.0f MiB, planner %.0f MiB (planned/measured %.2f; %s above "
+                 "the %.0f MiB the process held before the model)",
                  "CUDA allocated" if memory["device"] == "cuda" else "RSS", memory["measured_peak_mib"],
-                 memory["planned_peak_mib"], memory["planned_over_measured"])
+                 memory["planned_peak_mib"], memory["planned_over_measured"],
+                 memory["planned_over_measured_above_runtime"], memory["runtime_mib"])
     metrics.write_csv(os.path.join(out, "metrics.csv"))
     metrics.plot(os.path.join(out, "loss_curve.png"), title=f"{args.method} on {os.path.basename(args.model)}")
     evals = [r["eval_loss"] for r in metrics.rows if "eval_loss" in r]

@@ -9,16 +9,19 @@ SmolLM2-135M's shape (bf16, chunked loss, one step): seq 2048, 30 layers 541 →
 model; seq 16384, 8 layers 1762 → 1015 MiB (bench/RESULTS.md, "heap release").
 
 ``malloc_trim(0)`` returns every free page of the heap (not only its top) with ``madvise(MADV_DONTNEED)``;
-calling it after each decoder layer's forward (which also runs for the checkpointed recomputation in
-backward) keeps RSS near the live tensors at a few percent of step time. A fixed low mmap threshold
+calling it after a decoder layer's forward (a forward hook: transformers' checkpointed recomputation in backward
+calls the layer's ``forward`` directly and does not run it) keeps RSS near the live tensors. A fixed low mmap threshold
 (``MALLOC_MMAP_THRESHOLD_``) saves more but costs 50 % step time in page faults, so it is not used.
 
-A release is only worth its page faults when the heap's free part is growing: free pages given back and touched
-again by the next layer's intermediates cost time and lower no peak. So a layer releases when the heap's free bytes
-(``mallinfo2``) have grown by ``QLORA_DS_HEAP_RELEASE_GROWTH_MB`` (8) over the lowest seen since the last release
-(a long sequence's fragmenting heap: every layer or two) and at least ``QLORA_DS_HEAP_RELEASE_MIN_MB`` (128) is
-free. Releasing after every layer whenever that much was free cost 10 % of a short-sequence step (SmolLM2-135M,
-batch 4 × 128, fp32: 3.57 → 3.98 s), where the free part stays flat and nothing was gained.
+A release is only worth its page faults when it lowers a peak: free pages given back and touched again by the next
+layer's intermediates cost time and gain nothing. So a layer releases when the heap's free bytes (``mallinfo2``) have
+grown by ``QLORA_DS_HEAP_RELEASE_GROWTH_MB`` (8) over the lowest seen since the last release (a long sequence's
+fragmenting heap: most layers), and the last decoder layer always does, so that backward — where the step peaks, and
+where the recomputation does not run these hooks — starts from a clean heap; both only with at least
+``QLORA_DS_HEAP_RELEASE_MIN_MB`` (128) free. Releasing after every layer whenever that much was free cost 11 % of a
+short-sequence step, whose free part stays flat (SmolLM2-135M, batch 4 × 128, fp32: 3.7 → 4.1 s; gated 3.8 s), and
+the gate keeps the long-sequence peak (llama-0.4b's shape, seq 4096: 946 MiB over the loaded model releasing after
+every layer, 922 gated).
 ``QLORA_DS_HEAP_RELEASE=0`` turns the hooks off. Nothing is done on a libc without ``malloc_trim`` (musl,
 macOS) or for layers whose output is not on the CPU.
 """
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 
 HOOK_ATTR = "_qlora_ds_heap_release"
+LAST_ATTR = "_qlora_ds_heap_release_last"
 MIN_FREE_BYTES = int(float(os.environ.get("QLORA_DS_HEAP_RELEASE_MIN_MB", "128")) * (1 << 20))
 GROWTH_BYTES = int(float(os.environ.get("QLORA_DS_HEAP_RELEASE_GROWTH_MB", "8")) * (1 << 20))
 _floor: list = [None]   # the fewest free heap bytes seen since the last release (None: none seen yet)
@@ -98,7 +102,8 @@ def _after_layer(module, args, output):
         return
     if _floor[0] is None or free < _floor[0]:
         _floor[0] = free
-    if free >= MIN_FREE_BYTES and free - _floor[0] >= GROWTH_BYTES:
+    last = getattr(module, LAST_ATTR, False)    # the last layer's release leaves backward (the step's peak) a clean heap
+    if free >= MIN_FREE_BYTES and (last or free - _floor[0] >= GROWTH_BYTES):
         release_free_heap()
         _floor[0] = free_heap_bytes()
 
@@ -122,9 +127,9 @@ def install_heap_release(model: nn.Module) -> int:
     number of layers hooked (0 when turned off by ``QLORA_DS_HEAP_RELEASE=0``)."""
     if not enabled():
         return 0
-    n = 0
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
         if getattr(layer, HOOK_ATTR, None) is None:
             setattr(layer, HOOK_ATTR, layer.register_forward_hook(_after_layer))
-        n += 1
-    return n
+        setattr(layer, LAST_ATTR, i == len(layers) - 1)
+    return len(layers)

@@ -37,8 +37,8 @@ def test_hooks_every_decoder_layer_once(monkeypatch):
 
 
 @pytest.mark.parametrize("free_mib,expected", [
-    ([300, 400, 500, 600], 3),        # the free part grows by a layer's intermediates: release after each layer
-    ([300, 302, 299, 301], 0),        # flat (freed blocks reused by the next layer): releasing would only refault
+    ([300, 400, 500, 600], 3),        # the free part grows by a layer's intermediates: after each (the first sets the floor)
+    ([300, 302, 299, 301], 1),        # flat (blocks reused by the next layer): only the last layer, before backward
     ([300, 290, 280, 286, 300], 1),   # growth counts from the lowest seen since the last release
     ([10, 50, 90, 120], 0),           # never 128 MiB free
     ([None] * 4, 4),                  # no mallinfo2: release after every layer

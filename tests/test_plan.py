@@ -210,6 +210,10 @@ def test_cpu_terms_and_run_config():
     assert mem.get("logits_loss") == 2 * 128 * 49152 * 12
     report = memory_check(cfg, mem.peak * 1.1)
     assert report["planned_over_measured"] == pytest.approx(1 / 1.1, abs=1e-3)
+    # the run-measured runtime taken out of both sides: what the planner itself predicted vs what was measured above it
+    above = (mem.peak - 400 * MiB) / (mem.peak * 1.1 - 400 * MiB)
+    assert report["planned_over_measured_above_runtime"] == pytest.approx(above, abs=1e-3)
+    assert report["planned_over_measured_above_runtime"] < report["planned_over_measured"]
     assert "cuda_context" not in report["items_mib"]
     with pytest.raises(QLoRADSError, match="planner models LoRA on"):
         config_for_run(hf, ds, world=1, device="cpu", seq_len=8, lora_r=8, lora_dropout=0.0, targets=["c_attn"],
