@@ -6,6 +6,7 @@ import base64
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -92,6 +93,11 @@ def test_headline_rows_set_measured_beside_planned(dry_run):
         assert r["ok"] and r["layers"] == 2 and r["hidden"] == 64 and r["r"] == 64 and r["seq"] == 32
         assert r["measured_peak_bytes"] > 0 and r["planned_compared_bytes"] > 0 and r["lora_params"] > 0
         assert r["device"] == "cpu" and r["commit"] and r["versions"]["torch"]
+    # only the 7B run adds the long-sequence step (8192 tokens on the GPU, 64 here), chunked loss, planner beside it
+    assert [bool(r.get("long_seq")) for r in rows] == [False, False, False, True]
+    long = rows[-1]["long_seq"]
+    assert long["ok"] and long["seq"] == 64 and long["measured_peak_bytes"] > 0 and long["planned_compared_bytes"] > 0
+    assert math.isfinite(long["loss"]) and long["step_s"] > 0
     env = json.loads((out / "env.json").read_text())
     assert env["versions"]["torch"] and env["cpu_isa"] and env["commit"]
     summary = (out / "summary.md").read_text()

@@ -4,6 +4,7 @@ the device (no checkpoint), one real QLoRA training step, peak memory beside the
     python scripts/gpu/headline.py --shape llama-65b --cap-gib 48             # on a GPU (the paper: < 48 GB)
     python scripts/gpu/headline.py --shape llama-7b --layers 2 --hidden 64 --ffn 172 --heads 4 --vocab 512 \\
         --seq 32 --device cpu                                                 # the same code at a tiny shape
+    python scripts/gpu/headline.py --shape llama-7b --long-seq 8192        # + one step at 8192 tokens, chunked loss
 
 Settings are the QLoRA recipe's: NF4 + double quantization, LoRA r 64 (α 16) on all linear layers, dropout 0.05
 above 20B parameters else 0.1, gradient checkpointing (non-reentrant), paged AdamW (32-bit state), batch 1,
@@ -53,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cap-gib", type=float, default=48.0, help="CUDA memory cap of this process (GiB)")
     p.add_argument("--device", default="auto", help="auto (the GPU if any), cuda, cuda:N or cpu")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto, bf16, fp16, fp32")
+    p.add_argument("--long-seq", type=int, default=0,
+                   help="after the step, one more at this length with the chunked LM-head loss (issue 17 §3); 0: none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results-dir", default=None, help="where headline.jsonl is appended (default bench/results)")
     return p.parse_args(argv)
@@ -122,12 +125,13 @@ def build(shape, config, device: torch.device, dtype: torch.dtype, seed: int) ->
     return model.train()
 
 
-def planned(shape, args, dropout: float, device: torch.device, managed: bool, runtime: int = 0) -> dict:
+def planned(shape, args, dropout: float, device: torch.device, managed: bool, runtime: int = 0, seq: int | None = None,
+            chunked_loss: bool = False) -> dict:
     from qlora_ds.plan import PlanConfig, estimate_memory
 
-    cfg = PlanConfig(shape=shape, gpus_per_node=1, gpu_mem_bytes=int(args.cap_gib * GiB), seq_len=args.seq,
+    cfg = PlanConfig(shape=shape, gpus_per_node=1, gpu_mem_bytes=int(args.cap_gib * GiB), seq_len=seq or args.seq,
                      micro_batch=args.batch, grad_accum=1, zero_stage=0, lora_r=args.r, lora_dropout=dropout,
-                     grad_ckpt=True, paged=True, device=device.type, runtime_bytes=runtime)
+                     grad_ckpt=True, paged=True, device=device.type, runtime_bytes=runtime, chunked_loss=chunked_loss)
     mem = estimate_memory(cfg)
     compare = mem.required if (device.type == "cuda" and managed) else mem.peak
     return {"planned_peak_bytes": int(mem.peak), "planned_required_bytes": int(mem.required),
@@ -203,6 +207,9 @@ def run(args) -> dict:
         row["planned_over_measured"] = round(row["planned_compared_bytes"] / row["measured_peak_bytes"], 3)
         row["fits_cap"] = (not cuda) or row["measured_peak_bytes"] <= args.cap_gib * GiB
         row["ok"] = math.isfinite(row["loss"])
+        if args.long_seq:
+            stage = "long-sequence step"
+            row["long_seq"] = long_step(model, params, opt, shape, args, dropout, device, managed, runtime)
     except torch.cuda.OutOfMemoryError as err:
         row.update(ok=False, fits_cap=False, error=f"out of memory during {stage}: {str(err)[:300]}",
                    measured_peak_bytes=torch.cuda.max_memory_allocated(device))
@@ -213,6 +220,40 @@ def run(args) -> dict:
     writer.write(**row)
     print(summary_line(row), flush=True)
     return row
+
+
+def long_step(model, params, opt, shape, args, dropout: float, device, managed: bool, runtime: int) -> dict:
+    """One more training step at ``--long-seq`` tokens with the chunked LM-head loss (``qlora_ds.loss``): its time, its
+    peak beside the planner's (same settings, ``chunked_loss``); out of memory is a result, not a crash."""
+    from qlora_ds.loss import causal_lm_loss
+    from qlora_ds.memstats import peak_rss, reset_peak
+
+    cuda = device.type == "cuda"
+    out = {"seq": args.long_seq, "loss_fn": "qlora_ds.loss.causal_lm_loss (chunked)"}
+    ids = torch.randint(0, shape.vocab, (args.batch, args.long_seq), device=device,
+                        generator=torch.Generator(device=device).manual_seed(args.seed + 2))
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak()
+    t = time.perf_counter()
+    try:
+        loss = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        out.update(step_s=round(time.perf_counter() - t, 3), loss=loss.item(), ok=math.isfinite(loss.item()))
+        out["tokens_per_s"] = round(args.batch * args.long_seq / out["step_s"], 1)
+    except torch.cuda.OutOfMemoryError as err:
+        out.update(ok=False, error=f"out of memory: {str(err)[:300]}")
+    out["measured_peak_bytes"] = torch.cuda.max_memory_allocated(device) if cuda else peak_rss()
+    plan = planned(shape, args, dropout, device, managed, runtime, seq=args.long_seq, chunked_loss=True)
+    out.update(planned_compared_bytes=plan["planned_compared_bytes"], planned_compared=plan["planned_compared"],
+               planned_over_measured=round(plan["planned_compared_bytes"] / out["measured_peak_bytes"], 3))
+    out["fits_cap"] = bool(out.get("ok")) and ((not cuda) or out["measured_peak_bytes"] <= args.cap_gib * GiB)
+    return out
 
 
 def _driver() -> str | None:
@@ -241,6 +282,11 @@ def summary_line(row: dict) -> str:
         text += f", cap {row['cap_gib']:g} GiB: {'fits' if row.get('fits_cap') else 'DOES NOT FIT'}"
     if "step_s" in row:
         text += f", step {row['step_s']:.2f} s, build {row['build_s']:.1f} s"
+    long = row.get("long_seq")
+    if long:
+        text += (f"; seq {long['seq']} (chunked loss): peak {long['measured_peak_bytes'] / GiB:.2f} GiB vs "
+                 f"{long['planned_compared_bytes'] / GiB:.2f} planned ({long['planned_over_measured']:.3f})"
+                 + (f", step {long['step_s']:.2f} s" if long.get("ok") else f" FAILED {long.get('error', '')}"))
     return text + ("" if row.get("ok") else f"  FAILED {row.get('error', '')}")
 
 
