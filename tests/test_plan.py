@@ -194,7 +194,7 @@ def test_cli_json_and_error():
 def test_cpu_terms_and_run_config():
     """CPU: the runtime term is what the run measured; oneDNN's per-shape buffers sum over the padded
     widths; ZeRO-3 gathers follow the ds_config's persistence threshold."""
-    from qlora_ds.plan.memory import CPU_SHAPE_CACHE_BYTES_PER_LOGIT as K, CPU_TRAINING_RUNTIME_BYTES, cpu_shape_cache_bytes
+    from qlora_ds.plan.memory import CPU_TRAINING_RUNTIME_BYTES, cpu_shape_cache_bytes
     from qlora_ds.plan.run_check import config_for_run, memory_check
     hf = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
           "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192, "tie_word_embeddings": True}
@@ -203,9 +203,8 @@ def test_cpu_terms_and_run_config():
                          grad_ckpt=True, runtime_bytes=400 * MiB, pad_multiple=16)
     assert (cfg.zero_stage, cfg.micro_batch, cfg.shape.vocab, cfg.lora_targets) == (2, 2, 49152, ALL_LINEAR)
     widths = sum(range(16, 129, 16))
-    assert cpu_shape_cache_bytes(cfg) == K * 2 * 49152 * widths
-    assert cpu_shape_cache_bytes(replace(cfg, seq_len=120)) == K * 2 * 49152 * (widths - 8)   # last width capped
-    assert cpu_shape_cache_bytes(replace(cfg, chunked_loss=True)) == 0      # no [tokens, vocab] logits are formed
+    assert cpu_shape_cache_bytes(cfg) == 4 * 2 * 49152 * widths
+    assert cpu_shape_cache_bytes(replace(cfg, seq_len=120)) == 4 * 2 * 49152 * (widths - 8)   # last width capped
     mem = estimate_memory(cfg)
     assert mem.get("process_runtime") == 400 * MiB and mem.get("cpu_training_runtime") == CPU_TRAINING_RUNTIME_BYTES
     assert mem.get("logits_loss") == 2 * 128 * 49152 * 12

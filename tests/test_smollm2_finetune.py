@@ -25,9 +25,7 @@ def test_smollm2_qlora_lowers_heldout_loss(tmp_path):
     assert summary["last_eval_loss"] < 0.95 * summary["first_eval_loss"], summary
     assert summary["after"] and summary["after"] != summary["before"]
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "loss_curve.png").exists()
-    # the memory planner against this run's peak RSS (measured here: planned/measured 0.95)
+    # the memory planner against this run's peak RSS (measured here: planned/measured 1.03)
     mem = summary["memory"]
     assert mem["device"] == "cpu" and mem["seq_len"] == 48 and mem["micro_batch"] == 4
     assert 0.85 <= mem["planned_over_measured"] <= 1.15, mem
-    # the same without the runtime the run measured itself (~405 MiB of the ~750): measured 0.885-0.92
-    assert 0.8 <= mem["planned_over_measured_above_runtime"] <= 1.2, mem

@@ -30,15 +30,12 @@ N = data-parallel world size):
   CPU the process itself (interpreter, torch, transformers, DeepSpeed, tokenizer: 420 MiB measured with
   the pinned versions, what ``launch/finetune.py`` holds before it loads the model); ``runtime_bytes``
   overrides either, e.g. with a measured value. On CPU, training adds memory that is not tensors:
-  15 MiB of kernel code, JIT kernels and engines, and — with the full-logits loss only — memory kept for
-  every distinct batch shape run so far, a share of that batch's fp32 logits (1.5·b·w·V bytes for width w;
-  oneDNN's primitive cache holds part of it): over a run 1.5·b·V·Σw over the widths met, which padding
-  batches to a multiple (``pad_multiple``, ``launch/finetune.py --pad-to-multiple-of``, default 16) keeps to
-  L/16 widths. The chunked loss (``chunked_loss``, finetune's default) never forms those logits: no such term.
-  Both figures were measured on ONE model, the tests' 2-layer hidden-64 Llama with SmolLM2's 49152-row
-  vocabulary (tests/finetune_fixtures.py; tensors negligible), finetuned 6 steps at max_len 48 and 128,
-  micro batch 4, with and without the chunked loss (2026-12-05, heap release on), and validated on
-  SmolLM2-135M runs (bench/RESULTS.md, "Planner vs the finetune runs"). Plus 5 % of the transient tensors for allocator
+  30 MiB of kernel code, JIT kernels and engines, and — the large part — memory kept for every
+  distinct batch shape run so far, about that batch's fp32 logits (4·b·w·V bytes for width w; oneDNN's
+  primitive cache holds part of it): over a run 4·b·V·Σw over the widths met, which padding batches
+  to a multiple (``pad_multiple``, ``launch/finetune.py --pad-to-multiple-of``, default 16) keeps to L/16 widths.
+  Both figures were measured on finetunes of a 2-layer, hidden-64 model (tensors negligible) at
+  max_len 48 and 128, and checked on SmolLM2-135M runs. Plus 5 % of the transient tensors for allocator
   fragmentation. ZeRO-1/2 gradient bucket: DeepSpeed allocates ``reduce_bucket_size`` elements
   (bf16 at ZeRO-2, the fp32 accumulator at ZeRO-1; twice with ``overlap_comm``) every micro step; a
   GPU holds all of it, a CPU only the pages written (min(bucket, P) elements).
@@ -60,8 +57,8 @@ NF4_BITS = 4 + 32 / 64                        # 4.5 without double quant
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CUDA_CONTEXT_BYTES = 640 * MiB
 CPU_RUNTIME_BYTES = 420 * MiB
-CPU_TRAINING_RUNTIME_BYTES = 15 * MiB     # residual of the chunked-loss calibration runs: 14.7 and 2.1 MiB
-CPU_SHAPE_CACHE_BYTES_PER_LOGIT = 1.5     # full-logits run at widths 16..80: (73.7 − 15) MiB / (4·49152·240 logits)
+CPU_TRAINING_RUNTIME_BYTES = 30 * MiB
+CPU_SHAPE_CACHE_BYTES_PER_LOGIT = 4
 FRAGMENTATION = 0.05
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -291,10 +288,7 @@ def chunked_loss_bytes(cfg: PlanConfig, tokens: int) -> float:
 
 
 def cpu_shape_cache_bytes(cfg: PlanConfig) -> float:
-    """1.5·b·V·Σw over the widths w = m, 2m, …, up to seq_len (m = pad_multiple), 0 with the chunked loss: see the
-    module doc."""
-    if cfg.chunked_loss:
-        return 0.0
+    """4·b·V·Σw over the widths w = m, 2m, …, up to seq_len (m = pad_multiple): see the module doc."""
     m = cfg.pad_multiple
     n = -(-cfg.seq_len // m)
     widths = m * n * (n + 1) / 2 - (n * m - cfg.seq_len)     # the last width is capped at seq_len
