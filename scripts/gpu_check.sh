@@ -14,7 +14,7 @@
 #   OpBuilder (both at once) -> the CUDA test selection (pytest --device cuda; in the background) beside the
 #   headline: LLaMA-65B/33B/13B/7B shapes, random weights quantized layer by layer onto the GPU, one QLoRA step
 #   (seq 512, batch 1, grad ckpt, paged AdamW, r 64 all linears) capped at 48 GiB, peak beside the planner
-#   (scripts/gpu/headline.py) -> paged optimizer (tests/scripts/optim_gpu_paging.py) -> python -m bench quant|layer
+#   (scripts/gpu/headline.py; the 7B run adds a step at 8192 tokens with the chunked loss) -> paged optimizer (tests/scripts/optim_gpu_paging.py) -> python -m bench quant|layer
 #   --device cuda -> fp16 (scripts/gpu/fp16.py: DeepSpeed fp16 ZeRO 0-3 with our optimizers, a forced overflow
 #   skipped and reported with its module, resume keeps the loss scale) -> bench train -> rows.jsonl + summary.md.
 #

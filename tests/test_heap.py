@@ -77,16 +77,21 @@ def test_glibc_calls_work():
 
 @pytest.mark.skipif(not GLIBC, reason="malloc_trim and mallinfo2 are glibc's")
 def test_long_sequence_step_peak_is_lower_with_release(tmp_path):
-    """A 12-layer model of SmolLM2-135M's width, one chunked-loss step at seq 4096 in a fresh process each
-    (bench/scripts/heap_ab.py): the release must cut the RSS high-water mark above the loaded model (measured
-    413-418 vs 540-564 MiB, bf16 on AMX, 1 or 2 threads; 6 layers gave only 0.92x in the suite)."""
+    """A 12-layer model of SmolLM2-135M's width, one chunked-loss step in a fresh process each
+    (bench/scripts/heap_ab.py): the release must cut the RSS high-water mark above the loaded model. The sequence
+    is 8192 bytes / element of the compute dtype ``auto`` picks (bf16: 4096; fp32 on AVX2-only CPUs: 2048), so the
+    tensors have the same bytes on both kinds — what decides heap versus mmap. Measured: bf16 on AMX at 4096 413-418
+    vs 540-564 MiB (gated release, in the suite: passes); fp32 (AVX2 ISA) at 2048 542 vs 742 MiB. fp32 at 4096 is
+    not a case for it: its large tensors are mmapped and the peak is backward's own (1031-1203 vs 1195 MiB)."""
+    from qlora_ds.hardware import resolve_dtype
+    seq = 8192 // torch.empty((), dtype=resolve_dtype("auto")).element_size()
     cfg = {k: v for k, v in scale._llama(576, 1536, 12, 9, 3, 4096, True, 100000.0).items() if not k.startswith("_")}
     ckpt = scale.write_checkpoint(cfg, tmp_path / "ckpt")
     out = {}
     for flag in ("1", "0"):
         env = dict(os.environ, QLORA_DS_HEAP_RELEASE=flag, PYTHONPATH=REPO)
         proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "scripts", "heap_ab.py"), "--checkpoint", str(ckpt),
-                               "--layers", "12", "--vocab", "4096", "--seq", "4096", "--steps", "1"],
+                               "--layers", "12", "--vocab", "4096", "--seq", str(seq), "--steps", "1"],
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
         out[flag] = json.loads(proc.stdout.strip().splitlines()[-1])
