@@ -24,7 +24,7 @@ do not overlap under non-reentrant checkpointing (loss backward; the layers' bac
 Not derivable from the shapes — the memory the process holds before the model (interpreter, torch,
 transformers, qlora_ds and its compiled op; with DeepSpeed for a ZeRO-3 rank), the non-tensor memory of
 the built model, and what the first training step adds beyond its tensors (code pages of the kernels it
-runs, autograd and oneDNN state, heap kept by the allocator: a slack per checkpointed layer input). These are
+runs, autograd and oneDNN state, heap kept by the allocator: a slack of about one layer's activations). These are
 the only constants (plus the 5 % fragmentation allowance of ``memory.py``); they were measured once on ONE
 model, ``CALIBRATION_MODEL``, and frozen here. Every other model's prediction is out of sample (bench/RESULTS.md, "scale").
 """
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from ..errors import QLoRADSError
 from .memory import (ALL_LINEAR, DTYPE_BYTES, FRAGMENTATION, MiB, MemoryEstimate, PlanConfig, activation_bytes,
-                     base_weight_bytes, estimate_memory, lora_params)
+                     activation_bytes_per_token_layer, base_weight_bytes, estimate_memory, lora_params)
 from .presets import ModelShape, shape_from_hf_config
 
 # ---- the frozen calibration: bench/scale.py on llama-0.4b (SmolLM2-360M's shape) only, 2026-12-03, AMD EPYC
@@ -45,15 +45,18 @@ RUNTIME_BYTES = 372 * MiB          # bench/scripts/scale_worker.py after its imp
 ZERO3_RUNTIME_BYTES = 249 * MiB    # bench/scripts/zero3_load.py rank before from_pretrained (DeepSpeed imported)
 ZERO3_LAZY_IMPORT_BYTES = 136 * MiB  # that script's first from_pretrained imports the modeling code + op
 LOAD_OVERHEAD_BYTES = 9 * MiB      # non-tensor memory of the built model (modules, hooks), measured after load (8.7)
-# ---- the step beyond its tensors: glibc keeps freed blocks between live ones even with qlora_ds.heap's release after
-# each decoder layer (the release runs between layers; the fragments form inside a layer's forward and backward), plus
-# the code pages, autograd and oneDNN state the first step adds. Modelled as a constant + a slack proportional to the
-# checkpointed layer inputs (L.b.s.e.h), both from llama-0.4b alone (heap release on, bf16, Intel Xeon AMX,
-# 2026-12-05): the step at seq 256 (full logits, first step) and at seq 4096 (chunked loss, a later step): two
-# equations, giving 1.67 x the saved inputs and -6 MiB, taken as 0. Frozen; validated at other models and lengths
-# (bench/RESULTS.md, "scale" and "longctx").
+# ---- the step beyond its tensors: glibc keeps freed blocks between live ones even with qlora_ds.heap's release (it runs
+# between layers in the forward pass; the fragments form inside a layer's forward and backward), plus the code pages,
+# autograd and oneDNN state the first step adds. Modelled as a constant + a slack proportional to ONE decoder layer's
+# activations at this batch (what each layer's forward and recomputation allocate and free: the heap keeps fragments of
+# about that size, however deep the model), both from llama-0.4b alone (gated heap release, bf16, Intel Xeon AMX,
+# 2026-12-05): its seq-256 first step (849 MiB) and its seq-4096 later step with the chunked loss (974 MiB over the
+# loaded model). Two equations: 2.44 x one layer's activations and -7.6 MiB, taken as 0. Frozen; validated at other
+# models, depths and lengths (bench/RESULTS.md, "scale" and "longctx"). A slack proportional to all L layers' saved
+# inputs (the first form, 1.67 x L.b.s.e.h) fitted the same two points but gave shallow models half their step
+# (0.51-0.73 on a 12-layer model): the fragments do not grow with depth.
 STEP_RUNTIME_BYTES = 0
-HEAP_SLACK_PER_SAVED_INPUT = 1.67
+HEAP_SLACK_PER_LAYER_ACTIVATION = 2.44
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,8 @@ def estimate_first_step(cfg: dict, dtype: str = "fp32", seq_len: int = 256, batc
               "optimizer": 4 * p + (0 if later else moments) + pools}
     weights = base_weight_bytes(shape, pc.base_bits_per_param, e)
     loaded = weights["quantized_linears"] + weights["embeddings_norms"] + 4 * p + RUNTIME_BYTES + LOAD_OVERHEAD_BYTES
-    base = loaded + STEP_RUNTIME_BYTES + HEAP_SLACK_PER_SAVED_INPUT * stored + (moments if later else 0)
+    layer_act = tokens * activation_bytes_per_token_layer(shape, lora_r, pc.lora_targets, pc.lora_dropout, e)
+    base = loaded + STEP_RUNTIME_BYTES + HEAP_SLACK_PER_LAYER_ACTIVATION * layer_act + (moments if later else 0)
     return StepEstimate(base, phases, FRAGMENTATION, loaded)
 
 
