@@ -102,6 +102,7 @@ def test_headline_rows_set_measured_beside_planned(dry_run):
     assert env["versions"]["torch"] and env["cpu_isa"] and env["commit"]
     summary = (out / "summary.md").read_text()
     assert "## Headline" in summary and "llama-65b-shaped" in summary and "## bench layer" in summary
+    assert "+ chunked loss" in summary          # the 7B run's long-sequence step has its own row
     benches = {r["bench"] for r in _jsonl(out / "rows.jsonl")}
     assert {"headline", "quant", "layer", "train", "fp16"} <= benches
     fp16 = [r for r in _jsonl(out / "rows.jsonl") if r["bench"] == "fp16"]
