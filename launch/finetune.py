@@ -232,7 +232,7 @@ def planner_check(args, model_config, ds_config: dict, world: int, runtime: int,
                              targets=args.target_modules, grad_ckpt=args.grad_ckpt, method=args.method,
                              bits=args.bits, group_size=args.group_size, double_quant=args.double_quant,
                              runtime_bytes=0 if cuda else int(runtime), pad_multiple=args.pad_to_multiple_of,
-                             chunked_loss=args.chunked_loss)
+                             chunked_loss=args.chunked_loss, compute_dtype=compute_dtype(ds_config))
     except QLoRADSError as err:
         log.info("memory planner: not compared (%s)", err)
         return None

@@ -288,3 +288,28 @@ def test_packing_and_full_logits_end_to_end(tiny, device):
     assert len(packed_loss) == 2 and all(math.isfinite(v) for v in packed_loss + packed_eval)
     assert packed_eval[0] == pytest.approx(plain_eval[0], rel=1e-4)
     assert packed_loss != plain_loss          # different batches: packed rows hold several examples
+
+
+def test_planner_check_plans_in_the_runs_compute_dtype(tmp_path):
+    """The planner beside a run models the dtype the run computes in (the ds_config's bf16/fp16 sections, else fp32):
+    an fp32 run (what ``auto`` picks on AVX2-only CPUs) has 4-byte activations and embeddings. It was planned as bf16
+    there: the AVX2-ISA demo measured 1712 MiB against 1389 planned (0.80); now 1705 (1.00)."""
+    import argparse
+
+    import torch.distributed as dist
+    from transformers import LlamaConfig
+
+    ft = _finetune_module()
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    args = argparse.Namespace(lora_r=8, lora_dropout=0.0, target_modules=None, grad_ckpt=True, method="qlora", bits=4,
+                              group_size=32, double_quant=True, pad_to_multiple_of=16, chunked_loss=True)
+    base = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 0}}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        fp32 = ft.planner_check(args, cfg, {**base, "bf16": {"enabled": False}}, 1, 400 << 20, 64)
+        bf16 = ft.planner_check(args, cfg, {**base, "bf16": {"enabled": True}}, 1, 400 << 20, 64)
+    finally:
+        dist.destroy_process_group()
+    assert fp32["items_mib"]["embeddings_norms"] == pytest.approx(2 * bf16["items_mib"]["embeddings_norms"], rel=1e-3)
+    assert fp32["items_mib"]["activations"] > 1.9 * bf16["items_mib"]["activations"]
