@@ -127,11 +127,13 @@ def build(shape, config, device: torch.device, dtype: torch.dtype, seed: int) ->
 
 def planned(shape, args, dropout: float, device: torch.device, managed: bool, runtime: int = 0, seq: int | None = None,
             chunked_loss: bool = False) -> dict:
+    from qlora_ds.hardware import dtype_name, resolve_dtype
     from qlora_ds.plan import PlanConfig, estimate_memory
 
     cfg = PlanConfig(shape=shape, gpus_per_node=1, gpu_mem_bytes=int(args.cap_gib * GiB), seq_len=seq or args.seq,
                      micro_batch=args.batch, grad_accum=1, zero_stage=0, lora_r=args.r, lora_dropout=dropout,
-                     grad_ckpt=True, paged=True, device=device.type, runtime_bytes=runtime, chunked_loss=chunked_loss)
+                     grad_ckpt=True, paged=True, device=device.type, runtime_bytes=runtime, chunked_loss=chunked_loss,
+                     compute_dtype=dtype_name(resolve_dtype(args.dtype, device)))   # as run() computes
     mem = estimate_memory(cfg)
     compare = mem.required if (device.type == "cuda" and managed) else mem.peak
     return {"planned_peak_bytes": int(mem.peak), "planned_required_bytes": int(mem.required),
