@@ -125,15 +125,15 @@ def build(shape, config, device: torch.device, dtype: torch.dtype, seed: int) ->
     return model.train()
 
 
-def planned(shape, args, dropout: float, device: torch.device, managed: bool, runtime: int = 0, seq: int | None = None,
-            chunked_loss: bool = False) -> dict:
-    from qlora_ds.hardware import dtype_name, resolve_dtype
+def planned(shape, args, dropout: float, device: torch.device, dtype: torch.dtype, managed: bool, runtime: int = 0,
+            seq: int | None = None, chunked_loss: bool = False) -> dict:
+    from qlora_ds.hardware import dtype_name
     from qlora_ds.plan import PlanConfig, estimate_memory
 
     cfg = PlanConfig(shape=shape, gpus_per_node=1, gpu_mem_bytes=int(args.cap_gib * GiB), seq_len=seq or args.seq,
                      micro_batch=args.batch, grad_accum=1, zero_stage=0, lora_r=args.r, lora_dropout=dropout,
                      grad_ckpt=True, paged=True, device=device.type, runtime_bytes=runtime, chunked_loss=chunked_loss,
-                     compute_dtype=dtype_name(resolve_dtype(args.dtype, device)))   # as run() computes
+                     compute_dtype=dtype_name(dtype))
     mem = estimate_memory(cfg)
     compare = mem.required if (device.type == "cuda" and managed) else mem.peak
     return {"planned_peak_bytes": int(mem.peak), "planned_required_bytes": int(mem.required),
@@ -205,17 +205,17 @@ def run(args) -> dict:
         stats = opt.page_manager.stats if hasattr(opt, "page_manager") else None
         if stats is not None:
             row["paging"] = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else str(stats)
-        row.update(planned(shape, args, dropout, device, managed, runtime))
+        row.update(planned(shape, args, dropout, device, dtype, managed, runtime))
         row["planned_over_measured"] = round(row["planned_compared_bytes"] / row["measured_peak_bytes"], 3)
         row["fits_cap"] = (not cuda) or row["measured_peak_bytes"] <= args.cap_gib * GiB
         row["ok"] = math.isfinite(row["loss"])
         if args.long_seq:
             stage = "long-sequence step"
-            row["long_seq"] = long_step(model, params, opt, shape, args, dropout, device, managed, runtime)
+            row["long_seq"] = long_step(model, params, opt, shape, args, dropout, device, dtype, managed, runtime)
     except torch.cuda.OutOfMemoryError as err:
         row.update(ok=False, fits_cap=False, error=f"out of memory during {stage}: {str(err)[:300]}",
                    measured_peak_bytes=torch.cuda.max_memory_allocated(device))
-        row.update(planned(shape, args, dropout, device, cuda))
+        row.update(planned(shape, args, dropout, device, dtype, cuda))
     except Exception as err:  # noqa: BLE001 - a failed step is a result: record it, exit 1
         row.update(ok=False, error=f"{type(err).__name__} during {stage}: {str(err)[:500]}")
     row["wall_s"] = round(time.perf_counter() - t0, 2)
@@ -224,7 +224,8 @@ def run(args) -> dict:
     return row
 
 
-def long_step(model, params, opt, shape, args, dropout: float, device, managed: bool, runtime: int) -> dict:
+def long_step(model, params, opt, shape, args, dropout: float, device, dtype: torch.dtype, managed: bool,
+              runtime: int) -> dict:
     """One more training step at ``--long-seq`` tokens with the chunked LM-head loss (``qlora_ds.loss``): its time, its
     peak beside the planner's (same settings, ``chunked_loss``); out of memory is a result, not a crash."""
     from qlora_ds.loss import causal_lm_loss
@@ -251,7 +252,7 @@ def long_step(model, params, opt, shape, args, dropout: float, device, managed: 
     except torch.cuda.OutOfMemoryError as err:
         out.update(ok=False, error=f"out of memory: {str(err)[:300]}")
     out["measured_peak_bytes"] = torch.cuda.max_memory_allocated(device) if cuda else peak_rss()
-    plan = planned(shape, args, dropout, device, managed, runtime, seq=args.long_seq, chunked_loss=True)
+    plan = planned(shape, args, dropout, device, dtype, managed, runtime, seq=args.long_seq, chunked_loss=True)
     out.update(planned_compared_bytes=plan["planned_compared_bytes"], planned_compared=plan["planned_compared"],
                planned_over_measured=round(plan["planned_compared_bytes"] / out["measured_peak_bytes"], 3))
     out["fits_cap"] = bool(out.get("ok")) and ((not cuda) or out["measured_peak_bytes"] <= args.cap_gib * GiB)

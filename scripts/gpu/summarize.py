@@ -55,10 +55,12 @@ def steps_table(steps: list[dict]) -> list[str]:
 
 def headline_table(rows: list[dict]) -> list[str]:
     out = []
-    # a run's long-sequence step (headline.py --long-seq) is a row of its own, under its run
-    rows = [x for r in rows for x in ([r] + ([{**r, **r["long_seq"], "shape": f"{r.get('shape')} + chunked loss",
-                                              "build_s": None}] if r.get("long_seq") else []))]
-    for r in rows:
+    expanded = []
+    for r in rows:              # a run's long-sequence step (headline.py --long-seq) is a row of its own, under its run
+        expanded.append(r)
+        if r.get("long_seq"):
+            expanded.append({**r, **r["long_seq"], "shape": f"{r.get('shape')} + chunked loss", "build_s": None})
+    for r in expanded:
         meas, plan = r.get("measured_peak_bytes"), r.get("planned_compared_bytes")
         ratio = plan / meas if meas and plan else None
         out.append([r.get("shape"), _num(r.get("params_b")), r.get("seq"), r.get("r"), r.get("dtype"),
