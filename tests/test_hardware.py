@@ -80,6 +80,35 @@ def test_config_auto_resolved_at_layer_construction(facts, kind):
         QLoRAConfig(compute_dtype="int8")
 
 
+def test_defaults_are_auto_and_from_pretrained_picks_one_dtype_for_the_model(facts, tmp_path):
+    """The configs default to "auto", and so does from_pretrained's torch_dtype: the layers and the unquantized
+    tensors (embeddings, norms, LM head) get the one dtype the device computes best; an explicit torch_dtype is
+    followed by an "auto" config, and an explicit config dtype is kept."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_ds.inject import from_pretrained
+    from qlora_ds.nn import QALoRAConfig, QLoRAConfig, QLoRALinear
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                     ).save_pretrained(tmp_path, safe_serialization=True)
+    assert QLoRAConfig().compute_dtype == "auto" and QALoRAConfig().compute_dtype == "auto"
+
+    def dtypes(model):
+        layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+        assert len(layers) == 7
+        return ({m.compute_dtype for m in layers}, model.model.embed_tokens.weight.dtype,
+                model.model.norm.weight.dtype, model.lm_head.weight.dtype)
+
+    for isa, want in (("avx2", torch.float32), ("amx", torch.bfloat16)):
+        facts(DeviceFacts("cpu", "CPU", cpu_isa=isa))
+        assert dtypes(from_pretrained(str(tmp_path), QLoRAConfig(r=2))) == ({want}, want, want, want)
+    assert dtypes(from_pretrained(str(tmp_path), QLoRAConfig(r=2), torch_dtype="fp16")) == (
+        {torch.float16}, torch.float16, torch.float16, torch.float16)
+    assert dtypes(from_pretrained(str(tmp_path), QLoRAConfig(r=2, compute_dtype="fp32"), torch_dtype=torch.bfloat16)
+                  ) == ({torch.float32}, torch.bfloat16, torch.bfloat16, torch.bfloat16)
+
+
 AVX512_AMX = {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile"}
 
 

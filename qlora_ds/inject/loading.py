@@ -1,6 +1,9 @@
 """Streaming quantized loading of Hugging Face checkpoints, and our own pre-quantized format.
 
-``from_pretrained(path, config, ds_config=None, torch_dtype=torch.bfloat16)``:
+``from_pretrained(path, config, ds_config=None, torch_dtype="auto")``: ``torch_dtype`` is the dtype of everything that
+is not quantized (embeddings, norms, the LM head, biases) and the layers' compute dtype when the config says "auto";
+"auto" for both means the dtype the training device computes best (``qlora_ds.hardware.resolve_dtype``), one choice
+for the whole model.
 
 1. the skeleton is built from ``AutoConfig`` with parameters on the meta device (buffers real);
 2. the policy's target linears are replaced by QLoRALinear / QALoRALinear (still meta);
@@ -22,6 +25,7 @@ ZeRO 0/1/2: every rank loads the whole 4-bit model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -30,9 +34,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import QLoRADSError
-from ..hardware import ds_compute_dtype
+from ..hardware import ds_compute_dtype, resolve_dtype
 from ..heap import install_heap_release, release_free_heap
-from ..nn.config import QALoRAConfig, QLoRAConfig
+from ..nn.config import AUTO, QALoRAConfig, QLoRAConfig
 from .checkpoint import BNB_STATE, Checkpoint
 from .policies import Policy
 from .replace import inject, is_linear_like, is_quantized_layer, quantize_for
@@ -276,7 +280,19 @@ def _broadcast_buffers(buffers: list[tuple[nn.Module, str]]) -> None:
         module._buffers[name] = t.to(b.device)
 
 
-def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype = torch.bfloat16,
+def model_dtypes(config, torch_dtype: torch.dtype | str | None = AUTO):
+    """(config with a concrete compute dtype, the dtype of the unquantized tensors): an "auto" on either side
+    follows the other; both "auto" -> what the training device computes best."""
+    if torch_dtype is None or torch_dtype == AUTO:
+        config = config.resolved()
+        return config, config.compute_dtype
+    torch_dtype = resolve_dtype(torch_dtype)
+    if config.compute_dtype == AUTO:
+        config = dataclasses.replace(config, compute_dtype=torch_dtype)
+    return config, torch_dtype
+
+
+def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype | str = AUTO,
                     policy: Policy | None = None) -> nn.Module:
     """Load a Hugging Face causal LM with its target linears quantized and LoRA-wrapped (see module doc).
 
@@ -288,6 +304,7 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
         raise QLoRADSError(f"config must be a QLoRAConfig or QALoRAConfig, got {type(config).__name__}")
     if not os.path.isdir(path):
         raise QLoRADSError(f"{path!r} is not a directory; pass a local checkpoint directory (no hub downloads)")
+    config, torch_dtype = model_dtypes(config, torch_dtype)
     hf_config = AutoConfig.from_pretrained(path)
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config          # we do the quantization; build a plain skeleton

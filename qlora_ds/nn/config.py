@@ -4,8 +4,10 @@
 leaf or full module names; or a string, taken as a regex matched with ``re.fullmatch`` against the
 full module path (never substring matching). ``matches(path)`` answers for one module path.
 
-``compute_dtype``: a torch dtype, its name ("bf16", "fp16", "fp32"), or "auto" — kept as "auto" in the config
-and chosen for the device when a layer is built (``config.resolved(device)``, ``qlora_ds.hardware``).
+``compute_dtype``: a torch dtype, its name ("bf16", "fp16", "fp32"), or "auto" (the default) — kept as "auto" in
+the config and chosen for the device when a layer is built (``config.resolved(device)``, ``qlora_ds.hardware``):
+bf16 on GPUs of compute capability >= 8.0 and CPUs with AVX512-BF16/AMX, fp16 on older GPUs, fp32 on other CPUs
+(torch emulates bf16 matmuls there, ~30x slower). ``from_pretrained`` resolves it once for the whole model.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def _check_lora(cfg) -> None:
         object.__setattr__(cfg, "compute_dtype", AUTO if cd == AUTO else DTYPE_NAMES[cd])
     elif cd not in COMPUTE_DTYPES:
         raise QLoRADSError(f"compute_dtype={cd!r} is not supported; use \"auto\" (chosen for the device), "
-                           f"torch.bfloat16 (default), torch.float16 or torch.float32 (or \"bf16\"/\"fp16\"/\"fp32\")")
+                           f"torch.bfloat16, torch.float16 or torch.float32 (or \"bf16\"/\"fp16\"/\"fp32\")")
     tm = cfg.target_modules
     if isinstance(tm, list):
         object.__setattr__(cfg, "target_modules", tuple(tm))   # keep the frozen config hashable
@@ -96,7 +98,7 @@ class QLoRAConfig(_LoRAFields):
     alpha: float = 16
     dropout: float = 0.1
     target_modules: tuple[str, ...] | str | None = None
-    compute_dtype: torch.dtype | str = torch.bfloat16
+    compute_dtype: torch.dtype | str = AUTO
 
     def __post_init__(self):
         if self.quant_type not in QUANT_TYPES:
@@ -128,7 +130,7 @@ class QALoRAConfig(_LoRAFields):
     alpha: float = 16
     dropout: float = 0.1
     target_modules: tuple[str, ...] | str | None = None
-    compute_dtype: torch.dtype | str = torch.bfloat16
+    compute_dtype: torch.dtype | str = AUTO
 
     def __post_init__(self):
         check_bits(self.bits)
