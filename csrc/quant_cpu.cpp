@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <string>
 
+#include "quant_cpu_amx.h"
 #include "quant_cpu_impl.h"
 
 namespace {
@@ -250,4 +251,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &set_cpu_isa, "set_cpu_isa(name): 'auto' (the widest this CPU has), 'avx512', 'avx2' or "
         "'scalar'; raises for a path this CPU cannot run");
   m.def("supported_cpu_isas", &qlora_ds_cpu::supported_isa_names, "the paths this CPU can run, widest first");
+  // the fused dequantize + AMX GEMM linear (quant_cpu_amx.cpp): not part of the seven-function backend interface
+  m.def("amx_linear_supported", &qlora_ds_cpu::amx_linear_supported, "whether nf4_linear_fwd/bwd run on this CPU now");
+  m.def("nf4_linear_fwd", &qlora_ds_cpu::nf4_linear_fwd, "y = x · deq(W)ᵀ (fused 4-bit dequantize + AMX GEMM)",
+        py::arg("x"), py::arg("packed"), py::arg("absmax"), py::arg("absmax2"), py::arg("code8"), py::arg("offset"),
+        py::arg("code4"), py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("N"), py::arg("K"),
+        py::arg("NB") = 0, py::arg("KC") = 0, py::arg("MB") = 0);
+  m.def("nf4_linear_bwd", &qlora_ds_cpu::nf4_linear_bwd, "grad_x = g · deq(W) (fused 4-bit dequantize + AMX GEMM)",
+        py::arg("g"), py::arg("packed"), py::arg("absmax"), py::arg("absmax2"), py::arg("code8"), py::arg("offset"),
+        py::arg("code4"), py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("N"), py::arg("K"),
+        py::arg("KB") = 0, py::arg("NC") = 0, py::arg("MB") = 0);
 }

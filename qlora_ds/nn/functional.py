@@ -2,7 +2,8 @@
 
 Forward dequantizes the frozen base (through ``qlora_ds.ops`` for NF4/FP4, the INT-N format for
 QA-LoRA), runs the matmul and lets the dequantized weight go; backward dequantizes again and returns
-the input gradient only: the packed base never gets a gradient. Every tensor comes in as an argument
+the input gradient only: the packed base never gets a gradient. On CPUs with AMX, bf16 NF4/FP4 calls take the
+fused path instead (``qlora_ds.ops.fused_linear``: dequantized inside the GEMM, forward and backward, nothing kept). Every tensor comes in as an argument
 (never a module attribute captured earlier), so DeepSpeed ZeRO-3's gathered parameters are the ones
 used, and recomputation under non-reentrant checkpointing sees the same inputs.
 
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops import fused_linear
 from . import guards
 from ..quant.intn import dequantize_parts
 
@@ -94,14 +96,19 @@ def _is_stand_in(w: torch.Tensor) -> bool:
     return all(st == 0 for st in w.stride())
 
 
+def _offset_value(offset, absmax2):
+    """The double-quant offset as a float (read from its 4-byte uint8 parameter with a device sync if need be)."""
+    if absmax2 is None:
+        return 0.0
+    return float(offset.view(torch.float32).item() if isinstance(offset, torch.Tensor) else offset)
+
+
 def dequantize_nf4_parts(packed, absmax, absmax2, offset, meta, dtype, out=None) -> torch.Tensor:
     """Dequantize from the layer's raw uint8 parameters (fp32 values stored as bytes). ``offset``: the
     double-quant offset as a float, or its 4-byte uint8 parameter (read with a device sync)."""
     shape, quant_type, blocksize, nested_blocksize = meta
     if absmax2 is not None:
-        if isinstance(offset, torch.Tensor):
-            offset = offset.view(torch.float32).item()
-        return ops.dequantize_4bit_dq(packed, absmax, absmax2.view(torch.float32), float(offset),
+        return ops.dequantize_4bit_dq(packed, absmax, absmax2.view(torch.float32), _offset_value(offset, absmax2),
                                       quant_type, blocksize, nested_blocksize, shape, dtype, out)
     return ops.dequantize_4bit(packed, absmax.view(torch.float32), quant_type, blocksize, shape, dtype, out)
 
@@ -126,6 +133,15 @@ class NF4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, packed, absmax, absmax2, offset, bias, meta, guard=None):
+        ctx.meta, ctx.offset = meta, offset
+        ctx.fused = guard is None and fused_linear.supported(x, meta[0], meta[2])
+        if ctx.fused:   # AMX CPUs: dequantized into the GEMM's tiles, no bf16 weight written (ops/fused_linear.py)
+            y = fused_linear.linear_4bit(x, packed, absmax, absmax2, _offset_value(offset, absmax2), meta[1],
+                                         meta[2], meta[3], meta[0])
+            if bias is not None:
+                y.add_(bias)
+            ctx.save_for_backward(packed, absmax, absmax2, bias)
+            return y
         n = prod(meta[0])
         keep = kept_buffer(n, x.dtype, x.device) if ctx.needs_input_grad[0] and _recording.on else None
         w = dequantize_nf4_parts(packed, absmax, absmax2, offset, meta, x.dtype,
@@ -133,7 +149,6 @@ class NF4LinearFunction(torch.autograd.Function):
         if guard is not None:
             guards.check(w, guard, "dequantized weight")
         y = F.linear(x, w, bias)
-        ctx.meta, ctx.offset = meta, offset
         # Without room in the pool, a 1-element stand-in of w's shape is saved instead: under non-reentrant
         # checkpointing the recompute must save tensors of the same shapes as the first pass, and the pool can
         # be full in one pass and not the other (a whole decoder layer's weights are alive in the recompute).
@@ -142,10 +157,14 @@ class NF4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        packed, absmax, absmax2, bias, w = ctx.saved_tensors
+        packed, absmax, absmax2, bias, *kept = ctx.saved_tensors
+        w = kept[0] if kept else None
         grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            if _is_stand_in(w) or w.dtype != grad_out.dtype:
+        if ctx.needs_input_grad[0] and ctx.fused and fused_linear.supported(grad_out, ctx.meta[0], ctx.meta[2]):
+            grad_x = fused_linear.linear_4bit_grad_input(grad_out, packed, absmax, absmax2,
+                                                         _offset_value(ctx.offset, absmax2), *ctx.meta[1:], ctx.meta[0])
+        elif ctx.needs_input_grad[0]:
+            if w is None or _is_stand_in(w) or w.dtype != grad_out.dtype:
                 w = dequantize_nf4_parts(packed, absmax, absmax2, ctx.offset, ctx.meta, grad_out.dtype,
                                          workspace(prod(ctx.meta[0]), grad_out.dtype, grad_out.device))
             grad_x = grad_out.matmul(w)

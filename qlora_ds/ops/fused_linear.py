@@ -1,0 +1,69 @@
+"""The fused 4-bit linear on CPUs with AMX: dequantize straight into AMX tiles inside the GEMM.
+
+``linear_4bit(x, …)`` = ``x · deq(W)ᵀ`` and ``linear_4bit_grad_input(g, …)`` = ``g · deq(W)`` for a blockwise
+NF4/FP4 weight (with or without double quantization), without ever writing the bf16 weight
+(``csrc/quant_cpu_amx.cpp``). The dequantized values are bit-identical to ``dequantize_4bit(_dq)``'s; results
+differ from dequantize + ``torch.matmul`` only in the order of the fp32 accumulation.
+
+``supported(x, shape, blocksize)`` says whether a call can take this path: a bf16 CPU tensor, the compiled CPU op
+on a CPU with AMX-BF16 / AVX512-BF16 / AVX512-VBMI (and the avx512 path active: ``QLORA_DS_CPU_ISA=avx2`` turns it
+off), ``in_features % 64 == 0``, ``out_features % 32 == 0`` and a power-of-two blocksize ≥ 64. Otherwise the layers
+dequantize into a buffer and call torch's matmul, as on every other machine. ``QLORA_DS_FUSED_LINEAR=0`` (or
+``set_enabled(False)``) turns the path off.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from .. import codebooks as codes
+from . import load_backend, reference
+
+_enabled = os.environ.get("QLORA_DS_FUSED_LINEAR", "1").strip() != "0"
+
+
+def set_enabled(on: bool) -> bool:
+    """Turn the fused path on or off for this process; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(on)
+    return previous
+
+
+def supported(x: torch.Tensor, shape: Sequence[int], blocksize: int) -> bool:
+    if not _enabled or x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        return False
+    out_f, in_f = shape
+    if in_f % 64 or out_f % 32 or blocksize < 64 or blocksize & (blocksize - 1):
+        return False
+    impl = load_backend("cpu")
+    return impl is not reference and impl.amx_linear_supported()
+
+
+def _weight_args(packed, absmax, absmax2, offset, quant_type):
+    """The op's weight arguments; ``absmax`` holds uint8 codes with double quantization (``absmax2`` fp32)."""
+    if absmax2 is None:
+        return packed.view(-1), absmax.view(torch.float32).view(-1), None, None, 0.0, codes.code4(quant_type, "cpu")
+    return (packed.view(-1), absmax.view(-1), absmax2.view(torch.float32).view(-1), codes.dynamic_code("cpu"),
+            float(offset), codes.code4(quant_type, "cpu"))
+
+
+def linear_4bit(x: torch.Tensor, packed, absmax, absmax2, offset, quant_type: str, blocksize: int,
+                nested_blocksize: int, shape: Sequence[int]) -> torch.Tensor:
+    """``x[..., in] · deq(W)ᵀ`` → ``[..., out]`` in bf16 (``supported`` must hold)."""
+    out_f, in_f = shape
+    x2 = x.reshape(-1, in_f).contiguous()
+    y = load_backend("cpu").nf4_linear_fwd(x2, *_weight_args(packed, absmax, absmax2, offset, quant_type),
+                                           blocksize, nested_blocksize, out_f, in_f)
+    return y.view(*x.shape[:-1], out_f)
+
+
+def linear_4bit_grad_input(g: torch.Tensor, packed, absmax, absmax2, offset, quant_type: str, blocksize: int,
+                           nested_blocksize: int, shape: Sequence[int]) -> torch.Tensor:
+    """``g[..., out] · deq(W)`` → ``[..., in]`` in bf16 (``supported`` must hold for ``g``)."""
+    out_f, in_f = shape
+    g2 = g.reshape(-1, out_f).contiguous()
+    gx = load_backend("cpu").nf4_linear_bwd(g2, *_weight_args(packed, absmax, absmax2, offset, quant_type),
+                                            blocksize, nested_blocksize, out_f, in_f)
+    return gx.view(*g.shape[:-1], in_f)
