@@ -155,6 +155,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+def fused_linear_on(device: torch.device | str) -> bool:
+    """Whether bf16 QLoRA layers on ``device`` take the fused dequantize + AMX GEMM path (qlora_ds.ops.fused_linear)."""
+    if torch.device(device).type != "cpu":
+        return False
+    try:
+        from qlora_ds import ops
+        from qlora_ds.ops import fused_linear
+
+        mod = ops.load_backend("cpu")
+        return fused_linear._enabled and mod is not ops.reference and bool(mod.amx_linear_supported())
+    except Exception:  # noqa: BLE001 - a row must still be written
+        return False
+
+
 def machine(device: torch.device | str) -> dict:
     """What every row records about where and with what it ran."""
     return {
@@ -163,6 +177,7 @@ def machine(device: torch.device | str) -> dict:
         "cpu_name": hardware.cpu_name(),
         "cpu_isa": hardware.cpu_isa(),                # widest SIMD of the host CPU: amx | avx512_bf16 | avx512 | avx2
         "kernel_isa": kernel_isa(device),              # the path our quant kernels actually took
+        "fused_linear": fused_linear_on(device),       # bf16 layers dequantize inside an AMX GEMM (no bf16 weight)
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "loadavg_1m": round(os.getloadavg()[0], 2),   # other processes on the machine make timings noisy
@@ -209,6 +224,6 @@ def describe_machine(device: torch.device | str) -> str:
     vers = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) or "?"
     missing = [k for k, v in m["versions"].items() if not v]
     return (f"device: {m['device_name']} ({m['device']}), {m['cpu_count']} CPUs ({m['cpu_isa']}), "
-            f"quant kernels: {m['kernel_isa']}, torch threads {m['threads']}, "
+            f"quant kernels: {m['kernel_isa']}{' + fused AMX linear' if m['fused_linear'] else ''}, torch threads {m['threads']}, "
             f"load average {m['loadavg_1m']}; "
             f"{vers}" + (f" (not installed: {', '.join(missing)})" if missing else "") + f"; commit {m['commit']}")

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MACHINE_FIELDS = {"bench", "timestamp", "device", "device_name", "cpu_name", "cpu_isa", "kernel_isa", "cpu_count",
-                  "threads", "versions", "commit"}
+MACHINE_FIELDS = {"bench", "timestamp", "device", "device_name", "cpu_name", "cpu_isa", "kernel_isa", "fused_linear",
+                  "cpu_count", "threads", "versions", "commit"}
 ROW_FIELDS = {"shape", "dtype", "op", "impl", "ms", "ms_min", "reps", "gbps", "pct_copy"}
 
 
@@ -26,6 +26,7 @@ def test_bench_quant_quick_appends_rows(tmp_path):
         assert row["bench"] == "quant" and row["shape"] == [512, 512] and row["dtype"] == "bfloat16"
         assert row["device"] == "cpu" and row["threads"] >= 1 and row["versions"]["torch"]
         assert row["kernel_isa"] in ("avx512", "avx2", "scalar", "torch") and row["compute_dtype"] == "bf16"
+        assert row["fused_linear"] is (row["cpu_isa"] == "amx" and row["kernel_isa"] == "avx512")
         assert row["ms"] > 0 and row["reps"] >= 1
     assert {("torch", None, "copy_", None, None), ("torch", None, "clone", None, None)} <= ops
     for fmt in ("nf4", "fp4"):
