@@ -87,6 +87,11 @@ def test_fused_path_is_taken_only_where_it_applies(cpu_op):
     assert not supported(x, (64, 96), 64)              # in_features not a multiple of 64
     assert not supported(x, (48, 128), 64)             # out_features not a multiple of 32
     assert not supported(x, (64, 128), 32)             # blocks narrower than one 64-column tile step
+    rows = torch.zeros(512, 4096, dtype=torch.bfloat16)  # where dequantize + oneDNN's matmul measured faster:
+    assert not supported(rows, (1024, 4096), 64)       # 512 rows of a small (4M-element) weight
+    assert supported(rows, (4096, 4096), 64) is amx_cpu  # a large one: fused up to 1024 rows
+    assert not supported(torch.zeros(2, 1024, 4096, dtype=torch.bfloat16), (4096, 4096), 64)
+    assert supported(torch.zeros(2, 128, 4096, dtype=torch.bfloat16), (64, 4096), 64) is amx_cpu
     previous = fused_linear.set_enabled(False)
     try:
         assert not supported(x, (64, 128), 64)
