@@ -373,32 +373,48 @@ bool amx_linear_supported() {
   return cpu_has_amx() && active_isa() == Isa::kAvx512 && amx_permitted();
 }
 
+namespace {
+
+// The activation's checks, the output, and the loop over blocks of MB rows (W is dequantized once per block, so the
+// cost of dequantization relative to the products is that of an M=MB call, while the accumulators and the packed
+// activation block stay in L2): impl(a_rows, rows, out_rows, packed_scratch).
+template <typename Impl>
+torch::Tensor over_row_blocks(const torch::Tensor& a, const char* name, int64_t in_cols, int64_t out_cols, int64_t MB,
+                              Impl impl) {
+  TORCH_CHECK(a.scalar_type() == at::kBFloat16 && a.is_contiguous() && a.dim() == 2 && a.size(1) == in_cols, name,
+              " must be a contiguous 2-D bf16 tensor with ", in_cols, " columns, got ", a.scalar_type(), " ",
+              a.sizes());
+  const int64_t M = a.size(0), Mp = (std::min(M, MB) + 31) / 32 * 32;
+  auto out = torch::empty({M, out_cols}, a.options());
+  auto packed = torch::empty({Mp * in_cols}, a.options());  // the packed activation block (64-byte aligned)
+  const auto* ad = reinterpret_cast<const bf16_t*>(a.data_ptr());
+  auto* od = reinterpret_cast<bf16_t*>(out.data_ptr());
+  auto* pd = reinterpret_cast<bf16_t*>(packed.data_ptr());
+  for (int64_t m0 = 0; m0 < M; m0 += MB) impl(ad + m0 * in_cols, std::min(MB, M - m0), od + m0 * out_cols, pd);
+  return out;
+}
+
+int64_t padded_rows(const torch::Tensor& a, int64_t MB) { return (std::min(a.size(0), MB) + 31) / 32 * 32; }
+
+}  // namespace
+
 torch::Tensor nf4_linear_fwd(torch::Tensor x, torch::Tensor packed, torch::Tensor absmax,
                              c10::optional<torch::Tensor> absmax2, c10::optional<torch::Tensor> code8, double offset,
                              torch::Tensor code4, int64_t blocksize, int64_t nested_blocksize, int64_t N, int64_t K,
                              int64_t NB, int64_t KC, int64_t MB) {
   check_ready();
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 && x.size(1) == K, "x");
   // Default blocking (0 = choose), tuned on the 2-vCPU SPR VM at M=512, K=N=4096. Per-thread working set ~
   // NB*Mp*4 (C accumulators) + NB*KC*2 (W panel) + Mp*KC*2 (x chunk) = 896 KiB at M=512: well inside the
   // 2 MiB L2, which measured better than filling it (other processes time-sharing the core evict part of it).
   // NB shrinks for large M so that the accumulators stay at <= 512 KiB.
   if (MB <= 0) MB = 512;
-  const int64_t Mp = (std::min(x.size(0), MB) + 31) / 32 * 32;
-  if (NB == 0) NB = std::clamp<int64_t>((512 * 1024 / (Mp * 4)) / 32 * 32, 32, 256);
+  if (NB == 0) NB = std::clamp<int64_t>((512 * 1024 / (padded_rows(x, MB) * 4)) / 32 * 32, 32, 256);
   if (KC == 0) KC = 256;
   TORCH_CHECK(NB % 32 == 0 && KC % 64 == 0 && NB > 0 && KC > 0, "NB % 32, KC % 64");
   const Nf4Weight w = make_weight(packed, absmax, absmax2, code8, offset, code4, blocksize, nested_blocksize, N, K);
-  const int64_t M = x.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  // Rows in blocks of MB: W is dequantized once per block, so the cost of dequantization relative to the
-  // products is that of an M=MB call, while the accumulators and the packed activation chunk stay in L2.
-  const auto* xd = reinterpret_cast<const bf16_t*>(x.data_ptr());
-  auto* yd = reinterpret_cast<bf16_t*>(y.data_ptr());
-  auto xp = torch::empty({Mp * K}, x.options());  // the packed activation block (torch's allocator: 64-aligned)
-  auto* xpd = reinterpret_cast<bf16_t*>(xp.data_ptr());
-  for (int64_t m0 = 0; m0 < M; m0 += MB) fwd_impl(xd + m0 * K, std::min(MB, M - m0), w, yd + m0 * N, NB, KC, xpd);
-  return y;
+  return over_row_blocks(x, "x", K, N, MB, [&](const bf16_t* a, int64_t rows, bf16_t* out, bf16_t* scratch) {
+    fwd_impl(a, rows, w, out, NB, KC, scratch);
+  });
 }
 
 torch::Tensor nf4_linear_bwd(torch::Tensor g, torch::Tensor packed, torch::Tensor absmax,
@@ -406,23 +422,16 @@ torch::Tensor nf4_linear_bwd(torch::Tensor g, torch::Tensor packed, torch::Tenso
                              torch::Tensor code4, int64_t blocksize, int64_t nested_blocksize, int64_t N, int64_t K,
                              int64_t KB, int64_t NC, int64_t MB) {
   check_ready();
-  TORCH_CHECK(g.scalar_type() == at::kBFloat16 && g.is_contiguous() && g.dim() == 2 && g.size(1) == N, "g");
   // default blocking (0 = choose), as in the forward: Mp*KB*4 + NC*KB*2 + Mp*NC*2 = 1.5 MiB at M=512;
   // KB shrinks for large M so that the accumulators stay at <= 1 MiB.
   if (MB <= 0) MB = 512;
-  const int64_t Mp = (std::min(g.size(0), MB) + 31) / 32 * 32;
-  if (KB == 0) KB = std::clamp<int64_t>((1024 * 1024 / (Mp * 4)) / 64 * 64, 64, 512);
+  if (KB == 0) KB = std::clamp<int64_t>((1024 * 1024 / (padded_rows(g, MB) * 4)) / 64 * 64, 64, 512);
   if (NC == 0) NC = 256;
   TORCH_CHECK(KB % 64 == 0 && NC % 32 == 0 && KB > 0 && NC > 0, "KB % 64, NC % 32");
   const Nf4Weight w = make_weight(packed, absmax, absmax2, code8, offset, code4, blocksize, nested_blocksize, N, K);
-  const int64_t M = g.size(0);
-  auto gx = torch::empty({M, K}, g.options());
-  const auto* gd = reinterpret_cast<const bf16_t*>(g.data_ptr());  // rows in blocks of MB, as in the forward
-  auto* gxd = reinterpret_cast<bf16_t*>(gx.data_ptr());
-  auto gp = torch::empty({Mp * N}, g.options());  // the packed activation block
-  auto* gpd = reinterpret_cast<bf16_t*>(gp.data_ptr());
-  for (int64_t m0 = 0; m0 < M; m0 += MB) bwd_impl(gd + m0 * N, std::min(MB, M - m0), w, gxd + m0 * K, KB, NC, gpd);
-  return gx;
+  return over_row_blocks(g, "g", N, K, MB, [&](const bf16_t* a, int64_t rows, bf16_t* out, bf16_t* scratch) {
+    bwd_impl(a, rows, w, out, KB, NC, scratch);
+  });
 }
 
 }  // namespace qlora_ds_cpu

@@ -60,21 +60,25 @@ def _weight_args(packed, absmax, absmax2, offset, quant_type):
             float(offset), codes.code4(quant_type, "cpu"))
 
 
+def _run(op: str, a: torch.Tensor, packed, absmax, absmax2, offset, quant_type, blocksize, nested_blocksize, shape,
+         transpose: bool) -> torch.Tensor:
+    out_f, in_f = shape
+    cols, out_cols = (out_f, in_f) if transpose else (in_f, out_f)
+    a2 = a.reshape(-1, cols).contiguous()
+    out = getattr(load_backend("cpu"), op)(a2, *_weight_args(packed, absmax, absmax2, offset, quant_type),
+                                           blocksize, nested_blocksize, out_f, in_f)
+    return out.view(*a.shape[:-1], out_cols)
+
+
 def linear_4bit(x: torch.Tensor, packed, absmax, absmax2, offset, quant_type: str, blocksize: int,
                 nested_blocksize: int, shape: Sequence[int]) -> torch.Tensor:
     """``x[..., in] · deq(W)ᵀ`` → ``[..., out]`` in bf16 (``supported`` must hold)."""
-    out_f, in_f = shape
-    x2 = x.reshape(-1, in_f).contiguous()
-    y = load_backend("cpu").nf4_linear_fwd(x2, *_weight_args(packed, absmax, absmax2, offset, quant_type),
-                                           blocksize, nested_blocksize, out_f, in_f)
-    return y.view(*x.shape[:-1], out_f)
+    return _run("nf4_linear_fwd", x, packed, absmax, absmax2, offset, quant_type, blocksize, nested_blocksize, shape,
+                transpose=False)
 
 
 def linear_4bit_grad_input(g: torch.Tensor, packed, absmax, absmax2, offset, quant_type: str, blocksize: int,
                            nested_blocksize: int, shape: Sequence[int]) -> torch.Tensor:
     """``g[..., out] · deq(W)`` → ``[..., in]`` in bf16 (``supported`` must hold for ``g``)."""
-    out_f, in_f = shape
-    g2 = g.reshape(-1, out_f).contiguous()
-    gx = load_backend("cpu").nf4_linear_bwd(g2, *_weight_args(packed, absmax, absmax2, offset, quant_type),
-                                            blocksize, nested_blocksize, out_f, in_f)
-    return gx.view(*g.shape[:-1], in_f)
+    return _run("nf4_linear_bwd", g, packed, absmax, absmax2, offset, quant_type, blocksize, nested_blocksize, shape,
+                transpose=True)
