@@ -2,10 +2,11 @@
 
 Forward dequantizes the frozen base (through ``qlora_ds.ops`` for NF4/FP4, the INT-N format for
 QA-LoRA), runs the matmul and lets the dequantized weight go; backward dequantizes again and returns
-the input gradient only: the packed base never gets a gradient. On CPUs with AMX, bf16 NF4/FP4 calls take the
-fused path instead (``qlora_ds.ops.fused_linear``: dequantized inside the GEMM, forward and backward, nothing kept). Every tensor comes in as an argument
-(never a module attribute captured earlier), so DeepSpeed ZeRO-3's gathered parameters are the ones
-used, and recomputation under non-reentrant checkpointing sees the same inputs.
+the input gradient only: the packed base never gets a gradient. On CPUs with AMX, bf16 NF4/FP4 calls where it is
+faster take the fused path instead (``qlora_ds.ops.fused_linear``: dequantized inside the GEMM, forward and backward,
+nothing kept). Every tensor comes in as an argument (never a module attribute captured earlier), so DeepSpeed
+ZeRO-3's gathered parameters are the ones used, and recomputation under non-reentrant checkpointing sees the same
+inputs.
 
 Dequantization (NF4/FP4 and INT-N) writes into a reused per-(device, dtype) workspace: one buffer as large as the
 largest layer, instead of a fresh allocation per call (it matters for CPU speed). The buffer never
