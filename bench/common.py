@@ -160,11 +160,9 @@ def fused_linear_on(device: torch.device | str) -> bool:
     if torch.device(device).type != "cpu":
         return False
     try:
-        from qlora_ds import ops
         from qlora_ds.ops import fused_linear
 
-        mod = ops.load_backend("cpu")
-        return fused_linear._enabled and mod is not ops.reference and bool(mod.amx_linear_supported())
+        return fused_linear.available()
     except Exception:  # noqa: BLE001 - a row must still be written
         return False
 
@@ -224,6 +222,7 @@ def describe_machine(device: torch.device | str) -> str:
     vers = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) or "?"
     missing = [k for k, v in m["versions"].items() if not v]
     return (f"device: {m['device_name']} ({m['device']}), {m['cpu_count']} CPUs ({m['cpu_isa']}), "
-            f"quant kernels: {m['kernel_isa']}{' + fused AMX linear' if m['fused_linear'] else ''}, torch threads {m['threads']}, "
+            f"quant kernels: {m['kernel_isa']}{' + fused AMX linear' if m['fused_linear'] else ''}, "
+            f"torch threads {m['threads']}, "
             f"load average {m['loadavg_1m']}; "
             f"{vers}" + (f" (not installed: {', '.join(missing)})" if missing else "") + f"; commit {m['commit']}")

@@ -375,6 +375,9 @@ bool amx_linear_supported() {
 
 namespace {
 
+// Rows of one block of the activation, padded to the 32-row micro-kernel.
+int64_t padded_rows(const torch::Tensor& a, int64_t MB) { return (std::min(a.size(0), MB) + 31) / 32 * 32; }
+
 // The activation's checks, the output, and the loop over blocks of MB rows (W is dequantized once per block, so the
 // cost of dequantization relative to the products is that of an M=MB call, while the accumulators and the packed
 // activation block stay in L2): impl(a_rows, rows, out_rows, packed_scratch).
@@ -384,7 +387,7 @@ torch::Tensor over_row_blocks(const torch::Tensor& a, const char* name, int64_t 
   TORCH_CHECK(a.scalar_type() == at::kBFloat16 && a.is_contiguous() && a.dim() == 2 && a.size(1) == in_cols, name,
               " must be a contiguous 2-D bf16 tensor with ", in_cols, " columns, got ", a.scalar_type(), " ",
               a.sizes());
-  const int64_t M = a.size(0), Mp = (std::min(M, MB) + 31) / 32 * 32;
+  const int64_t M = a.size(0), Mp = padded_rows(a, MB);
   auto out = torch::empty({M, out_cols}, a.options());
   auto packed = torch::empty({Mp * in_cols}, a.options());  // the packed activation block (64-byte aligned)
   const auto* ad = reinterpret_cast<const bf16_t*>(a.data_ptr());
@@ -393,8 +396,6 @@ torch::Tensor over_row_blocks(const torch::Tensor& a, const char* name, int64_t 
   for (int64_t m0 = 0; m0 < M; m0 += MB) impl(ad + m0 * in_cols, std::min(MB, M - m0), od + m0 * out_cols, pd);
   return out;
 }
-
-int64_t padded_rows(const torch::Tensor& a, int64_t MB) { return (std::min(a.size(0), MB) + 31) / 32 * 32; }
 
 }  // namespace
 

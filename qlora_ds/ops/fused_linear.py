@@ -39,8 +39,16 @@ def set_enabled(on: bool) -> bool:
     return previous
 
 
+def available() -> bool:
+    """The path is on and this CPU runs it now (the compiled op, AMX, the avx512 path), whatever the call."""
+    if not _enabled:
+        return False
+    impl = load_backend("cpu")
+    return impl is not reference and impl.amx_linear_supported()
+
+
 def supported(x: torch.Tensor, shape: Sequence[int], blocksize: int) -> bool:
-    if not _enabled or x.device.type != "cpu" or x.dtype != torch.bfloat16:
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16:
         return False
     out_f, in_f = shape
     if in_f % 64 or out_f % 32 or blocksize < 64 or blocksize & (blocksize - 1):
@@ -48,8 +56,7 @@ def supported(x: torch.Tensor, shape: Sequence[int], blocksize: int) -> bool:
     rows = x.numel() // max(1, x.shape[-1])
     if rows > (MAX_ROWS_LARGE if out_f * in_f >= LARGE_WEIGHT else MAX_ROWS):
         return False
-    impl = load_backend("cpu")
-    return impl is not reference and impl.amx_linear_supported()
+    return available()
 
 
 def _weight_args(packed, absmax, absmax2, offset, quant_type):
