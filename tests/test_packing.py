@@ -110,7 +110,9 @@ def test_packed_attention_per_example_same_logits(arch, monkeypatch):
     from qlora_ds.data import collate
     from qlora_ds.nn import packed_attention as pa
 
-    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", AttentionInterface._global_mapping["sdpa"])
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    # the reference is transformers' own function (an earlier test may have installed ours process-wide)
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", sdpa_attention_forward)
     model = tiny_model(arch)
     examples = _examples(model.config.vocab_size, [13, 5, 20, 9, 7, 16, 3, 11])
     rows = pack_examples(examples, 32)
@@ -120,17 +122,62 @@ def test_packed_attention_per_example_same_logits(arch, monkeypatch):
     check_packing_supported(model.config)
     assert AttentionInterface._global_mapping["sdpa"] is pa.packed_sdpa_forward
     calls = []
-    real = pa._per_example
-    monkeypatch.setattr(pa, "_per_example", lambda *a: (calls.append(a[3]), real(*a))[1])
+    real = pa._attend
+    monkeypatch.setattr(pa, "_attend", lambda *a: (calls.append(a[3]), real(*a))[1])
     with torch.no_grad():
         got = model(**packed, use_cache=False).logits
         assert len(calls) == model.config.num_hidden_layers
-        bounds = [[(s, e) for s, e in segs] for segs in calls[0]]
+        width = packed["input_ids"].shape[1]
+        spans = sorted(calls[0].spans)
         for r, row in enumerate(rows):            # every example its own segment, the padding one more
             starts = (row["position_ids"] == 0).nonzero().squeeze(1).tolist()
-            assert [s for s, _ in bounds[r]][:len(starts)] == starts
+            assert [s - r * width for s, _ in spans if r * width <= s < (r + 1) * width][:len(starts)] == starts
+        assert sum(n for _, n in spans) == packed["input_ids"].numel()
         calls.clear()
         got_padded = model(**padded, use_cache=False).logits
     assert calls == []
     assert torch.allclose(got, ref[0], rtol=1e-5, atol=1e-5), (got - ref[0]).abs().max()
     assert torch.equal(got_padded, ref[1])
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager-groups", "sdpa-groups"])
+def test_packed_attention_groups_and_long_examples_same_gradients(eager, monkeypatch):
+    """Short examples batched in several length-sorted groups (a small score budget), long ones alone: loss and
+    every gradient equal transformers' masked SDPA over the whole row; the groups are computed either as eager
+    attention (CPU) or as one causal SDPA call (CUDA's path, run here on CPU)."""
+    from transformers.modeling_utils import AttentionInterface
+
+    from qlora_ds.nn import packed_attention as pa
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    # the reference is transformers' own function (an earlier test may have installed ours process-wide)
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", sdpa_attention_forward)
+    model = tiny_model("qwen2").train()          # grouped-query heads
+    examples = _examples(model.config.vocab_size, [3, 29, 5, 17, 9, 2, 11, 24, 6, 14, 8, 21])
+    batch = collate_packed(pack_examples(examples, 48), 0, 8, 48)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = loss_and_grads()
+    check_packing_supported(model.config)
+    heads = model.config.num_attention_heads
+    monkeypatch.setattr(pa, "SHORT_LEN", 16)
+    monkeypatch.setattr(pa, "MAX_SCORES", heads * 10 * 10 * 2)       # groups of at most two 10-token examples
+    monkeypatch.setattr(pa, "EAGER_DEVICES", {"cpu"} if eager else set())
+    plans = []
+    real = pa._attend
+    monkeypatch.setattr(pa, "_attend", lambda *a: (plans.append(a[3]), real(*a))[1])
+    loss, grads = loss_and_grads()
+    plan = plans[0]
+    long = sorted(ln for _, ln in plan.long)        # the four long examples (+ a row's padding, its own segment)
+    assert all(ln > 16 for ln in long) and {17, 21, 24, 29} <= set(long)
+    assert len(plan.groups) >= 3 and all(n * width * width * heads <= pa.MAX_SCORES or n == 1
+                                          for _, n, width in plan.groups)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert torch.allclose(g, ref_grads[name], rtol=1e-4, atol=1e-6), (name, (g - ref_grads[name]).abs().max())
