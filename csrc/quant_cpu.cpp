@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <string>
 
+#include "lora_dropout_cpu.h"
 #include "quant_cpu_amx.h"
 #include "quant_cpu_impl.h"
 
@@ -261,4 +262,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("g"), py::arg("packed"), py::arg("absmax"), py::arg("absmax2"), py::arg("code8"), py::arg("offset"),
         py::arg("code4"), py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("N"), py::arg("K"),
         py::arg("KB") = 0, py::arg("NC") = 0, py::arg("MB") = 0);
+  // LoRA-input dropout with a counter-based mask (lora_dropout_cpu.cpp)
+  m.def("hash_dropout", &qlora_ds_cpu::hash_dropout, "y = x * keep(seed, i) / (1 - p): dropout whose mask is a hash "
+        "of (seed, element index); the same call on the gradient is its backward", py::arg("x"), py::arg("p"),
+        py::arg("seed"));
 }

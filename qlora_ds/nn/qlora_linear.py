@@ -35,6 +35,7 @@ import torch.nn as nn
 from ..errors import QLoRADSError
 from ..quant.nf4 import QuantizedTensor, quantize
 from .config import QLoRAConfig
+from .dropout import LoRADropout
 from . import guards
 from .functional import NF4LinearFunction, dequantize_nf4_parts, with_adapter
 
@@ -56,7 +57,7 @@ def build_lora(module: nn.Module, in_features: int, out_features: int, r: int, a
     module.scaling = alpha / r
     module.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
     module.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
-    module.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+    module.lora_dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
     module.disable_adapter = False
     reset_lora(module)
 

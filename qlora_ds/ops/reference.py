@@ -19,6 +19,8 @@ a constant group gets scale 1, zero ``-min`` and code 0, else ``scale = span / m
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 _TINY = 1e-38
@@ -126,3 +128,35 @@ def dequantize_intn(qweight, scales, zeros, bits, group_size, in_features, out) 
     q = unpack_intn(qweight.view(out_f, -1), bits, in_features).view(out_f, -1, group_size).float()
     w = (q - zeros.view(out_f, -1, 1)) * scales.view(out_f, -1, 1)
     out.copy_(w.view(-1))
+
+
+# ---- LoRA-input dropout with a counter-based mask (not one of the seven: csrc/lora_dropout_cpu.cpp) ----------
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """Chris Wellons' lowbias32 on int64 tensors holding uint32 values (products wrap mod 2⁶⁴: low words exact)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def dropout_keep(n: int, p: float, seed: int) -> torch.Tensor:
+    """keep[i] = mix(mix(lo(i) ^ k0(hi(i))) + k1) >= round(p·2³²), i < n: the mask ``hash_dropout`` applies."""
+    s = seed & 0xFFFFFFFFFFFFFFFF
+    k0 = _mix32(torch.tensor((s & _M32) ^ 0x9E3779B9))
+    k1 = _mix32(torch.tensor((s >> 32) ^ 0x85EBCA6B))
+    i = torch.arange(n, dtype=torch.int64)
+    hi = i >> 32
+    k0 = torch.where(hi == 0, k0, _mix32(k0 ^ _mix32(hi & _M32)))
+    h = _mix32((_mix32((i & _M32) ^ k0) + k1) & _M32)
+    return h >= min(math.floor(p * 2.0 ** 32 + 0.5), _M32)          # llround, at most 2³² − 1
+
+
+def hash_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``x · (keep ? 1 / (1 − p) : 0)`` in fp32, cast back to x's dtype (round to nearest even); p = 1 drops all."""
+    scale = torch.tensor(1.0 / (1.0 - p) if p < 1.0 else 0.0, dtype=torch.float32)
+    keep = dropout_keep(x.numel(), p, seed).view(x.shape)
+    return (x.float() * torch.where(keep, scale, torch.zeros((), dtype=torch.float32))).to(x.dtype)

@@ -210,7 +210,8 @@ def estimate_first_step(cfg: dict, dtype: str = "fp32", seq_len: int = 256, batc
               "optimizer": 4 * p + (0 if later else moments) + pools}
     weights = base_weight_bytes(shape, pc.base_bits_per_param, e)
     loaded = weights["quantized_linears"] + weights["embeddings_norms"] + 4 * p + RUNTIME_BYTES + LOAD_OVERHEAD_BYTES
-    layer_act = tokens * activation_bytes_per_token_layer(shape, lora_r, pc.lora_targets, pc.lora_dropout, e)
+    layer_act = tokens * activation_bytes_per_token_layer(shape, lora_r, pc.lora_targets, pc.lora_dropout, e,
+                                                          mask_bytes=0)      # the CPU's dropout keeps no mask
     base = loaded + STEP_RUNTIME_BYTES + HEAP_SLACK_PER_LAYER_ACTIVATION * layer_act + (moments if later else 0)
     return StepEstimate(base, phases, FRAGMENTATION, loaded)
 

@@ -242,9 +242,11 @@ def base_weight_bytes(shape: ModelShape, bits_per_param: float, embed_bytes: int
 
 
 def activation_bytes_per_token_layer(shape: ModelShape, r: int, targets=ALL_LINEAR,
-                                     dropout: float = 0.05, elem: int = 2) -> float:
+                                     dropout: float = 0.05, elem: int = 2, mask_bytes: int = 1) -> float:
     """Bytes autograd keeps per token in one decoder layer (see the module docstring); ``elem``: bytes per
-    element of the compute dtype (2 for bf16/fp16, 4 for fp32; the norms' fp32 part is 4 either way)."""
+    element of the compute dtype (2 for bf16/fp16, 4 for fp32; the norms' fp32 part is 4 either way);
+    ``mask_bytes``: dropout's saved mask per element (torch's bool mask on CUDA; 0 on the CPU, where
+    ``qlora_ds.nn.dropout`` regenerates it from a seed)."""
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
     e = elem
     base = 2 * (4 * h + e * h) + e * (h + 2 * kv) + e * h + 3 * e * i
@@ -252,7 +254,7 @@ def activation_bytes_per_token_layer(shape: ModelShape, r: int, targets=ALL_LINE
         return base
     lin = shape.linears()
     if dropout > 0:
-        lora = sum((e + 1) * lin[t][0] + e * r for t in targets)   # dropped copy + bool mask (1 B)
+        lora = sum((e + mask_bytes) * lin[t][0] + e * r for t in targets)   # dropped copy (+ mask)
     else:
         # q/k/v share their input, gate/up theirs: stored once per distinct input
         groups = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
@@ -266,7 +268,8 @@ def activation_bytes(cfg: PlanConfig) -> dict:
     s = cfg.shape
     tokens = cfg.micro_batch * cfg.seq_len
     e = cfg.elem
-    per_layer = tokens * activation_bytes_per_token_layer(s, cfg.lora_r, cfg.lora_targets, cfg.lora_dropout, e)
+    per_layer = tokens * activation_bytes_per_token_layer(s, cfg.lora_r, cfg.lora_targets, cfg.lora_dropout, e,
+                                                          mask_bytes=1 if cfg.device == "cuda" else 0)
     if cfg.grad_ckpt:
         stored = s.layers * tokens * e * s.hidden + per_layer + e * tokens * max(s.hidden, s.intermediate)
     else:
