@@ -10,7 +10,7 @@ losses, tokens/s, peak memory and a held-out loss. Methods:
 - ``bf16-peft``: PEFT LoRA on the 16-bit model (the name is historical: its base is loaded in the
   compute dtype, so in fp32 on a CPU without native bf16).
 
-All use the same r, α, dropout 0, LoRA on every linear layer but the LM head, non-reentrant
+All use the same r, α, LoRA dropout (``build(dropout=...)``, 0 unless asked), LoRA on every linear layer but the LM head, non-reentrant
 gradient checkpointing, the same optimizer, max grad norm 0.3 and compute dtype (``build(dtype=...)``;
 ``observed_compute_dtype`` reads back the one a built model really uses). Device: CUDA when available.
 """
@@ -108,7 +108,7 @@ def _enable_ckpt(model) -> None:
 
 
 def build(method: str, path: str, r: int = 16, alpha: float = 16, grad_ckpt: bool = True,
-          device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
+          device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, dropout: float = 0.0):
     """(model in train mode on ``device``, its trainable parameters) for one method variant computing in ``dtype``
     (the quantized layers' compute dtype and the dtype of everything left unquantized)."""
     device = torch.device(device)
@@ -117,11 +117,11 @@ def build(method: str, path: str, r: int = 16, alpha: float = 16, grad_ckpt: boo
         from qlora_ds.nn import QALoRAConfig, QLoRAConfig
         kind = method[len("ours-"):]
         if kind == "nf4dq":
-            cfg = QLoRAConfig(quant_type="nf4", double_quant=True, r=r, alpha=alpha, dropout=0.0, compute_dtype=dtype)
+            cfg = QLoRAConfig(quant_type="nf4", double_quant=True, r=r, alpha=alpha, dropout=dropout, compute_dtype=dtype)
         elif kind == "fp4":
-            cfg = QLoRAConfig(quant_type="fp4", double_quant=False, r=r, alpha=alpha, dropout=0.0, compute_dtype=dtype)
+            cfg = QLoRAConfig(quant_type="fp4", double_quant=False, r=r, alpha=alpha, dropout=dropout, compute_dtype=dtype)
         elif kind.startswith("qalora"):
-            cfg = QALoRAConfig(bits=int(kind[len("qalora"):]), group_size=32, r=r, alpha=alpha, dropout=0.0,
+            cfg = QALoRAConfig(bits=int(kind[len("qalora"):]), group_size=32, r=r, alpha=alpha, dropout=dropout,
                                compute_dtype=dtype)
         else:
             raise ValueError(f"unknown method {method!r}")
@@ -143,7 +143,7 @@ def build(method: str, path: str, r: int = 16, alpha: float = 16, grad_ckpt: boo
             p.requires_grad_(False)
         if grad_ckpt:
             _enable_ckpt(base)
-        model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+        model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
                                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
         grad_ckpt = False   # already on the base model
     else:

@@ -43,7 +43,7 @@ def worker(args) -> dict:
     torch.manual_seed(args.seed)
     base_rss = tl.rss()
     model, params = tl.build(args.worker, args.model, r=args.r, alpha=args.alpha, grad_ckpt=not args.no_ckpt,
-                             device=device, dtype=dtype)
+                             device=device, dtype=dtype, dropout=args.dropout)
     observed = tl.observed_compute_dtype(model) or dtype
     loaded_rss = tl.rss()
     load_peak = tl.peak_rss()
@@ -80,6 +80,7 @@ def _name(dtype: torch.dtype) -> str:
 def _run_variant(variant: str, args, out: str) -> dict:
     cmd = [sys.executable, "-m", "bench.train", "--worker", variant, "--model", args.model, "--out", out,
            "--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r), "--alpha", str(args.alpha),
+           "--dropout", str(args.dropout),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed), "--optim", args.optim,
            "--dtype", args.dtype]
     if args.no_ckpt:
@@ -110,6 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=16)
+    ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout, every variant (QLoRA's recipes: 0.05-0.1)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 4; 2 with --quick)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
         rows = []
         for r in results:
             shape = {"model": os.path.basename(os.path.normpath(args.model)), "batch": args.batch, "seq": args.seq,
-                     "r": args.r, "alpha": args.alpha, "grad_ckpt": not args.no_ckpt}
+                     "r": args.r, "alpha": args.alpha, "dropout": args.dropout, "grad_ckpt": not args.no_ckpt}
             extra = {}
             if ours and r["variant"] in ref:
                 extra = {"ours_speedup": ours["tokens_per_s"] / r["tokens_per_s"],
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
                          f"{extra.get('ours_speedup', float('nan')):.2f}x",
                          f"{(r['peak_step'] - (0 if device.type == 'cuda' else r['rss_before_load'])) / MiB:.0f}",
                          f"{r['peak_step'] / MiB:.0f}", f"{extra.get('ours_peak_step_ratio', float('nan')):.2f}"])
-        print(f"\nbatch {args.batch} x seq {args.seq}, r {args.r}, grad ckpt {not args.no_ckpt}, "
+        print(f"\nbatch {args.batch} x seq {args.seq}, r {args.r}, dropout {args.dropout:g}, grad ckpt {not args.no_ckpt}, "
               f"compute {args.dtype}, {args.steps} timed steps (median), "
               f"optimizer {results[0].get('optimizer', '?')}")
         mem = "CUDA max allocated MiB" if device.type == "cuda" else "peak RSS MiB"
