@@ -142,9 +142,9 @@ def test_packed_attention_per_example_same_logits(arch, monkeypatch):
 
 @pytest.mark.parametrize("eager", [True, False], ids=["eager-groups", "sdpa-groups"])
 def test_packed_attention_groups_and_long_examples_same_gradients(eager, monkeypatch):
-    """Short examples batched in several length-sorted groups (a small score budget), long ones alone: loss and
-    every gradient equal transformers' masked SDPA over the whole row; the groups are computed either as eager
-    attention (CPU) or as one causal SDPA call (CUDA's path, run here on CPU)."""
+    """Examples batched in length-sorted groups (small budgets: several groups of each kind): loss and every
+    gradient equal transformers' masked SDPA over the whole row; the short groups are computed either as eager
+    attention (CPU) or as one causal SDPA call (CUDA's path, run here on CPU), the long ones by SDPA."""
     from transformers.modeling_utils import AttentionInterface
 
     from qlora_ds.nn import packed_attention as pa
@@ -167,16 +167,18 @@ def test_packed_attention_groups_and_long_examples_same_gradients(eager, monkeyp
     heads = model.config.num_attention_heads
     monkeypatch.setattr(pa, "SHORT_LEN", 16)
     monkeypatch.setattr(pa, "MAX_SCORES", heads * 10 * 10 * 2)       # groups of at most two 10-token examples
+    monkeypatch.setattr(pa, "MAX_GROUP_TOKENS", 60)                  # and of at most two or three long ones
     monkeypatch.setattr(pa, "EAGER_DEVICES", {"cpu"} if eager else set())
     plans = []
     real = pa._attend
     monkeypatch.setattr(pa, "_attend", lambda *a: (plans.append(a[3]), real(*a))[1])
     loss, grads = loss_and_grads()
     plan = plans[0]
-    long = sorted(ln for _, ln in plan.long)        # the four long examples (+ a row's padding, its own segment)
-    assert all(ln > 16 for ln in long) and {17, 21, 24, 29} <= set(long)
-    assert len(plan.groups) >= 3 and all(n * width * width * heads <= pa.MAX_SCORES or n == 1
-                                          for _, n, width in plan.groups)
+    short = [(n, width) for _, n, width, is_short in plan.groups if is_short]
+    long = [(n, width) for _, n, width, is_short in plan.groups if not is_short]
+    assert len(short) >= 3 and all(n * width * width * heads <= pa.MAX_SCORES or n == 1 for n, width in short)
+    assert all(width > 16 for _, width in long) and sum(n for n, _ in long) >= 4     # 29, 17, 24, 21 (+ padding)
+    assert len(long) >= 2 and all(n * width <= pa.MAX_GROUP_TOKENS or n == 1 for n, width in long)
     assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-6)
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():

@@ -9,15 +9,15 @@ other mask (padding, sliding window, a cache, position bias) goes to transformer
 wrapper never changes a result, only the cost of packed rows. Eager, flash and flex attention are not touched
 (flash already runs varlen over the same boundaries).
 
-Short examples (≤ ``SHORT_LEN`` tokens, most of a chat corpus's) are gathered from all rows into one right-padded
-``[n, heads, L, head_dim]`` batch, sorted by length and split so no group holds more than ``MAX_SCORES`` scores,
-and attended causally in one call per group: right padding needs no mask, since causal queries never reach the
-keys after them, and the padded queries' outputs are dropped. Calling SDPA once per example instead cost more
-than the attention itself (CPU flash-attention backward has a fixed cost per call: 9 chatterbot examples in a
-512-token row took 11.7 ms fwd+bwd per layer, the gathered batch 4.4 ms, Xeon bf16). On CPU the group is computed
-as transformers' eager attention does (scores in the compute dtype, softmax in fp32, probabilities cast back),
-which beats CPU flash attention at these lengths; on CUDA it is one SDPA call. Longer examples run one SDPA call
-each (flash: memory linear in their length).
+The examples of all rows are sorted by length and gathered into right-padded ``[n, heads, L, head_dim]`` groups,
+attended causally in one call per group: right padding needs no mask, since causal queries never reach the keys
+after them, and the padded queries' outputs are dropped. Short examples (≤ ``SHORT_LEN`` tokens, most of a chat
+corpus's) form groups of at most ``MAX_SCORES`` scores, computed on the CPU as transformers' eager attention does
+(scores in the compute dtype, softmax in fp32, probabilities cast back), which beats CPU flash attention at these
+lengths; longer ones form groups of at most ``MAX_GROUP_TOKENS`` tokens for one SDPA call (flash: memory linear in
+length), as do all groups on CUDA. Calling SDPA once per example instead cost more than the attention itself (CPU
+flash-attention backward has a fixed cost per call: 9 chatterbot examples in a 512-token row took 11.7 ms fwd+bwd
+per layer, the eager group 4.4 ms, Xeon bf16).
 """
 from __future__ import annotations
 
@@ -28,39 +28,46 @@ import torch.nn.functional as F
 # tokens and loses above (one example fwd+bwd, 9 heads, bf16, Xeon: 1.5 vs 2.3 ms at 128, 4.4 vs 3.2 ms at 256)
 SHORT_LEN = 192
 MAX_SCORES = 1 << 22       # heads × L² × examples per batched group (fp32 scores: 16 MiB, ~3× that with autograd's)
-EAGER_DEVICES = {"cpu"}    # batched groups computed as eager attention here, one causal SDPA call elsewhere
+MAX_GROUP_TOKENS = 8192   # padded tokens per group of long examples (one SDPA call; memory linear in tokens)
+EAGER_DEVICES = {"cpu"}    # short groups computed as eager attention here, one causal SDPA call elsewhere
 _seen: list = [None, None, None]      # (mask, position_ids, plan or None): once per forward, not per layer
 
 
+def _length_groups(spans: list[tuple[int, int]], fits) -> list[list[tuple[int, int]]]:
+    """``spans`` (start, length) sorted by length and cut into consecutive groups, each grown while
+    ``fits(examples, width)`` holds (a single example always forms a group)."""
+    spans = sorted(spans, key=lambda sp: sp[1])
+    groups = []
+    while spans:
+        n = 1
+        while n < len(spans) and fits(n + 1, spans[n][1]):      # ascending: the new one sets the width
+            n += 1
+        groups.append(spans[:n])
+        spans = spans[n:]
+    return groups
+
+
 class _Plan:
-    """Where each example's tokens go: batched groups of short examples, single long ones, and the inverse
-    permutation that puts the outputs back in row order. Token indices are into the flattened [B·T] rows."""
+    """Where each example's tokens go: length-sorted groups (short ones computed eagerly on the CPU, long ones by
+    SDPA) and the inverse permutation that puts the outputs back in row order. Token indices are into the
+    flattened [B·T] rows."""
 
     def __init__(self, segments: list[list[tuple[int, int]]], t: int, heads: int, device):
         self.spans = [(b * t + s, e - s) for b, segs in enumerate(segments) for s, e in segs]
-        short = sorted((sp for sp in self.spans if sp[1] <= SHORT_LEN), key=lambda sp: sp[1])
-        self.groups = []                      # (gather index [n·L], n, L)
-        self.long = [sp for sp in self.spans if sp[1] > SHORT_LEN]
+        short = [sp for sp in self.spans if sp[1] <= SHORT_LEN]
+        long = [sp for sp in self.spans if sp[1] > SHORT_LEN]
+        self.groups = []                      # (gather index [n·L], n, L, short)
         position = torch.empty(len(segments) * t, dtype=torch.long)   # token -> its row in the concatenated output
         done = 0
-        while short:
-            width = short[0][1]
-            n = 0                             # sorted ascending: grow the group while its padded scores fit
-            while n < len(short) and max(width, short[n][1]) ** 2 * heads * (n + 1) <= MAX_SCORES:
-                width = max(width, short[n][1])
-                n += 1
-            n = max(n, 1)
-            group, short = short[:n], short[n:]
-            width = max(ln for _, ln in group)
+        for group, is_short in ([(g, True) for g in _length_groups(short, lambda n, w: n * heads * w * w <= MAX_SCORES)]
+                                + [(g, False) for g in _length_groups(long, lambda n, w: n * w <= MAX_GROUP_TOKENS)]):
+            width = group[-1][1]
             # padded slots repeat the example's last token: causal queries never see them, their outputs are dropped
             idx = [start + min(j, ln - 1) for start, ln in group for j in range(width)]
-            self.groups.append((torch.tensor(idx, device=device), len(group), width))
+            self.groups.append((torch.tensor(idx, device=device), len(group), width, is_short))
             for i, (start, ln) in enumerate(group):
                 position[start:start + ln] = torch.arange(done + i * width, done + i * width + ln)
             done += len(group) * width
-        for start, ln in self.long:
-            position[start:start + ln] = torch.arange(done, done + ln)
-            done += ln
         self.position = position.to(device)
 
 
@@ -109,18 +116,14 @@ def _attend(query, key, value, plan: _Plan, dropout: float, scaling):
     gqa = h != key.shape[1]
     flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value)]   # [B·T, heads, d]
     pieces = []
-    for idx, n, width in plan.groups:
+    for idx, n, width, short in plan.groups:
         q, k, v = (x.index_select(0, idx).view(n, width, x.shape[1], d).transpose(1, 2) for x in flat)
-        if q.device.type in EAGER_DEVICES:
+        if short and q.device.type in EAGER_DEVICES:
             out = _eager_causal(q, k, v, dropout, scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale,
                                                  enable_gqa=gqa)
         pieces.append(out.transpose(1, 2).reshape(n * width, h, d))
-    for start, ln in plan.long:
-        q, k, v = (x[start:start + ln].transpose(0, 1)[None] for x in flat)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
-        pieces.append(out[0].transpose(0, 1))
     out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
     return out.index_select(0, plan.position).view(b, t, h, d), None     # [B, T, heads, head_dim], as transformers
 
