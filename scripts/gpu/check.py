@@ -37,7 +37,7 @@ TINY = {"--layers": "2", "--hidden": "64", "--ffn": "172", "--heads": "4", "--vo
 TINY_TRAIN = {"--shape": "tiny", "--batch": "1", "--seq": "16", "--steps": "1", "--warmup": "0", "--timeout": "90"}
 CUDA_TESTS = ["tests/test_layers.py", "tests/test_inject.py", "tests/test_adapters.py", "tests/test_optim.py",
               "tests/test_kernels.py", "tests/test_kernels_intn.py", "tests/test_quant.py", "tests/test_codebooks.py",
-              "tests/test_launch_device.py", "tests/test_finetune.py"]
+              "tests/test_launch_device.py", "tests/test_finetune.py", "tests/test_packing.py"]
 # what fetch_wheels.sh puts in gpu_wheels/ (distribution names as wheel files spell them)
 WHEELS = ("bitsandbytes", "deepspeed", "hjson", "pydantic", "pydantic_core", "annotated_types", "typing_inspection",
           "typing_extensions")
