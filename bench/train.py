@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=16)
-    ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout, every variant (QLoRA's recipes: 0.05-0.1)")
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="LoRA dropout, every variant (QLoRA's recipes: 0.05-0.1)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 4; 2 with --quick)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -169,7 +170,8 @@ def main(argv=None) -> int:
                          f"{extra.get('ours_speedup', float('nan')):.2f}x",
                          f"{(r['peak_step'] - (0 if device.type == 'cuda' else r['rss_before_load'])) / MiB:.0f}",
                          f"{r['peak_step'] / MiB:.0f}", f"{extra.get('ours_peak_step_ratio', float('nan')):.2f}"])
-        print(f"\nbatch {args.batch} x seq {args.seq}, r {args.r}, dropout {args.dropout:g}, grad ckpt {not args.no_ckpt}, "
+        print(f"\nbatch {args.batch} x seq {args.seq}, r {args.r}, dropout {args.dropout:g}, "
+              f"grad ckpt {not args.no_ckpt}, "
               f"compute {args.dtype}, {args.steps} timed steps (median), "
               f"optimizer {results[0].get('optimizer', '?')}")
         mem = "CUDA max allocated MiB" if device.type == "cuda" else "peak RSS MiB"
