@@ -87,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="LM head + cross-entropy over token chunks, never the full [tokens, vocab] logits (default on)")
     t.add_argument("--packing", action="store_true",
                    help="pack whole training examples into --max-len rows (per-example positions, no cross-example "
-                        "attention, no padding); held-out evaluation stays unpacked")
+                        "attention, no padding); --micro-batch rows per micro-batch (2+ spreads the per-step weight "
+                        "dequantization over more tokens); held-out evaluation stays unpacked")
     t.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
     t.add_argument("--train-on-prompt", action="store_true", help="also train on prompt tokens")
     t.add_argument("--nan-policy", choices=["skip", "stop"], default="stop",
