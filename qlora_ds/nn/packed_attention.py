@@ -12,10 +12,10 @@ wrapper never changes a result, only the cost of packed rows. Eager, flash and f
 The examples of all rows are sorted by length and gathered into right-padded ``[n, heads, L, head_dim]`` groups,
 attended causally in one call per group: right padding needs no mask, since causal queries never reach the keys
 after them, and the padded queries' outputs are dropped. Short examples (≤ ``SHORT_LEN`` tokens, most of a chat
-corpus's) form groups of at most ``MAX_SCORES`` scores, computed on the CPU as transformers' eager attention does
-(scores in the compute dtype, softmax in fp32, probabilities cast back), which beats CPU flash attention at these
-lengths; longer ones form groups of at most ``MAX_GROUP_TOKENS`` tokens for one SDPA call (flash: memory linear in
-length), as do all groups on CUDA. Calling SDPA once per example instead cost more than the attention itself (CPU
+corpus's) form groups of at most ``MAX_SCORES`` scores, computed on the CPU in bf16/fp16 as transformers' eager
+attention does (scores in the compute dtype, softmax in fp32, probabilities cast back), which beats CPU flash
+attention at these lengths (in fp32 flash wins, and runs); longer ones form groups of at most ``MAX_GROUP_TOKENS``
+tokens for one SDPA call (flash: memory linear in length), as do all groups on CUDA. Calling SDPA once per example instead cost more than the attention itself (CPU
 flash-attention backward has a fixed cost per call: 9 chatterbot examples in a 512-token row took 11.7 ms fwd+bwd
 per layer, the eager group 4.4 ms, Xeon bf16).
 """
@@ -29,7 +29,10 @@ import torch.nn.functional as F
 SHORT_LEN = 192
 MAX_SCORES = 1 << 22       # heads × L² × examples per batched group (fp32 scores: 16 MiB, ~3× that with autograd's)
 MAX_GROUP_TOKENS = 8192   # padded tokens per group of long examples (one SDPA call; memory linear in tokens)
-EAGER_DEVICES = {"cpu"}    # short groups computed as eager attention here, one causal SDPA call elsewhere
+# short groups computed as eager attention on these devices in these dtypes, one causal SDPA call otherwise (in
+# fp32, CPU flash attention is the faster: 3.9 vs 5.1 ms fwd+bwd for the 9-example row above)
+EAGER_DEVICES = {"cpu"}
+EAGER_DTYPES = {torch.bfloat16, torch.float16}
 _seen: list = [None, None, None]      # (mask, position_ids, plan or None): once per forward, not per layer
 
 
@@ -118,7 +121,7 @@ def _attend(query, key, value, plan: _Plan, dropout: float, scaling):
     pieces = []
     for idx, n, width, short in plan.groups:
         q, k, v = (x.index_select(0, idx).view(n, width, x.shape[1], d).transpose(1, 2) for x in flat)
-        if short and q.device.type in EAGER_DEVICES:
+        if short and q.device.type in EAGER_DEVICES and q.dtype in EAGER_DTYPES:
             out = _eager_causal(q, k, v, dropout, scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale,
