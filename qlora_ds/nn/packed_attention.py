@@ -15,9 +15,9 @@ after them, and the padded queries' outputs are dropped. Short examples (≤ ``S
 corpus's) form groups of at most ``MAX_SCORES`` scores, computed on the CPU in bf16/fp16 as transformers' eager
 attention does (scores in the compute dtype, softmax in fp32, probabilities cast back), which beats CPU flash
 attention at these lengths (in fp32 flash wins, and runs); longer ones form groups of at most ``MAX_GROUP_TOKENS``
-tokens for one SDPA call (flash: memory linear in length), as do all groups on CUDA. Calling SDPA once per example instead cost more than the attention itself (CPU
-flash-attention backward has a fixed cost per call: 9 chatterbot examples in a 512-token row took 11.7 ms fwd+bwd
-per layer, the eager group 4.4 ms, Xeon bf16).
+tokens for one SDPA call (flash: memory linear in length), as do all groups on CUDA. Calling SDPA once per example
+instead cost more than the attention itself (CPU flash-attention backward has a fixed cost per call: 9 chatterbot
+examples in a 512-token row took 11.7 ms fwd+bwd per layer, the eager group 4.4 ms, Xeon bf16).
 """
 from __future__ import annotations
 
