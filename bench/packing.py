@@ -74,7 +74,7 @@ def worker(args) -> dict:
     if args.worker == "packed":
         from qlora_ds.data.packing import check_packing_supported
         from transformers import AutoConfig
-        check_packing_supported(AutoConfig.from_pretrained(args.model))   # + SDPA per example (as finetune)
+        check_packing_supported(AutoConfig.from_pretrained(args.model))   # + attention per example (as finetune)
         rows = pack_examples(examples, args.max_len)
         # widths to a multiple of 16 as finetune collates them: a new width per row costs CPU kernels a new
         # shape each step (measured: packed rows at their own widths ran 1.00x of padded on chatterbot)
