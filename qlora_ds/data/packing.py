@@ -5,7 +5,7 @@ Each example keeps its own ``position_ids`` (0, 1, … from its first token), an
 boundaries from the position resets and builds a block-diagonal causal mask for SDPA/eager, and its flash-attention
 path runs varlen over the same boundaries, so attention never crosses from one example into another; on SDPA,
 ``check_packing_supported`` installs ``qlora_ds.nn.packed_attention``, which attends within each example only
-(short examples batched, long ones one by one). The first token of every example is labelled IGNORE: it is never
+(examples batched by length across rows). The first token of every example is labelled IGNORE: it is never
 a target in the unpacked run either (the shift drops it), and here it would otherwise be the target of the previous
 example's last token. With that, every target token sees the same context and gets the same loss as unpacked.
 
