@@ -233,7 +233,8 @@ def plan_for(name: str, row: dict, dtype: str, seq: int) -> dict:
     if row["what"] == "load":
         return {"planned_peak_load": predict(cfg, "load", dtype="bf16").peak}
     return {"planned_peak_load": predict(cfg, "load", dtype=dtype).peak,
-            "planned_peak_step": predict(cfg, "step", dtype=dtype, seq_len=seq).peak}
+            "planned_peak_step": predict(cfg, "step", dtype=dtype, seq_len=seq,
+                                         fused_cpu_linear=bool(row.get("fused_linear"))).peak}
 
 
 # ------------------------------------------------------------------------------------------- report

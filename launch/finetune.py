@@ -219,6 +219,7 @@ def planner_check(args, model_config, ds_config: dict, world: int, runtime: int,
     import torch.distributed as dist
 
     from qlora_ds.errors import QLoRADSError
+    from qlora_ds.ops import fused_linear
     from qlora_ds.plan.run_check import config_for_run, memory_check
 
     cuda = torch.cuda.is_available()
@@ -233,7 +234,8 @@ def planner_check(args, model_config, ds_config: dict, world: int, runtime: int,
                              targets=args.target_modules, grad_ckpt=args.grad_ckpt, method=args.method,
                              bits=args.bits, group_size=args.group_size, double_quant=args.double_quant,
                              runtime_bytes=0 if cuda else int(runtime), pad_multiple=args.pad_to_multiple_of,
-                             chunked_loss=args.chunked_loss, compute_dtype=compute_dtype(ds_config))
+                             chunked_loss=args.chunked_loss, compute_dtype=compute_dtype(ds_config),
+                             fused_cpu_linear=not cuda and fused_linear.available())
     except QLoRADSError as err:
         log.info("memory planner: not compared (%s)", err)
         return None

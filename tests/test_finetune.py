@@ -313,3 +313,37 @@ def test_planner_check_plans_in_the_runs_compute_dtype(tmp_path):
         dist.destroy_process_group()
     assert fp32["items_mib"]["embeddings_norms"] == pytest.approx(2 * bf16["items_mib"]["embeddings_norms"], rel=1e-3)
     assert fp32["items_mib"]["activations"] > 1.9 * bf16["items_mib"]["activations"]
+
+
+
+def test_planner_check_knows_the_fused_amx_linear(tmp_path):
+    """On a CPU with the fused AMX linear (bf16) the linears it takes write no dequantized weight, and the planner
+    beside the run leaves them out: here gate/up/down (1380 is no multiple of 32/64) are still dequantized."""
+    import argparse
+    from unittest import mock
+
+    import torch.distributed as dist
+    from transformers import LlamaConfig
+
+    from qlora_ds.ops import fused_linear
+    ft = _finetune_module()
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1380, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=4)
+    args = argparse.Namespace(lora_r=8, lora_dropout=0.0, target_modules=None, grad_ckpt=True, method="qlora", bits=4,
+                              group_size=32, double_quant=True, pad_to_multiple_of=16, chunked_loss=True)
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 0},
+          "bf16": {"enabled": True}}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        got = {}
+        for on in (True, False):
+            with mock.patch.object(fused_linear, "available", return_value=on):
+                got[on] = ft.planner_check(args, cfg, ds, 1, 400 << 20, 64)["items_mib"]
+    finally:
+        dist.destroy_process_group()
+    mib = 1 << 20
+    assert got[True]["dequant_keep"] == pytest.approx(3 * 512 * 1380 * 2 / mib, abs=0.05)
+    assert got[False]["dequant_keep"] == pytest.approx((2 * 512 * 512 + 2 * 512 * 256 + 3 * 512 * 1380) * 2 / mib,
+                                                       abs=0.05)
+    assert got[True]["dequant_workspace"] == got[False]["dequant_workspace"] == pytest.approx(512 * 1380 * 2 / mib,
+                                                                                             abs=0.05)

@@ -237,3 +237,56 @@ def test_cuda_check_leaves_out_paged_state_and_context():
     report = memory_check(cfg, 10 * GiB)
     assert cfg.paged and report["items_mib"]["cuda_context"] == 0 and "cpu_shape_cache" not in report["items_mib"]
     assert report["planned_peak_mib"] == pytest.approx((mem.peak - mem.get("optimizer_states")) / MiB, abs=0.1)
+
+
+def test_planner_fused_rule_is_the_fused_linears_rule():
+    """The planner's copy of ``qlora_ds.ops.fused_linear``'s row/shape rule (it imports no package code) gives the
+    same answer for every shape class and row count, with the path's hardware check taken as met."""
+    import torch
+
+    from qlora_ds.ops import fused_linear
+    from qlora_ds.plan.memory import fused_linear_takes
+    shapes = [(576, 192), (576, 1536), (1536, 576), (4096, 1024), (4096, 4096), (4096, 11008), (11008, 4096),
+              (100, 64), (64, 48), (8192, 1024)]
+    with mock.patch.object(fused_linear, "available", return_value=True):
+        for in_f, out_f in shapes:
+            for rows in (1, 255, 256, 257, 512, 1024, 1025):
+                x = torch.empty(1, in_f, dtype=torch.bfloat16).expand(rows, in_f)
+                for blocksize in (64, 128, 32):
+                    assert fused_linear.supported(x, (out_f, in_f), blocksize) == \
+                        fused_linear_takes(in_f, out_f, rows, blocksize), (in_f, out_f, rows, blocksize)
+
+
+def test_planner_counts_no_dequantized_weight_for_fused_linears():
+    """On a CPU with the fused AMX linear (bf16) the linears it takes write no dequantized weight: no workspace and
+    no kept copy for them; the others (too many rows, small weights) still count; fp32 compute never fuses."""
+    from qlora_ds.plan.presets import shape_from_hf_config
+    llama3_8b = shape_from_hf_config({"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256})
+
+    def items(model, **kw):
+        shape = llama3_8b if model == "llama-3-8b" else load_shape(model)
+        cfg = replace(PlanConfig(shape=shape, device="cpu", compute_dtype="bf16", fused_cpu_linear=True), **kw)
+        return {it.name: it.bytes for it in estimate_memory(cfg).items}
+
+    demo = items("smollm2-135m", seq_len=128, micro_batch=2, grad_ckpt=False)      # 256 rows: all fused
+    assert "dequant_workspace" not in demo and "dequant_keep" not in demo
+    wide = items("smollm2-135m", seq_len=512, micro_batch=1)                      # small weights: fused to 256 rows
+    assert wide["dequant_workspace"] == 576 * 1536 * 2 and wide["dequant_keep"] == load_shape(
+        "smollm2-135m").linear_params_per_layer * 2
+    big = items("llama-7b", seq_len=1024, micro_batch=1)                          # ≥ 8M-element weights: to 1024
+    assert "dequant_workspace" not in big and "dequant_keep" not in big
+    # Llama-3-8B at 1024 rows: q/o/gate/up/down fused, k and v (4096 × 1024, 4M elements) are not
+    l3 = items("llama-3-8b", seq_len=1024, micro_batch=1)
+    assert l3["dequant_workspace"] == 4096 * 1024 * 2 and l3["dequant_keep"] == 2 * 4096 * 1024 * 2
+    for kw in ({"seq_len": 1024, "micro_batch": 2}, {"seq_len": 512, "fused_cpu_linear": False},
+               {"seq_len": 512, "device": "cuda"}, {"seq_len": 512, "compute_dtype": "fp32"}):
+        elem = 4 if kw.get("compute_dtype") == "fp32" else 2
+        off = items("llama-7b", **kw)
+        assert off["dequant_workspace"] == 4096 * 11008 * elem, kw
+        assert off["dequant_keep"] == min(256 * MiB, load_shape("llama-7b").linear_params_per_layer * elem), kw
+    cli = subprocess.run([sys.executable, "-m", "qlora_ds.plan", "--model", "smollm2-135m", "--device", "cpu",
+                          "--seq-len", "128", "--batch", "2", "--cpu-amx", "--json"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    assert "dequant_workspace" not in cli.stdout and "dequant_keep" not in cli.stdout

@@ -33,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--optim-bits", type=int, default=None, choices=(8, 32))
     p.add_argument("--paged", action="store_true", help="paged optimizer (its state may spill to host)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--cpu-amx", action="store_true",
+                   help="with --device cpu: the CPU has AMX and computes in bf16, so NF4 linears of up to 256 rows "
+                        "(1024 for large weights) run fused and write no dequantized weight (ops/fused_linear.py)")
     p.add_argument("--pad-multiple", type=int, default=16,
                    help="batch widths rounded up to this (finetune.py --pad-to-multiple-of); CPU shape cache")
     p.add_argument("--runtime-mem", default=None,
@@ -60,7 +63,7 @@ def config_from_args(a: argparse.Namespace) -> PlanConfig:
     overrides = {"seq_len": a.seq_len, "micro_batch": a.batch, "grad_accum": a.grad_accum,
                  "zero_stage": a.zero, "lora_r": a.lora_r, "base_bits": a.bits, "optim_bits": a.optim_bits}
     flags = {"grad_ckpt": False if a.no_grad_ckpt else None, "bf16_master": True if a.bf16_lora else None,
-             "paged": True if a.paged else None}
+             "paged": True if a.paged else None, "fused_cpu_linear": True if a.cpu_amx else None}
     changes = {k: v for k, v in {**overrides, **flags}.items() if v is not None}
     return replace(cfg, **changes)
 

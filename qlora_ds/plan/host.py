@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 from ..errors import QLoRADSError
 from .memory import (ALL_LINEAR, DTYPE_BYTES, FRAGMENTATION, MiB, MemoryEstimate, PlanConfig, activation_bytes,
-                     activation_bytes_per_token_layer, base_weight_bytes, estimate_memory, lora_params)
+                     activation_bytes_per_token_layer, base_weight_bytes, estimate_memory, lora_params,
+                     unfused_linears)
 from .presets import ModelShape, shape_from_hf_config
 
 # ---- the frozen calibration: bench/scale.py on llama-0.4b (SmolLM2-360M's shape) only, 2026-12-03, AMD EPYC
@@ -135,13 +136,16 @@ def estimate_load(cfg: dict, dtype: str = "bf16", lora_r: int = 16, world: int =
 
 
 def step_config(cfg: dict, dtype: str = "fp32", seq_len: int = 256, batch: int = 1, lora_r: int = 16,
-                runtime_bytes: float | None = None, chunked_loss: bool = False) -> PlanConfig:
+                runtime_bytes: float | None = None, chunked_loss: bool = False,
+                fused_cpu_linear: bool = False) -> PlanConfig:
     """The planner's config for one plain training step (LoRA r on all linears, dropout 0, gradient
-    checkpointing, Adam 32-bit, one batch shape; ``chunked_loss``: ``qlora_ds.loss.causal_lm_loss``)."""
+    checkpointing, Adam 32-bit, one batch shape; ``chunked_loss``: ``qlora_ds.loss.causal_lm_loss``;
+    ``fused_cpu_linear``: the host runs the fused AMX linear, ``qlora_ds.ops.fused_linear.available()``)."""
     shape: ModelShape = shape_from_hf_config(cfg)
     return PlanConfig(shape=shape, device="cpu", zero_stage=0, gpus_per_node=1, seq_len=seq_len, micro_batch=batch,
                       grad_accum=1, lora_r=lora_r, lora_targets=ALL_LINEAR, lora_dropout=0.0, grad_ckpt=True,
                       compute_dtype=dtype, pad_multiple=seq_len, chunked_loss=chunked_loss,
+                      fused_cpu_linear=fused_cpu_linear,
                       runtime_bytes=int(RUNTIME_BYTES + LOAD_OVERHEAD_BYTES if runtime_bytes is None else runtime_bytes))
 
 
@@ -172,7 +176,8 @@ class StepEstimate:
 
 
 def estimate_first_step(cfg: dict, dtype: str = "fp32", seq_len: int = 256, batch: int = 1,
-                        lora_r: int = 16, chunked_loss: bool = False, later: bool = False) -> StepEstimate:
+                        lora_r: int = 16, chunked_loss: bool = False, later: bool = False,
+                        fused_cpu_linear: bool = False) -> StepEstimate:
     """Peak RSS of the first step: plain torch AdamW on the LoRA A/B, which stay fp32 as ``QLoRALinear``
     builds them whatever the compute dtype (the forward casts them): fp32 grads, no master copy. Under
     non-reentrant checkpointing the step passes through three phases that do not overlap:
@@ -195,13 +200,14 @@ def estimate_first_step(cfg: dict, dtype: str = "fp32", seq_len: int = 256, batc
     the start, and its update allocates nothing new. Both assume ``qlora_ds.heap``'s release of the heap's
     free pages after each decoder layer (on by default): without it glibc keeps each layer's freed
     intermediates resident and a long-sequence step runs up to ~2x these figures (bench/RESULTS.md)."""
-    pc = step_config(cfg, dtype, seq_len, batch, lora_r, chunked_loss=chunked_loss)
+    pc = step_config(cfg, dtype, seq_len, batch, lora_r, chunked_loss=chunked_loss, fused_cpu_linear=fused_cpu_linear)
     shape, e, tokens = pc.shape, pc.elem, batch * seq_len
     p = lora_params(shape, lora_r, pc.lora_targets)
     act = activation_bytes(pc)
     stored = shape.layers * tokens * e * shape.hidden
-    largest = max(a * b for a, b in shape.linears().values()) * e
-    per_layer = shape.linear_params_per_layer * e
+    dequantized = [a * b for a, b in unfused_linears(pc).values()] or [0]     # the fused AMX path writes none
+    largest = max(dequantized) * e
+    per_layer = sum(dequantized) * e
     keep = min(pc.keep_dequant_bytes, per_layer)
     pools = keep + (largest if per_layer > pc.keep_dequant_bytes else 0)   # allocated once, then kept
     moments = 8 * p
@@ -223,7 +229,7 @@ class Prediction:
 
 
 def predict(cfg: dict, phase: str, dtype: str = "bf16", seq_len: int = 256, world: int = 1, zero_stage: int = 0,
-            first_step: bool = True) -> Prediction:
+            first_step: bool = True, fused_cpu_linear: bool = False) -> Prediction:
     """``phase`` "load": peak RSS of the load; "step": peak RSS of the training step after it (the first
     step when ``first_step``), the load's own peak excluded."""
     if phase == "load":
@@ -231,8 +237,8 @@ def predict(cfg: dict, phase: str, dtype: str = "bf16", seq_len: int = 256, worl
         return Prediction(est.peak, est)
     if phase == "step":
         if first_step:
-            est = estimate_first_step(cfg, dtype, seq_len)
+            est = estimate_first_step(cfg, dtype, seq_len, fused_cpu_linear=fused_cpu_linear)
             return Prediction(est.peak, est)
-        mem: MemoryEstimate = estimate_memory(step_config(cfg, dtype, seq_len))
+        mem: MemoryEstimate = estimate_memory(step_config(cfg, dtype, seq_len, fused_cpu_linear=fused_cpu_linear))
         return Prediction(mem.peak, mem)
     raise QLoRADSError(f"phase={phase!r}: use 'load' or 'step'")

@@ -25,7 +25,10 @@ N = data-parallel world size):
   Logits: b·s·V·12 B: at the backward peak the fp32 log-softmax output, the gradient coming into it
   and the gradient it produces (measured with the profiler: 12.0 B/element).
 * ZeRO-3 gather: the layer in use plus the prefetched one (packed bytes), or the lm_head, whichever
-  is larger; dequantization workspace: the largest linear in the compute dtype.
+  is larger; dequantization workspace: the largest linear in the compute dtype; NF4 weights kept from
+  forward to backward: one layer's linears (all layers without checkpointing), at most 256 MiB. On a CPU that
+  runs the fused AMX linear (``fused_cpu_linear``, bf16) the linears it takes at b·s rows (≤ 256; ≤ 1024 for
+  weights of ≥ 8M elements) never write a dequantized weight: neither term counts them.
 * overhead: the runtime before the model — on a GPU the CUDA context + cuBLAS workspace (640 MiB); on
   CPU the process itself (interpreter, torch, transformers, DeepSpeed, tokenizer: 420 MiB measured with
   the pinned versions, what ``launch/finetune.py`` holds before it loads the model); ``runtime_bytes``
@@ -95,6 +98,7 @@ class PlanConfig:
     pad_multiple: int = 16               # batch widths are rounded up to this (CPU shape cache)
     chunked_loss: bool = False           # LM head + CE over token chunks (qlora_ds.loss): see chunked_loss_bytes
     keep_dequant_bytes: int = 256 * MiB  # qlora_ds.nn.functional.KEEP_LIMIT: NF4 weights kept from forward to backward
+    fused_cpu_linear: bool = False       # the CPU runs NF4 linears fused (AMX, bf16: qlora_ds.ops.fused_linear)
     persistence_threshold: int = 100_000  # ZeRO-3: tensors this small stay gathered (DeepSpeed default)
     max_live_parameters: int = 1_000_000_000
     max_reuse_distance: int = 1_000_000_000
@@ -298,6 +302,28 @@ def cpu_shape_cache_bytes(cfg: PlanConfig) -> float:
     return CPU_SHAPE_CACHE_BYTES_PER_LOGIT * cfg.micro_batch * cfg.shape.vocab * widths
 
 
+# = qlora_ds.ops.fused_linear's MAX_ROWS, MAX_ROWS_LARGE, LARGE_WEIGHT (tests/test_plan.py checks they agree)
+FUSED_MAX_ROWS, FUSED_MAX_ROWS_LARGE, FUSED_LARGE_WEIGHT = 256, 1024, 1 << 23
+
+
+def fused_linear_takes(in_f: int, out_f: int, rows: int, blocksize: int = 64) -> bool:
+    """Whether ``qlora_ds.ops.fused_linear`` computes an NF4 linear of this shape at ``rows`` tokens (on a CPU
+    where the path is on): no bf16 weight is ever written for it, so it needs no workspace and no kept copy."""
+    if in_f % 64 or out_f % 32 or blocksize < 64 or blocksize & (blocksize - 1):
+        return False
+    return rows <= (FUSED_MAX_ROWS_LARGE if in_f * out_f >= FUSED_LARGE_WEIGHT else FUSED_MAX_ROWS)
+
+
+def unfused_linears(cfg: PlanConfig) -> dict[str, tuple[int, int]]:
+    """The linears of one decoder layer whose weights are dequantized into memory for the widest batch
+    (b·s rows): every one, unless the CPU runs the fused path (``fused_cpu_linear``: AMX, bf16, NF4 base)."""
+    lin = cfg.shape.linears()
+    if not (cfg.fused_cpu_linear and cfg.device == "cpu" and cfg.compute_dtype == "bf16" and cfg.quant == "nf4"):
+        return lin
+    rows = cfg.micro_batch * cfg.seq_len
+    return {name: io for name, io in lin.items() if not fused_linear_takes(*io, rows)}
+
+
 def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
     s, n = cfg.shape, cfg.world_size
     z = cfg.zero_stage
@@ -334,15 +360,15 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
 
     act = activation_bytes(cfg)
     items += [Item(k, v, phase="backward") for k, v in act.items()]
-    lin = s.linears()
-    largest = max(a * b for a, b in lin.values())
-    if cfg.base_bits < 16:
-        items.append(Item("dequant_workspace", largest * cfg.elem, phase="backward",
+    # the linears whose weight is dequantized into memory: all of them, but the ones the fused CPU path computes
+    lin = [a * b for a, b in unfused_linears(cfg).values()]
+    if cfg.base_bits < 16 and lin:
+        items.append(Item("dequant_workspace", max(lin) * cfg.elem, phase="backward",
                           note=f"largest linear in {cfg.compute_dtype}"))
-    if cfg.base_bits < 16 and cfg.quant == "nf4" and cfg.keep_dequant_bytes:
+    if cfg.base_bits < 16 and cfg.quant == "nf4" and cfg.keep_dequant_bytes and lin:
         # the kept-weight pool holds the layers alive between a forward and its backward: one decoder layer under
         # checkpointing (the recomputed one), else all of them, never more than its limit; it stays allocated
-        per_layer = s.linear_params_per_layer * cfg.elem
+        per_layer = sum(lin) * cfg.elem
         items.append(Item("dequant_keep", min(cfg.keep_dequant_bytes, per_layer * (1 if cfg.grad_ckpt else s.layers)),
                           phase="backward", note="dequantized weights kept for backward (bounded pool)"))
     if z >= 3 and n > 1:
