@@ -105,6 +105,18 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} is required (directly or in --recipe)")
     if args.pad_to_multiple_of < 1:
         p.error(f"--pad-to-multiple-of must be 1 or more (1 = no rounding), got {args.pad_to_multiple_of}")
+    # checked before the model loads: an interval of 0 would otherwise fail after the first step (modulo by zero)
+    at_least = {"max_steps": 1, "max_len": 2, "eval_every": 1, "save_every": 1, "log_every": 1, "keep_checkpoints": 1,
+                "eval_size": 0, "lora_r": 1, "micro_batch": 1, "grad_accum": 1}
+    for name, low in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            p.error(f"--{name.replace('_', '-')} must be {low} or more, got {value}"
+                    + (" (--eval-size 0 turns held-out evaluation off)" if name == "eval_every" else ""))
+    if not 0.0 <= args.lora_dropout < 1.0:
+        p.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if not 0.0 <= args.warmup_ratio <= 1.0:
+        p.error(f"--warmup-ratio must be in [0, 1], got {args.warmup_ratio}")
     return args
 
 
@@ -212,10 +224,12 @@ def _memory_mb() -> float:
     return device_peak("cuda" if torch.cuda.is_available() else "cpu") / 2 ** 20
 
 
-def planner_check(args, model_config, ds_config: dict, world: int, runtime: int, widest: int) -> dict | None:
+def planner_check(args, model_config, ds_config: dict, world: int, runtime: int, widths) -> dict | None:
     """The planner's peak for this run beside the measured one, for the rank with the highest peak, at the
-    widest batch the run met (``widest`` tokens; the planner's worst case is --max-len).
-    CPU: peak RSS, with the RSS before the model as the runtime term; CUDA: max allocated."""
+    widest batch the run met (the planner's worst case is --max-len) and, for the memory the CPU keeps per batch
+    shape, that rank's batch widths (``widths``: the distinct widths this rank ran; the planner's worst case is
+    every multiple of --pad-to-multiple-of; packed rows meet few). CPU: peak RSS, with the RSS before the model
+    as the runtime term; CUDA: max allocated."""
     import torch.distributed as dist
 
     from qlora_ds.errors import QLoRADSError
@@ -223,10 +237,11 @@ def planner_check(args, model_config, ds_config: dict, world: int, runtime: int,
     from qlora_ds.plan.run_check import config_for_run, memory_check
 
     cuda = torch.cuda.is_available()
-    mine = torch.tensor([_memory_mb() * 2 ** 20, float(runtime), float(widest)], dtype=torch.float64)
+    mine = torch.tensor([_memory_mb() * 2 ** 20, float(runtime), float(max(widths, default=0)), float(sum(widths))],
+                        dtype=torch.float64)
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
-    peak, runtime, _ = max(every, key=lambda t: t[0].item()).tolist()
+    peak, runtime, _, width_sum = max(every, key=lambda t: t[0].item()).tolist()
     widest = int(max(t[2].item() for t in every))
     try:
         cfg = config_for_run(model_config.to_dict(), ds_config, world=world, device="cuda" if cuda else "cpu",
@@ -235,7 +250,8 @@ def planner_check(args, model_config, ds_config: dict, world: int, runtime: int,
                              bits=args.bits, group_size=args.group_size, double_quant=args.double_quant,
                              runtime_bytes=0 if cuda else int(runtime), pad_multiple=args.pad_to_multiple_of,
                              chunked_loss=args.chunked_loss, compute_dtype=compute_dtype(ds_config),
-                             fused_cpu_linear=not cuda and fused_linear.available())
+                             fused_cpu_linear=not cuda and fused_linear.available(), packing=args.packing,
+                             width_sum=int(width_sum))
     except QLoRADSError as err:
         log.info("memory planner: not compared (%s)", err)
         return None
@@ -389,7 +405,7 @@ class Loop:
         # a rank whose shard is empty still evaluates (masked filler batches): the others wait in its collectives
         self.has_eval = data.eval_total > 0
         self.step, self.micro_step = step, micro_step
-        self.widest = 0                        # the widest batch met, for the planner check at the end
+        self.widths = set()                    # the batch widths met, for the planner check at the end
         self.losses, self.tokens, self.t_last = [], 0, time.perf_counter()
         self.bar = None
         self.overflow, self.skip = OverflowMonitor(engine), None   # the last skipped step's report (module named)
@@ -403,7 +419,7 @@ class Loop:
         epoch, index = divmod(self.micro_step, len(self.batches))
         batch = (collate_packed if args.packing else collate)([self.train_ex[i] for i in self.batches.epoch(epoch)[index]], self.pad_id,
                         args.pad_to_multiple_of, args.max_len)
-        self.widest = max(self.widest, batch["input_ids"].shape[1])
+        self.widths.add(batch["input_ids"].shape[1])
         return {k: v.to(self.engine.device) for k, v in batch.items()}
 
     def forward(self, batch: dict):
@@ -452,9 +468,9 @@ class Loop:
         from qlora_ds.eval.sharded import sharded_heldout_loss
 
         args, t0 = self.run.args, time.perf_counter()
-        eval_loss, widest = sharded_heldout_loss(self.engine, self.eval_ex, self.pad_id, self.run.micro,
+        eval_loss, widths = sharded_heldout_loss(self.engine, self.eval_ex, self.pad_id, self.run.micro,
                                                  args.pad_to_multiple_of, args.max_len, chunked=args.chunked_loss)
-        self.widest = max(self.widest, widest)
+        self.widths |= widths
         if self.run.rank == 0:
             self.metrics.log(step=self.step, eval_loss=eval_loss)
             (self.bar.write if self.bar else log.info)(f"step {self.step}: held-out loss {eval_loss:.4f}")
@@ -510,7 +526,7 @@ def finish(run: Run, engine, model, tokenizer, metrics, loop: Loop, runtime: int
     args, out = run.args, run.out
     save_adapter(engine, os.path.join(out, "adapter"))
     summary = {"steps": loop.step, "dtype": args.dtype, "skipped_steps": int(engine.skipped_steps)}
-    memory = planner_check(args, model.config, run.ds_config, run.world, runtime, loop.widest)
+    memory = planner_check(args, model.config, run.ds_config, run.world, runtime, loop.widths)
     t0 = time.perf_counter()
     after = maybe_sample(run, engine, tokenizer)
     seconds["samples"] = seconds.get("samples", 0.0) + time.perf_counter() - t0

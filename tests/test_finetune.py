@@ -121,6 +121,23 @@ def test_config_conflicts_are_refused_before_training(tiny):
             ft.resolve_ds_config(ft.parse_args(base + extra), world)
 
 
+def test_bad_intervals_and_ranges_are_refused_at_parse_time(tiny, capsys):
+    """--eval-every 0 used to pass parsing and fail after the first step (modulo by zero), losing the run so far."""
+    ft = _finetune_module()
+    base = _args(tiny, tiny["root"] / "unused")
+    for extra, match in ((["--eval-every", "0"], "--eval-every must be 1 or more, got 0 (--eval-size 0 turns"),
+                         (["--save-every", "0"], "--save-every must be 1 or more"),
+                         (["--log-every", "-1"], "--log-every must be 1 or more, got -1"),
+                         (["--max-steps", "0"], "--max-steps must be 1 or more"),
+                         (["--micro-batch", "0"], "--micro-batch must be 1 or more"),
+                         (["--lora-dropout", "1.0"], "--lora-dropout must be in [0, 1), got 1.0"),
+                         (["--warmup-ratio", "-0.1"], "--warmup-ratio must be in [0, 1]")):
+        with pytest.raises(SystemExit):
+            ft.parse_args(base + extra)
+        assert match in capsys.readouterr().err, extra
+    assert ft.parse_args(base + ["--eval-size", "0", "--warmup-ratio", "1"]).eval_size == 0
+
+
 def test_precision_sections_follow_the_dtype(tiny, monkeypatch):
     """--dtype (auto: decided by qlora_ds.hardware from the mocked device facts) fills the ds_config's "auto"
     bf16/fp16 sections; an explicit section that disagrees is refused before anything runs."""
@@ -303,16 +320,19 @@ def test_planner_check_plans_in_the_runs_compute_dtype(tmp_path):
     cfg = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
     args = argparse.Namespace(lora_r=8, lora_dropout=0.0, target_modules=None, grad_ckpt=True, method="qlora", bits=4,
-                              group_size=32, double_quant=True, pad_to_multiple_of=16, chunked_loss=True)
+                              group_size=32, double_quant=True, pad_to_multiple_of=16, chunked_loss=True,
+                              packing=False)
     base = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 0}}
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
-        fp32 = ft.planner_check(args, cfg, {**base, "bf16": {"enabled": False}}, 1, 400 << 20, 64)
-        bf16 = ft.planner_check(args, cfg, {**base, "bf16": {"enabled": True}}, 1, 400 << 20, 64)
+        fp32 = ft.planner_check(args, cfg, {**base, "bf16": {"enabled": False}}, 1, 400 << 20, {48, 64})
+        bf16 = ft.planner_check(args, cfg, {**base, "bf16": {"enabled": True}}, 1, 400 << 20, {48, 64})
     finally:
         dist.destroy_process_group()
     assert fp32["items_mib"]["embeddings_norms"] == pytest.approx(2 * bf16["items_mib"]["embeddings_norms"], rel=1e-3)
     assert fp32["items_mib"]["activations"] > 1.9 * bf16["items_mib"]["activations"]
+    # the memory kept per batch shape: over the widths the run met (here 48 and 64), not every padded width
+    assert bf16["items_mib"]["cpu_shape_cache"] == pytest.approx(4 * 2 * 4096 * (48 + 64) / 2 ** 20, abs=0.05)
 
 
 
@@ -330,7 +350,8 @@ def test_planner_check_knows_the_fused_amx_linear(tmp_path):
     cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1380, num_hidden_layers=2,
                       num_attention_heads=8, num_key_value_heads=4)
     args = argparse.Namespace(lora_r=8, lora_dropout=0.0, target_modules=None, grad_ckpt=True, method="qlora", bits=4,
-                              group_size=32, double_quant=True, pad_to_multiple_of=16, chunked_loss=True)
+                              group_size=32, double_quant=True, pad_to_multiple_of=16, chunked_loss=True,
+                              packing=False)
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 0},
           "bf16": {"enabled": True}}
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
@@ -338,7 +359,7 @@ def test_planner_check_knows_the_fused_amx_linear(tmp_path):
         got = {}
         for on in (True, False):
             with mock.patch.object(fused_linear, "available", return_value=on):
-                got[on] = ft.planner_check(args, cfg, ds, 1, 400 << 20, 64)["items_mib"]
+                got[on] = ft.planner_check(args, cfg, ds, 1, 400 << 20, {48, 64})["items_mib"]
     finally:
         dist.destroy_process_group()
     mib = 1 << 20

@@ -186,3 +186,38 @@ def test_packed_attention_groups_and_long_examples_same_gradients(eager, monkeyp
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
         assert torch.allclose(g, ref_grads[name], rtol=1e-4, atol=atol), (name, (g - ref_grads[name]).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_planner_counts_what_eager_packed_attention_keeps(dtype):
+    """The planner's packed-attention term (per token heads·k·(4 + e), k ≤ SHORT_LEN keys) is what the eager group
+    path saves for backward beyond its q/k/v inputs: the fp32 softmax output and its e-byte copy."""
+    from dataclasses import replace
+
+    from qlora_ds.nn import packed_attention as pa
+    from qlora_ds.plan.memory import PACKED_SHORT_LEN, PlanConfig, activation_bytes
+    from qlora_ds.plan.presets import load_shape
+
+    assert PACKED_SHORT_LEN == pa.SHORT_LEN
+    n, heads, kv, width, d = 3, 6, 2, 40, 16
+    q = torch.randn(n, heads, width, d, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(n, kv, width, d, dtype=dtype, requires_grad=True) for _ in range(2))
+    saved = []
+
+    def pack(t):
+        if not any(t is x for x in (q, k, v)) and t.numel() > 1:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        pa._eager_causal(q, k, v, 0.0, d ** -0.5)
+    tokens, e = n * width, torch.empty((), dtype=dtype).element_size()
+    kept = sum(s for s in saved if s >= n * heads * width * width)      # the [n, heads, L, L] tensors
+    assert kept == tokens * heads * width * (4 + e)
+    # the planner counts the same per token and layer, with the group width at its bound (SHORT_LEN)
+    cfg = PlanConfig(shape=load_shape("smollm2-135m"), device="cpu", compute_dtype="bf16", seq_len=512,
+                     micro_batch=2, grad_ckpt=False)
+    extra = activation_bytes(replace(cfg, packing=True))["activations"] - activation_bytes(cfg)["activations"]
+    assert extra == cfg.shape.layers * 2 * 512 * cfg.shape.heads * pa.SHORT_LEN * (4 + 2)
+    for off in (replace(cfg, packing=True, compute_dtype="fp32"), replace(cfg, packing=True, device="cuda")):
+        assert activation_bytes(off)["activations"] == activation_bytes(replace(off, packing=False))["activations"]

@@ -205,6 +205,10 @@ def test_cpu_terms_and_run_config():
     widths = sum(range(16, 129, 16))
     assert cpu_shape_cache_bytes(cfg) == 4 * 2 * 49152 * widths
     assert cpu_shape_cache_bytes(replace(cfg, seq_len=120)) == 4 * 2 * 49152 * (widths - 8)   # last width capped
+    assert cpu_shape_cache_bytes(replace(cfg, width_sum=128 + 112)) == 4 * 2 * 49152 * 240   # the widths a run met
+    met = config_for_run(hf, ds, world=2, device="cpu", seq_len=128, lora_r=16, lora_dropout=0.05, targets=None,
+                         grad_ckpt=True, runtime_bytes=400 * MiB, pad_multiple=16, width_sum=240)
+    assert estimate_memory(met).get("cpu_shape_cache") == 4 * 2 * 49152 * 240
     mem = estimate_memory(cfg)
     assert mem.get("process_runtime") == 400 * MiB and mem.get("cpu_training_runtime") == CPU_TRAINING_RUNTIME_BYTES
     assert mem.get("logits_loss") == 2 * 128 * 49152 * 12
@@ -290,3 +294,7 @@ def test_planner_counts_no_dequantized_weight_for_fused_linears():
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert cli.returncode == 0, cli.stderr
     assert "dequant_workspace" not in cli.stdout and "dequant_keep" not in cli.stdout
+    from qlora_ds.plan.__main__ import config_from_args, parse_args
+    flags = config_from_args(parse_args(["--model", "smollm2-135m", "--device", "cpu", "--packing", "--cpu-amx"]))
+    assert flags.packing and flags.fused_cpu_linear
+    assert not config_from_args(parse_args(["--model", "smollm2-135m"])).packing

@@ -10,16 +10,16 @@ from ..loss import causal_lm_loss
 
 
 def sharded_heldout_loss(engine, examples, pad_id: int, batch_size: int, pad_multiple: int = 1,
-                         max_width: int | None = None, chunked: bool = True) -> tuple[float, int]:
+                         max_width: int | None = None, chunked: bool = True) -> tuple[float, set[int]]:
     """Token-weighted held-out loss over all ranks' shards, in micro batches (the size that fits in
-    training), and the widest batch it ran."""
+    training), and the batch widths it ran (the planner check counts per-shape memory by them)."""
     # Under ZeRO-3 every forward gathers parameters collectively: every rank runs as many forwards as the rank
     # with the most batches, shorter (or empty) shards padding with a fully masked batch that counts nothing.
     count = torch.tensor([-(-len(examples) // batch_size)], dtype=torch.int64)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     filler = [{"input_ids": torch.tensor([pad_id]), "labels": torch.tensor([-100])}]
     engine.eval()
-    total, widest = torch.zeros(2, dtype=torch.float64), 0
+    total, widths = torch.zeros(2, dtype=torch.float64), set()
     with torch.no_grad():
         for i in range(0, int(count) * batch_size, batch_size):
             chunk = examples[i:i + batch_size]
@@ -28,9 +28,9 @@ def sharded_heldout_loss(engine, examples, pad_id: int, batch_size: int, pad_mul
             n = int((batch["labels"][:, 1:] != -100).sum())
             loss = causal_lm_loss(engine, batch, chunked=chunked)
             if chunk:
-                widest = max(widest, batch["input_ids"].shape[1])
+                widths.add(batch["input_ids"].shape[1])
             if n:
                 total += torch.tensor([loss.float().item() * n, n], dtype=torch.float64)
     dist.all_reduce(total)
     engine.train()
-    return (total[0] / total[1].clamp(min=1)).item(), widest
+    return (total[0] / total[1].clamp(min=1)).item(), widths

@@ -93,7 +93,7 @@ def _find(path: str, near: str | None) -> str:
 
 
 def apply_recipe(cfg: PlanConfig, recipe: dict | str) -> PlanConfig:
-    """Take LoRA rank/dropout/targets, max length, checkpointing and the ds_config from a recipe file
+    """Take LoRA rank/dropout/targets, max length, checkpointing, packing and the ds_config from a recipe file
     (the flat ``launch/finetune.py --recipe`` format)."""
     path = recipe if isinstance(recipe, str) else None
     if path is not None:
@@ -108,6 +108,7 @@ def apply_recipe(cfg: PlanConfig, recipe: dict | str) -> PlanConfig:
         seq_len=int(recipe.get("max_len", cfg.seq_len)),
         grad_ckpt=bool(recipe.get("grad_ckpt", cfg.grad_ckpt)),
         double_quant=bool(recipe.get("double_quant", cfg.double_quant)),
+        packing=bool(recipe.get("packing", cfg.packing)),
     )
     ds = recipe.get("ds_config")
     if isinstance(ds, str):

@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-amx", action="store_true",
                    help="with --device cpu: the CPU has AMX and computes in bf16, so NF4 linears of up to 256 rows "
                         "(1024 for large weights) run fused and write no dequantized weight (ops/fused_linear.py)")
+    p.add_argument("--packing", action="store_true",
+                   help="packed rows (finetune --packing); on CPU in bf16 adds eager attention's saved probabilities")
     p.add_argument("--pad-multiple", type=int, default=16,
                    help="batch widths rounded up to this (finetune.py --pad-to-multiple-of); CPU shape cache")
     p.add_argument("--runtime-mem", default=None,
@@ -63,7 +65,8 @@ def config_from_args(a: argparse.Namespace) -> PlanConfig:
     overrides = {"seq_len": a.seq_len, "micro_batch": a.batch, "grad_accum": a.grad_accum,
                  "zero_stage": a.zero, "lora_r": a.lora_r, "base_bits": a.bits, "optim_bits": a.optim_bits}
     flags = {"grad_ckpt": False if a.no_grad_ckpt else None, "bf16_master": True if a.bf16_lora else None,
-             "paged": True if a.paged else None, "fused_cpu_linear": True if a.cpu_amx else None}
+             "paged": True if a.paged else None, "fused_cpu_linear": True if a.cpu_amx else None,
+             "packing": True if a.packing else None}
     changes = {k: v for k, v in {**overrides, **flags}.items() if v is not None}
     return replace(cfg, **changes)
 

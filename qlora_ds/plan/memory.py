@@ -20,6 +20,8 @@ N = data-parallel world size):
   (no s² term): two RMSNorms 2·(4h fp32 input + e·h output) (12h in bf16); q, k, v after RoPE e·(h + 2kv);
   attention output e·h; MLP gate, up, silu(gate) 3·e·i. LoRA adds per target linear the dropped input
   e·in (+1·in bool mask when dropout > 0; shared input once when dropout = 0) and A·x e·r.
+  Packed rows (``packing``) on the CPU in bf16/fp16 add what eager attention over the short examples keeps:
+  per token, heads·k·(4 + e) with k ≤ 192 keys (its example's group width; counted as 192, an upper bound).
   Without checkpointing: L·b·s·(that). With checkpointing: L·b·s·e·h (layer inputs) plus one
   layer's full activations recomputed, plus the input gradient in flight (e·b·s·max(h, i)).
   Logits: b·s·V·12 B: at the backward peak the fp32 log-softmax output, the gradient coming into it
@@ -36,7 +38,8 @@ N = data-parallel world size):
   30 MiB of kernel code, JIT kernels and engines, and — the large part — memory kept for every
   distinct batch shape run so far, about that batch's fp32 logits (4·b·w·V bytes for width w; oneDNN's
   primitive cache holds part of it): over a run 4·b·V·Σw over the widths met, which padding batches
-  to a multiple (``pad_multiple``, ``launch/finetune.py --pad-to-multiple-of``, default 16) keeps to L/16 widths.
+  to a multiple (``pad_multiple``, ``launch/finetune.py --pad-to-multiple-of``, default 16) keeps to L/16 widths
+  (a run's own check sums the widths it met, ``width_sum``: packed rows meet one or two).
   Both figures were measured on finetunes of a 2-layer, hidden-64 model (tensors negligible) at
   max_len 48 and 128, and checked on SmolLM2-135M runs. Plus 5 % of the transient tensors for allocator
   fragmentation. ZeRO-1/2 gradient bucket: DeepSpeed allocates ``reduce_bucket_size`` elements
@@ -99,6 +102,8 @@ class PlanConfig:
     chunked_loss: bool = False           # LM head + CE over token chunks (qlora_ds.loss): see chunked_loss_bytes
     keep_dequant_bytes: int = 256 * MiB  # qlora_ds.nn.functional.KEEP_LIMIT: NF4 weights kept from forward to backward
     fused_cpu_linear: bool = False       # the CPU runs NF4 linears fused (AMX, bf16: qlora_ds.ops.fused_linear)
+    packing: bool = False                # finetune --packing: attention per example (qlora_ds.nn.packed_attention)
+    width_sum: int | None = None         # Σ of the batch widths met (a run's check); None: every padded width
     persistence_threshold: int = 100_000  # ZeRO-3: tensors this small stay gathered (DeepSpeed default)
     max_live_parameters: int = 1_000_000_000
     max_reuse_distance: int = 1_000_000_000
@@ -268,12 +273,19 @@ def activation_bytes_per_token_layer(shape: ModelShape, r: int, targets=ALL_LINE
     return base + lora
 
 
+PACKED_SHORT_LEN = 192     # = qlora_ds.nn.packed_attention.SHORT_LEN (tests/test_packing.py checks they agree)
+
+
 def activation_bytes(cfg: PlanConfig) -> dict:
     s = cfg.shape
     tokens = cfg.micro_batch * cfg.seq_len
     e = cfg.elem
     per_layer = tokens * activation_bytes_per_token_layer(s, cfg.lora_r, cfg.lora_targets, cfg.lora_dropout, e,
                                                           mask_bytes=1 if cfg.device == "cuda" else 0)
+    if cfg.packing and cfg.device == "cpu" and e == 2:
+        # packed short examples on the CPU in bf16/fp16 run eager attention, which keeps its probabilities (fp32
+        # softmax output + the e-byte copy) per head and key: at most PACKED_SHORT_LEN keys per token
+        per_layer += tokens * s.heads * min(cfg.seq_len, PACKED_SHORT_LEN) * (4 + e)
     if cfg.grad_ckpt:
         stored = s.layers * tokens * e * s.hidden + per_layer + e * tokens * max(s.hidden, s.intermediate)
     else:
@@ -295,7 +307,10 @@ def chunked_loss_bytes(cfg: PlanConfig, tokens: int) -> float:
 
 
 def cpu_shape_cache_bytes(cfg: PlanConfig) -> float:
-    """4·b·V·Σw over the widths w = m, 2m, …, up to seq_len (m = pad_multiple): see the module doc."""
+    """4·b·V·Σw over the widths w = m, 2m, …, up to seq_len (m = pad_multiple), or over the widths a run met
+    (``width_sum``: packed rows all have about the same width): see the module doc."""
+    if cfg.width_sum is not None:
+        return CPU_SHAPE_CACHE_BYTES_PER_LOGIT * cfg.micro_batch * cfg.shape.vocab * cfg.width_sum
     m = cfg.pad_multiple
     n = -(-cfg.seq_len // m)
     widths = m * n * (n + 1) / 2 - (n * m - cfg.seq_len)     # the last width is capped at seq_len

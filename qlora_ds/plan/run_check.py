@@ -17,11 +17,14 @@ def config_for_run(hf_config: dict, ds_config: dict, *, world: int, device: str,
                    lora_dropout: float, targets, grad_ckpt: bool, method: str = "qlora", bits: int = 4,
                    group_size: int = 32, double_quant: bool = True, runtime_bytes: int | None = None,
                    pad_multiple: int = 16, chunked_loss: bool = False, compute_dtype="bf16",
-                   fused_cpu_linear: bool = False) -> PlanConfig:
+                   fused_cpu_linear: bool = False, packing: bool = False,
+                   width_sum: int | None = None) -> PlanConfig:
     """A PlanConfig for one rank of a run; ``QLoRADSError`` when the planner cannot model the model
     (not a LLaMA-layout decoder, or LoRA on layers the planner does not know). ``compute_dtype``: the dtype
     the run computes and keeps its embeddings in: "bf16", "fp16", "fp32" or the torch dtype;
-    ``fused_cpu_linear``: this CPU runs the fused AMX linear (``qlora_ds.ops.fused_linear.available()``)."""
+    ``fused_cpu_linear``: this CPU runs the fused AMX linear (``qlora_ds.ops.fused_linear.available()``);
+    ``packing``: packed rows with attention per example (``finetune --packing``); ``width_sum``: the sum of the
+    distinct batch widths the run met (None: every multiple of ``pad_multiple`` up to ``seq_len``)."""
     compute_dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}.get(
         str(compute_dtype), compute_dtype)
     targets = tuple(targets) if targets else ALL_LINEAR
@@ -32,7 +35,7 @@ def config_for_run(hf_config: dict, ds_config: dict, *, world: int, device: str,
                      base_bits=bits if method == "qalora" else 4, quant="int" if method == "qalora" else "nf4",
                      group_size=group_size, double_quant=double_quant, runtime_bytes=runtime_bytes,
                      pad_multiple=pad_multiple, chunked_loss=chunked_loss, compute_dtype=compute_dtype,
-                     fused_cpu_linear=fused_cpu_linear and device == "cpu")
+                     fused_cpu_linear=fused_cpu_linear and device == "cpu", packing=packing, width_sum=width_sum)
     return apply_ds_config(cfg, ds_config)
 
 
