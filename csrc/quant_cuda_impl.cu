@@ -285,25 +285,25 @@ __global__ void quantize_intn_kernel(const T* __restrict__ w, int64_t n, int64_t
       mn = a < mn ? a : mn;
       mx = mx < b ? b : mx;
     }
-    const float span = __fsub_rn(mx, mn);
-    const bool constant = span == 0.0f;
-    float scale = 1.0f, zero = -mn;
-    if (!constant) {
-      scale = __fdiv_rn(span, maxq);
-      zero = clamp_q(rintf(__fdiv_rn(-mn, scale)), maxq);  // rintf: round half to even
+    // the grid spans [min(mn, 0), max(mx, 0)] (GPTQ's rule; [-1, 1] for an all-zero group): the zero is a code
+    mn = 0.0f < mn ? 0.0f : mn;
+    mx = mx < 0.0f ? 0.0f : mx;
+    if (mn == mx) {
+      mn = -1.0f;
+      mx = 1.0f;
     }
+    const float scale = __fdiv_rn(__fsub_rn(mx, mn), maxq);
+    const float zero = clamp_q(rintf(__fdiv_rn(-mn, scale)), maxq);  // rintf: round half to even
     if (lane == 0) {
       scales[g] = scale;
       zeros[g] = zero;
     }
     for (int64_t c = lane; c < gs / 8; c += 32) {
       unsigned word = 0;
-      if (!constant) {
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          const float q = clamp_q(rintf(__fadd_rn(__fdiv_rn(load_f32(w, start + 8 * c + k), scale), zero)), maxq);
-          word |= (static_cast<unsigned>(static_cast<int>(q)) & kMask) << (N * k);
-        }
+      for (int k = 0; k < 8; ++k) {
+        const float q = clamp_q(rintf(__fadd_rn(__fdiv_rn(load_f32(w, start + 8 * c + k), scale), zero)), maxq);
+        word |= (static_cast<unsigned>(static_cast<int>(q)) & kMask) << (N * k);
       }
       uint8_t* dst = qweight + (start / 8 + c) * N;
 #pragma unroll

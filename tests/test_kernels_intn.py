@@ -135,6 +135,29 @@ def test_intn_format_roundtrip_same_on_every_backend(backend, dtype):
     assert deq_out.data_ptr() == out.data_ptr() and deq_out.shape == (5, 256)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_intn_groups_on_one_side_of_zero_keep_their_values(backend, bits):
+    """A group that does not straddle 0 (all positive, all negative, narrow, constant) is quantized on the grid
+    [min(min, 0), max(max, 0)]: every value within half a step of the truth, the zero point a code. It used to keep
+    [min, max] and clamp the zero into [0, maxq], so such a group dequantized to one value (1.0..2.0 -> all 1.0)."""
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(0)) * 0.02
+    w[0, :32] = torch.linspace(1.0, 2.0, 32)
+    w[1, :32] = torch.linspace(-2.0, -1.0, 32)
+    w[2, :32] = torch.linspace(0.5, 0.6, 32)
+    w[3, :32] = 0.7
+    w[4, :32] = -0.7
+    w[5, :32] = 0.0
+    with ops.use_backend("torch" if backend == "torch" else None):
+        qt = intn.quantize(w, bits, 32)
+        deq = qt.dequantize(torch.float32)
+    step = qt.scales.view(6, 2, 1)
+    assert ((deq - w).abs().view(6, 2, 32) <= step / 2 * (1 + 1e-5)).all()
+    assert ((qt.zeros >= 0) & (qt.zeros <= 2 ** bits - 1)).all() and torch.equal(qt.zeros, qt.zeros.round())
+    assert torch.equal(deq[5, :32], torch.zeros(32))                  # the all-zero group: exactly 0
+    assert (deq[3, :32] - 0.7).abs().max() < 1e-6 and (deq[4, :32] + 0.7).abs().max() < 1e-6
+
+
 def test_dequantize_intn_rejects_bad_out():
     qt = intn.quantize(torch.randn(4, 64), 4, 32)
     with pytest.raises(ValueError, match="out must be"):

@@ -302,19 +302,16 @@ QLORA_DS_AVX2 void quant_intn_groups_avx2(const IntnQuantJob<T>& j, int64_t g0, 
     _mm256_store_ps(hi8, hi);
     float mn, mx, scale, zero;
     reduce_minmax8(lo8, hi8, &mn, &mx);
-    const bool varies = intn_params(mn, mx, maxq, &scale, &zero);
+    intn_params(mn, mx, maxq, &scale, &zero);
     j.scales[g] = scale;
     j.zeros[g] = zero;
     uint8_t* dst = j.qweight + g * (j.gs / 8) * N;
     const __m256 vs = _mm256_set1_ps(scale), vz = _mm256_set1_ps(zero), vmax = _mm256_set1_ps(maxq);
     for (int64_t c = 0; c < j.gs; c += 8, dst += N) {
-      uint32_t word = 0;
-      if (varies) {  // clamp_q(rint(x / scale + zero)): max_ps(0, q) = 0 > q ? 0 : q, min_ps(maxq, q) likewise
-        __m256 q = _mm256_round_ps(_mm256_add_ps(_mm256_div_ps(load8_f32(xg + c), vs), vz), _MM_FROUND_NEARBYINT);
-        q = _mm256_min_ps(vmax, _mm256_max_ps(_mm256_setzero_ps(), q));
-        word = hor8(_mm256_sllv_epi32(_mm256_and_si256(_mm256_cvttps_epi32(q), mask), shifts));
-      }
-      store_codes8<N>(word, dst);
+      // clamp_q(rint(x / scale + zero)): max_ps(0, q) = 0 > q ? 0 : q, min_ps(maxq, q) likewise
+      __m256 q = _mm256_round_ps(_mm256_add_ps(_mm256_div_ps(load8_f32(xg + c), vs), vz), _MM_FROUND_NEARBYINT);
+      q = _mm256_min_ps(vmax, _mm256_max_ps(_mm256_setzero_ps(), q));
+      store_codes8<N>(hor8(_mm256_sllv_epi32(_mm256_and_si256(_mm256_cvttps_epi32(q), mask), shifts)), dst);
     }
   }
 }

@@ -238,17 +238,17 @@ inline void group_minmax(const T* x, int64_t len, float* mn, float* mx) {
   reduce_minmax8(lo, hi, mn, mx);
 }
 
-// scale = (max - min) / maxq, zero = clamp(rint(-min / scale)); a constant group gets scale 1, zero -min.
-// Returns false for a constant group (all its codes are 0).
-inline bool intn_params(float mn, float mx, float maxq, float* scale, float* zero) {
-  const float span = mx - mn;
-  *scale = 1.f;
-  *zero = -mn;
-  if (span == 0.f) return false;
-  *scale = span / maxq;
-  const float z = -mn / *scale;
-  *zero = clamp_q(std::rint(z), maxq);
-  return true;
+// The grid spans [min(mn, 0), max(mx, 0)] (GPTQ's rule; [-1, 1] for an all-zero group), so the zero point is a code:
+// scale = (max - min) / maxq, zero = clamp(rint(-min / scale)). torch's clamp(max=0)/clamp(min=0): NaN propagates.
+inline void intn_params(float mn, float mx, float maxq, float* scale, float* zero) {
+  mn = 0.f < mn ? 0.f : mn;
+  mx = mx < 0.f ? 0.f : mx;
+  if (mn == mx) {
+    mn = -1.f;
+    mx = 1.f;
+  }
+  *scale = (mx - mn) / maxq;
+  *zero = clamp_q(std::rint(-mn / *scale), maxq);
 }
 
 template <int N>
@@ -279,20 +279,18 @@ void quant_intn_group_scalar(const IntnQuantJob<T>& j, int64_t g) {
   const T* xg = j.x + g * j.gs;
   float mn, mx, scale, zero;
   group_minmax(xg, j.gs, &mn, &mx);
-  const bool varies = intn_params(mn, mx, maxq, &scale, &zero);
+  intn_params(mn, mx, maxq, &scale, &zero);
   j.scales[g] = scale;
   j.zeros[g] = zero;
   uint8_t* dst = j.qweight + g * (j.gs / 8) * N;
   for (int64_t c = 0; c < j.gs; c += 8, dst += N) {
     uint32_t word = 0;
-    if (varies) {
-      float q[8];
-      for (int k = 0; k < 8; ++k) {
-        const float v = to_f32(xg[c + k]) / scale;  // true division, then the add: two roundings
-        q[k] = clamp_q(std::rint(v + zero), maxq);
-      }
-      for (int k = 0; k < 8; ++k) word |= (static_cast<uint32_t>(static_cast<int32_t>(q[k])) & kMask) << (N * k);
+    float q[8];
+    for (int k = 0; k < 8; ++k) {
+      const float v = to_f32(xg[c + k]) / scale;  // true division, then the add: two roundings
+      q[k] = clamp_q(std::rint(v + zero), maxq);
     }
+    for (int k = 0; k < 8; ++k) word |= (static_cast<uint32_t>(static_cast<int32_t>(q[k])) & kMask) << (N * k);
     store_codes8<N>(word, dst);
   }
 }

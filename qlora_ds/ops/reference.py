@@ -109,15 +109,17 @@ def quantize_intn(w, bits, group_size, in_features, qweight_out, scales_out, zer
     out_f = w.numel() // in_features
     maxq = 2 ** bits - 1
     x = w.float().view(out_f, in_features // group_size, group_size)
-    wmin, wmax = x.amin(dim=-1), x.amax(dim=-1)
-    span = wmax - wmin
-    const = span == 0
+    # the grid spans [min(min, 0), max(max, 0)] (GPTQ's rule): the zero point is then always a code in [0, maxq], so
+    # a group that does not straddle 0 keeps its values; an all-zero group gets [-1, 1] (0 is its zero point)
+    wmin, wmax = x.amin(dim=-1).clamp(max=0), x.amax(dim=-1).clamp(min=0)
+    flat = wmin == wmax
+    wmin = torch.where(flat, torch.full_like(wmin, -1.0), wmin)
+    wmax = torch.where(flat, torch.ones_like(wmax), wmax)
     # divide by a tensor: a Python-scalar divisor is computed on CUDA as span * fl(1/maxq) (torch's CPU-scalar
     # shortcut), which differs by an ulp from the kernels' true division on a third to two thirds of the scales
-    scales = torch.where(const, torch.ones_like(span), span / torch.full_like(span, maxq))
-    zeros = torch.where(const, -wmin, torch.round(-wmin / scales).clamp(0, maxq))
-    q = torch.round(x / scales.unsqueeze(-1) + zeros.unsqueeze(-1))
-    q = torch.where(const.unsqueeze(-1), torch.zeros_like(q), q.clamp(0, maxq))
+    scales = (wmax - wmin) / torch.full_like(wmin, maxq)
+    zeros = torch.round(-wmin / scales).clamp(0, maxq)
+    q = torch.round(x / scales.unsqueeze(-1) + zeros.unsqueeze(-1)).clamp(0, maxq)
     qweight_out.copy_(pack_intn(q.to(torch.uint8).view(out_f, in_features), bits).view(-1))
     scales_out.copy_(scales.view(-1))
     zeros_out.copy_(zeros.view(-1))

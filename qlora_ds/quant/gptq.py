@@ -9,7 +9,7 @@ the paper baseline's: asymmetric, ``group_size`` 32, act-order off, dampening ``
 Choices:
 
 * The grid is **our** format's (``intn.quantize``: per (row, group) min/max of the group, integer zero
-  point, constant group -> scale 1), computed when the quantizer reaches the group's first column from
+  point, grid [min(min, 0), max(max, 0)]), computed when the quantizer reaches the group's first column from
   the weights as updated so far (GPTQ with ``static_groups`` off). Reference GPTQ code reads those
   weights from the outer matrix, which misses the updates of earlier columns of the same block; we read
   the updated ones, so the blocked algorithm equals the one-column-at-a-time OBQ update exactly (a test
@@ -40,11 +40,12 @@ log = logging.getLogger(__name__)
 def _grid(x: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per column of ``x`` [group, out] (a transposed group): (scale, zero) of intn.quantize's min/max grid,
     the scale rounded to fp32 as stored."""
-    wmin, wmax = x.amin(dim=0), x.amax(dim=0)
-    span = wmax - wmin
-    const = span == 0
-    scale = torch.where(const, torch.ones_like(span), span / maxq).float().to(x.dtype)
-    zero = torch.where(const, -wmin, torch.round(-wmin / scale).clamp(0, maxq)).float().to(x.dtype)
+    wmin, wmax = x.amin(dim=0).clamp(max=0), x.amax(dim=0).clamp(min=0)
+    flat = wmin == wmax                                   # an all-zero column group: grid [-1, 1]
+    wmin = torch.where(flat, torch.full_like(wmin, -1.0), wmin)
+    wmax = torch.where(flat, torch.ones_like(wmax), wmax)
+    scale = ((wmax - wmin) / maxq).float().to(x.dtype)
+    zero = torch.round(-wmin / scale).clamp(0, maxq).float().to(x.dtype)
     return scale, zero
 
 

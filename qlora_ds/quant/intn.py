@@ -12,8 +12,10 @@ Choices (the rest of the package relies on them):
 * **Float zero points** — quantization produces integer-valued zeros (as GPTQ), but they are kept as
   fp32 so that the QA-LoRA merge can move them by a non-integer amount and stay exact. GPTQ's
   format only has integer zeros: ``to_gptq`` rounds them and reports the extra error it introduced.
-* A constant group (max == min) gets scale 1 and zero ``-min`` so it dequantizes exactly and the
-  merge never divides by zero.
+* **The grid spans [min(min, 0), max(max, 0)]** of the group (GPTQ's rule): the zero point is then always a
+  code in [0, 2^N - 1], so a group that lies on one side of 0 (all positive, all negative, constant) keeps its
+  values instead of collapsing to one; an all-zero group gets the grid [-1, 1] (0 exactly representable, and a
+  nonzero scale, so the merge never divides by zero).
 
 ``quantize`` and ``dequantize_parts`` run through ``qlora_ds.ops`` (compiled CPU/CUDA kernels, bit-exact
 with the torch reference in ``ops/reference.py``); ``pack``/``unpack`` stay pure torch for GPTQ export.
