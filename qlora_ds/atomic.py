@@ -2,7 +2,8 @@
 
 A reader (or a crash) sees either the old complete file/directory or the new complete one, never a
 half-written mix. Directories are swapped with two renames (old aside, new in place): if the process
-dies between them the old copy survives as ``.<name>.old-*`` next to the target.
+dies between them the old copy survives as ``.<name>.old-*`` next to the target. Outputs get the modes a
+plain ``open``/``mkdir`` would give (0666/0777 less the umask), not mkstemp's 0600/mkdtemp's 0700.
 """
 from __future__ import annotations
 
@@ -10,9 +11,29 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from typing import Callable, Iterator
 
 from .errors import QLoRADSError
+
+
+_umask_lock = threading.Lock()
+
+
+def _umask() -> int:
+    """The process umask, read where Linux shows it; else set and restored (a process-wide change, so briefly
+    to the strictest mask: a file another thread creates meanwhile is never more open than it asked)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o777)
+        os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: str) -> None:
@@ -28,9 +49,11 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def fsync_file(path: str) -> None:
+def fsync_file(path: str, mode: int | None = None) -> None:
     with open(path, "rb+") as f:
         f.flush()
+        if mode is not None:
+            os.fchmod(f.fileno(), mode)  # through the open fd: works even if the mode takes write access away
         os.fsync(f.fileno())
 
 
@@ -42,7 +65,7 @@ def atomic_write(path: str, writer: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         writer(tmp)
-        fsync_file(tmp)
+        fsync_file(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -87,6 +110,7 @@ def atomic_directory(path: str, allowed_existing: tuple[str, ...] | None = None)
         yield tmp
         for entry in os.listdir(tmp):
             fsync_file(os.path.join(tmp, entry))
+        os.chmod(tmp, 0o777 & ~_umask())
         fsync_dir(tmp)
         if os.path.exists(path):
             old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")

@@ -15,6 +15,7 @@ run where the secret is (copy the file to the same path if rank 0 moves to anoth
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
@@ -177,35 +178,64 @@ def resume_tag(ckpt_dir: str) -> str | None:
 
 
 def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int) -> None:
-    """Save on every rank; the previous complete checkpoint survives any failure during this one."""
+    """Save on every rank; the previous complete checkpoint survives any failure during this one. Keeps the
+    ``keep`` newest complete tags (this one included) and removes partial tags that killed saves left."""
     import torch.distributed as dist
 
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise QLoRADSError(f"keep={keep!r}: the number of checkpoints to keep must be an integer >= 1 "
+                           f"(e.g. --keep-checkpoints 2)")
     rank = dist.get_rank()
     tag = f"step{step:07d}"
     tag_dir = os.path.join(ckpt_dir, tag)
     if rank == 0 and os.path.exists(tag_dir):
         shutil.rmtree(tag_dir)  # a partial save of this step from a killed run
     dist.barrier()
-    ok = True
-    try:
+    ok, reason = True, None
+    try:  # any error, not just OSError: torch.save's zip writer reports a full disk as a RuntimeError
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, exclude_frozen_parameters=True)
         inject("enospc_in_save", step)
         inject("kill_in_save", step)
-    except OSError as err:
-        ok, reason = False, err
-    flags = _all_ok(ok)
-    if not flags:
+    except Exception as err:
+        ok, reason = False, _cause(err, ckpt_dir)
+    if _all_ok(ok) and rank == 0:  # the manifest goes last, once every rank's files are written
+        try:
+            write_manifest(tag_dir, step)
+        except Exception as err:
+            ok, reason = False, _cause(err, ckpt_dir)
+    if not _all_ok(ok):  # every rank reaches both all-reduces, so none blocks when another fails
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
-        last = latest_complete(ckpt_dir) if rank == 0 else None
-        raise QLoRADSError(f"saving checkpoint step {step} failed on a rank ({reason if not ok else 'see that rank'}); "
-                           f"the last good checkpoint ({last or 'none'}) is kept. Free disk space in {ckpt_dir} "
-                           f"and continue with --resume")
+        last = (latest_complete(ckpt_dir) or "none") if rank == 0 else "see rank 0"
+        where = f"on rank {rank}: {reason}" if not ok else "on another rank (its error says why)"
+        raise QLoRADSError(f"saving checkpoint step {step} failed {where}; the last good checkpoint ({last}) is "
+                           f"kept and the partial {tag} removed. Continue with --resume once fixed")
     if rank == 0:
-        write_manifest(tag_dir, step)
-        for old in _tags(ckpt_dir)[:-keep]:
+        complete = [t for t in _tags(ckpt_dir) if os.path.exists(os.path.join(ckpt_dir, t, MANIFEST))]
+        older = [t for t in complete if t < tag]
+        stale = [t for t in _tags(ckpt_dir) if t != tag and t not in complete]  # partial tags of killed saves
+        for old in stale + older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     dist.barrier()
+
+
+# What torch.save's zip writer (DeepSpeed's default) raises, as a RuntimeError, when a write fails (a full disk).
+_ZIP_WRITE_FAILED = ("file write failed", "unexpected pos", "PytorchStreamWriter failed", "iostream error")
+
+
+def _cause(err: Exception, ckpt_dir: str) -> str:
+    """The error, and when it looks like a full disk, that and the fix."""
+    text = f"{type(err).__name__}: {err}"
+    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    zip_write = isinstance(err, RuntimeError) and any(s in str(err) for s in _ZIP_WRITE_FAILED)
+    if not (full or zip_write):
+        return text
+    try:
+        free = f"{shutil.disk_usage(ckpt_dir).free / 2**20:.0f} MiB free there now"
+    except OSError:
+        free = "free space unknown"
+    return (f"{text} -- {'no space left on device' if full else 'a write failed, most likely a full disk'} "
+            f"({free}): free space in {ckpt_dir} or point --output-dir at another disk")
 
 
 def _all_ok(ok: bool) -> bool:

@@ -1,0 +1,174 @@
+"""Checkpoint saves that fail (a real full disk, on one rank of two), checkpoint pruning, and the modes of
+atomically written outputs. ``checkpointing.save`` runs in-process with a fake engine that writes through
+torch.save, DeepSpeed's default checkpoint writer; a symlink to /dev/full makes its writes hit ENOSPC."""
+from __future__ import annotations
+
+import errno
+import multiprocessing as mp
+import os
+import stat
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from qlora_ds import atomic, checkpointing
+from qlora_ds.errors import QLoRADSError
+
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+
+
+class FakeEngine:
+    """Writes this rank's file as DeepSpeed does (torch.save); ``full`` sends it to a disk with no space."""
+
+    def __init__(self, full: bool = False, numel: int = 1 << 16):
+        self.full, self.numel = full, numel
+
+    def save_checkpoint(self, ckpt_dir, tag, client_state, exclude_frozen_parameters):
+        folder = os.path.join(ckpt_dir, tag)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"mp_rank_{dist.get_rank():02d}_model_states.pt")
+        if self.full:
+            os.symlink("/dev/full", path)
+        torch.save({"client": client_state, "w": torch.zeros(self.numel)}, path)
+
+
+def _tags(ckpt) -> list[str]:
+    return sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step"))
+
+
+@pytest.fixture
+def ckpt(tmp_path, monkeypatch):
+    """An empty checkpoint directory, its secret elsewhere, and a 1-rank gloo group."""
+    monkeypatch.setenv("QLORA_DS_SECRET_DIR", str(tmp_path / "secrets"))
+    mine = not dist.is_initialized()
+    if mine:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.get_world_size() == 1
+    yield tmp_path / "checkpoints"
+    if mine:
+        dist.destroy_process_group()
+
+
+@needs_dev_full
+@pytest.mark.parametrize("numel", [1, 1 << 16])    # torch says "iostream error" / "unexpected pos"
+def test_real_full_disk_in_torch_save_is_a_clean_failure(ckpt, numel):
+    with pytest.raises(RuntimeError) as raw:        # what torch.save raises on ENOSPC: not an OSError
+        torch.save({"w": torch.zeros(numel)}, "/dev/full")
+    assert not isinstance(raw.value, OSError)
+    checkpointing.save(FakeEngine(), str(ckpt), 2, {"step": 2}, keep=2)
+    with pytest.raises(QLoRADSError, match=r"saving checkpoint step 4 failed on rank 0: RuntimeError: .*"
+                                           r"most likely a full disk.*point --output-dir at another disk.*"
+                                           r"last good checkpoint \(step0000002\) is kept"):
+        checkpointing.save(FakeEngine(full=True, numel=numel), str(ckpt), 4, {"step": 4}, keep=2)
+    assert _tags(ckpt) == ["step0000002"]                       # the partial step 4 is gone
+    assert checkpointing.latest_complete(str(ckpt)) == "step0000002"
+
+
+def test_full_disk_while_writing_the_manifest(ckpt, monkeypatch):
+    checkpointing.save(FakeEngine(), str(ckpt), 2, {"step": 2}, keep=2)
+
+    def no_space(tag_dir, step):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(checkpointing, "write_manifest", no_space)
+    with pytest.raises(QLoRADSError, match=r"step 4 failed on rank 0: OSError: .*No space left on device.*"
+                                           r"no space left on device .*free space in"):
+        checkpointing.save(FakeEngine(), str(ckpt), 4, {"step": 4}, keep=2)
+    assert _tags(ckpt) == ["step0000002"]
+
+
+def _rank(rank: int, store: str, ckpt: str, secrets: str, out) -> None:
+    os.environ["QLORA_DS_SECRET_DIR"] = secrets
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        checkpointing.save(FakeEngine(), ckpt, 2, {"step": 2}, keep=2)
+        try:
+            checkpointing.save(FakeEngine(full=rank == 1), ckpt, 4, {"step": 4}, keep=2)
+            out.put((rank, "no error"))
+        except Exception as err:
+            out.put((rank, f"{type(err).__name__}: {err}"))
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_dev_full
+def test_full_disk_on_one_rank_fails_every_rank_without_blocking(tmp_path):
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    ckpt = tmp_path / "checkpoints"
+    args = (str(tmp_path / "store"), str(ckpt), str(tmp_path / "secrets"), out)
+    procs = [ctx.Process(target=_rank, args=(r, *args)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        errors = dict(out.get(timeout=150) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert errors[0].startswith("QLoRADSError: saving checkpoint step 4 failed on another rank")
+    assert "last good checkpoint (step0000002) is kept" in errors[0]
+    assert errors[1].startswith("QLoRADSError: saving checkpoint step 4 failed on rank 1: RuntimeError")
+    assert "most likely a full disk" in errors[1]
+    assert _tags(ckpt) == ["step0000002"]
+
+
+def test_pruning_never_removes_the_new_checkpoint_for_a_stale_partial_one(ckpt):
+    checkpointing.save(FakeEngine(), str(ckpt), 50, {"step": 50}, keep=1)
+    partial = ckpt / "step0000100"                 # left by a kill during a save; the run resumed from 50
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    checkpointing.save(FakeEngine(), str(ckpt), 60, {"step": 60}, keep=1)
+    assert _tags(ckpt) == ["step0000060"]
+    assert checkpointing.latest_complete(str(ckpt)) == "step0000060"
+
+
+def test_pruning_keeps_the_newest_complete_and_removes_partials(ckpt):
+    for step in (2, 4):
+        checkpointing.save(FakeEngine(), str(ckpt), step, {"step": step}, keep=2)
+    (ckpt / "step0000003").mkdir()                 # an older partial tag is garbage too
+    checkpointing.save(FakeEngine(), str(ckpt), 6, {"step": 6}, keep=2)
+    assert _tags(ckpt) == ["step0000004", "step0000006"]
+    checkpointing.save(FakeEngine(), str(ckpt), 8, {"step": 8}, keep=3)
+    assert _tags(ckpt) == ["step0000004", "step0000006", "step0000008"]
+
+
+@pytest.mark.parametrize("keep", [0, -1, True, 1.5])
+def test_keep_below_one_is_refused(ckpt, keep):
+    with pytest.raises(QLoRADSError, match=rf"keep={keep!r}: .* integer >= 1"):
+        checkpointing.save(FakeEngine(), str(ckpt), 2, {"step": 2}, keep=keep)
+    assert not ckpt.exists()
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
+                                                        (0o002, 0o664, 0o775)], ids=["022", "077", "002"])
+@pytest.mark.parametrize("proc", [True, False], ids=["proc", "no-proc"])
+def test_atomic_outputs_follow_the_umask(tmp_path, monkeypatch, umask, file_mode, dir_mode, proc):
+    if not proc:   # where /proc/self/status is not readable the umask is set and restored
+        def no_proc(path, *args, **kwargs):
+            if str(path).startswith("/proc/"):
+                raise OSError(errno.ENOENT, "no /proc")
+            return open(path, *args, **kwargs)
+        monkeypatch.setattr(atomic, "open", no_proc, raising=False)
+    old = os.umask(umask)
+    try:
+        atomic.atomic_write_text(str(tmp_path / "summary.json"), "{}")
+        with atomic.atomic_directory(str(tmp_path / "adapter")) as tmp:
+            (tmp_path / "x").write_text("x")
+            os.replace(tmp_path / "x", os.path.join(tmp, "plain"))
+            atomic.atomic_write_bytes(os.path.join(tmp, "atomic.bin"), b"x")
+        assert os.umask(umask) == umask            # the umask is unchanged
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "summary.json") == file_mode
+    assert _mode(tmp_path / "adapter") == dir_mode
+    assert _mode(tmp_path / "adapter" / "plain") == file_mode
+    assert _mode(tmp_path / "adapter" / "atomic.bin") == file_mode
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "summary.json"]       # no temp left behind
