@@ -151,7 +151,9 @@ def merge(args) -> dict:
     meta = {"base_model": os.path.abspath(source.model), "adapter": os.path.abspath(source.adapter)}
     if args.format == "gptq" and qlora_paths:
         from qlora_ds.adapters.merge import quantize_gptq
-        merge_model(model, dtype=torch.float32)
+        # merged into the model's dtype so that the calibration forward runs in one dtype; GPTQ reads the
+        # weights in fp32, and their bf16 rounding (2^-9 relative) is far below an INT-N step
+        merge_model(model)
         meta.update(quantize_gptq(model, calibration_ids(args, tokenizer), qlora_paths, args.gptq_bits,
                                   args.gptq_group_size, args.percdamp))
         if args.verify:
@@ -162,6 +164,12 @@ def merge(args) -> dict:
     report = export_merged(model, args.out, args.format, tokenizer_dir=source.model,
                            dtype=torch.bfloat16 if args.format == "bf16" else base_dtype, meta=meta)
     log.info("wrote %s (%s)", args.out, args.format)
+    if report.get("zeros_clamped"):
+        log.warning("%d of %d zero points lie outside what GPTQ's zero-minus-one format holds ([1, %d]) and were "
+                    "clamped: GPTQ loaders read those groups with extra error (largest weight change %.3g). "
+                    "read_gptq_checkpoint(exact=True) and qlora_ds_intn.safetensors keep the exact values",
+                    report["zeros_clamped"], report["zeros_total"], 2 ** report["bits"],
+                    report["gptq_max_abs_weight_error"])
     del model
     if not args.verify:
         return report

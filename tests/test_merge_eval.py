@@ -361,3 +361,49 @@ def test_evaluate_and_generate_scripts(ckpt, tmp_path, capsys):
     assert _script("generate").main(["--run", str(run), "--prompt", "Hi there", "--max-new-tokens", "4"]) == 0
     assert "### Assistant:" in capsys.readouterr().out
     assert _script("evaluate").main(["--run", str(run), "--mc", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_merge_script_gptq_of_qlora_in_bf16(ckpt, tmp_path):
+    """QLoRA -> GPTQ with bf16 compute: the merged linears take the model's dtype, so calibration runs."""
+    run = tmp_path / "run"
+    _trained_adapter(ckpt, QLoRAConfig(r=8, dropout=0.0), str(run / "adapter"))
+    (run / "run_config.json").write_text(json.dumps({"model": ckpt, "method": "qlora", "lora_r": 8}))
+    data = write_chat_dataset(str(tmp_path / "calib.jsonl"), n=8)
+    out = tmp_path / "gptq"
+    assert _script("merge").main(["--run", str(run), "--out", str(out), "--format", "gptq", "--calibration", data,
+                                  "--device", "cpu", "--dtype", "bf16"]) == 0
+    meta = json.loads((out / MERGE_META).read_text())
+    assert meta["verify"]["ok"] and meta["gptq_layers"] == 14 and meta["verify"]["dtype"] == "bf16"
+
+
+def test_evaluate_plain_peft_qalora_adapter_takes_group_size_and_bits(ckpt, tmp_path):
+    """A plain PEFT QA-LoRA file: the group size comes from its qalora_group_size, the bits from --bits."""
+    import shutil
+
+    adapter = _trained_adapter(ckpt, QALoRAConfig(bits=2, group_size=64, r=8, dropout=0.0), str(tmp_path / "ad"),
+                               std=0.02)
+    plain = tmp_path / "plain"
+    shutil.copytree(adapter, plain)
+    os.remove(plain / "qlora_ds.json")
+    data = write_chat_dataset(str(tmp_path / "val.jsonl"), n=4)
+    common = ["--model", ckpt, "--heldout", data, "--device", "cpu", "--dtype", "fp32"]
+    evaluate = _script("evaluate")
+    assert evaluate.main(common + ["--adapter", adapter, "--json", str(tmp_path / "a.json")]) == 0
+    assert evaluate.main(common + ["--adapter", str(plain), "--method", "qalora", "--bits", "2",
+                                   "--json", str(tmp_path / "b.json")]) == 0
+    want, got = (json.loads((tmp_path / f"{n}.json").read_text())["heldout"] for n in "ab")
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6) and got["tokens"] == want["tokens"]
+
+
+def test_merge_script_warns_when_gptq_zero_points_are_clamped(ckpt, tmp_path, caplog):
+    """A large QA-LoRA adapter moves merged zero points past [1, 2^bits] (GPTQ's zero-minus-one range): the export
+    still verifies exactly through our fp32 side file, and the script says how many zeros GPTQ loaders see clamped."""
+    adapter = _trained_adapter(ckpt, QALoRAConfig(bits=2, group_size=32, r=8, dropout=0.0), str(tmp_path / "ad"),
+                               std=2.0)
+    out = tmp_path / "gptq"
+    with caplog.at_level("WARNING", logger="qlora_ds"):
+        assert _script("merge").main(["--model", ckpt, "--adapter", adapter, "--out", str(out), "--format", "gptq",
+                                      "--device", "cpu", "--dtype", "fp32"]) == 0
+    meta = json.loads((out / MERGE_META).read_text())
+    assert meta["zeros_clamped"] > 0 and meta["verify"]["ok"]
+    assert f"{meta['zeros_clamped']} of {meta['zeros_total']} zero points lie outside" in caplog.text

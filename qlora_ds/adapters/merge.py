@@ -16,7 +16,8 @@
   config.json and a ``quantize_config.json`` as optimum / auto-gptq / transformers' ``GPTQConfig``
   read them. GPTQ zero points are integers, a merged QA-LoRA layer's are not: the GPTQ tensors carry
   the zeros *rounded* (each weight then moves by at most scale/2, more only where the rounded zero is
-  clamped into [1, 2^bits], plus the fp16 rounding of the scale; the export report gives the error), and ``qlora_ds_intn.safetensors`` keeps the exact fp32 scales and zeros per layer.
+  clamped into [1, 2^bits], plus the fp16 rounding of the scale; the export report gives the error), and
+  ``qlora_ds_intn.safetensors`` keeps the exact fp32 scales and zeros per layer.
   ``read_gptq_checkpoint(dir, exact=True)`` rebuilds an fp32 HF model from the codes plus those
   exact values (the merged model, bit for bit); ``exact=False`` reads only what a GPTQ loader reads.
 
@@ -66,11 +67,20 @@ def _dequantized_linear(layer: QALoRALinear, dtype: torch.dtype) -> nn.Linear:
     return lin.requires_grad_(False)
 
 
+def _activation_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's own floating-point parameters (embeddings, norms): the dtype of the
+    activations a layer receives. None if every floating-point parameter belongs to a quantized layer."""
+    quantized = {id(p) for m in model.modules() if isinstance(m, (QLoRALinear, QALoRALinear)) for p in m.parameters()}
+    return next((p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in quantized), None)
+
+
 @torch.no_grad()
 def merge_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Merge every QLoRALinear / QALoRALinear adapter in place (see module doc) and return ``model``.
 
-    ``dtype``: dtype of the merged ``nn.Linear`` of QLoRA layers (default: each layer's compute
+    ``dtype``: dtype of the merged ``nn.Linear`` of QLoRA layers (default: the dtype of the model's
+    other floating-point parameters, i.e. of the activations the layer receives — a quantized layer
+    casts its output back to that dtype, a plain ``nn.Linear`` does not — else each layer's compute
     dtype). Each layer is merged and swapped before the next, so peak extra memory is one layer.
     Raises (leaving that layer and all later ones unmerged) if a merged weight is not finite.
     """
@@ -79,6 +89,7 @@ def merge_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     if not layers:
         raise QLoRADSError("the model has no QLoRALinear/QALoRALinear layer with an adapter to merge; load the "
                            "base with qlora_ds.from_pretrained and the adapter with load_adapter first")
+    dtype = dtype or _activation_dtype(model)
     for path, layer in layers:
         if isinstance(layer, QLoRALinear):
             new = layer.merge()
@@ -159,8 +170,10 @@ def adapter_config_from_dir(directory: str, compute_dtype: torch.dtype = torch.b
 
     if kind == "qalora":
         # files written before ``pool`` existed were trained with the mean; a plain PEFT file loads exactly
-        # into either pool (see peft_format), so "mean" is only a choice of training dynamics there
-        return QALoRAConfig(bits=int(pick("bits", 4)), group_size=int(pick("group_size", 32)),
+        # into either pool (see peft_format), so "mean" is only a choice of training dynamics there.
+        # A plain PEFT QA-LoRA file states its group size (it has no field for the bits): it beats the fallback
+        group = first.get("group_size") or (peft_cfg.get("qalora_group_size") if peft_cfg.get("use_qalora") else None)
+        return QALoRAConfig(bits=int(pick("bits", 4)), group_size=int(group or fallback.get("group_size", 32)),
                             pool=str(first.get("pool", fallback.get("pool", "mean"))), **common)
     return QLoRAConfig(quant_type=pick("quant_type", "nf4"), blocksize=int(pick("blocksize", 64)),
                        double_quant=bool(pick("double_quant", True)), **common)
@@ -191,7 +204,19 @@ def _clean_config(model: nn.Module):
     cfg = copy.deepcopy(model.config)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
+    if getattr(cfg, "tie_word_embeddings", False) and _untied_head(model):
+        cfg.tie_word_embeddings = False     # else loaders tie the merged/quantized LM head back to the embeddings
     return cfg
+
+
+def _untied_head(model: nn.Module) -> bool:
+    """Whether the output embeddings (LM head) no longer share the input embeddings' weight (a merged or
+    quantized head)."""
+    try:
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    return inp is not None and out is not None and getattr(out, "weight", None) is not inp.weight
 
 
 def export_merged(model: nn.Module, out_dir: str, fmt: str = "bf16", tokenizer_dir: str | None = None,
@@ -269,8 +294,10 @@ def _export_gptq(model, out_dir, tokenizer_dir, dtype, meta) -> dict:
     prefixes = tuple(p + "." for p in qlayers)
     for path, layer in qlayers.items():
         sd, rep = layer.to_gptq_state_dict(scales_dtype=torch.float16)
+        if layer.bias is not None:      # from the layer, not sd's fp16 copy (would lose bits / overflow to inf)
+            sd["bias"] = layer.bias.detach().to("cpu", dtype)
         for k, v in sd.items():
-            tensors[f"{path}.{k}"] = (v.to(dtype) if k == "bias" else v).contiguous()
+            tensors[f"{path}.{k}"] = v.contiguous()
         qt = layer.quantized_weight()
         exact[f"{path}.scales"] = qt.scales.contiguous().clone()
         exact[f"{path}.zeros"] = qt.zeros.contiguous().clone()
@@ -377,6 +404,10 @@ def read_gptq_checkpoint(directory: str, exact: bool = True, dtype: torch.dtype 
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise QLoRADSError(f"{directory}: tensors {unexpected[:3]} do not belong to a {config.model_type} model")
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    if getattr(model.config, "tie_word_embeddings", False) and f"{head_name}.weight" in state:
+        model.config.tie_word_embeddings = False     # an export from before tied heads were untied: keep its head
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:

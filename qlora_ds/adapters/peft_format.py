@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from typing import Iterable
 
 import torch
@@ -110,7 +111,7 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
         "lora_dropout": float(getattr(first.lora_dropout, "p", 0.0)), "bias": "none",
-        "target_modules": sorted({p.rsplit(".", 1)[-1] for p in layers}),
+        "target_modules": _target_modules(model, layers),
         "rank_pattern": {p: v for p, v in ranks.items() if v != r},
         "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
         "base_model_name_or_path": base_model_name_or_path
@@ -138,10 +139,23 @@ def _read_json(path: str, what: str) -> dict:
 
 
 def _pattern_value(pattern: dict, path: str, default):
+    """PEFT's rule for rank_pattern / alpha_pattern (``peft.utils.other.get_pattern_key``): each key is a regex
+    that must match a whole dotted suffix of the module path; the first key that matches wins."""
     for key, value in (pattern or {}).items():
-        if path == key or path.endswith("." + key):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({key})$", path):
+                return value
+        except re.error as err:
+            raise QLoRADSError(f"adapter pattern key {key!r} is not a valid regular expression ({err})") from None
     return default
+
+
+def _target_modules(model: nn.Module, paths) -> list[str]:
+    """The leaf names (as PEFT users write them) when PEFT, matching them as suffixes, would wrap exactly
+    our layers; else the full module paths (an exact match in PEFT and in ``config.matches``)."""
+    leaves = {p.rsplit(".", 1)[-1] for p in paths}
+    named = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in leaves}
+    return sorted(leaves) if named == set(paths) else sorted(paths)
 
 
 def read_adapter(model: nn.Module, directory: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

@@ -1,0 +1,172 @@
+"""Export / adapter-format defects found in review: merged dtype in a bf16 model (GPTQ calibration), PEFT's
+regex rank/alpha patterns, tied LM heads that were quantized or merged, GPTQ biases, QA-LoRA group size from a
+plain PEFT config, target_modules that PEFT would widen."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from qlora_ds.adapters import load_adapter, save_adapter
+from qlora_ds.adapters.merge import (adapter_config_from_dir, export_merged, merge_model, quantize_gptq,
+                                     read_gptq_checkpoint)
+from qlora_ds.inject.replace import inject
+from qlora_ds.nn import QALoRAConfig, QALoRALinear, QLoRAConfig, QLoRALinear
+
+from .tiny_models import tiny_model
+
+IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 17, 100]])
+
+
+def _randomize_adapter(model, seed=1, std=0.05):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (QLoRALinear, QALoRALinear)):
+                m.lora_B.weight.normal_(std=std)
+
+
+@torch.no_grad()
+def _logits(model):
+    return model(IDS).logits.float()
+
+
+def test_merge_into_the_models_dtype_and_gptq_calibration_of_a_bf16_model():
+    """A QLoRA layer computing in fp32 inside a bf16 model merges into bf16 (the dtype of its inputs), so
+    the merged model and GPTQ's calibration forward run in one dtype."""
+    model = tiny_model("llama", seed=0, dtype=torch.bfloat16)
+    paths = inject(model, QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32))
+    _randomize_adapter(model)
+    ref = _logits(model)
+    merge_model(model)
+    assert {model.get_submodule(p).weight.dtype for p in paths} == {torch.bfloat16}
+    assert ((_logits(model) - ref).abs().max() / ref.abs().max()).item() < 2 ** -4
+    calibration = [torch.randint(0, 128, (32,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    report = quantize_gptq(model, calibration, paths, bits=4, group_size=32)
+    assert report["gptq_layers"] == len(paths) and torch.isfinite(_logits(model)).all()
+
+
+def test_regex_rank_and_alpha_patterns_load_as_in_peft(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    ours = tiny_model("llama", seed=0)
+    inject(ours, QLoRAConfig(r=8, alpha=8, dropout=0.0, compute_dtype=torch.float32,
+                             target_modules=r"model\.layers\.0\.self_attn\.(q|v)_proj"))
+    inject(ours, QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32,
+                             target_modules=r"model\.layers\.1\.self_attn\.(q|v)_proj"))
+    base = tiny_model("llama", seed=0)
+    with torch.no_grad():
+        for path, m in ours.named_modules():
+            if isinstance(m, QLoRALinear):
+                base.get_submodule(path).weight.copy_(m.dequantized_weight(torch.float32))
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                     rank_pattern={r"layers\.0\.self_attn\.\w_proj": 8}, alpha_pattern={r"layers\.1\..*q_proj": 32})
+    peft_model = get_peft_model(base, cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    peft_model.eval().save_pretrained(str(tmp_path / "peft"))
+    load_adapter(ours, str(tmp_path / "peft"))
+    layers = ours.model.layers
+    assert (layers[0].self_attn.q_proj.scaling, layers[1].self_attn.q_proj.scaling,
+            layers[1].self_attn.v_proj.scaling) == (1.0, 8.0, 2.0)
+    torch.testing.assert_close(_logits(ours), _logits(peft_model), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, fmt", [("qalora", "gptq"), ("qlora", "bf16")])
+def test_tied_lm_head_that_was_merged_is_exported_untied(tmp_path, kind, fmt):
+    from transformers import AutoModelForCausalLM
+
+    tm = ("q_proj", "v_proj", "lm_head")
+    cfg = (QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32, target_modules=tm) if kind == "qlora"
+           else QALoRAConfig(bits=4, group_size=32, r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32,
+                             target_modules=tm))
+    model = tiny_model("qwen2", seed=0)
+    assert model.config.tie_word_embeddings
+    assert "lm_head" in inject(model, cfg)
+    _randomize_adapter(model)
+    merge_model(model)
+    ref = _logits(model)
+    out = str(tmp_path / "out")
+    export_merged(model, out, fmt, dtype=torch.float32)
+    assert json.loads(open(os.path.join(out, "config.json")).read())["tie_word_embeddings"] is False
+
+    def reload():
+        if fmt == "bf16":
+            return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        return read_gptq_checkpoint(out, exact=True)
+
+    torch.testing.assert_close(_logits(reload()), ref, rtol=1e-5, atol=1e-5)
+    if fmt == "gptq":           # an export from before the fix (config still tied): the reader keeps the head
+        with open(os.path.join(out, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump({**config, "tie_word_embeddings": True}, f)
+        torch.testing.assert_close(_logits(reload()), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_lm_head_left_alone_stays_tied(tmp_path):
+    model = tiny_model("qwen2", seed=0)
+    inject(model, QALoRAConfig(bits=4, group_size=32, r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32))
+    _randomize_adapter(model)
+    merge_model(model)
+    export_merged(model, str(tmp_path / "out"), "gptq", dtype=torch.float32)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
+    torch.testing.assert_close(_logits(read_gptq_checkpoint(str(tmp_path / "out"))), _logits(model),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_gptq_export_writes_biases_in_the_export_dtype(tmp_path):
+    """Biases go from the layer straight to the export dtype: no fp16 detour (rounding, inf above 65504)."""
+    model = tiny_model("qwen2", seed=0)                      # q/k/v_proj have biases
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.normal_(std=1.0)
+        model.model.layers[0].self_attn.q_proj.bias[0] = 70000.0
+    inject(model, QALoRAConfig(bits=4, group_size=32, r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32))
+    _randomize_adapter(model)
+    merge_model(model)
+    export_merged(model, str(tmp_path / "g"), "gptq", dtype=torch.float32)
+    reloaded = read_gptq_checkpoint(str(tmp_path / "g"), exact=True)
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj"):
+        assert torch.equal(reloaded.get_submodule(path).bias, model.get_submodule(path).bias)
+    torch.testing.assert_close(_logits(reloaded), _logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_qalora_group_size_of_a_plain_peft_file(tmp_path):
+    model = tiny_model("llama", seed=0)
+    inject(model, QALoRAConfig(bits=4, group_size=64, r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32))
+    _randomize_adapter(model)
+    save_adapter(model, str(tmp_path / "ad"))
+    os.remove(tmp_path / "ad" / "qlora_ds.json")                 # a plain PEFT file: use_qalora + qalora_group_size
+    cfg = adapter_config_from_dir(str(tmp_path / "ad"), torch.float32, fallback={"method": "qalora", "group_size": 32})
+    assert (type(cfg), cfg.group_size, cfg.bits) == (QALoRAConfig, 64, 4)
+    again = tiny_model("llama", seed=0)
+    inject(again, cfg)
+    load_adapter(again, str(tmp_path / "ad"))
+    torch.testing.assert_close(_logits(again), _logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_target_modules_do_not_widen_in_peft(tmp_path):
+    from peft import PeftModel
+
+    ours = tiny_model("llama", seed=0)
+    paths = inject(ours, QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32,
+                                     target_modules=r"model\.layers\.0\.self_attn\..*"))
+    save_adapter(ours, str(tmp_path / "part"))
+    assert sorted(json.loads((tmp_path / "part" / "adapter_config.json").read_text())["target_modules"]) == \
+        sorted(paths)
+    peft_model = PeftModel.from_pretrained(tiny_model("llama", seed=0), str(tmp_path / "part"))
+    wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+               if hasattr(m, "lora_A") and len(m.lora_A)}
+    assert wrapped == set(paths)
+    # our own loader reads the full paths back as targets
+    cfg = adapter_config_from_dir(str(tmp_path / "part"), torch.float32)
+    assert {p for p in paths if cfg.matches(p)} == set(paths) and not cfg.matches("model.layers.1.self_attn.q_proj")
