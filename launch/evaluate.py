@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from qlora_ds.cli import add_device_args, add_model_source_args, check_model_source, run_main
+from qlora_ds.cli import add_device_args, add_model_source_args, check_model_source, run_main, source_overrides
 
 log = logging.getLogger("evaluate")
 
@@ -35,11 +35,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     add_device_args(p)
     p.add_argument("--json", help="also write the results to this file")
-    q = p.add_argument_group("for adapters without qlora-ds' side file (plain PEFT; with --method)")
-    q.add_argument("--quant-type", choices=["nf4", "fp4"])
-    q.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None)
-    q.add_argument("--bits", type=int)
-    q.add_argument("--group-size", type=int, help="QA-LoRA group size, where the adapter has no qalora_group_size")
     args = p.parse_args(argv)
     check_model_source(p, args)
     if not args.heldout and not args.mc:
@@ -55,9 +50,7 @@ def evaluate(args) -> dict:
     from qlora_ds.eval.runs import load, resolve
     from qlora_ds.hardware import dtype_name, resolve_device, resolve_dtype
 
-    source = resolve(run=args.run, model=args.model, adapter=args.adapter, method=args.method,
-                     quant_type=args.quant_type, double_quant=args.double_quant, bits=args.bits,
-                     group_size=args.group_size)
+    source = resolve(run=args.run, model=args.model, adapter=args.adapter, **source_overrides(args))
     if args.no_adapter:
         source = type(source)(model=source.model, adapter=None, settings=source.settings)
     test = load_mc(args.mc) if args.mc else None             # bad files fail before the model loads

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from qlora_ds.cli import add_device_args, add_model_source_args, check_model_source, run_main
+from qlora_ds.cli import add_device_args, add_model_source_args, check_model_source, run_main, source_overrides
 from qlora_ds.errors import QLoRADSError
 
 log = logging.getLogger("generate")
@@ -65,7 +65,7 @@ def generate(args) -> list[str]:
     from qlora_ds.hardware import resolve_device, resolve_dtype
 
     torch.manual_seed(args.seed)
-    source = resolve(run=args.run, model=args.model, adapter=args.adapter, method=args.method)
+    source = resolve(run=args.run, model=args.model, adapter=args.adapter, **source_overrides(args))
     if args.no_adapter:
         source = type(source)(model=source.model, adapter=None, settings=source.settings)
     device = resolve_device(args.device)

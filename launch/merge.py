@@ -34,7 +34,7 @@ import sys
 
 import torch
 
-from qlora_ds.cli import add_device_args, run_main
+from qlora_ds.cli import add_adapter_format_args, add_device_args, run_main, source_overrides
 from qlora_ds.errors import QLoRADSError
 
 log = logging.getLogger("merge")
@@ -62,12 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--gptq-group-size", type=int, default=32)
     g.add_argument("--percdamp", type=float, default=0.01, help="GPTQ dampening, a fraction of mean(diag H)")
     add_device_args(p, dtype_help="compute dtype of the verification (reference and reloaded merge)")
-    q = p.add_argument_group("for adapters without qlora-ds' side file (plain PEFT)")
-    q.add_argument("--method", choices=["qlora", "qalora"])
-    q.add_argument("--quant-type", choices=["nf4", "fp4"])
-    q.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None)
-    q.add_argument("--bits", type=int)
-    q.add_argument("--group-size", type=int)
+    add_adapter_format_args(p)
     args = p.parse_args(argv)
     if not args.run and not (args.model and args.adapter):
         p.error("pass --run DIR, or --model PATH and --adapter DIR")
@@ -131,9 +126,7 @@ def merge(args) -> dict:
     from qlora_ds.eval.runs import load_base_and_adapter, load_tokenizer, resolve
     from qlora_ds.hardware import dtype_name, resolve_device, resolve_dtype
 
-    source = resolve(run=args.run, model=args.model, adapter=args.adapter, method=args.method,
-                     quant_type=args.quant_type, double_quant=args.double_quant, bits=args.bits,
-                     group_size=args.group_size)
+    source = resolve(run=args.run, model=args.model, adapter=args.adapter, **source_overrides(args))
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     check_out_dir(args.out)                     # before any expensive work

@@ -35,7 +35,24 @@ def add_model_source_args(parser) -> None:
     parser.add_argument("--model", help="base, or merged, checkpoint dir")
     parser.add_argument("--adapter", help="PEFT-format adapter dir")
     parser.add_argument("--no-adapter", action="store_true", help="with --run: the base model alone (before training)")
-    parser.add_argument("--method", choices=["qlora", "qalora"], help="for adapters without qlora-ds' side file")
+    add_adapter_format_args(parser)
+
+
+def add_adapter_format_args(parser) -> None:
+    """What an adapter without qlora-ds' side file (a plain PEFT one) cannot say about the base's quantization:
+    ``--method``, ``--quant-type``, ``--no-double-quant``, ``--bits``, ``--group-size`` (``source_overrides``)."""
+    q = parser.add_argument_group("for adapters without qlora-ds' side file (plain PEFT)")
+    q.add_argument("--method", choices=["qlora", "qalora"])
+    q.add_argument("--quant-type", choices=["nf4", "fp4"])
+    q.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None)
+    q.add_argument("--bits", type=int, help="QA-LoRA bits (PEFT files do not record them)")
+    q.add_argument("--group-size", type=int, help="QA-LoRA group size, where the adapter has no qalora_group_size")
+
+
+def source_overrides(args) -> dict:
+    """``add_adapter_format_args``' values as ``qlora_ds.eval.runs.resolve`` keywords."""
+    return {"method": args.method, "quant_type": args.quant_type, "double_quant": args.double_quant,
+            "bits": args.bits, "group_size": args.group_size}
 
 
 def check_model_source(parser, args) -> None:
