@@ -12,29 +12,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
-import shutil
 import sys
 import time
 from typing import NamedTuple
 
 import torch
 
+from qlora_ds import run_dir as run_config    # what the output dir records: --resume compares and reuses it
 from qlora_ds.cli import run_main
-from qlora_ds.errors import QLoRADSError
 from qlora_ds.ds_config import resolve_ds_config
+from qlora_ds.errors import QLoRADSError
 from qlora_ds.hardware import DTYPE_CHOICES, ds_compute_dtype, dtype_name
 from qlora_ds.overflow import OverflowMonitor, loss_scale
+from qlora_ds.run_dir import CKPT_DIR, check_output_dir, resolved_settings  # noqa: F401 - tests, gpu/fp16.py use them
 
 log = logging.getLogger("finetune")
-RUN_CONFIG = "run_config.json"
-CKPT_DIR = "checkpoints"
-# options added later, and the behaviour of runs started before them (resume those with that value)
-BEFORE_OPTION_EXISTED = {"pad_to_multiple_of": 1, "dtype": "bf16", "packing": False}
-# arguments that may differ between a run and its resumption
-RESUMABLE_CHANGES = {"resume", "max_steps", "save_every", "eval_every", "sample_prompt", "overwrite", "local_rank",
-                     "log_every", "keep_checkpoints", "chunked_loss"}   # chunked: the same loss, computed leaner
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -148,37 +141,6 @@ def adapter_config(args, dtype: torch.dtype):
 compute_dtype = ds_compute_dtype     # of a ds_config that went through resolve_ds_config
 
 
-def check_output_dir(args, rank: int) -> str | None:
-    """None for a fresh run, or the checkpoint tag to resume from. Never overwrites another run silently."""
-    out = args.output_dir
-    meta_path = os.path.join(out, RUN_CONFIG)
-    mine = {k: v for k, v in vars(args).items() if k not in RESUMABLE_CHANGES}
-    if os.path.exists(meta_path):
-        with open(meta_path, encoding="utf-8") as fh:
-            theirs = {k: v for k, v in json.load(fh).items() if k not in RESUMABLE_CHANGES}
-        for k, v in BEFORE_OPTION_EXISTED.items():   # a run from an older qlora-ds ran with the old behaviour
-            theirs.setdefault(k, v)
-        if args.resume:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            if diff:
-                raise QLoRADSError(f"--resume: {out} was started with different settings ({diff}); resume with the "
-                                   f"same arguments or start a new --output-dir")
-        elif args.overwrite:
-            if rank == 0:
-                shutil.rmtree(out)
-        else:
-            raise QLoRADSError(f"{out} holds another run ({RUN_CONFIG} present); continue it with --resume, "
-                               f"choose a new --output-dir, or pass --overwrite to replace it")
-    elif os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        raise QLoRADSError(f"{out} is not empty and holds no qlora-ds run; choose an empty --output-dir")
-    from qlora_ds.checkpointing import resume_tag  # rank 0 verifies the signed manifests, all ranks get its verdict
-
-    tag = resume_tag(os.path.join(out, CKPT_DIR)) if args.resume else None
-    if args.resume and tag is None and rank == 0:
-        log.info("--resume: no complete checkpoint in %s yet; starting from step 0", out)
-    return tag
-
-
 # ------------------------------------------------------------------------------------------------- data
 
 def build_data(args, tokenizer, model_config, rank: int, world: int, micro: int):
@@ -288,8 +250,10 @@ class Run:
     """What the steps of one run share: the process group, the resolved ds_config, where things go.
     (A plain class: tests load this script by path, where a dataclass cannot find its module.)"""
 
-    def __init__(self, args: argparse.Namespace, rank: int, world: int, ds_config: dict, resume_tag: str | None):
+    def __init__(self, args: argparse.Namespace, rank: int, world: int, ds_config: dict, resume_tag: str | None,
+                 warmup: int):
         self.args, self.rank, self.world, self.ds_config, self.resume_tag = args, rank, world, ds_config, resume_tag
+        self.warmup = warmup          # LR warmup steps (a resumed run keeps its first run's)
 
     @property
     def out(self) -> str:
@@ -310,7 +274,6 @@ class Run:
 
 def setup_run(args) -> Run:
     """Process group, model path, the ds_config with the command line folded in, the output directory."""
-    from qlora_ds.atomic import atomic_write_text
     from qlora_ds.distributed import init_distributed
     from qlora_ds.packaged import default_model_dir, export_smollm2
 
@@ -322,14 +285,16 @@ def setup_run(args) -> Run:
         args.model = default_model_dir()
     ds_config = resolve_ds_config(args, world)
     args.dtype = dtype_name(compute_dtype(ds_config))       # run_config records (and --resume compares) what runs
-    resume_tag = check_output_dir(args, rank)
+    resolved = resolved_settings(ds_config, world)
+    resume_tag = check_output_dir(args, rank, resolved)
     torch.distributed.barrier()
     torch.manual_seed(args.seed)
+    warmup = run_config.warmup_steps(args, resumed=resume_tag is not None)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         if resume_tag is None:
-            atomic_write_text(os.path.join(args.output_dir, RUN_CONFIG), json.dumps(vars(args), indent=2, default=str))
-    return Run(args, rank, world, ds_config, resume_tag)
+            run_config.write_run_config(args, resolved, warmup)
+    return Run(args, rank, world, ds_config, resume_tag, warmup)
 
 
 def build_model(run: Run):
@@ -366,7 +331,7 @@ def build_engine(run: Run, model):
     ds_plain, section = split_ds_config(run.ds_config)
     optimizer = optimizer_from_ds_config(run.ds_config, trainable) if section else None
     register_with_deepspeed()  # lets ZeRO wrap our optimizers like its own
-    warmup = max(1, math.ceil(run.args.warmup_ratio * run.args.max_steps))
+    warmup = run.warmup
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))  # noqa: E731
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                    model_parameters=trainable, config=ds_plain)
@@ -388,11 +353,21 @@ def restore(run: Run, engine) -> tuple[int, int]:
 
 def maybe_sample(run: Run, engine, tokenizer) -> str | None:
     """The sample answer on the training device, every rank in step (ZeRO-3 gathers weights per forward);
-    None without a prompt or after a resume (the "before" of a resumed run was its first run's)."""
+    None without a prompt."""
     if not run.args.sample_prompt:
         return None
     return sample(engine.module, tokenizer, run.args.sample_prompt, engine.device,
                   synced=run.zero_stage == 3 and run.world > 1)
+
+
+def sample_before(run: Run, engine, tokenizer) -> str | None:
+    """The "before" sample: generated on a fresh run and kept in the output dir, read back on a resume."""
+    if run.resume_tag is not None:
+        return run_config.kept_before(run.out, run.args.sample_prompt)
+    before = maybe_sample(run, engine, tokenizer)
+    if before is not None and run.rank == 0:
+        run_config.keep_before(run.out, run.args.sample_prompt, before)
+    return before
 
 
 class Loop:
@@ -406,7 +381,7 @@ class Loop:
         self.has_eval = data.eval_total > 0
         self.step, self.micro_step = step, micro_step
         self.widths = set()                    # the batch widths met, for the planner check at the end
-        self.losses, self.tokens, self.t_last = [], 0, time.perf_counter()
+        self.losses, self.tokens, self.t_last, self.lr = [], 0, time.perf_counter(), None
         self.bar = None
         self.overflow, self.skip = OverflowMonitor(engine), None   # the last skipped step's report (module named)
         self.seconds = {"held_out": 0.0, "checkpoints": 0.0}   # inside the loop: what is not training
@@ -450,7 +425,7 @@ class Loop:
     def log_step(self, mean_loss: float) -> None:
         now = time.perf_counter()
         tok_s, self.t_last, self.tokens = self.tokens * self.run.world / (now - self.t_last), now, 0
-        lr, mem = self.scheduler.get_last_lr()[0], _memory_mb()
+        lr, mem = self.lr, _memory_mb()
         # DeepSpeed skips the optimizer step on a gradient overflow (fp16 loss scaling; bf16 overflow check)
         row = dict(step=self.step, loss=mean_loss, lr=lr, tokens_per_s=tok_s, mem_mb=mem,
                    skipped_steps=int(self.engine.skipped_steps))
@@ -474,12 +449,26 @@ class Loop:
         if self.run.rank == 0:
             self.metrics.log(step=self.step, eval_loss=eval_loss)
             (self.bar.write if self.bar else log.info)(f"step {self.step}: held-out loss {eval_loss:.4f}")
-        self.seconds["held_out"] += time.perf_counter() - t0
+        self._not_training("held_out", t0)
+
+    def checkpoint(self) -> None:
+        from qlora_ds import checkpointing
+
+        t0 = time.perf_counter()
+        checkpointing.save(self.engine, os.path.join(self.run.out, CKPT_DIR), self.step,
+                           {"step": self.step, "micro_step": self.micro_step}, self.run.args.keep_checkpoints)
+        self._not_training("checkpoints", t0)
+
+    def _not_training(self, what: str, t0: float) -> None:
+        """Count the seconds since ``t0`` as ``what``, and out of the next tokens_per_s interval."""
+        spent = time.perf_counter() - t0
+        self.seconds[what] += spent
+        self.t_last += spent
 
     def run_steps(self) -> None:
         from tqdm import tqdm
 
-        from qlora_ds import checkpointing, faults
+        from qlora_ds import faults
         from qlora_ds.data.batching import batch_tokens
 
         args, run = self.run.args, self.run
@@ -494,6 +483,7 @@ class Loop:
             if loss is None:
                 continue
             self.engine.backward(loss)
+            self.lr = self.scheduler.get_last_lr()[0]         # the lr this step uses: engine.step() moves it on
             self.skip = self.overflow.step() or self.skip     # engine.step(); a skipped step is reported, not raised
             self.losses.append(loss.item())
             self.tokens += batch_tokens(batch, self.pad_id)
@@ -509,10 +499,7 @@ class Loop:
             if self.has_eval and (self.step % args.eval_every == 0 or last):
                 self.held_out()
             if self.step % args.save_every == 0 or last:
-                t0 = time.perf_counter()
-                checkpointing.save(self.engine, os.path.join(run.out, CKPT_DIR), self.step,
-                                   {"step": self.step, "micro_step": self.micro_step}, args.keep_checkpoints)
-                self.seconds["checkpoints"] += time.perf_counter() - t0
+                self.checkpoint()
             faults.inject("kill_after_step", self.step)
         self.bar.close()
 
@@ -571,7 +558,7 @@ def train(args) -> dict:
     data = build_data(args, tokenizer, model.config, run.rank, run.world, run.micro)
     engine, scheduler = build_engine(run, model)
     phase("data_engine")
-    before = maybe_sample(run, engine, tokenizer) if run.resume_tag is None else None
+    before = sample_before(run, engine, tokenizer)
     phase("samples")
     step, micro_step = restore(run, engine)
     metrics = MetricsLog(os.path.join(run.out, "metrics.jsonl"), resume_step=step if run.resume_tag else None) \

@@ -22,10 +22,9 @@ import os
 import torch
 
 from ..errors import QLoRADSError
+from ..run_dir import RUN_CONFIG
 
 log = logging.getLogger(__name__)
-
-RUN_CONFIG = "run_config.json"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,116 @@
+"""What a finetune's --output-dir records about its run, and whether ``--resume`` may continue it.
+
+``run_config.json`` holds the arguments, the settings resolved from the ds_config (recorded by path only, and that
+file may change) and the LR warmup; ``sample_before.json`` the answer to --sample-prompt before training.
+``launch/finetune.py`` writes and checks them; ``qlora_ds.eval.runs`` reads ``run_config.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+
+from .atomic import atomic_write_text
+from .errors import QLoRADSError
+
+log = logging.getLogger("finetune")
+RUN_CONFIG = "run_config.json"
+CKPT_DIR = "checkpoints"
+BEFORE_SAMPLE = "sample_before.json"
+# options added later, and the behaviour of runs started before them (resume those with that value)
+BEFORE_OPTION_EXISTED = {"pad_to_multiple_of": 1, "dtype": "bf16", "packing": False}
+# arguments that may differ between a run and its resumption
+# (chunked: the same loss, computed leaner; a recipe's values are compared one by one as the arguments they set)
+RESUMABLE_CHANGES = {"resume", "max_steps", "save_every", "eval_every", "sample_prompt", "overwrite", "local_rank",
+                     "log_every", "keep_checkpoints", "chunked_loss", "deepspeed", "recipe"}
+NOT_ARGUMENTS = {"resolved", "warmup_steps"}      # recorded beside the arguments
+# where each resolved setting comes from, for the error that names it
+RESOLVED_FROM = {"micro_batch_per_rank": "--micro-batch / ds_config train_micro_batch_size_per_gpu",
+                 "grad_accum": "--grad-accum / ds_config gradient_accumulation_steps",
+                 "gradient_clipping": "--max-grad-norm / ds_config gradient_clipping",
+                 "zero_stage": "ds_config zero_optimization.stage", "world_size": "the number of ranks launched",
+                 "optimizer": "ds_config optimizer section"}
+
+
+def resolved_settings(ds_config: dict, world: int) -> dict:
+    """What runs, whether the ds_config or the command line set it. A resumed run must share these: its data
+    continues at the saved micro step, which another micro batch or world size maps to other examples."""
+    return {"micro_batch_per_rank": ds_config["train_micro_batch_size_per_gpu"],
+            "grad_accum": ds_config["gradient_accumulation_steps"], "gradient_clipping": ds_config["gradient_clipping"],
+            "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0), "world_size": world,
+            "optimizer": ds_config.get("optimizer")}
+
+
+def check_output_dir(args, rank: int, resolved: dict | None = None) -> str | None:
+    """None for a fresh run, or the checkpoint tag to resume from. Never overwrites another run silently.
+    ``resolved``: this launch's resolved_settings, which a resumed run must share with its first run."""
+    out = args.output_dir
+    meta_path = os.path.join(out, RUN_CONFIG)
+    mine = {k: v for k, v in vars(args).items() if k not in RESUMABLE_CHANGES}
+    if os.path.exists(meta_path):
+        with open(meta_path, encoding="utf-8") as fh:
+            recorded = json.load(fh)
+        theirs = {k: v for k, v in recorded.items() if k not in RESUMABLE_CHANGES | NOT_ARGUMENTS}
+        for k, v in BEFORE_OPTION_EXISTED.items():   # a run from an older qlora-ds ran with the old behaviour
+            theirs.setdefault(k, v)
+        if args.resume:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            if diff:
+                raise QLoRADSError(f"--resume: {out} was started with different settings ({diff}); resume with the "
+                                   f"same arguments or start a new --output-dir")
+            was = recorded.get("resolved") or {}
+            if not was and rank == 0:
+                log.info("--resume: %s is from before the resolved batch setup was recorded: not compared", out)
+            diff = [f"{k} {was[k]} -> {v} ({RESOLVED_FROM[k]})" for k, v in (resolved or {}).items()
+                    if k in was and was[k] != v]
+            if diff:
+                raise QLoRADSError(f"--resume: {out} was started with a different batch/optimizer setup "
+                                   f"({'; '.join(diff)}); a resumed run continues at its saved micro step and "
+                                   f"optimizer state: resume with the original ds_config, flags and number of ranks, "
+                                   f"or start a new --output-dir")
+        elif args.overwrite:
+            if rank == 0:
+                shutil.rmtree(out)
+        else:
+            raise QLoRADSError(f"{out} holds another run ({RUN_CONFIG} present); continue it with --resume, "
+                               f"choose a new --output-dir, or pass --overwrite to replace it")
+    elif os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        raise QLoRADSError(f"{out} is not empty and holds no qlora-ds run; choose an empty --output-dir")
+    from qlora_ds.checkpointing import resume_tag  # rank 0 verifies the signed manifests, all ranks get its verdict
+
+    tag = resume_tag(os.path.join(out, CKPT_DIR)) if args.resume else None
+    if args.resume and tag is None and rank == 0:
+        log.info("--resume: no complete checkpoint in %s yet; starting from step 0", out)
+    return tag
+
+
+def warmup_steps(args, resumed: bool) -> int:
+    """LR warmup steps: from this --max-steps, or on a resume the first run's (--max-steps may grow then, the
+    schedule may not; a run from before warmup_steps was recorded had its first run's --max-steps)."""
+    if not resumed:
+        return max(1, math.ceil(args.warmup_ratio * args.max_steps))
+    with open(os.path.join(args.output_dir, RUN_CONFIG), encoding="utf-8") as fh:
+        first = json.load(fh)
+    return first.get("warmup_steps", max(1, math.ceil(args.warmup_ratio * first["max_steps"])))
+
+
+def write_run_config(args, resolved: dict, warmup: int) -> None:
+    record = {**vars(args), "resolved": resolved, "warmup_steps": warmup}
+    atomic_write_text(os.path.join(args.output_dir, RUN_CONFIG), json.dumps(record, indent=2, default=str))
+
+
+def keep_before(out: str, prompt: str, before: str) -> None:
+    """Kept as soon as it is generated: a run resumed after a crash reports it too."""
+    atomic_write_text(os.path.join(out, BEFORE_SAMPLE), json.dumps({"prompt": prompt, "before": before}))
+
+
+def kept_before(out: str, prompt: str) -> str | None:
+    """The first run's "before" answer to ``prompt``; None when it had none or another prompt."""
+    path = os.path.join(out, BEFORE_SAMPLE)
+    if not (prompt and os.path.exists(path)):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        kept = json.load(fh)
+    return kept["before"] if kept["prompt"] == prompt else None
