@@ -303,61 +303,60 @@ def test_packing_and_full_logits_end_to_end(tiny, device):
     assert packed_loss != plain_loss          # different batches: packed rows hold several examples
 
 
+def _planner_checks(tmp_path, cfg, runs) -> list[dict]:
+    """finetune.planner_check in a world of one (widths 48 and 64 met), once per (ds_config, fused AMX linear
+    available: True / False / None = as this CPU has it); the planned items in MiB."""
+    import argparse
+    import contextlib
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    from qlora_ds.ops import fused_linear
+    ft = _finetune_module()
+    args = argparse.Namespace(lora_r=8, lora_dropout=0.0, target_modules=None, grad_ckpt=True, method="qlora", bits=4,
+                              group_size=32, double_quant=True, pad_to_multiple_of=16, chunked_loss=True,
+                              packing=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        got = []
+        for ds, fused in runs:
+            patch = (contextlib.nullcontext() if fused is None
+                     else mock.patch.object(fused_linear, "available", return_value=fused))
+            with patch:
+                got.append(ft.planner_check(args, cfg, ds, 1, 400 << 20, {48, 64})["items_mib"])
+        return got
+    finally:
+        dist.destroy_process_group()
+
+
 def test_planner_check_plans_in_the_runs_compute_dtype(tmp_path):
     """The planner beside a run models the dtype the run computes in (the ds_config's bf16/fp16 sections, else fp32):
     an fp32 run (what ``auto`` picks on AVX2-only CPUs) has 4-byte activations and embeddings. It was planned as bf16
     there: the AVX2-ISA demo measured 1712 MiB against 1389 planned (0.80); now 1705 (1.00)."""
-    import argparse
-
-    import torch.distributed as dist
     from transformers import LlamaConfig
 
-    ft = _finetune_module()
     cfg = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
-    args = argparse.Namespace(lora_r=8, lora_dropout=0.0, target_modules=None, grad_ckpt=True, method="qlora", bits=4,
-                              group_size=32, double_quant=True, pad_to_multiple_of=16, chunked_loss=True,
-                              packing=False)
     base = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 0}}
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        fp32 = ft.planner_check(args, cfg, {**base, "bf16": {"enabled": False}}, 1, 400 << 20, {48, 64})
-        bf16 = ft.planner_check(args, cfg, {**base, "bf16": {"enabled": True}}, 1, 400 << 20, {48, 64})
-    finally:
-        dist.destroy_process_group()
-    assert fp32["items_mib"]["embeddings_norms"] == pytest.approx(2 * bf16["items_mib"]["embeddings_norms"], rel=1e-3)
-    assert fp32["items_mib"]["activations"] > 1.9 * bf16["items_mib"]["activations"]
+    fp32, bf16 = _planner_checks(tmp_path, cfg, [({**base, "bf16": {"enabled": False}}, None),
+                                                 ({**base, "bf16": {"enabled": True}}, None)])
+    assert fp32["embeddings_norms"] == pytest.approx(2 * bf16["embeddings_norms"], rel=1e-3)
+    assert fp32["activations"] > 1.9 * bf16["activations"]
     # the memory kept per batch shape: over the widths the run met (here 48 and 64), not every padded width
-    assert bf16["items_mib"]["cpu_shape_cache"] == pytest.approx(4 * 2 * 4096 * (48 + 64) / 2 ** 20, abs=0.05)
-
+    assert bf16["cpu_shape_cache"] == pytest.approx(4 * 2 * 4096 * (48 + 64) / 2 ** 20, abs=0.05)
 
 
 def test_planner_check_knows_the_fused_amx_linear(tmp_path):
     """On a CPU with the fused AMX linear (bf16) the linears it takes write no dequantized weight, and the planner
     beside the run leaves them out: here gate/up/down (1380 is no multiple of 32/64) are still dequantized."""
-    import argparse
-    from unittest import mock
-
-    import torch.distributed as dist
     from transformers import LlamaConfig
 
-    from qlora_ds.ops import fused_linear
-    ft = _finetune_module()
     cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1380, num_hidden_layers=2,
                       num_attention_heads=8, num_key_value_heads=4)
-    args = argparse.Namespace(lora_r=8, lora_dropout=0.0, target_modules=None, grad_ckpt=True, method="qlora", bits=4,
-                              group_size=32, double_quant=True, pad_to_multiple_of=16, chunked_loss=True,
-                              packing=False)
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 0},
           "bf16": {"enabled": True}}
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        got = {}
-        for on in (True, False):
-            with mock.patch.object(fused_linear, "available", return_value=on):
-                got[on] = ft.planner_check(args, cfg, ds, 1, 400 << 20, {48, 64})["items_mib"]
-    finally:
-        dist.destroy_process_group()
+    got = dict(zip((True, False), _planner_checks(tmp_path, cfg, [(ds, True), (ds, False)])))
     mib = 1 << 20
     assert got[True]["dequant_keep"] == pytest.approx(3 * 512 * 1380 * 2 / mib, abs=0.05)
     assert got[False]["dequant_keep"] == pytest.approx((2 * 512 * 512 + 2 * 512 * 256 + 3 * 512 * 1380) * 2 / mib,
