@@ -140,7 +140,7 @@ def test_gptq_export_writes_biases_in_the_export_dtype(tmp_path):
     torch.testing.assert_close(_logits(reloaded), _logits(model), rtol=1e-5, atol=1e-5)
 
 
-def test_qalora_group_size_of_a_plain_peft_file(tmp_path):
+def test_qalora_group_size_of_a_plain_peft_file(tmp_path, caplog):
     model = tiny_model("llama", seed=0)
     inject(model, QALoRAConfig(bits=4, group_size=64, r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32))
     _randomize_adapter(model)
@@ -148,6 +148,10 @@ def test_qalora_group_size_of_a_plain_peft_file(tmp_path):
     os.remove(tmp_path / "ad" / "qlora_ds.json")                 # a plain PEFT file: use_qalora + qalora_group_size
     cfg = adapter_config_from_dir(str(tmp_path / "ad"), torch.float32, fallback={"method": "qalora", "group_size": 32})
     assert (type(cfg), cfg.group_size, cfg.bits) == (QALoRAConfig, 64, 4)
+    assert "assuming 4; pass --bits" in caplog.text                  # the bits are a guess: said so
+    caplog.clear()
+    adapter_config_from_dir(str(tmp_path / "ad"), torch.float32, fallback={"method": "qalora", "bits": 4})
+    assert "assuming 4" not in caplog.text
     again = tiny_model("llama", seed=0)
     inject(again, cfg)
     load_adapter(again, str(tmp_path / "ad"))

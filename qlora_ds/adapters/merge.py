@@ -173,6 +173,9 @@ def adapter_config_from_dir(directory: str, compute_dtype: torch.dtype = torch.b
         # into either pool (see peft_format), so "mean" is only a choice of training dynamics there.
         # A plain PEFT QA-LoRA file states its group size (it has no field for the bits): it beats the fallback
         group = first.get("group_size") or (peft_cfg.get("qalora_group_size") if peft_cfg.get("use_qalora") else None)
+        if "bits" not in first and "bits" not in fallback:
+            log.warning("adapter %s does not say how many bits its QA-LoRA base had (PEFT files have no field for "
+                        "it): assuming 4; pass --bits if it was trained with 2 or 3", directory)
         return QALoRAConfig(bits=int(pick("bits", 4)), group_size=int(group or fallback.get("group_size", 32)),
                             pool=str(first.get("pool", fallback.get("pool", "mean"))), **common)
     return QLoRAConfig(quant_type=pick("quant_type", "nf4"), blocksize=int(pick("blocksize", 64)),
