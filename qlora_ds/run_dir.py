@@ -15,7 +15,7 @@ import shutil
 from .atomic import atomic_write_text
 from .errors import QLoRADSError
 
-log = logging.getLogger("finetune")
+log = logging.getLogger(__name__)
 RUN_CONFIG = "run_config.json"
 CKPT_DIR = "checkpoints"
 BEFORE_SAMPLE = "sample_before.json"
