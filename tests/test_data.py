@@ -1,4 +1,5 @@
-"""Batch collation: right padding, pad-to-multiple, labels and mask of the padding."""
+"""Batch collation (right padding, pad-to-multiple, labels and mask of the padding) and response-only labels."""
+import pytest
 import torch
 
 from qlora_ds.data import collate
@@ -24,3 +25,69 @@ def test_pad_to_multiple_never_exceeds_max_width_nor_cuts_an_example():
     assert collate([_example(30)], 0, pad_to_multiple_of=16, max_width=24)["input_ids"].shape == (1, 30)
     assert collate([_example(20)], 0)["input_ids"].shape == (1, 20)            # default: no rounding
     assert collate([_example(32)], 0, pad_to_multiple_of=16)["input_ids"].shape == (1, 32)
+
+
+# ------------------------------------------------------------------------------ response-only labels
+# A template that renders the last assistant turn after the last user turn with an extra marker (as Qwen3 writes an
+# empty <think></think> there only), and one that puts the system prompt into the last user turn (Mistral v0.3):
+# neither renders a prefix of the chat as the start of the whole, which the prefix method assumes.
+QWEN3_LIKE = ("{% set last = namespace(i=0) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+              "{% set last.i = loop.index0 %}{% endif %}{% endfor %}{% for m in messages %}<|{{ m['role'] }}|> "
+              "{% if m['role'] == 'assistant' and loop.index0 > last.i %}<s> {% endif %}{{ m['content'] }} </s> "
+              "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+MISTRAL_LIKE = ("{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else none %}"
+                "{% for m in (messages[1:] if sys else messages) %}{% if m['role'] == 'user' %}<|user|> "
+                "{% if loop.last and sys %}{{ sys }} {% endif %}{{ m['content'] }} {% else %}<|assistant|> "
+                "{{ m['content'] }} </s> {% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+CHAT = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, how are you?"},
+        {"role": "user", "content": "What is AI?"}, {"role": "assistant", "content": "A branch of computer science."}]
+
+
+def _word_tokenizer(tmp_path, template):
+    from transformers import AutoTokenizer
+
+    from .finetune_fixtures import CHAT_PAIRS, save_word_level_tokenizer
+    save_word_level_tokenizer(CHAT_PAIRS, str(tmp_path), template)
+    return AutoTokenizer.from_pretrained(str(tmp_path))
+
+
+def _trained(tok, messages):
+    from qlora_ds.data.tokenize import tokenize_records
+    ex, = tokenize_records([{"messages": messages}], tok, 64)
+    return tok.convert_ids_to_tokens([t for t in ex["labels"].tolist() if t != -100])
+
+
+@pytest.mark.parametrize("template,messages", [
+    (QWEN3_LIKE, CHAT),
+    (MISTRAL_LIKE, [{"role": "system", "content": "Name a color"}, *CHAT[2:]]),
+    (MISTRAL_LIKE, [{"role": "system", "content": "Name a color"}, *CHAT]),
+])
+def test_response_labels_with_templates_that_rerender_earlier_turns(tmp_path, template, messages):
+    """Every assistant turn's words and its turn end are trained, nothing else: the rendering of the whole chat, not
+    of its prefixes (which trained the second user turn under the Qwen3 template and nothing under Mistral's)."""
+    want = [w for m in messages if m["role"] == "assistant" for w in [*m["content"].split(), "</s>"]]
+    assert _trained(_word_tokenizer(tmp_path, template), messages) == want
+
+
+def test_span_method_agrees_with_the_prefix_method_on_a_stable_template(tmp_path):
+    from qlora_ds.data.tokenize import _chat_ids, _span_ids
+
+    from .finetune_fixtures import WORD_TEMPLATE
+    tok = _word_tokenizer(tmp_path, WORD_TEMPLATE)
+    assert _chat_ids(tok, CHAT) == _span_ids(tok, CHAT)
+    assert _trained(tok, CHAT) == [*CHAT[1]["content"].split(), "</s>", *CHAT[3]["content"].split(), "</s>"]
+
+
+def test_template_errors_name_the_record_and_dropped_records_are_counted(tmp_path, caplog):
+    from qlora_ds.data.tokenize import tokenize_records
+    from qlora_ds.errors import QLoRADSError
+    strict = ("{% for m in messages %}{% if loop.index0 % 2 == 0 and m['role'] != 'user' %}"
+              "{{ raise_exception('roles must alternate') }}{% endif %}<|{{ m['role'] }}|> {{ m['content'] }} </s> "
+              "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    tok = _word_tokenizer(tmp_path, strict)
+    bad = [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hi"}]
+    with pytest.raises(QLoRADSError, match="record #1: the tokenizer's chat template refused it .*roles must alternate"):
+        tokenize_records([{"messages": CHAT[:2]}, {"messages": bad}], tok, 64)
+    long = [{"role": "user", "content": " ".join(["Hi there"] * 20)}, {"role": "assistant", "content": "Blue"}]
+    got = tokenize_records([{"messages": CHAT[:2]}, {"messages": long}, {"messages": long}], tok, 16)
+    assert len(got) == 1 and "2 of 3 records lost their whole response to --max-len 16" in caplog.text
