@@ -328,6 +328,19 @@ def test_mc_malformed_line_names_the_line(tmp_path, line, message):
         load_mc(str(path))
 
 
+def test_mc_reads_a_csv_with_a_byte_order_mark_and_refuses_non_utf8(tmp_path):
+    """Excel saves CSV with a BOM: its header must still be read as one; a Latin-1 file is a clear error."""
+    path = tmp_path / "bom_test.csv"
+    path.write_bytes("question,A,B,C,D,answer\nWhat is 1+1?,1,2,3,4,B\n".encode("utf-8-sig"))
+    recs = load_mc(str(path))
+    assert len(recs) == 1 and recs[0].answer == "B"
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"question": "Café?", "choices": list("abcd"), "answer": "A"},
+                                 ensure_ascii=False).encode("latin-1") + b"\n")
+    with pytest.raises(QLoRADSError, match=r"latin\.jsonl' is not UTF-8 text .*save it as UTF-8"):
+        load_mc(str(latin))
+
+
 def test_mc_reads_mmlu_csv(tmp_path):
     path = tmp_path / "high_school_math_test.csv"
     path.write_text('"What is 1+1?",1,2,3,4,B\n"What is 2*3?",5,6,7,8,B\n')

@@ -67,7 +67,8 @@ def _span_ids(tokenizer, messages) -> tuple[list[int], list[int]]:
         start = text.find(content, pos) if content else -1
         if start < 0:
             raise QLoRADSError(f"the chat template does not render assistant message {msg['content'][:40]!r} "
-                               f"verbatim, so its tokens cannot be found; pass --train-on-prompt or use another template")
+                               f"verbatim, so its tokens cannot be found; pass --train-on-prompt or use another "
+                               f"template")
         end = start + len(content)
         if end_text and text.startswith(end_text, end):
             end += len(end_text)

@@ -87,38 +87,43 @@ def load_mc(path: str) -> list[MCRecord]:
     if not os.path.isfile(path):
         raise QLoRADSError(f"multiple-choice file {path!r} does not exist")
     records: list[MCRecord] = []
-    if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
+    try:  # utf-8-sig: a CSV saved by Excel starts with a byte-order mark, which would hide its header
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8-sig") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise QLoRADSError(f"{path}:{lineno}: not valid JSON ({err.msg}); fix or remove the "
+                                           f"line") from None
+                    records.append(_record(obj, f"{path}:{lineno}"))
+        elif path.endswith(".csv"):
+            with open(path, encoding="utf-8-sig", newline="") as fh:
+                rows = list(csv.reader(fh))
+            header = [c.strip().lower() for c in rows[0]] if rows else []
+            has_header = bool(header) and header[0] == "question"
+            subject = _subject_from_name(path)
+            for i, row in enumerate(rows[1:] if has_header else rows, 2 if has_header else 1):
+                if not any(c.strip() for c in row):
                     continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise QLoRADSError(f"{path}:{lineno}: not valid JSON ({err.msg}); fix or remove the line") from None
-                records.append(_record(obj, f"{path}:{lineno}"))
-    elif path.endswith(".csv"):
-        with open(path, encoding="utf-8", newline="") as fh:
-            rows = list(csv.reader(fh))
-        header = [c.strip().lower() for c in rows[0]] if rows else []
-        has_header = bool(header) and header[0] == "question"
-        subject = _subject_from_name(path)
-        for i, row in enumerate(rows[1:] if has_header else rows, 2 if has_header else 1):
-            if not any(c.strip() for c in row):
-                continue
-            where = f"{path}:{i}"
-            if has_header:
-                if len(row) != len(header):
-                    raise QLoRADSError(f"{where}: {len(row)} columns, the header has {len(header)}")
-                obj = dict(zip(header, row))
-                obj = {k.upper() if k in ("a", "b", "c", "d") else k: v for k, v in obj.items()}
-            else:
-                if len(row) != 6:
-                    raise QLoRADSError(f"{where}: {len(row)} columns; MMLU rows are question,A,B,C,D,answer")
-                obj = {"question": row[0], "choices": row[1:5], "answer": row[5]}
-            records.append(_record(obj, where, subject))
-    else:
-        raise QLoRADSError(f"multiple-choice file {path!r}: use .jsonl or .csv")
+                where = f"{path}:{i}"
+                if has_header:
+                    if len(row) != len(header):
+                        raise QLoRADSError(f"{where}: {len(row)} columns, the header has {len(header)}")
+                    obj = dict(zip(header, row))
+                    obj = {k.upper() if k in ("a", "b", "c", "d") else k: v for k, v in obj.items()}
+                else:
+                    if len(row) != 6:
+                        raise QLoRADSError(f"{where}: {len(row)} columns; MMLU rows are question,A,B,C,D,answer")
+                    obj = {"question": row[0], "choices": row[1:5], "answer": row[5]}
+                records.append(_record(obj, where, subject))
+        else:
+            raise QLoRADSError(f"multiple-choice file {path!r}: use .jsonl or .csv")
+    except UnicodeDecodeError as err:
+        raise QLoRADSError(f"multiple-choice file {path!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                           f"save it as UTF-8") from None
     if not records:
         raise QLoRADSError(f"multiple-choice file {path!r} holds no questions")
     return records
