@@ -26,6 +26,9 @@ def _normalise(obj, where: str) -> dict:
             raise QLoRADSError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} strings")
         if not any(m["role"] == "assistant" for m in msgs):
             raise QLoRADSError(f"{where}: the chat has no 'assistant' turn to train on; add one or drop the record")
+        if any(m["role"] == "assistant" and not m["content"].strip() for m in msgs):
+            raise QLoRADSError(f"{where}: an 'assistant' turn is empty (as a pair record's response may not be); "
+                               f"fill it or drop the record")
         return {"messages": msgs}
     for prompt_key, response_key in PAIR_KEYS:
         if prompt_key in obj or response_key in obj:

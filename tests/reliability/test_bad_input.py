@@ -262,11 +262,13 @@ GOOD = '{"instruction": "hi", "response": "hello"}\n'
     ("d.jsonl", GOOD + '{"instruction": "only a prompt"}\n', r"d\.jsonl:2: needs non-empty string fields 'instruction' and 'response'"),
     ("d.jsonl", '{"question": "q", "answer": "a"}\n', r"d\.jsonl:1: found keys \['answer', 'question'\], expected"),
     ("d.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', r"d\.jsonl:1: the chat has no 'assistant' turn.*add one or drop"),
+    ("d.jsonl", '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}\n',
+     r"d\.jsonl:1: an 'assistant' turn is empty .*fill it or drop"),
     ("d.jsonl", GOOD.encode() + b'{"text": "caf\xe9"}\n', r"d\.jsonl:2: not UTF-8 text .*re-encode the file as UTF-8"),
     ("d.json", '[{"instruction": "a", "response": "b"},\n {"instruction": }]', r"d\.json:2: not valid JSON"),
     ("d.csv", "a,b\n", r"unknown extension; use \.jsonl, \.json or \.txt"),
 ], ids=["empty_file", "empty_line", "malformed_json", "missing_field", "unknown_keys", "chat_no_assistant",
-        "not_utf8", "json_list_malformed", "extension"])
+        "chat_empty_assistant", "not_utf8", "json_list_malformed", "extension"])
 def test_bad_dataset_file(tmp_path, name, text, match):
     with pytest.raises(QLoRADSError, match=match):
         _records(tmp_path, name, text)()
