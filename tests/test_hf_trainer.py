@@ -49,6 +49,57 @@ def test_make_optimizer_splits_the_config():
         trainer_ds_config({**original, "optimizer": {"type": "PagedAdamW", "params": {"lr": 1e-3, "momentum": 0.9}}})
 
 
+def _training_args(tmp_path, **kw):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **kw)
+
+
+def test_optimizer_params_left_out_come_from_training_args(tmp_path):
+    """Trainer.create_optimizer passes our kwargs as they are and its param groups carry no lr: a section without
+    lr/betas must not fall back to PagedAdamW's defaults (1e-3, (0.9, 0.999)) over --learning_rate/--adam_beta2."""
+    from transformers import Trainer
+
+    from .tiny_models import tiny_model
+
+    cfg = {"optimizer": {"type": "PagedAdamW", "params": {"eps": 1e-8}}, "zero_optimization": {"stage": 2}}
+    args = _training_args(tmp_path, learning_rate=2e-4, adam_beta2=0.95, weight_decay=0.01)
+    spec = optimizer_cls_and_kwargs(cfg, args)
+    opt = Trainer(model=tiny_model("llama"), args=args, optimizer_cls_and_kwargs=spec).create_optimizer()
+    assert [g["lr"] for g in opt.param_groups] == [2e-4, 2e-4]
+    assert all(g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8 for g in opt.param_groups)
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.01]
+    # a value set in both places must still agree
+    with pytest.raises(QLoRADSError, match=r"betas: ds_config \(0.9, 0.999\) vs TrainingArguments \(0.9, 0.95\)"):
+        optimizer_cls_and_kwargs({**cfg, "optimizer": {"type": "PagedAdamW", "params": {"betas": [0.9, 0.999]}}},
+                                 args)
+
+
+def test_auto_optimizer_params_come_from_training_args(tmp_path):
+    """HF's ds_config convention: "auto" optimizer params are filled from TrainingArguments (none of them is a
+    parser default), and without TrainingArguments "auto" is a clear error, not tuple("auto") or lr="auto"."""
+    from qlora_ds.integrations import ds_training_defaults
+    from qlora_ds.optim import PagedAdamW
+
+    auto = {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "optimizer": {"type": "PagedAdamW", "params": auto},
+           "zero_optimization": {"stage": 2}}
+    assert ds_training_defaults(cfg, dtype="fp32", device="cpu") == {"bf16": False, "fp16": False}
+    args = _training_args(tmp_path, learning_rate=3e-4, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6,
+                          weight_decay=0.1)
+    assert optimizer_cls_and_kwargs(cfg, args) == (PagedAdamW, {"lr": 3e-4, "betas": (0.8, 0.95), "eps": 1e-6,
+                                                                "weight_decay": 0.1})
+    model = torch.nn.Linear(4, 2)
+    opt, _ = make_optimizer(model, cfg, args)
+    assert opt.defaults["lr"] == 3e-4 and opt.defaults["betas"] == (0.8, 0.95)
+    with pytest.raises(QLoRADSError, match=r"\['betas', 'eps', 'lr', 'weight_decay'\] are \"auto\".*TrainingArguments"):
+        optimizer_cls_and_kwargs(cfg)
+    with pytest.raises(QLoRADSError, match="auto"):
+        make_optimizer(model, cfg)
+    with pytest.raises(QLoRADSError, match=r"betas must be \[beta1, beta2\]"):
+        ds_training_defaults({"optimizer": {"type": "PagedAdamW", "params": {"betas": [0.9]}}})
+
+
 def test_precision_defaults_follow_the_hardware_and_the_ds_config(monkeypatch):
     """--bf16/--fp16 defaults: the hardware's choice (device_facts mocked), checked against explicit ds_config
     sections; the model's dtype then follows the TrainingArguments."""

@@ -34,6 +34,8 @@ __all__ = ["ADAPTER_DIR", "QLoRATrainer", "ds_training_defaults", "make_optimize
            "precision_defaults", "prepare_for_trainer", "qlora_trainer_class", "trainer_ds_config", "trainer_dtype"]
 
 ADAPTER_DIR = "adapter"
+AUTO = "auto"   # HF's ds_config placeholder: the value comes from TrainingArguments
+_ARG_KEYS = ("lr", "betas", "eps", "weight_decay")   # optimizer params TrainingArguments also set
 
 
 def _read(ds_config) -> dict:
@@ -100,35 +102,52 @@ def ds_training_defaults(ds_config, dtype="auto", device=None) -> dict:
     out.update(precision_defaults(dtype, cfg, device))
     params = (section or {}).get("params") or {}
     for key, arg in (("lr", "learning_rate"), ("eps", "adam_epsilon"), ("weight_decay", "weight_decay")):
-        if key in params:
+        if key in params and params[key] != AUTO:      # "auto": the TrainingArguments decide, no default here
             out[arg] = params[key]
-    if "betas" in params:
-        out["adam_beta1"], out["adam_beta2"] = params["betas"]
+    if params.get("betas", AUTO) != AUTO:
+        out["adam_beta1"], out["adam_beta2"] = _betas(params["betas"])
     return out
 
 
+def _betas(value) -> tuple:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise QLoRADSError(f"ds_config optimizer.params.betas must be [beta1, beta2] or \"auto\", got {value!r}")
+    return tuple(value)
+
+
 def _section_kwargs(section: dict, training_args=None) -> dict:
+    """The section's params, completed from ``training_args``: Trainer.create_optimizer passes these kwargs as they
+    are and its param groups carry only weight_decay, so a missing lr/betas/eps would be the class default."""
     kwargs = dict(section.get("params") or {})
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
+    auto = sorted(k for k in _ARG_KEYS if kwargs.get(k) == AUTO)
+    if kwargs.get("betas", AUTO) != AUTO:
+        kwargs["betas"] = _betas(kwargs["betas"])
     if training_args is None:
+        if auto:
+            raise QLoRADSError(f"the ds_config's {section['type']} params {auto} are \"auto\", which takes them "
+                               f"from TrainingArguments: pass training_args, or write numbers in optimizer.params")
         return kwargs
-    # transformers compares these with the ds_config's optimizer section; that section is gone from the config it
-    # sees, so compare here: a silent override of the learning rate would be worse than an error.
     want = {"lr": training_args.learning_rate, "eps": training_args.adam_epsilon,
             "weight_decay": training_args.weight_decay,
             "betas": (training_args.adam_beta1, training_args.adam_beta2)}
+    # transformers compares these with the ds_config's optimizer section; that section is gone from the config it
+    # sees, so compare here: a silent override of the learning rate would be worse than an error.
     bad = [f"{k}: ds_config {kwargs[k]!r} vs TrainingArguments {v!r}" for k, v in want.items()
-           if k in kwargs and kwargs[k] != v]
+           if k in kwargs and kwargs[k] != AUTO and kwargs[k] != v]
     if bad:
         raise QLoRADSError(f"the ds_config's {section['type']} settings disagree with TrainingArguments "
-                           f"({'; '.join(bad)}); set them in one place (e.g. drop --learning_rate, or edit optimizer.params)")
+                           f"({'; '.join(bad)}); set them in one place (e.g. drop --learning_rate, or edit "
+                           f"optimizer.params)")
+    for k, v in want.items():       # absent or "auto": the TrainingArguments' value
+        if kwargs.get(k, AUTO) == AUTO:
+            kwargs[k] = v
     return kwargs
 
 
 def optimizer_cls_and_kwargs(ds_config, training_args=None) -> tuple[type, dict] | None:
     """``(PagedAdamW…, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=…)``; None if the ds_config names no
-    optimizer of ours. With ``training_args``, the section's lr/betas/eps/weight_decay must agree with them."""
+    optimizer of ours. With ``training_args``, the section's lr/betas/eps/weight_decay must agree with them, and
+    those it leaves out or sets to ``"auto"`` are taken from them; without, ``"auto"`` is a QLoRADSError."""
     from ..optim.deepspeed_registration import OPTIMIZERS, register_with_deepspeed
 
     _, section = trainer_ds_config(ds_config)
@@ -143,14 +162,16 @@ def optimizer_cls_and_kwargs(ds_config, training_args=None) -> tuple[type, dict]
     return cls, kwargs
 
 
-def make_optimizer(model: torch.nn.Module, ds_config) -> tuple[torch.optim.Optimizer | None, dict]:
+def make_optimizer(model: torch.nn.Module, ds_config,
+                   training_args=None) -> tuple[torch.optim.Optimizer | None, dict]:
     """(our optimizer over ``model``'s trainable parameters, the ds_config without its optimizer section).
 
     The optimizer is None when the ds_config names a DeepSpeed optimizer (it then stays in the returned config).
     For ``Trainer(optimizers=(opt, None))`` *without* DeepSpeed, or a custom loop; under ``--deepspeed`` use
-    :func:`optimizer_cls_and_kwargs` (see the module doc). ``ds_config`` itself is never modified.
+    :func:`optimizer_cls_and_kwargs` (see the module doc), which also says what ``training_args`` do.
+    ``ds_config`` itself is never modified.
     """
-    spec = optimizer_cls_and_kwargs(ds_config)
+    spec = optimizer_cls_and_kwargs(ds_config, training_args)
     cfg, _ = trainer_ds_config(ds_config)
     if spec is None:
         return None, cfg
