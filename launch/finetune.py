@@ -392,8 +392,9 @@ class Loop:
 
         args = self.run.args
         epoch, index = divmod(self.micro_step, len(self.batches))
-        batch = (collate_packed if args.packing else collate)([self.train_ex[i] for i in self.batches.epoch(epoch)[index]], self.pad_id,
-                        args.pad_to_multiple_of, args.max_len)
+        examples = [self.train_ex[i] for i in self.batches.epoch(epoch)[index]]
+        batch = (collate_packed if args.packing else collate)(examples, self.pad_id, args.pad_to_multiple_of,
+                                                               args.max_len)
         self.widths.add(batch["input_ids"].shape[1])
         return {k: v.to(self.engine.device) for k, v in batch.items()}
 

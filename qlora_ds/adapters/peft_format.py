@@ -135,7 +135,8 @@ def _read_json(path: str, what: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise QLoRADSError(f"cannot read the adapter's {what} {path}: {err}; is this a PEFT adapter directory?") from None
+        raise QLoRADSError(f"cannot read the adapter's {what} {path}: {err}; is this a PEFT adapter "
+                           f"directory?") from None
 
 
 def _pattern_value(pattern: dict, path: str, default):
