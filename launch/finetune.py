@@ -19,13 +19,13 @@ from typing import NamedTuple
 
 import torch
 
-from qlora_ds import run_dir as run_config    # what the output dir records: --resume compares and reuses it
 from qlora_ds.cli import run_main
 from qlora_ds.ds_config import resolve_ds_config
 from qlora_ds.errors import QLoRADSError
 from qlora_ds.hardware import DTYPE_CHOICES, ds_compute_dtype, dtype_name
 from qlora_ds.overflow import OverflowMonitor, loss_scale
-from qlora_ds.run_dir import CKPT_DIR, check_output_dir, resolved_settings  # noqa: F401 - tests, gpu/fp16.py use them
+from qlora_ds.run_dir import (CKPT_DIR, check_output_dir, keep_before, kept_before, resolved_settings, warmup_steps,
+                              write_run_config)
 
 log = logging.getLogger("finetune")
 
@@ -289,11 +289,11 @@ def setup_run(args) -> Run:
     resume_tag = check_output_dir(args, rank, resolved)
     torch.distributed.barrier()
     torch.manual_seed(args.seed)
-    warmup = run_config.warmup_steps(args, resumed=resume_tag is not None)
+    warmup = warmup_steps(args, resumed=resume_tag is not None)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         if resume_tag is None:
-            run_config.write_run_config(args, resolved, warmup)
+            write_run_config(args, resolved, warmup)
     return Run(args, rank, world, ds_config, resume_tag, warmup)
 
 
@@ -363,10 +363,10 @@ def maybe_sample(run: Run, engine, tokenizer) -> str | None:
 def sample_before(run: Run, engine, tokenizer) -> str | None:
     """The "before" sample: generated on a fresh run and kept in the output dir, read back on a resume."""
     if run.resume_tag is not None:
-        return run_config.kept_before(run.out, run.args.sample_prompt)
+        return kept_before(run.out, run.args.sample_prompt)
     before = maybe_sample(run, engine, tokenizer)
     if before is not None and run.rank == 0:
-        run_config.keep_before(run.out, run.args.sample_prompt, before)
+        keep_before(run.out, run.args.sample_prompt, before)
     return before
 
 

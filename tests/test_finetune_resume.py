@@ -112,7 +112,7 @@ def test_resume_compares_the_resolved_settings(word, tmp_path):
     resolved = ft.resolved_settings(ft.resolve_ds_config(args, 1, "cpu"), 1)
     assert ft.check_output_dir(args, 0, resolved) is None
     out.mkdir()
-    ft.run_config.write_run_config(args, resolved, 1)
+    ft.write_run_config(args, resolved, 1)
     resume = ft.parse_args(_args(word, out, "--resume"))
     ft.resolve_ds_config(resume, 1, "cpu")          # folds the optimizer section into the arguments, as setup_run
     assert ft.check_output_dir(resume, 0, resolved) is None
@@ -126,7 +126,7 @@ def test_resume_compares_the_resolved_settings(word, tmp_path):
            if k not in ("resolved", "warmup_steps")}
     (out / "run_config.json").write_text(json.dumps(old))
     assert ft.check_output_dir(resume, 0, {**resolved, "world_size": 2}) is None
-    assert ft.run_config.warmup_steps(ft.parse_args(_args(word, out, "--max-steps", "9", "--warmup-ratio", "0.5")),
+    assert ft.warmup_steps(ft.parse_args(_args(word, out, "--max-steps", "9", "--warmup-ratio", "0.5")),
                                       resumed=True) == 50       # its first run's: 0.5 × the recorded 100 steps
 
 

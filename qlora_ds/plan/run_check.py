@@ -35,7 +35,7 @@ def config_for_run(hf_config: dict, ds_config: dict, *, world: int, device: str,
                      base_bits=bits if method == "qalora" else 4, quant="int" if method == "qalora" else "nf4",
                      group_size=group_size, double_quant=double_quant, runtime_bytes=runtime_bytes,
                      pad_multiple=pad_multiple, chunked_loss=chunked_loss, compute_dtype=compute_dtype,
-                     fused_cpu_linear=fused_cpu_linear and device == "cpu", packing=packing, width_sum=width_sum)
+                     fused_cpu_linear=fused_cpu_linear, packing=packing, width_sum=width_sum)
     return apply_ds_config(cfg, ds_config)
 
 
