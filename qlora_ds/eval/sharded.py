@@ -15,6 +15,8 @@ def sharded_heldout_loss(engine, examples, pad_id: int, batch_size: int, pad_mul
     training), and the batch widths it ran (the planner check counts per-shape memory by them)."""
     # Under ZeRO-3 every forward gathers parameters collectively: every rank runs as many forwards as the rank
     # with the most batches, shorter (or empty) shards padding with a fully masked batch that counts nothing.
+    # The loss is token-weighted, so the order is free: batches of similar lengths pad least.
+    examples = sorted(examples, key=lambda e: e["input_ids"].numel())
     count = torch.tensor([-(-len(examples) // batch_size)], dtype=torch.int64)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     filler = [{"input_ids": torch.tensor([pad_id]), "labels": torch.tensor([-100])}]
