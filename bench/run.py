@@ -17,7 +17,8 @@ import sys
 import time
 
 BENCHMARKS = ("quant", "layer", "train", "memory", "quality")
-ON_REQUEST = ("scale", "longctx", "packing")   # not in ``all``: minutes to hours of CPU (``python -m bench scale``)
+# not in ``all``: minutes to hours of CPU (``python -m bench scale``), or a CPU-only kernel (``decode``)
+ON_REQUEST = ("scale", "longctx", "packing", "decode")
 
 
 def _call(name: str, argv: list[str]) -> int:

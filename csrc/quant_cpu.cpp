@@ -13,6 +13,7 @@
 
 #include "lora_dropout_cpu.h"
 #include "quant_cpu_amx.h"
+#include "quant_cpu_gemv.h"
 #include "quant_cpu_impl.h"
 
 namespace {
@@ -262,6 +263,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("g"), py::arg("packed"), py::arg("absmax"), py::arg("absmax2"), py::arg("code8"), py::arg("offset"),
         py::arg("code4"), py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("N"), py::arg("K"),
         py::arg("KB") = 0, py::arg("NC") = 0, py::arg("MB") = 0);
+  // the fused 4-bit x few-rows linear for decoding (quant_cpu_gemv.cpp): every SIMD path, no AMX needed
+  m.def("small_rows_linear", &qlora_ds_cpu::small_rows_linear, "y = x · deq(W)ᵀ (+ bias) for a few rows of fp32/bf16 "
+        "x, straight from the packed 4-bit weight (K % blocksize == 0)", py::arg("x"), py::arg("packed"),
+        py::arg("absmax"), py::arg("absmax2"), py::arg("code8"), py::arg("offset"), py::arg("code4"),
+        py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none(),
+        py::arg("grain_elems") = 0);
   // LoRA-input dropout with a counter-based mask (lora_dropout_cpu.cpp)
   m.def("hash_dropout", &qlora_ds_cpu::hash_dropout, "y = x * keep(seed, i) / (1 - p): dropout whose mask is a hash "
         "of (seed, element index); the same call on the gradient is its backward", py::arg("x"), py::arg("p"),

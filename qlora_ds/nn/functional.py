@@ -4,9 +4,10 @@ Forward dequantizes the frozen base (through ``qlora_ds.ops`` for NF4/FP4, the I
 QA-LoRA), runs the matmul and lets the dequantized weight go; backward dequantizes again and returns
 the input gradient only: the packed base never gets a gradient. On CPUs with AMX, bf16 NF4/FP4 calls where it is
 faster take the fused path instead (``qlora_ds.ops.fused_linear``: dequantized inside the GEMM, forward and backward,
-nothing kept). Every tensor comes in as an argument (never a module attribute captured earlier), so DeepSpeed
-ZeRO-3's gathered parameters are the ones used, and recomputation under non-reentrant checkpointing sees the same
-inputs.
+nothing kept). NF4/FP4 forwards of a few rows on CPU (decoding; ``qlora_ds.ops.small_rows``) multiply straight from
+the packed weight, and their backward dequantizes (or takes the AMX kernel). Every tensor comes in as an argument
+(never a module attribute captured earlier), so DeepSpeed ZeRO-3's gathered parameters are the ones used, and
+recomputation under non-reentrant checkpointing sees the same inputs.
 
 Dequantization (NF4/FP4 and INT-N) writes into a reused per-(device, dtype) workspace: one buffer as large as the
 largest layer, instead of a fresh allocation per call (it matters for CPU speed). The buffer never
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops import fused_linear
+from ..ops import fused_linear, small_rows
 from . import guards
 from ..quant.intn import dequantize_parts
 
@@ -88,9 +89,9 @@ def kept_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.T
     return buf[:numel]
 
 
-def _stand_in(w: torch.Tensor) -> torch.Tensor:
-    """A tensor with w's shape, dtype and device holding one element (stride 0): "not kept"."""
-    return torch.empty((), dtype=w.dtype, device=w.device).expand(w.shape)
+def _stand_in(shape, like: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``shape`` with like's dtype and device holding one element (stride 0): "not kept"."""
+    return torch.empty((), dtype=like.dtype, device=like.device).expand(tuple(shape))
 
 
 def _is_stand_in(w: torch.Tensor) -> bool:
@@ -135,7 +136,15 @@ class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed, absmax, absmax2, offset, bias, meta, guard=None):
         ctx.meta, ctx.offset = meta, offset
-        ctx.fused = guard is None and fused_linear.supported(x, meta[0], meta[2])
+        # A few rows (decoding) on CPU: straight from the packed weight (ops/small_rows.py). Backward dequantizes as
+        # usual (or takes the AMX kernel), so a 1-element stand-in is saved for w, as when the pool has no room.
+        ctx.small = guard is None and small_rows.supported(x, meta[0], meta[2])
+        ctx.fused = not ctx.small and guard is None and fused_linear.supported(x, meta[0], meta[2])
+        if ctx.small:
+            y = small_rows.linear_4bit(x, packed, absmax, absmax2, _offset_value(offset, absmax2), meta[1], meta[2],
+                                       meta[3], meta[0], bias)
+            ctx.save_for_backward(packed, absmax, absmax2, bias, _stand_in(meta[0], x))
+            return y
         if ctx.fused:   # AMX CPUs: dequantized into the GEMM's tiles, no bf16 weight written (ops/fused_linear.py)
             y = fused_linear.linear_4bit(x, packed, absmax, absmax2, _offset_value(offset, absmax2), meta[1],
                                          meta[2], meta[3], meta[0])
@@ -153,7 +162,7 @@ class NF4LinearFunction(torch.autograd.Function):
         # Without room in the pool, a 1-element stand-in of w's shape is saved instead: under non-reentrant
         # checkpointing the recompute must save tensors of the same shapes as the first pass, and the pool can
         # be full in one pass and not the other (a whole decoder layer's weights are alive in the recompute).
-        ctx.save_for_backward(packed, absmax, absmax2, bias, w if keep is not None else _stand_in(w))
+        ctx.save_for_backward(packed, absmax, absmax2, bias, w if keep is not None else _stand_in(w.shape, w))
         return y
 
     @staticmethod
@@ -161,7 +170,8 @@ class NF4LinearFunction(torch.autograd.Function):
         packed, absmax, absmax2, bias, *kept = ctx.saved_tensors
         w = kept[0] if kept else None
         grad_x = grad_bias = None
-        if ctx.needs_input_grad[0] and ctx.fused and fused_linear.supported(grad_out, ctx.meta[0], ctx.meta[2]):
+        if ctx.needs_input_grad[0] and (ctx.fused or ctx.small) and \
+                fused_linear.supported(grad_out, ctx.meta[0], ctx.meta[2]):
             grad_x = fused_linear.linear_4bit_grad_input(grad_out, packed, absmax, absmax2,
                                                          _offset_value(ctx.offset, absmax2), *ctx.meta[1:], ctx.meta[0])
         elif ctx.needs_input_grad[0]:

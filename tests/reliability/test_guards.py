@@ -11,6 +11,7 @@ import torch
 
 from qlora_ds.errors import NonFiniteError, QLoRADSError
 from qlora_ds.nn import QALoRAConfig, QLoRAConfig, QLoRALinear, guards
+from qlora_ds.ops import small_rows
 
 from .conftest import inject, tiny_llama
 
@@ -117,10 +118,16 @@ def test_guards_on_finite_model_match_off():
         for m in model.modules():
             if isinstance(m, QLoRALinear):
                 m.lora_B.weight.normal_(std=0.05)
-    off = model(IDS).logits
-    with guards.enabled():
-        on = model(IDS).logits
-        on.sum().backward()
+    # The guards check the dequantized weight, so a guarded call always dequantizes: compare that path both ways
+    # (unguarded, a call of <= 8 rows like this one would multiply from the packed weight, ops/small_rows.py).
+    previous = small_rows.set_enabled(False)
+    try:
+        off = model(IDS).logits
+        with guards.enabled():
+            on = model(IDS).logits
+            on.sum().backward()
+    finally:
+        small_rows.set_enabled(previous)
     assert torch.equal(on, off)
 
 
