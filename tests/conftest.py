@@ -105,3 +105,17 @@ def cpu_op():
         if shutil.which(os.environ.get("CXX", "c++")) is None:
             pytest.skip(f"no C++ compiler: {exc}")
         raise
+
+
+CPU_ISAS = ["avx512", "avx2", "scalar"]  # every SIMD path of the CPU kernels; those this CPU lacks are skipped
+
+
+@pytest.fixture(params=CPU_ISAS)
+def isa_op(request, cpu_op):
+    """The compiled CPU op running its ``request.param`` SIMD path (restored afterwards)."""
+    if request.param not in cpu_op.supported_cpu_isas():
+        pytest.skip(f"this CPU has no {request.param} (it has {cpu_op.supported_cpu_isas()})")
+    before = cpu_op.cpu_isa()
+    cpu_op.set_cpu_isa(request.param)
+    yield cpu_op
+    cpu_op.set_cpu_isa(before)

@@ -12,7 +12,6 @@ from qlora_ds.ops import reference as ref
 from qlora_ds.ops.builder import CSRC, load_op
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-CPU_ISAS = ["avx512", "avx2", "scalar"]  # every SIMD path of the CPU kernels; those this CPU lacks are skipped
 BLOCKSIZES = [32, 64, 4096]
 SIZES = [1, 7, 64, 255, 4097, 5000]  # odd, partial blocks, one exact block
 
@@ -96,17 +95,6 @@ def check_backend(mod, device):
                         mod.dequantize_4bit_dq(packed, q, a2, code8, nested, offset, code, blocksize, out)
                         ref.dequantize_4bit(packed, deq_r, code, blocksize, two_step)
                         assert same_bits(out, two_step), case + (nested,)
-
-
-@pytest.fixture(params=CPU_ISAS)
-def isa_op(request, cpu_op):
-    """The compiled CPU op running its ``request.param`` SIMD path (restored to the default afterwards)."""
-    if request.param not in cpu_op.supported_cpu_isas():
-        pytest.skip(f"this CPU has no {request.param} (it has {cpu_op.supported_cpu_isas()})")
-    before = cpu_op.cpu_isa()
-    cpu_op.set_cpu_isa(request.param)
-    yield cpu_op
-    cpu_op.set_cpu_isa(before)
 
 
 def test_cpu_kernels_match_reference(isa_op):
