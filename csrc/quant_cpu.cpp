@@ -269,6 +269,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("absmax"), py::arg("absmax2"), py::arg("code8"), py::arg("offset"), py::arg("code4"),
         py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none(),
         py::arg("grain_elems") = 0);
+  m.def("small_rows_linear_intn", &qlora_ds_cpu::small_rows_linear_intn, "y = x · deq(W)ᵀ (+ bias) for a few rows "
+        "of fp32/bf16 x, straight from the packed group-wise INT-N weight (bits 2/3/4)", py::arg("x"),
+        py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"), py::arg("N"),
+        py::arg("K"), py::arg("bias") = py::none(), py::arg("grain_elems") = 0);
   // LoRA-input dropout with a counter-based mask (lora_dropout_cpu.cpp)
   m.def("hash_dropout", &qlora_ds_cpu::hash_dropout, "y = x * keep(seed, i) / (1 - p): dropout whose mask is a hash "
         "of (seed, element index); the same call on the gradient is its backward", py::arg("x"), py::arg("p"),

@@ -37,8 +37,19 @@
 #include "quant_cpu_gemv.h"
 #include "quant_cpu_isa.h"
 
+namespace qlora_ds_cpu {
+
+void check_vec(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == numel, name, " must have ", numel, " elements, got ", t.numel());
+}
+
+}  // namespace qlora_ds_cpu
+
 namespace {
 
+using qlora_ds_cpu::check_vec;
 using qlora_ds_cpu::Isa;
 
 constexpr int64_t kChunk = 32;                     // elements per SIMD step (16 packed bytes)
@@ -324,12 +335,6 @@ void to_f32_rows(const T* x, int64_t n, bool reorder, float* out) {
       out[i + j] = static_cast<float>(x[i + 2 * j]);
       out[i + kChunk / 2 + j] = static_cast<float>(x[i + 2 * j + 1]);
     }
-}
-
-void check_vec(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.numel() == numel, name, " must have ", numel, " elements, got ", t.numel());
 }
 
 Weight make_weight(const torch::Tensor& packed, const torch::Tensor& absmax,

@@ -8,7 +8,6 @@ from qlora_ds.ops import reference as ref
 from qlora_ds.ops.builder import load_op
 from qlora_ds.quant import intn
 
-from .test_kernels import isa_op  # noqa: F401 - the fixture: the CPU op on each SIMD path this CPU has
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HUGE = {torch.float32: 1e37, torch.bfloat16: 1e37, torch.float16: 2e4}

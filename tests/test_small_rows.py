@@ -1,4 +1,5 @@
-"""The fused 4-bit × few-rows linear (csrc/quant_cpu_gemv.cpp, qlora_ds/ops/small_rows.py) and the layers' use of it.
+"""The fused 4-bit × few-rows linear (csrc/quant_cpu_gemv.cpp, qlora_ds/ops/small_rows.py) and the layers' use of it;
+its INT-N twin (csrc/quant_cpu_gemv_intn.cpp) for QA-LoRA: tests/test_small_rows_intn.py.
 
 The kernel against dequantize + matmul (weights from the torch reference), on every SIMD path this CPU has; the
 layer with the path on and off (forward, and forward + backward through the dequantizing backward); where the path
@@ -14,22 +15,10 @@ from qlora_ds import ops, quantize
 from qlora_ds.nn import QLoRAConfig, QLoRALinear
 from qlora_ds.ops import fused_linear, small_rows
 
-CPU_ISAS = ["avx512", "avx2", "scalar"]   # those this CPU lacks are skipped (tests/test_kernels.py does the same)
 # (out, in, blocksize, nested): odd out; in not a multiple of 64*8; 32-blocks whose nested blocks straddle weight
 # rows; in = 33 blocks of 64, which the kernel walks in several L1-sized passes at 3 and 8 rows
 SHAPES = [(33, 192, 64, 256), (23, 96, 32, 32), (40, 2112, 64, 256), (5, 256, 128, 32)]
 ROWS = [1, 2, 3, 5, 8, 13]   # 13: more rows than one pass of any path takes (the op allows it; the layers stop at 8)
-
-
-@pytest.fixture(params=CPU_ISAS)
-def isa_op(request, cpu_op):
-    """The compiled CPU op running its ``request.param`` SIMD path (restored afterwards)."""
-    if request.param not in cpu_op.supported_cpu_isas():
-        pytest.skip(f"this CPU has no {request.param} (it has {cpu_op.supported_cpu_isas()})")
-    before = cpu_op.cpu_isa()
-    cpu_op.set_cpu_isa(request.param)
-    yield cpu_op
-    cpu_op.set_cpu_isa(before)
 
 
 def _parts(qt):
@@ -119,17 +108,18 @@ def _layer(dtype, bias=True, dq=True, quant_type="nf4", shape=(96, 192)):
     return layer
 
 
-def _run(layer, x, on: bool, ckpt=False, grad=True):
-    """Output and gradients (x, lora_A, lora_B) with the path on or off; counts the calls that took it."""
+def _run(layer, x, on: bool, ckpt=False, grad=True, kernel="linear_4bit"):
+    """Output and gradients (x, lora_A, lora_B) with the path on or off; counts the calls that took it (those of
+    ``small_rows.<kernel>``)."""
     calls = []
-    real = small_rows.linear_4bit
+    real = getattr(small_rows, kernel)
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
     previous = small_rows.set_enabled(on)
-    small_rows.linear_4bit = spy
+    setattr(small_rows, kernel, spy)
     try:
         layer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(grad)
@@ -137,7 +127,7 @@ def _run(layer, x, on: bool, ckpt=False, grad=True):
         if grad:
             y.float().square().sum().backward()
     finally:
-        small_rows.linear_4bit = real
+        setattr(small_rows, kernel, real)
         small_rows.set_enabled(previous)
     grads = [xi.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad] if grad else []
     return [y.detach()] + grads, len(calls)

@@ -4,10 +4,10 @@ Forward dequantizes the frozen base (through ``qlora_ds.ops`` for NF4/FP4, the I
 QA-LoRA), runs the matmul and lets the dequantized weight go; backward dequantizes again and returns
 the input gradient only: the packed base never gets a gradient. On CPUs with AMX, bf16 NF4/FP4 calls where it is
 faster take the fused path instead (``qlora_ds.ops.fused_linear``: dequantized inside the GEMM, forward and backward,
-nothing kept). NF4/FP4 forwards of a few rows on CPU (decoding; ``qlora_ds.ops.small_rows``) multiply straight from
-the packed weight, and their backward dequantizes (or takes the AMX kernel). Every tensor comes in as an argument
-(never a module attribute captured earlier), so DeepSpeed ZeRO-3's gathered parameters are the ones used, and
-recomputation under non-reentrant checkpointing sees the same inputs.
+nothing kept). NF4/FP4 and INT-N forwards of a few rows on CPU (decoding; ``qlora_ds.ops.small_rows``) multiply
+straight from the packed weight, and their backward dequantizes (or takes the AMX kernel, NF4/FP4). Every tensor
+comes in as an argument (never a module attribute captured earlier), so DeepSpeed ZeRO-3's gathered parameters are
+the ones used, and recomputation under non-reentrant checkpointing sees the same inputs.
 
 Dequantization (NF4/FP4 and INT-N) writes into a reused per-(device, dtype) workspace: one buffer as large as the
 largest layer, instead of a fresh allocation per call (it matters for CPU speed). The buffer never
@@ -190,14 +190,16 @@ class IntNLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qweight, scales, zeros, bias, meta, guard=None):
         shape, bits, group_size = meta
+        ctx.meta = meta
+        ctx.save_for_backward(qweight, scales, zeros, bias)
+        if guard is None and small_rows.supported_intn(x, shape, group_size):   # decoding, as NF4LinearFunction
+            return small_rows.linear_intn(x, qweight, scales.view(torch.float32), zeros.view(torch.float32), bits,
+                                          group_size, shape, bias)
         w = dequantize_parts(qweight, scales.view(torch.float32), zeros.view(torch.float32), bits, group_size,
                              shape, x.dtype, workspace(prod(shape), x.dtype, x.device))
         if guard is not None:
             guards.check(w, guard, "dequantized weight")
-        y = F.linear(x, w, bias)
-        ctx.meta = meta
-        ctx.save_for_backward(qweight, scales, zeros, bias)
-        return y
+        return F.linear(x, w, bias)
 
     @staticmethod
     def backward(ctx, grad_out):

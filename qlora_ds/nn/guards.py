@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import weakref
 from typing import Iterator
 
@@ -46,22 +45,21 @@ import torch
 import torch.nn as nn
 
 from ..errors import NonFiniteError
+from ..switch import Switch
 
 ENV_VAR = "QLORA_DS_DEBUG"
 NAME_ATTR = "_qlora_ds_name"
 
-_enabled: bool = os.environ.get(ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+_switch = Switch(ENV_VAR, default=False)
 
 
 def enable(flag: bool = True) -> bool:
     """Turn the guards on or off for the whole process; returns the previous setting."""
-    global _enabled
-    previous, _enabled = _enabled, bool(flag)
-    return previous
+    return _switch.set(flag)
 
 
 def is_enabled() -> bool:
-    return _enabled
+    return _switch.on
 
 
 @contextlib.contextmanager
@@ -86,7 +84,7 @@ def name_modules(model: nn.Module) -> nn.Module:
 
 def layer_guard(module: nn.Module) -> str | None:
     """The name to report for ``module`` when guards are on; None (skip every check) when off."""
-    return module_name(module) if _enabled else None
+    return module_name(module) if _switch.on else None
 
 
 def _all_finite(inputs) -> bool:
@@ -132,7 +130,7 @@ def _float_tensors(obj) -> Iterator[torch.Tensor]:
 
 
 def _hook(module: nn.Module, inputs, output) -> None:
-    if not _enabled:
+    if not _switch.on:
         return
     for t in _float_tensors(output):
         if t.numel():
@@ -168,7 +166,7 @@ INPUT, OUTPUT, OUTPUT_GRAD, INPUT_GRAD = range(4)
 _NONE = torch.iinfo(torch.int64).max
 _ID_BITS = 21                                            # key = seq << 23 | module id << 2 | event
 _ID_ATTR = "_qlora_ds_watch_id"
-_watch_on: bool = os.environ.get(WATCH_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+_watch = Switch(WATCH_VAR, default=True)
 _first: dict[torch.device, torch.Tensor] = {}            # per device: the lowest key seen since the last take
 _modules: list = []                                      # module id -> weakref to the module
 _seq = 0
@@ -177,14 +175,12 @@ _dirty = False
 
 def enable_watch(flag: bool = True) -> bool:
     """Turn the fp16 overflow watch on or off for the process; returns the previous setting."""
-    global _watch_on
-    previous, _watch_on = _watch_on, bool(flag)
-    return previous
+    return _watch.set(flag)
 
 
 def watch_id(module: nn.Module) -> int | None:
     """The module's watch id when its compute dtype is fp16 and the watch is on (else None: record nothing)."""
-    if not _watch_on or getattr(module, "compute_dtype", None) is not torch.float16:
+    if not _watch.on or getattr(module, "compute_dtype", None) is not torch.float16:
         return None
     mid = module.__dict__.get(_ID_ATTR)
     if mid is None:

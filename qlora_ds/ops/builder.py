@@ -153,7 +153,8 @@ class QuantCPUBuilder(_CPUBuilder):
     BUILD_VAR = "QLORA_DS_BUILD_QUANT"
     NAME = "qlora_ds_quant_cpu"
     MODULE = "quant_cpu"
-    SOURCES = ("quant_cpu.cpp", "quant_cpu_amx.cpp", "quant_cpu_gemv.cpp", "lora_dropout_cpu.cpp")
+    SOURCES = ("quant_cpu.cpp", "quant_cpu_amx.cpp", "quant_cpu_gemv.cpp", "quant_cpu_gemv_intn.cpp",
+               "lora_dropout_cpu.cpp")
     PORTABLE = True
 
 

@@ -18,30 +18,24 @@ turns the path off.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 
 from .. import codebooks as codes
+from ..switch import Switch
 from . import load_backend, reference
 
-_enabled = os.environ.get("QLORA_DS_FUSED_LINEAR", "1").strip() != "0"
+_switch = Switch("QLORA_DS_FUSED_LINEAR", default=True)
+set_enabled = _switch.set     # set_enabled(False) turns the path off for this process; returns the previous setting
 MAX_ROWS = 256                  # any weight: fused at up to this many rows
 MAX_ROWS_LARGE = 1024           # weights of LARGE_WEIGHT elements or more: fused up to this many rows
 LARGE_WEIGHT = 1 << 23
 
 
-def set_enabled(on: bool) -> bool:
-    """Turn the fused path on or off for this process; returns the previous setting."""
-    global _enabled
-    previous, _enabled = _enabled, bool(on)
-    return previous
-
-
 def available() -> bool:
     """The path is on and this CPU runs it now (the compiled op, AMX, the avx512 path), whatever the call."""
-    if not _enabled:
+    if not _switch.on:
         return False
     impl = load_backend("cpu")
     return impl is not reference and impl.amx_linear_supported()

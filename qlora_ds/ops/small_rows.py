@@ -22,14 +22,21 @@ hence ``MAX_ROWS`` = 8. Against the AMX fused linear (bf16): 0.40-0.62 at 1 row,
 hence ``MAX_ROWS_BESIDE_AMX`` = 4. The scalar loop (``QLORA_DS_CPU_ISA=scalar``, torch without AVX): 0.37-0.74 at
 1 row, 1.1-1.6 at 4. SmolLM2-135M ``generate`` (r=64 adapters), ms per token off → on: native bf16
 118 → 105 (1 thread), 98 → 90 (2); native fp32 123 → 82; AVX2 fp32 126 → 95 (1 thread), 92 → 76 (2).
+
+``supported_intn`` / ``linear_intn``: the same for QA-LoRA's group-wise INT-N base weight (bits 2, 3, 4;
+``csrc/quant_cpu_gemv_intn.cpp``): per (row, group) the 2^bits values ``(q - zero) * scale`` are built once, the
+dequantizer's to the bit. No AMX kernel exists for INT-N, so up to ``MAX_ROWS`` rows in bf16 too. Measured the same
+way (INT4 and INT3, group size 32), ours / (dequantize + matmul): native bf16 0.20-0.40 at 1 row, 0.61-0.84 at 8;
+AVX2 fp32 0.23-0.56 / 0.34-0.75. QA-LoRA (INT4) SmolLM2-135M ``generate``, ms per token off → on, 1 thread: native
+bf16 156 → 114, AVX2 fp32 130 → 95.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 
+from ..switch import Switch
 from . import fused_linear, load_backend, reference
 from .fused_linear import _weight_args
 
@@ -38,22 +45,24 @@ MAX_ROWS = 8                 # rows (tokens) per call up to which this path is t
 MAX_ROWS_BESIDE_AMX = 4      # bf16 calls the AMX fused linear would take: this path up to this many rows
 MAX_ROWS_SCALAR = 1          # the kernels' scalar loop (no AVX2, e.g. a non-x86 build): 1 row only
 _DTYPES = (torch.float32, torch.bfloat16)
-_enabled = os.environ.get(ENV, "1").strip() != "0"
-
-
-def set_enabled(on: bool) -> bool:
-    """Turn the path on or off for this process; returns the previous setting."""
-    global _enabled
-    previous, _enabled = _enabled, bool(on)
-    return previous
+_switch = Switch(ENV, default=True)
+set_enabled = _switch.set     # set_enabled(False) turns the path off for this process; returns the previous setting
 
 
 def available() -> bool:
     """The path is on and the compiled CPU op has the kernel, whatever the call."""
-    if not _enabled:
+    if not _switch.on:
         return False
     impl = load_backend("cpu")
     return impl is not reference and hasattr(impl, "small_rows_linear")
+
+
+def _rows_ok(x: torch.Tensor, in_f: int) -> bool:
+    """The path is available and x has at most ``MAX_ROWS`` rows (``MAX_ROWS_SCALAR`` on the scalar loop)."""
+    rows = x.numel() // max(1, in_f)
+    if rows > MAX_ROWS or not available():
+        return False
+    return rows <= MAX_ROWS_SCALAR or load_backend("cpu").cpu_isa() != "scalar"
 
 
 def supported(x: torch.Tensor, shape: Sequence[int], blocksize: int) -> bool:
@@ -62,12 +71,9 @@ def supported(x: torch.Tensor, shape: Sequence[int], blocksize: int) -> bool:
     out_f, in_f = shape
     if blocksize <= 0 or in_f % blocksize or x.shape[-1] != in_f:
         return False
-    rows = x.numel() // max(1, in_f)
-    if rows > MAX_ROWS or not available():
+    if not _rows_ok(x, in_f):
         return False
-    if rows > MAX_ROWS_SCALAR and load_backend("cpu").cpu_isa() == "scalar":
-        return False
-    return rows <= MAX_ROWS_BESIDE_AMX or not fused_linear.supported(x, shape, blocksize)
+    return x.numel() // max(1, in_f) <= MAX_ROWS_BESIDE_AMX or not fused_linear.supported(x, shape, blocksize)
 
 
 def linear_4bit(x: torch.Tensor, packed, absmax, absmax2, offset, quant_type: str, blocksize: int,
@@ -80,4 +86,28 @@ def linear_4bit(x: torch.Tensor, packed, absmax, absmax2, offset, quant_type: st
     y = load_backend("cpu").small_rows_linear(x.reshape(-1, in_f).contiguous(),
                                               *_weight_args(packed, absmax, absmax2, offset, quant_type), blocksize,
                                               nested_blocksize, out_f, in_f, bias)
+    return y.view(*x.shape[:-1], out_f)
+
+
+def supported_intn(x: torch.Tensor, shape: Sequence[int], group_size: int) -> bool:
+    """Whether ``linear_intn`` takes this call (the conditions of ``supported``, the group size for the block size;
+    the compiled op must have the INT-N kernel)."""
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() == 0:
+        return False
+    out_f, in_f = shape
+    if group_size <= 0 or group_size % 8 or in_f % group_size or x.shape[-1] != in_f:
+        return False
+    return _rows_ok(x, in_f) and hasattr(load_backend("cpu"), "small_rows_linear_intn")
+
+
+def linear_intn(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                group_size: int, shape: Sequence[int], bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x[..., in] · deq(W)ᵀ (+ bias)`` → ``[..., out]`` in x's dtype for an INT-N weight (``supported_intn`` must
+    hold): ``qweight`` uint8 [out, in*bits/8], ``scales``/``zeros`` fp32 [out, in/group_size]."""
+    out_f, in_f = shape
+    if bias is not None and bias.dtype not in (torch.float32, x.dtype):
+        bias = bias.float()
+    y = load_backend("cpu").small_rows_linear_intn(x.reshape(-1, in_f).contiguous(), qweight.reshape(-1),
+                                                   scales.reshape(-1), zeros.reshape(-1), bits, group_size, out_f,
+                                                   in_f, bias)
     return y.view(*x.shape[:-1], out_f)
