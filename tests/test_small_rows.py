@@ -30,6 +30,22 @@ def _reference_weight(qt) -> torch.Tensor:
         return qt.dequantize(torch.float32)
 
 
+def check_linear(linear, parts, w: torch.Tensor, rows_list, dtype: torch.dtype) -> None:
+    """``linear(x, *parts[, bias=])`` == x · wᵀ (+ bias) at each row count; leading dimensions kept; an fp32 bias on
+    bf16 input."""
+    out_f, in_f = w.shape
+    bias = torch.randn(out_f).to(dtype)
+    for rows in rows_list:
+        x = torch.randn(rows, in_f).to(dtype)
+        exact = x.double() @ w.t()
+        _check_close(linear(x, *parts), exact, dtype)
+        _check_close(linear(x, *parts, bias=bias), exact + bias.double(), dtype)
+    x = torch.randn(2, 1, in_f).to(dtype)
+    y = linear(x, *parts, bias=bias.float())
+    assert y.shape == (2, 1, out_f)
+    _check_close(y.view(2, out_f), x.view(2, in_f).double() @ w.t() + bias.double(), dtype)
+
+
 def _check_close(y: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> None:
     """fp32: the accumulation order only (1e-5 of the largest output); bf16: one rounding of that (half an ulp)."""
     assert y.dtype == dtype and y.shape == exact.shape
@@ -45,18 +61,7 @@ def test_kernel_matches_dequantize_then_matmul(isa_op, quant_type, dq, dtype):
     torch.manual_seed(0)
     for out_f, in_f, bs, nested in SHAPES:
         qt = quantize(torch.randn(out_f, in_f) * 2, quant_type, bs, dq, nested)
-        w = _reference_weight(qt).double()
-        bias = torch.randn(out_f).to(dtype)
-        for rows in ROWS:
-            x = torch.randn(rows, in_f).to(dtype)
-            exact = x.double() @ w.t()
-            _check_close(small_rows.linear_4bit(x, *_parts(qt)), exact, dtype)
-            _check_close(small_rows.linear_4bit(x, *_parts(qt), bias=bias), exact + bias.double(), dtype)
-        # leading dimensions are kept; an fp32 bias on bf16 input
-        x = torch.randn(2, 1, in_f).to(dtype)
-        y = small_rows.linear_4bit(x, *_parts(qt), bias=bias.float())
-        assert y.shape == (2, 1, out_f)
-        _check_close(y.view(2, out_f), x.view(2, in_f).double() @ w.t() + bias.double(), dtype)
+        check_linear(small_rows.linear_4bit, _parts(qt), _reference_weight(qt).double(), ROWS, dtype)
 
 
 def test_every_path_decodes_the_same_weights(isa_op):

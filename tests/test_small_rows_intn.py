@@ -12,7 +12,7 @@ from qlora_ds.nn import QALoRAConfig, QALoRALinear
 from qlora_ds.ops import small_rows
 from qlora_ds.quant import intn
 
-from .test_small_rows import _check_close, _run
+from .test_small_rows import _run, check_linear
 
 BITS = [2, 3, 4]
 # (out, in, group_size): odd out; group sizes 32/64/128; 24 and 40 (8 * odd: the SIMD loops' one-step tails, and not
@@ -43,17 +43,7 @@ def test_kernel_matches_dequantize_then_matmul(isa_op, bits, dtype):
     torch.manual_seed(bits)
     for out_f, in_f, gs in SHAPES:
         qt = _quantized(out_f, in_f, bits, gs)
-        w = _reference_weight(qt).double()
-        bias = torch.randn(out_f).to(dtype)
-        for rows in ROWS:
-            x = torch.randn(rows, in_f).to(dtype)
-            exact = x.double() @ w.t()
-            _check_close(small_rows.linear_intn(x, *_parts(qt)), exact, dtype)
-            _check_close(small_rows.linear_intn(x, *_parts(qt), bias=bias), exact + bias.double(), dtype)
-        x = torch.randn(2, 1, in_f).to(dtype)       # leading dimensions are kept; an fp32 bias on bf16 input
-        y = small_rows.linear_intn(x, *_parts(qt), bias=bias.float())
-        assert y.shape == (2, 1, out_f)
-        _check_close(y.view(2, out_f), x.view(2, in_f).double() @ w.t() + bias.double(), dtype)
+        check_linear(small_rows.linear_intn, _parts(qt), _reference_weight(qt).double(), ROWS, dtype)
 
 
 @pytest.mark.parametrize("bits", BITS)
