@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import RowWriter, describe_machine, format_table, paired_ratio, time_interleaved
+from bench.layer import parse_shape
 from qlora_ds import dequantize, quantize
 from qlora_ds.nn.functional import dequantize_nf4_parts, workspace
 from qlora_ds.ops import fused_linear, small_rows
@@ -37,14 +38,6 @@ from qlora_ds.quant import intn
 
 SHAPES, QUICK_SHAPES = [(4096, 4096), (1536, 576), (576, 576)], [(256, 512)]
 PROMPT = "Explain in a few sentences why the sky is blue."
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    try:
-        out_f, in_f = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape {text!r} is not OUTxIN, e.g. 1536x576") from None
-    return out_f, in_f
 
 
 def linear_variants(out_f: int, in_f: int, rows: int, dtype: torch.dtype) -> dict:

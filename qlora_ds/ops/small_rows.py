@@ -57,21 +57,30 @@ def available() -> bool:
     return impl is not reference and hasattr(impl, "small_rows_linear")
 
 
-def _rows_ok(x: torch.Tensor, in_f: int) -> bool:
-    """The path is available and x has at most ``MAX_ROWS`` rows (``MAX_ROWS_SCALAR`` on the scalar loop)."""
+def _rows_ok(x: torch.Tensor, in_f: int, unit: int) -> bool:
+    """The path is available for x: a CPU fp32/bf16 tensor of ``in_f`` columns, a multiple of ``unit`` (the blocksize
+    or group size), and at most ``MAX_ROWS`` rows (``MAX_ROWS_SCALAR`` on the scalar loop)."""
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() == 0:
+        return False
+    if unit <= 0 or in_f % unit or x.shape[-1] != in_f:
+        return False
     rows = x.numel() // max(1, in_f)
     if rows > MAX_ROWS or not available():
         return False
     return rows <= MAX_ROWS_SCALAR or load_backend("cpu").cpu_isa() != "scalar"
 
 
+def _run(op: str, x: torch.Tensor, weight_args, out_f: int, in_f: int, bias) -> torch.Tensor:
+    """The op on x's rows; an fp32 bias is kept as it is (added before the one rounding to x's dtype)."""
+    if bias is not None and bias.dtype not in (torch.float32, x.dtype):
+        bias = bias.float()
+    y = getattr(load_backend("cpu"), op)(x.reshape(-1, in_f).contiguous(), *weight_args, bias)
+    return y.view(*x.shape[:-1], out_f)
+
+
 def supported(x: torch.Tensor, shape: Sequence[int], blocksize: int) -> bool:
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() == 0:
-        return False
-    out_f, in_f = shape
-    if blocksize <= 0 or in_f % blocksize or x.shape[-1] != in_f:
-        return False
-    if not _rows_ok(x, in_f):
+    _, in_f = shape
+    if not _rows_ok(x, in_f, blocksize):
         return False
     return x.numel() // max(1, in_f) <= MAX_ROWS_BESIDE_AMX or not fused_linear.supported(x, shape, blocksize)
 
@@ -81,23 +90,15 @@ def linear_4bit(x: torch.Tensor, packed, absmax, absmax2, offset, quant_type: st
     """``x[..., in] · deq(W)ᵀ (+ bias)`` → ``[..., out]`` in x's dtype (``supported`` must hold). ``absmax`` holds
     uint8 codes with double quantization (``absmax2`` fp32, ``offset`` a float), as ``fused_linear.linear_4bit``."""
     out_f, in_f = shape
-    if bias is not None and bias.dtype not in (torch.float32, x.dtype):
-        bias = bias.float()
-    y = load_backend("cpu").small_rows_linear(x.reshape(-1, in_f).contiguous(),
-                                              *_weight_args(packed, absmax, absmax2, offset, quant_type), blocksize,
-                                              nested_blocksize, out_f, in_f, bias)
-    return y.view(*x.shape[:-1], out_f)
+    args = (*_weight_args(packed, absmax, absmax2, offset, quant_type), blocksize, nested_blocksize, out_f, in_f)
+    return _run("small_rows_linear", x, args, out_f, in_f, bias)
 
 
 def supported_intn(x: torch.Tensor, shape: Sequence[int], group_size: int) -> bool:
-    """Whether ``linear_intn`` takes this call (the conditions of ``supported``, the group size for the block size;
-    the compiled op must have the INT-N kernel)."""
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() == 0:
-        return False
-    out_f, in_f = shape
-    if group_size <= 0 or group_size % 8 or in_f % group_size or x.shape[-1] != in_f:
-        return False
-    return _rows_ok(x, in_f) and hasattr(load_backend("cpu"), "small_rows_linear_intn")
+    """Whether ``linear_intn`` takes this call (the conditions of ``supported``, the group size for the block size,
+    a multiple of 8; the compiled op must have the INT-N kernel)."""
+    return (group_size % 8 == 0 and _rows_ok(x, shape[1], group_size)
+            and hasattr(load_backend("cpu"), "small_rows_linear_intn"))
 
 
 def linear_intn(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
@@ -105,9 +106,5 @@ def linear_intn(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     """``x[..., in] · deq(W)ᵀ (+ bias)`` → ``[..., out]`` in x's dtype for an INT-N weight (``supported_intn`` must
     hold): ``qweight`` uint8 [out, in*bits/8], ``scales``/``zeros`` fp32 [out, in/group_size]."""
     out_f, in_f = shape
-    if bias is not None and bias.dtype not in (torch.float32, x.dtype):
-        bias = bias.float()
-    y = load_backend("cpu").small_rows_linear_intn(x.reshape(-1, in_f).contiguous(), qweight.reshape(-1),
-                                                   scales.reshape(-1), zeros.reshape(-1), bits, group_size, out_f,
-                                                   in_f, bias)
-    return y.view(*x.shape[:-1], out_f)
+    args = (qweight.reshape(-1), scales.reshape(-1), zeros.reshape(-1), bits, group_size, out_f, in_f)
+    return _run("small_rows_linear_intn", x, args, out_f, in_f, bias)
