@@ -92,3 +92,17 @@ def test_interleaved_timing_alternates_order_and_pairs_rounds():
     # the ratio is the median of per-round ratios: one slow round (a machine's busy spell) does not move it
     s = {"ours": [1.1, 2.2, 1.1, 11.0, 1.1], "dense": [1.0, 2.0, 1.0, 5.0, 1.0]}
     assert abs(paired_ratio(s, "ours", "dense") - 1.1) < 1e-12
+
+
+def test_bench_decode_quick_generates_the_same_tokens_both_ways(tmp_path, monkeypatch, cpu_op):
+    """bench decode --quick: linear rows for NF4 and INT4, and generate rows (NF4 and QA-LoRA) whose tokens are the
+    same with the few-rows path on and off, with the adapters-off time recorded beside them."""
+    import pytest
+    pytest.importorskip("transformers")
+    from bench import decode
+    monkeypatch.setenv("QLORA_DS_BENCH_RESULTS", str(tmp_path))
+    assert decode.main(["--quick", "--shape", "64x128", "--rows", "1,2", "--intn-bits", "4"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "decode.jsonl").read_text().splitlines()]
+    gen = [r for r in rows if r.get("kind") == "generate"]
+    assert len(gen) == 2 and len(rows) == 6, rows
+    assert all(r["same_tokens"] and r["ms_per_token_on_no_adapter"] > 0 for r in gen), gen

@@ -201,3 +201,34 @@ def test_config_target_modules():
     assert c.target_modules == ("q_proj", "v_proj") and c.matches("a.q_proj") and not c.matches("a.q_proj2")
     c = QLoRAConfig(target_modules=r".*\.layers\.0\..*_proj")
     assert c.matches("model.layers.0.mlp.up_proj") and not c.matches("model.layers.1.mlp.up_proj")
+
+
+@pytest.mark.parametrize("kind", ["qlora", "qalora"])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_few_row_no_grad_lora_branch_rounds_once(kind, rows):
+    """Decoding on CPU (≤ LORA_FEW_ROWS rows, no grad) adds the LoRA branch in the adapter's fp32 and rounds the sum
+    to bf16 once: within half a bf16 ulp (+ fp32 accumulation) of base + exact delta. The compute-dtype path rounds
+    A·x and the scaled intermediate to bf16 first, which this bound rejects when the delta is large."""
+    from qlora_ds.nn import QALoRAConfig, QALoRALinear
+    from qlora_ds.nn.functional import LORA_FEW_ROWS
+    assert rows <= LORA_FEW_ROWS
+    torch.manual_seed(0)
+    lin = nn.Linear(IN, OUT)
+    if kind == "qlora":
+        layer = QLoRALinear.from_linear(lin, QLoRAConfig(r=8, alpha=16, dropout=0.0, compute_dtype=torch.bfloat16))
+    else:
+        layer = QALoRALinear.from_linear(lin, QALoRAConfig(bits=4, group_size=32, r=8, alpha=16, dropout=0.0,
+                                                           compute_dtype=torch.bfloat16))
+    nn.init.normal_(layer.lora_B.weight, std=1.0)                 # the delta dominates the output
+    x = torch.randn(rows, 1, IN).to(torch.bfloat16)
+    with torch.no_grad():
+        out = layer(x)
+        layer.disable_adapter = True
+        base = layer(x)
+        layer.disable_adapter = False
+        lora_in = layer.pool(x) if kind == "qalora" else x
+        delta = layer.scaling * (lora_in.double() @ layer.lora_A.weight.double().t()) @ layer.lora_B.weight.double().t()
+    exact = base.double() + delta
+    assert out.dtype == torch.bfloat16 and out.shape == exact.shape
+    err = (out.double() - exact).abs()
+    assert (err <= exact.abs() * 2.0 ** -8 + 1e-5 * exact.abs().max()).all(), err.max().item()

@@ -58,6 +58,8 @@ def clear_workspaces() -> None:
 # (one decoder layer under checkpointing: the first, discarded pass frees its buffer at once). It never grows past
 # KEEP_LIMIT bytes (the planner's ``dequant_keep``); past that, backward dequantizes again as before.
 KEEP_LIMIT = int(float(os.environ.get("QLORA_DS_KEEP_DEQUANT_MB", "256")) * (1 << 20))
+# Up to this many rows (tokens) a no-grad CPU call computes the LoRA branch in the adapter weights' dtype (add_lora).
+LORA_FEW_ROWS = 8
 _kept: list[tuple[torch.Tensor, int]] = []          # (buffer, its storage use count when free)
 _recording = threading.local()                      # set by NF4LinearFunction.apply around its forward
 _recording.on = False
@@ -225,8 +227,16 @@ def lora_delta(x: torch.Tensor, lora_A: torch.nn.Linear, lora_B: torch.nn.Linear
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_A: torch.nn.Linear, lora_B: torch.nn.Linear, scaling: float,
              dtype: torch.dtype) -> torch.Tensor:
     """y + scaling · B(A(x)), the add fused into the B matmul (one addmm instead of a matmul and a full-size add)."""
-    a = F.linear(x, lora_A.weight.to(dtype)) * scaling
-    out = torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1]), lora_B.weight.to(dtype).t())
+    wa, wb = lora_A.weight, lora_B.weight
+    if wa.dtype != dtype and x.device.type == "cpu" and not torch.is_grad_enabled() \
+            and x.numel() <= LORA_FEW_ROWS * x.shape[-1]:
+        # Decoding on CPU: the casts of A and B and oneDNN's r-wide bf16 GEMMs (a ~20 µs floor per call) cost
+        # ~120 µs per 576² layer and token, twice the 4-bit product; in the adapter's own dtype ~50 (bench/RESULTS.md).
+        a = F.linear(x.reshape(-1, x.shape[-1]).to(wa.dtype), wa) * scaling
+        out = torch.addmm(y.reshape(-1, y.shape[-1]).to(wb.dtype), a, wb.t()).to(y.dtype)
+        return out.view(y.shape)
+    a = F.linear(x, wa.to(dtype)) * scaling
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1]), wb.to(dtype).t())
     return out.view(y.shape)
 
 
