@@ -232,9 +232,9 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_A: torch.nn.Linear, lora_B: 
             and x.numel() <= LORA_FEW_ROWS * x.shape[-1]:
         # Decoding on CPU: the casts of A and B and oneDNN's r-wide bf16 GEMMs (a ~20 µs floor per call) cost
         # ~120 µs per 576² layer and token, twice the 4-bit product; in the adapter's own dtype ~50 (bench/RESULTS.md).
-        a = F.linear(x.reshape(-1, x.shape[-1]).to(wa.dtype), wa) * scaling
-        out = torch.addmm(y.reshape(-1, y.shape[-1]).to(wb.dtype), a, wb.t()).to(y.dtype)
-        return out.view(y.shape)
+        a = torch.mm(x.reshape(-1, x.shape[-1]).to(wa.dtype), wa.t())
+        out = torch.addmm(y.reshape(-1, y.shape[-1]).to(wb.dtype), a, wb.t(), alpha=scaling)
+        return out.to(y.dtype).view(y.shape)
     a = F.linear(x, wa.to(dtype)) * scaling
     out = torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1]), wb.to(dtype).t())
     return out.view(y.shape)
