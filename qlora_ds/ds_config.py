@@ -2,12 +2,28 @@
 setting lives in one place; a value given in both that disagrees is an error naming both, before the first step."""
 from __future__ import annotations
 
+import copy
 import json
+import os
 
 import torch
 
 from .errors import QLoRADSError
 from .hardware import fold_ds_precision, resolve_device, resolve_dtype
+
+
+def read_ds_config(ds_config) -> dict:
+    """A ds_config given as a dict or a JSON path, as a fresh dict (a copy: the caller may change it)."""
+    if isinstance(ds_config, (str, os.PathLike)):
+        try:
+            with open(ds_config, encoding="utf-8") as fh:
+                ds_config = json.load(fh)
+        except (OSError, ValueError) as err:
+            raise QLoRADSError(f"cannot read the DeepSpeed config {str(ds_config)!r} ({err}); pass a dict or a path "
+                               f"to a valid JSON file") from None
+    if not isinstance(ds_config, dict):
+        raise QLoRADSError(f"ds_config must be a dict or a JSON path, got {type(ds_config).__name__}")
+    return copy.deepcopy(ds_config)
 
 
 def check_fp16_supported(dtype: torch.dtype, device: torch.device) -> None:

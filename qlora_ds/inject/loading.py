@@ -33,6 +33,7 @@ import os
 import torch
 import torch.nn as nn
 
+from ..ds_config import read_ds_config
 from ..errors import QLoRADSError
 from ..hardware import ds_compute_dtype, resolve_dtype
 from ..heap import install_heap_release, release_free_heap
@@ -54,15 +55,7 @@ def zero_stage(ds_config) -> int:
     """ZeRO stage of a ds_config given as a dict, a JSON path, or None (→ 0)."""
     if ds_config is None:
         return 0
-    if isinstance(ds_config, (str, os.PathLike)):
-        try:
-            with open(ds_config) as f:
-                ds_config = json.load(f)
-        except (OSError, ValueError) as err:
-            raise QLoRADSError(f"cannot read the DeepSpeed config {str(ds_config)!r} ({err}); pass a dict or a "
-                               f"path to a valid JSON file") from None
-    if not isinstance(ds_config, dict):
-        raise QLoRADSError(f"ds_config must be a dict or a JSON path, got {type(ds_config).__name__}")
+    ds_config = read_ds_config(ds_config)
     return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
 
 

@@ -22,12 +22,11 @@ Four pieces, each usable alone:
 """
 from __future__ import annotations
 
-import copy
-import json
 import os
 
 import torch
 
+from ..ds_config import read_ds_config
 from ..errors import QLoRADSError
 
 __all__ = ["ADAPTER_DIR", "QLoRATrainer", "ds_training_defaults", "make_optimizer", "optimizer_cls_and_kwargs",
@@ -38,19 +37,6 @@ AUTO = "auto"   # HF's ds_config placeholder: the value comes from TrainingArgum
 _ARG_KEYS = ("lr", "betas", "eps", "weight_decay")   # optimizer params TrainingArguments also set
 
 
-def _read(ds_config) -> dict:
-    if isinstance(ds_config, (str, os.PathLike)):
-        try:
-            with open(ds_config, encoding="utf-8") as fh:
-                ds_config = json.load(fh)
-        except (OSError, ValueError) as err:
-            raise QLoRADSError(f"cannot read the DeepSpeed config {str(ds_config)!r} ({err}); pass a dict or a path "
-                               f"to a valid JSON file") from None
-    if not isinstance(ds_config, dict):
-        raise QLoRADSError(f"ds_config must be a dict or a JSON path, got {type(ds_config).__name__}")
-    return copy.deepcopy(ds_config)
-
-
 def trainer_ds_config(ds_config) -> tuple[dict, dict | None]:
     """(copy of ``ds_config`` without our optimizer section and ``_``-prefixed notes, that section or None).
 
@@ -58,7 +44,7 @@ def trainer_ds_config(ds_config) -> tuple[dict, dict | None]:
     """
     from ..optim.deepspeed_registration import split_ds_config
 
-    cfg = {k: v for k, v in _read(ds_config).items() if not k.startswith("_")}
+    cfg = {k: v for k, v in read_ds_config(ds_config).items() if not k.startswith("_")}
     try:
         return split_ds_config(cfg)
     except ValueError as err:
