@@ -40,13 +40,7 @@ def check_fp16_supported(dtype: torch.dtype, device: torch.device) -> None:
 def resolve_ds_config(args, world: int, device: torch.device | None = None) -> dict:
     """The ds_config with the command line folded in; any disagreement is an error, not a silent override.
     Its bf16/fp16 sections follow ``--dtype`` resolved for ``device`` (default: this rank's training device)."""
-    cfg: dict = {}
-    if args.ds_config:
-        try:
-            with open(args.ds_config, encoding="utf-8") as fh:
-                cfg = json.load(fh)
-        except (OSError, json.JSONDecodeError) as err:
-            raise QLoRADSError(f"cannot read ds_config {args.ds_config!r}: {err}") from None
+    cfg = read_ds_config(args.ds_config) if args.ds_config else {}
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
 
     def merge(key: str, cli, default):

@@ -117,6 +117,13 @@ def test_config_conflicts_are_refused_before_training(tiny):
     for extra, world, match in cases:
         with pytest.raises(QLoRADSError, match=match):
             ft.resolve_ds_config(ft.parse_args(base + extra), world)
+    bad = tiny["root"] / "bad_ds.json"
+    bad.write_text("{not json")
+    for path in (bad, tiny["root"] / "missing_ds.json"):           # named, with the fix, before any work
+        args = ft.parse_args(base)
+        args.ds_config = str(path)
+        with pytest.raises(QLoRADSError, match=f"cannot read the DeepSpeed config '{path}'.*valid JSON file"):
+            ft.resolve_ds_config(args, 1)
 
 
 def test_bad_intervals_and_ranges_are_refused_at_parse_time(tiny, capsys):
