@@ -194,13 +194,14 @@ def planner_check(args, model_config, ds_config: dict, world: int, runtime: int,
     as the runtime term; CUDA: max allocated."""
     import torch.distributed as dist
 
+    from qlora_ds.distributed import collective_device
     from qlora_ds.errors import QLoRADSError
     from qlora_ds.ops import fused_linear
     from qlora_ds.plan.run_check import config_for_run, memory_check
 
     cuda = torch.cuda.is_available()
     mine = torch.tensor([_memory_mb() * 2 ** 20, float(runtime), float(max(widths, default=0)), float(sum(widths))],
-                        dtype=torch.float64)
+                        dtype=torch.float64, device=collective_device())      # NCCL takes no CPU tensors
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
     peak, runtime, _, width_sum = max(every, key=lambda t: t[0].item()).tolist()
@@ -223,7 +224,9 @@ def planner_check(args, model_config, ds_config: dict, world: int, runtime: int,
 def _all_mean(values: list[float]) -> list[float]:
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    from qlora_ds.distributed import collective_device
+
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())   # NCCL takes no CPU tensors
     dist.all_reduce(t)
     return (t / dist.get_world_size()).tolist()
 

@@ -242,6 +242,8 @@ def _all_ok(ok: bool) -> bool:
     import torch
     import torch.distributed as dist
 
-    flag = torch.tensor([0 if ok else 1])
+    from .distributed import collective_device
+
+    flag = torch.tensor([0 if ok else 1], device=collective_device())    # NCCL takes no CPU tensors
     dist.all_reduce(flag)
     return int(flag.item()) == 0

@@ -67,6 +67,18 @@ def init_distributed(timeout_s: float = 600.0):
     return dist.get_rank(), dist.get_world_size(), local
 
 
+def collective_device():
+    """Where a tensor of a collective on the default process group must live: this rank's GPU when the group runs
+    NCCL, which has no CPU path (a CPU tensor fails with "No backend type associated with device type cpu"), else
+    the CPU (gloo, or no process group)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend()).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -154,3 +154,32 @@ def test_dry_run_without_wheels_says_it_skips_pip(tmp_path):
     row = _jsonl(tmp_path / "steps.jsonl")[0]
     assert row["step"] == "install" and row["rc"] == "skipped"
     assert row["note"].startswith("dry run: no wheels in") and "pip not run" in row["note"]
+
+
+def test_headline_caps_memory_for_a_bare_cuda_device(monkeypatch):
+    """``--device cuda`` resolves to ``torch.device("cuda")`` (no index); torch.cuda.set_per_process_memory_fraction
+    refuses that (ValueError from torch.cuda._utils._get_device_index), which would end every headline step before
+    its first row. The fake below runs that same index check of torch's, without a GPU."""
+    import types
+
+    import torch
+    from torch.cuda._utils import _get_device_index
+
+    spec = importlib.util.spec_from_file_location("gpu_check_headline", os.path.join(REPO, "scripts", "gpu",
+                                                                                     "headline.py"))
+    headline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headline)
+    calls = []
+
+    def set_fraction(fraction, device=None):
+        calls.append((fraction, _get_device_index(device)))     # torch's own check: raises for a bare "cuda"
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=96 << 30))
+    with pytest.raises(ValueError):                              # the check the fake stands for
+        set_fraction(0.5, torch.device("cuda"))
+    calls.clear()
+    assert headline.cap_memory(torch.device("cuda"), 48) == 0.5
+    assert headline.cap_memory(torch.device("cuda", 0), 200) == 1.0
+    assert calls == [(0.5, 0), (1.0, 0)]

@@ -399,10 +399,12 @@ def test_paged_adamw_bit_identical_to_torch_on_cuda(lr, betas, wd):
     assert _op.paged_op("cuda") is not None, "the compiled paged_optim CUDA op must build on a GPU machine"
     params0, grads = _problem(1)
     params0, grads = [p.cuda() for p in params0], [[g.cuda() for g in gs] for gs in grads]
-    ours, opt = _run(PagedAdamW, params0, grads, lr=lr, betas=betas, weight_decay=wd)
-    ref, ref_opt = _run(torch.optim.AdamW, params0, grads, lr=lr, betas=betas, weight_decay=wd, foreach=False)
+    # _run moves params and grads to its device argument (default cpu): without it this ran on the CPU
+    ours, opt = _run(PagedAdamW, params0, grads, device="cuda", lr=lr, betas=betas, weight_decay=wd)
+    ref, ref_opt = _run(torch.optim.AdamW, params0, grads, device="cuda", lr=lr, betas=betas, weight_decay=wd,
+                        foreach=False)
     for a, b in zip(ours, ref):
-        assert torch.equal(a, b)
+        assert a.is_cuda and torch.equal(a, b)
         assert torch.equal(opt.state[a]["exp_avg"].view_as(a), ref_opt.state[b]["exp_avg"])
         assert torch.equal(opt.state[a]["exp_avg_sq"].view_as(a), ref_opt.state[b]["exp_avg_sq"])
 

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import collate
+from ..distributed import collective_device
 from ..loss import causal_lm_loss
 
 
@@ -17,11 +18,12 @@ def sharded_heldout_loss(engine, examples, pad_id: int, batch_size: int, pad_mul
     # with the most batches, shorter (or empty) shards padding with a fully masked batch that counts nothing.
     # The loss is token-weighted, so the order is free: batches of similar lengths pad least.
     examples = sorted(examples, key=lambda e: e["input_ids"].numel())
-    count = torch.tensor([-(-len(examples) // batch_size)], dtype=torch.int64)
+    where = collective_device()     # the collectives' tensors: the GPU under NCCL (it takes no CPU tensors)
+    count = torch.tensor([-(-len(examples) // batch_size)], dtype=torch.int64, device=where)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     filler = [{"input_ids": torch.tensor([pad_id]), "labels": torch.tensor([-100])}]
     engine.eval()
-    total, widths = torch.zeros(2, dtype=torch.float64), set()
+    total, widths = torch.zeros(2, dtype=torch.float64, device=where), set()
     with torch.no_grad():
         for i in range(0, int(count) * batch_size, batch_size):
             chunk = examples[i:i + batch_size]
@@ -32,7 +34,7 @@ def sharded_heldout_loss(engine, examples, pad_id: int, batch_size: int, pad_mul
             if chunk:
                 widths.add(batch["input_ids"].shape[1])
             if n:
-                total += torch.tensor([loss.float().item() * n, n], dtype=torch.float64)
+                total += torch.tensor([loss.float().item() * n, n], dtype=torch.float64, device=where)
     dist.all_reduce(total)
     engine.train()
     return (total[0] / total[1].clamp(min=1)).item(), widths

@@ -142,6 +142,16 @@ def planned(shape, args, dropout: float, device: torch.device, dtype: torch.dtyp
             "planned_items_mib": {it.name: round(it.bytes / MiB, 1) for it in mem.items}}
 
 
+def cap_memory(device: torch.device, cap_gib: float) -> float:
+    """Cap this process's CUDA caching allocator at ``cap_gib`` GiB on ``device``; returns the fraction set.
+    ``torch.cuda.set_per_process_memory_fraction`` wants an index: a bare ``cuda`` (what ``--device cuda`` resolves
+    to) raises ValueError there, so the current device stands in for it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fraction = min(1.0, cap_gib * GiB / torch.cuda.get_device_properties(index).total_memory)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    return fraction
+
+
 def run(args) -> dict:
     from bench.common import RowWriter
     from qlora_ds.hardware import dtype_name, resolve_device, resolve_dtype
@@ -161,8 +171,7 @@ def run(args) -> dict:
            "dtype": dtype_name(dtype), "grad_ckpt": True, "optimizer": "qlora_ds.PagedAdamW",
            "cap_gib": args.cap_gib if cuda else None}
     if cuda:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GiB / torch.cuda.get_device_properties(
-            device).total_memory), device)
+        cap_memory(device, args.cap_gib)
         row.update(gpu=torch.cuda.get_device_name(device), capability=list(torch.cuda.get_device_capability(device)),
                    cuda=torch.version.cuda, driver=_driver(), gpu_total_gib=round(
                        torch.cuda.get_device_properties(device).total_memory / GiB, 1))
