@@ -16,6 +16,10 @@ def pytest_addoption(parser):
                      help="device the device-aware tests (layers, injection, optimizer, adapters, merge, "
                           "single-process finetune: those taking the `device` fixture) run on: cpu (default), "
                           "cuda or cuda:N; default $QLORA_DS_TEST_DEVICE, else cpu")
+    parser.addoption("--device-tests-only", action="store_true",
+                     help="run only the tests that exercise the --device (those taking the `device` fixture, and "
+                          "those marked cuda): the GPU check's selection, where the CPU-only tests would spend the "
+                          "GPU's time on what the CPU suite already proves")
 
 
 def _test_device(config) -> torch.device:
@@ -66,6 +70,10 @@ def device(pytestconfig) -> torch.device:
 
 
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--device-tests-only"):
+        keep = [i for i in items if "cuda" in i.keywords or "device" in getattr(i, "fixturenames", ())]
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
