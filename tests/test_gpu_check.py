@@ -183,3 +183,33 @@ def test_headline_caps_memory_for_a_bare_cuda_device(monkeypatch):
     assert headline.cap_memory(torch.device("cuda"), 48) == 0.5
     assert headline.cap_memory(torch.device("cuda", 0), 200) == 1.0
     assert calls == [(0.5, 0), (1.0, 0)]
+
+
+def test_a_step_past_its_budget_takes_its_children_with_it(tmp_path):
+    """A timed-out step (say a JIT build) is killed with its whole process group: a grandchild (nvcc under ninja)
+    must not outlive it, holding the GPU, the cores and torch's extension lock."""
+    import tempfile
+    import time
+
+    check = _check_module()
+    pid_file = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    t0 = time.monotonic()
+    with tempfile.TemporaryFile(mode="w+") as out:
+        assert check.run_group([sys.executable, "-c", code], out, timeout=3) == 124
+    assert time.monotonic() - t0 < 30
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):                                   # SIGKILL is asynchronous: give the kernel a moment
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        with open(f"/proc/{grandchild}/stat") as fh:      # a zombie (killed, not yet reaped by init) is dead too
+            assert fh.read().split()[2] == "Z", "the step's grandchild outlived its timeout"
+    with tempfile.TemporaryFile(mode="w+") as out:
+        assert check.run_group([sys.executable, "-c", "print('ok')"], out, timeout=30) == 0
+        out.seek(0)
+        assert out.read().strip() == "ok"

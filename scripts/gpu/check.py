@@ -111,6 +111,23 @@ def steps(res: str) -> list[Step]:
     ]
 
 
+def run_group(argv: list[str], out, timeout: float) -> int:
+    """Run ``argv`` in a process group of its own; past ``timeout`` the whole group is killed (124). A step's
+    children (ninja and nvcc under a JIT build, DeepSpeed's workers) would otherwise live on and keep the GPU, the
+    cores and torch's extension lock file, on which every later build would wait."""
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return 124
+    finally:
+        with contextlib.suppress(ProcessLookupError):     # what a finished step left running in the background
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 class Runner:
     def __init__(self, res: str, budget: int, dry: bool):
         self.res, self.budget, self.dry = res, budget, dry
@@ -140,11 +157,7 @@ class Runner:
             return self.record(step.name, "skipped", 0, 0, "out of time")
         out = tempfile.TemporaryFile(mode="w+")
         t0 = time.monotonic()
-        try:
-            proc = subprocess.run([PY, *step.gpu], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=t)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = 124
+        rc = run_group([PY, *step.gpu], out, t)
         out.seek(0)
         text = out.read()
         with self.lock:
