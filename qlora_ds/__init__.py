@@ -5,7 +5,7 @@ from .errors import NonFiniteError, OpBuildError, QLoRADSError
 from .quant import QuantizedTensor, bits_per_param, dequantize, quantize
 
 _LAZY = ("from_pretrained", "save_quantized", "save_adapter")
-_LAZY_CONFIGS = ("QLoRAConfig", "QALoRAConfig")   # ``from qlora_ds import QLoRAConfig``, as ``from peft import LoraConfig``
+_LAZY_CONFIGS = ("QLoRAConfig", "QALoRAConfig")   # ``from qlora_ds import QLoRAConfig`` (as peft's LoraConfig)
 
 
 def __getattr__(name):  # lazy: importing qlora_ds must not import transformers/deepspeed (nor the layers)
@@ -18,5 +18,5 @@ def __getattr__(name):  # lazy: importing qlora_ds must not import transformers/
     raise AttributeError(f"module 'qlora_ds' has no attribute {name!r}")
 
 
-__all__ = ["from_pretrained", "save_quantized", "save_adapter", "QLoRAConfig", "QALoRAConfig", "NonFiniteError", "OpBuildError", "QLoRADSError", "QuantizedTensor", "bits_per_param", "dequantize",
-           "quantize", "__version__"]
+__all__ = ["from_pretrained", "save_quantized", "save_adapter", "QLoRAConfig", "QALoRAConfig", "NonFiniteError",
+           "OpBuildError", "QLoRADSError", "QuantizedTensor", "bits_per_param", "dequantize", "quantize", "__version__"]

@@ -26,7 +26,8 @@ transformers, qlora_ds and its compiled op; with DeepSpeed for a ZeRO-3 rank), t
 the built model, and what the first training step adds beyond its tensors (code pages of the kernels it
 runs, autograd and oneDNN state, heap kept by the allocator: a slack of about one layer's activations). These are
 the only constants (plus the 5 % fragmentation allowance of ``memory.py``); they were measured once on ONE
-model, ``CALIBRATION_MODEL``, and frozen here. Every other model's prediction is out of sample (bench/RESULTS.md, "scale").
+model, ``CALIBRATION_MODEL``, and frozen here. Every other model's prediction is out of sample (bench/RESULTS.md,
+"scale").
 """
 from __future__ import annotations
 
@@ -46,9 +47,9 @@ RUNTIME_BYTES = 372 * MiB          # bench/scripts/scale_worker.py after its imp
 ZERO3_RUNTIME_BYTES = 249 * MiB    # bench/scripts/zero3_load.py rank before from_pretrained (DeepSpeed imported)
 ZERO3_LAZY_IMPORT_BYTES = 136 * MiB  # that script's first from_pretrained imports the modeling code + op
 LOAD_OVERHEAD_BYTES = 9 * MiB      # non-tensor memory of the built model (modules, hooks), measured after load (8.7)
-# ---- the step beyond its tensors: glibc keeps freed blocks between live ones even with qlora_ds.heap's release (it runs
-# between layers in the forward pass; the fragments form inside a layer's forward and backward), plus the code pages,
-# autograd and oneDNN state the first step adds. Modelled as a constant + a slack proportional to ONE decoder layer's
+# ---- the step beyond its tensors: glibc keeps freed blocks between live ones even with qlora_ds.heap's release (it
+# runs between layers in the forward pass; the fragments form inside a layer's forward and backward), plus the code
+# pages, autograd and oneDNN state the first step adds. Modelled as a constant + a slack proportional to ONE decoder layer's
 # activations at this batch (what each layer's forward and recomputation allocate and free: the heap keeps fragments of
 # about that size, however deep the model), both from llama-0.4b alone (gated heap release, bf16, Intel Xeon AMX,
 # 2026-12-05): its seq-256 first step (849 MiB) and its seq-4096 later step with the chunked loss (974 MiB over the
@@ -98,7 +99,8 @@ def load_order(cfg: dict) -> list[tuple[str, int, bool, int, int]]:
             out.append((f"layers.{k}.{name}", i * o, True, i, o))
             if bias and name in ("q_proj", "k_proj", "v_proj"):
                 out.append((f"layers.{k}.{name}.bias", o, False, 0, 0))
-        out += [(f"layers.{k}.input_layernorm", h, False, 0, 0), (f"layers.{k}.post_attention_layernorm", h, False, 0, 0)]
+        out += [(f"layers.{k}.input_layernorm", h, False, 0, 0),
+                (f"layers.{k}.post_attention_layernorm", h, False, 0, 0)]
     out.append(("norm", h, False, 0, 0))
     if not s.tie_embeddings:
         out.append(("lm_head", s.vocab * h, False, 0, 0))
@@ -146,7 +148,8 @@ def step_config(cfg: dict, dtype: str = "fp32", seq_len: int = 256, batch: int =
                       grad_accum=1, lora_r=lora_r, lora_targets=ALL_LINEAR, lora_dropout=0.0, grad_ckpt=True,
                       compute_dtype=dtype, pad_multiple=seq_len, chunked_loss=chunked_loss,
                       fused_cpu_linear=fused_cpu_linear,
-                      runtime_bytes=int(RUNTIME_BYTES + LOAD_OVERHEAD_BYTES if runtime_bytes is None else runtime_bytes))
+                      runtime_bytes=int(RUNTIME_BYTES + LOAD_OVERHEAD_BYTES if runtime_bytes is None
+                                        else runtime_bytes))
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,8 @@ def quantize(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
                            nested_blocksize=nested_blocksize)
 
 
-def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Back to floats of ``dtype`` (fp32 products, then one rounding), optionally into ``out``."""
     if qt.double_quant:
         return ops.dequantize_4bit_dq(qt.packed, qt.absmax, qt.absmax2, qt.offset, qt.quant_type, qt.blocksize,
