@@ -81,7 +81,8 @@ def device_facts(device: torch.device) -> DeviceFacts:
     device = torch.device(device)
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
-        return DeviceFacts("cuda", torch.cuda.get_device_name(idx), cuda_capability=torch.cuda.get_device_capability(idx))
+        return DeviceFacts("cuda", torch.cuda.get_device_name(idx),
+                           cuda_capability=torch.cuda.get_device_capability(idx))
     return DeviceFacts("cpu", cpu_name(), cpu_isa=cpu_isa())
 
 

@@ -102,7 +102,7 @@ def _after_layer(module, args, output):
         return
     if _floor[0] is None or free < _floor[0]:
         _floor[0] = free
-    last = getattr(module, LAST_ATTR, False)    # the last layer's release leaves backward (the step's peak) a clean heap
+    last = getattr(module, LAST_ATTR, False)    # the last layer's release: backward (the step's peak) gets a clean heap
     if free >= MIN_FREE_BYTES and (last or free - _floor[0] >= GROWTH_BYTES):
         release_free_heap()
         _floor[0] = free_heap_bytes()

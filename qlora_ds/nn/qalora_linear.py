@@ -101,7 +101,8 @@ class QALoRALinear(nn.Module):
     def quantized_weight(self) -> IntNQuantizedTensor:
         out_f, in_f = self.weight_shape
         g = in_f // self.group_size
-        return IntNQuantizedTensor(qweight=self.qweight.view(out_f, -1), scales=self.scales.view(torch.float32).view(out_f, g),
+        return IntNQuantizedTensor(qweight=self.qweight.view(out_f, -1),
+                                   scales=self.scales.view(torch.float32).view(out_f, g),
                                    zeros=self.zeros.view(torch.float32).view(out_f, g), shape=self.weight_shape,
                                    bits=self.bits, group_size=self.group_size, dtype=self.weight_dtype)
 

@@ -49,13 +49,13 @@ ZERO3_LAZY_IMPORT_BYTES = 136 * MiB  # that script's first from_pretrained impor
 LOAD_OVERHEAD_BYTES = 9 * MiB      # non-tensor memory of the built model (modules, hooks), measured after load (8.7)
 # ---- the step beyond its tensors: glibc keeps freed blocks between live ones even with qlora_ds.heap's release (it
 # runs between layers in the forward pass; the fragments form inside a layer's forward and backward), plus the code
-# pages, autograd and oneDNN state the first step adds. Modelled as a constant + a slack proportional to ONE decoder layer's
-# activations at this batch (what each layer's forward and recomputation allocate and free: the heap keeps fragments of
-# about that size, however deep the model), both from llama-0.4b alone (gated heap release, bf16, Intel Xeon AMX,
-# 2026-12-05): its seq-256 first step (849 MiB) and its seq-4096 later step with the chunked loss (974 MiB over the
-# loaded model). Two equations: 2.44 x one layer's activations and -7.6 MiB, taken as 0. Frozen; validated at other
-# models, depths and lengths (bench/RESULTS.md, "scale" and "longctx"). A slack proportional to all L layers' saved
-# inputs (the first form, 1.67 x L.b.s.e.h) fitted the same two points but gave shallow models half their step
+# pages, autograd and oneDNN state the first step adds. Modelled as a constant + a slack proportional to ONE decoder
+# layer's activations at this batch (what each layer's forward and recomputation allocate and free: the heap keeps
+# fragments of about that size, however deep the model), both from llama-0.4b alone (gated heap release, bf16, Intel
+# Xeon AMX, 2026-12-05): its seq-256 first step (849 MiB) and its seq-4096 later step with the chunked loss (974 MiB
+# over the loaded model). Two equations: 2.44 x one layer's activations and -7.6 MiB, taken as 0. Frozen; validated at
+# other models, depths and lengths (bench/RESULTS.md, "scale" and "longctx"). A slack proportional to all L layers'
+# saved inputs (the first form, 1.67 x L.b.s.e.h) fitted the same two points but gave shallow models half their step
 # (0.51-0.73 on a 12-layer model): the fragments do not grow with depth.
 STEP_RUNTIME_BYTES = 0
 HEAP_SLACK_PER_LAYER_ACTIVATION = 2.44

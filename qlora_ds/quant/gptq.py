@@ -74,7 +74,8 @@ def hessian_inverse_cholesky(hessian: torch.Tensor, percdamp: float = 0.01) -> t
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0:
                 if attempt:
-                    log.warning("GPTQ: H + λI was not positive definite; used λ = %.3g (%gx percdamp)", damp, 10 ** attempt)
+                    log.warning("GPTQ: H + λI was not positive definite; used λ = %.3g (%gx percdamp)", damp,
+                                10 ** attempt)
                 return U, dead, damp
     raise QLoRADSError(f"GPTQ: the Hessian stays singular even with {1000 * percdamp:g}·mean(diag) dampening; use "
                        f"more (or longer) calibration samples, or a larger percdamp")
