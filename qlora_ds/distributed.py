@@ -46,6 +46,13 @@ def check_port_free(addr: str, port: int) -> None:
                                f"(--master_port for deepspeed/torchrun, MASTER_PORT for mpirun)") from None
 
 
+def _on_cuda() -> bool:
+    """Whether DeepSpeed's accelerator (DS_ACCELERATOR, else what it detects) is CUDA."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cuda"
+
+
 def init_distributed(timeout_s: float = 600.0):
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); returns (rank, world, local)."""
     from datetime import timedelta
@@ -59,10 +66,12 @@ def init_distributed(timeout_s: float = 600.0):
         if "RANK" not in os.environ:  # plain `python finetune.py`: a world of one
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # DeepSpeed's accelerator, not torch.cuda, says where the engine runs: DS_ACCELERATOR=cpu on a GPU machine
+        # keeps the model and DeepSpeed's own collectives on the CPU, which NCCL cannot serve
+        backend = "nccl" if _on_cuda() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
+    if _on_cuda():
         torch.cuda.set_device(local)
     return dist.get_rank(), dist.get_world_size(), local
 

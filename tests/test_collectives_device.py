@@ -77,3 +77,29 @@ def test_sharded_heldout_loss_on_the_collective_device(fake_group, monkeypatch):
     loss, widths = sharded.sharded_heldout_loss(_Engine(tiny_model("llama")), [_example(n, 2, g) for n in (5, 7)],
                                                 0, 2)
     assert loss > 0 and widths == {7} and fake_group
+
+
+@pytest.mark.parametrize("accelerator,backend", [("cpu", "gloo"), ("cuda", "nccl")])
+def test_backend_follows_deepspeeds_accelerator_not_torch_cuda(monkeypatch, accelerator, backend):
+    """DS_ACCELERATOR=cpu on a GPU machine: the engine and DeepSpeed's collectives stay on the CPU, so the process
+    group must be gloo (NCCL serves no CPU tensor), and no GPU is claimed."""
+    import deepspeed
+    import deepspeed.accelerator
+
+    class Accelerator:
+        def device_name(self, index=None):
+            return accelerator
+
+    started, claimed = [], []
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: Accelerator())
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda dist_backend, timeout: started.append(dist_backend))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)           # a GPU is there either way
+    monkeypatch.setattr(torch.cuda, "set_device", claimed.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):   # unset now, restored after
+        monkeypatch.setenv(var, "0")                     # (what init_distributed sets is undone with them)
+        monkeypatch.delenv(var)
+    assert distributed.init_distributed() == (0, 1, 0)
+    assert started == [backend] and claimed == ([0] if accelerator == "cuda" else [])

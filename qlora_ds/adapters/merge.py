@@ -59,7 +59,8 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def _dequantized_linear(layer: QALoRALinear, dtype: torch.dtype) -> nn.Linear:
-    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype,
+                    device=layer.qweight.device)      # beside the layer (a model on a GPU stays there)
     with torch.no_grad():
         lin.weight.copy_(layer.dequantized_weight(torch.float32))
         if layer.bias is not None:
@@ -94,7 +95,8 @@ def merge_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
         if isinstance(layer, QLoRALinear):
             new = layer.merge()
             if dtype is not None and new.weight.dtype != dtype:
-                lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
+                lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype,
+                                device=layer.weight.device)     # on the layer's device, as QLoRALinear.merge
                 lin.weight.copy_(layer.merged_weight_fp32())   # one rounding from fp32, not two
                 if layer.bias is not None:
                     lin.bias.copy_(layer.bias)

@@ -259,18 +259,40 @@ def _zero3_partition(params: list[nn.Parameter], ds_config) -> None:
     deepspeed.zero.Init(module=holder, config_dict_or_path=ds_config, mem_efficient_linear=False)
 
 
-def _broadcast_buffers(buffers: list[tuple[nn.Module, str]]) -> None:
-    """ZeRO-3: only rank 0 read the checkpoint and zero.Init moves parameters only, so send rank 0's
-    persistent buffers to every rank (else ranks > 0 keep the skeleton's defaults)."""
-    import deepspeed.comm as dist
+def _zero3_device() -> torch.device:
+    """This rank's accelerator device (cuda:LOCAL_RANK on GPUs, the CPU under DeepSpeed's CPU accelerator)."""
     from deepspeed.accelerator import get_accelerator
 
-    device = get_accelerator().current_device_name()    # NCCL needs device tensors, gloo takes CPU ones
+    return torch.device(get_accelerator().current_device_name())
+
+
+def _broadcast_buffers(buffers: list[tuple[nn.Module, str]]) -> None:
+    """ZeRO-3: only rank 0 read the checkpoint and zero.Init moves parameters only, so send rank 0's
+    persistent buffers to every rank (else ranks > 0 keep the skeleton's defaults). They stay on the accelerator
+    device (see ``_buffers_to_device``)."""
+    import deepspeed.comm as dist
+
+    device = _zero3_device()    # NCCL needs device tensors, gloo takes CPU ones
     for module, name in buffers:
-        b = module._buffers[name]
-        t = b.to(device).contiguous()
+        t = module._buffers[name].to(device).contiguous()
         dist.broadcast(t, src=0)
-        module._buffers[name] = t.to(b.device)
+        module._buffers[name] = t
+
+
+def _buffers_to_device(model: nn.Module, device: torch.device) -> None:
+    """ZeRO-3: move every buffer (persistent or not: rotary ``inv_freq``, masks…) to ``device``. The skeleton is
+    built on the CPU outside ``zero.Init``'s context, ``zero.Init(module=…)`` moves parameters only, and
+    DeepSpeed's engine does not move a model whose parameters ZeRO-3 already holds (``_configure_distributed_model``:
+    ``if not (self.dont_change_device or is_zero_init_model): self.module.to(self.device)``), so on a GPU they would
+    stay on the CPU. A buffer shared by several modules stays one tensor."""
+    moved: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, b in module._buffers.items():
+            if b is None or b.device == device:
+                continue
+            if id(b) not in moved:
+                moved[id(b)] = b.to(device)
+            module._buffers[name] = moved[id(b)]
 
 
 def model_dtypes(config, torch_dtype: torch.dtype | str | None = AUTO):
@@ -367,6 +389,7 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
         ckpt.close()
     if stage == 3:
         _broadcast_buffers(loaded_buffers)
+        _buffers_to_device(model, _zero3_device())
     model.requires_grad_(False)
     for layer in paths:
         model.get_submodule(layer).lora_A.weight.requires_grad_(True)
