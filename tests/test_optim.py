@@ -435,6 +435,7 @@ def fake_cuda(monkeypatch):
         monkeypatch.setattr(pm, "paged_op", lambda device_type: op if device_type == "cuda" else None)
         monkeypatch.setattr(pm, "_concurrent", {})
         monkeypatch.setattr(pm, "_warned_no_concurrent", False)
+        monkeypatch.setattr(pm, "_warned_alloc_refused", False)
         monkeypatch.setattr(pm, "_plain_zeros", lambda n, dtype, device: torch.zeros(n, dtype=dtype))
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
         return op
@@ -456,6 +457,30 @@ def test_no_concurrent_managed_access_falls_back_to_plain_memory_with_one_warnin
     assert sum("concurrent managed memory" in str(w.message) for w in rec) == 1
     assert pages.nbytes == 160 and pages.evict_to_host() == 0 and pages.prefetch_to_device() == 0
     assert op.prefetches == []                                     # never called where it would fail
+
+
+def test_refused_managed_allocation_falls_back_to_plain_memory_with_one_warning(fake_cuda):
+    """cudaMallocManaged failing although the device reports concurrent managed access (a sandboxed driver): the
+    optimizer keeps going on plain memory, says so once, and stops asking for managed memory on that device."""
+    from qlora_ds.optim.page_manager import PageManager
+
+    op = fake_cuda({0: True})
+    calls = []
+
+    def refuse(numel, dtype, index):
+        calls.append(index)
+        raise RuntimeError("qlora_ds paged_optim: cudaMallocManaged failed: operation not supported")
+    op.managed_empty = refuse
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        pages = PageManager(paged=True)
+        bufs = [pages.zeros(10, torch.float32, "cuda:0") for _ in range(3)]
+    assert calls == [0] and op.queries == [0]
+    assert [str(w.message) for w in rec if "cudaMallocManaged failed" in str(w.message)] == [
+        "qlora_ds: cudaMallocManaged failed on cuda:0 (qlora_ds paged_optim: cudaMallocManaged failed: operation not "
+        "supported): optimizer state uses plain GPU memory and paging (evict_to_host / prefetch) is a no-op."]
+    assert all(torch.equal(b, torch.zeros(10)) for b in bufs) and pages.nbytes == 120
+    assert pages.evict_to_host() == 0 and op.prefetches == []
 
 
 def test_concurrent_managed_access_pages(fake_cuda):

@@ -8,7 +8,8 @@ everything above this class runs unchanged. Byte and time counters record what m
 
 Prefetch and eviction need ``cudaDevAttrConcurrentManagedAccess``; WSL2, Windows and some vGPUs lack it (there
 ``cudaMemPrefetchAsync`` fails with cudaErrorInvalidDevice). :func:`managed_memory_usable` queries each device once;
-where it is missing, state goes to plain device memory (paging becomes a no-op) and one warning says so.
+where it is missing, or ``cudaMallocManaged`` itself fails, state goes to plain device memory (paging becomes a
+no-op) and one warning says so.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ __all__ = ["PageManager", "PagingStats", "managed_memory_usable"]
 _concurrent: dict[int, bool] = {}  # device index -> cudaDevAttrConcurrentManagedAccess, queried once
 _query_lock = threading.Lock()
 _warned_no_concurrent = False
+_warned_alloc_refused = False
 
 
 def managed_memory_usable(device: torch.device) -> bool:
@@ -46,6 +48,19 @@ def managed_memory_usable(device: torch.device) -> bool:
                     f"cudaMemPrefetchAsync is unsupported there, so optimizer state uses plain GPU memory and "
                     f"paging (evict_to_host / prefetch) is a no-op.", RuntimeWarning, stacklevel=4)
         return _concurrent[index]
+
+
+def _managed_alloc_refused(index: int, err: RuntimeError) -> None:
+    """cudaMallocManaged failed where the attribute promised it (a sandboxed driver, e.g. gVisor; UVM unloaded): this
+    device's state goes to plain memory from now on, with one warning, rather than the run stopping."""
+    global _warned_alloc_refused
+    with _query_lock:
+        _concurrent[index] = False
+        if not _warned_alloc_refused:
+            _warned_alloc_refused = True
+            warnings.warn(f"qlora_ds: cudaMallocManaged failed on cuda:{index} ({str(err).splitlines()[0]}): "
+                          f"optimizer state uses plain GPU memory and paging (evict_to_host / prefetch) is a no-op.",
+                          RuntimeWarning, stacklevel=4)
 
 
 def _plain_zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -81,9 +96,13 @@ class PageManager:
         if self.paged and device.type == "cuda":
             if managed_memory_usable(device):
                 index = device.index if device.index is not None else torch.cuda.current_device()
-                buf = paged_op("cuda").managed_empty(int(numel), dtype, index)
-                buf.zero_()
-                self._managed_ids.add(id(buf))
+                try:
+                    buf = paged_op("cuda").managed_empty(int(numel), dtype, index)
+                except RuntimeError as err:
+                    _managed_alloc_refused(index, err)
+                else:
+                    buf.zero_()
+                    self._managed_ids.add(id(buf))
             elif paged_op("cuda") is None and not self._warned:
                 self._warned = True
                 warnings.warn("qlora_ds: no CUDA paged_optim op; optimizer state uses ordinary (unpaged) GPU memory.",
