@@ -183,14 +183,25 @@ cudaError_t launch_adamw_fp32(float* param, const float* grad, float* exp_avg, f
     return cudaGetLastError();
 }
 
-cudaError_t concurrent_managed_access(int device, int* supported) {
-    *supported = 0;
-    return cudaDeviceGetAttribute(supported, cudaDevAttrConcurrentManagedAccess, device);
+// A failed runtime call also leaves its error as the thread's "last error", which the next cudaGetLastError returns:
+// torch checks every kernel launch that way (C10_CUDA_KERNEL_LAUNCH_CHECK), so after e.g. a refused cudaMallocManaged
+// that the caller handles (optim/page_manager.py falls back to plain memory) the next, unrelated torch op would raise
+// it. Clear it here, as torch's allocator does after a failed cudaMalloc; sticky errors stay (they cannot be cleared).
+static cudaError_t cleared(cudaError_t err) {
+    if (err != cudaSuccess) (void)cudaGetLastError();
+    return err;
 }
 
-cudaError_t managed_alloc(void** ptr, size_t bytes) { return cudaMallocManaged(ptr, bytes, cudaMemAttachGlobal); }
+cudaError_t concurrent_managed_access(int device, int* supported) {
+    *supported = 0;
+    return cleared(cudaDeviceGetAttribute(supported, cudaDevAttrConcurrentManagedAccess, device));
+}
 
-cudaError_t managed_free(void* ptr) { return cudaFree(ptr); }
+cudaError_t managed_alloc(void** ptr, size_t bytes) {
+    return cleared(cudaMallocManaged(ptr, bytes, cudaMemAttachGlobal));
+}
+
+cudaError_t managed_free(void* ptr) { return cleared(cudaFree(ptr)); }
 
 static cudaMemLocation location_of(int device) {
     cudaMemLocation loc;
@@ -207,25 +218,25 @@ static cudaMemLocation location_of(int device) {
 cudaError_t managed_prefetch(const void* ptr, size_t bytes, int device, cudaStream_t stream) {
     if (bytes == 0) return cudaSuccess;
 #if CUDART_VERSION >= 12020
-    return cudaMemPrefetchAsync(ptr, bytes, location_of(device), 0, stream);
+    return cleared(cudaMemPrefetchAsync(ptr, bytes, location_of(device), 0, stream));
 #else
-    return cudaMemPrefetchAsync(ptr, bytes, device < 0 ? cudaCpuDeviceId : device, stream);
+    return cleared(cudaMemPrefetchAsync(ptr, bytes, device < 0 ? cudaCpuDeviceId : device, stream));
 #endif
 }
 
 cudaError_t managed_advise_preferred_host(const void* ptr, size_t bytes) {
 #if CUDART_VERSION >= 12020
-    return cudaMemAdvise(ptr, bytes, cudaMemAdviseSetPreferredLocation, location_of(-1));
+    return cleared(cudaMemAdvise(ptr, bytes, cudaMemAdviseSetPreferredLocation, location_of(-1)));
 #else
-    return cudaMemAdvise(ptr, bytes, cudaMemAdviseSetPreferredLocation, cudaCpuDeviceId);
+    return cleared(cudaMemAdvise(ptr, bytes, cudaMemAdviseSetPreferredLocation, cudaCpuDeviceId));
 #endif
 }
 
 cudaError_t managed_advise_accessed_by(const void* ptr, size_t bytes, int device) {
 #if CUDART_VERSION >= 12020
-    return cudaMemAdvise(ptr, bytes, cudaMemAdviseSetAccessedBy, location_of(device));
+    return cleared(cudaMemAdvise(ptr, bytes, cudaMemAdviseSetAccessedBy, location_of(device)));
 #else
-    return cudaMemAdvise(ptr, bytes, cudaMemAdviseSetAccessedBy, device);
+    return cleared(cudaMemAdvise(ptr, bytes, cudaMemAdviseSetAccessedBy, device));
 #endif
 }
 

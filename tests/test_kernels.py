@@ -1,5 +1,6 @@
 """Compiled quant kernels (C++/OpenMP and CUDA) against the torch reference and bitsandbytes, bit for bit."""
 import glob
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -161,6 +162,32 @@ def test_cpu_op_is_built_portably():
         args = builder().cxx_args()
         assert not [a for a in args if a.startswith(("-march", "-mcpu", "-mtune", "-D__AVX"))], (builder, args)
         assert "-ffp-contract=off" in args and "-ffast-math" not in args, (builder, args)
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_load(cpu_op, tmp_path):
+    """torch's JIT takes <build dir>/lock for every load and waits for it forever; a build killed midway leaves it
+    behind. load_op clears it under its own flock (which dies with its holder), with a warning, and loads."""
+    import sys
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from qlora_ds.ops.builder import PagedOptimCPUBuilder
+
+    lock = os.path.join(_get_build_directory(PagedOptimCPUBuilder.NAME, verbose=False), "lock")
+    open(lock, "w").close()                                 # what a killed build leaves
+    code = ("import warnings; warnings.simplefilter('always'); from qlora_ds.ops.builder import load_op; "
+            "load_op('paged_optim', 'cpu'); print('loaded')")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                              env={**os.environ, "PYTHONPATH": str(CSRC.parent)})
+    except subprocess.TimeoutExpired:
+        pytest.fail("load_op waited on a stale build lock")
+    finally:
+        leftover = os.path.exists(lock)
+        if leftover:
+            os.remove(lock)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("loaded"), proc.stderr[-2000:]
+    assert "left by a build of qlora_ds_paged_optim_cpu that was interrupted" in proc.stderr and not leftover
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

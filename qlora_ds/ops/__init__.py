@@ -74,6 +74,12 @@ def _impl(t: torch.Tensor):
     return load_backend(t.device.type)
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """1-D contiguous view (a copy only when needed): what every backend function takes (the compiled ones reject
+    anything else; the reference would broadcast a 2-D absmax [nblocks, 1] against the values)."""
+    return t.contiguous().view(-1)
+
+
 def _out(out, shape, dtype, device) -> torch.Tensor:
     if dtype not in _OUT_DTYPES:
         raise ValueError(f"dequantize to {dtype} is not supported; use one of {_OUT_DTYPES}")
@@ -101,7 +107,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_type: str,
                     shape: Sequence[int], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     out = _out(out, shape, dtype, packed.device)
     code = codes.code4(quant_type, packed.device)
-    _impl(packed).dequantize_4bit(packed.view(-1), absmax, code, blocksize, out.view(-1))
+    _impl(packed).dequantize_4bit(_flat(packed), _flat(absmax), code, blocksize, out.view(-1))
     return out.view(tuple(shape))
 
 
@@ -112,8 +118,8 @@ def dequantize_4bit_dq(packed: torch.Tensor, qabsmax: torch.Tensor, absmax2: tor
     out = _out(out, shape, dtype, packed.device)
     code = codes.code4(quant_type, packed.device)
     code8 = codes.dynamic_code(packed.device)
-    _impl(packed).dequantize_4bit_dq(packed.view(-1), qabsmax, absmax2, code8, nested_blocksize, float(offset),
-                                     code, blocksize, out.view(-1))
+    _impl(packed).dequantize_4bit_dq(_flat(packed), _flat(qabsmax), _flat(absmax2), code8, nested_blocksize,
+                                     float(offset), code, blocksize, out.view(-1))
     return out.view(tuple(shape))
 
 
@@ -131,7 +137,7 @@ def quantize_8bit_blockwise(x: torch.Tensor, blocksize: int) -> tuple[torch.Tens
 def dequantize_8bit_blockwise(q: torch.Tensor, absmax: torch.Tensor, blocksize: int, offset: float = 0.0,
                               out: torch.Tensor | None = None) -> torch.Tensor:
     out = _out(out, q.shape, torch.float32, q.device)
-    _impl(q).dequantize_8bit_blockwise(q.contiguous().view(-1), absmax, codes.dynamic_code(q.device), blocksize,
+    _impl(q).dequantize_8bit_blockwise(_flat(q), _flat(absmax), codes.dynamic_code(q.device), blocksize,
                                        float(offset), out.view(-1))
     return out.view(q.shape)
 

@@ -9,10 +9,12 @@ Kernels must be bit-exact with ``qlora_ds.ops.reference``: no fast-math, no FMA 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
 import threading
+import warnings
 from pathlib import Path
 
 from deepspeed.ops.op_builder.builder import CUDAOpBuilder
@@ -221,6 +223,32 @@ def _apply_cpu_isa(module) -> None:
                            f"{', '.join(module.supported_cpu_isas())}; unset it or pick one of those") from None
 
 
+@contextlib.contextmanager
+def _one_builder(name: str):
+    """Hold an OS lock on the op's build directory around a JIT load, and clear a stale torch build lock under it.
+
+    torch's JIT build takes the directory's ``lock`` file (O_EXCL) for every load, even one with nothing to build,
+    and waits for it without end. A build killed midway (a timed-out job, Ctrl-C on one rank) leaves that file
+    behind and every later run hangs without a word. An ``flock`` dies with its process: whoever holds it is the
+    only one of our loaders inside torch's lock, so a ``lock`` file found while holding it is stale."""
+    try:
+        import fcntl
+        from torch.utils.cpp_extension import _get_build_directory
+        root = _get_build_directory(name, verbose=False)
+    except (ImportError, OSError):      # no fcntl (not POSIX) or no such helper in this torch: torch's lock alone
+        yield
+        return
+    with open(os.path.join(root, "qlora_ds.flock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)                 # released when the file closes or the process dies
+        stale = os.path.join(root, "lock")
+        if os.path.exists(stale):
+            warnings.warn(f"qlora_ds: removing {stale}, left by a build of {name} that was interrupted; building "
+                          f"it again", RuntimeWarning, stacklevel=4)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stale)
+        yield
+
+
 def load_op(op: str, device_type: str):
     """The compiled module of ``op`` ("quant" | "paged_optim") for ``device_type`` ("cpu" | "cuda"), cached."""
     key = (op, device_type)
@@ -239,7 +267,8 @@ def load_op(op: str, device_type: str):
             if not builder.is_compatible(verbose=False):
                 raise OpBuildError(f"cannot build {builder.NAME}: incompatible: {builder.error_log}. {_FIX}")
             try:
-                module = builder.load(verbose=False)
+                with _one_builder(builder.NAME):
+                    module = builder.load(verbose=False)
             except Exception as exc:  # compile/link errors, missing ninja, ...
                 raise OpBuildError(f"building {builder.NAME} failed: {_why(builder, exc)}\n{_FIX}") from exc
         if device_type == "cpu":
