@@ -11,8 +11,8 @@ every function returns None. Semantics are bitsandbytes' default-backend rules, 
 * dequantization multiplies in fp32 and then casts; double-quant absmax is
   ``fl(fl(code8[q] * absmax2) + offset)`` (two roundings, no FMA).
 
-Group-wise INT-N (QA-LoRA, ``quant/intn.py``): per (row, group) of fp32 values ``span = max - min``;
-a constant group gets scale 1, zero ``-min`` and code 0, else ``scale = span / maxq``,
+Group-wise INT-N (QA-LoRA, ``quant/intn.py``): per (row, group) of fp32 values the grid spans
+``[min(min, 0), max(max, 0)]`` (an all-zero group: ``[-1, 1]``), ``span = max - min``, ``scale = span / maxq``,
 ``zero = clamp(round(-min / scale), 0, maxq)``, ``q = clamp(round(w / scale + zero), 0, maxq)``
 (true divisions, round half to even, clamp keeps -0.0); codes form a dense little-endian bit stream
 (code k at bits N*k .. N*k+N-1). Dequantization is ``cast(fl(fl(q - zero) * scale))``.
