@@ -131,7 +131,8 @@ def main(argv=None) -> int:
         if not args.no_train:
             from bench.train import _run_variant
             targs = argparse.Namespace(model=path, batch=4, seq=32 if args.quick else 128,
-                                       r=16, alpha=16, steps=1, warmup=1, seed=0, optim="torch", no_ckpt=False,
+                                       r=16, alpha=16, dropout=0.0, steps=1, warmup=1, seed=0, optim="torch",
+                                       no_ckpt=False,
                                        timeout=args.timeout, dtype=dname)
             t = _run_variant("ours-nf4dq", targs, os.path.join(tmp, "train.json"))
             static, peak = planned(path, 1, 0, plan_device, targs.batch, targs.seq, dname)
@@ -139,7 +140,10 @@ def main(argv=None) -> int:
                 print(f"training-step measurement failed: {t['error']}")
             else:
                 base = 0 if device.type == "cuda" else t["rss_before_load"]
-                loaded, stepped = t["rss_after_load"] - base, t["peak_step"] - base
+                # on CUDA peak_step is max allocated: the loaded bytes must be CUDA's too, not the process's RSS
+                after = t.get("cuda_after_load") if device.type == "cuda" else None
+                loaded = after if after is not None else t["rss_after_load"] - base
+                stepped = t["peak_step"] - base
                 writer.write(shape={**shape, "batch": targs.batch, "seq": targs.seq, "r": 16, "grad_ckpt": True},
                              kind="train_peak_vs_plan", world=1, zero_stage=0, measured_loaded=loaded,
                              measured_peak=stepped, planned_static=static, planned_peak=peak,

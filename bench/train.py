@@ -46,6 +46,7 @@ def worker(args) -> dict:
                              device=device, dtype=dtype, dropout=args.dropout)
     observed = tl.observed_compute_dtype(model) or dtype
     loaded_rss = tl.rss()
+    loaded_cuda = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     load_peak = tl.peak_rss()
     opt, opt_name = tl.make_optimizer(params, lr=2e-4, which=args.optim)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -62,6 +63,7 @@ def worker(args) -> dict:
     return {"variant": args.worker, "step_s": med, "step_s_min": min(res["step_s"]), "steps": args.steps,
             "tokens_per_s": args.batch * args.seq / med, "loss_last": res["losses"][-1],
             "rss_before_load": base_rss, "rss_after_load": loaded_rss, "peak_load": load_peak,
+            "cuda_after_load": loaded_cuda,
             "peak_step": tl.cuda_peak() if device.type == "cuda" else tl.peak_rss(),
             "peak_step_kind": "cuda_max_allocated" if device.type == "cuda" else
             ("rss_hwm_since_reset" if reset_ok else "ru_maxrss"),
@@ -142,26 +144,27 @@ def main(argv=None) -> int:
         args.dtype = dtype_name(dtype)          # the workers get the resolved name: one decision per run
         print(describe_machine(device) + f"; compute {args.dtype}", flush=True)
         writer = RowWriter("train", device, compute_dtype=dtype)
-        results = []
+        results, rows = [], []
+        shape = {"model": os.path.basename(os.path.normpath(args.model)), "batch": args.batch, "seq": args.seq,
+                 "r": args.r, "alpha": args.alpha, "dropout": args.dropout, "grad_ckpt": not args.no_ckpt}
+        ours = None
+        # each variant's row is written as soon as it ends (ratios against ours, which runs first by default): the
+        # GPU check kills a step that overruns its budget, and the variants that finished must still leave rows
         for v in args.variants.split(","):
             r = _run_variant(v, args, os.path.join(tmp, f"{v}.json"))
             results.append(r)
             print(f"  {v}: " + (f"{r['tokens_per_s']:.0f} tok/s, peak step {r['peak_step'] / MiB:.0f} MiB"
                                 if "error" not in r else r["error"]), flush=True)
-        for r in results:
-            if r.get("compute_dtype", args.dtype) != args.dtype:
+            if "error" not in r and r.get("compute_dtype", args.dtype) != args.dtype:
                 r["dtype_mismatch"] = f"asked {args.dtype}, {r['variant']} computed in {r['compute_dtype']}"
-        ref = {r["variant"]: r for r in results if "error" not in r and "dtype_mismatch" not in r}
-        ours = ref.get("ours-nf4dq")
-        rows = []
-        for r in results:
-            shape = {"model": os.path.basename(os.path.normpath(args.model)), "batch": args.batch, "seq": args.seq,
-                     "r": args.r, "alpha": args.alpha, "dropout": args.dropout, "grad_ckpt": not args.no_ckpt}
+            usable = "error" not in r and "dtype_mismatch" not in r
+            if usable and r["variant"] == "ours-nf4dq":
+                ours = r
             extra = {}
-            if ours and r["variant"] in ref:
+            if ours and usable:
                 extra = {"ours_speedup": ours["tokens_per_s"] / r["tokens_per_s"],
                          "ours_peak_step_ratio": ours["peak_step"] / r["peak_step"]}
-            writer.write(shape=shape, **{k: v for k, v in r.items() if k != "stderr_tail"}, **extra)
+            writer.write(shape=shape, **{k: val for k, val in r.items() if k != "stderr_tail"}, **extra)
             if "error" in r:
                 rows.append([r["variant"], "error", "", "", "", "", r["error"][:60]])
                 continue

@@ -10,9 +10,9 @@
 #
 # Steps (scripts/gpu/check.py holds the list and the runner), each under its own time budget cut to what is left,
 # each recorded and never fatal, so one run yields all the evidence:
-#   env -> install deepspeed + bitsandbytes from the carried wheels -> JIT-build our CUDA ops through the
-#   OpBuilder (both at once) -> the device tests (pytest --device cuda --device-tests-only; in the background) beside the
-#   headline: LLaMA-65B/33B/13B/7B shapes, random weights quantized layer by layer onto the GPU, one QLoRA step
+#   env -> install deepspeed + bitsandbytes from the carried wheels -> JIT-build our CUDA ops and the CPU quant op
+#   (checkpoints are quantized on the CPU as they stream in) through the OpBuilder, at once -> the device tests
+#   (pytest --device cuda --device-tests-only; in the background) beside the headline: LLaMA-65B/33B/13B/7B shapes, random weights quantized layer by layer onto the GPU, one QLoRA step
 #   (seq 512, batch 1, grad ckpt, paged AdamW, r 64 all linears) capped at 48 GiB, peak beside the planner
 #   (scripts/gpu/headline.py; the 7B run adds a step at 8192 tokens with the chunked loss) -> paged optimizer (tests/scripts/optim_gpu_paging.py) -> python -m bench quant|layer
 #   --device cuda -> fp16 (scripts/gpu/fp16.py: DeepSpeed fp16 ZeRO 0-3 with our optimizers, a forced overflow

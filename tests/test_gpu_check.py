@@ -16,8 +16,8 @@ import zipfile
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["install", "env", "build_quant", "build_paged_optim", "tests", "headline", "headline_33b", "headline_13b",
-         "headline_7b", "paging", "bench_quant", "bench_layer", "fp16", "bench_train_135m", "bench_train_1b"]
+STEPS = ["install", "env", "build_quant", "build_quant_cpu", "build_paged_optim", "tests", "headline", "headline_33b",
+         "headline_13b", "headline_7b", "paging", "bench_quant", "bench_layer", "fp16", "bench_train_135m", "bench_train_1b"]
 # the steps the dry run cannot run on a CPU, each with its reason: a new skip must be added here, on purpose
 SKIPPED_IN_DRY_RUN: set[str] = set()
 

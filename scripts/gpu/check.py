@@ -85,6 +85,11 @@ def steps(res: str) -> list[Step]:
     return [
         Step("env", 20, ["scripts/gpu/env.py", f"{res}/env.json"]),
         Step("build_quant", 170, ["scripts/gpu/build_ops.py", "quant", "cuda"], background=True),
+        # the CPU quant op too: from_pretrained quantizes the checkpoint's CPU tensors (qlora_ds/inject/loading.py
+        # _fill_layer), so tests, fp16 and bench train's workers would otherwise JIT-compile it inside their own
+        # budgets (17 s per train variant), and a step killed mid-build leaves torch's extension lock behind, on
+        # which every later build waits until its own step times out
+        Step("build_quant_cpu", 170, ["scripts/gpu/build_ops.py", "quant", "cpu"], background=True),
         Step("build_paged_optim", 170, ["scripts/gpu/build_ops.py", "paged_optim", "cuda"]),
         # dry run: the same selection on the CPU, collected only (running it all is the CPU suite's job)
         # only the tests that exercise the device (its fixture, or marked cuda): the rest is the CPU suite's, and
@@ -324,7 +329,7 @@ def main(argv=None) -> int:
     install(runner, args.wheels)
     plan = steps(res)
     if args.only:
-        wanted = set(args.only.split(",")) | {"env", "build_quant", "build_paged_optim"}
+        wanted = set(args.only.split(",")) | {"env", "build_quant", "build_quant_cpu", "build_paged_optim"}
         unknown = wanted - {s.name for s in plan}
         if unknown:
             p.error(f"--only: unknown steps {sorted(unknown)}; steps are {', '.join(s.name for s in plan)}")
@@ -341,9 +346,17 @@ def main(argv=None) -> int:
     elapsed = int(time.monotonic() - runner.start)
     import io
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        _call(["scripts/gpu/summarize.py", res, "--elapsed", str(elapsed)])
-    summary = buf.getvalue()
+    try:
+        with contextlib.redirect_stdout(buf):
+            _call(["scripts/gpu/summarize.py", res, "--elapsed", str(elapsed)])
+        summary = buf.getvalue()
+    except Exception as exc:  # noqa: BLE001 - a summary.md must come back whatever the results hold
+        import traceback
+        with open(os.path.join(res, "steps.jsonl")) as fh:
+            steps_text = fh.read()
+        summary = (f"# GPU check (scripts/gpu_check.sh)\n\nsummarize.py failed ({type(exc).__name__}: {exc}); the "
+                   f"raw step rows follow, every output is in log.txt.\n\n```\n{steps_text}```\n\n```\n"
+                   f"{traceback.format_exc()[-2000:]}```\n")
     with open(os.path.join(res, "summary.md"), "w") as fh:
         fh.write(summary)
     print(summary)

@@ -193,6 +193,9 @@ def main(argv=None) -> int:
                            versions={"torch": torch.__version__, "deepspeed": _version("deepspeed")})
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+                if args.out:        # now, not after the last stage: a step killed at its budget keeps finished rows
+                    with open(args.out, "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
     finally:
         accelerator.__dict__.pop("is_fp16_supported", None)
         if secret is None:
@@ -201,9 +204,6 @@ def main(argv=None) -> int:
             os.environ["QLORA_DS_SECRET_DIR"] = secret
         if ours:
             shutdown()
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
     failed = [f"ZeRO-{r['stage']}: {r.get('error') or [k for k, v in r['checks'].items() if not v]}"
               for r in rows if not r["ok"]]
     print("fp16: all checks passed" if not failed else f"fp16: FAILED {'; '.join(map(str, failed))}", flush=True)

@@ -182,6 +182,7 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     stage = "build"
+    managed = cuda                  # until the optimizer says (the planner's compared term in an out-of-memory row)
     try:
         cfg = QLoRAConfig(r=args.r, alpha=args.alpha, dropout=dropout, compute_dtype=dtype)
         model = build(shape, cfg, device, dtype, args.seed)
@@ -198,6 +199,8 @@ def run(args) -> dict:
         ids = torch.randint(0, shape.vocab, (args.batch, args.seq), device=device,
                             generator=torch.Generator(device=device).manual_seed(args.seed + 1))
         reset_peak()
+        if cuda:                    # reset_peak() resets the current device only; the peak is read on ``device``
+            torch.cuda.reset_peak_memory_stats(device)
         stage = "step"
         t1 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
@@ -207,6 +210,11 @@ def run(args) -> dict:
         opt.zero_grad(set_to_none=True)
         _sync(device)
         row["step_s"] = round(time.perf_counter() - t1, 3)
+        # the state is allocated by the first step(): where cudaMallocManaged was refused then (page_manager.
+        # _managed_alloc_refused), it is plain device memory that max_memory_allocated counts: compare the peak
+        pm = getattr(opt, "page_manager", None)
+        managed = bool(managed and pm is not None and pm._managed())
+        row["paged_managed_memory"] = managed
         row["loss"] = loss.item()
         row["tokens_per_s"] = round(args.batch * args.seq / row["step_s"], 1)
         row["measured_peak_bytes"] = torch.cuda.max_memory_allocated(device) if cuda else peak_rss()
@@ -224,7 +232,7 @@ def run(args) -> dict:
     except torch.cuda.OutOfMemoryError as err:
         row.update(ok=False, fits_cap=False, error=f"out of memory during {stage}: {str(err)[:300]}",
                    measured_peak_bytes=torch.cuda.max_memory_allocated(device))
-        row.update(planned(shape, args, dropout, device, dtype, cuda))
+        row.update(planned(shape, args, dropout, device, dtype, managed))
     except Exception as err:  # noqa: BLE001 - a failed step is a result: record it, exit 1
         row.update(ok=False, error=f"{type(err).__name__} during {stage}: {str(err)[:500]}")
     row["wall_s"] = round(time.perf_counter() - t0, 2)

@@ -31,6 +31,18 @@ def _jsonl(path: str) -> list[dict]:
     return rows
 
 
+def _json(path: str):
+    """A JSON file's object, None where it is missing; a file cut short (its step killed while writing) or otherwise
+    unreadable gives ``{"unreadable": reason}``, so that the summary is still written."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as err:
+        return {"unreadable": f"{os.path.basename(path)}: {type(err).__name__}: {err}"[:300]}
+
+
 def _num(v, fmt="{:.2f}"):
     return fmt.format(v) if isinstance(v, (int, float)) else ("" if v is None else str(v))
 
@@ -43,12 +55,16 @@ def header(env: dict, elapsed: int | None) -> list[str]:
              f"CUDA (torch) {env.get('torch_cuda')}, nvcc {env.get('nvcc')}",
              "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
              f"- python {env.get('python')}, commit {env.get('commit')}"
-             + (f", total {elapsed} s" if elapsed is not None else ""), ""]
+             + (f", total {elapsed} s" if elapsed is not None else "")]
+    if env.get("unreadable"):
+        lines.append(f"- env.json unreadable ({env['unreadable']})")
+    lines.append("")
     return lines
 
 
 def steps_table(steps: list[dict]) -> list[str]:
-    rows = [[s["step"], s["rc"], s["seconds"], s["budget_s"], "timed out" if s.get("timed_out") else s.get("note", "")]
+    rows = [[s.get("step", "?"), s.get("rc", ""), s.get("seconds", ""), s.get("budget_s", ""),
+             "timed out" if s.get("timed_out") else s.get("note", s.get("line", ""))]
             for s in steps]
     return ["## Steps", "", format_table(["step", "exit", "s", "budget s", "note"], rows), ""]
 
@@ -74,6 +90,26 @@ def headline_table(rows: list[dict]) -> list[str]:
             format_table(["shape", "params B", "seq", "r", "dtype", "peak GiB", "planned GiB", "planned term",
                           "planned/measured", "within 15%", "cap GiB", "fits", "step s", "build s", "quant ops",
                           "error"], out), ""]
+
+
+def fp16_table(rows: list[dict]) -> list[str]:
+    """scripts/gpu/fp16.py's rows: one per ZeRO stage that ended (a stage killed with its step has none)."""
+    fp16 = [r for r in rows if r.get("bench") == "fp16"]
+    if not fp16:
+        return []
+    checks = lambda r: ", ".join(k for k, v in (r.get("checks") or {}).items() if not v)  # noqa: E731
+    return ["## fp16 under DeepSpeed (scripts/gpu/fp16.py)", "", format_table(
+        ["ZeRO", "ok", "optimizer", "initial scale", "failed checks", "error"],
+        [[r.get("stage"), r.get("ok"), r.get("inner") or r.get("optimizer", ""), r.get("scale", ""), checks(r),
+          (r.get("error") or r.get("note") or "")[:80]] for r in fp16]), ""]
+
+
+def unfinished_headlines(steps: list[dict]) -> list[str]:
+    """Headline steps that ended without success: a killed or crashed process wrote no row, so say which."""
+    bad = [s for s in steps if str(s.get("step", "")).startswith("headline") and s.get("rc") != 0]
+    return [f"- {s.get('step')}: exit {s.get('rc')}{' (timed out)' if s.get('timed_out') else ''}"
+            f"{': ' + s['note'] if s.get('note') else ''} (its row, if any, is in the table below)" for s in bad] \
+        + ([""] if bad else [])
 
 
 def bench_tables(rows: list[dict]) -> list[str]:
@@ -104,11 +140,10 @@ def bench_tables(rows: list[dict]) -> list[str]:
 
 
 def paging_lines(res: str) -> list[str]:
-    path = os.path.join(res, "paging.json")
-    if not os.path.exists(path):
+    data = _json(os.path.join(res, "paging.json"))
+    if data is None:
         return []
-    with open(path) as fh:
-        text = json.dumps(json.load(fh), indent=1)
+    text = json.dumps(data, indent=1)
     return ["## Paged optimizer (tests/scripts/optim_gpu_paging.py)", "", "```", text[:3000], "```", ""]
 
 
@@ -117,13 +152,12 @@ def main(argv=None) -> int:
     p.add_argument("results")
     p.add_argument("--elapsed", type=int, default=None)
     args = p.parse_args(argv)
-    env = {}
-    if os.path.exists(os.path.join(args.results, "env.json")):
-        with open(os.path.join(args.results, "env.json")) as fh:
-            env = json.load(fh)
+    env = _json(os.path.join(args.results, "env.json"))
+    env = env if isinstance(env, dict) else {}
     rows = _jsonl(os.path.join(args.results, "rows.jsonl"))
-    lines = header(env, args.elapsed) + steps_table(_jsonl(os.path.join(args.results, "steps.jsonl")))
-    lines += bench_tables(rows) + paging_lines(args.results)
+    steps = _jsonl(os.path.join(args.results, "steps.jsonl"))
+    lines = header(env, args.elapsed) + steps_table(steps)
+    lines += bench_tables(rows) + fp16_table(rows) + paging_lines(args.results) + unfinished_headlines(steps)
     lines += headline_table([r for r in rows if r.get("bench") == "headline"])   # last: the reply's output tail
     print("\n".join(lines))
     return 0
