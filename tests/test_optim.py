@@ -363,8 +363,9 @@ def test_bf16_and_noncontiguous_params_keep_fp32_state():
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None or not Path("/usr/local/cuda/include/cuda_runtime_api.h").exists(),
                     reason="needs g++ and the CUDA toolkit headers")
+@pytest.mark.parametrize("std", ["c++17", "c++20"])     # DeepSpeed builds with c++17 under torch < 2.12
 @pytest.mark.parametrize("source", ["paged_optim_cuda.cpp", "quant_cuda.cpp"])
-def test_cuda_binding_syntax(tmp_path, source):
+def test_cuda_binding_syntax(tmp_path, source, std):
     """The torch bindings compile (syntax only) against the CPU wheel's headers plus a stub of the one CMake-generated
     header the CPU wheel lacks; a real build needs CUDA torch (design notes §6)."""
     import sysconfig
@@ -373,7 +374,7 @@ def test_cuda_binding_syntax(tmp_path, source):
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
     inc = Path(torch.__file__).parent / "include"
-    cmd = ["g++", "-std=c++20", "-fsyntax-only", f"-DTORCH_EXTENSION_NAME={source[:-4]}", f"-I{tmp_path}",
+    cmd = ["g++", f"-std={std}", "-fsyntax-only", f"-DTORCH_EXTENSION_NAME={source[:-4]}", f"-I{tmp_path}",
            f"-I{inc}", f"-I{inc / 'torch' / 'csrc' / 'api' / 'include'}", "-I/usr/local/cuda/include",
            f"-I{REPO / 'csrc' / 'include'}", f"-I{sysconfig.get_paths()['include']}",
            str(REPO / "csrc" / source)]
