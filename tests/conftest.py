@@ -118,12 +118,18 @@ def cpu_op():
 CPU_ISAS = ["avx512", "avx2", "scalar"]  # every SIMD path of the CPU kernels; those this CPU lacks are skipped
 
 
+def on_cpu_isa(op, isa: str):
+    """Generator for a fixture: ``op`` (a compiled CPU op) running its ``isa`` SIMD path, restored afterwards; skipped
+    where this CPU lacks that path."""
+    if isa not in op.supported_cpu_isas():
+        pytest.skip(f"this CPU has no {isa} (it has {op.supported_cpu_isas()})")
+    before = op.cpu_isa()
+    op.set_cpu_isa(isa)
+    yield op
+    op.set_cpu_isa(before)
+
+
 @pytest.fixture(params=CPU_ISAS)
 def isa_op(request, cpu_op):
-    """The compiled CPU op running its ``request.param`` SIMD path (restored afterwards)."""
-    if request.param not in cpu_op.supported_cpu_isas():
-        pytest.skip(f"this CPU has no {request.param} (it has {cpu_op.supported_cpu_isas()})")
-    before = cpu_op.cpu_isa()
-    cpu_op.set_cpu_isa(request.param)
-    yield cpu_op
-    cpu_op.set_cpu_isa(before)
+    """The compiled CPU quant op running its ``request.param`` SIMD path."""
+    yield from on_cpu_isa(cpu_op, request.param)

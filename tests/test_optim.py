@@ -14,6 +14,8 @@ from qlora_ds.optim import AdamW8bit, PagedAdamW, PagedAdamW8bit, optimizer_from
 from qlora_ds.optim import _op
 from qlora_ds.optim.adamw import udynamic_code
 
+from .conftest import CPU_ISAS, on_cpu_isa
+
 REPO = Path(__file__).resolve().parents[1]
 ALL = [PagedAdamW, PagedAdamW8bit, AdamW8bit]
 # PagedAdamW8bit vs torch AdamW after 50 steps on the problems below: max |dp| / max |p0-p50| (measured ~0.02)
@@ -615,17 +617,12 @@ def test_cuda_ops_refuse_tensors_on_two_devices():
                                         torch.empty(64, device="cuda:0"))
 
 
-@pytest.fixture(params=["avx512", "avx2", "scalar"])
+@pytest.fixture(params=CPU_ISAS)
 def optim_isa(request):
     """The compiled CPU optimizer op on each SIMD path this CPU can run (the op picks one at run time)."""
     op = _op.paged_op("cpu")
     assert op is not None, "the compiled paged_optim CPU op must build here"
-    if request.param not in op.supported_cpu_isas():
-        pytest.skip(f"this CPU cannot run the {request.param} path (it runs {op.supported_cpu_isas()})")
-    before = op.cpu_isa()
-    op.set_cpu_isa(request.param)
-    yield op
-    op.set_cpu_isa(before)
+    yield from on_cpu_isa(op, request.param)
 
 
 def test_every_cpu_isa_path_is_bit_identical(optim_isa):
