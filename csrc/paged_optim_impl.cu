@@ -203,6 +203,18 @@ cudaError_t managed_alloc(void** ptr, size_t bytes) {
 
 cudaError_t managed_free(void* ptr) { return cleared(cudaFree(ptr)); }
 
+// The cudaMemLocation forms of prefetch/advise: CUDA 12.2 added them as cudaMemPrefetchAsync_v2 / cudaMemAdvise_v2
+// beside the device-ordinal forms, which kept the plain names; CUDA 13 removed the ordinal forms and gave the plain
+// names the location forms.
+#if CUDART_VERSION >= 13000
+#define QLORA_DS_MEM_PREFETCH cudaMemPrefetchAsync
+#define QLORA_DS_MEM_ADVISE cudaMemAdvise
+#elif CUDART_VERSION >= 12020
+#define QLORA_DS_MEM_PREFETCH cudaMemPrefetchAsync_v2
+#define QLORA_DS_MEM_ADVISE cudaMemAdvise_v2
+#endif
+
+#ifdef QLORA_DS_MEM_PREFETCH
 static cudaMemLocation location_of(int device) {
     cudaMemLocation loc;
     if (device < 0) {
@@ -214,27 +226,28 @@ static cudaMemLocation location_of(int device) {
     }
     return loc;
 }
+#endif
 
 cudaError_t managed_prefetch(const void* ptr, size_t bytes, int device, cudaStream_t stream) {
     if (bytes == 0) return cudaSuccess;
-#if CUDART_VERSION >= 12020
-    return cleared(cudaMemPrefetchAsync(ptr, bytes, location_of(device), 0, stream));
+#ifdef QLORA_DS_MEM_PREFETCH
+    return cleared(QLORA_DS_MEM_PREFETCH(ptr, bytes, location_of(device), 0, stream));
 #else
     return cleared(cudaMemPrefetchAsync(ptr, bytes, device < 0 ? cudaCpuDeviceId : device, stream));
 #endif
 }
 
 cudaError_t managed_advise_preferred_host(const void* ptr, size_t bytes) {
-#if CUDART_VERSION >= 12020
-    return cleared(cudaMemAdvise(ptr, bytes, cudaMemAdviseSetPreferredLocation, location_of(-1)));
+#ifdef QLORA_DS_MEM_ADVISE
+    return cleared(QLORA_DS_MEM_ADVISE(ptr, bytes, cudaMemAdviseSetPreferredLocation, location_of(-1)));
 #else
     return cleared(cudaMemAdvise(ptr, bytes, cudaMemAdviseSetPreferredLocation, cudaCpuDeviceId));
 #endif
 }
 
 cudaError_t managed_advise_accessed_by(const void* ptr, size_t bytes, int device) {
-#if CUDART_VERSION >= 12020
-    return cleared(cudaMemAdvise(ptr, bytes, cudaMemAdviseSetAccessedBy, location_of(device)));
+#ifdef QLORA_DS_MEM_ADVISE
+    return cleared(QLORA_DS_MEM_ADVISE(ptr, bytes, cudaMemAdviseSetAccessedBy, location_of(device)));
 #else
     return cleared(cudaMemAdvise(ptr, bytes, cudaMemAdviseSetAccessedBy, device));
 #endif
