@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lora-alpha", type=float, default=16)
     g.add_argument("--lora-dropout", type=float, default=0.1)
     g.add_argument("--target-modules", nargs="*", default=None, help="leaf names; default: all linear but lm_head")
+    g.add_argument("--init-adapter", default=None, metavar="DIR",
+                   help="start from this PEFT-format adapter (ours or PEFT's, safetensors) instead of fresh LoRA "
+                        "weights: its rank, target modules and base model must match; its alpha is kept")
     t = p.add_argument_group("training (Guanaco defaults, design notes §4)")
     t.add_argument("--lr", type=float, default=None, help="default: the ds_config optimizer's lr, else 2e-4")
     t.add_argument("--warmup-ratio", type=float, default=0.03)
@@ -106,6 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if value is not None and value < low:
             p.error(f"--{name.replace('_', '-')} must be {low} or more, got {value}"
                     + (" (--eval-size 0 turns held-out evaluation off)" if name == "eval_every" else ""))
+    if args.init_adapter and not os.path.isfile(os.path.join(args.init_adapter, "adapter_config.json")):
+        p.error(f"--init-adapter {args.init_adapter}: no adapter_config.json there; give the directory an adapter "
+                f"was saved to (a run's <output-dir>/adapter, or PEFT's save_pretrained directory)")
     if not 0.0 <= args.lora_dropout < 1.0:
         p.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if not 0.0 <= args.warmup_ratio <= 1.0:
@@ -315,6 +321,11 @@ def build_model(run: Run):
     runtime = 0 if torch.cuda.is_available() else rss()     # the planner's runtime term, measured
     dtype = compute_dtype(run.ds_config)
     model = from_pretrained(args.model, adapter_config(args, dtype), ds_config=run.ds_config, torch_dtype=dtype)
+    if args.init_adapter and not run.resume_tag:     # a resumed run's checkpoint holds its own LoRA weights
+        from qlora_ds.inject import load_adapter
+        loaded = load_adapter(model, args.init_adapter)
+        if run.rank == 0:
+            log.info("LoRA weights of %d layers from %s", len(loaded), args.init_adapter)
     guards.watch(model)      # module names; an fp16 overflow in a no-grad forward (held-out, samples) raises, naming it
     if args.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -373,3 +373,25 @@ def test_planner_check_knows_the_fused_amx_linear(tmp_path):
                                                        abs=0.05)
     assert got[True]["dequant_workspace"] == got[False]["dequant_workspace"] == pytest.approx(512 * 1380 * 2 / mib,
                                                                                              abs=0.05)
+
+
+def test_init_adapter_continues_where_the_adapter_left_off(tiny, device):
+    """--init-adapter DIR starts from a saved adapter: the held-out loss before the second run's first step is the
+    first run's last one (same base, same held-out examples, same LoRA weights and α), not the fresh start's."""
+    def run(name, *extra):
+        out = tiny["root"] / name
+        args = _args(tiny, out, "--max-steps", "2", "--micro-batch", "2", "--grad-accum", "1", "--lr", "1e-2", *extra)
+        i = args.index("--ds-config")
+        del args[i:i + 2]
+        check(subprocess.run([sys.executable, str(FINETUNE), *args], env=dist_env(DS_ACCELERATOR=device.type),
+                             capture_output=True, text=True, timeout=300, cwd=REPO))
+        return out, [r["eval_loss"] for r in _metrics(out) if "eval_loss" in r]
+
+    first, first_eval = run("init_first", "--lora-alpha", "24")
+    second, second_eval = run("init_second", "--init-adapter", str(first / "adapter"))
+    assert abs(first_eval[-1] - first_eval[0]) > 1e-3            # the first run moved the adapter
+    assert second_eval[0] == pytest.approx(first_eval[-1], rel=1e-5)
+    assert json.loads((second / "adapter" / "adapter_config.json").read_text())["lora_alpha"] == 24  # α kept
+    assert json.loads((second / "run_config.json").read_text())["init_adapter"] == str(first / "adapter")
+    with pytest.raises(SystemExit):
+        _finetune_module().parse_args(_args(tiny, tiny["root"] / "x", "--init-adapter", str(tiny["root"])))

@@ -1,5 +1,6 @@
 """2-rank ZeRO-3 (torchrun, gloo) vs single-rank ZeRO-0: sharded packed bytes, losses, saved adapter."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -90,3 +91,23 @@ def test_zero3_persistent_buffers_reach_every_rank(tmp_path):
             "steps_dtype": "torch.int64"}
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == want, rank
+
+
+def test_zero3_load_adapter_reaches_every_partition(runs, tmp_path):
+    """An adapter (here: the single-rank run's, α changed to 24) loaded into a 2-rank ZeRO-3 model: every rank sets
+    the file's scaling, holds only its partition, and the adapter gathered back is the file, bit for bit."""
+    ckpt, out = runs
+    src = tmp_path / "src"
+    shutil.copytree(out[0][0] / "adapter", src)
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["lora_alpha"] = 24
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    check(run_torchrun("tests/scripts/zero3_adapter_load.py", str(ckpt), str(src), str(tmp_path), nproc=2))
+    want = load_file(str(src / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    full = sum(t.numel() for k, t in want.items() if k.endswith("lora_B.weight"))
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(res["loaded"]) == 14 and set(res["scaling"].values()) == {24 / 8}, rank
+        assert res["partition_numel"] <= full / 2 + 64, rank     # a partition, not the whole tensors

@@ -1,4 +1,4 @@
-"""ZeRO helpers: adapter save that gathers only the LoRA tensors, and per-rank byte accounting."""
+"""ZeRO helpers: adapter save and load that gather only the LoRA tensors, and per-rank byte accounting."""
 from __future__ import annotations
 
 import contextlib
@@ -50,6 +50,26 @@ def save_adapter(engine_or_model, directory: str, base_model_name_or_path: str |
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def load_adapter(engine_or_model, directory: str) -> list[str]:
+    """Load a PEFT-format adapter (``qlora_ds.adapters.load_adapter``: checked, all or nothing) into a model whose
+    LoRA parameters may be ZeRO-3 partitions; returns the module paths loaded.
+
+    Every rank reads and checks the file (an error is raised on all ranks alike, so none waits in a collective) and
+    sets the layers' scaling; under ZeRO-3 the LoRA tensors are gathered with ``modifier_rank=0`` and rank 0's
+    copy is scattered back into the partitions. Every rank must call this (the gather is a collective). Call it
+    before ``deepspeed.initialize`` (the optimizer's fp32 masters are taken from the parameters there)."""
+    from ..adapters import load_adapter as read_into
+    model = unwrap(engine_or_model)
+    zero = [p for p in lora_parameters(model).values() if hasattr(p, "ds_id")]
+    if zero:
+        import deepspeed
+        ctx = deepspeed.zero.GatheredParameters(zero, modifier_rank=0)
+    else:
+        ctx = contextlib.nullcontext()
+    with ctx:
+        return read_into(model, directory)
 
 
 def quantized_bytes_on_this_rank(model: nn.Module) -> tuple[int, int]:
