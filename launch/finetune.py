@@ -23,6 +23,7 @@ from qlora_ds.cli import run_main
 from qlora_ds.ds_config import resolve_ds_config
 from qlora_ds.errors import QLoRADSError
 from qlora_ds.hardware import DTYPE_CHOICES, ds_compute_dtype, dtype_name
+from qlora_ds.lr_schedule import SCHEDULES, fill_scheduler_section, lr_factor, schedule_name
 from qlora_ds.overflow import OverflowMonitor, loss_scale
 from qlora_ds.run_dir import (CKPT_DIR, check_output_dir, keep_before, kept_before, resolved_settings, warmup_steps,
                               write_run_config)
@@ -61,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     t = p.add_argument_group("training (Guanaco defaults, design notes §4)")
     t.add_argument("--lr", type=float, default=None, help="default: the ds_config optimizer's lr, else 2e-4")
     t.add_argument("--warmup-ratio", type=float, default=0.03)
+    t.add_argument("--lr-scheduler", choices=SCHEDULES, default=None,
+                   help="after the warmup: constant (the QLoRA recipe; default), or linear / cosine decay to 0 at "
+                        "--max-steps; a ds_config scheduler section is used instead when present (its \"auto\" "
+                        "values filled from these flags)")
     t.add_argument("--max-grad-norm", type=float, default=None, help="default: ds_config gradient_clipping or 0.3")
     t.add_argument("--adam-beta2", type=float, default=None, help="default: the ds_config optimizer's, else 0.999")
     t.add_argument("--weight-decay", type=float, default=None, help="default: the ds_config optimizer's, else 0")
@@ -294,11 +299,13 @@ def setup_run(args) -> Run:
         args.model = default_model_dir()
     ds_config = resolve_ds_config(args, world)
     args.dtype = dtype_name(compute_dtype(ds_config))       # run_config records (and --resume compares) what runs
+    schedule_name(ds_config, args)                          # likewise
     resolved = resolved_settings(ds_config, world)
     resume_tag = check_output_dir(args, rank, resolved)
     torch.distributed.barrier()
     torch.manual_seed(args.seed)
     warmup = warmup_steps(args, resumed=resume_tag is not None)
+    fill_scheduler_section(ds_config, args, warmup)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         if resume_tag is None:
@@ -345,8 +352,8 @@ def build_engine(run: Run, model):
     ds_plain, section = split_ds_config(run.ds_config)
     optimizer = optimizer_from_ds_config(run.ds_config, trainable) if section else None
     register_with_deepspeed()  # lets ZeRO wrap our optimizers like its own
-    warmup = run.warmup
-    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))  # noqa: E731
+    factor = lr_factor(run.args.lr_scheduler, run.warmup, run.args.max_steps) if "scheduler" not in ds_plain else None
+    schedule = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)) if factor else None  # None: DeepSpeed's
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                    model_parameters=trainable, config=ds_plain)
     if run.rank == 0:
