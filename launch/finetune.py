@@ -477,8 +477,13 @@ class Loop:
         from qlora_ds import checkpointing
 
         t0 = time.perf_counter()
+        from qlora_ds.inject.zero import save_adapter
+
+        # each checkpoint also holds the adapter at its step (PEFT format): usable without resuming
         checkpointing.save(self.engine, os.path.join(self.run.out, CKPT_DIR), self.step,
-                           {"step": self.step, "micro_step": self.micro_step}, self.run.args.keep_checkpoints)
+                           {"step": self.step, "micro_step": self.micro_step}, self.run.args.keep_checkpoints,
+                           also=lambda tag_dir: save_adapter(self.engine, os.path.join(tag_dir, "adapter"),
+                                                             barrier=False))
         self._not_training("checkpoints", t0)
 
     def _not_training(self, what: str, t0: float) -> None:

@@ -1,8 +1,9 @@
 """DeepSpeed checkpoints that survive kills, full disks and tampering.
 
-DeepSpeed writes a tag directory, then its ``latest`` file. We add a manifest (sha256 of every file,
-written atomically last) so a tag is *complete* only once its manifest exists, and resume picks the
-newest complete, untampered tag even if ``latest`` points at a half-written one.
+DeepSpeed writes a tag directory, then its ``latest`` file. We add a manifest (sha256 of every file, the caller's
+extra files such as the adapter at that step included, written atomically last) so a tag is *complete* only once
+its manifest exists, and resume picks the newest complete, untampered tag even if ``latest`` points at a
+half-written one.
 
 DeepSpeed reads its files with an unrestricted unpickler, so resume must only open tags this run wrote.
 A manifest beside the files proves nothing by itself (whoever plants a tag can write a matching one), so
@@ -108,10 +109,19 @@ def _signature(key: bytes, manifest: dict) -> str:
     return hmac.new(key, json.dumps(body, sort_keys=True).encode(), hashlib.sha256).hexdigest()
 
 
+def _files(tag_dir: str) -> list[str]:
+    """Every file under the tag (its adapter directory too), as /-separated paths relative to it."""
+    out = []
+    for root, dirs, names in os.walk(tag_dir):
+        dirs.sort()
+        rel = os.path.relpath(root, tag_dir)
+        out += [name if rel == "." else f"{rel}/{name}".replace(os.sep, "/") for name in names]
+    return sorted(f for f in out if f != MANIFEST)
+
+
 def write_manifest(tag_dir: str, step: int) -> None:
     """Digest every file of the tag and sign the list with this run's secret (rank 0 only)."""
-    files = {name: _sha256(os.path.join(tag_dir, name)) for name in sorted(os.listdir(tag_dir))
-             if name != MANIFEST and os.path.isfile(os.path.join(tag_dir, name))}
+    files = {name: _sha256(os.path.join(tag_dir, name)) for name in _files(tag_dir)}
     run_id, key = _run_key(os.path.dirname(os.path.abspath(tag_dir)), create=True)
     manifest = {"run_id": run_id, "tag": os.path.basename(os.path.abspath(tag_dir)), "step": step, "files": files}
     manifest["hmac"] = _signature(key, manifest)
@@ -142,7 +152,7 @@ def verify(tag_dir: str) -> dict | None:
         if not os.path.exists(file) or _sha256(file) != digest:
             raise QLoRADSError(f"checkpoint {tag_dir}: {name} is missing or was changed after it was written; "
                                f"refusing to load it (it would be unpickled). Restore it or delete that checkpoint")
-    extra = set(os.listdir(tag_dir)) - set(manifest["files"]) - {MANIFEST}
+    extra = set(_files(tag_dir)) - set(manifest["files"])
     if extra:
         raise QLoRADSError(f"checkpoint {tag_dir} holds files this run did not write ({sorted(extra)}); "
                            f"remove them before resuming")
@@ -177,9 +187,11 @@ def resume_tag(ckpt_dir: str) -> str | None:
     return verdict[0]["tag"]
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int) -> None:
+def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=None) -> None:
     """Save on every rank; the previous complete checkpoint survives any failure during this one. Keeps the
-    ``keep`` newest complete tags (this one included) and removes partial tags that killed saves left."""
+    ``keep`` newest complete tags (this one included) and removes partial tags that killed saves left.
+    ``also(tag_dir)``: called on every rank after DeepSpeed's files (e.g. the adapter at this step, into
+    ``<tag>/adapter``); its files join the manifest, and its failure fails the save like DeepSpeed's."""
     import torch.distributed as dist
 
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
@@ -194,6 +206,8 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int) -> Non
     ok, reason = True, None
     try:  # any error, not just OSError: torch.save's zip writer reports a full disk as a RuntimeError
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, exclude_frozen_parameters=True)
+        if also is not None:
+            also(tag_dir)
         inject("enospc_in_save", step)
         inject("kill_in_save", step)
     except Exception as err:

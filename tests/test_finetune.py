@@ -376,8 +376,8 @@ def test_planner_check_knows_the_fused_amx_linear(tmp_path):
 
 
 def test_init_adapter_continues_where_the_adapter_left_off(tiny, device):
-    """--init-adapter DIR starts from a saved adapter: the held-out loss before the second run's first step is the
-    first run's last one (same base, same held-out examples, same LoRA weights and α), not the fresh start's."""
+    """--init-adapter DIR starts from a saved adapter (here the one a checkpoint holds): the held-out loss before the
+    second run's first step is the first run's last one (same base, held-out examples, LoRA weights and α)."""
     def run(name, *extra):
         out = tiny["root"] / name
         args = _args(tiny, out, "--max-steps", "2", "--micro-batch", "2", "--grad-accum", "1", "--lr", "1e-2", *extra)
@@ -388,10 +388,15 @@ def test_init_adapter_continues_where_the_adapter_left_off(tiny, device):
         return out, [r["eval_loss"] for r in _metrics(out) if "eval_loss" in r]
 
     first, first_eval = run("init_first", "--lora-alpha", "24")
-    second, second_eval = run("init_second", "--init-adapter", str(first / "adapter"))
+    # the checkpoint at the last step holds that step's adapter: the final one, bit for bit
+    at_step2 = first / "checkpoints" / "step0000002" / "adapter"
+    final = load_file(str(first / "adapter" / "adapter_model.safetensors"))
+    saved = load_file(str(at_step2 / "adapter_model.safetensors"))
+    assert saved.keys() == final.keys() and all(torch.equal(saved[k], final[k]) for k in final)
+    second, second_eval = run("init_second", "--init-adapter", str(at_step2))
     assert abs(first_eval[-1] - first_eval[0]) > 1e-3            # the first run moved the adapter
     assert second_eval[0] == pytest.approx(first_eval[-1], rel=1e-5)
     assert json.loads((second / "adapter" / "adapter_config.json").read_text())["lora_alpha"] == 24  # α kept
-    assert json.loads((second / "run_config.json").read_text())["init_adapter"] == str(first / "adapter")
+    assert json.loads((second / "run_config.json").read_text())["init_adapter"] == str(at_step2)
     with pytest.raises(SystemExit):
         _finetune_module().parse_args(_args(tiny, tiny["root"] / "x", "--init-adapter", str(tiny["root"])))

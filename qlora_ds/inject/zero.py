@@ -23,12 +23,15 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def save_adapter(engine_or_model, directory: str, base_model_name_or_path: str | None = None) -> None:
+def save_adapter(engine_or_model, directory: str, base_model_name_or_path: str | None = None,
+                 barrier: bool = True) -> None:
     """Write the LoRA adapter in PEFT format from rank 0.
 
     Under ZeRO-3 only the LoRA A/B parameters are gathered (``GatheredParameters``, read-only) —
     never the quantized base — so the file is complete without a ``zero_to_fp32`` step. Every rank
-    must call this (the gather is a collective); only rank 0 writes.
+    must call this (the gather is a collective); only rank 0 writes, and the ranks then wait for it
+    (``barrier=False``: the caller synchronises, e.g. with its own all-ok flag, so a failed write raises on
+    rank 0 without leaving the others in a barrier).
     """
     from ..adapters import save_adapter as write_adapter
     model = unwrap(engine_or_model)
@@ -48,7 +51,7 @@ def save_adapter(engine_or_model, directory: str, base_model_name_or_path: str |
             write_adapter(model, directory, base_model_name_or_path=base_model_name_or_path,
                           model_state=state.items())
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    if barrier and dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 

@@ -2,6 +2,7 @@
 marker file) is refused by every loader, with a clear error, and the marker never appears."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -106,6 +107,30 @@ def test_resume_refuses_planted_pickle_in_checkpoint(evil, tmp_path, monkeypatch
     with pytest.raises(QLoRADSError, match="changed after it was written"):
         checkpointing.latest_complete(str(tmp_path))
     assert not marker.exists()
+
+
+def test_manifest_covers_the_adapter_directory_of_a_tag(tmp_path, monkeypatch):
+    """A tag's adapter/ (written beside DeepSpeed's files) is in its signed manifest: an edited adapter file or one
+    planted there makes the tag refused, like a top-level file."""
+    from qlora_ds import checkpointing
+    from qlora_ds.errors import QLoRADSError
+
+    monkeypatch.setenv("QLORA_DS_SECRET_DIR", str(tmp_path.parent / f"{tmp_path.name}-secrets"))
+    tag = tmp_path / "step0000004"
+    (tag / "adapter").mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"genuine checkpoint bytes")
+    (tag / "adapter" / "adapter_model.safetensors").write_bytes(b"adapter bytes")
+    checkpointing.write_manifest(str(tag), 4)
+    assert checkpointing.latest_complete(str(tmp_path)) == "step0000004"
+    files = json.loads((tag / checkpointing.MANIFEST).read_text())["files"]
+    assert sorted(files) == ["adapter/adapter_model.safetensors", "mp_rank_00_model_states.pt"]
+    (tag / "adapter" / "extra.pt").write_bytes(b"planted")
+    with pytest.raises(QLoRADSError, match="did not write"):
+        checkpointing.latest_complete(str(tmp_path))
+    (tag / "adapter" / "extra.pt").unlink()
+    (tag / "adapter" / "adapter_model.safetensors").write_bytes(b"edited")
+    with pytest.raises(QLoRADSError, match="changed after it was written"):
+        checkpointing.latest_complete(str(tmp_path))
 
 
 def _sha256(path):
