@@ -475,10 +475,9 @@ class Loop:
 
     def checkpoint(self) -> None:
         from qlora_ds import checkpointing
-
-        t0 = time.perf_counter()
         from qlora_ds.inject.zero import save_adapter
 
+        t0 = time.perf_counter()
         # each checkpoint also holds the adapter at its step (PEFT format): usable without resuming
         checkpointing.save(self.engine, os.path.join(self.run.out, CKPT_DIR), self.step,
                            {"step": self.step, "micro_step": self.micro_step}, self.run.args.keep_checkpoints,
