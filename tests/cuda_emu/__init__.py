@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -95,20 +96,22 @@ def build(out_dir: Path) -> ctypes.CDLL:
     key = hashlib.sha256(b"".join(p.read_bytes() for p in inputs)).hexdigest()[:16]
     lib = out_dir / f"cuda_emu_{key}.so"
     if not lib.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
+        work = out_dir / f"build_{key}_{os.getpid()}"   # per process: two test runs may build at once
+        work.mkdir(parents=True, exist_ok=True)
         units = []
         for name in SOURCES:
-            unit = out_dir / (name.replace(".cu", "") + "_emu.cpp")
+            unit = work / (name.replace(".cu", "") + "_emu.cpp")
             unit.write_text(f'#line 1 "{CSRC / name}"\n' + rewrite((CSRC / name).read_text()))
             units.append(str(unit))
-        tmp = lib.with_suffix(".tmp.so")
+        tmp = work / lib.name
         cmd = ["g++", "-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
                "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", "-include", str(HERE / "simt.h"),
                f"-I{include}", f"-I{CSRC / 'include'}", *units, str(HERE / "abi.cpp"), "-o", str(tmp)]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
             raise RuntimeError(f"building the emulated CUDA kernels failed:\n{' '.join(cmd)}\n{res.stderr[-6000:]}")
-        tmp.replace(lib)
+        tmp.replace(lib)    # atomic: a concurrent build's rename of the same bytes is harmless
+        shutil.rmtree(work, ignore_errors=True)
     dll = ctypes.CDLL(str(lib))
     for fn in ("emu_quantize_4bit", "emu_dequantize_4bit", "emu_quantize_8bit", "emu_dequantize_8bit",
                "emu_quantize_intn", "emu_dequantize_intn", "emu_adamw_fp32", "emu_adamw_8bit",
