@@ -245,3 +245,39 @@ def test_a_model_quantized_and_run_by_the_emulated_cuda_kernels_equals_the_refer
     assert got[2].keys() == want[2].keys() and len(got[2]) == 28
     for k in want[2]:
         assert torch.equal(got[2][k], want[2][k]), k
+
+
+def test_paged_adamw8bit_steps_through_the_emulated_cuda_op(dll, monkeypatch):
+    """PagedAdamW8bit as it runs on a GPU (the Python optimizer over the CUDA op's two kernels): a big parameter with
+    8-bit state and a small one with fp32 state, 3 steps, bit for bit the kernels' formula over the reference
+    (de)quantizers — so the optimizer hands the op its arguments in the binding's order."""
+    from qlora_ds.optim import PagedAdamW8bit, _op
+
+    monkeypatch.delenv("QLORA_DS_BACKEND", raising=False)
+    monkeypatch.setitem(_op._ops, "cpu", cuda_emu.EmulatedPagedOptim(dll))
+    (code_m, bounds_m), (code_v, bounds_v) = _maps(torch.device("cpu")).values()
+    gen = torch.Generator().manual_seed(3)
+    big, small = torch.randn(5000, generator=gen), torch.randn(100, generator=gen)
+    params = [torch.nn.Parameter(big.clone()), torch.nn.Parameter(small.clone())]
+    opt = PagedAdamW8bit(params, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, blocksize=256, min_8bit_size=4096)
+    bs, n = 256, big.numel()
+    qm, qv = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
+    am, av = torch.zeros(-(-n // bs)), torch.zeros(-(-n // bs))
+    ref.quantize_8bit_blockwise(torch.zeros(n), code_m, bounds_m, bs, qm, am)
+    ref.quantize_8bit_blockwise(torch.zeros(n), code_v, bounds_v, bs, qv, av)
+    sm, sv = torch.zeros(100), torch.zeros(100)
+    for step in (1, 2, 3):
+        gb, gs = torch.randn(5000, generator=gen), torch.randn(100, generator=gen)
+        params[0].grad, params[1].grad = gb.clone(), gs.clone()
+        opt.step()
+        m, v = torch.empty(n), torch.empty(n)
+        ref.dequantize_8bit_blockwise(qm, am, code_m, bs, 0.0, m)
+        ref.dequantize_8bit_blockwise(qv, av, code_v, bs, 0.0, v)
+        cuda_adamw(big, gb, m, v, 1e-2, 0.9, 0.99, 1e-8, 0.1, step)
+        ref.quantize_8bit_blockwise(m, code_m, bounds_m, bs, qm, am)
+        ref.quantize_8bit_blockwise(v, code_v, bounds_v, bs, qv, av)
+        cuda_adamw(small, gs, sm, sv, 1e-2, 0.9, 0.99, 1e-8, 0.1, step)
+        state = opt.state[params[0]]
+        assert same_bits(params[0].detach(), big) and same_bits(state["exp_avg"], qm), step
+        assert same_bits(state["exp_avg_sq_absmax"], av) and same_bits(params[1].detach(), small), step
+        assert same_bits(opt.state[params[1]]["exp_avg_sq"], sv), step
