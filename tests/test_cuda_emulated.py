@@ -139,6 +139,28 @@ def adamw_case(n, seed=0):
     return p, grads
 
 
+def zero_state_8bit(n, blocksize):
+    """(exp_avg, its absmax, exp_avg_sq, its absmax) of a fresh 8-bit state: zeros as the reference quantizes them."""
+    (code_m, bounds_m), (code_v, bounds_v) = _maps(torch.device("cpu")).values()
+    nb = -(-n // blocksize)
+    qm, qv = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
+    am, av = torch.zeros(nb), torch.zeros(nb)
+    ref.quantize_8bit_blockwise(torch.zeros(n), code_m, bounds_m, blocksize, qm, am)
+    ref.quantize_8bit_blockwise(torch.zeros(n), code_v, bounds_v, blocksize, qv, av)
+    return qm, am, qv, av
+
+
+def cuda_adamw_8bit(p, g, qm, am, qv, av, blocksize, lr, beta1, beta2, eps, wd, step):
+    """The 8-bit kernel's oracle, in place: reference dequantize -> cuda_adamw -> reference quantize."""
+    (code_m, bounds_m), (code_v, bounds_v) = _maps(torch.device("cpu")).values()
+    m, v = torch.empty(p.numel()), torch.empty(p.numel())
+    ref.dequantize_8bit_blockwise(qm, am, code_m, blocksize, 0.0, m)
+    ref.dequantize_8bit_blockwise(qv, av, code_v, blocksize, 0.0, v)
+    cuda_adamw(p, g, m, v, lr, beta1, beta2, eps, wd, step)
+    ref.quantize_8bit_blockwise(m, code_m, bounds_m, blocksize, qm, am)
+    ref.quantize_8bit_blockwise(v, code_v, bounds_v, blocksize, qv, av)
+
+
 @pytest.mark.parametrize("beta1,wd", [(0.9, 0.0), (0.9, 0.01), (0.3, 0.1)])  # both lerp forms, decay off and on
 def test_emulated_cuda_adamw_fp32_kernel_is_its_formula(optim, beta1, wd):
     n = 1000  # 3 full blocks of 256 threads and a partial one
@@ -163,22 +185,13 @@ def test_emulated_cuda_adamw_8bit_kernel_is_dequantize_update_requantize(optim, 
     """One thread block per quantization block (more or fewer elements than its 256 threads, a partial last block):
     the bytes of the reference dequantize -> the fp32 kernel's update -> reference quantize."""
     (code_m, bounds_m), (code_v, bounds_v) = _maps(torch.device("cpu")).values()
-    nb = -(-n // blocksize)
     p0, grads = adamw_case(n, seed=1)
-    p, qm, qv = p0.clone(), torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
-    am, av = torch.zeros(nb), torch.zeros(nb)
-    ref.quantize_8bit_blockwise(torch.zeros(n), code_m, bounds_m, blocksize, qm, am)
-    ref.quantize_8bit_blockwise(torch.zeros(n), code_v, bounds_v, blocksize, qv, av)
+    p, (qm, am, qv, av) = p0.clone(), zero_state_8bit(n, blocksize)
     pr, qmr, qvr, amr, avr = p.clone(), qm.clone(), qv.clone(), am.clone(), av.clone()
     for step, g in enumerate(grads, 1):
         optim.adamw8bit_step(p, g, qm, am, qv, av, code_m, bounds_m, code_v, bounds_v, blocksize, 1e-2, 0.9,
                              0.999, 1e-8, 0.01, step)
-        m, v = torch.empty(n), torch.empty(n)
-        ref.dequantize_8bit_blockwise(qmr, amr, code_m, blocksize, 0.0, m)
-        ref.dequantize_8bit_blockwise(qvr, avr, code_v, blocksize, 0.0, v)
-        cuda_adamw(pr, g, m, v, 1e-2, 0.9, 0.999, 1e-8, 0.01, step)
-        ref.quantize_8bit_blockwise(m, code_m, bounds_m, blocksize, qmr, amr)
-        ref.quantize_8bit_blockwise(v, code_v, bounds_v, blocksize, qvr, avr)
+        cuda_adamw_8bit(pr, g, qmr, amr, qvr, avr, blocksize, 1e-2, 0.9, 0.999, 1e-8, 0.01, step)
         for name, a, b in (("param", p, pr), ("exp_avg", qm, qmr), ("exp_avg_absmax", am, amr),
                            ("exp_avg_sq", qv, qvr), ("exp_avg_sq_absmax", av, avr)):
             assert same_bits(a, b), (step, name)
@@ -255,27 +268,17 @@ def test_paged_adamw8bit_steps_through_the_emulated_cuda_op(dll, monkeypatch):
 
     monkeypatch.delenv("QLORA_DS_BACKEND", raising=False)
     monkeypatch.setitem(_op._ops, "cpu", cuda_emu.EmulatedPagedOptim(dll))
-    (code_m, bounds_m), (code_v, bounds_v) = _maps(torch.device("cpu")).values()
     gen = torch.Generator().manual_seed(3)
     big, small = torch.randn(5000, generator=gen), torch.randn(100, generator=gen)
     params = [torch.nn.Parameter(big.clone()), torch.nn.Parameter(small.clone())]
     opt = PagedAdamW8bit(params, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, blocksize=256, min_8bit_size=4096)
-    bs, n = 256, big.numel()
-    qm, qv = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
-    am, av = torch.zeros(-(-n // bs)), torch.zeros(-(-n // bs))
-    ref.quantize_8bit_blockwise(torch.zeros(n), code_m, bounds_m, bs, qm, am)
-    ref.quantize_8bit_blockwise(torch.zeros(n), code_v, bounds_v, bs, qv, av)
+    qm, am, qv, av = zero_state_8bit(big.numel(), 256)
     sm, sv = torch.zeros(100), torch.zeros(100)
     for step in (1, 2, 3):
         gb, gs = torch.randn(5000, generator=gen), torch.randn(100, generator=gen)
         params[0].grad, params[1].grad = gb.clone(), gs.clone()
         opt.step()
-        m, v = torch.empty(n), torch.empty(n)
-        ref.dequantize_8bit_blockwise(qm, am, code_m, bs, 0.0, m)
-        ref.dequantize_8bit_blockwise(qv, av, code_v, bs, 0.0, v)
-        cuda_adamw(big, gb, m, v, 1e-2, 0.9, 0.99, 1e-8, 0.1, step)
-        ref.quantize_8bit_blockwise(m, code_m, bounds_m, bs, qm, am)
-        ref.quantize_8bit_blockwise(v, code_v, bounds_v, bs, qv, av)
+        cuda_adamw_8bit(big, gb, qm, am, qv, av, 256, 1e-2, 0.9, 0.99, 1e-8, 0.1, step)
         cuda_adamw(small, gs, sm, sv, 1e-2, 0.9, 0.99, 1e-8, 0.1, step)
         state = opt.state[params[0]]
         assert same_bits(params[0].detach(), big) and same_bits(state["exp_avg"], qm), step
