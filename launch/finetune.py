@@ -406,6 +406,10 @@ class Loop:
         self.bar = None
         self.overflow, self.skip = OverflowMonitor(engine), None   # the last skipped step's report (module named)
         self.seconds = {"held_out": 0.0, "checkpoints": 0.0}   # inside the loop: what is not training
+        # (held-out loss, step) of the best evaluation so far: its checkpoint is kept beyond --keep-checkpoints
+        # (rank 0 prunes; a resumed run reads the earlier evaluations back from metrics.jsonl)
+        rows = [r for r in (metrics.rows if metrics else []) if "eval_loss" in r and r["step"] > 0]
+        self.best = min(((r["eval_loss"], r["step"]) for r in rows), default=None)
 
     def next_batch(self) -> dict:
         from qlora_ds.data import collate
@@ -468,6 +472,8 @@ class Loop:
         eval_loss, widths = sharded_heldout_loss(self.engine, self.eval_ex, self.pad_id, self.run.micro,
                                                  args.pad_to_multiple_of, args.max_len, chunked=args.chunked_loss)
         self.widths |= widths
+        if self.step > 0 and (self.best is None or eval_loss < self.best[0]):
+            self.best = (eval_loss, self.step)
         if self.run.rank == 0:
             self.metrics.log(step=self.step, eval_loss=eval_loss)
             (self.bar.write if self.bar else log.info)(f"step {self.step}: held-out loss {eval_loss:.4f}")
@@ -482,7 +488,8 @@ class Loop:
         checkpointing.save(self.engine, os.path.join(self.run.out, CKPT_DIR), self.step,
                            {"step": self.step, "micro_step": self.micro_step}, self.run.args.keep_checkpoints,
                            also=lambda tag_dir: save_adapter(self.engine, os.path.join(tag_dir, "adapter"),
-                                                             barrier=False))
+                                                             barrier=False),
+                           protect={checkpointing.tag_of(self.best[1])} if self.best else ())
         self._not_training("checkpoints", t0)
 
     def _not_training(self, what: str, t0: float) -> None:
@@ -533,6 +540,7 @@ class Loop:
 def finish(run: Run, engine, model, tokenizer, metrics, loop: Loop, runtime: int, before: str | None,
            seconds: dict) -> dict:
     """Adapter, planner check, CSV, curve, the "after" sample and summary.json (with where the time went)."""
+    from qlora_ds import checkpointing
     from qlora_ds.atomic import atomic_write_text
     from qlora_ds.inject.zero import save_adapter
 
@@ -556,6 +564,10 @@ def finish(run: Run, engine, model, tokenizer, metrics, loop: Loop, runtime: int
     metrics.plot(os.path.join(out, "loss_curve.png"), title=f"{args.method} on {os.path.basename(args.model)}")
     evals = [r["eval_loss"] for r in metrics.rows if "eval_loss" in r]
     summary.update(first_eval_loss=evals[0] if evals else None, last_eval_loss=evals[-1] if evals else None)
+    if loop.best:
+        kept = os.path.join(CKPT_DIR, checkpointing.tag_of(loop.best[1]), "adapter")
+        summary["best_eval"] = {"step": loop.best[1], "eval_loss": loop.best[0],
+                                "adapter": kept if os.path.isdir(os.path.join(out, kept)) else None}
     if after is not None:
         summary.update(prompt=args.sample_prompt, before=before, after=after)
     seconds["total"] = time.perf_counter() - seconds.pop("_start")

@@ -187,9 +187,15 @@ def resume_tag(ckpt_dir: str) -> str | None:
     return verdict[0]["tag"]
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=None) -> None:
+def tag_of(step: int) -> str:
+    """The checkpoint tag (directory name) of an optimizer step."""
+    return f"step{step:07d}"
+
+
+def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=None, protect=()) -> None:
     """Save on every rank; the previous complete checkpoint survives any failure during this one. Keeps the
-    ``keep`` newest complete tags (this one included) and removes partial tags that killed saves left.
+    ``keep`` newest complete tags (this one included) and the tags in ``protect`` (e.g. the best held-out loss's),
+    and removes partial tags that killed saves left.
     ``also(tag_dir)``: called on every rank after DeepSpeed's files (e.g. the adapter at this step, into
     ``<tag>/adapter``); its files join the manifest, and its failure fails the save like DeepSpeed's."""
     import torch.distributed as dist
@@ -198,7 +204,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=N
         raise QLoRADSError(f"keep={keep!r}: the number of checkpoints to keep must be an integer >= 1 "
                            f"(e.g. --keep-checkpoints 2)")
     rank = dist.get_rank()
-    tag = f"step{step:07d}"
+    tag = tag_of(step)
     tag_dir = os.path.join(ckpt_dir, tag)
     if rank == 0 and os.path.exists(tag_dir):
         shutil.rmtree(tag_dir)  # a partial save of this step from a killed run
@@ -226,7 +232,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=N
                            f"kept and the partial {tag} removed. Continue with --resume once fixed")
     if rank == 0:
         complete = [t for t in _tags(ckpt_dir) if os.path.exists(os.path.join(ckpt_dir, t, MANIFEST))]
-        older = [t for t in complete if t < tag]
+        older = [t for t in complete if t < tag and t not in protect]
         stale = [t for t in _tags(ckpt_dir) if t != tag and t not in complete]  # partial tags of killed saves
         for old in stale + older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)

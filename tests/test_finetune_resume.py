@@ -89,6 +89,24 @@ def test_resumed_summary_keeps_the_before_sample(grown):
     assert json.loads((split / "sample_before.json").read_text()) == {"prompt": "What is AI?", "before": b["before"]}
 
 
+def test_best_held_out_checkpoint_is_kept_and_named(word):
+    """--keep-checkpoints 1 keeps the last checkpoint and also the best held-out loss's; summary.json names that
+    step, its loss and its adapter."""
+    out, ds = word["root"] / "best", word["root"] / "ds_lr0.json"
+    # lr 0: every held-out loss is the same, so the first one (step 2) stays the best and must outlive its pruning
+    ds.write_text(json.dumps({**DS, "optimizer": {"type": "PagedAdamW", "params": {"lr": 0.0}}}))
+    check(_finetune(*_args(word, out, "--max-steps", "6", "--keep-checkpoints", "1", ds=str(ds))))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r and r["step"] > 0}
+    best_step = min(evals, key=evals.get)
+    best = json.loads((out / "summary.json").read_text())["best_eval"]
+    assert best == {"step": best_step, "eval_loss": evals[best_step],
+                    "adapter": f"checkpoints/step{best_step:07d}/adapter"}
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert best_step == 2 and kept == ["step0000002", "step0000006"]
+    assert (out / best["adapter"] / "adapter_model.safetensors").exists()
+
+
 def test_resume_refuses_an_edited_ds_config(word):
     """The ds_config is recorded by path: an edited file (micro batch 2 → 1, accumulation 2 → 4: the same global
     batch) used to resume, and the sampler, indexed by the saved micro step, repeated and skipped examples."""

@@ -136,6 +136,16 @@ def test_pruning_keeps_the_newest_complete_and_removes_partials(ckpt):
     assert _tags(ckpt) == ["step0000004", "step0000006", "step0000008"]
 
 
+def test_pruning_spares_the_protected_checkpoint(ckpt):
+    """The best held-out loss's checkpoint (finetune protects it) outlives --keep-checkpoints; once unprotected it
+    is pruned like any other."""
+    for step in (2, 4, 6):
+        checkpointing.save(FakeEngine(), str(ckpt), step, {"step": step}, keep=1, protect={"step0000002"})
+    assert _tags(ckpt) == ["step0000002", "step0000006"]
+    checkpointing.save(FakeEngine(), str(ckpt), 8, {"step": 8}, keep=1, protect={checkpointing.tag_of(6)})
+    assert _tags(ckpt) == ["step0000006", "step0000008"]
+
+
 @pytest.mark.parametrize("keep", [0, -1, True, 1.5])
 def test_keep_below_one_is_refused(ckpt, keep):
     with pytest.raises(QLoRADSError, match=rf"keep={keep!r}: .* integer >= 1"):
