@@ -408,7 +408,7 @@ class Loop:
         self.seconds = {"held_out": 0.0, "checkpoints": 0.0}   # inside the loop: what is not training
         # (held-out loss, step) of the best evaluation so far: its checkpoint is kept beyond --keep-checkpoints
         # (rank 0 prunes; a resumed run reads the earlier evaluations back from metrics.jsonl)
-        rows = [r for r in (metrics.rows if metrics else []) if "eval_loss" in r and r["step"] > 0]
+        rows = [r for r in getattr(metrics, "rows", []) if "eval_loss" in r and r["step"] > 0]
         self.best = min(((r["eval_loss"], r["step"]) for r in rows), default=None)
 
     def next_batch(self) -> dict:
