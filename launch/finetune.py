@@ -15,11 +15,11 @@ import logging
 import os
 import sys
 import time
-from typing import NamedTuple
 
 import torch
 
 from qlora_ds.cli import run_main
+from qlora_ds.data.run_data import Data, build_data
 from qlora_ds.ds_config import resolve_ds_config
 from qlora_ds.errors import QLoRADSError
 from qlora_ds.hardware import DTYPE_CHOICES, ds_compute_dtype, dtype_name
@@ -150,43 +150,6 @@ def adapter_config(args, dtype: torch.dtype):
 
 
 compute_dtype = ds_compute_dtype     # of a ds_config that went through resolve_ds_config
-
-
-# ------------------------------------------------------------------------------------------------- data
-
-def build_data(args, tokenizer, model_config, rank: int, world: int, micro: int):
-    from qlora_ds.data import GroupByLengthBatches, load_records, tokenize_records
-    from qlora_ds.data.tokenize import check_vocab
-    from qlora_ds.packaged import chatterbot_pairs
-
-    if args.dataset == "chatterbot":
-        records = [{"messages": [{"role": "user", "content": p["instruction"]},
-                                 {"role": "assistant", "content": p["response"]}]} for p in chatterbot_pairs()]
-    else:
-        records = load_records(args.dataset)
-    check_vocab(tokenizer, model_config.vocab_size)
-    ctx = getattr(model_config, "max_position_embeddings", None)
-    examples = tokenize_records(records, tokenizer, args.max_len, ctx, args.train_on_prompt)
-    g = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(examples), generator=g).tolist()
-    n_eval = min(args.eval_size, len(examples) // 10)
-    eval_ex = [examples[i] for i in order[:n_eval]]
-    train_ex = [examples[i] for i in order[n_eval:]]
-    if args.packing:
-        from qlora_ds.data.packing import check_packing_supported, pack_examples
-
-        check_packing_supported(model_config)
-        train_ex = pack_examples(train_ex, args.max_len)
-    batches = GroupByLengthBatches([e["input_ids"].numel() for e in train_ex], micro, world, rank, args.seed,
-                                   group_by_length=args.group_by_length)
-    return Data(train_ex, eval_ex[rank::world], n_eval, batches)
-
-
-class Data(NamedTuple):
-    train: list            # this run's training examples (packed rows with --packing)
-    eval_shard: list       # this rank's share of the held-out examples (may be empty)
-    eval_total: int        # held-out examples over all ranks: held-out runs on every rank iff this is > 0
-    batches: object        # GroupByLengthBatches for this rank
 
 
 # ------------------------------------------------------------------------------------------------ train

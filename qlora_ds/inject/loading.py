@@ -24,7 +24,6 @@ ZeRO 0/1/2: every rank loads the whole 4-bit model.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -41,6 +40,7 @@ from ..nn.config import AUTO, QALoRAConfig, QLoRAConfig
 from .checkpoint import BNB_STATE, Checkpoint
 from .policies import Policy
 from .replace import inject, is_linear_like, is_quantized_layer, quantize_for
+from .zero import gathered
 
 log = logging.getLogger(__name__)
 
@@ -400,14 +400,6 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
 
 
 # ---------------------------------------------------------------------------- save
-def _gathered(params):
-    ds = [p for p in params if hasattr(p, "ds_id")]
-    if not ds:
-        return contextlib.nullcontext()
-    import deepspeed
-    return deepspeed.zero.GatheredParameters(ds, modifier_rank=None)
-
-
 def save_quantized(model: nn.Module, directory: str) -> None:
     """Write the frozen quantized model (no adapters) atomically: ``model.safetensors`` with the layers'
     packed parameters as stored, ``config.json``, and ``qlora_ds_quant.json`` (format, version, settings).
@@ -426,7 +418,7 @@ def save_quantized(model: nn.Module, directory: str) -> None:
         if ".lora_A" in mpath or ".lora_B" in mpath:
             continue
         params = [(n, p) for n, p in module._parameters.items() if p is not None and id(p) not in seen]
-        with _gathered([p for _, p in params]):
+        with gathered([p for _, p in params]):
             for name, p in params:
                 seen.add(id(p))
                 tensors[f"{mpath}.{name}" if mpath else name] = p.detach().to("cpu").clone().contiguous()

@@ -23,6 +23,16 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def gathered(params, modifier_rank: int | None = None):
+    """``deepspeed.zero.GatheredParameters`` over the ZeRO-3 partitioned ones of ``params`` (a no-op context when
+    none is): read-only with ``modifier_rank=None``, else that rank's changes are scattered back."""
+    ds = [p for p in params if hasattr(p, "ds_id")]
+    if not ds:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(ds, modifier_rank=modifier_rank)
+
+
 def save_adapter(engine_or_model, directory: str, base_model_name_or_path: str | None = None,
                  barrier: bool = True) -> None:
     """Write the LoRA adapter in PEFT format from rank 0.
@@ -39,13 +49,7 @@ def save_adapter(engine_or_model, directory: str, base_model_name_or_path: str |
     if not lora:
         raise QLoRADSError("the model has no LoRA parameters; load it with qlora_ds.from_pretrained or inject() "
                            "before saving an adapter")
-    zero = [p for p in lora.values() if hasattr(p, "ds_id")]
-    if zero:
-        import deepspeed
-        ctx = deepspeed.zero.GatheredParameters(zero, modifier_rank=None)
-    else:
-        ctx = contextlib.nullcontext()
-    with ctx:   # write inside the gather: the writer checks the (then full) parameter shapes
+    with gathered(lora.values()):   # write inside the gather: the writer checks the (then full) parameter shapes
         if _rank() == 0:
             state = {n: p.detach().to("cpu", torch.float32).clone() for n, p in lora.items()}
             write_adapter(model, directory, base_model_name_or_path=base_model_name_or_path,
@@ -65,13 +69,7 @@ def load_adapter(engine_or_model, directory: str) -> list[str]:
     before ``deepspeed.initialize`` (the optimizer's fp32 masters are taken from the parameters there)."""
     from ..adapters import load_adapter as read_into
     model = unwrap(engine_or_model)
-    zero = [p for p in lora_parameters(model).values() if hasattr(p, "ds_id")]
-    if zero:
-        import deepspeed
-        ctx = deepspeed.zero.GatheredParameters(zero, modifier_rank=0)
-    else:
-        ctx = contextlib.nullcontext()
-    with ctx:
+    with gathered(lora_parameters(model).values(), modifier_rank=0):
         return read_into(model, directory)
 
 
