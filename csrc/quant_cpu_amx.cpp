@@ -331,7 +331,10 @@ Nf4Weight make_weight(const torch::Tensor& packed, const torch::Tensor& absmax, 
   TORCH_CHECK(blocksize % 64 == 0, "nf4 AMX kernel needs blocksize % 64 == 0");
   TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte && packed.numel() == N * K / 2, "packed");
   TORCH_CHECK(code4.is_contiguous() && code4.scalar_type() == at::kFloat && code4.numel() == 16, "code4");
-  TORCH_CHECK(absmax.is_contiguous() && absmax.numel() == N * K / blocksize, "absmax");
+  // one absmax per block, the last one possibly partial (N*K need not be a multiple of the blocksize)
+  const int64_t blocks = (N * K + blocksize - 1) / blocksize;
+  TORCH_CHECK(absmax.is_contiguous() && absmax.numel() == blocks, "absmax: expected ", blocks, " blocks, got ",
+              absmax.numel());
   Nf4Weight w{};
   w.packed = packed.data_ptr<uint8_t>();
   w.code4 = code4.data_ptr<float>();
@@ -347,7 +350,9 @@ Nf4Weight make_weight(const torch::Tensor& packed, const torch::Tensor& absmax, 
   if (absmax2.has_value()) {
     TORCH_CHECK(absmax.scalar_type() == at::kByte, "double-quant absmax must be uint8 codes");
     TORCH_CHECK(code8.has_value() && code8->numel() == 256 && code8->scalar_type() == at::kFloat, "code8");
-    TORCH_CHECK(absmax2->scalar_type() == at::kFloat && absmax2->is_contiguous(), "absmax2");
+    TORCH_CHECK(absmax2->scalar_type() == at::kFloat && absmax2->is_contiguous() &&
+                absmax2->numel() == (blocks + nested_blocksize - 1) / nested_blocksize, "absmax2: expected ",
+                (blocks + nested_blocksize - 1) / nested_blocksize, " nested blocks, got ", absmax2->numel());
     w.qabsmax = absmax.data_ptr<uint8_t>();
     w.absmax2 = absmax2->data_ptr<float>();
     w.code8 = code8->data_ptr<float>();

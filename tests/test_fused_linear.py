@@ -26,10 +26,12 @@ def _parts(qt):
 
 
 @pytest.mark.parametrize("quant_type, dq, blocksize", [("nf4", True, 64), ("nf4", False, 64), ("fp4", True, 64),
-                                                       ("fp4", False, 128), ("nf4", True, 256)])
+                                                       ("fp4", False, 128), ("nf4", True, 256),
+                                                       ("nf4", True, 4096), ("fp4", False, 4096)])
 def test_fused_dequantization_is_bit_exact(amx, quant_type, dq, blocksize):
     """x = I gives deq(W)ᵀ and g = I gives deq(W) exactly (one product per sum): the values the kernel builds its
-    tiles from are the dequantizer's, bit for bit, in both tile layouts."""
+    tiles from are the dequantizer's, bit for bit, in both tile layouts. Block 4096: 96·192 = 4.5 blocks, the last one
+    partial (one absmax per started block)."""
     torch.manual_seed(0)
     out_f, in_f = 96, 192
     qt = quantize(torch.randn(out_f, in_f, dtype=torch.bfloat16) * 3, quant_type, blocksize, dq)

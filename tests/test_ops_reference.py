@@ -59,3 +59,14 @@ def test_intn_scale_is_a_true_division_under_cuda_scalar_rules(bits):
         reference.quantize_intn(w, bits, gs, gs, qweight, scales, zeros)
     assert torch.equal(scales, (spans.double() / maxq).float())
     assert torch.equal(zeros, torch.zeros(rows))
+
+
+@pytest.mark.parametrize("backend", ["torch", None])
+def test_empty_tensors_quantize_on_every_backend(backend):
+    """The compiled ops accept an empty tensor; the fallback used where they cannot build must too (it once raised
+    from ``torch.cat([])``). ``None``: the compiled CPU op where it builds, else the reference again."""
+    from qlora_ds import ops
+    with ops.use_backend(backend):
+        packed, absmax = ops.quantize_4bit(torch.empty(0), "nf4", 64)
+        q, absmax8 = ops.quantize_8bit_blockwise(torch.empty(0), 256)
+    assert packed.numel() == absmax.numel() == q.numel() == absmax8.numel() == 0

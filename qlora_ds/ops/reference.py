@@ -41,6 +41,8 @@ def _scale_blockwise(x: torch.Tensor, blocksize: int, absmax_out: torch.Tensor) 
         am = x[full:].abs().amax().clamp(min=_TINY)
         absmax_out[-1] = am
         parts.append((x[full:] / am).clamp_(-1, 1))
+    if not parts:           # an empty tensor: nothing to scale (the compiled ops accept it too)
+        return x[:0]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
