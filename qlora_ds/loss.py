@@ -9,8 +9,10 @@ hook (no extra all-gather, no copy), and the hidden states are taken before ZeRO
 backward-release Function — the loss's gradient reaches the final norm directly, so ZeRO-3's head hooks (which
 see only the unused empty slice) never fire in backward. The loss's own backward needs no weight (its gradients
 are formed in forward, ``qlora_ds.nn.chunked_loss``). Works for every transformers CausalLM whose forward calls
-``get_output_embeddings()`` on the final hidden states (Llama, Mistral, Qwen, GPT-NeoX, OPT …); models that
-transform the logits after the head (soft-capping, logit scales) use the plain loss.
+``get_output_embeddings()`` on the final hidden states and nothing else on the logits: the model types in
+``VERIFIED_MODEL_TYPES`` (Llama, Mistral, Qwen, Gemma, Phi, GPT-NeoX, OPT …), each checked by a test; models that
+transform the logits after the head (soft-capping, logit scales, in the config or its text config) or whose type is
+not verified use the plain loss, with a warning.
 """
 from __future__ import annotations
 
@@ -22,17 +24,47 @@ from .errors import QLoRADSError
 from .nn.chunked_loss import IGNORE_INDEX, linear_cross_entropy
 
 log = logging.getLogger(__name__)
-# config attributes that change the logits after the head: the chunked path would compute another loss
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# config attributes (of the model's config or its text config) that change the logits after the head, or add to the
+# loss: with any of them set, the chunked path would compute another loss than the model's own
+# (name: the values that leave the logits alone; a soft cap of any value, even 1.0, caps them)
+_CAP, _SCALE = (None,), (None, 1, 1.0)
+LOGIT_TRANSFORMS = {"final_logit_softcapping": _CAP, "logits_soft_cap": _CAP, "output_logit_soft_cap": _CAP,
+                    "logit_scale": _SCALE, "logits_scaling": _SCALE, "lm_head_multiplier": _SCALE,
+                    "logits_mup_width_multiplier": _SCALE, "output_multiplier": _SCALE,
+                    "output_multiplier_scale": _SCALE}
+# model types whose CausalLM forward computes ``logits = lm_head(hidden)`` and the loss from them alone (unless a
+# LOGIT_TRANSFORMS value is set): tests/test_chunked_loss.py checks each against the model's own loss. Others
+# (new or remote-code architectures, which may scale or cap the logits under any name) use the plain loss.
+VERIFIED_MODEL_TYPES = frozenset((
+    "apertus", "arcee", "biogpt", "bitnet", "bloom", "cohere", "cohere2", "ernie4_5", "exaone4", "falcon",
+    "falcon_h1", "gemma", "gemma2", "gemma3", "gemma3_text", "glm", "glm4", "gpt2", "gpt_bigcode", "gpt_neox",
+    "gpt_oss", "granite", "granitemoe", "helium", "hunyuan_v1_dense", "lfm2", "llama", "llama4_text", "ministral",
+    "mistral", "mixtral", "mpt", "nemotron", "olmo", "olmo2", "olmoe", "opt", "persimmon", "phi", "phi3", "phimoe",
+    "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "seed_oss", "smollm3", "stablelm", "starcoder2", "xglm"))
+
+
+def _configs(cfg) -> list:
+    """The model's config and, for composite models, its text config (where their logit settings live)."""
+    out = [cfg] if cfg is not None else []
+    get = getattr(cfg, "get_text_config", None)
+    text = get() if callable(get) else None
+    return out + ([text] if text is not None and text is not cfg else [])
 
 
 def chunked_supported(model) -> str | None:
     """None if the chunked loss applies to ``model`` (or a DeepSpeed engine around it), else why not."""
     module = getattr(model, "module", model)
     cfg = getattr(module, "config", None)
-    for name in LOGIT_TRANSFORMS:
-        if getattr(cfg, name, None) not in (None, 1, 1.0):
-            return f"config.{name}={getattr(cfg, name)!r} transforms the logits after the head"
+    for c in _configs(cfg):
+        for name, neutral in LOGIT_TRANSFORMS.items():
+            if getattr(c, name, None) not in neutral:
+                return f"config.{name}={getattr(c, name)!r} transforms the logits after the head"
+        if getattr(c, "output_router_logits", False):
+            return "config.output_router_logits adds the router's auxiliary loss to the model's loss"
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in VERIFIED_MODEL_TYPES:
+        return (f"model_type {model_type!r} is not one the chunked loss is verified on (qlora_ds.loss."
+                "VERIFIED_MODEL_TYPES: its forward may transform the logits)")
     get = getattr(module, "get_output_embeddings", None)
     head = get() if get else None
     if not isinstance(getattr(head, "weight", None), torch.Tensor):

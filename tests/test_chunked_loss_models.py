@@ -1,0 +1,78 @@
+"""Which models take the chunked LM-head loss (``qlora_ds.loss.chunked_supported``): every verified model type gives
+the model's own loss through it, and a logit transform anywhere in the config (or an unverified type) keeps the
+plain loss. The head is scaled up so that a transform left out (a soft cap, a multiplier) would change the loss."""
+import logging
+
+import pytest
+import torch
+
+from qlora_ds.loss import LOGIT_TRANSFORMS, VERIFIED_MODEL_TYPES, causal_lm_loss, chunked_supported
+
+KW = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+          num_key_value_heads=2, pad_token_id=0)
+
+
+def build(model_type: str, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kw = dict(KW, **({} if model_type == "falcon" else {"head_dim": 16}), **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw)).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)   # logits of ~±30: caps and scales matter
+    return model
+
+
+def losses(model):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 128, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    with torch.no_grad():
+        return model(**batch, use_cache=False).loss.item(), causal_lm_loss(model, batch).item()
+
+
+def test_every_verified_model_type_gives_the_models_own_loss():
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    wrong, chunked = [], 0
+    for model_type in sorted(VERIFIED_MODEL_TYPES):
+        model = build(model_type)
+        plain, ours = losses(model)
+        chunked += chunked_supported(model) is None
+        if abs(plain - ours) > 1e-5 * abs(plain):
+            wrong.append((model_type, plain, ours))
+    assert not wrong
+    assert chunked >= len(VERIFIED_MODEL_TYPES) - 3      # cohere/cohere2 scale their logits by default: plain loss
+
+
+@pytest.mark.parametrize("model_type, name, value", [("gemma2", "final_logit_softcapping", 2.0),
+                                                     ("granite", "logits_scaling", 4.0),
+                                                     ("falcon_h1", "lm_head_multiplier", 0.1)])
+def test_a_logit_transform_keeps_the_plain_loss(model_type, name, value, monkeypatch):
+    model = build(model_type, **{name: value})
+    assert name in LOGIT_TRANSFORMS and name in chunked_supported(model)
+    plain, ours = losses(model)
+    assert ours == plain
+    # taken through the chunked path anyway, the loss is another one: the defect this check guards against
+    monkeypatch.setattr("qlora_ds.loss.chunked_supported", lambda m: None)
+    assert abs(losses(model)[1] - plain) > 1e-3 * abs(plain)
+
+
+def test_a_transform_in_the_text_config_keeps_the_plain_loss():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    text = dict(KW, head_dim=16, final_logit_softcapping=2.0)
+    cfg = Gemma3Config(text_config=text, vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                            num_attention_heads=2, image_size=28, patch_size=14))
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    assert getattr(model.config, "final_logit_softcapping", None) is None       # only the text config has it
+    assert "final_logit_softcapping" in chunked_supported(model)
+
+
+def test_unverified_types_and_router_losses_keep_the_plain_loss():
+    model = build("llama")
+    assert chunked_supported(model) is None
+    model.config.model_type = "my_remote_llama"
+    assert "not one the chunked loss is verified on" in chunked_supported(model)
+    moe = build("mixtral", output_router_logits=True, num_local_experts=2, num_experts_per_tok=1)
+    assert "auxiliary loss" in chunked_supported(moe)
