@@ -39,8 +39,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_model_source(p, args)
     if not args.heldout and not args.mc:
         p.error("nothing to evaluate: pass --heldout FILE and/or --mc FILE")
-    if args.shots < 0:
-        p.error("--shots must be >= 0")
+    # bad numbers and a missing dev split fail here, not after the (slow) model load
+    for name, value, low in (("shots", args.shots, 0), ("batch_size", args.batch_size, 1),
+                             ("max_len", args.max_len, 2)):
+        if value is not None and value < low:
+            p.error(f"--{name.replace('_', '-')} must be {low} or more, got {value}")
+    if args.mc and args.shots and not args.mc_dev:
+        p.error(f"--mc with --shots {args.shots} (default 5) takes its examples from a dev split: pass --mc-dev FILE, "
+                f"or --shots 0")
     return args
 
 

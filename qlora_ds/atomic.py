@@ -57,6 +57,23 @@ def fsync_file(path: str, mode: int | None = None) -> None:
         os.fsync(f.fileno())
 
 
+def fsync_tree(path: str, file_mode: int | None = None, dir_mode: int | None = None) -> None:
+    """fsync every file and directory under ``path`` (deepest first), giving them ``file_mode``/``dir_mode`` when
+    set. Symlinks are left alone (their targets are not ours); a file gone meanwhile is skipped."""
+    for root, _, names in os.walk(path, topdown=False):
+        for name in names:
+            file = os.path.join(root, name)
+            if os.path.islink(file):
+                continue
+            try:
+                fsync_file(file, file_mode)
+            except FileNotFoundError:
+                continue
+        if dir_mode is not None:
+            os.chmod(root, dir_mode)
+        fsync_dir(root)
+
+
 def atomic_write(path: str, writer: Callable[[str], None]) -> None:
     """Call ``writer(tmp_path)`` to produce the file, fsync it, then move it over ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -108,10 +125,8 @@ def atomic_directory(path: str, allowed_existing: tuple[str, ...] | None = None)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-")
     try:
         yield tmp
-        for entry in os.listdir(tmp):
-            fsync_file(os.path.join(tmp, entry))
-        os.chmod(tmp, 0o777 & ~_umask())
-        fsync_dir(tmp)
+        mask = _umask()   # writers may create 0600 files (safetensors does): every output gets the umask's mode
+        fsync_tree(tmp, 0o666 & ~mask, 0o777 & ~mask)
         if os.path.exists(path):
             old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")
             os.rmdir(old)

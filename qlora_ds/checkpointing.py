@@ -26,7 +26,7 @@ import re
 import secrets
 import shutil
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, fsync_dir, fsync_tree
 from .errors import QLoRADSError
 from .faults import inject
 
@@ -214,6 +214,10 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=N
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, exclude_frozen_parameters=True)
         if also is not None:
             also(tag_dir)
+        # torch.save (DeepSpeed's writer) never fsyncs: each rank syncs what it sees (its own files included) before
+        # the manifest declares the tag complete, else a crash could leave a manifest vouching for empty files
+        fsync_tree(tag_dir)
+        fsync_dir(ckpt_dir)
         inject("enospc_in_save", step)
         inject("kill_in_save", step)
     except Exception as err:

@@ -26,6 +26,22 @@ def read_ds_config(ds_config) -> dict:
     return copy.deepcopy(ds_config)
 
 
+AUTO = "auto"   # HF's ds_config placeholder: the value comes from the command line (or the default)
+
+
+def check_number(key: str, value) -> None:
+    """A batch key must be a positive integer; gradient_clipping a number >= 0 (0: DeepSpeed clips nothing)."""
+    if key == "gradient_clipping":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+        want = "a number >= 0"
+    else:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        want = "a positive integer"
+    if not ok:
+        raise QLoRADSError(f"ds_config {key}={value!r} must be {want} or \"auto\" (filled from the command line or "
+                           f"the default); fix it in the ds_config")
+
+
 def check_fp16_supported(dtype: torch.dtype, device: torch.device) -> None:
     """DeepSpeed's CPU accelerator refuses fp16 unless oneDNN has native fp16 (AVX512-FP16 / AMX-FP16)."""
     if dtype != torch.float16 or device.type != "cpu":
@@ -43,17 +59,27 @@ def resolve_ds_config(args, world: int, device: torch.device | None = None) -> d
     cfg = read_ds_config(args.ds_config) if args.ds_config else {}
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
 
+    def given(key: str):
+        """The ds_config's value of ``key``; None when absent or "auto" (HF's placeholder, read here as the HF Trainer
+        integration reads it: the command line or the default decides)."""
+        if cfg.get(key, AUTO) == AUTO:
+            cfg.pop(key, None)
+            return None
+        check_number(key, cfg[key])
+        return cfg[key]
+
     def merge(key: str, cli, default):
-        if cli is not None and key in cfg and cfg[key] != cli:
-            raise QLoRADSError(f"ds_config {key}={cfg[key]} conflicts with the command line ({cli}); "
+        ours = given(key)
+        if cli is not None and ours is not None and ours != cli:
+            raise QLoRADSError(f"ds_config {key}={ours} conflicts with the command line ({cli}); "
                                f"set it in one place only")
-        cfg[key] = cli if cli is not None else cfg.get(key, default)
+        cfg[key] = cli if cli is not None else default if ours is None else ours
         return cfg[key]
 
     micro = merge("train_micro_batch_size_per_gpu", args.micro_batch, 1)
     accum = merge("gradient_accumulation_steps", args.grad_accum, 16)
     total = micro * accum * world
-    if "train_batch_size" in cfg and cfg["train_batch_size"] != total:
+    if given("train_batch_size") not in (None, total):
         raise QLoRADSError(f"ds_config train_batch_size={cfg['train_batch_size']} but micro batch {micro} × "
                            f"gradient accumulation {accum} × {world} ranks = {total}; fix one of them")
     cfg["train_batch_size"] = total

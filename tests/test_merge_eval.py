@@ -368,7 +368,7 @@ def test_evaluate_and_generate_scripts(ckpt, tmp_path, capsys):
     assert 0 <= res["multiple_choice"]["accuracy"] <= 1 and res["multiple_choice"]["total"] == 20
     assert _script("generate").main(["--run", str(run), "--prompt", "Hi there", "--max-new-tokens", "4"]) == 0
     assert "### Assistant:" in capsys.readouterr().out
-    assert _script("evaluate").main(["--run", str(run), "--mc", str(tmp_path / "missing.jsonl")]) == 2
+    assert _script("evaluate").main(["--run", str(run), "--mc", str(tmp_path / "missing.jsonl"), "--shots", "0"]) == 2
 
 
 def test_merge_script_gptq_of_qlora_in_bf16(ckpt, tmp_path):

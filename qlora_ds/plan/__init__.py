@@ -65,19 +65,25 @@ def apply_ds_config(cfg: PlanConfig, ds_config: dict | str) -> PlanConfig:
     zero = ds_config.get("zero_optimization", {})
     opt_type = str(ds_config.get("optimizer", {}).get("type", "")).lower()
     bf16 = ds_config.get("bf16", {})
+
+    def num(section: dict, key: str, default) -> int:
+        """An integer setting; HF's "auto" (filled by the trainer or the command line) reads as the default."""
+        value = section.get(key, default)
+        return int(float(default if value == "auto" else value))
+
     return replace(
         cfg,
-        zero_stage=int(zero.get("stage", 0)),
-        micro_batch=int(ds_config.get("train_micro_batch_size_per_gpu", cfg.micro_batch)),
-        grad_accum=int(ds_config.get("gradient_accumulation_steps", cfg.grad_accum)),
-        reduce_bucket_elems=int(float(zero.get("reduce_bucket_size", 5e8))),
-        overlap_comm=bool(zero.get("overlap_comm", int(zero.get("stage", 0)) == 3)),
+        zero_stage=num(zero, "stage", 0),
+        micro_batch=num(ds_config, "train_micro_batch_size_per_gpu", cfg.micro_batch),
+        grad_accum=num(ds_config, "gradient_accumulation_steps", cfg.grad_accum),
+        reduce_bucket_elems=num(zero, "reduce_bucket_size", 5e8),
+        overlap_comm=bool(zero.get("overlap_comm", num(zero, "stage", 0) == 3)),
         paged=opt_type.startswith("paged"),
         optim_bits=8 if "8bit" in opt_type else 32,
         bf16_master=bool(bf16.get("bf16_master_weights_and_grads", False)),
-        persistence_threshold=int(float(zero.get("stage3_param_persistence_threshold", 1e5))),
-        max_live_parameters=int(float(zero.get("stage3_max_live_parameters", 1e9))),
-        max_reuse_distance=int(float(zero.get("stage3_max_reuse_distance", 1e9))),
+        persistence_threshold=num(zero, "stage3_param_persistence_threshold", 1e5),
+        max_live_parameters=num(zero, "stage3_max_live_parameters", 1e9),
+        max_reuse_distance=num(zero, "stage3_max_reuse_distance", 1e9),
     )
 
 

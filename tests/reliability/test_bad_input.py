@@ -366,3 +366,30 @@ def test_missing_compiler_falls_back_with_one_warning(monkeypatch):
         pr, ar = ops.quantize_4bit(x, "nf4", 64)
         wr = ops.dequantize_4bit(pr, ar, "nf4", 64, x.shape, torch.float32)
     assert torch.equal(p1, pr) and torch.equal(a1, ar) and torch.equal(p2, pr) and torch.equal(w, wr)
+
+
+# ------------------------------------------------------------------------------------------- launch/evaluate.py
+@pytest.mark.parametrize("extra, message", [
+    (["--mc", "q.jsonl"], "--mc with --shots 5 (default 5) takes its examples from a dev split: pass --mc-dev FILE"),
+    (["--mc", "q.jsonl", "--shots", "0", "--batch-size", "0"], "--batch-size must be 1 or more, got 0"),
+    (["--heldout", "v.jsonl", "--batch-size", "-2"], "--batch-size must be 1 or more, got -2"),
+    (["--heldout", "v.jsonl", "--max-len", "1"], "--max-len must be 2 or more, got 1"),
+    (["--mc", "q.jsonl", "--mc-dev", "d.jsonl", "--shots", "-1"], "--shots must be 0 or more, got -1"),
+])
+def test_evaluate_bad_arguments_fail_before_the_model_loads(monkeypatch, capsys, extra, message):
+    """These used to fail only after the model had loaded (minutes), --batch-size 0 with a bare traceback."""
+    import qlora_ds.eval.runs as runs
+
+    from ..helpers import launch_script
+    monkeypatch.setattr(runs, "resolve", lambda **kw: pytest.fail("reached the model load"))
+    with pytest.raises(SystemExit) as exit_:
+        launch_script("evaluate").main(["--model", "m", *extra])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_evaluate_good_arguments_parse():
+    from ..helpers import launch_script
+    parse = launch_script("evaluate").parse_args
+    assert parse(["--model", "m", "--mc", "q.jsonl", "--shots", "0"]).batch_size == 4
+    assert parse(["--model", "m", "--mc", "q.jsonl", "--mc-dev", "d.jsonl"]).shots == 5
+    assert parse(["--model", "m", "--heldout", "v.jsonl", "--batch-size", "1", "--max-len", "2"]).max_len == 2

@@ -182,3 +182,59 @@ def test_atomic_outputs_follow_the_umask(tmp_path, monkeypatch, umask, file_mode
     assert _mode(tmp_path / "adapter" / "plain") == file_mode
     assert _mode(tmp_path / "adapter" / "atomic.bin") == file_mode
     assert sorted(os.listdir(tmp_path)) == ["adapter", "summary.json"]       # no temp left behind
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775)],
+                         ids=["022", "002"])
+def test_atomic_directory_gives_files_made_0600_the_umask_mode(tmp_path, umask, file_mode, dir_mode):
+    """safetensors.save_file creates its file 0600: the saved adapter was unreadable to the group (a serving
+    user); files in subdirectories were not even visited. A symlink's target is not ours to chmod."""
+    from safetensors.torch import save_file
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("x")
+    outside.chmod(0o600)
+    old = os.umask(umask)
+    try:
+        with atomic.atomic_directory(str(tmp_path / "adapter")) as tmp:
+            save_file({"w": torch.zeros(2)}, os.path.join(tmp, "adapter_model.safetensors"))
+            os.mkdir(os.path.join(tmp, "sub"), 0o700)
+            os.close(os.open(os.path.join(tmp, "sub", "private.bin"), os.O_WRONLY | os.O_CREAT, 0o600))
+            os.symlink(outside, os.path.join(tmp, "link"))
+    finally:
+        os.umask(old)
+    out = tmp_path / "adapter"
+    assert _mode(out / "adapter_model.safetensors") == file_mode
+    assert (_mode(out / "sub"), _mode(out / "sub" / "private.bin")) == (dir_mode, file_mode)
+    assert _mode(outside) == 0o600 and os.path.islink(out / "link")
+
+
+def test_checkpoint_files_are_fsynced_before_the_manifest(ckpt, monkeypatch):
+    """torch.save never fsyncs: a crash after the (fsynced) manifest could leave it vouching for empty files."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name the fsynced files")
+    synced, at_manifest = set(), {}
+    real_fsync, real_manifest = os.fsync, checkpointing.write_manifest
+
+    def fsync(fd):
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def write_manifest(tag_dir, step):
+        at_manifest.update(synced=set(synced), tag=tag_dir)
+        return real_manifest(tag_dir, step)
+
+    def adapter(tag_dir):                   # a plain write, as a caller's ``also`` may do
+        os.makedirs(os.path.join(tag_dir, "adapter"))
+        with open(os.path.join(tag_dir, "adapter", "adapter_model.safetensors"), "wb") as fh:
+            fh.write(b"weights")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(checkpointing, "write_manifest", write_manifest)
+    checkpointing.save(FakeEngine(numel=4), str(ckpt), 2, {"step": 2}, keep=1, also=adapter)
+    tag = os.path.realpath(at_manifest["tag"])
+    manifest = checkpointing.verify(tag)
+    assert sorted(manifest["files"]) == ["adapter/adapter_model.safetensors", "mp_rank_00_model_states.pt"]
+    want = {os.path.join(tag, f) for f in manifest["files"]} | {tag, os.path.join(tag, "adapter"),
+                                                                os.path.realpath(ckpt)}
+    assert want - at_manifest["synced"] == set()
