@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qlora_ds.errors import QLoRADSError
 from qlora_ds.loss import causal_lm_loss, chunked_supported
 from qlora_ds.nn.chunked_loss import IGNORE_INDEX, linear_cross_entropy
 from tests.tiny_models import tiny_model
@@ -57,6 +58,45 @@ def test_num_items_in_batch_and_frozen_head():
     assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
     assert rel(torch.autograd.grad(got, hidden)[0], torch.autograd.grad(ref, hidden)[0]) <= 1e-4
 
+
+
+@pytest.mark.parametrize("bad", [-1, 10])
+def test_out_of_range_label_raises(bad):
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(1, 5, 8), torch.randn(10, 8)
+    labels = torch.tensor([[IGNORE_INDEX, 3, bad, 9, 4]])
+    with pytest.raises(IndexError, match="out of bounds"):           # the plain loss refuses it too
+        plain_loss(hidden, weight, None, labels)
+    with pytest.raises(QLoRADSError, match=rf"out of bounds for a vocabulary of 10 \(e.g. {bad}\).*ignore_index"):
+        linear_cross_entropy(hidden, weight, None, labels)
+    labels = torch.tensor([[-1, 3, -1, 9, 4]])                       # -1 where it is the data's ignore_index
+    ref = F.cross_entropy(F.linear(hidden, weight)[0, :-1], labels[0, 1:], ignore_index=-1)
+    got = linear_cross_entropy(hidden, weight, None, labels, ignore_index=-1)
+    assert abs(got.item() - ref.item()) <= 1e-5 * ref.item()
+
+
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_no_target_tokens_gives_zero_gradients(num_items):
+    """A micro-batch whose labels are all ignored (a prompt longer than the row under a response-only loss): the
+    loss is that of transformers' ForCausalLMLoss (0/0 = nan for the mean, 0 over num_items_in_batch) and every
+    gradient, a trained head's included, is an exact zero as F.cross_entropy's, not 0·nan."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    weight = torch.randn(10, 8, requires_grad=True)
+    bias = torch.randn(10, requires_grad=True)
+    labels = torch.full((2, 6), IGNORE_INDEX)
+    items = None if num_items is None else torch.tensor(num_items)
+    ref = plain_loss(hidden, weight, bias, labels, num_items=items)
+    ref_g = torch.autograd.grad(ref, (hidden, weight, bias))
+    got = linear_cross_entropy(hidden, weight, bias, labels, num_items_in_batch=items, chunk_tokens=4)
+    got_g = torch.autograd.grad(got, (hidden, weight, bias))
+    if num_items is None:
+        assert torch.isnan(ref) and torch.isnan(got)
+    else:
+        assert ref.item() == got.item() == 0.0
+    for g, r in zip(got_g, ref_g):
+        assert g.shape == r.shape and g.dtype == r.dtype
+        assert torch.equal(r, torch.zeros_like(r)) and torch.equal(g, torch.zeros_like(g))
 
 def _batch(vocab, b=2, t=24, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -191,6 +191,23 @@ def test_other_dtypes_and_watch_off_record_nothing():
         guards.enable_watch(previous)
 
 
+def test_first_record_under_inference_mode_keeps_later_forwards_working(monkeypatch):
+    monkeypatch.setattr(guards, "_first", {})     # the watch buffer is made by the first record, here
+    model = Net()
+    guards.watch(model)
+    x = torch.randn(4, 64)
+    with torch.inference_mode(), pytest.raises(NonFiniteError):     # a pipeline / generate() before training
+        model(x)
+    assert not guards._first[x.device].is_inference()
+    y = model(x.requires_grad_())                 # training: records, raises nothing
+    y.float().sum().backward()
+    assert guards.take_overflow() == guards.Overflow("b", "layer output")
+    for mode in (torch.no_grad(), torch.inference_mode()):
+        with mode, pytest.raises(NonFiniteError) as err:
+            model(x)
+        assert (err.value.module, err.value.what) == ("b", "layer output")
+
+
 # ------------------------------------------------------------------------------ the skipped-step policy
 
 class FakeEngine:

@@ -232,3 +232,43 @@ def test_few_row_no_grad_lora_branch_rounds_once(kind, rows):
     assert out.dtype == torch.bfloat16 and out.shape == exact.shape
     err = (out.double() - exact).abs()
     assert (err <= exact.abs() * 2.0 ** -8 + 1e-5 * exact.abs().max()).all(), err.max().item()
+
+
+@pytest.mark.parametrize("kind", ["qlora", "qalora"])
+@pytest.mark.parametrize("compute,cast", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("rows", [1, 16])
+def test_bias_cast_by_module_to_dtype(kind, compute, cast, fused, rows):
+    """``model.to(dtype)`` casts the float bias (not the packed base): the layer still computes in its compute
+    dtype, with the cast bias, on every path (AMX-fused or not, few rows or many)."""
+    from qlora_ds.nn import QALoRAConfig, QALoRALinear
+    from qlora_ds.ops import fused_linear
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64)                                   # shapes the AMX and few-row kernels take
+    nn.init.normal_(lin.bias, std=3.0)                            # a bias that shows in the output
+    if kind == "qlora":
+        layer = QLoRALinear.from_linear(lin, QLoRAConfig(r=8, alpha=16, dropout=0.0, compute_dtype=compute))
+    else:
+        layer = QALoRALinear.from_linear(lin, QALoRAConfig(bits=4, group_size=32, r=8, alpha=16, dropout=0.0,
+                                                           compute_dtype=compute))
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    layer = layer.to(cast)
+    assert layer.bias.dtype == cast and layer.compute_dtype == compute
+    x = torch.randn(rows, 128).to(cast)
+    with torch.no_grad():
+        lora_in = layer.pool(x.float()) if kind == "qalora" else x.float()
+        y_ref = (x.float() @ layer.dequantized_weight(torch.float32).t() + layer.bias.float()
+                 + layer.scaling * (lora_in @ layer.lora_A.weight.float().t()) @ layer.lora_B.weight.float().t())
+    previous = fused_linear.set_enabled(fused)
+    try:
+        with torch.no_grad():
+            y_eval = layer(x)
+        xg = x.clone().requires_grad_(True)
+        y = layer(xg)
+        y.float().sum().backward()
+    finally:
+        fused_linear.set_enabled(previous)
+    for out in (y_eval, y):
+        assert out.dtype == cast and out.shape == y_ref.shape
+        assert (out.float() - y_ref).abs().max().item() <= 2e-2 * y_ref.abs().max().item()
+    assert xg.grad.dtype == cast and torch.isfinite(xg.grad).all()

@@ -188,6 +188,42 @@ def test_packed_attention_groups_and_long_examples_same_gradients(eager, monkeyp
         assert torch.allclose(g, ref_grads[name], rtol=1e-4, atol=atol), (name, (g - ref_grads[name]).abs().max())
 
 
+def test_packed_attention_plans_once_per_forward_and_keeps_nothing_after(monkeypatch):
+    """One plan serves every layer of a forward; once the forward's mask is freed, nothing of it stays behind
+    (the [B, 1, T, T] mask was held until the next forward, after ``del model`` too)."""
+    import gc
+    import weakref
+
+    from transformers.modeling_utils import AttentionInterface
+
+    from qlora_ds.nn import packed_attention as pa
+
+    # check_packing_supported installs ours process-wide: put back what was there afterwards
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", AttentionInterface._global_mapping["sdpa"])
+    model = tiny_model("llama").train()
+    assert model.config.num_hidden_layers >= 2
+    check_packing_supported(model.config)
+    batch = collate_packed(pack_examples(_examples(model.config.vocab_size, [13, 5, 20, 9]), 32), 0, 8, 32)
+    masks, plans = [], []
+    real_segments, real_attend = pa._segments, pa._attend
+
+    def segments(mask, position_ids):
+        masks.append(weakref.ref(mask))
+        return real_segments(mask, position_ids)
+
+    def attend(query, key, value, plan, *args):
+        assert not plans or plans[0]() is plan                  # every layer reuses the forward's plan
+        plans.append(weakref.ref(plan))
+        return real_attend(query, key, value, plan, *args)
+
+    monkeypatch.setattr(pa, "_segments", segments)
+    monkeypatch.setattr(pa, "_attend", attend)
+    model(**batch, use_cache=False).loss.backward()
+    assert len(masks) == 1 and len(plans) == model.config.num_hidden_layers
+    gc.collect()
+    assert masks[0]() is None and plans[0]() is None and pa._seen == [None, None, None]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_planner_counts_what_eager_packed_attention_keeps(dtype):
     """The planner's packed-attention term (per token heads·k·(4 + e), k ≤ SHORT_LEN keys) is what the eager group

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import QLoRADSError
+
 IGNORE_INDEX = -100
 LOGIT_BUDGET = 1 << 24      # fp32 logits per chunk (64 MiB); a chunk's backward holds about one more such buffer
 
@@ -66,7 +68,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 del p, pc
             del logits
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.eager, ctx.dtypes = eager, (weight.dtype, None if bias is None else bias.dtype)
+        ctx.eager, ctx.dtypes, ctx.rows = eager, (weight.dtype, None if bias is None else bias.dtype), h.shape[0]
         return total
 
     @staticmethod
@@ -74,7 +76,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         if not ctx.eager:
             raise RuntimeError("the chunked LM-head loss was computed without grad mode; it has no gradient")
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        g = grad_total.float()
+        # no target rows: the sum is constant (0), so its gradients are 0 even when the incoming one is not finite
+        # (the caller's mean over no targets is 0/0), as with F.cross_entropy
+        g = grad_total.float() if ctx.rows else torch.zeros_like(grad_total, dtype=torch.float32)
         out_h = None if grad_h is None else grad_h * g.to(grad_h.dtype)
         out_w = None if grad_w is None else (grad_w * g).to(ctx.dtypes[0])
         out_b = None if grad_b is None else (grad_b * g).to(ctx.dtypes[1])
@@ -96,6 +100,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     y = labels.reshape(-1).to(h.device)
     keep = (y != ignore_index).nonzero().squeeze(1)
     h, y = h.index_select(0, keep), y.index_select(0, keep)
+    bad = (y < 0) | (y >= weight.shape[0])
+    if bool(bad.any()):                 # F.cross_entropy raises too; indexing would wrap a negative label silently
+        raise QLoRADSError(f"{int(bad.sum())} label(s) out of bounds for a vocabulary of {weight.shape[0]} (e.g. "
+                           f"{int(y[bad][0])}): labels must be token ids in [0, {weight.shape[0]}) or ignore_index "
+                           f"({ignore_index}); pad labels with ignore_index, or pass the ignore_index the data uses")
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
     eager = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     total = ChunkedLinearCrossEntropy.apply(h, weight, bias, y, chunk, eager)

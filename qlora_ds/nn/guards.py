@@ -201,7 +201,10 @@ def record(t: torch.Tensor, mid: int, event: int) -> None:
         s = t.detach().sum(dtype=torch.float32)
         buf = _first.get(t.device)
         if buf is None:
-            buf = _first[t.device] = torch.full((), _NONE, dtype=torch.int64, device=t.device)
+            # made under inference_mode (a pipeline, generate) it would be an inference tensor, which every later
+            # in-place update outside inference_mode refuses
+            with torch.inference_mode(False):
+                buf = _first[t.device] = torch.full((), _NONE, dtype=torch.int64, device=t.device)
         torch.minimum(buf, torch.where(torch.isfinite(s), _NONE, key), out=buf)
 
 

@@ -21,6 +21,8 @@ examples in a 512-token row took 11.7 ms fwd+bwd per layer, the eager group 4.4 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +35,9 @@ MAX_GROUP_TOKENS = 8192   # padded tokens per group of long examples (one SDPA c
 # fp32, CPU flash attention is the faster: 3.9 vs 5.1 ms fwd+bwd for the 9-example row above)
 EAGER_DEVICES = {"cpu"}
 EAGER_DTYPES = {torch.bfloat16, torch.float16}
-_seen: list = [None, None, None]      # (mask, position_ids, plan or None): once per forward, not per layer
+# (weak refs to the mask and position_ids, plan or None): planned once per forward, not per layer; dropped when
+# the mask or position_ids are freed, so nothing of a forward ([B, 1, T, T] mask included) outlives it here
+_seen: list = [None, None, None]
 
 
 def _length_groups(spans: list[tuple[int, int]], fits) -> list[list[tuple[int, int]]]:
@@ -93,11 +97,16 @@ def _segments(mask: torch.Tensor, position_ids: torch.Tensor) -> list[list[tuple
     return out
 
 
+def _forget(ref: weakref.ref) -> None:
+    if ref is _seen[0] or ref is _seen[1]:
+        _seen[:] = [None, None, None]
+
+
 def _plan_for(mask: torch.Tensor, position_ids: torch.Tensor, heads: int) -> _Plan | None:
-    if not (_seen[0] is mask and _seen[1] is position_ids):
+    if _seen[0] is None or not (_seen[0]() is mask and _seen[1]() is position_ids):
         segments = _segments(mask, position_ids)
         plan = None if segments is None else _Plan(segments, position_ids.shape[1], heads, position_ids.device)
-        _seen[:] = [mask, position_ids, plan]
+        _seen[:] = [weakref.ref(mask, _forget), weakref.ref(position_ids, _forget), plan]
     return _seen[2]
 
 

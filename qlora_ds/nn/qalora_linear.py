@@ -125,7 +125,8 @@ class QALoRALinear(nn.Module):
         mid = guards.watch_id(self)                    # fp16 compute: the overflow watch (guards.py), else None
         xc = guards.watch_input(x, mid).to(cd)
         guard = guards.layer_guard(self)
-        y = IntNLinearFunction.apply(xc, self.qweight, self.scales, self.zeros, self.bias,
+        bias = None if self.bias is None else self.bias.to(cd)     # model.to(dtype) casts the bias, not the base
+        y = IntNLinearFunction.apply(xc, self.qweight, self.scales, self.zeros, bias,
                                      (tuple(self.weight_shape), self.bits, self.group_size), guard)
         lora_in = self.pool(self.lora_dropout(xc)) if self.has_adapter and not self.disable_adapter else None
         return guards.watch_output(with_adapter(self, y, lora_in, x, guard), mid)

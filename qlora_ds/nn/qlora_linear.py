@@ -205,8 +205,9 @@ class QLoRALinear(nn.Module):
         mid = guards.watch_id(self)                    # fp16 compute: the overflow watch (guards.py), else None
         xc = guards.watch_input(x, mid).to(cd)
         guard = guards.layer_guard(self)
+        bias = None if self.bias is None else self.bias.to(cd)     # model.to(dtype) casts the bias, not the base
         y = NF4LinearFunction.apply(xc, self.weight, self.weight_absmax, self.weight_absmax2, self.offset(),
-                                    self.bias, self._meta(), guard)
+                                    bias, self._meta(), guard)
         y = with_adapter(self, y, self.lora_dropout(xc) if not self.disable_adapter else None, x, guard)
         return guards.watch_output(y, mid)
 
