@@ -62,7 +62,7 @@ def save_word_level_tokenizer(pairs, model_dir: str, template: str = WORD_TEMPLA
 def write_word_level_run(root: str, repeat: int = 10, seed: int = 0) -> dict:
     """A fast stand-in for the SmolLM2 tokenizer (whose GGUF parse takes seconds): a word-level tokenizer of
     CHAT_PAIRS' words with a chat template, the tiny random Llama of tests/tiny_models.py over its vocabulary
-    (safetensors), and CHAT_PAIRS x ``repeat`` as a JSONL dataset. Returns {"model", "data"}."""
+    (safetensors), and CHAT_PAIRS x ``repeat`` (made distinct) as a JSONL dataset. Returns {"model", "data"}."""
     from transformers import LlamaForCausalLM
 
     from .tiny_models import tiny_config
@@ -75,5 +75,7 @@ def write_word_level_run(root: str, repeat: int = 10, seed: int = 0) -> dict:
     LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
     data = os.path.join(root, "chat.jsonl")
     with open(data, "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps({"instruction": q, "response": a}) + "\n" for q, a in CHAT_PAIRS * repeat)
+        # distinct records (finetune leaves out repeats before its held-out split): the r-th copy asks with r "Hi"s
+        rows = [(f"{q} {' '.join(['Hi'] * r)}".strip(), a) for r in range(repeat) for q, a in CHAT_PAIRS]
+        fh.writelines(json.dumps({"instruction": q, "response": a}) + "\n" for q, a in rows)
     return {"model": model_dir, "data": data}

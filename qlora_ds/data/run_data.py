@@ -2,6 +2,7 @@
 this rank's batches."""
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
@@ -10,11 +11,14 @@ from .batching import GroupByLengthBatches
 from .records import load_records
 from .tokenize import check_vocab, tokenize_records
 
+log = logging.getLogger(__name__)
+
 
 def build_data(args, tokenizer, model_config, rank: int, world: int, micro: int) -> "Data":
-    """Records (a file, or 'chatterbot') tokenized as chat with response-only labels, split into training and
-    held-out examples by ``args.seed`` (the same split on every rank and on a resume), the training examples packed
-    into rows with ``args.packing``, and this rank's group-by-length batches and held-out shard."""
+    """Records (a file, or 'chatterbot') tokenized as chat with response-only labels, without repeats (``args.dedup``),
+    split into training and held-out examples by ``args.seed`` (the same split on every rank and on a resume), the
+    training examples packed into rows with ``args.packing``, and this rank's group-by-length batches and held-out
+    shard."""
     from ..packaged import chatterbot_pairs
 
     if args.dataset == "chatterbot":
@@ -25,11 +29,11 @@ def build_data(args, tokenizer, model_config, rank: int, world: int, micro: int)
     check_vocab(tokenizer, model_config.vocab_size)
     ctx = getattr(model_config, "max_position_embeddings", None)
     examples = tokenize_records(records, tokenizer, args.max_len, ctx, args.train_on_prompt)
-    g = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(examples), generator=g).tolist()
-    n_eval = min(args.eval_size, len(examples) // 10)
-    eval_ex = [examples[i] for i in order[:n_eval]]
-    train_ex = [examples[i] for i in order[n_eval:]]
+    dedup = getattr(args, "dedup", True)      # False: a run from before --dedup, resumed with its own split
+    eval_ex, train_ex, dropped = split_heldout(examples, args.eval_size, args.seed, dedup)
+    if dropped and rank == 0:
+        log.info("left out %d of %d examples whose tokens repeat an earlier example's (the held-out examples would "
+                 "otherwise be in training too)", dropped, len(examples))
     if args.packing:
         from .packing import check_packing_supported, pack_examples
 
@@ -37,7 +41,22 @@ def build_data(args, tokenizer, model_config, rank: int, world: int, micro: int)
         train_ex = pack_examples(train_ex, args.max_len)
     batches = GroupByLengthBatches([e["input_ids"].numel() for e in train_ex], micro, world, rank, args.seed,
                                    group_by_length=args.group_by_length)
-    return Data(train_ex, eval_ex[rank::world], n_eval, batches)
+    return Data(train_ex, eval_ex[rank::world], len(eval_ex), batches)
+
+
+def split_heldout(examples: list, eval_size: int, seed: int, dedup: bool = True) -> tuple[list, list, int]:
+    """(held-out, training, duplicates left out): up to ``eval_size`` (at most a tenth) of the examples held out by
+    a ``seed`` permutation. ``dedup`` first keeps only the first of the examples with the same input_ids, so no
+    held-out example is also trained on."""
+    n = len(examples)
+    if dedup:
+        first = {}
+        for e in examples:
+            first.setdefault(tuple(e["input_ids"].tolist()), e)
+        examples = list(first.values())         # in order of first occurrence
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = min(eval_size, len(examples) // 10)
+    return [examples[i] for i in order[:n_eval]], [examples[i] for i in order[n_eval:]], n - len(examples)
 
 
 class Data(NamedTuple):

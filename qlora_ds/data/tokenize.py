@@ -51,31 +51,48 @@ def _turn_end(tokenizer) -> str:
 
 
 def _span_ids(tokenizer, messages) -> tuple[list[int], list[int]]:
-    """The whole chat rendered once; trained: the tokens overlapping an assistant message's content (found in order
-    in the text) and the turn end the template writes after it."""
+    """The whole chat rendered once; trained: the tokens overlapping an assistant message's content and the turn end
+    the template writes after it."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     if not getattr(tokenizer, "is_fast", False):
         raise QLoRADSError("this chat template renders earlier turns differently once the chat goes on, so the "
                            "assistant tokens are found by character offsets, which needs a fast tokenizer; load it "
                            "with use_fast=True or pass --train-on-prompt")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    end_text, spans, pos = _turn_end(tokenizer), [], 0
-    for msg in messages:
-        if msg["role"] != "assistant":
-            continue
-        content = msg["content"].strip()
-        start = text.find(content, pos) if content else -1
-        if start < 0:
-            raise QLoRADSError(f"the chat template does not render assistant message {msg['content'][:40]!r} "
-                               f"verbatim, so its tokens cannot be found; pass --train-on-prompt or use another "
-                               f"template")
-        end = start + len(content)
-        if end_text and text.startswith(end_text, end):
-            end += len(end_text)
-        spans.append((start, end))
-        pos = end
+    end_text, spans, mark = _turn_end(tokenizer), [], "qlora-ds answer"
+    while mark in text:
+        mark += "!"
+    for i, msg in enumerate(messages):
+        if msg["role"] == "assistant":
+            start, end = _locate(tokenizer, messages, i, text, mark)
+            if end_text and text.startswith(end_text, end):
+                end += len(end_text)
+            spans.append((start, end))
     mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]
     return list(enc["input_ids"]), mask
+
+
+def _locate(tokenizer, messages, i, text: str, mark: str) -> tuple[int, int]:
+    """Where assistant message ``i``'s content is in ``text`` (the whole chat's rendering): the chat is rendered
+    again with ``mark`` as that content, and the template's text around the mark is around the content too. Searching
+    the text for the content instead finds the same words in a system prompt or a question first."""
+    content = messages[i]["content"]
+    marked = tokenizer.apply_chat_template([*messages[:i], {**messages[i], "content": mark}, *messages[i + 1:]],
+                                           tokenize=False)
+    at = marked.find(mark)
+    head, tail = marked[:at], marked[at + len(mark):]
+    if at >= 0 and mark not in tail and len(head) + len(tail) <= len(text) and text.startswith(head) \
+            and text.endswith(tail) and text[len(head):len(text) - len(tail)] in (content, content.strip()):
+        return len(head), len(text) - len(tail)
+    # the template renders this content otherwise than a plain string (Qwen3 splits off <think> reasoning): the
+    # content's text, where it occurs just once
+    content = content.strip()
+    if content and text.count(content) == 1:
+        start = text.find(content)
+        return start, start + len(content)
+    raise QLoRADSError(f"the chat template does not render assistant message {messages[i]['content'][:40]!r} "
+                       f"verbatim in one place, so its tokens cannot be found; pass --train-on-prompt or use "
+                       f"another template")
 
 
 def _plain_ids(tokenizer, messages) -> tuple[list[int], list[int]]:
@@ -108,7 +125,7 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
     from jinja2 import TemplateError
 
     use_template = getattr(tokenizer, "chat_template", None) is not None
-    examples = []
+    examples, truncated, targetless = [], 0, 0
     for i, rec in enumerate(records):
         if "text" in rec:
             ids = tokenizer(rec["text"], add_special_tokens=True)["input_ids"]
@@ -120,16 +137,23 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
                 raise QLoRADSError(f"record #{i}: the tokenizer's chat template refused it ({err})") from None
         if train_on_prompt:
             mask = [1] * len(ids)
+        # position 0 is never a target (the causal shift drops it): a record without a later label has a 0/0 loss
+        if not any(mask[1:max_len]):
+            truncated += any(mask[1:])
+            targetless += not any(mask[1:])
+            continue
         ids, mask = ids[:max_len], mask[:max_len]
-        if not any(mask):
-            continue  # the response was truncated away entirely: nothing to learn from this record
         labels = [t if m else IGNORE for t, m in zip(ids, mask)]
         examples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
     if not examples:
-        raise QLoRADSError(f"no example kept a response token within --max-len {max_len}; raise --max-len")
-    if len(examples) < len(records):
+        raise QLoRADSError(f"no example kept a response token within --max-len {max_len} (the first token is never "
+                           f"a target); " + ("raise --max-len" if truncated else "add records longer than one token"))
+    if truncated:
         log.warning("%d of %d records lost their whole response to --max-len %d and are left out; raise --max-len "
-                    "to keep them", len(records) - len(examples), len(records), max_len)
+                    "to keep them", truncated, len(records), max_len)
+    if targetless:
+        log.warning("%d of %d records have no token to predict (e.g. a one-token text paragraph: the first token "
+                    "is never a target) and are left out", targetless, len(records))
     return examples
 
 
