@@ -262,3 +262,109 @@ def test_load_save_load_keeps_the_function_across_alpha_and_rank(tmp_path):
         got = rs(IDS).logits
         assert not torch.allclose(got, want, atol=1e-3)
         torch.testing.assert_close(again(IDS).logits, got, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_rank_pattern_adapter_loads_merges_and_resaves(tmp_path, rslora):
+    """A PEFT adapter with rank_pattern (plain and regex keys): the layers are built at the file's r (as
+    adapter_config_from_dir does); load_adapter rebuilds the pattern layers' A/B at their own rank, with their
+    α/r (α/√r for rsLoRA), so logits, the merge and a re-save in PEFT all match PEFT."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from qlora_ds.adapters.merge import adapter_config_from_dir, merge_model
+
+    make = lambda: _inject(_llama(), QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32,
+                                                 target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft_model = get_peft_model(_dequantized_base(make(), _llama()), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=rslora,
+        rank_pattern={"q_proj": 8, r"layers\.1\.mlp\.down_proj": 2}, alpha_pattern={"q_proj": 32}))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+        theirs = peft_model.eval()(IDS).logits
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    cfg = adapter_config_from_dir(str(tmp_path / "peft"), torch.float32, fallback={"method": "qlora"})
+    ours = _inject(_llama(), cfg)
+    before = ours.model.layers[0].self_attn.q_proj.lora_A.weight
+    assert cfg.r == 4 and before.shape == (4, 64) and before.requires_grad
+    load_adapter(ours, str(tmp_path / "peft"))
+    layers = ours.model.layers
+    q, down1 = layers[0].self_attn.q_proj, layers[1].mlp.down_proj
+    assert (q.r, layers[1].self_attn.q_proj.r, layers[0].self_attn.v_proj.r, layers[0].mlp.down_proj.r,
+            down1.r) == (8, 8, 4, 4, 2)
+    assert (q.lora_A.weight.shape, q.lora_B.weight.shape, down1.lora_A.weight.shape) == ((8, 64), (64, 8), (2, 128))
+    assert q.lora_A.weight.requires_grad and q.lora_A.weight.dtype == torch.float32
+    assert q.scaling == (32 / 8 ** 0.5 if rslora else 4.0) and down1.scaling == (8 / 2 ** 0.5 if rslora else 4.0)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, theirs, rtol=1e-5, atol=1e-5)
+        assert (ours(IDS).logits - _llama()(IDS).logits).abs().max() > 1e-2      # the adapter matters
+    save_adapter(ours, str(tmp_path / "ours"))
+    again = PeftModel.from_pretrained(_dequantized_base(ours, _llama()), str(tmp_path / "ours")).eval()
+    merge_model(ours, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits, theirs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(IDS).logits, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_rank_pattern_refusals_leave_the_model_unchanged(tmp_path):
+    """Layers built at a rank that is neither the file's r nor the pattern's are refused naming both ranks; an
+    adapter refused for another reason leaves the pattern layers at their old rank (all or nothing)."""
+    src = _inject(_llama(), QLoRAConfig(r=8, alpha=8, dropout=0.0, compute_dtype=torch.float32,
+                                        target_modules=["q_proj"]))
+    _inject(src, QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32,
+                             target_modules=["v_proj", "o_proj"]))
+    _randomize_adapter(src)
+    save_adapter(src, str(tmp_path / "ad"))         # r=4, rank_pattern: the q_proj paths -> 8
+    assert set(json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["rank_pattern"].values()) == {8}
+    m = _inject(_llama(), QLoRAConfig(r=2, alpha=8, dropout=0.0, compute_dtype=torch.float32,
+                                      target_modules=["q_proj"]))
+    _inject(m, QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32, target_modules=["v_proj", "o_proj"]))
+    before = _state(m)
+    with pytest.raises(QLoRADSError, match=r"q_proj was built with rank 2 but the adapter's rank for it is 8 "
+                                           r"\(rank_pattern\); build the layers with the adapter's r=4"):
+        load_adapter(m, str(tmp_path / "ad"))
+    assert _unchanged(m, before)
+    m = _inject(_llama(), QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32,
+                                      target_modules=["q_proj", "v_proj"]))     # o_proj is missing
+    before = _state(m)
+    with pytest.raises(QLoRADSError, match="o_proj"):
+        load_adapter(m, str(tmp_path / "ad"))
+    assert _unchanged(m, before) and m.model.layers[0].self_attn.q_proj.r == 4
+    m = _inject(_llama(), QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32,
+                                      target_modules=["q_proj", "v_proj", "o_proj"]))
+    m.model.layers[1].self_attn.q_proj.lora_B.weight.ds_id = 7          # stands in for a ZeRO-3 partition
+    before = _state(m)
+    with pytest.raises(QLoRADSError, match=r"layers\.1\.self_attn\.q_proj rank 8 \(rank_pattern\).*ZeRO-3"):
+        load_adapter(m, str(tmp_path / "ad"))
+    assert _unchanged(m, before) and m.model.layers[0].self_attn.q_proj.r == 4
+    m = _inject(_llama(), QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32,
+                                      target_modules=["q_proj", "v_proj", "o_proj"]))
+    load_adapter(m, str(tmp_path / "ad"))
+    with torch.no_grad():
+        torch.testing.assert_close(m(IDS).logits, src(IDS).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["qlora", "qalora"])
+def test_mixed_rank_adapter_loads_through_its_own_config(tmp_path, kind):
+    """Our own mixed-rank file (rank_pattern by full path) rebuilt from adapter_config_from_dir, QA-LoRA too."""
+    from qlora_ds.adapters.merge import adapter_config_from_dir
+
+    def cfg(r, tm):
+        if kind == "qlora":
+            return QLoRAConfig(r=r, alpha=16, dropout=0.0, compute_dtype=torch.float32, target_modules=tm)
+        return QALoRAConfig(bits=4, group_size=32, r=r, alpha=16, dropout=0.0, compute_dtype=torch.float32,
+                            target_modules=tm)
+
+    cls = QLoRALinear if kind == "qlora" else QALoRALinear
+    src = _inject(_inject(_llama(), cfg(8, ATTN), cls), cfg(2, ["up_proj"]), cls)
+    _randomize_adapter(src)
+    save_adapter(src, str(tmp_path / "ad"))
+    config = adapter_config_from_dir(str(tmp_path / "ad"), torch.float32)
+    assert config.r == 8
+    dst = _inject(_llama(), config, cls)
+    load_adapter(dst, str(tmp_path / "ad"))
+    assert dst.model.layers[1].mlp.up_proj.lora_A.weight.shape[0] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(dst(IDS).logits, src(IDS).logits, rtol=1e-6, atol=1e-6)

@@ -174,3 +174,68 @@ def test_target_modules_do_not_widen_in_peft(tmp_path):
     # our own loader reads the full paths back as targets
     cfg = adapter_config_from_dir(str(tmp_path / "part"), torch.float32)
     assert {p for p in paths if cfg.matches(p)} == set(paths) and not cfg.matches("model.layers.1.self_attn.q_proj")
+
+
+def _gpt2_merged(kind, targets):
+    cfg = dict(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32, target_modules=targets)
+    model = tiny_model("gpt2", seed=0)
+    paths = inject(model, QLoRAConfig(**cfg) if kind == "qlora" else QALoRAConfig(bits=4, group_size=32, **cfg))
+    _randomize_adapter(model)
+    ref = _logits(model)
+    merge_model(model, dtype=torch.float32)
+    torch.testing.assert_close(_logits(model), ref, rtol=1e-5, atol=1e-5)
+    return model, paths
+
+
+@pytest.mark.parametrize("targets", [None, r".*\.attn\.c_proj"], ids=["all", "square_c_proj"])
+@pytest.mark.parametrize("kind, fmt", [("qlora", "bf16"), ("qalora", "bf16"), ("qalora", "gptq"), ("qlora", "gptq")])
+def test_gpt2_conv1d_merge_exports_in_gpt2s_own_layout(tmp_path, kind, fmt, targets):
+    """GPT-2's Conv1D layers (weight (in, out)) merge and export as Conv1D: the checkpoint reloads in transformers
+    with no missing/unexpected/mismatched key and the merged model's logits (the square attn.c_proj alone would
+    otherwise load transposed without an error). QLoRA -> GPTQ goes through quantize_gptq."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    model, paths = _gpt2_merged(kind, targets)
+    if targets is not None:
+        assert paths == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
+    if kind == "qlora":
+        assert all(isinstance(model.get_submodule(p), Conv1D) for p in paths)
+    if kind == "qlora" and fmt == "gptq":
+        calibration = [torch.randint(0, 128, (16,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        assert quantize_gptq(model, calibration, paths, bits=4, group_size=32)["gptq_layers"] == len(paths)
+    ref = _logits(model)
+    out = str(tmp_path / "out")
+    export_merged(model, out, fmt, dtype=torch.float32)
+    if fmt == "bf16":
+        reloaded, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    else:
+        inner = json.loads(open(os.path.join(out, "config.json")).read())["quantization_config"]
+        assert inner.get("modules_in_block_to_quantize") == (None if targets is None else [["attn.c_proj"]])
+        reloaded = read_gptq_checkpoint(out, exact=True)
+    original = tiny_model("gpt2", seed=0)
+    for p in paths:
+        got = reloaded.get_submodule(p)
+        assert isinstance(got, Conv1D) and got.weight.shape == original.get_submodule(p).weight.shape
+    torch.testing.assert_close(_logits(reloaded.eval()), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_loaded_with_from_pretrained_merges_back_into_conv1d(tmp_path):
+    """The streaming loader injects into the Conv1D skeleton too, so its layers carry the marker."""
+    from transformers.pytorch_utils import Conv1D
+
+    from qlora_ds.inject import from_pretrained
+
+    base = tiny_model("gpt2", seed=0)
+    base.save_pretrained(str(tmp_path / "base"))
+    model = from_pretrained(str(tmp_path / "base"), QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32),
+                            torch_dtype=torch.float32)
+    layer = model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, QLoRALinear) and layer.conv1d and (layer.in_features, layer.out_features) == (64, 192)
+    _randomize_adapter(model)
+    ref = _logits(model)
+    merge_model(model)
+    merged = model.transformer.h[0].attn.c_attn
+    assert isinstance(merged, Conv1D) and merged.weight.shape == base.transformer.h[0].attn.c_attn.weight.shape
+    torch.testing.assert_close(_logits(model), ref, rtol=1e-5, atol=1e-5)

@@ -3,7 +3,8 @@
 ``merge_model(model)`` replaces, in place, every quantized LoRA layer by its merged form:
 
 * ``QLoRALinear``  -> ``nn.Linear`` holding deq(W) + (α/r)·B·A (summed in fp32, one rounding to the
-  output dtype);
+  output dtype) — a transformers ``Conv1D`` (weight (in, out)) where the layer replaced one (GPT-2), so the
+  merged model saves and reloads in its own architecture;
 * ``QALoRALinear`` -> an adapter-free ``QALoRALinear``: integer codes unchanged, the adapter moved
   exactly into the (float) zero points (design notes §3).
 
@@ -58,14 +59,42 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def _dequantized_linear(layer: QALoRALinear, dtype: torch.dtype) -> nn.Linear:
-    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype,
-                    device=layer.qweight.device)      # beside the layer (a model on a GPU stays there)
-    with torch.no_grad():
-        lin.weight.copy_(layer.dequantized_weight(torch.float32))
-        if layer.bias is not None:
-            lin.bias.copy_(layer.bias)
-    return lin.requires_grad_(False)
+@torch.no_grad()
+def _dense(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, conv1d: bool = False) -> nn.Module:
+    """A frozen module holding the (out, in) ``weight`` in ``dtype`` (one rounding from fp32), beside it (a model on
+    a GPU stays there): an ``nn.Linear``, or a transformers ``Conv1D`` (weight (in, out)) for a layer that was one
+    before injection (``layer.conv1d``, GPT-2), so the checkpoint has the shapes the architecture loads."""
+    out_f, in_f = weight.shape
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+        with torch.device("meta"):          # no throw-away (in, out) init on the host
+            mod = Conv1D(out_f, in_f)
+        mod.weight = nn.Parameter(torch.empty(in_f, out_f, dtype=dtype, device=weight.device))
+        mod.bias = nn.Parameter(torch.zeros(out_f, dtype=dtype, device=weight.device))
+        mod.weight.copy_(weight.t())
+    else:
+        mod = nn.Linear(in_f, out_f, bias=bias is not None, dtype=dtype, device=weight.device)
+        mod.weight.copy_(weight)
+    if bias is not None:
+        mod.bias.copy_(bias)
+    return mod.requires_grad_(False)
+
+
+def _dequantized_linear(layer: QALoRALinear, dtype: torch.dtype) -> nn.Module:
+    return _dense(layer.dequantized_weight(torch.float32), layer.bias, dtype, _was_conv1d(layer))
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:     # transformers is optional for plain torch models
+        return False
+    return isinstance(module, Conv1D)
+
+
+def _was_conv1d(module: nn.Module) -> bool:
+    """Whether the layer replaced a GPT-2 Conv1D (``inject`` records it on the layer)."""
+    return bool(getattr(module, "conv1d", False))
 
 
 def _activation_dtype(model: nn.Module) -> torch.dtype | None:
@@ -79,7 +108,7 @@ def _activation_dtype(model: nn.Module) -> torch.dtype | None:
 def merge_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Merge every QLoRALinear / QALoRALinear adapter in place (see module doc) and return ``model``.
 
-    ``dtype``: dtype of the merged ``nn.Linear`` of QLoRA layers (default: the dtype of the model's
+    ``dtype``: dtype of the merged ``nn.Linear`` (or ``Conv1D``) of QLoRA layers (default: the dtype of the model's
     other floating-point parameters, i.e. of the activations the layer receives — a quantized layer
     casts its output back to that dtype, a plain ``nn.Linear`` does not — else each layer's compute
     dtype). Each layer is merged and swapped before the next, so peak extra memory is one layer.
@@ -93,16 +122,10 @@ def merge_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     dtype = dtype or _activation_dtype(model)
     for path, layer in layers:
         if isinstance(layer, QLoRALinear):
-            new = layer.merge()
-            if dtype is not None and new.weight.dtype != dtype:
-                lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype,
-                                device=layer.weight.device)     # on the layer's device, as QLoRALinear.merge
-                lin.weight.copy_(layer.merged_weight_fp32())   # one rounding from fp32, not two
-                if layer.bias is not None:
-                    lin.bias.copy_(layer.bias)
-                new = lin.requires_grad_(False)
+            new = _dense(layer.merged_weight_fp32(), layer.bias, dtype or layer.compute_dtype, _was_conv1d(layer))
         else:
             new = layer.merge()
+            new.conv1d = _was_conv1d(layer)
         _set_module(model, path, new)
     log.info("merged %d adapter layers", len(layers))
     return model
@@ -118,15 +141,28 @@ def quantize_gptq(model: nn.Module, calibration, paths, bits: int = 4, group_siz
     from ..quant.gptq import gptq_quantize_model
 
     paths = set(paths)
-    bad = [p for p in paths if not isinstance(model.get_submodule(p), nn.Linear)]
+    bad = [p for p in paths if not isinstance(m := model.get_submodule(p), nn.Linear) and not _is_conv1d(m)]
     if bad:
-        raise QLoRADSError(f"{bad[0]} is not a plain nn.Linear; call merge_model first (GPTQ quantizes merged weights)")
-    done = gptq_quantize_model(model, calibration, bits=bits, group_size=group_size, percdamp=percdamp,
-                               select=lambda p, m: p in paths)
-    for path, qt in done.items():
-        lin = model.get_submodule(path)
-        cfg = QALoRAConfig(bits=bits, group_size=group_size, r=1, dropout=0.0, compute_dtype=lin.weight.dtype)
-        _set_module(model, path, QALoRALinear.from_quantized(qt, lin.bias, cfg, adapter=False))
+        raise QLoRADSError(f"{bad[0]} is not a plain nn.Linear/Conv1D; call merge_model first (GPTQ quantizes "
+                           f"merged weights)")
+    convs = {p for p in paths if _is_conv1d(model.get_submodule(p))}
+    for path in convs:          # GPTQ works on (out, in) nn.Linear weights; each goes back to a Conv1D below
+        conv = model.get_submodule(path)
+        _set_module(model, path, _dense(conv.weight.t(), conv.bias, conv.weight.dtype))
+    done = {}
+    try:
+        done = gptq_quantize_model(model, calibration, bits=bits, group_size=group_size, percdamp=percdamp,
+                                   select=lambda p, m: p in paths)
+        for path, qt in done.items():
+            lin = model.get_submodule(path)
+            cfg = QALoRAConfig(bits=bits, group_size=group_size, r=1, dropout=0.0, compute_dtype=lin.weight.dtype)
+            new = QALoRALinear.from_quantized(qt, lin.bias, cfg, adapter=False)
+            new.conv1d = path in convs
+            _set_module(model, path, new)
+    finally:
+        for path in convs - set(done):      # not quantized (an error): back to the model's own Conv1D
+            lin = model.get_submodule(path)
+            _set_module(model, path, _dense(lin.weight, lin.bias, lin.weight.dtype, conv1d=True))
     log.info("GPTQ INT%d group %d: %d layers", bits, group_size, len(done))
     return {"gptq_bits": bits, "gptq_group_size": group_size, "gptq_percdamp": percdamp, "gptq_layers": len(done),
             "gptq_calibration_samples": len(calibration)}
@@ -135,7 +171,8 @@ def quantize_gptq(model: nn.Module, calibration, paths, bits: int = 4, group_siz
 # ------------------------------------------------------------------------------------ adapter config
 def adapter_config_from_dir(directory: str, compute_dtype: torch.dtype = torch.bfloat16, fallback: dict | None = None):
     """The QLoRAConfig / QALoRAConfig an adapter was trained with, from its ``qlora_ds.json`` side file
-    (per-layer kind, quant settings) and ``adapter_config.json`` (r, α, target modules).
+    (per-layer kind, quant settings) and ``adapter_config.json`` (r, α, target modules). Layers are built at the
+    file's ``r``; ``load_adapter`` rebuilds those its ``rank_pattern`` gives another rank.
 
     ``fallback`` (e.g. a run's ``run_config.json`` values: method, quant_type, double_quant, bits,
     group_size) is used for what a plain PEFT adapter without our side file does not say.
@@ -279,8 +316,8 @@ def _block_layout(model: nn.Module, qpaths: list[str]) -> tuple[str | None, list
     blocks = {split(p)[0] for p in qpaths}
     block = blocks.pop() if len(blocks) == 1 else None
     inner = sorted({split(p)[1] for p in qpaths})
-    linear_inner = sorted({split(p)[1] for p, m in model.named_modules()
-                           if isinstance(m, (nn.Linear, QALoRALinear, QLoRALinear)) and split(p)[0] == block})
+    linear_inner = sorted({split(p)[1] for p, m in model.named_modules() if split(p)[0] == block
+                           and (isinstance(m, (nn.Linear, QALoRALinear, QLoRALinear)) or _is_conv1d(m))})
     return block, (None if inner == linear_inner else inner)
 
 
@@ -396,8 +433,8 @@ def read_gptq_checkpoint(directory: str, exact: bool = True, dtype: torch.dtype 
             raise QLoRADSError(f"{p}.g_idx is not the plain group order; act-order checkpoints are not supported")
         if exact:
             scales, zeros = extra[f"{p}.scales"], extra[f"{p}.zeros"]
-        w = intn.dequantize_parts(intn.pack(codes, bits), scales, zeros, bits, group_size, codes.shape, dtype)
-        state[f"{p}.weight"] = w
+        state[f"{p}.weight"] = intn.dequantize_parts(intn.pack(codes, bits), scales, zeros, bits, group_size,
+                                                     codes.shape, dtype)
     try:
         from accelerate import init_empty_weights
         ctx = init_empty_weights(include_buffers=False)
@@ -405,6 +442,10 @@ def read_gptq_checkpoint(directory: str, exact: bool = True, dtype: torch.dtype 
         ctx = torch.device("meta")
     with ctx:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for key in [k for k in sd if k.endswith(".qweight")]:
+        p = key[: -len(".qweight")]
+        if _is_conv1d(model.get_submodule(p)):      # GPT-2: same GPTQ tensors, but the float weight is (in, out)
+            state[f"{p}.weight"] = state[f"{p}.weight"].t().contiguous()
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:

@@ -162,13 +162,14 @@ def _target_modules(model: nn.Module, paths) -> list[str]:
 def read_adapter(model: nn.Module, directory: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Validate the adapter in ``directory`` against ``model``; return ({our key: tensor}, {path: scaling}).
     Raises QLoRADSError naming the first bad key; never touches the model."""
-    out, scalings, _ = _read_adapter(model, directory)
+    out, scalings, _, _ = _read_adapter(model, directory)
     return out, scalings
 
 
 def _read_adapter(model: nn.Module, directory: str):
     """read_adapter plus {path: α} with α/r = the file's scaling for that layer (α·√r for an rsLoRA file),
-    so that the α a layer keeps after loading re-saves the same function."""
+    so that the α a layer keeps after loading re-saves the same function, and {path: rank} for the layers
+    whose ``rank_pattern`` rank differs from the rank they were built with (the file's ``r``)."""
     config = _read_json(os.path.join(directory, CONFIG_NAME), "config")
     side_path = os.path.join(directory, SIDE_NAME)
     side = _read_json(side_path, "side file") if os.path.exists(side_path) else {}
@@ -200,7 +201,7 @@ def _read_adapter(model: nn.Module, directory: str):
                            f"copy it again or re-save the adapter") from None
     layers = lora_layers(model)
     qalora_peft = bool(config.get("use_qalora"))
-    out, scalings, alphas, seen = {}, {}, {}, set()
+    out, scalings, alphas, ranks, seen = {}, {}, {}, {}, set()
     for key, t in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         name = name.replace(".default.weight", ".weight")
@@ -236,11 +237,21 @@ def _read_adapter(model: nn.Module, directory: str):
         if not bool(torch.isfinite(t).all()):
             raise QLoRADSError(f"adapter key {key!r} holds NaN/Inf values (a diverged run?); load an earlier "
                                f"checkpoint's adapter")
-        if tuple(t.shape) != tuple(sub.weight.shape):
-            raise QLoRADSError(f"adapter key {key!r} has shape {tuple(t.shape)} but {path}.lora_{part} is "
-                               f"{tuple(sub.weight.shape)} (rank {layer.r}); rebuild the layers with the adapter's "
-                               f"rank r={config.get('r')} and the same base model")
-        r = _pattern_value(config.get("rank_pattern"), path, config.get("r", layer.r))
+        r_file = config.get("r", layer.r)
+        r = _pattern_value(config.get("rank_pattern"), path, r_file)
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise QLoRADSError(f"adapter rank {r!r} for {path} (r / rank_pattern) is not a positive integer")
+        if r != layer.r and not (r != r_file and layer.r == r_file):
+            raise QLoRADSError(f"{path} was built with rank {layer.r} but the adapter's rank for it is {r}"
+                               f"{' (rank_pattern)' if r != r_file else ''}; build the layers with the adapter's "
+                               f"r={r_file} (load_adapter gives rank_pattern layers their own rank)")
+        want = list(sub.weight.shape)
+        want[0 if part[0] == "A" else 1] = r
+        if tuple(t.shape) != tuple(want):
+            raise QLoRADSError(f"adapter key {key!r} has shape {tuple(t.shape)} but {path}.lora_{part} at the "
+                               f"adapter's rank {r} is {tuple(want)}; load it into the base model it was trained on")
+        if r != layer.r:
+            ranks[path] = r         # a rank_pattern layer built at the file's r: load_adapter rebuilds its A/B
         alpha = _pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", layer.lora_alpha))
         scalings[path] = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
         alphas[path] = alpha * r ** 0.5 if config.get("use_rslora") else alpha
@@ -250,16 +261,33 @@ def _read_adapter(model: nn.Module, directory: str):
         for part in ("A", "B"):
             if f"{path}.lora_{part}.weight" not in out:
                 raise QLoRADSError(f"adapter has no lora_{part} weight for {path}; the file is incomplete")
-    return out, scalings, alphas
+    return out, scalings, alphas, ranks
+
+
+def _set_rank(layer: nn.Module, r: int) -> None:
+    """Rebuild the layer's lora_A/lora_B at rank ``r`` (values follow), keeping their device, dtype and
+    requires_grad: what PEFT builds for a ``rank_pattern`` entry."""
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    layer.lora_A = nn.Linear(a.shape[1], r, bias=False, device=a.device, dtype=a.dtype).requires_grad_(a.requires_grad)
+    layer.lora_B = nn.Linear(r, b.shape[0], bias=False, device=b.device, dtype=b.dtype).requires_grad_(b.requires_grad)
+    layer.r = r
 
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, directory: str) -> list[str]:
     """Load a PEFT-format LoRA adapter into the model's QLoRA/QA-LoRA layers; returns the module paths
-    loaded. Layers the adapter does not cover get a zero lora_B (no-op adapter). On any error the model
-    is left unchanged."""
-    state, scalings, alphas = _read_adapter(model, directory)
+    loaded. Layers the adapter does not cover get a zero lora_B (no-op adapter). A layer built at the file's
+    ``r`` whose ``rank_pattern`` rank differs gets new lora_A/lora_B at that rank (call this before an
+    optimizer takes the parameters). On any error the model is left unchanged."""
+    state, scalings, alphas, ranks = _read_adapter(model, directory)
     layers = lora_layers(model)
+    split = [p for p in ranks if any(hasattr(w, "ds_id") for w in (layers[p].lora_A.weight, layers[p].lora_B.weight))]
+    if split:
+        raise QLoRADSError(f"the adapter gives {split[0]} rank {ranks[split[0]]} (rank_pattern), but its LoRA weights "
+                           f"are ZeRO-3 partitions built at rank {layers[split[0]].r}, which cannot be resized; load "
+                           f"this adapter without ZeRO-3 (merge, evaluate), or train with one rank")
+    for path, r in ranks.items():
+        _set_rank(layers[path], r)
     for key, t in state.items():
         path, _, part = key.rpartition(".lora_")
         sub = layers[path].lora_A if part[0] == "A" else layers[path].lora_B

@@ -7,6 +7,7 @@ module tree is edited with ``setattr`` on the parent.
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 import torch.nn as nn
@@ -77,7 +78,8 @@ def select(model: nn.Module, config, policy: Policy | None = None) -> list[str]:
     for path, module in model.named_modules():
         if not path or not is_linear_like(module):
             continue
-        wanted = config.matches(path) if config.target_modules is not None else policy.wants(path)
+        wanted = (config.matches(path) if config.target_modules is not None
+                  else policy.wants(path, linear_dims(module)[1]))
         if wanted:
             chosen.append(path)
     return chosen
@@ -93,6 +95,7 @@ def inject(model: nn.Module, config, policy: Policy | None = None) -> list[str]:
     if policy is None:
         policy = policy_for(model_type)
     cls = layer_class(config)
+    total = sum(p.numel() for p in model.parameters())
     paths = select(model, config, policy)
     if not paths:
         raise QLoRADSError(f"no linear layer of this {model_type or type(model).__name__} model matches "
@@ -105,6 +108,7 @@ def inject(model: nn.Module, config, policy: Policy | None = None) -> list[str]:
         in_f, out_f = linear_dims(old)
         meta = old.weight.is_meta
         new = cls(in_f, out_f, old.bias is not None, config, device="meta" if meta else old.weight.device)
+        new.conv1d = not isinstance(old, nn.Linear)   # a GPT-2 Conv1D: merge/export write it back as one
         if not meta:
             bias = None if old.bias is None else old.bias.detach()
             new.set_quantized_weight(quantize_for(config, float_weight(old)), bias)
@@ -115,7 +119,32 @@ def inject(model: nn.Module, config, policy: Policy | None = None) -> list[str]:
     if policy.generic and config.target_modules is None:
         log.info("qlora-ds: no policy for model_type=%r; generic policy wrapped %d linear layers: %s",
                  model_type, len(paths), ", ".join(paths))
+    _warn_unquantized(model, total)
     return paths
+
+
+UNQUANTIZED_WARN_SHARE = 0.10
+
+
+def _warn_unquantized(model: nn.Module, total: int) -> None:
+    """Warn when weights no policy can wrap stay in 16 bit: float parameters of >= 2 dims held by modules
+    that are neither linear-like nor embeddings (MoE experts fused as 3-D parameters, routers), when they
+    hold more than ``UNQUANTIZED_WARN_SHARE`` of the model's ``total`` parameters."""
+    left: dict[str, list[str]] = {}
+    numel, seen = 0, set()
+    for mpath, module in model.named_modules():
+        if is_linear_like(module) or is_quantized_layer(module) or isinstance(module, nn.Embedding):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dim() >= 2 and id(p) not in seen:
+                seen.add(id(p))
+                left.setdefault(re.sub(r"\.\d+(?=\.|$)", ".*", mpath), []).append(name)
+                numel += p.numel()
+    if total and numel / total > UNQUANTIZED_WARN_SHARE:
+        where = "; ".join(f"{m} ({', '.join(dict.fromkeys(n))})" for m, n in left.items())
+        log.warning("qlora-ds: %.0f%% of this model's parameters are not in nn.Linear layers and stay in 16 bit, "
+                    "not quantized and not trained: %s. MoE expert quantization is not supported (the experts are "
+                    "fused 3-D parameters); plan memory for them in 16 bit.", 100 * numel / total, where)
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
