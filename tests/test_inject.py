@@ -78,3 +78,45 @@ def test_meta_skeleton_stays_meta():
         model = nn.Sequential(nn.Linear(64, 64))
     inject(model, CFG)
     assert model[0].weight.is_meta and model[0].lora_A.weight.is_meta
+
+
+def _tiny_moe(arch):
+    import transformers as tf
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              num_experts_per_tok=2, vocab_size=128)
+    if arch == "mixtral":
+        config = tf.MixtralConfig(num_local_experts=4, **kw)
+    else:
+        config = tf.Qwen2MoeConfig(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64, **kw)
+    return tf.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_fused_experts_stay_16bit_with_one_warning(arch, caplog):
+    model = _tiny_moe(arch)
+    total = sum(p.numel() for p in model.parameters())
+    left = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n or n.endswith(".mlp.gate.weight"))
+    with caplog.at_level(logging.INFO, logger="qlora_ds.inject.replace"):
+        wrapped = inject(model, CFG)
+    want = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+    if arch == "qwen2_moe":    # the shared expert's projections are wrapped, its one-output gate is not
+        want |= {"mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"}
+        gate = model.model.layers[0].mlp.shared_expert_gate
+        assert type(gate) is nn.Linear and gate.weight.dtype == torch.float32 and not gate.weight.requires_grad
+    assert {w.split(".", 3)[-1] for w in wrapped} == want and len(wrapped) == 2 * len(want)
+    experts = model.model.layers[1].mlp.experts
+    assert experts.gate_up_proj.dim() == 3 and experts.gate_up_proj.dtype == torch.float32
+    assert not experts.gate_up_proj.requires_grad
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and 0.3 < left / total < 0.9
+    assert f"{100 * left / total:.0f}% of this model's parameters" in warnings[0]
+    assert "model.layers.*.mlp.experts (gate_up_proj, down_proj)" in warnings[0] and "stay in 16 bit" in warnings[0]
+    assert "MoE expert quantization is not supported" in warnings[0]
+
+
+def test_dense_models_and_one_output_gates_raise_no_warning(caplog):
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 1))
+    with caplog.at_level(logging.WARNING, logger="qlora_ds.inject.replace"):
+        assert inject(model, CFG) == ["0"] and inject(tiny_model("llama"), CFG)
+    assert type(model[1]) is nn.Linear and not caplog.records
+    assert inject(nn.Sequential(nn.Linear(64, 1)), QLoRAConfig(r=4, target_modules=("0",))) == ["0"]  # if asked

@@ -1,6 +1,7 @@
 """Streaming quantized loading: equality with quantize-after-load, peak RSS, bnb checkpoints, our
 own pre-quantized format, and clear errors for bad checkpoints."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -231,3 +232,14 @@ def test_checkpoint_saved_by_transformers_bitsandbytes_loads_without_requantizin
         theirs, mine = hf(ids).logits.float(), ours(ids).logits.float()
     # both compute in bf16 from the same dequantized weights; differences are bf16 rounding of activations
     assert (theirs - mine).abs().max() <= 2e-2 * theirs.abs().max()
+
+
+def test_moe_checkpoint_warns_and_names_the_fused_experts(tmp_path, caplog):
+    import transformers as tf
+    config = tf.MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                              num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=128)
+    tf.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path)   # per-expert keys
+    with caplog.at_level(logging.WARNING, logger="qlora_ds.inject.replace"), \
+            pytest.raises(QLoRADSError, match=r"fused MoE expert parameter\(s\) \['model.layers.0.mlp.experts"):
+        from_pretrained(str(tmp_path), CFG, torch_dtype=torch.bfloat16)
+    assert any("model.layers.*.mlp.experts (gate_up_proj, down_proj)" in r.getMessage() for r in caplog.records)

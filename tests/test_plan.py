@@ -298,3 +298,65 @@ def test_planner_counts_no_dequantized_weight_for_fused_linears():
     flags = config_from_args(parse_args(["--model", "smollm2-135m", "--device", "cpu", "--packing", "--cpu-amx"]))
     assert flags.packing and flags.fused_cpu_linear
     assert not config_from_args(parse_args(["--model", "smollm2-135m"])).packing
+
+
+def _tiny_hf(arch):
+    import transformers as tf
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=100)
+    config = {"gemma": lambda: tf.GemmaConfig(head_dim=32, **kw),      # 4 heads of 32 at hidden 64
+              "mixtral": lambda: tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **kw),
+              "qwen2_moe": lambda: tf.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                     shared_expert_intermediate_size=48, **kw)}[arch]()
+    return tf.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("arch", ["gemma", "mixtral", "qwen2_moe"])
+def test_shape_counts_what_the_hf_model_holds(arch):
+    """Explicit head_dim and MoE experts: the planner's counts equal the parameters of the real model;
+    what inject() wraps is the quantized part, the experts (fused 3-D, routers, one-output gates) stay 16 bit."""
+    import torch
+    from qlora_ds.inject import inject, select
+    from qlora_ds.nn import QLoRAConfig
+    from qlora_ds.plan.presets import shape_from_hf_config
+    model = _tiny_hf(arch)
+    s = shape_from_hf_config(model.config.to_dict())
+    wrapped = sum(model.get_submodule(p).weight.numel() for p in select(model, QLoRAConfig(r=4)))
+    weights = {n: p.numel() for n, p in model.named_parameters() if not n.endswith(".bias")}
+    experts = sum(v for n, v in weights.items() if ".mlp.experts." in n or ".mlp.gate." in n or "expert_gate" in n)
+    assert (s.linear_params, s.expert_params, s.total_params) == (wrapped, experts, sum(weights.values()))
+    lora = [p for n, p in model.named_parameters() if ".lora_" in n]
+    assert not lora and inject(model, QLoRAConfig(r=4, compute_dtype=torch.float32))
+    assert sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n) == lora_params(s, 4)
+    if arch == "gemma":
+        assert s.linears()["q_proj"] == (64, 128) and s.linears()["o_proj"] == (128, 64) and s.kv_dim == 64
+    else:
+        assert experts > wrapped
+        assert estimate_memory(PlanConfig(shape=s, zero_stage=0)).get("embeddings_norms") == s.embedding_params * 2
+
+
+def test_mixtral_8x7b_plans_its_experts_in_16bit():
+    from qlora_ds.plan.presets import shape_from_hf_config
+    s = shape_from_hf_config({"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                              "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+                              "num_experts_per_tok": 2, "vocab_size": 32000})
+    assert s.total_params == 46_702_792_704                  # Mixtral-8x7B's published 46.7 B
+    assert s.linear_params == 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024) and s.intermediate == 2 * 14336
+    r = plan(PlanConfig(shape=s, gpu_mem_bytes=24 * GiB))
+    assert not r.fits and r.memory.get("embeddings_norms") > 84 * GiB
+    z3 = estimate_memory(PlanConfig(shape=s, gpu_mem_bytes=24 * GiB, zero_stage=3, gpus_per_node=4))
+    assert z3.get("zero3_gathered") > 2 * 8 * 3 * 4096 * 14336 * 2      # a layer's bf16 experts, twice
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 2}, "mixes dense and MoE"),
+    ({"num_experts": 4, "num_experts_per_tok": 2, "mlp_only_layers": [0]}, "mixes dense and MoE"),
+    ({"num_local_experts": 4}, "needs num_experts_per_tok"),
+    ({"n_routed_experts": 4, "moe_intermediate_size": 32}, "MoE keys .* not supported"),
+])
+def test_moe_layouts_the_planner_cannot_model_are_refused(extra, match):
+    from qlora_ds.plan.presets import shape_from_hf_config
+    base = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "vocab_size": 100}
+    with pytest.raises(QLoRADSError, match=match):
+        shape_from_hf_config({**base, **extra})

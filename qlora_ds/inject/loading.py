@@ -205,6 +205,13 @@ def _plan(model, ckpt, paths, conv1d, config, own) -> tuple[dict[str, str], dict
             raise QLoRADSError(f"{key}: checkpoint shape {ckpt.shape[key]} but the model built from config.json "
                                f"expects {tuple(param.shape)}; the config and the weights do not belong together")
         source[pid] = key
+    fused = [n for n in missing if model.get_parameter(n).dim() >= 3]
+    if fused:
+        raise QLoRADSError(f"checkpoint {ckpt.path!r} has no tensor for the fused MoE expert parameter(s) "
+                           f"{fused[:2]}: transformers builds them from the checkpoint's per-expert weights, which "
+                           f"this streaming loader does not do; load the model with transformers' "
+                           f"AutoModelForCausalLM.from_pretrained, then call qlora_ds.inject.inject(model, config) "
+                           f"(the experts stay in 16 bit, not quantized)")
     if missing:
         raise QLoRADSError(f"checkpoint {ckpt.path!r} lacks {len(missing)} tensor(s), first {missing[:3]}; it is "
                            f"incomplete or from another model — re-save it with save_pretrained")

@@ -5,7 +5,7 @@ layers (exact names, or one regex matched with ``re.fullmatch`` against the full
 leaf names it never touches (LM head, embeddings), and whether its linears are GPT-2 ``Conv1D``
 (weight stored as (in, out), transposed on the way in). ``POLICIES`` is a plain list;
 ``policy_for(model_type)`` returns the matching entry or ``GENERIC`` (every ``nn.Linear`` but the
-LM head), which ``replace`` reports with one log line listing what it wrapped.
+LM head and one-output gates), which ``replace`` reports with one log line listing what it wrapped.
 """
 from __future__ import annotations
 
@@ -28,14 +28,16 @@ class Policy:
     def generic(self) -> bool:
         return not self.targets and self.pattern is None
 
-    def wants(self, path: str) -> bool:
-        """Whether the linear-like module at ``path`` is a target of this policy."""
+    def wants(self, path: str, out_features: int | None = None) -> bool:
+        """Whether the linear-like module at ``path`` (with ``out_features`` outputs) is a target of this policy."""
         leaf = path.rsplit(".", 1)[-1]
         if leaf in self.skip:
             return False
         if self.pattern is not None:
             return re.fullmatch(self.pattern, path) is not None
-        return self.generic or leaf in self.targets
+        if self.generic:   # a one-output linear is a gate (Qwen2-MoE's shared_expert_gate), not a projection
+            return out_features != 1
+        return leaf in self.targets
 
 
 _NEOX_STYLE = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")

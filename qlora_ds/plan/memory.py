@@ -388,7 +388,7 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
                           phase="backward", note="dequantized weights kept for backward (bounded pool)"))
     if z >= 3 and n > 1:
         layer = s.linear_params_per_layer * cfg.base_bits_per_param / 8 + lora_params(
-            s, cfg.lora_r, cfg.lora_targets) / s.layers * (4 if fp32 else 2)
+            s, cfg.lora_r, cfg.lora_targets) / s.layers * (4 if fp32 else 2) + s.expert_params / s.layers * cfg.elem
         head = s.vocab * s.hidden * cfg.elem
         items.append(Item("zero3_gathered", max(2 * layer, head), phase="backward",
                           note="layer in use + prefetched layer, or lm_head"))

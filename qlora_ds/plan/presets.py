@@ -13,7 +13,15 @@ from ..errors import QLoRADSError
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Decoder-only transformer in the LLaMA layout (q, k, v, o, gate, up, down per layer)."""
+    """Decoder-only transformer in the LLaMA layout (q, k, v, o, gate, up, down per layer).
+
+    ``head_dim``: 0 means hidden // heads (a config.json may set its own: Gemma-7b has 16 heads of 256 at
+    hidden 3072). MoE (``experts`` > 0, the Mixtral / Qwen-MoE layout): per layer ``experts`` routed experts of
+    width ``expert_intermediate`` plus their router, kept in 16 bit (transformers fuses them into 3-D parameters,
+    which qlora-ds neither quantizes nor trains), and a shared expert of width ``shared_expert_intermediate``
+    (0: none) whose gate/up/down are ordinary quantized linears. ``intermediate`` is then the MLP width one token
+    passes through (top-k experts + shared expert), which sizes the activations.
+    """
 
     name: str
     hidden: int
@@ -24,28 +32,44 @@ class ModelShape:
     vocab: int
     max_positions: int
     tie_embeddings: bool = False
+    explicit_head_dim: int = 0
+    experts: int = 0
+    expert_intermediate: int = 0
+    shared_expert_intermediate: int = 0
 
     def __post_init__(self):
         for field in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "max_positions"):
             if getattr(self, field) <= 0:
                 raise QLoRADSError(f"model shape {self.name!r}: {field}={getattr(self, field)} must be > 0")
-        if self.hidden % self.heads or self.heads % self.kv_heads:
+        for field in ("explicit_head_dim", "experts", "expert_intermediate", "shared_expert_intermediate"):
+            if getattr(self, field) < 0:
+                raise QLoRADSError(f"model shape {self.name!r}: {field}={getattr(self, field)} must be >= 0")
+        if self.experts and not self.expert_intermediate:
+            raise QLoRADSError(f"model shape {self.name!r}: {self.experts} experts need expert_intermediate > 0")
+        if (not self.explicit_head_dim and self.hidden % self.heads) or self.heads % self.kv_heads:
             raise QLoRADSError(f"model shape {self.name!r}: hidden={self.hidden}, heads={self.heads}, "
                                f"kv_heads={self.kv_heads} must divide evenly")
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.explicit_head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
     def linears(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of the linear layers of one decoder layer."""
-        h, i, kv = self.hidden, self.intermediate, self.kv_dim
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        """(in_features, out_features) of the quantized linear layers of one decoder layer; one the model lacks
+        (the dense MLP of a MoE without a shared expert) is (0, 0): no weight, no LoRA."""
+        h, q, kv = self.hidden, self.q_dim, self.kv_dim
+        i = self.shared_expert_intermediate if self.experts else self.intermediate
+        up, down = ((h, i), (i, h)) if i else ((0, 0), (0, 0))
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": up, "up_proj": up, "down_proj": down}
 
     @property
     def linear_params_per_layer(self) -> int:
@@ -57,10 +81,20 @@ class ModelShape:
         return self.layers * self.linear_params_per_layer
 
     @property
+    def expert_params(self) -> int:
+        """MoE parameters kept in 16 bit: routed experts (gate, up, down), routers, shared-expert gates."""
+        if not self.experts:
+            return 0
+        h = self.hidden
+        shared_gate = h if self.shared_expert_intermediate else 0
+        return self.layers * (self.experts * (3 * h * self.expert_intermediate + h) + shared_gate)
+
+    @property
     def embedding_params(self) -> int:
-        """Token embedding + lm_head (once if tied) + RMSNorm weights: kept in 16 bit."""
+        """Parameters kept in 16 bit: token embedding + lm_head (once if tied) + RMSNorm weights, and the MoE
+        experts (``expert_params``)."""
         emb = self.vocab * self.hidden * (1 if self.tie_embeddings else 2)
-        return emb + (2 * self.layers + 1) * self.hidden
+        return emb + (2 * self.layers + 1) * self.hidden + self.expert_params
 
     @property
     def total_params(self) -> int:
@@ -85,8 +119,32 @@ _ALIASES = {"llama-30b": "llama-33b", "llama2-70b": "llama-2-70b", "llama3-70b":
             "smollm2": "smollm2-135m"}
 
 
+def _moe(cfg: dict, name: str, intermediate: int) -> dict:
+    """ModelShape's MoE fields from a Mixtral / Qwen-MoE style config ({} for a dense model)."""
+    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    if not experts:
+        other = [k for k in ("moe_intermediate_size", "n_routed_experts", "moe_num_experts") if cfg.get(k)]
+        if other:
+            raise QLoRADSError(f"{name}: MoE keys {other} without num_local_experts / num_experts (e.g. DeepSeek's "
+                               "layout) are not supported by the planner")
+        return {}
+    mixed = {k: cfg[k] for k in ("mlp_only_layers", "first_k_dense_replace") if cfg.get(k)}
+    if int(cfg.get("decoder_sparse_step") or 1) != 1:
+        mixed["decoder_sparse_step"] = cfg["decoder_sparse_step"]
+    if mixed:
+        raise QLoRADSError(f"{name}: {mixed} mixes dense and MoE layers, which the planner does not model; it "
+                           "supports configs whose every layer is MoE")
+    if not cfg.get("num_experts_per_tok"):
+        raise QLoRADSError(f"{name}: a MoE config ({experts} experts) needs num_experts_per_tok for the planner")
+    expert_i = int(cfg.get("moe_intermediate_size") or intermediate)
+    shared_i = int(cfg.get("shared_expert_intermediate_size") or 0)
+    return {"experts": experts, "expert_intermediate": expert_i, "shared_expert_intermediate": shared_i,
+            "intermediate": int(cfg["num_experts_per_tok"]) * expert_i + shared_i}
+
+
 def shape_from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
-    """Build a shape from a Hugging Face config dict (LLaMA/Mistral/Qwen-style keys)."""
+    """Build a shape from a Hugging Face config dict (LLaMA/Mistral/Qwen/Gemma-style keys; Mixtral / Qwen-MoE
+    experts are counted in 16 bit, as qlora-ds leaves them)."""
     def need(key, *alts):
         for k in (key, *alts):
             if k in cfg:
@@ -94,17 +152,20 @@ def shape_from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
         raise QLoRADSError(f"{name}: missing {key!r}; the planner needs hidden_size, intermediate_size, "
                            "num_hidden_layers, num_attention_heads and vocab_size")
     heads = need("num_attention_heads", "n_head")
-    return ModelShape(
-        name=str(cfg.get("_name_or_path") or name),
-        hidden=need("hidden_size", "n_embd"),
-        intermediate=need("intermediate_size", "ffn_dim"),
-        layers=need("num_hidden_layers", "n_layer"),
-        heads=heads,
-        kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        vocab=need("vocab_size"),
-        max_positions=int(cfg.get("max_position_embeddings", 2048)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-    )
+    intermediate = need("intermediate_size", "ffn_dim")
+    return ModelShape(**{
+        "name": str(cfg.get("_name_or_path") or name),
+        "hidden": need("hidden_size", "n_embd"),
+        "intermediate": intermediate,
+        "layers": need("num_hidden_layers", "n_layer"),
+        "heads": heads,
+        "kv_heads": int(cfg.get("num_key_value_heads") or heads),
+        "vocab": need("vocab_size"),
+        "max_positions": int(cfg.get("max_position_embeddings", 2048)),
+        "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+        "explicit_head_dim": int(cfg.get("head_dim") or 0),
+        **_moe(cfg, name, intermediate),
+    })
 
 
 def load_shape(model: str) -> ModelShape:
