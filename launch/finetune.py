@@ -90,8 +90,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pack whole training examples into --max-len rows (per-example positions, no cross-example "
                         "attention, no padding); --micro-batch rows per micro-batch (2+ spreads the per-step weight "
                         "dequantization over more tokens); held-out evaluation stays unpacked")
+    t.add_argument("--loss-weighting", choices=["tokens", "micro-batch"], default="tokens",
+                   help="tokens: every target token of an optimizer step weighs the same, however the step's batch "
+                        "is split into micro-batches and ranks (transformers' Trainer does this); micro-batch: each "
+                        "micro-batch's mean loss weighs the same (runs from before this option)")
     t.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
     t.add_argument("--train-on-prompt", action="store_true", help="also train on prompt tokens")
+    t.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave out examples whose tokens repeat an earlier one's before the held-out split, so no "
+                        "held-out example is trained on (--no-dedup: runs from before this option)")
     t.add_argument("--nan-policy", choices=["skip", "stop"], default="stop",
                    help="a non-finite loss: skip that step on every rank, or stop with an error")
     t.add_argument("--sample-prompt", default="What is AI?", help="generated before and after training ('' = none)")
@@ -205,24 +212,6 @@ def _all_mean(values: list[float]) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def sample(model, tokenizer, prompt: str, device, synced: bool = False) -> str:
-    """Greedy 40-token answer to ``prompt``. ``synced``: every rank calls this and decodes in step (ZeRO-3, where
-    each forward gathers the partitioned weights)."""
-    msgs = [{"role": "user", "content": prompt}]
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    else:
-        text = f"### User:\n{prompt}\n\n### Assistant:\n"
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             synced_gpus=synced)
-    model.train(was_training)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
 class Run:
     """What the steps of one run share: the process group, the resolved ds_config, where things go.
     (A plain class: tests load this script by path, where a dataclass cannot find its module.)"""
@@ -329,7 +318,10 @@ def restore(run: Run, engine) -> tuple[int, int]:
     """(step, micro step) to continue from: (0, 0), or the checkpoint's (model, optimizer and loss-scaler state)."""
     if not run.resume_tag:
         return 0, 0
+    from qlora_ds.lr_schedule import resync_after_resume
+
     _, client = engine.load_checkpoint(os.path.join(run.out, CKPT_DIR), tag=run.resume_tag, load_module_strict=False)
+    resync_after_resume(engine.lr_scheduler)          # --max-steps may have grown: this run's schedule decides
     if run.rank == 0:
         log.info("resumed from checkpoint %s at step %d", run.resume_tag, client["step"])
     return client["step"], client["micro_step"]
@@ -340,7 +332,9 @@ def maybe_sample(run: Run, engine, tokenizer) -> str | None:
     None without a prompt."""
     if not run.args.sample_prompt:
         return None
-    return sample(engine.module, tokenizer, run.args.sample_prompt, engine.device,
+    from qlora_ds.eval.sampling import greedy_answer
+
+    return greedy_answer(engine.module, tokenizer, run.args.sample_prompt, engine.device,
                   synced=run.zero_stage == 3 and run.world > 1)
 
 
@@ -366,6 +360,7 @@ class Loop:
         self.step, self.micro_step = step, micro_step
         self.widths = set()                    # the batch widths met, for the planner check at the end
         self.losses, self.tokens, self.t_last, self.lr = [], 0, time.perf_counter(), None
+        self.items = None                      # this optimizer step's loss divisor (step_items)
         self.bar = None
         self.overflow, self.skip = OverflowMonitor(engine), None   # the last skipped step's report (module named)
         self.seconds = {"held_out": 0.0, "checkpoints": 0.0}   # inside the loop: what is not training
@@ -374,27 +369,48 @@ class Loop:
         rows = [r for r in getattr(metrics, "rows", []) if "eval_loss" in r and r["step"] > 0]
         self.best = min(((r["eval_loss"], r["step"]) for r in rows), default=None)
 
-    def next_batch(self) -> dict:
+    def _collate(self, micro_step: int) -> dict:
         from qlora_ds.data import collate
         from qlora_ds.data.packing import collate_packed
 
         args = self.run.args
-        epoch, index = divmod(self.micro_step, len(self.batches))
+        epoch, index = divmod(micro_step, len(self.batches))
         examples = [self.train_ex[i] for i in self.batches.epoch(epoch)[index]]
-        batch = (collate_packed if args.packing else collate)(examples, self.pad_id, args.pad_to_multiple_of,
-                                                               args.max_len)
+        return (collate_packed if args.packing else collate)(examples, self.pad_id, args.pad_to_multiple_of,
+                                                              args.max_len)
+
+    def next_batch(self) -> dict:
+        batch = self._collate(self.micro_step)
         self.widths.add(batch["input_ids"].shape[1])
         return {k: v.to(self.engine.device) for k, v in batch.items()}
 
-    def forward(self, batch: dict):
-        """The micro batch's loss, or None when it is non-finite on any rank (skipped everywhere, or an error)."""
+    def step_items(self) -> float | None:
+        """--loss-weighting tokens: the loss's divisor for this optimizer step's micro-batches — the target tokens
+        of all of them on all ranks, over accum × world (DeepSpeed's backward divides by accum, its gradient
+        all-reduce averages over ranks). A micro-batch skipped for a non-finite loss is replaced by the next one,
+        which keeps the first count: that step's weights are then approximate."""
+        from qlora_ds.nn.chunked_loss import IGNORE_INDEX
+
+        run = self.run
+        if run.args.loss_weighting != "tokens":
+            return None
+        if self.items is None:
+            mine = sum(int((self._collate(self.micro_step + k)["labels"][..., 1:] != IGNORE_INDEX).sum())
+                       for k in range(run.accum))
+            total = _all_mean([mine])[0] * run.world
+            self.items = max(total, 1.0) / (run.accum * run.world)
+        return self.items
+
+    def forward(self, batch: dict, items: float | None = None):
+        """The micro batch's loss (``items``: its divisor, else its mean), or None when it is non-finite on any rank
+        (skipped everywhere, or an error)."""
         from qlora_ds import faults
         from qlora_ds.loss import causal_lm_loss
 
         run = self.run
         torch.manual_seed(run.args.seed * 1_000_003 + self.micro_step * run.world + run.rank)  # dropout: resumable
         faults.inject("raise_at_step", self.step + 1)
-        loss = causal_lm_loss(self.engine, batch, chunked=run.args.chunked_loss)
+        loss = causal_lm_loss(self.engine, batch, chunked=run.args.chunked_loss, num_items_in_batch=items)
         if faults.triggered("nan_loss_at_micro_step", self.micro_step):
             loss = loss * float("nan")
         bad = _all_mean([0.0 if torch.isfinite(loss).item() else 1.0])[0] > 0
@@ -474,8 +490,9 @@ class Loop:
                         file=sys.stdout)
         self.engine.train()
         while self.step < args.max_steps:
+            items = self.step_items()
             batch = self.next_batch()
-            loss = self.forward(batch)
+            loss = self.forward(batch, items)
             if loss is None:
                 continue
             self.engine.backward(loss)
@@ -486,8 +503,9 @@ class Loop:
             if len(self.losses) < run.accum:     # counts only micro-batches that stepped, as DeepSpeed's boundary
                 continue
             self.step += 1
+            # with token weighting each loss is its share of the step's token mean times accum × world: the same mean
             mean_loss, = _all_mean([sum(self.losses) / len(self.losses)])
-            self.losses = []
+            self.losses, self.items = [], None
             last = self.step == args.max_steps
             if self.step % args.log_every == 0 or last:
                 self.log_step(mean_loss)

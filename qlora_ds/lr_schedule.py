@@ -72,3 +72,17 @@ def fill_scheduler_section(cfg: dict, args, warmup: int) -> None:
         raise QLoRADSError(f"ds_config scheduler warmup_max_lr={peak} but the optimizer's lr is {args.lr}; set the "
                            f"peak lr in one place (\"auto\" takes the optimizer's)")
     cfg["scheduler"] = {**section, "params": params}
+
+
+def resync_after_resume(scheduler) -> None:
+    """After a checkpoint load: give the optimizer the lr this run's schedule sets for the next step. The loaded
+    optimizer state carries the lr of the first run's schedule, which differs once ``--max-steps`` grew (linear and
+    cosine decay to 0 at it): the first resumed step would train at the old schedule's lr (0 at its old end)."""
+    import torch
+
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):     # DeepSpeed's own: its state is its schedule
+        return
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]

@@ -21,7 +21,8 @@ CKPT_DIR = "checkpoints"
 BEFORE_SAMPLE = "sample_before.json"
 # options added later, and the behaviour of runs started before them (resume those with that value)
 BEFORE_OPTION_EXISTED = {"pad_to_multiple_of": 1, "dtype": "bf16", "packing": False, "init_adapter": None,
-                         "lr_scheduler": "constant"}
+                         "lr_scheduler": "constant", "loss_weighting": "micro-batch",
+                         "dedup": False}
 # arguments that may differ between a run and its resumption
 # (chunked: the same loss, computed leaner; a recipe's values are compared one by one as the arguments they set)
 RESUMABLE_CHANGES = {"resume", "max_steps", "save_every", "eval_every", "sample_prompt", "overwrite", "local_rank",

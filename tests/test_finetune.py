@@ -269,6 +269,21 @@ def test_run_from_before_pad_option_resumes_with_its_behaviour(tiny, tmp_path):
         ft.parse_args(_args(tiny, out, "--pad-to-multiple-of", "0"))
 
 
+@pytest.mark.parametrize("option, old_flag", [("dedup", "--no-dedup"),
+                                              ("loss_weighting", "--loss-weighting=micro-batch")])
+def test_run_from_before_an_option_resumes_with_its_behaviour(tiny, tmp_path, option, old_flag):
+    """Runs from before --dedup (their held-out split kept repeated examples) and --loss-weighting (each micro-batch
+    weighed the same) resume only with the old behaviour asked for, never silently another split or loss."""
+    ft = _finetune_module()
+    out = tmp_path / "old"
+    out.mkdir()
+    old = {k: v for k, v in vars(ft.parse_args(_args(tiny, out))).items() if k != option}
+    (out / "run_config.json").write_text(json.dumps(old))
+    with pytest.raises(QLoRADSError, match=option):
+        ft.check_output_dir(ft.parse_args(_args(tiny, out, "--resume")), 0)
+    assert ft.check_output_dir(ft.parse_args(_args(tiny, out, "--resume", old_flag)), 0) is None
+
+
 def test_qalora_single_process(tiny, device):
     """--method qalora on one process (plain `python finetune.py`, no launcher): trains (on the test device)
     and writes an adapter whose side file records bits and group size."""

@@ -72,3 +72,29 @@ def test_ds_config_scheduler_section_is_used(word):
     # iterations at i/3 of the peak, the peak at iteration 3, then down by a third per iteration towards step 6
     assert lrs == pytest.approx([0.0, 0.0, 2e-4 / 3, 2e-4 * 2 / 3, 2e-4, 2e-4 * 2 / 3], abs=1e-9)
     assert json.loads((out / "run_config.json").read_text())["lr_scheduler"] == "ds_config:WarmupDecayLR"
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+def test_resumed_schedule_with_more_steps_sets_the_new_lr(kind):
+    """A run of 4 steps resumed with --max-steps 8: the loaded optimizer has the old schedule's lr (0 after its
+    last decay step), the first resumed step must train at the new schedule's."""
+    import torch
+
+    from qlora_ds.lr_schedule import lr_factor, resync_after_resume
+
+    def build(total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(kind, 1, total))
+    opt, sched = build(4)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    state = opt.state_dict(), sched.state_dict()
+    opt2, sched2 = build(8)
+    opt2.load_state_dict(state[0])
+    sched2.load_state_dict(state[1])
+    old, want = opt2.param_groups[0]["lr"], 1e-3 * lr_factor(kind, 1, 8)(4)
+    resync_after_resume(sched2)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(want) and sched2.get_last_lr() == [opt2.param_groups[0]["lr"]]
+    if kind != "constant":
+        assert old == pytest.approx(0.0) and want > 1e-4           # without the resync: a step at lr 0
