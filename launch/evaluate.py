@@ -27,8 +27,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_source_args(p)
     p.add_argument("--heldout", help="records file (.jsonl/.json/.txt, as for finetune --dataset)")
     p.add_argument("--max-len", type=int, default=None,
-                   help="truncation, as finetune --max-len (default: 512 or the model's context if shorter)")
-    p.add_argument("--train-on-prompt", action="store_true", help="score prompt tokens too")
+                   help="truncation, as finetune --max-len (default: the run's with --run, else 512 or the model's "
+                        "context if shorter)")
+    p.add_argument("--train-on-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="score prompt tokens too (default: the run's setting with --run, else off)")
     p.add_argument("--mc", help="multiple-choice questions (.jsonl or MMLU .csv)")
     p.add_argument("--mc-dev", help="dev split for the k-shot examples")
     p.add_argument("--shots", type=int, default=5)
@@ -67,8 +69,11 @@ def evaluate(args) -> dict:
     results: dict = {"model": source.model, "adapter": source.adapter, "device": str(device),
                      "dtype": dtype_name(dtype)}
     if args.heldout:
-        results["heldout"] = heldout_loss(model, tokenizer, args.heldout, args.max_len, args.batch_size,
-                                          args.train_on_prompt)
+        # a run's own --max-len and --train-on-prompt unless given here: its held-out loss is then the run's
+        max_len = args.max_len if args.max_len is not None else source.settings.get("max_len")
+        on_prompt = args.train_on_prompt if args.train_on_prompt is not None else \
+            bool(source.settings.get("train_on_prompt", False))
+        results["heldout"] = heldout_loss(model, tokenizer, args.heldout, max_len, args.batch_size, on_prompt)
         log.info("held-out loss %.4f, perplexity %.3f over %d tokens", results["heldout"]["loss"],
                  results["heldout"]["perplexity"], results["heldout"]["tokens"])
     if test is not None:

@@ -415,3 +415,24 @@ def test_merge_script_warns_when_gptq_zero_points_are_clamped(ckpt, tmp_path, ca
     meta = json.loads((out / MERGE_META).read_text())
     assert meta["zeros_clamped"] > 0 and meta["verify"]["ok"]
     assert f"{meta['zeros_clamped']} of {meta['zeros_total']} zero points lie outside" in caplog.text
+
+
+def test_evaluate_run_scores_held_out_as_the_run_did(ckpt, tmp_path):
+    """evaluate --run takes the run's --max-len and --train-on-prompt (its held-out loss is then the run's own);
+    flags given to evaluate still win."""
+    run = tmp_path / "run"
+    _trained_adapter(ckpt, QALoRAConfig(bits=4, group_size=32, r=8, dropout=0.0), str(run / "adapter"), std=0.02)
+    data = write_chat_dataset(str(tmp_path / "val.jsonl"), n=4)
+
+    def tokens(settings: dict, *flags) -> int:
+        (run / "run_config.json").write_text(json.dumps({"model": ckpt, "method": "qalora", **settings}))
+        out = tmp_path / "r.json"
+        assert _script("evaluate").main(["--run", str(run), "--heldout", data, "--dtype", "fp32", "--json",
+                                         str(out), *flags]) == 0
+        return json.loads(out.read_text())["heldout"]["tokens"]
+
+    plain = tokens({})
+    on_prompt = tokens({"train_on_prompt": True})
+    short = tokens({"train_on_prompt": True, "max_len": 12})
+    assert plain < on_prompt and short < on_prompt                   # the run's settings are used
+    assert tokens({"train_on_prompt": True}, "--no-train-on-prompt") == plain     # the flag wins
