@@ -24,6 +24,7 @@ from qlora_ds.ds_config import resolve_ds_config
 from qlora_ds.errors import QLoRADSError
 from qlora_ds.hardware import DTYPE_CHOICES, ds_compute_dtype, dtype_name
 from qlora_ds.lr_schedule import SCHEDULES, fill_scheduler_section, lr_factor, schedule_name
+from qlora_ds.memstats import this_peak
 from qlora_ds.overflow import OverflowMonitor, loss_scale
 from qlora_ds.run_dir import (CKPT_DIR, check_output_dir, keep_before, kept_before, resolved_settings, warmup_steps,
                               write_run_config)
@@ -161,12 +162,6 @@ compute_dtype = ds_compute_dtype     # of a ds_config that went through resolve_
 
 # ------------------------------------------------------------------------------------------------ train
 
-def _memory_mb() -> float:
-    from qlora_ds.memstats import device_peak
-
-    return device_peak("cuda" if torch.cuda.is_available() else "cpu") / 2 ** 20
-
-
 def planner_check(args, model_config, ds_config: dict, world: int, runtime: int, widths) -> dict | None:
     """The planner's peak for this run beside the measured one, for the rank with the highest peak, at the
     widest batch the run met (the planner's worst case is --max-len) and, for the memory the CPU keeps per batch
@@ -181,7 +176,7 @@ def planner_check(args, model_config, ds_config: dict, world: int, runtime: int,
     from qlora_ds.plan.run_check import config_for_run, memory_check
 
     cuda = torch.cuda.is_available()
-    mine = torch.tensor([_memory_mb() * 2 ** 20, float(runtime), float(max(widths, default=0)), float(sum(widths))],
+    mine = torch.tensor([float(this_peak()), float(runtime), float(max(widths, default=0)), float(sum(widths))],
                         dtype=torch.float64, device=collective_device())      # NCCL takes no CPU tensors
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
@@ -430,7 +425,7 @@ class Loop:
     def log_step(self, mean_loss: float) -> None:
         now = time.perf_counter()
         tok_s, self.t_last, self.tokens = self.tokens * self.run.world / (now - self.t_last), now, 0
-        lr, mem = self.lr, _memory_mb()
+        lr, mem = self.lr, this_peak() / 2 ** 20
         # DeepSpeed skips the optimizer step on a gradient overflow (fp16 loss scaling; bf16 overflow check)
         row = dict(step=self.step, loss=mean_loss, lr=lr, tokens_per_s=tok_s, mem_mb=mem,
                    skipped_steps=int(self.engine.skipped_steps))

@@ -48,3 +48,8 @@ def cuda_peak() -> int | None:
 def device_peak(device: torch.device | str) -> int:
     """The peak the planner predicts for ``device``: CUDA max allocated, else the process's RSS peak."""
     return torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda" else peak_rss()
+
+
+def this_peak() -> int:
+    """``device_peak`` of the device this process trains on (the GPU where there is one)."""
+    return device_peak("cuda" if torch.cuda.is_available() else "cpu")

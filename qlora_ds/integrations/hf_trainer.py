@@ -204,8 +204,10 @@ def qlora_trainer_class(base: type) -> type:
 
     ``save_model(dir)`` — called by the Trainer at every checkpoint and by the user at the end — writes the
     PEFT-format adapter to ``dir/adapter`` (gathering only the LoRA tensors under ZeRO-3; every rank takes part,
-    rank 0 writes), plus the tokenizer and ``training_args.bin`` as the Trainer does. The DeepSpeed engine
-    checkpoint the Trainer writes next to it for ``resume_from_checkpoint`` is left as transformers makes it.
+    rank 0 writes), plus the tokenizer and ``training_args.bin`` as the Trainer does. Under DeepSpeed the engine
+    checkpoint written next to it leaves out the frozen (packed) base. ``resume_from_checkpoint`` and
+    ``load_best_model_at_end`` load ``dir/adapter`` (without DeepSpeed) or that engine checkpoint, the base coming
+    from the model being trained.
     """
     from ..inject.zero import save_adapter
 
@@ -244,8 +246,80 @@ def qlora_trainer_class(base: type) -> type:
                 tokenizer.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+        # Checkpoints hold the LoRA weights only (<ckpt>/adapter, and the DeepSpeed engine checkpoint without the
+        # frozen base): a resumed or best-model load takes the base from the model being trained, which was built
+        # from the same base model.
+        def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+            if not self.is_deepspeed_enabled:
+                return super()._save_optimizer_and_scheduler(output_dir)
+            # transformers passes exclude_frozen_parameters only for PEFT models; without it every checkpoint
+            # carries the whole packed base (~35 GB at 65B)
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            from accelerate.utils import DeepSpeedSchedulerWrapper
+            if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
+        def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+            if not (self.is_deepspeed_enabled and resume_from_checkpoint is not None):
+                return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+            # transformers loads the engine checkpoint strictly here, which fails without the frozen base
+            model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+            self._load_engine_checkpoint(resume_from_checkpoint)
+            self._load_optimizer_and_scheduler(resume_from_checkpoint)
+            self._load_scaler(resume_from_checkpoint)
+            return model, train_dataloader
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+            adapter = os.path.join(resume_from_checkpoint, ADAPTER_DIR)
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled or not os.path.isdir(adapter):
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            _load_checkpoint_adapter(model if model is not None else self.model, adapter)
+
+        def _load_best_model(self) -> None:
+            best = self.state.best_model_checkpoint
+            if self.is_deepspeed_enabled:
+                self._load_engine_checkpoint(best)
+            elif not self.is_fsdp_enabled and os.path.isdir(os.path.join(best, ADAPTER_DIR)):
+                _load_checkpoint_adapter(self.model, os.path.join(best, ADAPTER_DIR))
+            else:
+                super()._load_best_model()
+
+        def _load_engine_checkpoint(self, path: str) -> None:
+            """The DeepSpeed engine checkpoint in ``path``, without the frozen parameters it may leave out."""
+            engine = self.model_wrapped
+            frozen = {n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+            def load(src, dst):
+                result = dst.load_state_dict(src, strict=False)
+                missing = sorted(set(result.missing_keys) - frozen)
+                if missing or result.unexpected_keys:
+                    raise QLoRADSError(f"the DeepSpeed checkpoint in {path} does not match this model (missing "
+                                       f"trainable {missing[:3]}, unexpected {result.unexpected_keys[:3]}); resume "
+                                       f"with the base model and LoRA settings it was trained with")
+
+            if not any(name.startswith("global_step") for name in os.listdir(path)):
+                raise QLoRADSError(f"{path} holds no DeepSpeed engine checkpoint (global_step*/); resume under "
+                                   f"--deepspeed only from a checkpoint written under --deepspeed")
+            load_path, _ = engine.load_checkpoint(path, load_module_strict=False, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True, custom_load_fn=load)
+            if load_path is None:
+                raise QLoRADSError(f"DeepSpeed could not load the checkpoint in {path} (no 'latest' tag file?)")
+
     QLoRATrainerOf.__name__ = QLoRATrainerOf.__qualname__ = f"QLoRA{base.__name__}"
     return QLoRATrainerOf
+
+
+def _load_checkpoint_adapter(model: torch.nn.Module, directory: str) -> None:
+    """A checkpoint's adapter into ``model``; it must cover every LoRA layer (a partial one is another model's)."""
+    from ..adapters import lora_layers
+    from ..inject import load_adapter
+    from ..inject.zero import unwrap
+
+    loaded = load_adapter(model, directory)
+    left = sorted(set(lora_layers(unwrap(model))) - set(loaded))
+    if left:
+        raise QLoRADSError(f"the checkpoint adapter {directory} has no weights for {len(left)} LoRA layers (e.g. "
+                           f"{left[0]}); resume with the base model and LoRA targets it was trained with")
 
 
 def __getattr__(name):  # lazy: importing this module must not import transformers
