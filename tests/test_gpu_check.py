@@ -213,3 +213,13 @@ def test_a_step_past_its_budget_takes_its_children_with_it(tmp_path):
         assert check.run_group([sys.executable, "-c", "print('ok')"], out, timeout=30) == 0
         out.seek(0)
         assert out.read().strip() == "ok"
+
+
+def test_unknown_only_step_fails_before_the_install(tmp_path, monkeypatch, capsys):
+    """A typo in --only (the 65B headline step is "headline") stops before pip runs on the device."""
+    check = _check_module()
+    monkeypatch.setattr(check, "install", lambda *a: pytest.fail("installed before checking --only"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        check.main(["--dry-run", "--results", str(tmp_path / "res"), "--only", "headline_65b"])
+    assert stop.value.code == 2 and "unknown steps ['headline_65b']" in capsys.readouterr().err

@@ -27,7 +27,9 @@ def main(argv: list[str]) -> int:
     if device == "cuda":
         try:
             builder.jit_mode = True                      # as load() will: the visible GPU's capability
-            print(f"{op}: nvcc arch flags {builder.compute_capability_args()}", flush=True)
+            flags = builder.compute_capability_args()    # JIT: [] and the arch goes to TORCH_CUDA_ARCH_LIST
+            print(f"{op}: nvcc arch flags {flags}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}",
+                  flush=True)
         except Exception as err:  # noqa: BLE001 - informational only
             print(f"{op}: could not list the arch flags ({type(err).__name__}: {err})", flush=True)
     t0 = time.perf_counter()

@@ -126,7 +126,8 @@ def run_group(argv: list[str], out, timeout: float) -> int:
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):   # a process stuck in the driver may not die at once:
+            proc.wait(timeout=15)                              # record the step and go on, not wait for the tool
         return 124
     finally:
         with contextlib.suppress(ProcessLookupError):     # what a finished step left running in the background
@@ -198,7 +199,8 @@ class Runner:
             signal.signal(signal.SIGALRM, old)
         self.record(step.name, rc, time.monotonic() - t0, t)
 
-    def run_all(self, plan: list[Step]) -> None:
+    def run_all(self, plan: list[Step], after_step=lambda: None) -> None:
+        """Every step in order (background ones beside the next); ``after_step`` after each foreground step."""
         pending: list[tuple[str, threading.Thread]] = []
         for step in plan:
             if self.dry:
@@ -216,6 +218,7 @@ class Runner:
                 pending.append((step.name, th))
             else:
                 self.run_process(step)
+                after_step()
         for _, th in pending:
             th.join()
 
@@ -319,16 +322,17 @@ def main(argv=None) -> int:
         os.environ.update(DS_ACCELERATOR="cuda", TORCH_EXTENSIONS_DIR="/tmp/qlora_ds_ext")
         os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 8))
         nvcc = shutil.which("nvcc")
-        if nvcc and "CUDA_HOME" not in os.environ:
-            os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(nvcc))
+        if nvcc and "CUDA_HOME" not in os.environ:      # nvcc may be a wrapper outside the toolkit (/usr/local/bin)
+            homes = [os.path.dirname(os.path.dirname(p)) for p in (os.path.realpath(nvcc), nvcc)] + ["/usr/local/cuda"]
+            os.environ["CUDA_HOME"] = next((h for h in homes if os.path.exists(
+                os.path.join(h, "include", "cuda_runtime_api.h"))), homes[1])
         if "TORCH_CUDA_ARCH_LIST" not in os.environ:      # this GPU's arch only: a third of the compile time
             with contextlib.suppress(Exception):
                 import torch
                 os.environ["TORCH_CUDA_ARCH_LIST"] = "%d.%d" % torch.cuda.get_device_capability()
     runner = Runner(res, args.budget, args.dry_run)
-    install(runner, args.wheels)
     plan = steps(res)
-    if args.only:
+    if args.only:                                       # checked before the install: a typo costs no device time
         wanted = set(args.only.split(",")) | {"env", "build_quant", "build_quant_cpu", "build_paged_optim"}
         unknown = wanted - {s.name for s in plan}
         if unknown:
@@ -337,11 +341,17 @@ def main(argv=None) -> int:
             if s.name not in wanted:
                 s.gpu = None
                 s.why = "not in --only"
-    runner.run_all(plan)
-    with open(os.path.join(res, "rows.jsonl"), "w") as out:
-        for path in sorted(glob.glob(os.path.join(rows, "*.jsonl"))):
-            with open(path) as fh:
-                out.write(fh.read())
+    install(runner, args.wheels)
+
+    def merge_rows() -> None:      # after every step: a run cut off by the device's time limit keeps its rows
+        atomic = os.path.join(res, "rows.jsonl.tmp")
+        with open(atomic, "w") as out:
+            for path in sorted(glob.glob(os.path.join(rows, "*.jsonl"))):
+                with open(path) as fh:
+                    out.write(fh.read())
+        os.replace(atomic, os.path.join(res, "rows.jsonl"))
+    runner.run_all(plan, merge_rows)
+    merge_rows()
     shutil.rmtree(rows, ignore_errors=True)
     elapsed = int(time.monotonic() - runner.start)
     import io
