@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import socket
 
 from .errors import QLoRADSError
@@ -105,6 +106,16 @@ def shutdown() -> None:
         dist.barrier()
         dist.destroy_process_group()
         release_shm_buffer()
+        _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches its process groups in module globals: after the group is destroyed, the next engine in this
+    process (a second run in a notebook, a test) would get the dead ones ("Group … is not registered")."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    for name, value in list(vars(groups).items()) if groups is not None else ():
+        if name.startswith("_") and name.isupper() and ("GROUP" in name or name.startswith("_MPU_")):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
 
 
 SHM_DIR, SHM_BUFFER_PREFIX = "/dev/shm", "deepspeed_allreduce_buffer_"
