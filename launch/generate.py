@@ -5,7 +5,8 @@
     python launch/generate.py --run runs/demo            # interactive (stdin a terminal); /reset, /quit
 
 Reads top to bottom: parse arguments once, then ``generate(args)``: load (see ``qlora_ds.eval.runs``),
-render the chat template, generate greedily (default) or by sampling, print the reply.
+tokenize the prompt as training does (``qlora_ds.data.tokenize.prompt_ids``), generate greedily (default)
+or by sampling, print the reply.
 """
 from __future__ import annotations
 
@@ -39,25 +40,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def render(tokenizer, messages: list[dict]) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
-    return text + "### Assistant:\n"
-
-
 @torch.no_grad()
 def reply(model, tokenizer, messages: list[dict], args) -> str:
-    ids = tokenizer(render(tokenizer, messages), return_tensors="pt", add_special_tokens=False)
-    ids = {k: v.to(next(model.parameters()).device) for k, v in ids.items()}
+    from qlora_ds.data.tokenize import prompt_ids
+
+    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=next(model.parameters()).device)
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, pad_token_id=tokenizer.pad_token_id,
               repetition_penalty=args.repetition_penalty)
     if args.sample:
         kw.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     else:
         kw.update(temperature=None, top_p=None, top_k=None)
-    out = model.generate(**ids, **kw)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 def generate(args) -> list[str]:

@@ -232,3 +232,35 @@ def test_merge_script_deploys_qlora_as_gptq(tmp_path):
     assert meta["zeros_rounded"] == 0                        # GPTQ zero points are integers
     reread = read_gptq_checkpoint(str(tmp_path / "gptq"), exact=True)
     assert isinstance(reread.model.layers[0].mlp.down_proj, nn.Linear)
+
+
+@pytest.mark.parametrize("target", ["model.layers.5.self_attn.o_proj", "model.layers.6.self_attn.o_proj"])
+def test_each_block_calibrated_on_its_own_mask_and_rotary(target):
+    """Gemma3 gives sliding and full-attention layers different masks and rotary embeddings: every input
+    GPTQ feeds a block's linear equals the one it gets in a plain forward (only ``target`` is quantized, so
+    nothing before it changes). Layer 5 is full attention, 6 sliding again after it."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=4,
+                           max_position_embeddings=64, attn_implementation="eager")
+    model = Gemma3ForCausalLM(cfg).float().eval()
+    assert cfg.layer_types[5] == "full_attention" and cfg.layer_types[6] == "sliding_attention"
+    calib = [torch.randint(0, 128, (16,)), torch.randint(0, 128, (12,))]
+    lin = model.get_submodule(target)
+    seen: list[torch.Tensor] = []
+    hook = lin.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            true = []
+            for ids in calib:
+                model(input_ids=ids[None], use_cache=False)
+                true.append(seen.pop())
+        gptq_quantize_model(model, calib, bits=4, group_size=32, select=lambda p, m: p == target)
+    finally:
+        hook.remove()
+    # the capture forward (samples 0, 1), stage discovery (0), the Hessian pass (0, 1), the output pass (0, 1)
+    assert len(seen) == 7
+    for got, want in zip(seen, true + true[:1] + true + true):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -1,6 +1,7 @@
 """Compiled quant kernels (C++/OpenMP and CUDA) against the torch reference and bitsandbytes, bit for bit."""
 import glob
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from qlora_ds.ops import reference as ref
-from qlora_ds.ops.builder import CSRC, load_op
+from qlora_ds.ops.builder import CSRC, load_op, min_cuda_arch
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BLOCKSIZES = [32, 64, 4096]
@@ -221,11 +222,13 @@ def test_load_op_unknown_op():
         load_op("nope", "cpu")
 
 
-@pytest.mark.parametrize("cuda_major", [12, 13])
-def test_cuda_builder_capabilities_without_a_gpu(monkeypatch, cuda_major):
+@pytest.mark.parametrize("cuda_major, default", [(11, (70, 75, 80, 86, 90)), (12, (70, 75, 80, 86, 90)),
+                                                 (13, (75, 80, 86, 90))])
+def test_cuda_builder_capabilities_without_a_gpu(monkeypatch, cuda_major, default):
     """What the CUDA builder passes nvcc when prebuilding with no GPU visible (issue 13 §1.6): our default list
-    instead of DeepSpeed's 6.0;6.1;7.0 fallback, which nvcc 13 rejects; a list nvcc cannot build is filtered,
-    and one with nothing left is a clear error."""
+    instead of DeepSpeed's 6.0;6.1;7.0 fallback, which nvcc 13 rejects, from Volta (7.0) where the toolkit still
+    builds it (min_cuda_arch) to Hopper + PTX; a list nvcc cannot build is filtered, and one with nothing left is
+    a clear error."""
     from qlora_ds.errors import OpBuildError
     from qlora_ds.ops.builder import QuantCUDABuilder
 
@@ -233,9 +236,10 @@ def test_cuda_builder_capabilities_without_a_gpu(monkeypatch, cuda_major):
     monkeypatch.setattr(QuantCUDABuilder, "cuda_major", lambda self: cuda_major)
     b = QuantCUDABuilder()
     b.jit_mode = False  # the setup.py (prebuild) path
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in (75, 80, 86, 90)] + [
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in default] + [
         "-gencode=arch=compute_90,code=compute_90"]
     assert b.compute_capability_args() == gencode
+    assert default[0] == 10 * min_cuda_arch(cuda_major)[0] + min_cuda_arch(cuda_major)[1]
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "6.0;6.1;7.0;8.0")
     kept = ["70", "80"] if cuda_major < 13 else ["80"]
     assert b.compute_capability_args() == [f"-gencode=arch=compute_{a},code=sm_{a}" for a in kept]
@@ -248,9 +252,14 @@ NVCC = shutil.which("nvcc") or next(iter(sorted(glob.glob("/usr/local/cuda*/bin/
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])  # the oldest and newest of DEFAULT_CUDA_ARCHS
+@pytest.mark.parametrize("arch", ["sm_70", "sm_75", "sm_80", "sm_90"])  # the oldest and newest of the defaults
 @pytest.mark.parametrize("source", sorted(p.name for p in Path(CSRC).glob("*.cu")))
 def test_cuda_sources_compile(tmp_path, source, arch):
+    if arch == "sm_70":                                       # in the default list below CUDA 13 only
+        version = subprocess.run([NVCC, "--version"], capture_output=True, text=True).stdout
+        release = re.search(r"release (\d+)", version)
+        if release is None or min_cuda_arch(int(release.group(1))) > (7, 0):
+            pytest.skip("this nvcc cannot build sm_70 (CUDA 13 dropped Volta)")
     cmd = [NVCC, "-c", f"-arch={arch}", "-O3", "--fmad=false", "-I", str(CSRC / "include"), str(CSRC / source),
            "-o", str(tmp_path / "k.o")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -229,6 +229,30 @@ def test_gptq_export_refuses_qlora_and_unmerged(ckpt, tmp_path):
         export_merged(model, str(tmp_path / "x"), "gptq")
 
 
+def test_generation_config_is_read_for_adapter_and_gptq_loads(ckpt, tmp_path):
+    """An instruct model listing its end-of-turn token only in generation_config.json (eos [2, 7]): base + adapter
+    and a GPTQ merge, both built from config.json, stop at it as a plain from_pretrained model does."""
+    import shutil
+
+    from qlora_ds.eval.runs import load
+
+    base = str(tmp_path / "base")
+    shutil.copytree(ckpt, base)
+    gen_path = os.path.join(base, "generation_config.json")
+    gen = json.load(open(gen_path))
+    assert gen["eos_token_id"] != [2, 7]
+    json.dump({**gen, "eos_token_id": [2, 7]}, open(gen_path, "w"))
+    adapter = _trained_adapter(base, QALoRAConfig(bits=4, group_size=32, r=8, dropout=0.0, compute_dtype=torch.float32),
+                               str(tmp_path / "adapter"), std=0.05)
+    model, _ = load(resolve(model=base, adapter=adapter), dtype=torch.float32, device="cpu")
+    assert model.generation_config.eos_token_id == [2, 7]
+    merge_model(model)
+    out = str(tmp_path / "gptq")
+    export_merged(model, out, "gptq", tokenizer_dir=base)
+    assert read_gptq_checkpoint(out, exact=True).generation_config.eos_token_id == [2, 7]
+    assert load(resolve(model=out), dtype=torch.float32, device="cpu")[0].generation_config.eos_token_id == [2, 7]
+
+
 # ------------------------------------------------------------------------------------ perplexity
 def test_heldout_perplexity_is_exp_loss_and_matches_direct_loss(ckpt, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -400,7 +400,7 @@ def read_gptq_checkpoint(directory: str, exact: bool = True, dtype: torch.dtype 
     scales/zeros of ``qlora_ds_intn.safetensors`` with the GPTQ codes (the exact merged model);
     otherwise the GPTQ scales and integer zeros only (what GPTQ loaders compute)."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(directory)
     qcfg = getattr(config, "quantization_config", None) or {}
@@ -458,4 +458,6 @@ def read_gptq_checkpoint(directory: str, exact: bool = True, dtype: torch.dtype 
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise QLoRADSError(f"{directory} lacks tensors {still_meta[:3]}; the checkpoint is incomplete")
+    if os.path.exists(os.path.join(directory, "generation_config.json")):   # e.g. an instruct model's end-of-turn eos
+        model.generation_config = GenerationConfig.from_pretrained(directory)
     return model.eval()

@@ -113,6 +113,19 @@ def _plain_ids(tokenizer, messages) -> tuple[list[int], list[int]]:
     return ids, mask
 
 
+def prompt_ids(tokenizer, messages) -> list[int]:
+    """The ids that prompt the assistant's reply to ``messages``, tokenized as training tokenizes a chat: the chat
+    template with its generation prompt, or else the plain ``### Role:`` messages one by one (byte-level BPE and
+    SentencePiece tokenize a message differently alone than inside the whole text) and the assistant header."""
+    if getattr(tokenizer, "chat_template", None) is not None:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids, _ = _plain_ids(tokenizer, messages)
+    if tokenizer.eos_token_id is not None:
+        ids = ids[:-1]                                    # the eos _plain_ids appends after the last message
+    return ids + list(tokenizer("### Assistant:\n", add_special_tokens=False)["input_ids"])
+
+
 def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None = None,
                      train_on_prompt: bool = False) -> list[dict[str, torch.Tensor]]:
     """input_ids/labels per record, truncated to ``max_len``; a max_len beyond the model's context is refused."""

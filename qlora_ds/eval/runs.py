@@ -87,10 +87,20 @@ def load_base_and_adapter(source: Source, compute_dtype: torch.dtype = torch.bfl
 
     config = layer_config(source, compute_dtype)
     model = from_pretrained(source.model, config, torch_dtype=torch_dtype or compute_dtype)
+    _read_generation_config(model, source.model)
     loaded = load_adapter(model, source.adapter)
     log.info("loaded %s + adapter %s (%d layers, %s)", source.model, source.adapter, len(loaded),
              type(config).__name__)
     return _to_device(model.eval(), device)
+
+
+def _read_generation_config(model, directory: str) -> None:
+    """The checkpoint's generation_config.json (often the only place an instruct model lists its end-of-turn token
+    among the eos ids), which a model built from config.json alone does not read."""
+    if os.path.exists(os.path.join(directory, "generation_config.json")):
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(directory)
 
 
 def _to_device(model, device):

@@ -27,8 +27,8 @@ _EXACT_CXX = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 _EXACT_NVCC = ["--fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true"]
 _MIN_CUDA_MAJOR = 7
 # Prebuilding with no GPU visible and no TORCH_CUDA_ARCH_LIST: DeepSpeed would fall back to 6.0;6.1;7.0 (plus
-# 8.0;8.6;9.0 only for CUDA 11/12), which nvcc 13 rejects. Ours: T4 (7.5) to Hopper, with PTX of the newest so
-# that later GPUs JIT it.
+# 8.0;8.6;9.0 only for CUDA 11/12), which nvcc 13 rejects. Ours (default_cuda_archs): V100 (7.0, CUDA < 13) or T4
+# (7.5) to Hopper, with PTX of the newest so that later GPUs JIT it.
 DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;9.0+PTX"
 
 
@@ -36,6 +36,11 @@ def min_cuda_arch(cuda_major: int) -> tuple[int, int]:
     """Oldest compute capability we compile for with a CUDA ``cuda_major`` toolkit: nvcc 13 dropped everything
     below Turing (7.5); older toolkits still reach Volta (7.0), the oldest our kernels support."""
     return (7, 5) if cuda_major >= 13 else (_MIN_CUDA_MAJOR, 0)
+
+
+def default_cuda_archs(cuda_major: int) -> str:
+    """TORCH_CUDA_ARCH_LIST of a prebuild that sets none: from the oldest capability this toolkit builds."""
+    return DEFAULT_CUDA_ARCHS if min_cuda_arch(cuda_major) >= (7, 5) else "7.0;" + DEFAULT_CUDA_ARCHS
 
 
 def _src(*names: str) -> list[str]:
@@ -109,7 +114,7 @@ class _CUDABuilder(_OurSources, CUDAOpBuilder):
         # Non-JIT builds (setup.py) with neither TORCH_CUDA_ARCH_LIST nor an explicit list: our default, not
         # DeepSpeed's. JIT builds probe the visible GPUs as DeepSpeed does; filter_ccs applies to both.
         if not self.jit_mode and cross_compile_archs is None and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            cross_compile_archs = DEFAULT_CUDA_ARCHS
+            cross_compile_archs = default_cuda_archs(self.cuda_major())
         return super().compute_capability_args(cross_compile_archs)
 
     def filter_ccs(self, ccs):
@@ -127,7 +132,7 @@ class _CUDABuilder(_OurSources, CUDAOpBuilder):
         if not keep:
             raise OpBuildError(f"{self.name}: none of the compute capabilities {';'.join(ccs)} is >= {lo[0]}.{lo[1]}, "
                                f"the oldest CUDA {cuda} can build; set TORCH_CUDA_ARCH_LIST to your GPUs' "
-                               f"capabilities, e.g. TORCH_CUDA_ARCH_LIST=\"{DEFAULT_CUDA_ARCHS}\"")
+                               f"capabilities, e.g. TORCH_CUDA_ARCH_LIST=\"{default_cuda_archs(cuda)}\"")
         return keep
 
     def nvcc_args(self):

@@ -17,10 +17,12 @@ Choices:
 * Computed in H's dtype (fp32, or fp64 if given fp64) on H's device (GPU when the model is there).
 
 ``gptq_quantize_model`` drives it through a Hugging Face style decoder true-sequentially: the inputs of
-the first block are captured once, then for each block, stage by stage (linears that read the same
-tensor: q/k/v, o, gate/up, down), Hessians are collected with the earlier stages already quantized, the
-stage is quantized (its weights replaced in place by the dequantized result), and the block's output
-becomes the next block's input. It knows ``torch.nn.Linear`` only; callers wrap the returned
+the first block and every block's other arguments (attention mask, rotary embeddings: they differ per
+block in models mixing sliding and global attention, e.g. Gemma2/3) are captured in one forward per
+sample, then for each block, stage by stage (linears that read the same tensor: q/k/v, o, gate/up,
+down), Hessians are collected with the earlier stages already quantized, the stage is quantized (its
+weights replaced in place by the dequantized result), and the block's output becomes the next block's
+input. It knows ``torch.nn.Linear`` only; callers wrap the returned
 ``IntNQuantizedTensor``s into layers.
 """
 from __future__ import annotations
@@ -238,13 +240,21 @@ def gptq_quantize_model(model: nn.Module, calibration: Iterable[torch.Tensor], b
     prefix, blocks = _blocks(model, wanted, strict=select is not None)
     wanted = {p for p in wanted if p.startswith(prefix + ".")}
     device = next(model.parameters()).device
-    cached: list[tuple[tuple, dict]] = []
+    hidden: list[torch.Tensor] = []                       # block 0's input hidden states, per sample
+    rest: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]    # [block][sample]: its other (args, kwargs)
 
-    def catch(module, args, kwargs):
-        cached.append((args, kwargs))
-        raise _Stop
+    def catch(b):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            h, args = (args[0], tuple(args[1:])) if args else (kwargs.pop("hidden_states"), ())
+            if b == 0:
+                hidden.append(h)
+            rest[b].append((args, kwargs))
+            if b == len(blocks) - 1:
+                raise _Stop                               # the last block's inputs are all we need
+        return hook
 
-    hook = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    hooks = [block.register_forward_pre_hook(catch(b), with_kwargs=True) for b, block in enumerate(blocks)]
     was_training = model.training
     model.eval()
     try:
@@ -255,23 +265,27 @@ def gptq_quantize_model(model: nn.Module, calibration: Iterable[torch.Tensor], b
             except _Stop:
                 pass
     finally:
-        hook.remove()
-    if not cached:
+        for h in hooks:
+            h.remove()
+    if not hidden:
         raise QLoRADSError("GPTQ needs calibration samples; pass --calibration data.jsonl with a few dozen records")
+    if any(len(r) != len(hidden) for r in rest):
+        raise QLoRADSError(f"GPTQ: the model's forward does not call every block of {prefix} once per sample; "
+                           f"this model's layout is not supported")
     done: dict[str, intn.IntNQuantizedTensor] = {}
     try:
         for b, block in enumerate(blocks):
             bp = f"{prefix}.{b}."
             names = sorted(p[len(bp):] for p in wanted if p.startswith(bp))
             mods = dict(block.named_modules())
-            for stage in _stages(block, names, *cached[0]) if names else []:
+            for stage in _stages(block, names, (hidden[0],) + rest[b][0][0], rest[b][0][1]) if names else []:
                 accs = {stage[0]: HessianHook(mods[stage[0]].in_features)}
                 hooks = [mods[stage[0]].register_forward_hook(accs[stage[0]])]
                 stop = mods[stage[-1]].register_forward_hook(lambda m, a, o: (_ for _ in ()).throw(_Stop()))
                 try:
-                    for args, kwargs in cached:
+                    for h, (args, kwargs) in zip(hidden, rest[b]):
                         try:
-                            block(*args, **kwargs)
+                            block(h, *args, **kwargs)
                         except _Stop:
                             pass
                 finally:
@@ -288,9 +302,10 @@ def gptq_quantize_model(model: nn.Module, calibration: Iterable[torch.Tensor], b
                     row += w.shape[0]
                     w.copy_(part.dequantize(torch.float32).to(w.dtype))
                     done[bp + n] = part
-            cached = [((_first(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in cached]
+            hidden = [_first(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, rest[b])]
+            rest[b] = []
     finally:
         model.train(was_training)
     log.info("GPTQ INT%d g%d: %d linears in %d blocks, %d calibration samples", bits, group_size, len(done),
-             len(blocks), len(cached))
+             len(blocks), len(hidden))
     return done
