@@ -293,7 +293,7 @@ def build_engine(run: Run, model):
     import deepspeed
 
     from qlora_ds.optim.deepspeed_registration import (optimizer_from_ds_config, register_with_deepspeed,
-                                                          split_ds_config)
+                                                          split_ds_config, undo_fp16_warmup_step)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     ds_plain, section = split_ds_config(run.ds_config)
@@ -303,6 +303,7 @@ def build_engine(run: Run, model):
     schedule = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)) if factor else None  # None: DeepSpeed's
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                    model_parameters=trainable, config=ds_plain)
+    undo_fp16_warmup_step(engine)                       # fp16 without ZeRO: DeepSpeed's setup step on zero grads
     if run.rank == 0:
         log.info("ranks %d, micro batch %d × accum %d, %s %s, %.2f M trainable params", run.world, run.micro,
                  run.accum, run.args.optimizer, run.args.dtype, sum(p.numel() for p in trainable) / 1e6)
@@ -578,7 +579,8 @@ def train(args) -> dict:
     metrics = MetricsLog(os.path.join(run.out, "metrics.jsonl"), resume_step=step if run.resume_tag else None) \
         if run.rank == 0 else None
     if run.rank == 0:
-        log.info("%d train / %d held-out examples", len(data[0]), len(data[1]) * run.world)
+        log.info("%d train %s / %d held-out examples", len(data.train), "rows" if args.packing else "examples",
+                 data.eval_total)
     loop = Loop(run, engine, scheduler, tokenizer, data, metrics, step, micro_step)
     loop.run_steps()
     phase("loop")

@@ -105,7 +105,8 @@ def fold_optimizer(cfg: dict, args) -> None:
     section = cfg.get("optimizer")
     if section is not None and not (isinstance(section, dict) and isinstance(section.get("type"), str)):
         raise QLoRADSError(f"ds_config optimizer={section!r} must be an object with a \"type\" and \"params\"")
-    params = dict((section or {}).get("params") or {})
+    # HF's "auto" (the Trainer fills it) reads as absent: the command line or the default gives the value
+    params = {k: v for k, v in ((section or {}).get("params") or {}).items() if v != AUTO}
     betas = params.get("betas")
     theirs = {"optimizer": (section or {}).get("type"), "lr": params.get("lr"),
               "adam_beta2": betas[1] if isinstance(betas, (list, tuple)) and len(betas) == 2 else None,

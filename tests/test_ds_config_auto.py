@@ -74,3 +74,14 @@ def test_the_planner_reads_auto_values_as_its_defaults():
     assert (got.zero_stage, got.micro_batch, got.grad_accum) == (3, 3, 5)
     assert (got.reduce_bucket_elems, got.persistence_threshold, got.max_live_parameters) == (500_000_000, 100_000,
                                                                                              200_000_000)
+
+
+def test_auto_optimizer_params_take_the_command_line_or_the_defaults():
+    """An HF-style optimizer section ({"lr": "auto", …}) raised "could not convert string to float: 'auto'"."""
+    section = {"type": "PagedAdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+    args = argparse.Namespace(ds_config={"optimizer": section, "zero_optimization": {"stage": 2}}, dtype="fp32",
+                              micro_batch=None, grad_accum=None, max_grad_norm=None, optimizer=None, lr=1e-4,
+                              adam_beta2=None, weight_decay=None)
+    params = resolve_ds_config(args, 1, "cpu")["optimizer"]["params"]
+    assert params == {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
+    assert (args.optimizer, args.lr) == ("PagedAdamW", 1e-4)

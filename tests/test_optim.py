@@ -664,3 +664,15 @@ def test_every_cpu_isa_path_is_bit_identical(optim_isa):
                        blocksize, *hp, step)
         _unfused_8bit(ref, g, s_ref, blocksize, hp, step, op.adamw_step)
         assert torch.equal(ours, ref) and all(torch.equal(s_ours[k], s_ref[k]) for k in s_ours), (isa, step)
+
+
+def test_elastic_checkpoint_is_refused_by_name():
+    """DeepSpeed's elastic checkpoints of our optimizers could never be resumed (a group-level "step" asserted,
+    8-bit codes re-created as fp32): refused when the config is read."""
+    from qlora_ds.optim import split_ds_config
+    cfg = {"optimizer": {"type": "PagedAdamW8bit", "params": {"lr": 1e-3}},
+           "zero_optimization": {"stage": 2, "elastic_checkpoint": True}}
+    with pytest.raises(ValueError, match="elastic_checkpoint cannot be used with 'PagedAdamW8bit'"):
+        split_ds_config(cfg)
+    cfg["zero_optimization"]["elastic_checkpoint"] = False
+    assert split_ds_config(cfg)[1]["type"] == "PagedAdamW8bit"

@@ -40,3 +40,23 @@ def test_client_optimizer_trains_and_resumes_exactly(tmp_path, stage, optim, off
     for state in res["state"]:
         assert state["exp_avg"] == ("torch.uint8" if eight else "torch.float32")
         assert state["step"] >= STEPS
+
+
+@pytest.mark.parametrize("optim", ["PagedAdamW", "AdamW8bit"])
+def test_fp16_without_zero_starts_adam_at_step_one(optim):
+    """DeepSpeed's FP16_UnfusedOptimizer steps the optimizer once on zero gradients at setup; that step is undone
+    (undo_fp16_warmup_step): no state before training, masters as the weights, the first update a full lr·sign(g)
+    (it was ~0.74·lr, step 2's bias correction, after weight decay had shrunk the masters once)."""
+    import subprocess
+    import sys
+
+    from tests.dist_utils import free_port
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "fp16_zero0_first_step.py"), optim,
+                           str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["wrapper"] == "FP16_UnfusedOptimizer"
+    assert res["steps_before"] == [] and res["master_equals_weight"]
+    assert res["steps_after"] == [1]
+    assert abs(res["first_update_over_lr"] - 1.0) < 0.02, res

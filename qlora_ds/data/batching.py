@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import QLoRADSError
 from .tokenize import IGNORE
 
 
@@ -17,18 +18,27 @@ class GroupByLengthBatches:
     def __init__(self, lengths: list[int], batch_size: int, world_size: int = 1, rank: int = 0,
                  seed: int = 0, mega: int = 50, group_by_length: bool = True):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise QLoRADSError(f"batch_size must be >= 1, got {batch_size}")
         self.lengths, self.batch_size, self.world, self.rank = lengths, batch_size, world_size, rank
         self.seed, self.mega, self.group = seed, mega, group_by_length
         self.global_batch = batch_size * world_size
         if len(lengths) < self.global_batch:
-            raise ValueError(f"dataset has {len(lengths)} examples, fewer than one global batch "
-                             f"({batch_size} per rank x {world_size} ranks); add data or lower the batch size")
+            raise QLoRADSError(f"dataset has {len(lengths)} training examples (packed rows with --packing), fewer "
+                               f"than one global batch ({batch_size} per rank x {world_size} ranks); add data, lower "
+                               f"--micro-batch, or drop --packing")
+        self._epochs: dict[int, list[list[int]]] = {}     # the last two epochs built (a step may span two)
 
     def __len__(self) -> int:
         return len(self.lengths) // self.global_batch
 
     def epoch(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of ``epoch`` (built once: the order is shuffled and sorted over the whole dataset)."""
+        if epoch not in self._epochs:
+            self._epochs = {e: b for e, b in self._epochs.items() if e == epoch - 1}
+            self._epochs[epoch] = self._build(epoch)
+        return self._epochs[epoch]
+
+    def _build(self, epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
         order = torch.randperm(len(self.lengths), generator=g).tolist()
         if self.group:

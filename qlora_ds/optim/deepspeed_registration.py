@@ -19,10 +19,11 @@ import torch
 from .adamw import AdamW8bit, PagedAdamW, PagedAdamW8bit
 
 __all__ = ["OPTIMIZERS", "register_with_deepspeed", "split_ds_config", "optimizer_from_ds_config",
-           "deepspeed_initialize"]
+           "deepspeed_initialize", "undo_fp16_warmup_step"]
 
 OPTIMIZERS = {"pagedadamw": PagedAdamW, "pagedadamw32bit": PagedAdamW, "pagedadamw8bit": PagedAdamW8bit,
               "adamw8bit": AdamW8bit}
+OPTIMIZER_CLASSES = (PagedAdamW, PagedAdamW8bit, AdamW8bit)
 _PARAMS = {"lr", "betas", "eps", "weight_decay", "blocksize", "min_8bit_size"}
 
 
@@ -56,6 +57,11 @@ def _check_zero(cfg: dict, type_name: str) -> None:
     stage = int(zero.get("stage", 0))
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_optimization.stage must be 0-3, got {stage}")
+    if zero.get("elastic_checkpoint"):
+        # DeepSpeed's elastic load asserts a group-level "step" (ours is per parameter) and would re-pad the 8-bit
+        # absmax and re-create codes as fp32: every checkpoint of such a run could never be resumed
+        raise ValueError(f"zero_optimization.elastic_checkpoint cannot be used with {type_name!r} (its checkpoints "
+                         f"would not load); remove it — resuming needs the same number of ranks anyway")
     offload = zero.get("offload_optimizer") or {}
     device = offload.get("device", "none") if isinstance(offload, dict) else "none"
     if device not in (None, "none"):
@@ -130,4 +136,26 @@ def deepspeed_initialize(model: torch.nn.Module, config: dict | str | os.PathLik
                              f"use one of them")
         model_parameters = list(model_parameters)
         kwargs["optimizer"] = _build(section, model_parameters)
-    return deepspeed.initialize(model=model, config=cfg, model_parameters=model_parameters, **kwargs)
+    out = deepspeed.initialize(model=model, config=cfg, model_parameters=model_parameters, **kwargs)
+    undo_fp16_warmup_step(out[0])
+    return out
+
+
+def undo_fp16_warmup_step(engine) -> None:
+    """fp16 without ZeRO wraps any optimizer but DeepSpeed's FusedAdam in ``FP16_UnfusedOptimizer``, whose setup
+    steps it once on zero gradients to create its state: Adam's step count would start one ahead (the first real
+    update at step 2's bias correction, ~0.74·lr) and weight decay would shrink the fp32 masters before training.
+    For our optimizers: their state is dropped (made fresh at the first real step) and the masters copied again
+    from the (untouched) fp16 parameters."""
+    try:
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    except ImportError:
+        return
+    wrapper = getattr(engine, "optimizer", None)
+    if not isinstance(wrapper, FP16_UnfusedOptimizer) or not isinstance(wrapper.optimizer, OPTIMIZER_CLASSES):
+        return
+    wrapper.optimizer.free()
+    with torch.no_grad():
+        for half, full in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+            for p16, p32 in zip(half, full):
+                p32.copy_(p16)
