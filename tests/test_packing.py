@@ -257,3 +257,16 @@ def test_planner_counts_what_eager_packed_attention_keeps(dtype):
     assert extra == cfg.shape.layers * 2 * 512 * cfg.shape.heads * pa.SHORT_LEN * (4 + 2)
     for off in (replace(cfg, packing=True, compute_dtype="fp32"), replace(cfg, packing=True, device="cuda")):
         assert activation_bytes(off)["activations"] == activation_bytes(replace(off, packing=False))["activations"]
+
+
+def test_packing_refuses_attention_that_would_cross_examples():
+    """transformers' flash-attention path separates packed examples only in a one-row batch: refused by name."""
+    from transformers import LlamaConfig
+
+    from qlora_ds.data.packing import check_packing_supported
+    from qlora_ds.errors import QLoRADSError
+    cfg = LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    check_packing_supported(cfg)                                   # the default (sdpa)
+    cfg._attn_implementation = "flash_attention_2"
+    with pytest.raises(QLoRADSError, match="'flash_attention_2': packed examples would attend across"):
+        check_packing_supported(cfg)

@@ -34,6 +34,12 @@ def check_packing_supported(model_config) -> None:
     if kind not in PACKING_MODEL_TYPES:
         raise QLoRADSError(f"--packing is not supported for model_type {kind!r} (positions or masks do not follow "
                            f"position_ids resets); supported: {sorted(PACKING_MODEL_TYPES)}; drop --packing")
+    attn = getattr(model_config, "_attn_implementation", None) or "sdpa"
+    if attn not in ("sdpa", "eager"):
+        # transformers' flash-attention path keeps packed examples apart only for a batch of one row
+        raise QLoRADSError(f"--packing needs sdpa or eager attention, the model's config selects {attn!r}: packed "
+                           f"examples would attend across their boundaries; set attn_implementation to \"sdpa\" "
+                           f"or drop --packing")
     from ..nn.packed_attention import install
     install()
 
