@@ -264,3 +264,17 @@ def test_each_block_calibrated_on_its_own_mask_and_rotary(target):
     assert len(seen) == 7
     for got, want in zip(seen, true + true[:1] + true + true):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_grid_scale_is_a_true_division_under_cuda_scalar_rules(bits):
+    """GPTQ's grid must give intn.quantize's scales on a GPU too: CUDA turns ``x / number`` into a multiply by the
+    reciprocal (replayed here on the CPU), which differs in the last bit for these spans."""
+    from qlora_ds.quant.gptq import _grid
+    from tests.test_ops_reference import CudaScalarDivision, _spans_where_reciprocal_differs
+    maxq = 2 ** bits - 1
+    spans = _spans_where_reciprocal_differs(maxq)
+    x = torch.stack([torch.zeros_like(spans), spans])          # per column: min 0, max = span
+    with CudaScalarDivision():
+        scale, _ = _grid(x, maxq)
+    assert torch.equal(scale, (spans.double() / maxq).float())

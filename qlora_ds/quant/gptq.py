@@ -46,7 +46,8 @@ def _grid(x: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
     flat = wmin == wmax                                   # an all-zero column group: grid [-1, 1]
     wmin = torch.where(flat, torch.full_like(wmin, -1.0), wmin)
     wmax = torch.where(flat, torch.ones_like(wmax), wmax)
-    scale = ((wmax - wmin) / maxq).float().to(x.dtype)
+    # a tensor divisor: CUDA computes `tensor / python_number` as a multiply by its reciprocal (not intn's scale)
+    scale = ((wmax - wmin) / torch.full_like(wmin, float(maxq))).float().to(x.dtype)
     zero = torch.round(-wmin / scale).clamp(0, maxq).float().to(x.dtype)
     return scale, zero
 
