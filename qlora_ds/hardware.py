@@ -154,7 +154,11 @@ def fold_ds_precision(ds_config: dict, dtype: torch.dtype, asked: str = "auto") 
         if not isinstance(section, dict):
             raise QLoRADSError(f"ds_config {key}={section!r} must be an object, e.g. {{\"enabled\": \"auto\"}}")
         enabled = section.get("enabled", "auto")
-        if enabled != "auto" and bool(enabled) != want:
+        if isinstance(enabled, str) and enabled.lower() in ("true", "false"):   # DeepSpeed reads these as booleans
+            enabled = enabled.lower() == "true"
+        if enabled != "auto" and not isinstance(enabled, bool):
+            raise QLoRADSError(f"ds_config {key}.enabled={enabled!r} must be true, false or \"auto\"")
+        if enabled != "auto" and enabled != want:
             bad.append(f"{key}.enabled={str(enabled).lower()}")
         ds_config[key] = {**section, "enabled": want}
     if bad:

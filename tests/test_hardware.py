@@ -140,3 +140,17 @@ def test_restricted_torch_computes_fp32_on_any_cpu():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "ATEN_CPU_CAPABILITY": "avx2"}).stdout.split()
     assert out[-2:] in (["avx2", "torch.float32"], ["other", "torch.float32"])
+
+
+def test_precision_sections_read_string_booleans_as_deepspeed_does():
+    """"enabled": "false" is false for DeepSpeed; it used to read as true here (bool("false")) and conflict."""
+    import pytest
+
+    from qlora_ds.errors import QLoRADSError
+    from qlora_ds.hardware import fold_ds_precision
+    cfg = fold_ds_precision({"fp16": {"enabled": "false"}, "bf16": {"enabled": "True"}}, torch.bfloat16)
+    assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
+    with pytest.raises(QLoRADSError, match=r"fp16.enabled='yes' must be true, false or \"auto\""):
+        fold_ds_precision({"fp16": {"enabled": "yes"}}, torch.bfloat16)
+    with pytest.raises(QLoRADSError, match="fp16.enabled=true conflicts"):
+        fold_ds_precision({"fp16": {"enabled": "true"}}, torch.bfloat16)
