@@ -77,7 +77,8 @@ def evaluate(args) -> dict:
         log.info("held-out loss %.4f, perplexity %.3f over %d tokens", results["heldout"]["loss"],
                  results["heldout"]["perplexity"], results["heldout"]["tokens"])
     if test is not None:
-        mc = evaluate_mc(model, tokenizer, test, dev, shots=args.shots, batch_size=args.batch_size)
+        mc = evaluate_mc(model, tokenizer, test, dev, shots=args.shots, batch_size=args.batch_size,
+                         max_len=args.max_len)
         results["multiple_choice"] = {"file": os.path.abspath(args.mc), **mc}
         log.info("multiple choice (%d-shot): accuracy %.4f (%d/%d), macro over %d subjects %.4f", args.shots,
                  mc["accuracy"], mc["correct"], mc["total"], len(mc["subjects"]), mc["macro_accuracy"])

@@ -460,3 +460,34 @@ def test_evaluate_run_scores_held_out_as_the_run_did(ckpt, tmp_path):
     short = tokens({"train_on_prompt": True, "max_len": 12})
     assert plain < on_prompt and short < on_prompt                   # the run's settings are used
     assert tokens({"train_on_prompt": True}, "--no-train-on-prompt") == plain     # the flag wins
+
+
+def test_mc_prompt_never_ends_in_an_appended_eos(ckpt):
+    """A tokenizer with add_eos_token (common in Llama/Mistral finetunes) once had every question scored at its
+    </s>: the prompt keeps what the tokenizer puts in front and nothing it appends."""
+    from transformers import AutoTokenizer
+
+    from qlora_ds.eval.multiple_choice import _encode
+    recs = load_mc(MC_SAMPLE)
+    tok = AutoTokenizer.from_pretrained(ckpt, add_eos_token=True)
+    text = build_prompt(recs[2], recs[:2])
+    assert tok(text)["input_ids"][-1] == tok.eos_token_id                   # the tokenizer appends it
+    ids = _encode(tok, recs[2], recs[:2], None)
+    assert ids == tok(text, add_special_tokens=False)["input_ids"] and tok.decode(ids[-2:]) == "Answer:"
+
+
+def test_mc_subjects_match_across_file_layouts(tmp_path):
+    """cais/mmlu JSONL writes "abstract_algebra", MMLU's CSV names "abstract_algebra_dev.csv": one subject, the
+    header as MMLU writes it, the shots from the question's own subject, never the question itself."""
+    test = tmp_path / "t.jsonl"
+    test.write_text(json.dumps({"question": "Find the order of Z_2.", "choices": ["1", "2", "3", "4"], "answer": 1,
+                                "subject": "abstract_algebra"}) + "\n")
+    (tmp_path / "anatomy_dev.csv").write_text('"Which bone is in the arm?",femur,humerus,tibia,skull,B\n')
+    (tmp_path / "abstract_algebra_dev.csv").write_text('"Find the order of Z_2.",1,2,3,4,B\n'
+                                                        '"Is Z_3 cyclic?",yes,no,maybe,never,0\n')
+    rec, = load_mc(str(test))
+    dev = load_mc(str(tmp_path / "anatomy_dev.csv")) + load_mc(str(tmp_path / "abstract_algebra_dev.csv"))
+    assert rec.subject == "abstract algebra" and dev[2].answer == "A"        # "0" in a CSV: choice A
+    assert build_prompt(rec, []).startswith("The following are multiple choice questions (with answers) about "
+                                            "abstract algebra.\n\n")
+    assert [d.question for d in select_shots(rec, dev, 2)] == ["Is Z_3 cyclic?", "Which bone is in the arm?"]

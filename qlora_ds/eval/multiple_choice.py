@@ -45,6 +45,8 @@ class MCRecord:
 def _answer(value, where: str) -> str:
     if isinstance(value, bool):
         value = None
+    if isinstance(value, str) and value.strip() in ("0", "1", "2", "3"):     # a CSV column holds strings
+        value = int(value)
     if isinstance(value, int) and 0 <= value < 4:
         return LETTERS[value]
     if isinstance(value, str) and value.strip().upper() in LETTERS:
@@ -72,7 +74,13 @@ def _record(obj, where: str, subject: str = "") -> MCRecord:
     subj = obj.get("subject", subject)
     if not isinstance(subj, str):
         raise QLoRADSError(f"{where}: 'subject' must be a string")
-    return MCRecord(q.strip(), tuple(c.strip() for c in choices), _answer(obj["answer"], where), subj.strip())
+    return MCRecord(q.strip(), tuple(c.strip() for c in choices), _answer(obj["answer"], where), _subject(subj))
+
+
+def _subject(name: str) -> str:
+    """"abstract_algebra" (cais/mmlu, file names) and "abstract algebra" are one subject, written as MMLU's header
+    writes it, so a JSONL test set finds its subject's shots in MMLU's dev CSVs."""
+    return " ".join(name.replace("_", " ").split())
 
 
 def _subject_from_name(path: str) -> str:
@@ -144,8 +152,9 @@ def select_shots(rec: MCRecord, dev: list[MCRecord], k: int) -> list[MCRecord]:
     """k dev examples: the question's own subject first (file order), then others; never the question."""
     if k <= 0:
         return []
-    same = [d for d in dev if d.subject == rec.subject and d != rec]
-    other = [d for d in dev if d.subject != rec.subject and d != rec]
+    pool = [d for d in dev if (d.question, d.choices) != (rec.question, rec.choices)]   # whatever its subject says
+    same = [d for d in pool if d.subject == rec.subject]
+    other = [d for d in pool if d.subject != rec.subject]
     return (same + other)[:k]
 
 
@@ -154,14 +163,16 @@ def build_prompt(rec: MCRecord, shots: list[MCRecord]) -> str:
 
 
 def choice_token_ids(tokenizer) -> list[int]:
-    """Ids of " A", " B", " C", " D"; each must be exactly one token."""
+    """The token that follows "Answer:" for " A" … " D", as the prompt tokenizes it (a SentencePiece tokenizer may
+    split a bare " A" otherwise); each must be exactly one token."""
     ids = []
+    stem = tokenizer("Answer:", add_special_tokens=False)["input_ids"]
     for letter in LETTERS:
-        toks = tokenizer(" " + letter, add_special_tokens=False)["input_ids"]
-        if len(toks) != 1:
-            raise QLoRADSError(f"the tokenizer splits ' {letter}' into {len(toks)} tokens {toks}; the choice-letter "
-                               f"scoring needs one token per letter")
-        ids.append(toks[0])
+        toks = tokenizer("Answer: " + letter, add_special_tokens=False)["input_ids"]
+        if len(toks) != len(stem) + 1 or toks[:len(stem)] != stem:
+            raise QLoRADSError(f"the tokenizer writes 'Answer: {letter}' as {toks} after 'Answer:' = {stem}: not one "
+                               f"token per letter, which the choice-letter scoring needs")
+        ids.append(toks[-1])
     if len(set(ids)) != 4:
         raise QLoRADSError(f"choice letters map to repeated token ids {ids}")
     return ids
@@ -169,15 +180,28 @@ def choice_token_ids(tokenizer) -> list[int]:
 
 # ----------------------------------------------------------------------------------------- scoring
 def _encode(tokenizer, rec, shots, max_len):
+    """The prompt's ids, the shots dropped from the last until it fits: BOS where the tokenizer puts one, never an EOS
+    after "Answer:" (a tokenizer with add_eos_token had every question scored after its end of sequence)."""
     shots = list(shots)
     while True:
-        ids = tokenizer(build_prompt(rec, shots), add_special_tokens=True)["input_ids"]
+        ids = _without_appended_specials(tokenizer, build_prompt(rec, shots))
         if max_len is None or len(ids) <= max_len:
             return ids
         if not shots:
-            raise QLoRADSError(f"a 0-shot prompt of {len(ids)} tokens exceeds max_len={max_len} "
-                               f"(question: {rec.question[:60]!r}…); raise max_len")
+            raise QLoRADSError(f"a 0-shot prompt of {len(ids)} tokens exceeds the limit of {max_len} (--max-len, "
+                               f"else the model's context) (question: {rec.question[:60]!r}…); raise --max-len "
+                               f"where the model's context allows, or leave the question out")
         shots.pop()
+
+
+def _without_appended_specials(tokenizer, text: str) -> list[int]:
+    """``text``'s ids with the special tokens the tokenizer puts in front (BOS) but none it appends (EOS)."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for k in range(len(ids) - len(plain) + 1):
+        if ids[k:k + len(plain)] == plain:
+            return ids[:k + len(plain)]
+    return plain
 
 
 def _last_token_logits(model, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
