@@ -29,8 +29,10 @@ import torch
 
 from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
 
-from qlora_ds.data import collate, load_records, tokenize_records
+from qlora_ds.data import collate, tokenize_records
+from qlora_ds.data.run_data import dataset_records
 from qlora_ds.distributed import shutdown
+from qlora_ds.errors import QLoRADSError
 from qlora_ds.integrations import (QLoRATrainer, ds_training_defaults, optimizer_cls_and_kwargs,
                                    precision_defaults, prepare_for_trainer, trainer_ds_config)
 from qlora_ds.nn import QLoRAConfig
@@ -41,7 +43,8 @@ log = logging.getLogger("hf_trainer_qlora")
 @dataclass
 class ModelDataArguments:
     model: str = field(metadata={"help": "Hugging Face checkpoint dir (safetensors)"})
-    dataset: str = field(metadata={"help": "JSON/JSONL/TXT file of instruction/response pairs, chats or text"})
+    dataset: str = field(metadata={"help": "JSON/JSONL/TXT file of instruction/response pairs, chats or text; or "
+                                           "'chatterbot' (the packaged corpus)"})
     max_len: int = field(default=512, metadata={"help": "tokens per example (longer ones are truncated)"})
     lora_r: int = field(default=64)
     lora_alpha: float = field(default=16)
@@ -74,7 +77,15 @@ def parse(argv=None) -> tuple[ModelDataArguments, TrainingArguments, str | None]
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     data_args, training_args, ds_source = parse(argv)
+    try:
+        return train(data_args, training_args, ds_source)
+    except QLoRADSError as err:                           # bad input: one line per rank, no traceback
+        log.error("%s", err)
+        shutdown()
+        return 2
 
+
+def train(data_args, training_args, ds_source) -> int:
     tokenizer = AutoTokenizer.from_pretrained(data_args.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -82,11 +93,11 @@ def main(argv=None) -> int:
                          dropout=data_args.lora_dropout, compute_dtype="auto")
     model = prepare_for_trainer(data_args.model, config, training_args)    # computes in --bf16/--fp16/fp32
     ctx = getattr(model.config, "max_position_embeddings", None)
-    train = tokenize_records(load_records(data_args.dataset), tokenizer, data_args.max_len, ctx)
+    examples = tokenize_records(dataset_records(data_args.dataset), tokenizer, data_args.max_len, ctx)
 
     # PagedAdamW from the ds_config's optimizer section (None: the Trainer's --optim, or DeepSpeed's own optimizer)
     spec = optimizer_cls_and_kwargs(ds_source, training_args) if ds_source else None
-    trainer = QLoRATrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
+    trainer = QLoRATrainer(model=model, args=training_args, train_dataset=examples, processing_class=tokenizer,
                            data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, pad_to_multiple_of=16,
                                                                max_width=data_args.max_len),
                            optimizer_cls_and_kwargs=spec)

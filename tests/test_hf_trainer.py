@@ -295,3 +295,13 @@ def test_deepspeed_checkpoint_leaves_out_the_frozen_base_and_resumes(tmp_path, m
             resumed._load_engine_checkpoint(str(first))
     finally:
         shutdown()
+
+
+def test_example_bad_dataset_is_one_line_per_rank(tmp_path):
+    """A user error (no such dataset file) ends with exit code 2 and the message, not a traceback on every rank."""
+    model_dir = write_tiny_checkpoint(str(tmp_path / "model"))
+    proc = run_deepspeed(EXAMPLE, "--deepspeed", str(DS_CONFIG), "--model", model_dir, "--dataset",
+                         str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+                         "--report_to", "none", timeout=240)
+    assert proc.returncode != 0
+    assert "missing.jsonl' does not exist" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

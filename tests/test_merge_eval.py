@@ -305,6 +305,10 @@ def test_mc_accuracy_on_sample(ckpt, tmp_path):
     assert set(res["predictions"]) <= {"A", "B", "C", "D"}
     one_by_one = evaluate_mc(model, tok, test, dev, shots=2, batch_size=1, return_predictions=True)
     assert one_by_one["predictions"] == res["predictions"]            # right padding changes nothing
+    assert res["shots_used_mean"] == 2.0
+    zero_shot = max(len(tok(build_prompt(r, []))["input_ids"]) for r in test[:2])
+    short = evaluate_mc(model, tok, test[:2], dev, shots=2, max_len=zero_shot)
+    assert short["shots"] == 2 and short["shots_used_mean"] < 2       # cut to fit, and said so
     # an independent scorer: each prompt alone, a plain full forward, argmax of the last position's logits
     # over the four letter tokens; the harness must give the same letters and count the same hits
     letters = [tok(" " + c, add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
@@ -472,7 +476,8 @@ def test_mc_prompt_never_ends_in_an_appended_eos(ckpt):
     tok = AutoTokenizer.from_pretrained(ckpt, add_eos_token=True)
     text = build_prompt(recs[2], recs[:2])
     assert tok(text)["input_ids"][-1] == tok.eos_token_id                   # the tokenizer appends it
-    ids = _encode(tok, recs[2], recs[:2], None)
+    ids, kept = _encode(tok, recs[2], recs[:2], None)
+    assert kept == 2
     assert ids == tok(text, add_special_tokens=False)["input_ids"] and tok.decode(ids[-2:]) == "Answer:"
 
 

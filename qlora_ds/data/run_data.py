@@ -19,13 +19,7 @@ def build_data(args, tokenizer, model_config, rank: int, world: int, micro: int)
     split into training and held-out examples by ``args.seed`` (the same split on every rank and on a resume), the
     training examples packed into rows with ``args.packing``, and this rank's group-by-length batches and held-out
     shard."""
-    from ..packaged import chatterbot_pairs
-
-    if args.dataset == "chatterbot":
-        records = [{"messages": [{"role": "user", "content": p["instruction"]},
-                                 {"role": "assistant", "content": p["response"]}]} for p in chatterbot_pairs()]
-    else:
-        records = load_records(args.dataset)
+    records = dataset_records(args.dataset)
     check_vocab(tokenizer, model_config.vocab_size)
     ctx = getattr(model_config, "max_position_embeddings", None)
     examples = tokenize_records(records, tokenizer, args.max_len, ctx, args.train_on_prompt)
@@ -42,6 +36,15 @@ def build_data(args, tokenizer, model_config, rank: int, world: int, micro: int)
     batches = GroupByLengthBatches([e["input_ids"].numel() for e in train_ex], micro, world, rank, args.seed,
                                    group_by_length=args.group_by_length)
     return Data(train_ex, eval_ex[rank::world], len(eval_ex), batches)
+
+
+def dataset_records(dataset: str) -> list[dict]:
+    """The records of ``dataset``: a .jsonl/.json/.txt file, or "chatterbot" (the packaged corpus, as chats)."""
+    if dataset != "chatterbot":
+        return load_records(dataset)
+    from ..packaged import chatterbot_pairs
+    return [{"messages": [{"role": "user", "content": p["instruction"]},
+                          {"role": "assistant", "content": p["response"]}]} for p in chatterbot_pairs()]
 
 
 def split_heldout(examples: list, eval_size: int, seed: int, dedup: bool = True) -> tuple[list, list, int]:

@@ -23,12 +23,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import os
 from collections import defaultdict
 
 import torch
 
 from ..errors import QLoRADSError
+
+log = logging.getLogger(__name__)
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -186,7 +189,7 @@ def _encode(tokenizer, rec, shots, max_len):
     while True:
         ids = _without_appended_specials(tokenizer, build_prompt(rec, shots))
         if max_len is None or len(ids) <= max_len:
-            return ids
+            return ids, len(shots)
         if not shots:
             raise QLoRADSError(f"a 0-shot prompt of {len(ids)} tokens exceeds the limit of {max_len} (--max-len, "
                                f"else the model's context) (question: {rec.question[:60]!r}…); raise --max-len "
@@ -231,7 +234,12 @@ def evaluate_mc(model, tokenizer, records: list[MCRecord], dev: list[MCRecord] |
     letter_ids = torch.tensor(choice_token_ids(tokenizer))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     dev_param = next(model.parameters()).device
-    encoded = [_encode(tokenizer, r, select_shots(r, dev or [], shots), max_len) for r in records]
+    encoded, used = zip(*[_encode(tokenizer, r, select_shots(r, dev or [], shots), max_len) for r in records]) \
+        if records else ((), ())
+    if shots and sum(used) < shots * len(records):   # a short dev split, or prompts over the length limit
+        log.warning("%d-shot asked, %.2f examples per question used on average (dev split of %d; prompts cut to "
+                    "%s tokens: --max-len, else the model's context)", shots, sum(used) / max(1, len(records)),
+                    len(dev or []), max_len)
     preds: list[str] = []
     was_training = model.training
     model.eval()
@@ -256,6 +264,7 @@ def evaluate_mc(model, tokenizer, records: list[MCRecord], dev: list[MCRecord] |
     correct = sum(c for c, _ in per.values())
     result = {
         "accuracy": correct / len(records), "correct": correct, "total": len(records), "shots": shots,
+        "shots_used_mean": sum(used) / len(records),
         "subjects": {s: {"accuracy": c / n, "correct": c, "total": n} for s, (c, n) in sorted(per.items())},
         "macro_accuracy": sum(c / n for c, n in per.values()) / len(per),
     }
