@@ -1,4 +1,5 @@
 """Memory & scaling planner and the shipped configs (CPU only, no dist init)."""
+import dataclasses
 import glob
 import json
 import os
@@ -360,3 +361,21 @@ def test_moe_layouts_the_planner_cannot_model_are_refused(extra, match):
             "vocab_size": 100}
     with pytest.raises(QLoRADSError, match=match):
         shape_from_hf_config({**base, **extra})
+
+
+def test_qalora_lora_params_are_the_pooled_ones():
+    """QA-LoRA's A takes in/group_size inputs: the planner counts what QALoRALinear builds (it counted QLoRA's)."""
+    import torch
+
+    from qlora_ds.inject import inject, lora_parameters
+    from qlora_ds.nn import QALoRAConfig
+    from qlora_ds.plan.memory import PlanConfig, cfg_lora_params
+    from qlora_ds.plan.presets import shape_from_hf_config
+    from tests.tiny_models import tiny_model
+    model = tiny_model("llama")
+    inject(model, QALoRAConfig(bits=4, group_size=32, r=8, dropout=0.0, compute_dtype=torch.float32))
+    built = sum(p.numel() for p in lora_parameters(model).values())
+    cfg = PlanConfig(shape=shape_from_hf_config(model.config.to_dict()), lora_r=8, quant="int", base_bits=4,
+                     group_size=32)
+    assert cfg_lora_params(cfg) == built
+    assert cfg_lora_params(dataclasses.replace(cfg, quant="nf4")) > built

@@ -234,10 +234,16 @@ class MemoryEstimate:
 
 # ---- pure pieces -------------------------------------------------------------------------------
 
-def lora_params(shape: ModelShape, r: int, targets=ALL_LINEAR) -> int:
-    """LoRA parameters: r·(in+out) per target linear, over all layers."""
+def lora_params(shape: ModelShape, r: int, targets=ALL_LINEAR, pool_group: int = 1) -> int:
+    """LoRA parameters: r·(in+out) per target linear, over all layers; QA-LoRA (``pool_group`` = its group size)
+    pools A's input per group: r·(in/group + out)."""
     lin = shape.linears()
-    return shape.layers * sum(r * (lin[t][0] + lin[t][1]) for t in targets)
+    return shape.layers * sum(r * (lin[t][0] // pool_group + lin[t][1]) for t in targets)
+
+
+def cfg_lora_params(cfg: "PlanConfig") -> int:
+    """``lora_params`` of a plan: QA-LoRA's A is in/group_size wide."""
+    return lora_params(cfg.shape, cfg.lora_r, cfg.lora_targets, cfg.group_size if cfg.quant == "int" else 1)
 
 
 def rank_for_fraction(shape: ModelShape, fraction: float, targets=ALL_LINEAR) -> float:
@@ -343,7 +349,7 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
     s, n = cfg.shape, cfg.world_size
     z = cfg.zero_stage
     w = base_weight_bytes(s, cfg.base_bits_per_param, cfg.elem)
-    p = lora_params(s, cfg.lora_r, cfg.lora_targets)
+    p = cfg_lora_params(cfg)
     part_params = n if z >= 3 else 1
     part_grads = n if z >= 2 else 1
     part_optim = n if z >= 1 else 1
@@ -387,8 +393,8 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
         items.append(Item("dequant_keep", min(cfg.keep_dequant_bytes, per_layer * (1 if cfg.grad_ckpt else s.layers)),
                           phase="backward", note="dequantized weights kept for backward (bounded pool)"))
     if z >= 3 and n > 1:
-        layer = s.linear_params_per_layer * cfg.base_bits_per_param / 8 + lora_params(
-            s, cfg.lora_r, cfg.lora_targets) / s.layers * (4 if fp32 else 2) + s.expert_params / s.layers * cfg.elem
+        layer = (s.linear_params_per_layer * cfg.base_bits_per_param / 8 + cfg_lora_params(cfg) / s.layers
+                 * (4 if fp32 else 2) + s.expert_params / s.layers * cfg.elem)
         head = s.vocab * s.hidden * cfg.elem
         items.append(Item("zero3_gathered", max(2 * layer, head), phase="backward",
                           note="layer in use + prefetched layer, or lm_head"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .memory import PlanConfig, lora_params
+from .memory import PlanConfig, cfg_lora_params
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def zero3_gathers(cfg: PlanConfig) -> dict:
     layer_norms = moved([(s.hidden, 2), (s.hidden, 2)])
     embed = moved([(s.vocab * s.hidden, 2)])
     final_norm = moved([(s.hidden, 2)])
-    numel = s.layers * sum(numel for numel, _ in quantized) + lora_params(s, cfg.lora_r, cfg.lora_targets) \
+    numel = s.layers * sum(numel for numel, _ in quantized) + cfg_lora_params(cfg) \
         + s.vocab * s.hidden * (1 if s.tie_embeddings else 2)
     if numel <= min(cfg.max_live_parameters, cfg.max_reuse_distance):
         layer_passes, embed_passes, head_passes = 1, 1, (0 if s.tie_embeddings else 1)
@@ -122,7 +122,7 @@ def _collectives(cfg: PlanConfig) -> list[tuple[str, float, str, int]]:
     s, n, z, acc = cfg.shape, cfg.world_size, cfg.zero_stage, cfg.grad_accum
     if n == 1:
         return []
-    p = lora_params(s, cfg.lora_r, cfg.lora_targets)
+    p = cfg_lora_params(cfg)
     out = []
     if z >= 3:
         for what, size in zero3_gathers(cfg).items():
@@ -152,7 +152,7 @@ def _comm_seconds(cfg: PlanConfig) -> float:
 def flops_per_token(cfg: PlanConfig) -> float:
     s = cfg.shape
     frozen = s.linear_params + s.vocab * s.hidden
-    p = lora_params(s, cfg.lora_r, cfg.lora_targets)
+    p = cfg_lora_params(cfg)
     ck = 1 if cfg.grad_ckpt else 0
     attn = 2 * cfg.seq_len * s.hidden * s.layers
     return (4 + 2 * ck) * frozen + (6 + 2 * ck) * p + (3 + ck) * attn
