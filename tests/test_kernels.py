@@ -174,7 +174,7 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_load(cpu_op,
 
     from qlora_ds.ops.builder import PagedOptimCPUBuilder
 
-    lock = os.path.join(_get_build_directory(PagedOptimCPUBuilder.NAME, verbose=False), "lock")
+    lock = os.path.join(_get_build_directory(PagedOptimCPUBuilder().name, verbose=False), "lock")
     open(lock, "w").close()                                 # what a killed build leaves
     code = ("import warnings; warnings.simplefilter('always'); from qlora_ds.ops.builder import load_op; "
             "load_op('paged_optim', 'cpu'); print('loaded')")

@@ -10,6 +10,7 @@ Kernels must be bit-exact with ``qlora_ds.ops.reference``: no fast-math, no FMA 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import os
 import shutil
@@ -23,6 +24,10 @@ from deepspeed.ops.op_builder.cpu.builder import CPUOpBuilder
 from ..errors import OpBuildError, QLoRADSError  # qlora_ds.ops catches OpBuildError to fall back
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# one JIT build directory per op and checkout: the build flags hold this checkout's absolute paths, so two checkouts
+# sharing TORCH_EXTENSIONS_DIR under one name rebuilt each other's ops (~100 s each time); a source or flag change
+# within a checkout still rebuilds (torch compares them), so no build is ever stale
+CHECKOUT = hashlib.sha1(str(CSRC).encode()).hexdigest()[:8]
 _EXACT_CXX = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 _EXACT_NVCC = ["--fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true"]
 _MIN_CUDA_MAJOR = 7
@@ -57,7 +62,7 @@ class _OurSources:
     SOURCES: tuple[str, ...] = ()
 
     def __init__(self):
-        super().__init__(name=self.NAME)
+        super().__init__(name=f"{self.NAME}_{CHECKOUT}")
 
     def absolute_name(self):
         return f"qlora_ds.ops.{self.MODULE}"
@@ -272,7 +277,7 @@ def load_op(op: str, device_type: str):
             if not builder.is_compatible(verbose=False):
                 raise OpBuildError(f"cannot build {builder.NAME}: incompatible: {builder.error_log}. {_FIX}")
             try:
-                with _one_builder(builder.NAME):
+                with _one_builder(builder.name):
                     module = builder.load(verbose=False)
             except Exception as exc:  # compile/link errors, missing ninja, ...
                 raise OpBuildError(f"building {builder.NAME} failed: {_why(builder, exc)}\n{_FIX}") from exc
