@@ -188,7 +188,7 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_load(cpu_op,
         if leftover:
             os.remove(lock)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("loaded"), proc.stderr[-2000:]
-    assert "left by a build of qlora_ds_paged_optim_cpu that was interrupted" in proc.stderr and not leftover
+    assert f"left by a build of {PagedOptimCPUBuilder().name} that was interrupted" in proc.stderr and not leftover
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
