@@ -365,18 +365,17 @@ class Loop:
         rows = [r for r in getattr(metrics, "rows", []) if "eval_loss" in r and r["step"] > 0]
         self.best = min(((r["eval_loss"], r["step"]) for r in rows), default=None)
 
-    def _collate(self, micro_step: int) -> dict:
+    def _examples(self, micro_step: int) -> list:
+        epoch, index = divmod(micro_step, len(self.batches))
+        return [self.train_ex[i] for i in self.batches.epoch(epoch)[index]]
+
+    def next_batch(self) -> dict:
         from qlora_ds.data import collate
         from qlora_ds.data.packing import collate_packed
 
         args = self.run.args
-        epoch, index = divmod(micro_step, len(self.batches))
-        examples = [self.train_ex[i] for i in self.batches.epoch(epoch)[index]]
-        return (collate_packed if args.packing else collate)(examples, self.pad_id, args.pad_to_multiple_of,
-                                                              args.max_len)
-
-    def next_batch(self) -> dict:
-        batch = self._collate(self.micro_step)
+        batch = (collate_packed if args.packing else collate)(self._examples(self.micro_step), self.pad_id,
+                                                               args.pad_to_multiple_of, args.max_len)
         self.widths.add(batch["input_ids"].shape[1])
         return {k: v.to(self.engine.device) for k, v in batch.items()}
 
@@ -391,8 +390,9 @@ class Loop:
         if run.args.loss_weighting != "tokens":
             return None
         if self.items is None:
-            mine = sum(int((self._collate(self.micro_step + k)["labels"][..., 1:] != IGNORE_INDEX).sum())
-                       for k in range(run.accum))
+            # the collated batch's targets (labels[..., 1:]): each example's (rows) own, padding is unlabelled
+            mine = sum(int((e["labels"][1:] != IGNORE_INDEX).sum())
+                       for k in range(run.accum) for e in self._examples(self.micro_step + k))
             total = _all_mean([mine])[0] * run.world
             self.items = max(total, 1.0) / (run.accum * run.world)
         return self.items
