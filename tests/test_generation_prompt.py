@@ -97,3 +97,18 @@ def test_generate_and_sample_prompt_with_the_training_ids():
     launch_script("generate").reply(model, tok, CHAT[:4], args)
     greedy_answer(model, tok, CHAT[1]["content"], "cpu")
     assert model.seen == [_training_prompt(tok, CHAT), _training_prompt(tok, CHAT[1:3])]
+
+
+def test_template_refusing_a_system_message_names_the_flag():
+    """Gemma-style templates raise on a system role; generate --system gets an error naming the flag, not a
+    jinja2 traceback."""
+    from qlora_ds.errors import QLoRADSError
+
+    tok = _byte_level_bpe()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}"
+                         "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    assert tok.decode(prompt_ids(tok, CHAT[1:2])) == "user: What is AI?\nassistant: "
+    with pytest.raises(QLoRADSError, match="System role not supported.*drop --system"):
+        prompt_ids(tok, CHAT[:2])

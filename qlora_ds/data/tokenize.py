@@ -118,7 +118,14 @@ def prompt_ids(tokenizer, messages) -> list[int]:
     template with its generation prompt, or else the plain ``### Role:`` messages one by one (byte-level BPE and
     SentencePiece tokenize a message differently alone than inside the whole text) and the assistant header."""
     if getattr(tokenizer, "chat_template", None) is not None:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as err:
+            roles = [m["role"] for m in messages]
+            hint = " (drop --system: this template takes no system message)" if "system" in roles else ""
+            raise QLoRADSError(f"the tokenizer's chat template refused a chat of roles {roles}: {err}{hint}") from None
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     ids, _ = _plain_ids(tokenizer, messages)
     if tokenizer.eos_token_id is not None:
