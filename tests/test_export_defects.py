@@ -239,3 +239,19 @@ def test_gpt2_loaded_with_from_pretrained_merges_back_into_conv1d(tmp_path):
     merged = model.transformer.h[0].attn.c_attn
     assert isinstance(merged, Conv1D) and merged.weight.shape == base.transformer.h[0].attn.c_attn.weight.shape
     torch.testing.assert_close(_logits(model), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_gpt2_layers_own_merge_gives_conv1d():
+    """``QLoRALinear.merge()`` called directly (not through merge_model) also gives back GPT-2's Conv1D, with the
+    same outputs as the adapted layer."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny_model("gpt2", seed=0)
+    inject(model, QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32))
+    _randomize_adapter(model)
+    layer = model.transformer.h[0].attn.c_attn
+    x = torch.randn(3, layer.in_features)
+    merged = layer.merge()
+    assert isinstance(merged, Conv1D) and tuple(merged.weight.shape) == (layer.in_features, layer.out_features)
+    torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert layer.merge(torch.bfloat16).weight.dtype == torch.bfloat16

@@ -39,6 +39,7 @@ import torch.nn as nn
 from ..errors import QLoRADSError
 from ..nn import QALoRALinear, QLoRALinear
 from ..nn.config import QALoRAConfig, QLoRAConfig
+from ..nn.dense import dense_module
 from ..quant import intn
 from ..atomic import atomic_directory
 from .peft_format import CONFIG_NAME, SIDE_NAME
@@ -59,29 +60,8 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-@torch.no_grad()
-def _dense(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, conv1d: bool = False) -> nn.Module:
-    """A frozen module holding the (out, in) ``weight`` in ``dtype`` (one rounding from fp32), beside it (a model on
-    a GPU stays there): an ``nn.Linear``, or a transformers ``Conv1D`` (weight (in, out)) for a layer that was one
-    before injection (``layer.conv1d``, GPT-2), so the checkpoint has the shapes the architecture loads."""
-    out_f, in_f = weight.shape
-    if conv1d:
-        from transformers.pytorch_utils import Conv1D
-        with torch.device("meta"):          # no throw-away (in, out) init on the host
-            mod = Conv1D(out_f, in_f)
-        mod.weight = nn.Parameter(torch.empty(in_f, out_f, dtype=dtype, device=weight.device))
-        mod.bias = nn.Parameter(torch.zeros(out_f, dtype=dtype, device=weight.device))
-        mod.weight.copy_(weight.t())
-    else:
-        mod = nn.Linear(in_f, out_f, bias=bias is not None, dtype=dtype, device=weight.device)
-        mod.weight.copy_(weight)
-    if bias is not None:
-        mod.bias.copy_(bias)
-    return mod.requires_grad_(False)
-
-
 def _dequantized_linear(layer: QALoRALinear, dtype: torch.dtype) -> nn.Module:
-    return _dense(layer.dequantized_weight(torch.float32), layer.bias, dtype, _was_conv1d(layer))
+    return dense_module(layer.dequantized_weight(torch.float32), layer.bias, dtype, _was_conv1d(layer))
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -122,7 +102,7 @@ def merge_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     dtype = dtype or _activation_dtype(model)
     for path, layer in layers:
         if isinstance(layer, QLoRALinear):
-            new = _dense(layer.merged_weight_fp32(), layer.bias, dtype or layer.compute_dtype, _was_conv1d(layer))
+            new = layer.merge(dtype)
         else:
             new = layer.merge()
             new.conv1d = _was_conv1d(layer)
@@ -148,7 +128,7 @@ def quantize_gptq(model: nn.Module, calibration, paths, bits: int = 4, group_siz
     convs = {p for p in paths if _is_conv1d(model.get_submodule(p))}
     for path in convs:          # GPTQ works on (out, in) nn.Linear weights; each goes back to a Conv1D below
         conv = model.get_submodule(path)
-        _set_module(model, path, _dense(conv.weight.t(), conv.bias, conv.weight.dtype))
+        _set_module(model, path, dense_module(conv.weight.t(), conv.bias, conv.weight.dtype))
     done = {}
     try:
         done = gptq_quantize_model(model, calibration, bits=bits, group_size=group_size, percdamp=percdamp,
@@ -162,7 +142,7 @@ def quantize_gptq(model: nn.Module, calibration, paths, bits: int = 4, group_siz
     finally:
         for path in convs - set(done):      # not quantized (an error): back to the model's own Conv1D
             lin = model.get_submodule(path)
-            _set_module(model, path, _dense(lin.weight, lin.bias, lin.weight.dtype, conv1d=True))
+            _set_module(model, path, dense_module(lin.weight, lin.bias, lin.weight.dtype, conv1d=True))
     log.info("GPTQ INT%d group %d: %d layers", bits, group_size, len(done))
     return {"gptq_bits": bits, "gptq_group_size": group_size, "gptq_percdamp": percdamp, "gptq_layers": len(done),
             "gptq_calibration_samples": len(calibration)}

@@ -35,6 +35,7 @@ import torch.nn as nn
 from ..errors import QLoRADSError
 from ..quant.nf4 import QuantizedTensor, quantize
 from .config import QLoRAConfig
+from .dense import dense_module
 from .dropout import LoRADropout
 from . import guards
 from .functional import NF4LinearFunction, dequantize_nf4_parts, with_adapter
@@ -223,15 +224,11 @@ class QLoRALinear(nn.Module):
         return w
 
     @torch.no_grad()
-    def merge(self) -> nn.Linear:
-        """A plain nn.Linear with weight deq(W) + (α/r)·B·A in the compute dtype (safe merge)."""
-        w = self.merged_weight_fp32()
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
-                        dtype=self.compute_dtype)
-        lin.weight.copy_(w)
-        if self.bias is not None:
-            lin.bias.copy_(self.bias)
-        return lin.requires_grad_(False)
+    def merge(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """A plain frozen ``nn.Linear`` (a ``Conv1D`` if the layer replaced one, GPT-2) with weight
+        deq(W) + (α/r)·B·A in ``dtype`` (default: the compute dtype), rounded once from fp32 (safe merge)."""
+        return dense_module(self.merged_weight_fp32(), self.bias, dtype or self.compute_dtype,
+                            bool(getattr(self, "conv1d", False)))
 
     @torch.no_grad()
     def merge_and_requantize(self) -> tuple["QLoRALinear", dict[str, float]]:
