@@ -5,6 +5,8 @@
 // update (torch.optim.AdamW's CUDA roundings; see paged_optim_impl.cu).
 #include <torch/extension.h>
 
+#include <string>
+
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -131,6 +133,11 @@ void adamw8bit_step(torch::Tensor param, torch::Tensor grad, torch::Tensor qm, t
                "adamw 8-bit kernel launch");
 }
 
+std::string kernel_image_error() {
+    const cudaError_t err = qlora_ds::optim_kernel_image_status();
+    return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
+}
+
 void synchronize() { check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -151,5 +158,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("exp_avg_sq_absmax"), py::arg("code_m"), py::arg("bounds_m"), py::arg("code_v"),
           py::arg("bounds_v"), py::arg("blocksize"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
           py::arg("eps"), py::arg("weight_decay"), py::arg("step"));
+    m.def("kernel_image_error", &kernel_image_error, "'' if the current device runs these kernels, else the CUDA error");
     m.def("synchronize", &synchronize, "cudaDeviceSynchronize");
 }

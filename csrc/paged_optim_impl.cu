@@ -192,6 +192,11 @@ static cudaError_t cleared(cudaError_t err) {
     return err;
 }
 
+cudaError_t optim_kernel_image_status() {
+    cudaFuncAttributes attr;
+    return cleared(cudaFuncGetAttributes(&attr, adamw_fp32_kernel));
+}
+
 cudaError_t concurrent_managed_access(int device, int* supported) {
     *supported = 0;
     return cleared(cudaDeviceGetAttribute(supported, cudaDevAttrConcurrentManagedAccess, device));

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include <initializer_list>
+#include <string>
 
 #include "quant_cuda.h"
 
@@ -192,9 +193,17 @@ void dequantize_intn(torch::Tensor qweight, torch::Tensor scales, torch::Tensor 
                                                 c10::cuda::getCurrentCUDAStream()));
 }
 
+// "" when the current device can run this module's kernels, else why not (checked once at load: a prebuilt module
+// whose arch list misses the GPU is rebuilt for it instead of failing at the first launch).
+std::string kernel_image_error() {
+  const cudaError_t err = qlora_ds::kernel_image_status();
+  return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qlora-ds CUDA kernels for blockwise 4-bit / 8-bit and group-wise INT-N quantization (bit-exact with the "
             "reference)";
+  m.def("kernel_image_error", &kernel_image_error, "'' if the current device runs these kernels, else the CUDA error");
   m.def("quantize_4bit", &quantize_4bit, "quantize_4bit(x, bounds, order, blocksize, packed_out, absmax_out)");
   m.def("dequantize_4bit", &dequantize_4bit, "dequantize_4bit(packed, absmax, code, blocksize, out)");
   m.def("dequantize_4bit_dq", &dequantize_4bit_dq,

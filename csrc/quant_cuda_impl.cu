@@ -452,4 +452,11 @@ cudaError_t launch_dequantize_intn(const uint8_t* qweight, const float* scales, 
   return cudaGetLastError();
 }
 
+cudaError_t kernel_image_status() {
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, quantize_8bit_kernel);  // one fatbinary: one kernel tells
+  if (err != cudaSuccess) (void)cudaGetLastError();                           // not sticky: clear it for torch
+  return err;
+}
+
 }  // namespace qlora_ds

@@ -1,4 +1,5 @@
 """Compiled quant kernels (C++/OpenMP and CUDA) against the torch reference and bitsandbytes, bit for bit."""
+import importlib
 import glob
 import os
 import re
@@ -246,6 +247,59 @@ def test_cuda_builder_capabilities_without_a_gpu(monkeypatch, cuda_major, defaul
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "6.0;6.1")
     with pytest.raises(OpBuildError, match="TORCH_CUDA_ARCH_LIST"):
         b.compute_capability_args()
+
+
+class _FakeCUDAModule:
+    def __init__(self, error: str):
+        self.error = error
+
+    def kernel_image_error(self) -> str:
+        return self.error
+
+
+@pytest.mark.parametrize("jit_runs", [True, False])
+def test_prebuilt_cuda_op_without_this_gpus_code_is_rebuilt_for_it(monkeypatch, jit_runs):
+    """A prebuilt CUDA op whose arch list misses the GPU (each kernel launch would fail with "no kernel image") is
+    rebuilt for the GPU found, ignoring the TORCH_CUDA_ARCH_LIST that made it, with a warning; a rebuild that still
+    cannot run is an OpBuildError (the callers fall back to the torch reference)."""
+    from qlora_ds.errors import OpBuildError
+    from qlora_ds.ops import builder as builder_mod
+
+    no_image = "no kernel image is available for execution on the device"
+    prebuilt = _FakeCUDAModule(no_image)
+    jit = _FakeCUDAModule("" if jit_runs else no_image)
+    seen_arch_list = []
+
+    def fake_load(self, verbose=False):
+        seen_arch_list.append(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        return jit
+
+    cls = builder_mod.BUILDERS[("quant", "cuda")]
+    monkeypatch.setattr(builder_mod, "_cache", {})
+    real_import = importlib.import_module
+    monkeypatch.setattr(builder_mod.importlib, "import_module",
+                        lambda name: prebuilt if name == cls().absolute_name() else real_import(name))
+    monkeypatch.setattr(cls, "is_compatible", lambda self, verbose=False: True)
+    monkeypatch.setattr(cls, "load", fake_load)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    with pytest.warns(RuntimeWarning, match="cannot run on this GPU.*no kernel image"):
+        if jit_runs:
+            assert load_op("quant", "cuda") is jit
+        else:
+            with pytest.raises(OpBuildError, match="this GPU cannot run it"):
+                load_op("quant", "cuda")
+    assert seen_arch_list == [None] and os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0"
+
+
+def test_prebuilt_cuda_op_with_this_gpus_code_is_used(monkeypatch):
+    from qlora_ds.ops import builder as builder_mod
+
+    prebuilt = _FakeCUDAModule("")
+    cls = builder_mod.BUILDERS[("paged_optim", "cuda")]
+    monkeypatch.setattr(builder_mod, "_cache", {})
+    monkeypatch.setattr(builder_mod.importlib, "import_module", lambda name: prebuilt)
+    monkeypatch.setattr(cls, "load", lambda self, verbose=False: pytest.fail("rebuilt a module that runs"))
+    assert load_op("paged_optim", "cuda") is prebuilt
 
 
 NVCC = shutil.which("nvcc") or next(iter(sorted(glob.glob("/usr/local/cuda*/bin/nvcc"))), None)

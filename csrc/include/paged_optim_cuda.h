@@ -33,6 +33,9 @@ cudaError_t launch_adamw_8bit(float* param, const float* grad, uint8_t* exp_avg,
 // cudaMemPrefetchAsync / cudaMemAdvise fail with cudaErrorInvalidDevice).
 cudaError_t concurrent_managed_access(int device, int* supported);
 
+// Whether this module holds code the current device can run (as quant_cuda.h's kernel_image_status).
+cudaError_t optim_kernel_image_status();
+
 // Unified (managed) memory: allocate, free, prefetch to a device or to the host, advise.
 cudaError_t managed_alloc(void** ptr, size_t bytes);
 cudaError_t managed_free(void* ptr);

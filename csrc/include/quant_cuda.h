@@ -32,4 +32,8 @@ cudaError_t launch_quantize_intn(const void* w, int w_dtype, int64_t n, int bits
 cudaError_t launch_dequantize_intn(const uint8_t* qweight, const float* scales, const float* zeros, int bits,
                                    int64_t group_size, void* out, int out_dtype, int64_t n, cudaStream_t stream);
 
+// Whether this module holds code the current device can run (SASS for its arch, or PTX it can JIT): cudaSuccess, or
+// the error every launch would give (cudaErrorNoKernelImageForDevice for a build whose arch list misses the GPU).
+cudaError_t kernel_image_status();
+
 }  // namespace qlora_ds

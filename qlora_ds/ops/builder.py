@@ -259,8 +259,42 @@ def _one_builder(name: str):
         yield
 
 
+def _no_device_code(module) -> str:
+    """Why the current GPU cannot run ``module``'s kernels ("" if it can; a module without the check: "")."""
+    check = getattr(module, "kernel_image_error", None)
+    return check() if check is not None else ""
+
+
+@contextlib.contextmanager
+def _env_without(name: str):
+    saved = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
+
+
+def _build(builder, for_this_gpu: bool = False):
+    """JIT-build ``builder``'s op; ``for_this_gpu``: for the capability of the GPU found, whatever
+    TORCH_CUDA_ARCH_LIST says (that list already gave a module this GPU cannot run)."""
+    missing = [s for s in builder.sources() if not Path(s).is_file()]
+    if missing:
+        raise OpBuildError(f"cannot build {builder.NAME}: sources missing: {missing}. {_FIX}")
+    if not builder.is_compatible(verbose=False):
+        raise OpBuildError(f"cannot build {builder.NAME}: incompatible: {builder.error_log}. {_FIX}")
+    try:
+        with _one_builder(builder.name), (_env_without("TORCH_CUDA_ARCH_LIST") if for_this_gpu
+                                          else contextlib.nullcontext()):
+            return builder.load(verbose=False)
+    except Exception as exc:  # compile/link errors, missing ninja, ...
+        raise OpBuildError(f"building {builder.NAME} failed: {_why(builder, exc)}\n{_FIX}") from exc
+
+
 def load_op(op: str, device_type: str):
-    """The compiled module of ``op`` ("quant" | "paged_optim") for ``device_type`` ("cpu" | "cuda"), cached."""
+    """The compiled module of ``op`` ("quant" | "paged_optim") for ``device_type`` ("cpu" | "cuda"), cached: the one
+    setup.py prebuilt, else a JIT build. A prebuilt CUDA module without code for this GPU (its arch list missed it)
+    is built again for the GPU, with a warning, rather than failing at its first kernel launch."""
     key = (op, device_type)
     if key not in BUILDERS:
         raise ValueError(f"unknown op/device {key}; known: {sorted(BUILDERS)}")
@@ -271,16 +305,19 @@ def load_op(op: str, device_type: str):
         try:  # a module prebuilt by setup.py
             module = importlib.import_module(builder.absolute_name())
         except ImportError:
-            missing = [s for s in builder.sources() if not Path(s).is_file()]
-            if missing:
-                raise OpBuildError(f"cannot build {builder.NAME}: sources missing: {missing}. {_FIX}") from None
-            if not builder.is_compatible(verbose=False):
-                raise OpBuildError(f"cannot build {builder.NAME}: incompatible: {builder.error_log}. {_FIX}")
-            try:
-                with _one_builder(builder.name):
-                    module = builder.load(verbose=False)
-            except Exception as exc:  # compile/link errors, missing ninja, ...
-                raise OpBuildError(f"building {builder.NAME} failed: {_why(builder, exc)}\n{_FIX}") from exc
+            module = None
+        rebuild = module is not None and device_type == "cuda" and bool(why := _no_device_code(module))
+        if rebuild:
+            warnings.warn(f"qlora_ds: the prebuilt {builder.NAME} cannot run on this GPU ({why}): it was built for "
+                          f"other compute capabilities; building it for this GPU now. Prebuild with "
+                          f"TORCH_CUDA_ARCH_LIST naming this GPU's capability to skip this", RuntimeWarning,
+                          stacklevel=3)
+            module = None
+        if module is None:
+            module = _build(builder, for_this_gpu=rebuild)
+            if device_type == "cuda" and (why := _no_device_code(module)):
+                raise OpBuildError(f"{builder.NAME} was built but this GPU cannot run it ({why}); check that "
+                                   f"TORCH_CUDA_ARCH_LIST (if set) includes this GPU's compute capability. {_FIX}")
         if device_type == "cpu":
             _apply_cpu_isa(module)
         _cache[key] = module

@@ -225,8 +225,16 @@ inline cudaError_t device_get_attribute(int* value, cudaDeviceAttr, int) {
     return cudaSuccess;
 }
 
+// Every kernel "has an image" for the emulated device.
+template <typename F>
+inline cudaError_t func_get_attributes(cudaFuncAttributes* attr, F) {
+    *attr = cudaFuncAttributes{};
+    return cudaSuccess;
+}
+
 }  // namespace qlora_emu
 
+#define cudaFuncGetAttributes ::qlora_emu::func_get_attributes
 #define cudaMemPrefetchAsync ::qlora_emu::mem_prefetch
 #define cudaMemAdvise ::qlora_emu::mem_advise
 #define cudaMallocManaged ::qlora_emu::malloc_managed
