@@ -59,7 +59,7 @@ def save_word_level_tokenizer(pairs, model_dir: str, template: str = WORD_TEMPLA
     return len(vocab)
 
 
-def write_word_level_run(root: str, repeat: int = 10, seed: int = 0) -> dict:
+def write_word_level_run(root: str, repeat: int = 10, seed: int = 0, tie: bool = False) -> dict:
     """A fast stand-in for the SmolLM2 tokenizer (whose GGUF parse takes seconds): a word-level tokenizer of
     CHAT_PAIRS' words with a chat template, the tiny random Llama of tests/tiny_models.py over its vocabulary
     (safetensors), and CHAT_PAIRS x ``repeat`` (made distinct) as a JSONL dataset. Returns {"model", "data"}."""
@@ -71,6 +71,7 @@ def write_word_level_run(root: str, repeat: int = 10, seed: int = 0) -> dict:
     vocab_size = save_word_level_tokenizer(CHAT_PAIRS, model_dir)
     config = tiny_config("llama", vocab=vocab_size)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 2, 3, 1
+    config.tie_word_embeddings = tie
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
     data = os.path.join(root, "chat.jsonl")

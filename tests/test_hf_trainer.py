@@ -305,3 +305,70 @@ def test_example_bad_dataset_is_one_line_per_rank(tmp_path):
                          "--report_to", "none", timeout=240)
     assert proc.returncode != 0
     assert "missing.jsonl' does not exist" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def _one_rank_env(monkeypatch):
+    from .dist_utils import free_port
+
+    for var, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo").items():
+        monkeypatch.setenv(var, value)
+
+
+def test_deepspeed_checkpoint_of_a_tied_model_leaves_out_the_tied_head(tmp_path, monkeypatch):
+    """With tied embeddings lm_head.weight is the frozen embedding under a second name, which DeepSpeed's
+    exclude_frozen_parameters does not drop: every checkpoint carried the embedding (0.5 GB at 65B)."""
+    from qlora_ds.distributed import shutdown
+
+    from .finetune_fixtures import write_word_level_run
+
+    _one_rank_env(monkeypatch)
+    paths = write_word_level_run(str(tmp_path), tie=True)
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
+    try:
+        trainer = _qlora_trainer(paths, tmp_path / "out", deepspeed=ds, max_steps=1)
+        assert trainer.model.lm_head.weight is trainer.model.model.embed_tokens.weight
+        trainer.train()
+        states = torch.load(tmp_path / "out" / "checkpoint-1" / "global_step1" / "mp_rank_00_model_states.pt",
+                            map_location="cpu", weights_only=False)
+        assert len(states["module"]) == 28 and all(".lora_" in k for k in states["module"]), \
+            [k for k in states["module"] if ".lora_" not in k][:3]
+    finally:
+        shutdown()
+
+
+def test_fp16_without_zero_under_the_trainer_starts_adam_at_step_one(tmp_path, monkeypatch):
+    """transformers builds the engine, so finetune's undo of FP16_UnfusedOptimizer's setup step (an optimizer step
+    on zero gradients) must run in the Trainer too: after one training step Adam's step count is 1, not 2."""
+    from transformers import AutoTokenizer, TrainingArguments
+
+    from qlora_ds.data import collate, load_records, tokenize_records
+    from qlora_ds.distributed import shutdown
+    from qlora_ds.integrations import QLoRATrainer, prepare_for_trainer
+    from qlora_ds.integrations.hf_trainer import optimizer_cls_and_kwargs, trainer_ds_config
+    from qlora_ds.nn import QLoRAConfig
+
+    from .finetune_fixtures import write_word_level_run
+
+    _one_rank_env(monkeypatch)
+    paths = write_word_level_run(str(tmp_path))
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "gradient_clipping": "auto", "fp16": {"enabled": True, "initial_scale_power": 4},
+          "zero_optimization": {"stage": 0}, "optimizer": {"type": "PagedAdamW", "params": {"lr": "auto"}}}
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], per_device_train_batch_size=2,
+                             learning_rate=1e-2, lr_scheduler_type="constant", save_strategy="no", seed=0,
+                             max_steps=1, deepspeed=trainer_ds_config(ds)[0], fp16=True, weight_decay=0.1)
+    tok = AutoTokenizer.from_pretrained(paths["model"])
+    data = tokenize_records(load_records(paths["data"]), tok, 32)
+    try:
+        trainer = QLoRATrainer(model=prepare_for_trainer(paths["model"], QLoRAConfig(r=4, dropout=0.0), args),
+                               args=args, train_dataset=data, processing_class=tok,
+                               data_collator=lambda batch: collate(batch, tok.pad_token_id),
+                               optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(ds, args))
+        trainer.train()
+        wrapper = trainer.model_wrapped.optimizer
+        assert type(wrapper).__name__ == "FP16_UnfusedOptimizer"
+        assert {int(s["step"]) for s in wrapper.optimizer.state.values()} == {1}
+    finally:
+        shutdown()

@@ -22,6 +22,7 @@ Four pieces, each usable alone:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -210,6 +211,7 @@ def qlora_trainer_class(base: type) -> type:
     from the model being trained.
     """
     from ..inject.zero import save_adapter
+    from ..optim.deepspeed_registration import undo_fp16_warmup_step
 
     class QLoRATrainerOf(base):
         # the LM head + cross-entropy over token chunks (qlora_ds.loss): no [tokens, vocab] logits in training.
@@ -254,16 +256,21 @@ def qlora_trainer_class(base: type) -> type:
                 return super()._save_optimizer_and_scheduler(output_dir)
             # transformers passes exclude_frozen_parameters only for PEFT models; without it every checkpoint
             # carries the whole packed base (~35 GB at 65B)
-            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            with _without_frozen_aliases(self.model_wrapped):
+                self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
             from accelerate.utils import DeepSpeedSchedulerWrapper
             if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
                 torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
         def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
             if not (self.is_deepspeed_enabled and resume_from_checkpoint is not None):
-                return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+                out = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+                if self.is_deepspeed_enabled:       # fp16 without ZeRO: DeepSpeed's setup step on zero gradients
+                    undo_fp16_warmup_step(self.model_wrapped)
+                return out
             # transformers loads the engine checkpoint strictly here, which fails without the frozen base
             model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+            undo_fp16_warmup_step(self.model_wrapped)
             self._load_engine_checkpoint(resume_from_checkpoint)
             self._load_optimizer_and_scheduler(resume_from_checkpoint)
             self._load_scaler(resume_from_checkpoint)
@@ -307,6 +314,27 @@ def qlora_trainer_class(base: type) -> type:
 
     QLoRATrainerOf.__name__ = QLoRATrainerOf.__qualname__ = f"QLoRA{base.__name__}"
     return QLoRATrainerOf
+
+
+@contextlib.contextmanager
+def _without_frozen_aliases(engine):
+    """DeepSpeed's ``exclude_frozen_parameters`` drops frozen parameters by their first name only: a tied
+    ``lm_head.weight`` (the embedding under a second name) stayed in every checkpoint. Drop every name."""
+    frozen = {n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    own = engine.module_state_dict
+
+    def module_state_dict(*args, **kwargs):
+        state = own(*args, **kwargs)
+        if kwargs.get("exclude_frozen_parameters"):
+            for name in frozen:
+                state.pop(name, None)
+        return state
+
+    engine.module_state_dict = module_state_dict
+    try:
+        yield
+    finally:
+        del engine.module_state_dict
 
 
 def _load_checkpoint_adapter(model: torch.nn.Module, directory: str) -> None:
