@@ -134,9 +134,14 @@ def merge(args) -> dict:
     base_dtype = getattr(AutoConfig.from_pretrained(source.model), "dtype", None) or torch.bfloat16
     base_dtype = getattr(torch, base_dtype) if isinstance(base_dtype, str) else base_dtype
     tokenizer = load_tokenizer(source.model)
-    if dtype == torch.float16 and base_dtype == torch.bfloat16:
-        log.warning("--dtype fp16 on a bf16 checkpoint: its unquantized tensors (embeddings, norms) pass through "
-                    "fp16 before they are written; values outside fp16's range lose bits (use bf16 or fp32)")
+    written = torch.bfloat16 if args.format == "bf16" else base_dtype     # the dtype the unquantized tensors get
+    holds = dtype == base_dtype or dtype == torch.float32 and base_dtype in (torch.bfloat16, torch.float16)
+    if not holds and (args.format == "gptq" or dtype == torch.float16):
+        name = {base_dtype: str(base_dtype).removeprefix("torch."), written: str(written).removeprefix("torch.")}
+        log.warning("--dtype %s on a %s checkpoint: its unquantized tensors (embeddings, norms, LM head, biases) "
+                    "pass through %s before they are written as %s, and lose bits on the way; pass --dtype fp32 (or "
+                    "the checkpoint's own dtype)", dtype_name(dtype), name[base_dtype], dtype_name(dtype),
+                    name[written])
     model = load_base_and_adapter(source, compute_dtype=dtype, torch_dtype=dtype, device=device)
     ids = prompt_ids(tokenizer)
     ref = logits_of(model, ids) if args.verify else None

@@ -40,19 +40,25 @@ def add_model_source_args(parser) -> None:
 
 def add_adapter_format_args(parser) -> None:
     """What an adapter without qlora-ds' side file (a plain PEFT one) cannot say about the base's quantization:
-    ``--method``, ``--quant-type``, ``--no-double-quant``, ``--bits``, ``--group-size`` (``source_overrides``)."""
+    ``--method``, ``--quant-type``, ``--no-double-quant``, ``--bits``, ``--group-size``, ``--train-dtype``
+    (``source_overrides``)."""
+    from .hardware import DTYPE_NAMES
+
     q = parser.add_argument_group("for adapters without qlora-ds' side file (plain PEFT)")
     q.add_argument("--method", choices=["qlora", "qalora"])
     q.add_argument("--quant-type", choices=["nf4", "fp4"])
     q.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None)
     q.add_argument("--bits", type=int, help="QA-LoRA bits (PEFT files do not record them)")
     q.add_argument("--group-size", type=int, help="QA-LoRA group size, where the adapter has no qalora_group_size")
+    q.add_argument("--train-dtype", choices=list(DTYPE_NAMES),
+                   help="the --dtype the adapter was trained with, where its side file does not say (an fp16/fp32 "
+                        "checkpoint's quantized base depends on it; default: the --run's dtype, else --dtype)")
 
 
 def source_overrides(args) -> dict:
     """``add_adapter_format_args``' values as ``qlora_ds.eval.runs.resolve`` keywords."""
     return {"method": args.method, "quant_type": args.quant_type, "double_quant": args.double_quant,
-            "bits": args.bits, "group_size": args.group_size}
+            "bits": args.bits, "group_size": args.group_size, "dtype": args.train_dtype}
 
 
 def check_model_source(parser, args) -> None:

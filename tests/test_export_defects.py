@@ -255,3 +255,41 @@ def test_a_gpt2_layers_own_merge_gives_conv1d():
     assert isinstance(merged, Conv1D) and tuple(merged.weight.shape) == (layer.in_features, layer.out_features)
     torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-5)
     assert layer.merge(torch.bfloat16).weight.dtype == torch.bfloat16
+
+
+def test_a_gpt2_qalora_layers_own_merge_keeps_the_conv1d_marker(tmp_path):
+    """``QALoRALinear.merge()`` called directly keeps GPT-2's Conv1D marker, so a model merged layer by layer
+    exports (in, out) weights that reload into GPT-2 with the adapted model's outputs."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("gpt2", seed=0)
+    paths = inject(model, QALoRAConfig(bits=4, group_size=32, r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32))
+    _randomize_adapter(model)
+    ref = _logits(model)
+    for path in paths:
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, model.get_submodule(path).merge())
+        assert model.get_submodule(path).conv1d is True
+    export_merged(model, str(tmp_path / "out"), "bf16")
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    assert reloaded.transformer.h[0].mlp.c_fc.weight.shape == (64, 256)             # Conv1D: (in, out)
+    assert ((_logits(reloaded) - ref).abs().max() / ref.abs().max()).item() < 2 ** -5   # bf16 weights
+
+
+def test_plain_peft_adapter_with_a_run_whose_options_are_null(tmp_path):
+    """run_config.json stores options that were not given as null (``--pool`` by default): a plain PEFT adapter
+    read with such a run falls back to the defaults instead of failing on pool='None'."""
+    model = tiny_model("llama", seed=0)
+    inject(model, QALoRAConfig(bits=2, group_size=32, r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32))
+    save_adapter(model, str(tmp_path / "ad"))
+    os.remove(tmp_path / "ad" / "qlora_ds.json")
+    run = {"method": "qalora", "bits": 2, "group_size": 32, "pool": None, "quant_type": None, "blocksize": None}
+    cfg = adapter_config_from_dir(str(tmp_path / "ad"), torch.float32, fallback=run)
+    assert (type(cfg), cfg.pool, cfg.bits, cfg.group_size) == (QALoRAConfig, "mean", 2, 32)
+    assert adapter_config_from_dir(str(tmp_path / "ad"), torch.float32, fallback={**run, "pool": "sum"}).pool == "sum"
+    qlora = tiny_model("llama", seed=0)
+    inject(qlora, QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32))
+    save_adapter(qlora, str(tmp_path / "q"))
+    os.remove(tmp_path / "q" / "qlora_ds.json")
+    cfg = adapter_config_from_dir(str(tmp_path / "q"), torch.float32, fallback={**run, "method": "qlora"})
+    assert (type(cfg), cfg.quant_type, cfg.blocksize) == (QLoRAConfig, "nf4", 64)

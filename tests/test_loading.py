@@ -243,3 +243,102 @@ def test_moe_checkpoint_warns_and_names_the_fused_experts(tmp_path, caplog):
             pytest.raises(QLoRADSError, match=r"fused MoE expert parameter\(s\) \['model.layers.0.mlp.experts"):
         from_pretrained(str(tmp_path), CFG, torch_dtype=torch.bfloat16)
     assert any("model.layers.*.mlp.experts (gate_up_proj, down_proj)" in r.getMessage() for r in caplog.records)
+
+
+def test_gptq_checkpoint_as_a_base_is_refused_by_name(tmp_path):
+    """A merged QA-LoRA GPTQ export (the natural next base) is named as a GPTQ checkpoint, not as a broken one."""
+    from qlora_ds.adapters.merge import export_merged, merge_model
+    from qlora_ds.nn import QALoRAConfig
+
+    cfg = QALoRAConfig(bits=4, group_size=32, r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32)
+    model = tiny_model("llama")
+    inject(model, cfg)
+    export_merged(merge_model(model), str(tmp_path / "gptq"), "gptq")
+    with pytest.raises(QLoRADSError, match="is a GPTQ checkpoint .* train from the original base"):
+        from_pretrained(str(tmp_path / "gptq"), cfg, torch_dtype=torch.float32)
+    tiny_model("llama").save_pretrained(tmp_path / "awq")
+    config = json.loads((tmp_path / "awq" / "config.json").read_text())
+    (tmp_path / "awq" / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "awq"}}))
+    with pytest.raises(QLoRADSError, match="quantized with 'awq', which qlora-ds does not read"):
+        from_pretrained(str(tmp_path / "awq"), cfg, torch_dtype=torch.float32)
+
+
+def _fp16_llama(folder) -> str:
+    """An fp16 checkpoint (Llama-2's dtype) with weights whose bf16 and fp16 roundings quantize differently."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(std=0.02)
+    model.half().save_pretrained(folder)
+    return str(folder)
+
+
+def _adapter_config(method: str, dtype: torch.dtype):
+    from qlora_ds.nn import QALoRAConfig
+
+    if method == "qalora":
+        return QALoRAConfig(bits=4, group_size=32, r=4, alpha=8, dropout=0.0, compute_dtype=dtype)
+    return QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=dtype)
+
+
+def _packed(model) -> list[torch.Tensor]:
+    return [p for n, p in model.named_parameters() if p.dtype == torch.uint8]
+
+
+@pytest.mark.parametrize("method", ["qalora", "qlora"])
+def test_fp32_merge_of_a_bf16_trained_adapter_uses_the_base_it_was_trained_on(tmp_path, method):
+    """An fp16 checkpoint trained with --dtype bf16, then loaded to merge/evaluate in fp32 (a CPU without bf16):
+    the base is quantized from bf16 as in training (the adapter's side file says so), so the merged model's logits
+    are the trained model's (computing in fp32) to fp32 rounding."""
+    from qlora_ds.adapters import load_adapter, lora_layers, save_adapter
+    from qlora_ds.adapters.merge import merge_model
+    from qlora_ds.eval.runs import load_base_and_adapter, resolve
+
+    ckpt = _fp16_llama(tmp_path / "fp16")
+    trained = from_pretrained(ckpt, _adapter_config(method, torch.bfloat16), torch_dtype=torch.bfloat16)
+    with torch.no_grad():
+        for layer in lora_layers(trained).values():
+            layer.lora_B.weight.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    save_adapter(trained, str(tmp_path / "adapter"))
+    assert json.loads((tmp_path / "adapter" / "qlora_ds.json").read_text())["quantized_from"] == "bfloat16"
+
+    as_trained = from_pretrained(ckpt, _adapter_config(method, torch.float32), torch_dtype=torch.float32)
+    assert any(not torch.equal(a, b) for a, b in zip(_packed(trained), _packed(as_trained))), \
+        "an fp32 load must quantize differently for this test to mean anything"
+    with torch.no_grad():                           # the trained model, computing in fp32: the bf16-derived base
+        for a, b in zip(_packed(as_trained), _packed(trained)):
+            a.copy_(b)
+    load_adapter(as_trained, str(tmp_path / "adapter"))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = as_trained(ids).logits
+
+    model = load_base_and_adapter(resolve(model=ckpt, adapter=str(tmp_path / "adapter")), compute_dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(_packed(model), _packed(trained)))
+    with torch.no_grad():
+        merged = merge_model(model, dtype=torch.float32)(ids).logits
+    assert ((merged - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_plain_peft_adapter_takes_the_training_dtype_from_the_run_or_warns(tmp_path, caplog):
+    """Without the side file's ``quantized_from`` the run's (or --train-dtype's) dtype picks the base; where neither
+    says it and the checkpoint's weights round differently in the load dtype, a warning names the fix."""
+    from qlora_ds.adapters import save_adapter
+    from qlora_ds.eval.runs import load_base_and_adapter, resolve
+
+    ckpt = _fp16_llama(tmp_path / "fp16")
+    trained = from_pretrained(ckpt, _adapter_config("qalora", torch.bfloat16), torch_dtype=torch.bfloat16)
+    save_adapter(trained, str(tmp_path / "run" / "adapter"))
+    os.remove(tmp_path / "run" / "adapter" / "qlora_ds.json")      # a plain PEFT file
+    settings = {"model": ckpt, "method": "qalora", "bits": 4, "pool": None}
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps({**settings, "dtype": "bf16"}))
+    plain = dict(model=ckpt, adapter=str(tmp_path / "run" / "adapter"), method="qalora", bits=4)
+    for source in (resolve(run=str(tmp_path / "run")), resolve(**plain, dtype="bf16")):
+        model = load_base_and_adapter(source, compute_dtype=torch.float32)
+        assert all(torch.equal(a, b) for a, b in zip(_packed(model), _packed(trained)))
+    assert "does not say which dtype" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="qlora_ds.eval.runs"):
+        model = load_base_and_adapter(resolve(**plain), compute_dtype=torch.float32)
+    assert "float16 checkpoint's weights are rounded to float32" in caplog.text and "--train-dtype" in caplog.text
+    assert not all(torch.equal(a, b) for a, b in zip(_packed(model), _packed(trained)))

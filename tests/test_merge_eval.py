@@ -496,3 +496,53 @@ def test_mc_subjects_match_across_file_layouts(tmp_path):
     assert build_prompt(rec, []).startswith("The following are multiple choice questions (with answers) about "
                                             "abstract algebra.\n\n")
     assert [d.question for d in select_shots(rec, dev, 2)] == ["Is Z_3 cyclic?", "Which bone is in the arm?"]
+
+
+def test_merge_script_in_fp32_of_a_bf16_run_on_an_fp16_checkpoint_uses_the_trained_base(ckpt, tmp_path, caplog):
+    """merge.py --run --dtype fp32 (a CPU without bf16) of a run trained with --dtype bf16 on an fp16 checkpoint
+    quantizes the base from bf16 as the run did: the GPTQ export is the trained model, to fp32 rounding. A GPTQ
+    export verified in bf16 warns that the fp16 embeddings/norms/head pass through bf16."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from qlora_ds.adapters import load_adapter
+
+    fp16 = str(tmp_path / "fp16")
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    with torch.no_grad():              # values that bf16 and fp16 round differently (the bf16 ones are fp16 exactly)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 1e-3)
+    model.half().save_pretrained(fp16)
+    for name in os.listdir(ckpt):
+        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(os.path.join(ckpt, name), fp16)
+    trained = from_pretrained(fp16, QALoRAConfig(bits=4, group_size=32, r=8, dropout=0.0,
+                                                 compute_dtype=torch.bfloat16), torch_dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in lora_layers(trained).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
+    run = tmp_path / "run"
+    save_adapter(trained, str(run / "adapter"))
+    (run / "run_config.json").write_text(json.dumps({"model": fp16, "method": "qalora", "dtype": "bf16",
+                                                     "pool": None}))
+    out = tmp_path / "gptq"
+    merge = ["--run", str(run), "--format", "gptq", "--device", "cpu", "--out"]
+    with caplog.at_level("WARNING"):
+        assert _script("merge").main(merge + [str(out), "--dtype", "fp32"]) == 0
+        assert "lose bits" not in caplog.text
+        assert _script("merge").main(merge + [str(tmp_path / "bf16"), "--dtype", "bf16", "--no-verify"]) == 0
+    assert "--dtype bf16 on a float16 checkpoint" in caplog.text and "written as float16" in caplog.text
+
+    as_trained = from_pretrained(fp16, QALoRAConfig(bits=4, group_size=32, r=8, dropout=0.0,
+                                                    compute_dtype=torch.float32), torch_dtype=torch.float32)
+    packed = lambda m: [p for p in m.parameters() if p.dtype == torch.uint8]      # noqa: E731
+    assert not all(torch.equal(a, b) for a, b in zip(packed(as_trained), packed(trained)))   # the test means it
+    with torch.no_grad():                    # the trained model computing in fp32: its bf16-derived base
+        for a, b in zip(packed(as_trained), packed(trained)):
+            a.copy_(b)
+    load_adapter(as_trained, str(run / "adapter"))
+    ids = _ids()
+    with torch.no_grad():
+        assert _rel(as_trained(ids).logits, read_gptq_checkpoint(str(out), exact=True)(ids).logits) < FP32_TOL

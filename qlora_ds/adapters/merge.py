@@ -101,12 +101,7 @@ def merge_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
                            "base with qlora_ds.from_pretrained and the adapter with load_adapter first")
     dtype = dtype or _activation_dtype(model)
     for path, layer in layers:
-        if isinstance(layer, QLoRALinear):
-            new = layer.merge(dtype)
-        else:
-            new = layer.merge()
-            new.conv1d = _was_conv1d(layer)
-        _set_module(model, path, new)
+        _set_module(model, path, layer.merge(dtype) if isinstance(layer, QLoRALinear) else layer.merge())
     log.info("merged %d adapter layers", len(layers))
     return model
 
@@ -184,19 +179,21 @@ def adapter_config_from_dir(directory: str, compute_dtype: torch.dtype = torch.b
                   target_modules=tuple(target) if isinstance(target, list) and target else
                   (target if isinstance(target, str) else None), compute_dtype=compute_dtype)
 
-    def pick(key, default):
-        return first.get(key, fallback.get(key, default))
+    def pick(key, default):     # run_config.json stores unset options as null: a None falls through too
+        value = first.get(key)
+        value = fallback.get(key) if value is None else value
+        return default if value is None else value
 
     if kind == "qalora":
         # files written before ``pool`` existed were trained with the mean; a plain PEFT file loads exactly
         # into either pool (see peft_format), so "mean" is only a choice of training dynamics there.
         # A plain PEFT QA-LoRA file states its group size (it has no field for the bits): it beats the fallback
         group = first.get("group_size") or (peft_cfg.get("qalora_group_size") if peft_cfg.get("use_qalora") else None)
-        if "bits" not in first and "bits" not in fallback:
+        if pick("bits", None) is None:
             log.warning("adapter %s does not say how many bits its QA-LoRA base had (PEFT files have no field for "
                         "it): assuming 4; pass --bits if it was trained with 2 or 3", directory)
-        return QALoRAConfig(bits=int(pick("bits", 4)), group_size=int(group or fallback.get("group_size", 32)),
-                            pool=str(first.get("pool", fallback.get("pool", "mean"))), **common)
+        return QALoRAConfig(bits=int(pick("bits", 4)), group_size=int(group or pick("group_size", 32)),
+                            pool=str(pick("pool", "mean")), **common)
     return QLoRAConfig(quant_type=pick("quant_type", "nf4"), blocksize=int(pick("blocksize", 64)),
                        double_quant=bool(pick("double_quant", True)), **common)
 

@@ -1,6 +1,8 @@
 """LoRA adapters in PEFT's file format: ``adapter_config.json`` + ``adapter_model.safetensors``
 (keys ``base_model.model.<module path>.lora_{A,B}.weight``), plus a side file ``qlora_ds.json`` with
-what PEFT has no field for (per-layer kind, QA-LoRA bits/group size, a hash of the base config).
+what PEFT has no field for (per-layer kind, QA-LoRA bits/group size, a hash of the base config, and
+``quantized_from``: the dtype the base weights were rounded to before quantization, which an fp16/fp32
+checkpoint's INT-N/NF4 base depends on).
 PEFT drops unknown config keys with a warning, so our extras live in the side file, not in the config.
 
 ``read_adapter`` validates a directory against a model and returns our state-dict entries without
@@ -121,7 +123,7 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
         "use_qalora": bool(qalora), "qalora_group_size": qalora[0].group_size if qalora else 16,
     }
     side = {"format": "qlora_ds.adapter", "version": 1, "base_config_hash": base_config_hash(model),
-            "layers": side_layers}
+            "quantized_from": str(first.weight_dtype).removeprefix("torch."), "layers": side_layers}
     with atomic_directory(directory, allowed_existing=_ADAPTER_FILES) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:

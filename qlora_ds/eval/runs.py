@@ -8,7 +8,8 @@ the command line's) for what a plain PEFT adapter leaves out.
 ``load(source, dtype, device)`` returns (model, tokenizer), the model on ``device`` (default: the local GPU
 when there is one, else the CPU; ``qlora_ds.hardware.resolve_device``):
 
-* base + adapter -> ``from_pretrained`` into QLoRA/QA-LoRA layers + ``load_adapter``;
+* base + adapter -> ``from_pretrained`` into QLoRA/QA-LoRA layers + ``load_adapter``, the base quantized from the
+  dtype the adapter was trained on (``quantization_dtype``) whatever dtype this load computes in;
 * a checkpoint written by ``export_merged(fmt='gptq')`` -> ``read_gptq_checkpoint`` (exact);
 * any other directory -> plain ``AutoModelForCausalLM.from_pretrained``.
 """
@@ -22,6 +23,7 @@ import os
 import torch
 
 from ..errors import QLoRADSError
+from ..hardware import DTYPE_NAMES
 from ..run_dir import RUN_CONFIG
 
 log = logging.getLogger(__name__)
@@ -86,12 +88,57 @@ def load_base_and_adapter(source: Source, compute_dtype: torch.dtype = torch.bfl
     from ..inject import from_pretrained
 
     config = layer_config(source, compute_dtype)
-    model = from_pretrained(source.model, config, torch_dtype=torch_dtype or compute_dtype)
+    load_dtype = torch_dtype or compute_dtype
+    model = from_pretrained(source.model, config, torch_dtype=load_dtype,
+                            quantize_from=quantization_dtype(source, load_dtype))
     _read_generation_config(model, source.model)
     loaded = load_adapter(model, source.adapter)
     log.info("loaded %s + adapter %s (%d layers, %s)", source.model, source.adapter, len(loaded),
              type(config).__name__)
     return _to_device(model.eval(), device)
+
+
+def quantization_dtype(source: Source, load_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype the adapter's base weights were rounded to before they were quantized (an fp16/fp32 checkpoint's
+    INT-N/NF4 base depends on it): the adapter's side file says it (``quantized_from``), else the run's (or
+    ``--train-dtype``'s) ``dtype``. None (quantize from ``load_dtype``) where neither does, with a warning when
+    the checkpoint's weights then round differently from a load in another dtype."""
+    from ..adapters.peft_format import SIDE_NAME
+
+    side = os.path.join(source.adapter or "", SIDE_NAME)
+    named = None
+    if source.adapter and os.path.exists(side):
+        with open(side, encoding="utf-8") as fh:
+            named = json.load(fh).get("quantized_from")
+    named = named or source.settings.get("dtype")
+    if named and named != "auto":
+        names = {**DTYPE_NAMES, **{str(d).removeprefix("torch."): d for d in DTYPE_NAMES.values()}}
+        if str(named) not in names:
+            raise QLoRADSError(f"the dtype the adapter's base was quantized from, {named!r} ({SIDE_NAME} "
+                               f"quantized_from, or the run's dtype), is not one of {sorted(names)}; fix the file or "
+                               f"pass --train-dtype")
+        return names[str(named)]
+    ckpt = _float_dtype(source.model)
+    if ckpt is not None and ckpt != load_dtype and not (ckpt == torch.bfloat16 and load_dtype == torch.float32):
+        log.warning("adapter %s does not say which dtype its base was quantized from (a plain PEFT adapter): the %s "
+                    "checkpoint's weights are rounded to %s before quantization here, which gives another base than "
+                    "a training run that loaded them in another dtype; pass --run with the finetune run, or "
+                    "--train-dtype with the --dtype it trained with", source.adapter,
+                    str(ckpt).removeprefix("torch."), str(load_dtype).removeprefix("torch."))
+    return None
+
+
+def _float_dtype(directory: str) -> torch.dtype | None:
+    """The dtype config.json gives the checkpoint's weights; None for a pre-quantized one (its base is stored)."""
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    if cfg.get("quantization_config") or name not in ("bfloat16", "float16", "float32"):
+        return None
+    return getattr(torch, name)
 
 
 def _read_generation_config(model, directory: str) -> None:

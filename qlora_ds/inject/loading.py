@@ -3,7 +3,9 @@
 ``from_pretrained(path, config, ds_config=None, torch_dtype="auto")``: ``torch_dtype`` is the dtype of everything that
 is not quantized (embeddings, norms, the LM head, biases) and the layers' compute dtype when the config says "auto";
 "auto" for both means the dtype the training device computes best (``qlora_ds.hardware.resolve_dtype``), one choice
-for the whole model.
+for the whole model. ``quantize_from`` (default: ``torch_dtype``) is the dtype 16/32-bit target weights are rounded
+to before they are quantized, as transformers + bitsandbytes do with the load dtype: the INT-N/NF4 base of an fp16 or
+fp32 checkpoint depends on it, so inference in another dtype passes the one the adapter was trained with.
 
 1. the skeleton is built from ``AutoConfig`` with parameters on the meta device (buffers real);
 2. the policy's target linears are replaced by QLoRALinear / QALoRALinear (still meta);
@@ -234,6 +236,7 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 def _fill_layer(layer, path, how, ckpt, conv1d, config, dtype, read: bool) -> None:
+    """``dtype``: what the float weights are rounded to before quantization (``from_pretrained``'s quantize_from)."""
     base = [n for n, p in layer.named_parameters(recurse=False)]
     if not read:                                    # ZeRO-3, rank > 0: shapes only, bytes come by broadcast
         for name in base:
@@ -319,12 +322,28 @@ def model_dtypes(config, torch_dtype: torch.dtype | str | None = AUTO):
     return config, torch_dtype
 
 
+def _check_quant_method(path: str, qcfg) -> None:
+    """Only bitsandbytes 4-bit checkpoints are read as they are stored; another format's tensors (GPTQ's qweight…)
+    would otherwise surface as a missing-weight error that blames the checkpoint."""
+    method = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
+    method = str(getattr(method, "value", method) or "").lower()
+    if method == "gptq":
+        raise QLoRADSError(f"{path!r} is a GPTQ checkpoint (e.g. a merged QA-LoRA export); qlora-ds quantizes from "
+                           f"16/32-bit or bitsandbytes 4-bit checkpoints — train from the original base (with "
+                           f"--init-adapter to continue from the adapter), or from a bf16 merge of it")
+    if method and method != "bitsandbytes":
+        raise QLoRADSError(f"{path!r} is quantized with {method!r}, which qlora-ds does not read; pass the original "
+                           f"16/32-bit checkpoint (or a bitsandbytes 4-bit one)")
+
+
 def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype | str = AUTO,
-                    policy: Policy | None = None) -> nn.Module:
+                    policy: Policy | None = None, quantize_from: torch.dtype | str | None = None) -> nn.Module:
     """Load a Hugging Face causal LM with its target linears quantized and LoRA-wrapped (see module doc).
 
     ``path``: a directory with config.json and safetensors (16-bit; bitsandbytes 4-bit; or written by
-    ``save_quantized``). The model is returned in eval mode; only the LoRA A/B tensors require grad.
+    ``save_quantized``). ``quantize_from``: the dtype the weights are rounded to before quantization (None: the
+    load dtype); a layer's ``weight_dtype`` records it. The model is returned in eval mode; only the LoRA A/B
+    tensors require grad.
     """
     from transformers import AutoConfig
     if not isinstance(config, (QLoRAConfig, QALoRAConfig)):
@@ -332,8 +351,10 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
     if not os.path.isdir(path):
         raise QLoRADSError(f"{path!r} is not a directory; pass a local checkpoint directory (no hub downloads)")
     config, torch_dtype = model_dtypes(config, torch_dtype)
+    quantize_from = torch_dtype if quantize_from is None else resolve_dtype(quantize_from)
     hf_config = AutoConfig.from_pretrained(path)
     if hasattr(hf_config, "quantization_config"):
+        _check_quant_method(path, hf_config.quantization_config)
         del hf_config.quantization_config          # we do the quantization; build a plain skeleton
     ckpt = Checkpoint(path)
     own = _read_quant_meta(path, config)
@@ -360,7 +381,7 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
             if mpath.startswith(prefixes):
                 continue                            # LoRA submodules: filled with their layer
             if mpath in layer_set:
-                _fill_layer(module, mpath, how[mpath], ckpt, mpath in conv1d, config, torch_dtype, read)
+                _fill_layer(module, mpath, how[mpath], ckpt, mpath in conv1d, config, quantize_from, read)
                 new_params = list(module.parameters())
             else:
                 new_params = []

@@ -149,7 +149,9 @@ class QALoRALinear(nn.Module):
             raise QLoRADSError("merging produced NaN/Inf zero points (a diverged adapter?); the layer is left unmerged")
         merged = dataclasses.replace(qt, qweight=qt.qweight.clone(), scales=qt.scales.clone(), zeros=zeros.contiguous())
         bias = None if self.bias is None else self.bias.detach().clone()
-        return QALoRALinear.from_quantized(merged, bias, self.config, adapter=False)
+        new = QALoRALinear.from_quantized(merged, bias, self.config, adapter=False)
+        new.conv1d = bool(getattr(self, "conv1d", False))     # a GPT-2 Conv1D: exports write (in, out) weights
+        return new
 
     def to_gptq_state_dict(self, scales_dtype: torch.dtype = torch.float16
                            ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
