@@ -102,6 +102,14 @@ def test_tied_lm_head_that_was_merged_is_exported_untied(tmp_path, kind, fmt):
         return read_gptq_checkpoint(out, exact=True)
 
     torch.testing.assert_close(_logits(reload()), ref, rtol=1e-5, atol=1e-5)
+    if fmt == "gptq":           # the INT-N head is written dense: GPTQ loaders convert block layers only
+        from safetensors import safe_open
+        with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+        assert "lm_head.weight" in keys and not any(k.startswith("lm_head.q") for k in keys)
+        qcfg = json.loads(open(os.path.join(out, "config.json")).read())["quantization_config"]
+        assert qcfg["block_name_to_quantize"] == "model.layers"
+        assert qcfg["modules_in_block_to_quantize"] == [["self_attn.q_proj", "self_attn.v_proj"]]
     if fmt == "gptq":           # an export from before the fix (config still tied): the reader keeps the head
         with open(os.path.join(out, "config.json")) as f:
             config = json.load(f)

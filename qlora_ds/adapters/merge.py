@@ -283,13 +283,25 @@ def gptq_quantization_config(bits: int, group_size: int, block: str | None, inne
     return cfg
 
 
+def _split_block(path: str) -> tuple[str | None, str]:
+    """('model.layers', 'self_attn.q_proj') for 'model.layers.3.self_attn.q_proj'; (None, path) outside blocks."""
+    parts = path.split(".")
+    i = next((k for k in range(len(parts)) if parts[k].isdigit()), None)
+    return (None, path) if i is None else (".".join(parts[:i]), ".".join(parts[i + 1:]))
+
+
+def _outside_blocks(qpaths: list[str]) -> list[str]:
+    """The layers not in the model's repeated blocks (``lm_head``): GPTQ loaders (optimum's ``convert_model``, under
+    transformers) replace only layers under the block prefix, so such a layer stored as qweight/qzeros would load
+    as a missing weight (random, or the embedding when tied)."""
+    blocks = [_split_block(p)[0] for p in qpaths]
+    main = max(set(blocks) - {None}, key=blocks.count, default=None)
+    return [p for p, b in zip(qpaths, blocks) if b != main]
+
+
 def _block_layout(model: nn.Module, qpaths: list[str]) -> tuple[str | None, list[str] | None]:
     """(block prefix such as 'model.layers', module names inside a block to quantize or None for all)."""
-    def split(path):
-        parts = path.split(".")
-        i = next((k for k in range(len(parts)) if parts[k].isdigit()), None)
-        return (None, path) if i is None else (".".join(parts[:i]), ".".join(parts[i + 1:]))
-
+    split = _split_block
     blocks = {split(p)[0] for p in qpaths}
     block = blocks.pop() if len(blocks) == 1 else None
     inner = sorted({split(p)[1] for p in qpaths})
@@ -309,6 +321,15 @@ def _export_gptq(model, out_dir, tokenizer_dir, dtype, meta) -> dict:
     if len(settings) > 1:
         raise QLoRADSError(f"layers use several (bits, group_size) {sorted(settings)}; one GPTQ config holds one")
     bits, group_size = settings.pop()
+    dense = _outside_blocks(list(qlayers))
+    if len(dense) == len(qlayers):
+        raise QLoRADSError(f"only layers outside the decoder blocks are INT-N ({dense}); GPTQ loaders quantize block "
+                           f"layers only: export with --format bf16")
+    for path in dense:      # the merged INT-N values, written 16-bit (see _outside_blocks)
+        _set_module(model, path, _dequantized_linear(qlayers.pop(path), dtype))
+    if dense:
+        log.warning("GPTQ export: %s written as %s weights (dequantized from INT-%d): GPTQ loaders quantize only the "
+                    "layers of the decoder blocks", ", ".join(dense), str(dtype).removeprefix("torch."), bits)
     tensors, exact, reports = {}, {}, {}
     prefixes = tuple(p + "." for p in qlayers)
     for path, layer in qlayers.items():
@@ -335,7 +356,8 @@ def _export_gptq(model, out_dir, tokenizer_dir, dtype, meta) -> dict:
     cfg.quantization_config = qcfg
     cfg.dtype = dtype
     report = {
-        "format": "gptq", "bits": bits, "group_size": group_size, "layers": len(qlayers), **meta,
+        "format": "gptq", "bits": bits, "group_size": group_size, "layers": len(qlayers), "dense_layers": dense,
+        **meta,
         "gptq_max_abs_weight_error": max(r["max_abs_error"] for r in reports.values()),
         "gptq_rel_fro_weight_error": max(r["rel_fro_error"] for r in reports.values()),
         "zeros_rounded": sum(r["zeros_rounded"] for r in reports.values()),
