@@ -57,13 +57,19 @@ def plan(cfg: PlanConfig) -> PlanReport:
     return PlanReport(cfg, mem, estimate_scaling(cfg), tuple(advise(cfg)) if not mem.fits else ())
 
 
+def _offload_device(zero: dict, key: str) -> str:
+    section = zero.get(key) or {}
+    device = str((section.get("device") if isinstance(section, dict) else None) or "none").lower()
+    return "none" if device == "auto" else device
+
+
 def apply_ds_config(cfg: PlanConfig, ds_config: dict | str) -> PlanConfig:
-    """Take ZeRO stage, micro batch, accumulation, bucket size and optimizer kind from a ds_config."""
+    """Take ZeRO stage, micro batch, accumulation, bucket size, offload and optimizer kind from a ds_config. A value
+    that is absent or HF's "auto" keeps ``cfg``'s (the command line's, or a recipe's)."""
     if isinstance(ds_config, str):
         with open(ds_config) as f:
             ds_config = json.load(f)
     zero = ds_config.get("zero_optimization", {})
-    opt_type = str(ds_config.get("optimizer", {}).get("type", "")).lower()
     bf16 = ds_config.get("bf16", {})
 
     def num(section: dict, key: str, default) -> int:
@@ -71,20 +77,33 @@ def apply_ds_config(cfg: PlanConfig, ds_config: dict | str) -> PlanConfig:
         value = section.get(key, default)
         return int(float(default if value == "auto" else value))
 
+    optimizer = {}
+    if isinstance(ds_config.get("optimizer"), dict) and ds_config["optimizer"].get("type"):
+        optimizer = _optimizer_settings(ds_config["optimizer"]["type"])
+    accum_dtype = str((ds_config.get("data_types") or {}).get("grad_accum_dtype") or "").lower()
     return replace(
         cfg,
         zero_stage=num(zero, "stage", 0),
         micro_batch=num(ds_config, "train_micro_batch_size_per_gpu", cfg.micro_batch),
         grad_accum=num(ds_config, "gradient_accumulation_steps", cfg.grad_accum),
         reduce_bucket_elems=num(zero, "reduce_bucket_size", 5e8),
+        contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
         overlap_comm=bool(zero.get("overlap_comm", num(zero, "stage", 0) == 3)),
-        paged=opt_type.startswith("paged"),
-        optim_bits=8 if "8bit" in opt_type else 32,
+        offload_optimizer=_offload_device(zero, "offload_optimizer"),
+        offload_param=_offload_device(zero, "offload_param"),
+        grad_accum_fp32=accum_dtype in ("fp32", "float32", "float"),
         bf16_master=bool(bf16.get("bf16_master_weights_and_grads", False)),
         persistence_threshold=num(zero, "stage3_param_persistence_threshold", 1e5),
         max_live_parameters=num(zero, "stage3_max_live_parameters", 1e9),
         max_reuse_distance=num(zero, "stage3_max_reuse_distance", 1e9),
+        **optimizer,
     )
+
+
+def _optimizer_settings(name: str) -> dict:
+    """paged / optim_bits of an optimizer name (ours: PagedAdamW, PagedAdamW8bit, AdamW8bit; or DeepSpeed's)."""
+    name = str(name).lower()
+    return {"paged": name.startswith("paged"), "optim_bits": 8 if "8bit" in name else 32}
 
 
 def _find(path: str, near: str | None) -> str:
@@ -98,27 +117,82 @@ def _find(path: str, near: str | None) -> str:
     return path
 
 
+# Every key ``launch/finetune.py --recipe`` accepts (its argparse destinations; it refuses any other, and so do we;
+# tests/test_plan_zero.py checks the two agree). The planner reads those that change memory.
+FINETUNE_KEYS = frozenset({
+    "adam_beta2", "bits", "chunked_loss", "dataset", "dedup", "deepspeed", "double_quant", "ds_config", "dtype",
+    "eval_every", "eval_size", "grad_accum", "grad_ckpt", "group_by_length", "group_size", "help", "init_adapter",
+    "keep_checkpoints", "local_rank", "log_every", "lora_alpha", "lora_dropout", "lora_r", "loss_weighting", "lr",
+    "lr_scheduler", "max_grad_norm", "max_len", "max_steps", "method", "micro_batch", "model", "nan_policy",
+    "optimizer", "output_dir", "overwrite", "packing", "pad_to_multiple_of", "pool", "quant_type", "recipe", "resume",
+    "sample_prompt", "save_every", "seed", "target_modules", "train_on_prompt", "warmup_ratio", "weight_decay"})
+FINETUNE_OPTIMIZER = "PagedAdamW"     # finetune's optimizer when neither the recipe nor the ds_config names one
+
+
+def _check_recipe_vs_ds(recipe: dict, ds: dict, where: str) -> None:
+    """finetune's rule (qlora_ds.ds_config): a setting given in both the recipe and the ds_config must agree."""
+    bad = [f"{key} {recipe[key]} vs ds_config {ds_key} {ds[ds_key]}"
+           for key, ds_key in (("micro_batch", "train_micro_batch_size_per_gpu"),
+                               ("grad_accum", "gradient_accumulation_steps"))
+           if recipe.get(key) is not None and ds.get(ds_key, "auto") != "auto" and int(ds[ds_key]) != recipe[key]]
+    section = ds.get("optimizer") if isinstance(ds.get("optimizer"), dict) else {}
+    if recipe.get("optimizer") and section.get("type") and str(section["type"]).lower() != recipe["optimizer"].lower():
+        bad.append(f"optimizer {recipe['optimizer']} vs ds_config {section['type']}")
+    if bad:
+        raise QLoRADSError(f"recipe {where} and its ds_config disagree ({'; '.join(bad)}); finetune refuses this: set "
+                           "each in one place only")
+
+
 def apply_recipe(cfg: PlanConfig, recipe: dict | str) -> PlanConfig:
-    """Take LoRA rank/dropout/targets, max length, checkpointing, packing and the ds_config from a recipe file
-    (the flat ``launch/finetune.py --recipe`` format)."""
+    """What a ``launch/finetune.py --recipe`` file (flat keys) runs: LoRA rank/dropout/targets, method (QLoRA NF4 or
+    QA-LoRA INT-N with its bits and group size), max length, micro batch, accumulation, optimizer, dtype, chunked
+    loss, checkpointing, packing and the ds_config. A key finetune does not know is an error, as it is there; keys it
+    lacks take finetune's defaults for the loss (chunked) and the optimizer (PagedAdamW), else ``cfg``'s."""
     path = recipe if isinstance(recipe, str) else None
     if path is not None:
         with open(path) as f:
             recipe = json.load(f)
+    where = path or "(dict)"
+    recipe = {k.replace("-", "_"): v for k, v in recipe.items() if not k.startswith("_")}
+    unknown = sorted(set(recipe) - FINETUNE_KEYS)
+    if unknown:
+        raise QLoRADSError(f"recipe {where} has unknown keys {unknown}; launch/finetune.py would refuse it too "
+                           "(see `launch/finetune.py --help`)")
+    method = recipe.get("method", "qlora")
+    if method not in ("qlora", "qalora"):
+        raise QLoRADSError(f"recipe {where}: method {method!r}; use qlora or qalora")
+    dtype = recipe.get("dtype", "auto")
+    if dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise QLoRADSError(f"recipe {where}: dtype {dtype!r}; use auto, bf16, fp16 or fp32")
     targets = recipe.get("target_modules")
+    ds = recipe.get("ds_config")
+    if isinstance(ds, str):
+        ds = _find(ds, path)
+    if isinstance(ds, str):
+        with open(ds) as f:
+            ds = json.load(f)
+    ds = ds or {}
+    _check_recipe_vs_ds(recipe, ds, where)
+    qalora = method == "qalora"
     cfg = replace(
         cfg,
         lora_r=int(recipe.get("lora_r", cfg.lora_r)),
         lora_dropout=float(recipe.get("lora_dropout", cfg.lora_dropout)),
         lora_targets=tuple(targets) if targets else ALL_LINEAR,
         seq_len=int(recipe.get("max_len", cfg.seq_len)),
+        micro_batch=int(recipe.get("micro_batch") or cfg.micro_batch),
+        grad_accum=int(recipe.get("grad_accum") or cfg.grad_accum),
         grad_ckpt=bool(recipe.get("grad_ckpt", cfg.grad_ckpt)),
         double_quant=bool(recipe.get("double_quant", cfg.double_quant)),
         packing=bool(recipe.get("packing", cfg.packing)),
+        pad_multiple=int(recipe.get("pad_to_multiple_of", cfg.pad_multiple)),
+        chunked_loss=bool(recipe.get("chunked_loss", True)),
+        compute_dtype=cfg.compute_dtype if dtype == "auto" else dtype,
+        quant="int" if qalora else "nf4",
+        base_bits=int(recipe.get("bits", 4)) if qalora else 4,
+        group_size=int(recipe.get("group_size", cfg.group_size)),
+        **_optimizer_settings(recipe.get("optimizer") or FINETUNE_OPTIMIZER),
     )
-    ds = recipe.get("ds_config")
-    if isinstance(ds, str):
-        ds = _find(ds, path)
     return apply_ds_config(cfg, ds) if ds else cfg
 
 
@@ -131,13 +205,18 @@ def format_report(r: PlanReport) -> str:
     lines = [f"{c.shape.name}: {c.world_size} GPU(s) ({c.nodes} node(s) x {c.gpus_per_node}), ZeRO-{c.zero_stage}, "
              f"base {c.base_bits_per_param:.3f} bit, LoRA r={c.lora_r}, seq {c.seq_len} x micro batch "
              f"{c.micro_batch}, grad ckpt {'on' if c.grad_ckpt else 'off'}, "
-             f"{'paged ' if c.paged else ''}Adam {c.optim_bits}-bit",
+             f"{'paged ' if c.paged else ''}Adam {c.optim_bits}-bit, loss "
+             f"{'chunked' if c.chunked_loss else 'over the full logits'}"
+             + (f", optimizer offload {c.offload_optimizer}" if c.offload_optimizer != "none" else "")
+             + (f", param offload {c.offload_param}" if c.offload_param != "none" else ""),
              "per-GPU memory:"]
     for it in m.items:
         tag = it.phase + (", spillable" if it.spillable else "")
         lines.append(f"  {it.name:22s} {_gib(it.bytes)}  [{tag}] {it.note}")
     lines.append(f"  {'peak (all resident)':22s} {_gib(m.peak)}")
     lines.append(f"  {'must stay resident':22s} {_gib(m.required)}  of {_gib(m.capacity)}")
+    if m.host:
+        lines.append(f"  {'on the host (offload)':22s} {_gib(m.host)}  (not on the GPU)")
     if m.fits and m.paged_out:
         verdict = f"fits: yes, fits (paging ~{m.paged_out / GiB:.2f} GiB of optimizer state to host at peak)"
     elif m.fits:

@@ -28,10 +28,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bf16-lora", action="store_true", help="bf16 master weights and grads (no fp32 copy)")
     p.add_argument("--bits", type=int, default=None, choices=(2, 3, 4, 16),
                    help="base weights: 4 (NF4+DQ) or 16; 2/3/4 with --quant int (QA-LoRA)")
-    p.add_argument("--quant", default="nf4", choices=("nf4", "int"), help="nf4 (QLoRA) or int (QA-LoRA INT-N)")
-    p.add_argument("--group-size", type=int, default=32, help="QA-LoRA quantization group (with --quant int)")
+    p.add_argument("--quant", default=None, choices=("nf4", "int"),
+                   help="nf4 (QLoRA; default) or int (QA-LoRA INT-N; a recipe's method qalora)")
+    p.add_argument("--group-size", type=int, default=None, help="QA-LoRA quantization group (default 32)")
     p.add_argument("--optim-bits", type=int, default=None, choices=(8, 32))
     p.add_argument("--paged", action="store_true", help="paged optimizer (its state may spill to host)")
+    p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="LM head + cross-entropy over token chunks, as launch/finetune.py does by default (default on, "
+                        "or the recipe's); --no-chunked-loss plans the full fp32 logits")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--cpu-amx", action="store_true",
                    help="with --device cpu: the CPU has AMX and computes in bf16, so NF4 linears of up to 256 rows "
@@ -46,16 +50,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--interconnect-gbps", type=float, default=100.0, help="per-node NIC, Gbit/s")
     p.add_argument("--intra-gbps", type=float, default=2400.0, help="within a node, Gbit/s")
     p.add_argument("--tflops", type=float, default=100.0, help="achieved bf16 TFLOP/s per GPU")
-    p.add_argument("--ds-config", help="take ZeRO stage, batch sizes and optimizer from this ds_config")
-    p.add_argument("--recipe", help="take LoRA, sequence length and ds_config from this recipe")
+    p.add_argument("--ds-config", help="take ZeRO stage, batch sizes, buckets, offload and optimizer from this "
+                                       "ds_config")
+    p.add_argument("--recipe", help="take what this launch/finetune.py recipe runs (LoRA, method, batch, optimizer, "
+                                    "loss, ds_config …); flags given here override it")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p.parse_args(argv)
 
 
 def config_from_args(a: argparse.Namespace) -> PlanConfig:
     cfg = PlanConfig(shape=load_shape(a.model), gpus_per_node=a.gpus, nodes=a.nodes,
-                     gpu_mem_bytes=parse_mem(a.gpu_mem), device=a.device, quant=a.quant, group_size=a.group_size,
-                     pad_multiple=a.pad_multiple,
+                     gpu_mem_bytes=parse_mem(a.gpu_mem), device=a.device, pad_multiple=a.pad_multiple,
+                     chunked_loss=True,    # launch/finetune.py's default
                      runtime_bytes=parse_mem(a.runtime_mem) if a.runtime_mem is not None else None,
                      interconnect_gbps=a.interconnect_gbps, intra_node_gbps=a.intra_gbps, tflops=a.tflops)
     if a.recipe:
@@ -63,7 +69,8 @@ def config_from_args(a: argparse.Namespace) -> PlanConfig:
     if a.ds_config:
         cfg = apply_ds_config(cfg, a.ds_config)
     overrides = {"seq_len": a.seq_len, "micro_batch": a.batch, "grad_accum": a.grad_accum,
-                 "zero_stage": a.zero, "lora_r": a.lora_r, "base_bits": a.bits, "optim_bits": a.optim_bits}
+                 "zero_stage": a.zero, "lora_r": a.lora_r, "base_bits": a.bits, "optim_bits": a.optim_bits,
+                 "quant": a.quant, "group_size": a.group_size, "chunked_loss": a.chunked_loss}
     flags = {"grad_ckpt": False if a.no_grad_ckpt else None, "bf16_master": True if a.bf16_lora else None,
              "paged": True if a.paged else None, "fused_cpu_linear": True if a.cpu_amx else None,
              "packing": True if a.packing else None}

@@ -91,14 +91,23 @@ def _ds_partition(nbytes: float, elem: int, world: int) -> float:
 def load_order(cfg: dict) -> list[tuple[str, int, bool, int, int]]:
     """(name, elements, quantized, in, out) for every tensor the loader fills, in its order."""
     s = shape_from_hf_config(cfg)
-    bias = bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2"))
+    bias = bool(cfg.get("attention_bias", cfg.get("qkv_bias", cfg.get("model_type") == "qwen2")))
     h = s.hidden
     out = [("embed_tokens", s.vocab * h, False, 0, 0)]
     for k in range(s.layers):
         for name, (i, o) in s.linears().items():
-            out.append((f"layers.{k}.{name}", i * o, True, i, o))
+            if name == "gate_proj" and s.experts:
+                # MoE (named_modules order): the router and the fused 3-D experts, kept in the load dtype
+                ei = s.expert_intermediate
+                out += [(f"layers.{k}.mlp.gate", s.experts * h, False, 0, 0),
+                        (f"layers.{k}.mlp.experts.gate_up_proj", s.experts * 2 * ei * h, False, 0, 0),
+                        (f"layers.{k}.mlp.experts.down_proj", s.experts * ei * h, False, 0, 0)]
+            if i * o:     # a MoE without a shared expert has no dense MLP
+                out.append((f"layers.{k}.{name}", i * o, True, i, o))
             if bias and name in ("q_proj", "k_proj", "v_proj"):
                 out.append((f"layers.{k}.{name}.bias", o, False, 0, 0))
+        if s.shared_expert_intermediate:
+            out.append((f"layers.{k}.mlp.shared_expert_gate", h, False, 0, 0))
         out += [(f"layers.{k}.input_layernorm", h, False, 0, 0),
                 (f"layers.{k}.post_attention_layernorm", h, False, 0, 0)]
     out.append(("norm", h, False, 0, 0))

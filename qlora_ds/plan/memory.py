@@ -7,12 +7,18 @@ N = data-parallel world size):
 
 * quantized linears: L·Σ(in·out) · bits/8, bits = 4 + 8/64 + 32/(64·256) = 4.127 (NF4 + double quant);
   16 for a bf16 base. Embedding, lm_head and norms stay 16-bit. ZeRO-3 divides both by N.
-* LoRA: P = L·Σ r·(in+out) over the target linears. Working copy bf16 (2 B), gradients bf16 (2 B),
-  master copy fp32 (4 B; bf16 with ``bf16_master``), Adam moments 2×4 B (2×1 B + 8 B per 256-block absmax
-  for 8-bit Adam, whose step dequantizes per block: no fp32 moments).
-  ZeRO-1 divides master + moments by N, ZeRO-2 also the gradients, ZeRO-3 also the working copy.
-  DeepSpeed's ZeRO-1/2 step makes an fp32 copy of the gradient partition (4·P/N), when activations
-  are already freed: that is the "step" phase.
+* LoRA: P = L·Σ r·(in+out) over the target linears. Working copy bf16 (2 B; fp32, 4 B, under ZeRO-3 in bf16:
+  zero.Init partitions A/B as built), gradients 16-bit (2 B), master copy fp32 (4 B; bf16 with ``bf16_master``),
+  Adam moments 2×4 B (2×1 B + 8 B per 256-block absmax for 8-bit Adam, whose step dequantizes per block: no fp32
+  moments). ZeRO-1 divides master + moments by N, ZeRO-2 also the gradients, ZeRO-3 also the working copy.
+  The optimizer step, when activations are already freed, is the "step" phase: ZeRO-0 (FP16_UnfusedOptimizer)
+  converts the 16-bit gradients to fp32 (4·P) inside step() only; ZeRO-1/2 make an fp32 copy of this rank's
+  gradient partition (4·P/N); ZeRO-3 flattens its partition (2·P/N) and copies that to fp32 (4·P/N).
+  ``grad_accum_fp32`` (data_types.grad_accum_dtype "fp32") at ZeRO-1 in bf16 selects BF16_Optimizer: a full fp32
+  gradient buffer (4·P) beside the bf16 gradients, no bucket, no step copy; DeepSpeed refuses it at ZeRO-0.
+* ZeRO-Offload (``offload_optimizer`` cpu/nvme): masters, moments and the fp32 gradient partition (at ZeRO-1/2
+  with a 16-bit staging copy; at ZeRO-3 also the gradient partitions) live on the host: the "host" phase, outside
+  the GPU figures, and the GPU makes no step copy. ``offload_param`` (ZeRO-3) moves the partitioned weights too.
 * compute dtype (``compute_dtype``, e bytes per element: 2 for bf16/fp16, 4 for fp32): activations,
   embeddings and dequantized weights are e bytes. With fp32 compute the LoRA weights train in fp32
   themselves: 4 B working copy, 4 B gradients, no master copy, no fp32 gradient copy at the step.
@@ -43,8 +49,9 @@ N = data-parallel world size):
   Both figures were measured on finetunes of a 2-layer, hidden-64 model (tensors negligible) at
   max_len 48 and 128, and checked on SmolLM2-135M runs. Plus 5 % of the transient tensors for allocator
   fragmentation. ZeRO-1/2 gradient bucket: DeepSpeed allocates ``reduce_bucket_size`` elements
-  (bf16 at ZeRO-2, the fp32 accumulator at ZeRO-1; twice with ``overlap_comm``) every micro step; a
-  GPU holds all of it, a CPU only the pages written (min(bucket, P) elements).
+  (bf16 at ZeRO-2, the fp32 accumulator at ZeRO-1; twice with ``overlap_comm``) every micro step; ZeRO-3 with
+  ``contiguous_gradients`` (DeepSpeed's default) keeps one such 16-bit buffer; a GPU holds all of it, a CPU only
+  the pages written (min(bucket, P) elements).
 * QA-LoRA bases (``quant="int"``): bits + 64/group bits/param (an fp32 scale and zero per group).
 * paged optimizer: the Adam moments live in unified memory and are evicted to host under pressure,
   so they are counted as spillable: the run fits when peak − spillable ≤ GPU memory.
@@ -67,6 +74,7 @@ CPU_TRAINING_RUNTIME_BYTES = 30 * MiB
 CPU_SHAPE_CACHE_BYTES_PER_LOGIT = 4
 FRAGMENTATION = 0.05
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+OFFLOAD = ("none", "cpu", "nvme")
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,10 @@ class PlanConfig:
     fused_cpu_linear: bool = False       # the CPU runs NF4 linears fused (AMX, bf16: qlora_ds.ops.fused_linear)
     packing: bool = False                # finetune --packing: attention per example (qlora_ds.nn.packed_attention)
     width_sum: int | None = None         # Σ of the batch widths met (a run's check); None: every padded width
+    contiguous_gradients: bool = True    # DeepSpeed's default; ZeRO-3 then keeps a reduce_bucket_size buffer
+    offload_optimizer: str = "none"      # none | cpu | nvme (ZeRO-Offload: masters, moments, fp32 grads on the host)
+    offload_param: str = "none"          # none | cpu | nvme (ZeRO-3: the partitioned weights on the host)
+    grad_accum_fp32: bool = False        # ds_config data_types.grad_accum_dtype = "fp32"
     persistence_threshold: int = 100_000  # ZeRO-3: tensors this small stay gathered (DeepSpeed default)
     max_live_parameters: int = 1_000_000_000
     max_reuse_distance: int = 1_000_000_000
@@ -132,6 +144,14 @@ class PlanConfig:
              self.interconnect_gbps, "use a positive bandwidth"),
             (self.tflops > 0, "tflops", self.tflops, "use a positive --tflops"),
             (self.compute_dtype in DTYPE_BYTES, "compute_dtype", self.compute_dtype, "use bf16, fp16 or fp32"),
+            (self.offload_optimizer in OFFLOAD, "offload_optimizer", self.offload_optimizer, "use none, cpu or nvme"),
+            (self.offload_param in OFFLOAD, "offload_param", self.offload_param, "use none, cpu or nvme"),
+            (self.offload_optimizer == "none" or self.zero_stage >= 1, "offload_optimizer", self.offload_optimizer,
+             "offload needs ZeRO stage 1, 2 or 3"),
+            # DeepSpeed 0.19.8 raises "unsupported mix of model_dtype and grad_accum_dtype" at ZeRO-0
+            (not self.grad_accum_fp32 or self.zero_stage >= 1 or self.compute_dtype == "fp32", "grad_accum_dtype",
+             "fp32", f"DeepSpeed refuses fp32 gradient accumulation with {self.compute_dtype} at ZeRO-0; use ZeRO "
+             "stage 1 or more, or remove data_types.grad_accum_dtype"),
         ]
         for ok, name, value, fix in checks:
             if not ok:
@@ -139,6 +159,13 @@ class PlanConfig:
         unknown = set(self.lora_targets) - set(ALL_LINEAR)
         if unknown:
             raise QLoRADSError(f"planner: lora_targets {sorted(unknown)} unknown; choose from {ALL_LINEAR}")
+        if self.quant == "int" and self.base_bits < 16:
+            # what QALoRALinear requires (qlora_ds.quant.intn.check_group_size) of every linear it wraps
+            bad = sorted({a for a, _ in self.shape.linears().values() if a and a % self.group_size})
+            if self.group_size % 8 or bad:
+                raise QLoRADSError(f"planner: QA-LoRA group_size={self.group_size} must be a multiple of 8 that "
+                                   f"divides every linear's input width{f' (not {bad})' if bad else ''}; use e.g. "
+                                   "--group-size 32, 64 or 128")
 
     @property
     def world_size(self) -> int:
@@ -173,7 +200,7 @@ class PlanConfig:
 class Item:
     name: str
     bytes: float
-    phase: str = "static"        # static | backward | step
+    phase: str = "static"        # static | backward | step | host (ZeRO-Offload: not on the GPU)
     spillable: bool = False
     note: str = ""
 
@@ -198,13 +225,18 @@ class MemoryEstimate:
     def first_step_peak(self) -> float:
         """Peak of the very first optimizer step: Adam allocates its moments in that step, after the
         backward pass, so they are not resident during the first backward (later steps: ``peak``)."""
-        moments = self.get("optimizer_states")
+        moments = sum(it.bytes for it in self.items if it.name == "optimizer_states" and it.phase == "static")
         static = self.phase_bytes("static") - moments
         return static + max(self.phase_bytes("backward"), moments + self.phase_bytes("step"))
 
     @property
     def spillable(self) -> float:
-        return sum(it.bytes for it in self.items if it.spillable)
+        return sum(it.bytes for it in self.items if it.spillable and it.phase != "host")
+
+    @property
+    def host(self) -> float:
+        """What ZeRO-Offload keeps in host memory (or NVMe) instead: not part of the GPU figures."""
+        return self.phase_bytes("host")
 
     @property
     def required(self) -> float:
@@ -229,7 +261,8 @@ class MemoryEstimate:
                           for it in self.items},
                 "peak_bytes": int(self.peak), "required_bytes": int(self.required),
                 "device_peak_bytes": int(self.device_peak), "spillable_bytes": int(self.spillable),
-                "paged_out_bytes": int(self.paged_out), "capacity_bytes": int(self.capacity), "fits": self.fits}
+                "paged_out_bytes": int(self.paged_out), "capacity_bytes": int(self.capacity),
+                "host_bytes": int(self.host), "fits": self.fits}
 
 
 # ---- pure pieces -------------------------------------------------------------------------------
@@ -345,6 +378,18 @@ def unfused_linears(cfg: PlanConfig) -> dict[str, tuple[int, int]]:
     return {name: io for name, io in lin.items() if not fused_linear_takes(*io, rows)}
 
 
+def _step_copies(cfg: PlanConfig, p: int, grad_bytes: int) -> list[Item]:
+    """The gradient copies DeepSpeed's optimizer step makes and frees (no offload; see the module doc)."""
+    z, n, fp32 = cfg.zero_stage, cfg.world_size, cfg.compute_dtype == "fp32"
+    copy = [] if fp32 or (cfg.bf16_master and z) else [
+        Item("step_fp32_grad_copy", p * 4 / (n if z else 1), phase="step",
+             note="FP16_UnfusedOptimizer's fp32 grads" if z == 0 else "this rank's gradient partition")]
+    if z < 3:
+        return copy
+    # stage3.py _prepare_fp32_grad_for_sub_group: flatten(partition grads), then .to(the masters' dtype)
+    return [Item("step_grad_flatten", p * grad_bytes / n, phase="step", note="this rank's gradient partition")] + copy
+
+
 def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
     s, n = cfg.shape, cfg.world_size
     z = cfg.zero_stage
@@ -358,26 +403,49 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
     moment_bytes = 8 if cfg.optim_bits == 32 else 2 + 8 / 256
     master_bytes = 2 if cfg.bf16_master else 4
     fp32 = cfg.compute_dtype == "fp32"     # LoRA trains in fp32 itself: no 16-bit copy, no master, fp32 grads
-    lora_bytes, grad_bytes = (4, 4) if fp32 else (2, 2 if z >= 1 or cfg.bf16_master else 2 + 4)
+    # ZeRO-3 partitions LoRA A/B as QLoRALinear builds them, fp32 (inject/loading.py halves them for fp16 only; the
+    # engine casts only ZeRO 0-2 models): a 4-byte working copy
+    lora_bytes = 4 if fp32 or (z >= 3 and cfg.compute_dtype == "bf16") else 2
+    # bf16 with fp32 accumulation at ZeRO-1: DeepSpeed's BF16_Optimizer, a full fp32 gradient buffer beside the bf16
+    # grads, no reduce bucket, no step copy. Otherwise gradients stay 16-bit until the step (ZeRO-0's
+    # FP16_UnfusedOptimizer included: its fp32 grads exist only inside step())
+    bf16_accum = cfg.grad_accum_fp32 and z == 1 and cfg.compute_dtype == "bf16"
+    grad_bytes = 4 if fp32 else 2 + 4 if bf16_accum else 2
+    if bf16_accum:
+        part_grads = 1
+    # ZeRO-Offload (on a GPU; on a CPU the host is the device): its terms go to the host column
+    off_opt = cfg.offload_optimizer != "none" and cfg.device == "cuda"
+    off_param = cfg.offload_param != "none" and z >= 3 and cfg.device == "cuda"
+    opt_phase = "host" if off_opt else "static"
+    param_phase = "host" if off_param else "static"
+    where = f" (offloaded: {cfg.offload_optimizer})" if off_opt else ""
 
     items = [
-        Item("quantized_linears" if cfg.base_bits < 16 else "bf16_linears",
-             w["quantized_linears"] / part_params, note=f"{cfg.base_bits_per_param:.3f} bit/param"),
-        Item("embeddings_norms", w["embeddings_norms"] / part_params, note=cfg.compute_dtype),
-        Item("lora_params", p * lora_bytes / part_params, note=f"{p:,} params in {'fp32' if fp32 else 'bf16'}"),
-        Item("lora_grads", p * grad_bytes / part_grads,
-             note="fp32" if fp32 else "bf16" if z >= 1 else "bf16 + fp32 accumulation (BF16_Optimizer)"),
-        Item("master_weights", 0 if fp32 else p * master_bytes / part_optim,
-             note="none (fp32 training)" if fp32 else "bf16" if cfg.bf16_master else "fp32"),
-        Item("optimizer_states", p * moment_bytes / part_optim, spillable=cfg.paged,
-             note=f"Adam {cfg.optim_bits}-bit{' paged' if cfg.paged else ''}"),
+        Item("quantized_linears" if cfg.base_bits < 16 else "bf16_linears", w["quantized_linears"] / part_params,
+             param_phase, note=f"{cfg.base_bits_per_param:.3f} bit/param"),
+        Item("embeddings_norms", w["embeddings_norms"] / part_params, param_phase, note=cfg.compute_dtype),
+        Item("lora_params", p * lora_bytes / part_params, param_phase,
+             note=f"{p:,} params in {'fp32' if lora_bytes == 4 else cfg.compute_dtype}"),
+        # ZeRO-3 with offload keeps its gradient partitions in host memory (stage3.py: self.device is the CPU)
+        Item("lora_grads", p * grad_bytes / part_grads, opt_phase if z >= 3 else "static",
+             note="fp32" if fp32 else "bf16 + fp32 accumulation (BF16_Optimizer)" if bf16_accum else "16-bit"),
+        Item("master_weights", 0 if fp32 else p * master_bytes / part_optim, opt_phase,
+             note=("none (fp32 training)" if fp32 else "bf16" if cfg.bf16_master else "fp32") + where),
+        Item("optimizer_states", p * moment_bytes / part_optim, opt_phase, spillable=cfg.paged and not off_opt,
+             note=f"Adam {cfg.optim_bits}-bit{' paged' if cfg.paged else ''}" + where),
     ]
-    if z in (1, 2) and p:
-        elems = cfg.reduce_bucket_elems if cfg.device == "cuda" else min(cfg.reduce_bucket_elems, p)
-        items.append(Item("reduce_bucket", elems * (4 if z == 1 or fp32 else 2) * (2 if cfg.overlap_comm else 1),
+    bucket_elems = cfg.reduce_bucket_elems if cfg.device == "cuda" else min(cfg.reduce_bucket_elems, p)
+    if z in (1, 2) and p and not bf16_accum:
+        items.append(Item("reduce_bucket", bucket_elems * (4 if z == 1 or fp32 else 2) * (2 if cfg.overlap_comm else 1),
                           note="double-buffered (overlap_comm)" if cfg.overlap_comm else ""))
-    if z in (1, 2) and not cfg.bf16_master and not fp32:
-        items.append(Item("step_fp32_grad_copy", p * 4 / part_grads, phase="step"))
+    if z == 3 and p and cfg.contiguous_gradients:
+        items.append(Item("reduce_bucket", bucket_elems * (4 if fp32 else 2), note="contiguous_gradients (ZeRO-3)"))
+    if off_opt:
+        # the fp32 gradient partition the host step reads (ZeRO-1/2: and the 16-bit staging copy of the update)
+        items.append(Item("offload_grad_buffers", p * (4 + (2 if z < 3 else 0)) / n, "host",
+                          note="fp32 grads" + (" + 16-bit staging" if z < 3 else "") + where))
+    elif not bf16_accum:
+        items += _step_copies(cfg, p, grad_bytes)
 
     act = activation_bytes(cfg)
     items += [Item(k, v, phase="backward") for k, v in act.items()]
@@ -394,7 +462,7 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
                           phase="backward", note="dequantized weights kept for backward (bounded pool)"))
     if z >= 3 and n > 1:
         layer = (s.linear_params_per_layer * cfg.base_bits_per_param / 8 + cfg_lora_params(cfg) / s.layers
-                 * (4 if fp32 else 2) + s.expert_params / s.layers * cfg.elem)
+                 * lora_bytes + s.expert_params / s.layers * cfg.elem)
         head = s.vocab * s.hidden * cfg.elem
         items.append(Item("zero3_gathered", max(2 * layer, head), phase="backward",
                           note="layer in use + prefetched layer, or lm_head"))

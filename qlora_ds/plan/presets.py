@@ -1,6 +1,7 @@
 """Model shapes for the planner: shipped presets and HF ``config.json`` files read with json alone.
 
-Only the numbers the memory and traffic model needs; no download, no transformers import.
+Only the numbers the memory and traffic model needs; no download. transformers is imported only for a config.json
+without ``tie_word_embeddings`` (its model type's default).
 """
 from __future__ import annotations
 
@@ -142,9 +143,33 @@ def _moe(cfg: dict, name: str, intermediate: int) -> dict:
             "intermediate": int(cfg["num_experts_per_tok"]) * expert_i + shared_i}
 
 
+# model_type values in the LLaMA layout: separate q/k/v/o and a gated MLP (gate/up/down), or Mixtral / Qwen-MoE
+# experts (tests/test_plan_zero.py builds each from a tiny config and counts). Others (gpt_neox, opt, gpt2, falcon,
+# phi: a two-matrix MLP, fused q/k/v or biases and position tables; phi3: fused qkv_proj / gate_up_proj) are refused.
+LLAMA_LAYOUT = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                "smollm3")
+
+
+def _tied_default(model_type: str, name: str) -> bool:
+    """tie_word_embeddings of ``model_type``'s transformers config class (Llama: False, Gemma: True), for a
+    config.json that leaves the key out."""
+    try:
+        from transformers import AutoConfig
+        return bool(AutoConfig.for_model(model_type).tie_word_embeddings)
+    except (ImportError, ValueError, AttributeError) as err:
+        raise QLoRADSError(f"{name}: no tie_word_embeddings, and transformers gives no default for model_type "
+                           f"{model_type!r} ({err}); add \"tie_word_embeddings\": true or false to it") from None
+
+
 def shape_from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
     """Build a shape from a Hugging Face config dict (LLaMA/Mistral/Qwen/Gemma-style keys; Mixtral / Qwen-MoE
-    experts are counted in 16 bit, as qlora-ds leaves them)."""
+    experts are counted in 16 bit, as qlora-ds leaves them). A ``model_type`` outside ``LLAMA_LAYOUT`` is refused;
+    none at all is read as the LLaMA layout."""
+    model_type = cfg.get("model_type")
+    if model_type is not None and model_type not in LLAMA_LAYOUT:
+        raise QLoRADSError(f"{name}: model_type {model_type!r} is not modelled; the planner models the LLaMA layout "
+                           f"(q/k/v/o and the gated gate/up/down MLP) of {', '.join(LLAMA_LAYOUT)}")
+
     def need(key, *alts):
         for k in (key, *alts):
             if k in cfg:
@@ -152,7 +177,7 @@ def shape_from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
         raise QLoRADSError(f"{name}: missing {key!r}; the planner needs hidden_size, intermediate_size, "
                            "num_hidden_layers, num_attention_heads and vocab_size")
     heads = need("num_attention_heads", "n_head")
-    intermediate = need("intermediate_size", "ffn_dim")
+    intermediate = need("intermediate_size")
     return ModelShape(**{
         "name": str(cfg.get("_name_or_path") or name),
         "hidden": need("hidden_size", "n_embd"),
@@ -162,7 +187,8 @@ def shape_from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
         "kv_heads": int(cfg.get("num_key_value_heads") or heads),
         "vocab": need("vocab_size"),
         "max_positions": int(cfg.get("max_position_embeddings", 2048)),
-        "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+        "tie_embeddings": bool(cfg["tie_word_embeddings"] if "tie_word_embeddings" in cfg
+                               else model_type is not None and _tied_default(model_type, name)),
         "explicit_head_dim": int(cfg.get("head_dim") or 0),
         **_moe(cfg, name, intermediate),
     })

@@ -1,0 +1,240 @@
+"""Planner: what DeepSpeed 0.19.8 really holds per ZeRO stage, offload, recipes and model layouts (CPU only, no dist).
+
+The measured figures are from real DeepSpeed runs (world 1, gloo) of the tiny Llama below: ``TINY``, LoRA r=8 on all
+linears (P = 65,536), bf16, PagedAdamW, reduce_bucket_size 1M."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from qlora_ds.errors import QLoRADSError
+from qlora_ds.plan import PlanConfig, apply_ds_config, apply_recipe, estimate_memory, format_report, plan
+from qlora_ds.plan.presets import LLAMA_LAYOUT, shape_from_hf_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 100,
+        "tie_word_embeddings": False}
+P = 65_536
+
+
+def _cfg(zero, world=1, **kw):
+    ds = {"bf16": {"enabled": True}, "optimizer": {"type": "PagedAdamW"},
+          "zero_optimization": {"stage": zero, "contiguous_gradients": True, "overlap_comm": False,
+                                "reduce_bucket_size": 1_000_000}}
+    cfg = PlanConfig(shape=shape_from_hf_config(TINY), lora_r=8, gpus_per_node=world, **kw)
+    return apply_ds_config(cfg, ds)
+
+
+def _items(cfg):
+    return {it.name: it for it in estimate_memory(cfg).items}
+
+
+def test_zero3_lora_working_copy_is_fp32_and_its_bucket_counts():
+    """Measured at ZeRO-3: ds_tensor fp32 262,144 B, ipg bucket bf16 2,000,000 B, grad partitions bf16 131,072 B."""
+    it = _items(_cfg(3))
+    assert it["lora_params"].bytes == 262_144 == 4 * P
+    assert it["reduce_bucket"].bytes == 2_000_000 and it["reduce_bucket"].phase == "static"
+    assert it["lora_grads"].bytes == 131_072 and it["master_weights"].bytes == 262_144
+    assert _items(_cfg(3, compute_dtype="fp16"))["lora_params"].bytes == 2 * P      # loading.py halves them for fp16
+    eight = _items(_cfg(3, world=8))
+    assert eight["lora_params"].bytes == 4 * P / 8 and eight["reduce_bucket"].bytes == 2_000_000
+    # the step flattens this rank's gradient partition and copies it to fp32 (stage3.py
+    # _prepare_fp32_grad_for_sub_group; measured: a new fp32 tensor of 262,144 B at world 1)
+    assert (eight["step_grad_flatten"].bytes, eight["step_fp32_grad_copy"].bytes) == (2 * P / 8, 4 * P / 8)
+    assert eight["step_fp32_grad_copy"].phase == "step"
+    assert "step_fp32_grad_copy" not in _items(replace(_cfg(3, world=8), bf16_master=True))
+    # no contiguous_gradients: no bucket; a ds_config without reduce_bucket_size gets DeepSpeed's 5e8 elements
+    assert "reduce_bucket" not in _items(replace(_cfg(3), contiguous_gradients=False))
+    default = apply_ds_config(PlanConfig(shape=shape_from_hf_config(TINY)), {"zero_optimization": {"stage": 3}})
+    assert default.contiguous_gradients and _items(default)["reduce_bucket"].bytes == 5e8 * 2
+
+
+def test_zero3_gathered_layer_moves_fp32_lora():
+    s = shape_from_hf_config(TINY)
+    it = _items(_cfg(3, world=2, seq_len=8))
+    layer = s.linear_params_per_layer * 4.127 / 8 + P / s.layers * 4
+    assert it["zero3_gathered"].bytes == pytest.approx(max(2 * layer, s.vocab * s.hidden * 2), rel=1e-3)
+
+
+def test_zero0_keeps_16bit_grads_and_copies_to_fp32_in_the_step():
+    """Measured at ZeRO-0 (FP16_UnfusedOptimizer): bf16 grads 2.0 B/param, no fp32 gradient outside step()."""
+    it = _items(_cfg(0))
+    assert it["lora_grads"].bytes == 2 * P and it["lora_grads"].phase == "static"
+    assert it["step_fp32_grad_copy"].bytes == 4 * P and it["step_fp32_grad_copy"].phase == "step"
+    # DeepSpeed 0.19.8 refuses fp32 accumulation at ZeRO-0 ("unsupported mix of model_dtype and grad_accum_dtype")
+    with pytest.raises(QLoRADSError, match="grad_accum_dtype"):
+        apply_ds_config(_cfg(0), {"zero_optimization": {"stage": 0}, "data_types": {"grad_accum_dtype": "fp32"}})
+    # at ZeRO-1 it selects BF16_Optimizer: a full fp32 buffer (measured 4.0 B/param) beside the bf16 grads
+    bf16_opt = _items(apply_ds_config(_cfg(1, world=2), {"zero_optimization": {"stage": 1},
+                                                          "data_types": {"grad_accum_dtype": "fp32"}}))
+    assert bf16_opt["lora_grads"].bytes == 6 * P and "reduce_bucket" not in bf16_opt
+    assert "step_fp32_grad_copy" not in bf16_opt
+
+
+def test_zero1_step_copies_only_this_ranks_partition():
+    """stage_1_and_2.py step: flat_grad_partition.to(fp32) has partition_size[i] = P/N elements at ZeRO-1 as at 2."""
+    for zero in (1, 2):
+        assert _items(_cfg(zero, world=4))["step_fp32_grad_copy"].bytes == 4 * P / 4
+
+
+def test_offload_moves_its_terms_to_the_host():
+    base = _cfg(2)
+    off = apply_ds_config(base, {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"},
+                                                       "reduce_bucket_size": 1_000_000}})
+    on, moved = estimate_memory(base), estimate_memory(off)
+    host = {it.name for it in moved.items if it.phase == "host"}
+    assert host == {"master_weights", "optimizer_states", "offload_grad_buffers"}
+    assert moved.host == 4 * P + 8 * P + 6 * P and "step_fp32_grad_copy" not in _items(off)
+    # the masters leave the GPU figure; the paged moments were spillable already
+    assert moved.required == pytest.approx(on.required - 4 * P, abs=1)
+    assert moved.spillable == 0 and moved.as_dict()["host_bytes"] == 18 * P
+    z3 = apply_ds_config(base, {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"},
+                                                      "offload_param": {"device": "cpu"}}})
+    items = _items(z3)
+    assert all(items[k].phase == "host" for k in ("quantized_linears", "embeddings_norms", "lora_params",
+                                                   "lora_grads", "master_weights", "optimizer_states"))
+    assert items["reduce_bucket"].phase == "static" and "step_fp32_grad_copy" not in items
+    assert "on the host (offload)" in format_report(plan(z3))
+    with pytest.raises(QLoRADSError, match="offload needs ZeRO"):
+        replace(off, zero_stage=0)
+
+
+QALORA_RECIPE = {"method": "qalora", "bits": 2, "group_size": 64, "lora_r": 64, "max_len": 2048, "micro_batch": 4,
+                 "grad_accum": 4, "optimizer": "PagedAdamW8bit", "grad_ckpt": True, "dtype": "bf16", "lr": 1e-4,
+                 "_comment": "ignored",
+                 "ds_config": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                               "zero_optimization": {"stage": 2}}}
+
+
+def test_recipe_plans_what_finetune_runs():
+    base = PlanConfig(shape=shape_from_hf_config(TINY))
+    c = apply_recipe(base, QALORA_RECIPE)
+    assert (c.quant, c.base_bits, c.group_size, c.micro_batch, c.grad_accum) == ("int", 2, 64, 4, 4)
+    assert (c.optim_bits, c.paged, c.chunked_loss, c.zero_stage, c.seq_len) == (8, True, True, 2, 2048)
+    # no optimizer anywhere: finetune's PagedAdamW; no chunked_loss key: finetune's default (on)
+    plain = apply_recipe(replace(base, chunked_loss=False), {"lora_r": 8, "ds_config": {"zero_optimization": {}}})
+    assert (plain.paged, plain.optim_bits, plain.chunked_loss, plain.quant) == (True, 32, True, "nf4")
+    assert not apply_recipe(base, {"chunked_loss": False}).chunked_loss
+    with pytest.raises(QLoRADSError, match=r"unknown keys \['micro_batch_size'\]"):
+        apply_recipe(base, {"micro_batch_size": 4})
+    conflict = {**QALORA_RECIPE, "ds_config": {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW"}}}
+    with pytest.raises(QLoRADSError, match="micro_batch 4 vs .* 2; optimizer PagedAdamW8bit vs ds_config AdamW"):
+        apply_recipe(base, conflict)
+
+
+def test_recipe_keys_are_finetunes():
+    """The planner refuses exactly the recipe keys finetune refuses: its list is finetune's argparse destinations."""
+    import argparse
+    from unittest import mock
+
+    from qlora_ds.plan import FINETUNE_KEYS
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    try:
+        import finetune
+    finally:
+        sys.path.pop(0)
+    seen = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def spy(self, *a, **k):
+        seen["dests"] = {action.dest for action in self._actions}
+        return real(self, *a, **k)
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", spy):
+        finetune.parse_args(["--model", "m", "--dataset", "d", "--output-dir", "o"])
+    assert FINETUNE_KEYS == seen["dests"]
+
+
+def test_cli_plans_the_chunked_loss_by_default(tmp_path):
+    from qlora_ds.plan.__main__ import config_from_args, parse_args
+    cli = ["--model", "llama-7b", "--seq-len", "2048"]
+    on, off = config_from_args(parse_args(cli)), config_from_args(parse_args(cli + ["--no-chunked-loss"]))
+    assert on.chunked_loss and not off.chunked_loss
+    assert estimate_memory(off).get("logits_loss") == 2048 * 32000 * 12
+    assert estimate_memory(on).get("logits_loss") < estimate_memory(off).get("logits_loss") / 3
+    assert "loss chunked" in format_report(plan(on))
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"chunked_loss": False, "method": "qalora", "bits": 3}))
+    from_recipe = config_from_args(parse_args(cli + ["--recipe", str(recipe)]))
+    assert not from_recipe.chunked_loss and (from_recipe.quant, from_recipe.base_bits) == ("int", 3)
+    assert config_from_args(parse_args(cli + ["--recipe", str(recipe), "--chunked-loss"])).chunked_loss
+
+
+def test_qalora_group_size_must_divide_every_input():
+    shape = shape_from_hf_config(TINY)         # inputs 256 and 512
+    with pytest.raises(QLoRADSError, match=r"group_size=48 .*\(not \[256, 512\]\)"):
+        PlanConfig(shape=shape, quant="int", base_bits=4, group_size=48)
+    with pytest.raises(QLoRADSError, match="group_size=7"):
+        PlanConfig(shape=shape, quant="int", base_bits=4, group_size=7)
+    assert PlanConfig(shape=shape, quant="int", base_bits=4, group_size=128).base_bits_per_param == 4.5
+    out = subprocess.run([sys.executable, "-m", "qlora_ds.plan", "--model", "llama-7b", "--quant", "int",
+                          "--group-size", "7"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2 and "group_size=7" in out.stdout + out.stderr
+
+
+def test_missing_tie_word_embeddings_takes_the_model_types_default():
+    """transformers' per-class default: Llama untied, Gemma tied (google/gemma-7b's config.json has no such key)."""
+    base = {k: v for k, v in TINY.items() if k != "tie_word_embeddings"}
+    assert shape_from_hf_config({**base, "model_type": "gemma"}).tie_embeddings
+    assert not shape_from_hf_config(base).tie_embeddings
+    assert not shape_from_hf_config({k: v for k, v in base.items() if k != "model_type"}).tie_embeddings
+    assert not shape_from_hf_config({**base, "model_type": "gemma", "tie_word_embeddings": False}).tie_embeddings
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "opt", "gpt2", "falcon", "phi", "phi3", "bloom"])
+def test_layouts_the_planner_does_not_model_are_refused(model_type):
+    with pytest.raises(QLoRADSError, match=f"model_type '{model_type}' is not modelled.*gated"):
+        shape_from_hf_config({**TINY, "model_type": model_type})
+    from qlora_ds.plan.run_check import config_for_run
+    with pytest.raises(QLoRADSError, match="not modelled"):
+        config_for_run({**TINY, "model_type": model_type}, {}, world=1, device="cpu", seq_len=8, lora_r=8,
+                       lora_dropout=0.0, targets=None, grad_ckpt=True)
+
+
+MOE = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+       "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=48),
+       "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)}
+
+
+@pytest.mark.parametrize("model_type", LLAMA_LAYOUT)
+def test_every_allowed_layout_counts_what_transformers_builds(model_type):
+    """Each model type the planner accepts, built by transformers from a tiny config: the wrapped linears, the LoRA
+    parameters and every other weight (norms aside: Qwen3 / Gemma-2 add per-head and extra norms) are the planner's."""
+    import torch
+    import transformers as tf
+
+    from qlora_ds.inject import inject, select
+    from qlora_ds.nn import QLoRAConfig
+    from qlora_ds.plan import lora_params
+    config = tf.AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100,
+                                     pad_token_id=0, bos_token_id=0, eos_token_id=0, **MOE.get(model_type, {}))
+    model = tf.AutoModelForCausalLM.from_config(config)
+    s = shape_from_hf_config(config.to_dict())
+    wrapped = sum(model.get_submodule(p).weight.numel() for p in select(model, QLoRAConfig(r=4)))
+    other = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(".bias") and "norm" not in n)
+    assert s.linear_params == wrapped
+    assert s.total_params - (2 * s.layers + 1) * s.hidden == other
+    inject(model, QLoRAConfig(r=4, compute_dtype=torch.float32))
+    assert sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n) == lora_params(s, 4)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_host_load_lists_the_moe_experts(model_type):
+    """plan/host.py's load order holds every tensor the model has: the 16-bit experts and routers too."""
+    import transformers as tf
+
+    from qlora_ds.plan.host import estimate_load, load_order
+    config = tf.AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                     **MOE[model_type])
+    model = tf.AutoModelForCausalLM.from_config(config)
+    cfg = config.to_dict()
+    order = load_order(cfg)
+    assert sum(n for _, n, *_ in order) == sum(p.numel() for p in model.parameters())
+    experts = shape_from_hf_config(cfg).expert_params
+    assert estimate_load(cfg, runtime_bytes=0).resident > 2 * experts
