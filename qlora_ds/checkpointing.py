@@ -1,9 +1,8 @@
 """DeepSpeed checkpoints that survive kills, full disks and tampering.
 
-DeepSpeed writes a tag directory, then its ``latest`` file. We add a manifest (sha256 of every file, the caller's
-extra files such as the adapter at that step included, written atomically last) so a tag is *complete* only once
-its manifest exists, and resume picks the newest complete, untampered tag even if ``latest`` points at a
-half-written one.
+DeepSpeed writes a tag directory. We add a manifest (sha256 of every file, the caller's extra files such as the
+adapter at that step included, written atomically last) so a tag is *complete* only once its manifest exists, then
+DeepSpeed's ``latest`` file; resume picks the newest complete, untampered tag whatever ``latest`` says.
 
 DeepSpeed reads its files with an unrestricted unpickler, so resume must only open tags this run wrote.
 A manifest beside the files proves nothing by itself (whoever plants a tag can write a matching one), so
@@ -197,7 +196,9 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=N
     ``keep`` newest complete tags (this one included) and the tags in ``protect`` (e.g. the best held-out loss's),
     and removes partial tags that killed saves left.
     ``also(tag_dir)``: called on every rank after DeepSpeed's files (e.g. the adapter at this step, into
-    ``<tag>/adapter``); its files join the manifest, and its failure fails the save like DeepSpeed's."""
+    ``<tag>/adapter``), even when one of those failed to write; its files join the manifest, and its failure fails
+    the save like DeepSpeed's. A failure on one rank fails the save on every rank, none left blocked in a
+    collective."""
     import torch.distributed as dist
 
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
@@ -211,9 +212,14 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=N
     dist.barrier()
     ok, reason = True, None
     try:  # any error, not just OSError: torch.save's zip writer reports a full disk as a RuntimeError
-        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, exclude_frozen_parameters=True)
+        failed = _save_engine(engine, ckpt_dir, tag, client_state)
         if also is not None:
-            also(tag_dir)
+            try:
+                also(tag_dir)  # even after a failed write: under ZeRO-3 its gather is a collective
+            except Exception as err:
+                failed = failed or err
+        if failed is not None:
+            raise failed
         # torch.save (DeepSpeed's writer) never fsyncs: each rank syncs what it sees (its own files included) before
         # the manifest declares the tag complete, else a crash could leave a manifest vouching for empty files
         fsync_tree(tag_dir)
@@ -225,6 +231,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=N
     if _all_ok(ok) and rank == 0:  # the manifest goes last, once every rank's files are written
         try:
             write_manifest(tag_dir, step)
+            atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)  # DeepSpeed's, once the tag is complete
         except Exception as err:
             ok, reason = False, _cause(err, ckpt_dir)
     if not _all_ok(ok):  # every rank reaches both all-reduces, so none blocks when another fails
@@ -241,6 +248,35 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=N
         for old in stale + older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     dist.barrier()
+
+
+def _save_engine(engine, ckpt_dir: str, tag: str, client_state: dict) -> Exception | None:
+    """``engine.save_checkpoint``, returning (not raising) the first failed file write. Raised inside, it would take
+    this rank past DeepSpeed's closing barrier while the others wait there (a full disk on one node): every rank
+    would block until the process-group timeout. ``latest`` is left to ``save``, so it never names a partial tag."""
+    failed = []
+    writer = getattr(engine, "checkpoint_engine", None)
+    inner = getattr(writer, "save", None)
+
+    def save(*args, **kwargs):
+        if not failed:  # after the first failure the rest is not worth writing
+            try:
+                return inner(*args, **kwargs)
+            except Exception as err:
+                failed.append(err)
+
+    own = "save" in getattr(writer, "__dict__", {})  # patched on the instance already: put that back
+    if inner is not None:
+        writer.save = save
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)
+    finally:
+        if own:
+            writer.save = inner
+        elif inner is not None:
+            del writer.save
+    return failed[0] if failed else None
 
 
 # What torch.save's zip writer (DeepSpeed's default) raises, as a RuntimeError, when a write fails (a full disk).

@@ -321,8 +321,10 @@ def test_tokenizer_model_vocab_mismatch():
     ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
      r"under mpirun set MASTER_PORT"),
 ], ids=["mpi_half", "torch_half", "mpi_no_port"])
-def test_distributed_env_half_set(env, match):
+def test_distributed_env_half_set(env, match, monkeypatch):
+    from qlora_ds import distributed
     from qlora_ds.distributed import map_mpi_env
+    monkeypatch.setattr(distributed, "_mpi4py_installed", lambda: False)   # with it, DeepSpeed discovers the port
     given = dict(env)
     with pytest.raises(QLoRADSError, match=match):
         map_mpi_env(given)

@@ -19,19 +19,28 @@ from qlora_ds.errors import QLoRADSError
 needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 
 
+class _Writer:
+    """DeepSpeed's default checkpoint writer (TorchCheckpointEngine.save)."""
+
+    def save(self, state_dict, path):
+        torch.save(state_dict, path)
+
+
 class FakeEngine:
-    """Writes this rank's file as DeepSpeed does (torch.save); ``full`` sends it to a disk with no space."""
+    """Writes this rank's file as DeepSpeed does (its checkpoint_engine, torch.save), then waits at DeepSpeed's
+    closing barrier; ``full`` sends the file to a disk with no space."""
 
     def __init__(self, full: bool = False, numel: int = 1 << 16):
-        self.full, self.numel = full, numel
+        self.full, self.numel, self.checkpoint_engine = full, numel, _Writer()
 
-    def save_checkpoint(self, ckpt_dir, tag, client_state, exclude_frozen_parameters):
+    def save_checkpoint(self, ckpt_dir, tag, client_state, save_latest, exclude_frozen_parameters):
         folder = os.path.join(ckpt_dir, tag)
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"mp_rank_{dist.get_rank():02d}_model_states.pt")
         if self.full:
             os.symlink("/dev/full", path)
-        torch.save({"client": client_state, "w": torch.zeros(self.numel)}, path)
+        self.checkpoint_engine.save({"client": client_state, "w": torch.zeros(self.numel)}, path)
+        dist.barrier()
 
 
 def _tags(ckpt) -> list[str]:
@@ -81,7 +90,7 @@ def test_full_disk_while_writing_the_manifest(ckpt, monkeypatch):
 def _rank(rank: int, store: str, ckpt: str, secrets: str, out) -> None:
     os.environ["QLORA_DS_SECRET_DIR"] = secrets
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+                            timeout=timedelta(seconds=20))   # a rank left blocked in a collective fails fast
     try:
         checkpointing.save(FakeEngine(), ckpt, 2, {"step": 2}, keep=2)
         try:
@@ -114,6 +123,7 @@ def test_full_disk_on_one_rank_fails_every_rank_without_blocking(tmp_path):
     assert errors[1].startswith("QLoRADSError: saving checkpoint step 4 failed on rank 1: RuntimeError")
     assert "most likely a full disk" in errors[1]
     assert _tags(ckpt) == ["step0000002"]
+    assert (ckpt / "latest").read_text() == "step0000002"     # never names the removed partial tag
 
 
 def test_pruning_never_removes_the_new_checkpoint_for_a_stale_partial_one(ckpt):

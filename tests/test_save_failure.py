@@ -1,0 +1,105 @@
+"""A checkpoint write that fails on one rank only, inside DeepSpeed's own save_checkpoint (a full disk on one node),
+with a real DeepSpeed engine on 2 ranks (torchrun, CPU/gloo) at ZeRO-2 and ZeRO-3, saved as finetune's
+``Loop.checkpoint`` saves (the adapter as ``also``). Every rank must get the clear QLoRADSError at once, not block in
+DeepSpeed's barrier or the adapter's gather until the process-group timeout.
+
+This file is also the worker: ``torchrun tests/test_save_failure.py MODEL_DIR OUT_DIR``."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import pytest
+
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+PG_TIMEOUT_S = 20  # a rank left blocked in a collective fails the test after this, instead of hanging
+
+
+@needs_dev_full
+def test_full_disk_on_one_rank_inside_deepspeed_save_fails_every_rank_at_once(tmp_path):
+    from tests.dist_utils import check, run_torchrun
+    from tests.tiny_models import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    check(run_torchrun(__file__, str(tmp_path / "model"), str(tmp_path), nproc=2, timeout=240))
+    for stage in (2, 3):
+        got = [json.loads((tmp_path / f"rank{r}.json").read_text())[str(stage)] for r in (0, 1)]
+        print(f"ZeRO-{stage}:", got)
+        assert got[1]["error"].startswith("QLoRADSError: saving checkpoint step 4 failed on rank 1: RuntimeError")
+        assert "most likely a full disk" in got[1]["error"]
+        assert got[0]["error"].startswith("QLoRADSError: saving checkpoint step 4 failed on another rank")
+        assert "last good checkpoint (step0000002) is kept and the partial step0000004 removed" in got[0]["error"]
+        assert max(g["seconds"] for g in got) < PG_TIMEOUT_S / 2          # nobody waited for a timeout
+        ckpt = tmp_path / f"z{stage}"
+        assert got[0]["tags_after_failure"] == ["step0000002"]
+        assert got[0]["latest_after_failure"] == "step0000002"
+        # the ranks are still in step: the next save (the disk freed) completes and prunes as usual
+        assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step")) == ["step0000002", "step0000006"]
+        assert (ckpt / "latest").read_text() == "step0000006"
+        assert (ckpt / "step0000006" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def _worker(model_dir: str, out: str) -> None:
+    from datetime import timedelta
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from qlora_ds import checkpointing
+    from qlora_ds.errors import QLoRADSError
+    from qlora_ds.inject import from_pretrained, save_adapter
+    from qlora_ds.nn import QLoRAConfig
+
+    os.environ["QLORA_DS_SECRET_DIR"] = os.path.join(out, "secrets")
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=PG_TIMEOUT_S))
+    rank, results = dist.get_rank(), {}
+    for stage in (2, 3):
+        ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+              "steps_per_print": 10**6}
+        model = from_pretrained(model_dir, QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32),
+                                ds_config=ds, torch_dtype=torch.float32)
+        engine, *_ = deepspeed.initialize(model=model, config=ds,
+                                          model_parameters=[p for p in model.parameters() if p.requires_grad])
+        ckpt = os.path.join(out, f"z{stage}")
+
+        def also(tag_dir, engine=engine):  # as finetune's Loop.checkpoint
+            save_adapter(engine, os.path.join(tag_dir, "adapter"), barrier=False)
+
+        checkpointing.save(engine, ckpt, 2, {"step": 2}, keep=2, also=also)
+        real = engine.checkpoint_engine.save
+
+        def full_disk(state_dict, path, real=real):  # rank 1's disk is full: a real torch.save failure
+            if rank == 1:
+                os.symlink("/dev/full", path)
+            return real(state_dict, path)
+
+        engine.checkpoint_engine.save = full_disk
+        t0 = time.time()
+        caught = None
+        try:
+            checkpointing.save(engine, ckpt, 4, {"step": 4}, keep=2, also=also)
+        except Exception as err:
+            caught = err
+        error = f"{type(caught).__name__}: {caught}" if caught else "no error"
+        results[stage] = {"error": error, "seconds": time.time() - t0,
+                          "tags_after_failure": sorted(t for t in os.listdir(ckpt) if t.startswith("step")),
+                          "latest_after_failure": open(os.path.join(ckpt, "latest")).read()}
+        if not isinstance(caught, QLoRADSError):  # e.g. a timed-out group: report, never wait on it again
+            break
+        del engine.checkpoint_engine.save
+        checkpointing.save(engine, ckpt, 6, {"step": 6}, keep=2, also=also)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
+        json.dump(results, fh)
+    if len(results) < 2:
+        os._exit(1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])
