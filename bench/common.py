@@ -218,11 +218,54 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str
 
 
 def describe_machine(device: torch.device | str) -> str:
+    """One line: the CPU model and ISA always (the host side of every run), the GPU on CUDA, threads, versions."""
     m = machine(device)
     vers = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) or "?"
     missing = [k for k, v in m["versions"].items() if not v]
-    return (f"device: {m['device_name']} ({m['device']}), {m['cpu_count']} CPUs ({m['cpu_isa']}), "
+    gpu = f"gpu: {m['device_name']}, " if m["device"] == "cuda" else ""
+    return (f"cpu: {m['cpu_name']} ({m['cpu_isa']}), {m['cpu_count']} CPUs, {gpu}device {m['device']}, "
             f"quant kernels: {m['kernel_isa']}{' + fused AMX linear' if m['fused_linear'] else ''}, "
             f"torch threads {m['threads']}, "
             f"load average {m['loadavg_1m']}; "
             f"{vers}" + (f" (not installed: {', '.join(missing)})" if missing else "") + f"; commit {m['commit']}")
+
+
+def _proc_status(*fields: str) -> dict[str, int | None]:
+    """Bytes of the given /proc/self/status fields (None where absent: no /proc, or an old kernel)."""
+    out: dict[str, int | None] = dict.fromkeys(fields)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in out:
+                    out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def rss_file() -> int | None:
+    """Resident file-backed bytes of this process now (RssFile): shared libraries and mapped files, e.g. the
+    safetensors shards transformers keeps mapped after loading. Clean, reclaimable pages, but counted in VmRSS/VmHWM."""
+    return _proc_status("RssFile")["RssFile"]
+
+
+def peak_fields(name: str, peak: int | None = None) -> dict:
+    """``{name: peak, name_rss_file: RssFile now, name_anon: peak - RssFile}``: the RSS high-water mark (``peak``, or
+    VmHWM now) beside its anonymous part. Call it at the end of the measured span: file-backed pages (a mapped
+    checkpoint) stay resident from where they were touched, so ``VmHWM - RssFile`` estimates the anonymous peak, the
+    figure to compare between loaders that map the checkpoint (transformers + bnb) and loaders that read it (ours)."""
+    st = _proc_status("VmHWM", "RssFile")
+    peak = st["VmHWM"] if peak is None else peak
+    out = {name: peak, f"{name}_rss_file": st["RssFile"]}
+    if peak is not None and st["RssFile"] is not None:
+        out[f"{name}_anon"] = peak - st["RssFile"]
+    return out
+
+
+def anon_or_plain(row: dict, name: str) -> tuple[int | None, bool]:
+    """``row[name + "_anon"]`` and True where the row has it, else ``row[name]`` and False (rows from before
+    RssFile was recorded: their peak includes mapped files)."""
+    if row.get(f"{name}_anon") is not None:
+        return row[f"{name}_anon"], True
+    return row.get(name), False

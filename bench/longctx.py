@@ -10,7 +10,9 @@ help from response-only labels), in the machine's compute dtype (``qlora_ds.hard
 ``ours`` (``qlora_ds.from_pretrained`` NF4 + DQ, ``qlora_ds.loss.causal_lm_loss``), ``ours-full-logits`` (the same
 model, the model's own loss) and ``bnb-peft`` (BitsAndBytesConfig NF4 + DQ + PEFT LoRA, the model's own loss).
 ``peak_step``: the RSS high-water mark over the timed steps (reset after warm-up; CUDA: max allocated);
-``peak_step_over_loaded``: that minus the memory held right after loading. The planner's transient terms
+``peak_step_over_loaded``: that minus the memory held right after loading. On the CPU also ``peak_step_anon``
+(minus the file-backed pages resident at the end, ``peak_step_rss_file``: transformers keeps bnb's checkpoint mapped,
+ours maps none; ``bench.common.peak_fields``), the figure to compare ours with bnb on. The planner's transient terms
 (activations + logits/loss) for the same setting are printed beside ours.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 import torch
 
 from bench import _train_loop as tl
-from bench.common import REPO, RowWriter, default_device, describe_machine, format_table
+from bench.common import REPO, RowWriter, default_device, describe_machine, format_table, peak_fields
 
 MiB = 1 << 20
 VARIANTS = ("ours", "ours-full-logits", "bnb-peft")
@@ -89,10 +91,11 @@ def worker(args) -> dict:
     tl.reset_peak()
     times = [step() for _ in range(args.steps)]
     peak = tl.peak_rss() if device.type == "cpu" else tl.cuda_peak()
+    anon = peak_fields("peak_step", peak) if device.type == "cpu" else {}
     # peak_step: the high-water mark during the timed steps, absolute; peak_step_over_loaded: minus the memory
     # held once the model was loaded (the step's own activations, logits, optimizer state, allocator slack)
     return {"variant": args.worker, "seq": args.seq, "dtype": str(dtype).replace("torch.", ""),
-            "step_s": statistics.median(times), "step_s_all": times, "peak_step": peak,
+            "step_s": statistics.median(times), "step_s_all": times, "peak_step": peak, **anon,
             "peak_step_over_loaded": peak - loaded, "rss_after_load": loaded, "rss_before": before,
             "peak_kind": "rss_hwm" if device.type == "cpu" else "cuda_max_allocated", "device": device.type}
 
@@ -174,9 +177,11 @@ def main(argv=None) -> int:
                 s *= 2
     table = [[r["variant"], r["seq"], r.get("dtype", ""), f"{r['step_s']:.2f}" if "step_s" in r else r.get("error"),
               f"{r['peak_step'] / MiB:.0f}" if "peak_step" in r else "",
+              f"{r['peak_step_anon'] / MiB:.0f}" if "peak_step_anon" in r else "",
               f"{r['peak_step_over_loaded'] / MiB:.0f}" if "peak_step_over_loaded" in r else "",
               f"{r['planned_peak'] / MiB:.0f}" if r.get("planned_peak") else ""] for r in rows]
-    print(format_table(["variant", "seq", "dtype", "step s", "peak step MiB", "over loaded MiB",
+    print(format_table(["variant", "seq", "dtype", "step s", "peak step MiB", "anon peak MiB (minus RssFile)",
+                        "over loaded MiB",
                         "planned over loaded MiB"], table))
     return 0
 

@@ -144,9 +144,12 @@ def main(argv=None) -> int:
                 after = t.get("cuda_after_load") if device.type == "cuda" else None
                 loaded = after if after is not None else t["rss_after_load"] - base
                 stepped = t["peak_step"] - base
+                # the anonymous part too (RssFile taken out; ours maps no checkpoint, so the two differ by libraries)
+                has_anon = device.type != "cuda" and t.get("peak_step_anon") and t.get("rss_before_load_anon")
+                anon = t["peak_step_anon"] - t["rss_before_load_anon"] if has_anon else None
                 writer.write(shape={**shape, "batch": targs.batch, "seq": targs.seq, "r": 16, "grad_ckpt": True},
                              kind="train_peak_vs_plan", world=1, zero_stage=0, measured_loaded=loaded,
-                             measured_peak=stepped, planned_static=static, planned_peak=peak,
+                             measured_peak=stepped, measured_peak_anon=anon, planned_static=static, planned_peak=peak,
                              peak_ratio=stepped / peak, plan_device=plan_device, compute_dtype=t.get("compute_dtype"))
                 prow.append(["1 rank, no ZeRO, train step", f"{loaded / MiB:.0f}", f"{static / MiB:.0f}",
                              f"{stepped / MiB:.0f}", f"{peak / MiB:.0f}", f"{stepped / peak:.2f}"])

@@ -25,7 +25,7 @@ import time
 import torch
 
 from bench import _train_loop as tl
-from bench.common import REPO, RowWriter, default_device, describe_machine, format_table
+from bench.common import REPO, RowWriter, default_device, describe_machine, format_table, peak_fields, rss_file
 
 MiB = 1 << 20
 
@@ -102,6 +102,7 @@ def worker(args) -> dict:
     # the peak counts from before the warm-up step: a warm-up batch that is the widest would otherwise leave its
     # memory cached (resident) and hide the mode's real peak
     before = tl.rss() if device.type == "cpu" else torch.cuda.memory_allocated()
+    before_file = rss_file() if device.type == "cpu" else None
     tl.reset_peak()
     step(batches[0])                       # warm-up, not timed
     tl._sync(device)
@@ -114,9 +115,14 @@ def worker(args) -> dict:
     tl._sync(device)
     secs = time.perf_counter() - t0
     peak = tl.peak_rss() if device.type == "cpu" else tl.cuda_peak()
+    # the anonymous part of that peak (file-backed pages resident at the end taken out, as of ``before``)
+    anon = peak_fields("peak", peak) if device.type == "cpu" else {}
+    anon_step = (anon["peak_anon"] - (before - before_file)
+                 if anon.get("peak_anon") is not None and before_file is not None else None)
     return {"corpus": args.corpus, "mode": args.worker, "examples": len(examples), "steps": len(batches) - 1,
             "real_tokens": real, "token_slots": slots, "padding_fraction": 1 - real / max(slots, 1),
             "seconds": secs, "tokens_per_s": real / secs, "peak_step": peak - before,
+            "peak_step_anon": anon_step, "peak_rss_file": anon.get("peak_rss_file"),
             "dtype": str(dtype).replace("torch.", ""), "batch": args.rows if args.worker == "packed" else args.batch,
             "max_len": args.max_len,
             "mean_len": sum(e["input_ids"].numel() for e in examples) / len(examples)}
@@ -171,12 +177,14 @@ def main(argv=None) -> int:
             print(json.dumps(got[mode]), flush=True)
         if len(got) == 2:
             pad, pk = got["padded"], got["packed"]
+            anon = lambda r: "-" if r.get("peak_step_anon") is None else f"{r['peak_step_anon'] / MiB:.0f}"  # noqa
             table.append([name, pad["examples"], f"{pad['mean_len']:.0f}", f"{pad['tokens_per_s']:.0f}",
                           f"{pk['tokens_per_s']:.0f}", f"{pk['tokens_per_s'] / pad['tokens_per_s']:.2f}",
-                          f"{pad['peak_step'] / MiB:.0f}", f"{pk['peak_step'] / MiB:.0f}",
+                          f"{pad['peak_step'] / MiB:.0f}", f"{pk['peak_step'] / MiB:.0f}", anon(pad), anon(pk),
                           f"{pad['padding_fraction']:.2f}"])
     print(format_table(["corpus", "examples", "mean len", "padded tok/s", "packed tok/s", "packed/padded",
-                        "padded peak MiB", "packed peak MiB", "padded pad frac"], table))
+                        "padded peak MiB", "packed peak MiB", "padded anon peak MiB", "packed anon peak MiB",
+                        "padded pad frac"], table))
     return 0
 
 

@@ -14,7 +14,10 @@
    (+ PEFT). ZeRO-3 on 2 ranks: ``bench/scripts/zero3_load.py`` (per-rank load peak, packed bytes held).
    A measurement that passes ``--timeout`` is recorded as "timeout".
 3. Beside each measurement the planner's prediction (``qlora_ds.plan.host``), from the config alone.
-Rows go to bench/results/scale.jsonl; ``--plot`` redraws bench/results/scale.png from those rows.
+Rows go to bench/results/scale.jsonl; ``--plot`` redraws bench/results/scale.png from those rows and ``--report``
+prints their tables, one machine at a time (``machine_of``: CPU model, ISA and threads, or the GPU): a ratio ours/bnb
+is only formed between rows of one machine. Peak ratios use the anonymous peak (``<peak>_anon``: the RSS high-water
+mark minus the file-backed pages, i.e. without the checkpoint transformers keeps mapped) where both rows have it.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import REPO, RowWriter, describe_machine, format_table, results_dir
+from bench.common import REPO, RowWriter, anon_or_plain, describe_machine, format_table, results_dir
+from qlora_ds.errors import QLoRADSError
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -252,6 +256,34 @@ def with_plan(r: dict) -> dict:
         return r
 
 
+def machine_of(r: dict) -> str:
+    """The machine a row ran on: the GPU's name on CUDA, else the CPU model, its ISA and the threads (rows from
+    before ``cpu_name`` / ``cpu_isa`` were recorded: ``device_name``, and the AVX2 box's ISA)."""
+    if r.get("device") == "cuda":
+        return f"{r.get('device_name', '?')} (cuda)"
+    return f"{r.get('cpu_name') or r.get('device_name', '?')} ({r.get('cpu_isa') or 'avx2'}) x{r.get('threads', '?')}"
+
+
+def by_machine(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by ``machine_of``, the machine with the newest row first."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(machine_of(r), []).append(r)
+    return dict(sorted(groups.items(), key=lambda kv: max(r.get("timestamp", "") for r in kv[1]), reverse=True))
+
+
+def pick_machine(rows: list[dict], machine: str | None = None) -> str | None:
+    """The machine of the newest row, or the one whose ``machine_of`` label contains ``machine`` (case-insensitive)."""
+    labels = list(by_machine(rows))
+    if machine is None:
+        return labels[0] if labels else None
+    hits = [m for m in labels if m == machine] or [m for m in labels if machine.lower() in m.lower()]
+    if len(hits) != 1:
+        raise QLoRADSError(f"--machine {machine!r} matches {len(hits)} of the machines in the rows "
+                           f"({'; '.join(labels) or 'none'}): give a part of one label that no other contains")
+    return hits[0]
+
+
 def _box(r: dict) -> str:
     """Which CPU a row ran on (rows before ``cpu_isa`` was recorded are from the AVX2 box) and its threads."""
     return f"{r.get('cpu_isa') or 'avx2'} x{r.get('threads', '?')}, load {r.get('loadavg_1m', '?')}"
@@ -285,13 +317,19 @@ def largest_bf16_tensor(name: str) -> int:
 
 
 def goals(rows: list[dict]) -> str:
-    """Per model: the issue's load goals (peak above the pre-load RSS <= loaded model + 2 x the largest bf16
-    tensor + 300 MiB; load time <= 0.5 x transformers + bnb), ZeRO-3 share, ours vs bnb step."""
-    by = {(r["model"], r["impl"], r["what"]): r for r in rows if r.get("status") == "ok"}
-    out = []
-    for m in sorted({r["model"] for r in rows}, key=lambda m: n_params(SHAPES[m])):
-        ol, bl, z = by.get((m, "ours", "load")), by.get((m, "bnb", "load")), by.get((m, "ours", "zero3_load"))
-        os_, bs = by.get((m, "ours", "step")), by.get((m, "bnb", "step"))
+    """Per machine and model: the issue's load goals (peak above the pre-load RSS <= loaded model + 2 x the largest
+    bf16 tensor + 300 MiB; load time <= 0.5 x transformers + bnb), ZeRO-3 share, ours vs bnb step. A ratio ours/bnb
+    is only formed between rows of one machine (``machine_of``); peak ratios use the anonymous peaks where both rows
+    have them, else the plain ones, marked ``*`` (they count the checkpoint transformers keeps mapped)."""
+    by = {(machine_of(r), r["model"], r["impl"], r["what"]): r for r in rows if r.get("status") == "ok"}
+    machines = list(by_machine(rows))
+    out, plain = [], False
+    pairs = [(b, m) for b in machines
+             for m in sorted({r["model"] for r in rows if machine_of(r) == b}, key=lambda m: n_params(SHAPES[m]))]
+    for box, m in pairs:
+        get = lambda impl, what: by.get((box, m, impl, what))  # noqa: E731
+        ol, bl, z = get("ours", "load"), get("bnb", "load"), get("ours", "zero3_load")
+        os_, bs = get("ours", "step"), get("bnb", "step")
         cell = ["-"] * 6
         bound = ol["model_bytes"] + 2 * largest_bf16_tensor(m) + 300 * MiB if ol else None
         if ol:
@@ -299,7 +337,12 @@ def goals(rows: list[dict]) -> str:
             cell[0] = f"{used / MiB:.0f} <= {bound / MiB:.0f} {'yes' if used <= bound else 'NO'}"
         if ol and bl:
             cell[1] = f"{ol['load_s'] / bl['load_s']:.2f}"
-            cell[2] = f"{(ol['peak_load'] - ol['rss_before']) / (bl['peak_load'] - bl['rss_before']):.2f}"
+            (po, ao), (pb, ab) = anon_or_plain(ol, "peak_load"), anon_or_plain(bl, "peak_load")
+            anon = ao and ab and ol.get("rss_before_anon") is not None and bl.get("rss_before_anon") is not None
+            base = "rss_before_anon" if anon else "rss_before"
+            po, pb = (po, pb) if anon else (ol["peak_load"], bl["peak_load"])
+            cell[2] = f"{(po - ol[base]) / (pb - bl[base]):.2f}" + ("" if anon else "*")
+            plain |= not anon
         if z:
             share = max(k["quantized_local"] / k["quantized_full"] for k in z["ranks"])
             cell[3] = f"{share:.3f} {'yes' if share <= 0.525 else 'NO'}"
@@ -307,11 +350,21 @@ def goals(rows: list[dict]) -> str:
             cell[4] = f"{rank_peak / MiB:.0f}" + (f" <= {bound / MiB:.0f} {'yes' if rank_peak <= bound else 'NO'}"
                                                  if bound else "")
         if os_ and bs:
-            cell[5] = f"{os_['step_s'][-1] / bs['step_s'][-1]:.2f} / {os_['peak_step'] / bs['peak_step']:.2f}"
-        out.append([m, SHAPES[m]["_source"], f"{n_params(SHAPES[m]) / 1e9:.2f}", *cell])
-    return format_table(["model", "shape of", "B params", "load peak - pre-load MiB <= bound", "load time ours/bnb",
-                         "load peak ours/bnb (above pre-load)", "ZeRO-3 x2 packed share held <= 0.525",
-                         "ZeRO-3 rank load peak - pre-load MiB <= bound", "step time / peak ours/bnb"], out)
+            (po, ao), (pb, ab) = anon_or_plain(os_, "peak_step"), anon_or_plain(bs, "peak_step")
+            anon = ao and ab
+            po, pb = (po, pb) if anon else (os_["peak_step"], bs["peak_step"])
+            cell[5] = f"{os_['step_s'][-1] / bs['step_s'][-1]:.2f} / {po / pb:.2f}" + ("" if anon else "*")
+            plain |= not anon
+        out.append(([box] if len(machines) > 1 else []) + [m, SHAPES[m]["_source"], f"{n_params(SHAPES[m]) / 1e9:.2f}",
+                                                           *cell])
+    text = format_table((["machine"] if len(machines) > 1 else []) + [
+        "model", "shape of", "B params", "load peak - pre-load MiB <= bound", "load time ours/bnb",
+        "load peak ours/bnb (above pre-load)", "ZeRO-3 x2 packed share held <= 0.525",
+        "ZeRO-3 rank load peak - pre-load MiB <= bound", "step time / peak ours/bnb"], out)
+    if plain:
+        text += ("\n* plain RSS peaks (rows without RssFile): bnb's include the bf16 checkpoint transformers keeps "
+                 "mapped (file-backed pages), so the ratio understates ours/bnb")
+    return text
 
 
 def planner_table(rows: list[dict]) -> str:
@@ -333,8 +386,12 @@ def planner_table(rows: list[dict]) -> str:
     return format_table(["model", "role", "peak RSS of", "measured MiB", "planned MiB", "planned/measured"], out)
 
 
-def plot(rows: list[dict], png: Path) -> None:
-    rows = [with_plan(r) for r in rows]
+def plot(rows: list[dict], png: Path, machine: str | None = None) -> str:
+    """Draw one machine's rows (``pick_machine``: the newest row's by default); returns a note of what was drawn and
+    what was left out (rows of other machines)."""
+    box = pick_machine(rows, machine)
+    left = {m: len(rs) for m, rs in by_machine(rows).items() if m != box}
+    rows = [with_plan(r) for r in rows if machine_of(r) == box]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -371,7 +428,7 @@ def plot(rows: list[dict], png: Path) -> None:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    m = rows[-1] if rows else {}
+    m = max(rows, key=lambda r: r.get("timestamp", "")) if rows else {}
     fig.suptitle(f"{m.get('device_name', '?')} ({m.get('cpu_isa') or 'avx2'}), {m.get('cpu_count', '?')} CPUs, "
                  f"{m.get('threads', '?')} thread(s), load avg {m.get('loadavg_1m', '?')}, "
                  f"compute {m.get('compute_dtype', '?')}; ours = qlora_ds, bnb = transformers + bitsandbytes NF4+DQ")
@@ -380,15 +437,29 @@ def plot(rows: list[dict], png: Path) -> None:
     tmp = png.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, png)
+    others = "; ".join(f"{k} ({n} rows)" for k, n in left.items())
+    return f"{png}: {box}, {len(rows)} rows" + (f"; left out (other machines, --machine to draw one): {others}"
+                                                if others else "")
+
+
+def report(rows: list[dict], machine: str | None = None) -> str:
+    """The tables of each machine's rows in turn (newest machine first), or of one (``--machine``)."""
+    groups = by_machine(rows)
+    if machine is not None:
+        box = pick_machine(rows, machine)
+        groups = {box: groups[box]}
+    return "\n\n".join(f"## machine: {box} ({len(rs)} rows, newest {max(r.get('timestamp', '?') for r in rs)})\n\n"
+                       + "\n\n".join((table(rs), goals(rs), planner_table(rs))) for box, rs in groups.items())
 
 
 def load_rows(path: Path) -> list[dict]:
-    """The latest row per (model, impl, what) from scale.jsonl."""
+    """The latest row per (machine, model, impl, what) from scale.jsonl (``machine_of``: a newer row from another
+    machine does not replace a machine's own)."""
     latest = {}
     if path.exists():
         for line in path.read_text().splitlines():
             r = json.loads(line)
-            latest[(r["model"], r["impl"], r["what"])] = r
+            latest[(machine_of(r), r["model"], r["impl"], r["what"])] = r
     return list(latest.values())
 
 
@@ -404,16 +475,22 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=None, help="step sequence length (default 256; 128 with --quick)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per measurement; past it: 'timeout'")
     ap.add_argument("--plot", action="store_true", help="only redraw bench/results/scale.png from scale.jsonl")
-    ap.add_argument("--report", action="store_true", help="only print the tables of the latest rows in scale.jsonl")
+    ap.add_argument("--report", action="store_true",
+                    help="only print the tables of the latest rows in scale.jsonl, per machine")
+    ap.add_argument("--machine", default=None,
+                    help="--report/--plot: only the machine whose label (CPU model (ISA) xthreads) contains this")
     args = ap.parse_args(argv)
     out_dir = results_dir()
     name = "scale-quick" if args.quick else "scale"
     if args.plot or args.report:
         rows = load_rows(out_dir / f"{name}.jsonl")
-        if args.plot:
-            plot(rows, out_dir / f"{name}.png")
-        if args.report:
-            print(table(rows), goals(rows), planner_table(rows), sep="\n\n")
+        try:
+            if args.plot:
+                print(plot(rows, out_dir / f"{name}.png", args.machine))
+            if args.report:
+                print(report(rows, args.machine))
+        except QLoRADSError as e:
+            ap.error(str(e))
         return 0
     from qlora_ds.hardware import resolve_dtype
     dt = resolve_dtype(args.dtype, torch.device("cpu"))
@@ -464,7 +541,7 @@ def main(argv=None) -> int:
     print(f"\n{name}: {len(rows)} measurements in {time.perf_counter() - t_all:.0f} s")
     print(table(rows), goals(rows), planner_table(rows), sep="\n\n")
     if not args.quick:
-        plot(load_rows(writer.path), out_dir / "scale.png")
+        print(plot(load_rows(writer.path), out_dir / "scale.png", machine_of(rows[-1]) if rows else None))
     print(f"rows appended to {writer.path}")
     return 0 if all(r["status"] != "error" for r in rows) else 1
 

@@ -13,7 +13,11 @@ dtype). Same batch, sequence length, r, α, checkpointing (non-reentrant), optim
 run. Each row's ``compute_dtype`` is what that variant really computed in; a variant that did not honour
 ``--dtype`` says so in ``dtype_mismatch`` and gets no ratios.
 Memory: ``peak_step`` is the RSS high-water mark during the steps (reset after loading) — CUDA max
-allocated on a GPU; ``peak_process`` the whole process's ru_maxrss, imports and loading included.
+allocated on a GPU; ``peak_process`` the whole process's ru_maxrss, imports and loading included. On the CPU each
+RSS figure has ``<name>_rss_file`` (file-backed resident bytes at its end) and ``<name>_anon`` (minus them) beside it:
+transformers + bnb keep the bf16 checkpoint mapped, ours reads it into owned memory, so the peaks are compared on the
+anonymous figure (``ours_peak_step_anon_ratio``; ``bench.common.peak_fields``). Not against ``bf16-peft``: its mapped
+pages are its weights, so its plain peak is the fair one.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import tempfile
 import torch
 
 from bench import _train_loop as tl
-from bench.common import REPO, RowWriter, default_device, describe_machine, format_table
+from bench.common import REPO, RowWriter, anon_or_plain, default_device, describe_machine, format_table, peak_fields
 from qlora_ds.hardware import DTYPE_CHOICES, dtype_name, resolve_dtype
 
 VARIANTS = ("ours-nf4dq", "bnb-peft", "bf16-peft")
@@ -41,13 +45,13 @@ def worker(args) -> dict:
     device = default_device()
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
-    base_rss = tl.rss()
+    base_rss = peak_fields("rss_before_load", tl.rss())
     model, params = tl.build(args.worker, args.model, r=args.r, alpha=args.alpha, grad_ckpt=not args.no_ckpt,
                              device=device, dtype=dtype, dropout=args.dropout)
     observed = tl.observed_compute_dtype(model) or dtype
     loaded_rss = tl.rss()
     loaded_cuda = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-    load_peak = tl.peak_rss()
+    load_peak = peak_fields("peak_load")
     opt, opt_name = tl.make_optimizer(params, lr=2e-4, which=args.optim)
     vocab = model.get_input_embeddings().weight.shape[0]
     batch = tl.random_batch(vocab, args.batch, args.seq, seed=args.seed)
@@ -60,11 +64,11 @@ def worker(args) -> dict:
     reset_ok = tl.reset_peak()
     res = tl.train(model, params, opt, it(), args.steps, device)
     med = statistics.median(res["step_s"])
+    # CPU: the RSS high-water mark and, beside it, the file-backed pages resident at the end of the steps
+    peak = {"peak_step": tl.cuda_peak()} if device.type == "cuda" else peak_fields("peak_step")
     return {"variant": args.worker, "step_s": med, "step_s_min": min(res["step_s"]), "steps": args.steps,
             "tokens_per_s": args.batch * args.seq / med, "loss_last": res["losses"][-1],
-            "rss_before_load": base_rss, "rss_after_load": loaded_rss, "peak_load": load_peak,
-            "cuda_after_load": loaded_cuda,
-            "peak_step": tl.cuda_peak() if device.type == "cuda" else tl.peak_rss(),
+            **base_rss, "rss_after_load": loaded_rss, **load_peak, "cuda_after_load": loaded_cuda, **peak,
             "peak_step_kind": "cuda_max_allocated" if device.type == "cuda" else
             ("rss_hwm_since_reset" if reset_ok else "ru_maxrss"),
             "peak_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -164,22 +168,27 @@ def main(argv=None) -> int:
             if ours and usable:
                 extra = {"ours_speedup": ours["tokens_per_s"] / r["tokens_per_s"],
                          "ours_peak_step_ratio": ours["peak_step"] / r["peak_step"]}
+                if ours.get("peak_step_anon") and r.get("peak_step_anon"):
+                    extra["ours_peak_step_anon_ratio"] = ours["peak_step_anon"] / r["peak_step_anon"]
             writer.write(shape=shape, **{k: val for k, val in r.items() if k != "stderr_tail"}, **extra)
             if "error" in r:
-                rows.append([r["variant"], "error", "", "", "", "", r["error"][:60]])
+                rows.append([r["variant"], "error", "", "", "", "", r["error"][:60], "", ""])
                 continue
+            anon, has_anon = anon_or_plain(r, "peak_step")
             rows.append([r["variant"] + (f" ({r['compute_dtype']}!)" if "dtype_mismatch" in r else ""),
                          f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.0f}",
                          f"{extra.get('ours_speedup', float('nan')):.2f}x",
                          f"{(r['peak_step'] - (0 if device.type == 'cuda' else r['rss_before_load'])) / MiB:.0f}",
-                         f"{r['peak_step'] / MiB:.0f}", f"{extra.get('ours_peak_step_ratio', float('nan')):.2f}"])
+                         f"{r['peak_step'] / MiB:.0f}", f"{extra.get('ours_peak_step_ratio', float('nan')):.2f}",
+                         f"{anon / MiB:.0f}" if has_anon else "-",
+                         f"{extra.get('ours_peak_step_anon_ratio', float('nan')):.2f}"])
         print(f"\nbatch {args.batch} x seq {args.seq}, r {args.r}, dropout {args.dropout:g}, "
               f"grad ckpt {not args.no_ckpt}, "
               f"compute {args.dtype}, {args.steps} timed steps (median), "
               f"optimizer {results[0].get('optimizer', '?')}")
         mem = "CUDA max allocated MiB" if device.type == "cuda" else "peak RSS MiB"
         print(format_table(["variant", "step s", "tok/s", "ours speedup", f"{mem} minus pre-load",
-                            mem, "ours/this peak"], rows))
+                            mem, "ours/this peak", "anon peak MiB (minus RssFile)", "ours/this anon peak"], rows))
         print(f"rows appended to {writer.path}")
         return 0 if ours is not None else 1
 

@@ -106,3 +106,110 @@ def test_bench_decode_quick_generates_the_same_tokens_both_ways(tmp_path, monkey
     gen = [r for r in rows if r.get("kind") == "generate"]
     assert len(gen) == 2 and len(rows) == 6, rows
     assert all(r["same_tokens"] and r["ms_per_token_on_no_adapter"] > 0 for r in gen), gen
+
+
+def _scale_row(box: str, model: str, impl: str, what: str, ts: str, **fields) -> dict:
+    cpu, isa = {"amd": ("AMD EPYC", "avx512_bf16"), "intel": ("Intel(R) Xeon(R) Processor", "amx")}[box]
+    return {"model": model, "impl": impl, "what": what, "status": "ok", "timestamp": ts, "device": "cpu",
+            "device_name": cpu, "cpu_name": cpu, "cpu_isa": isa, "threads": 1, "params": 1.3e8, "seq": 256,
+            "compute_dtype": "bf16", "dtype": "bfloat16", "step_s": [fields.pop("s")], "peak_load": 500 << 20,
+            "rss_before": 100 << 20, "rss_after_load": 480 << 20, **fields}
+
+
+def test_bench_scale_report_pairs_rows_of_one_machine_only(tmp_path, capsys):
+    """ours/bnb ratios of `bench scale --report` come from rows of one machine (CPU model, ISA, threads): a newer
+    ours row from another box neither replaces a box's own nor is divided by that box's bnb row; peaks compare on
+    the anonymous figure (RSS minus the mapped checkpoint) where both rows have it."""
+    from bench import scale
+    MiB = 1 << 20
+    rows = [_scale_row("amd", "llama-0.1b", "ours", "step", "2026-12-03T10:00:00", s=10.0, peak_step=700 * MiB),
+            _scale_row("amd", "llama-0.1b", "bnb", "step", "2026-12-03T11:00:00", s=20.0, peak_step=1400 * MiB),
+            _scale_row("intel", "llama-0.1b", "ours", "step", "2026-12-05T10:00:00", s=1.0, peak_step=690 * MiB),
+            _scale_row("amd", "llama-0.4b", "ours", "step", "2026-12-03T12:00:00", s=3.0, peak_step=600 * MiB,
+                       peak_step_anon=500 * MiB),
+            _scale_row("amd", "llama-0.4b", "bnb", "step", "2026-12-03T13:00:00", s=4.0, peak_step=2000 * MiB,
+                       peak_step_anon=1000 * MiB)]
+    (tmp_path / "scale.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = scale.load_rows(tmp_path / "scale.jsonl")
+    assert len(loaded) == 5                                   # the Intel row does not replace the AMD box's own
+    goals = scale.goals(loaded).splitlines()
+    amd = [ln for ln in goals if "AMD EPYC" in ln]
+    intel = [ln for ln in goals if "Intel" in ln]
+    assert "0.50 / 0.50*" in amd[0] and "0.75 / 0.50 " in amd[1], goals      # 10/20, 700/1400 (plain); 3/4, 500/1000
+    assert "0.05" not in "\n".join(goals) and intel[0].rstrip(" |").endswith("-"), goals   # no 1 s / 20 s
+    text = scale.report(loaded)
+    assert text.count("## machine: ") == 2 and text.index("Intel") < text.index("AMD EPYC")   # newest machine first
+    only = scale.report(loaded, "epyc")
+    assert "## machine: AMD EPYC (avx512_bf16) x1 (4 rows" in only and "Intel" not in only
+    import pytest
+    from qlora_ds.errors import QLoRADSError
+    with pytest.raises(QLoRADSError, match="matches 0 of the machines"):
+        scale.report(loaded, "h100")
+    pytest.importorskip("matplotlib")
+    note = scale.plot(loaded, tmp_path / "scale.png", "epyc")
+    assert note.startswith(f"{tmp_path / 'scale.png'}: AMD EPYC (avx512_bf16) x1, 4 rows; left out") and "Intel" in note
+
+
+def test_peak_fields_take_the_mapped_file_out(tmp_path):
+    """bench.common.peak_fields: pages of a mapped file read after the peak reset count in VmHWM and RssFile, not in
+    the anonymous figure (transformers + bnb keep the checkpoint mapped this way)."""
+    import mmap
+    from bench.common import peak_fields
+    from qlora_ds.memstats import reset_peak
+    size = 64 << 20
+    path = tmp_path / "blob"
+    path.write_bytes(b"\1" * size)
+    reset_peak()
+    before = peak_fields("p")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        assert sum(m[i] for i in range(0, size, 4096)) == size // 4096      # touch every page
+        after = peak_fields("p")
+    assert after["p_rss_file"] - before["p_rss_file"] > 0.9 * size
+    assert after["p_anon"] == after["p"] - after["p_rss_file"]
+    assert abs(after["p_anon"] - before["p_anon"]) < 0.25 * size             # the anonymous peak did not grow
+
+
+def test_describe_machine_names_the_cpu_on_a_gpu_run(monkeypatch):
+    """The printed header names the CPU model and ISA on every run, and the GPU beside it on CUDA."""
+    import torch
+    from bench import common
+    from qlora_ds import hardware
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(common, "kernel_isa", lambda device: "cuda")     # no CUDA op build on a CPU-only torch
+    line = common.describe_machine("cuda")
+    assert f"cpu: {hardware.cpu_name()} ({hardware.cpu_isa()})" in line and "gpu: NVIDIA H100 80GB HBM3" in line
+    assert f"cpu: {hardware.cpu_name()} ({hardware.cpu_isa()})" in common.describe_machine("cpu")
+
+
+def test_fused_linear_ab_arms_take_the_paths_they_are_named_after(monkeypatch, capsys, cpu_op):
+    """bench/scripts/fused_linear_ab.py at 1 row: the few-rows kernel, tried first, is off in both arms, so the
+    "fused" arm runs the AMX kernel forward and the other one dequantizes."""
+    import importlib.util
+    import pytest
+    from qlora_ds.nn import functional as fn
+    from qlora_ds.ops import fused_linear, small_rows
+    if not fused_linear.available():
+        pytest.skip("no AMX fused linear on this CPU")
+    calls = {"small": 0, "fused": 0}
+
+    def count(name, f):
+        def g(*a, **k):
+            calls[name] += 1
+            return f(*a, **k)
+        return g
+    monkeypatch.setattr(fn.small_rows, "linear_4bit", count("small", small_rows.linear_4bit))
+    monkeypatch.setattr(fn.fused_linear, "linear_4bit", count("fused", fused_linear.linear_4bit))
+    for name in ("MAX_ROWS", "MAX_ROWS_LARGE"):               # the script lifts them: put them back afterwards
+        monkeypatch.setattr(fused_linear, name, getattr(fused_linear, name))
+    spec = importlib.util.spec_from_file_location("fused_linear_ab", REPO / "bench" / "scripts" / "fused_linear_ab.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(sys, "argv", ["fused_linear_ab.py", "--rows", "1", "--shapes", "1024x1024", "--rounds", "1"])
+    was_small, was_fused = small_rows._switch.on, fused_linear._switch.on
+    try:
+        script.main()
+    finally:
+        small_rows.set_enabled(was_small)
+        fused_linear.set_enabled(was_fused)
+    assert calls["small"] == 0 and calls["fused"] > 0, calls
+    assert "| 1024x1024 | 1 |" in capsys.readouterr().out

@@ -37,6 +37,11 @@ def test_bench_train_quick(tmp_path):
     for r in rows:
         assert r["compute_dtype"] == "fp32" and "dtype_mismatch" not in r, r
         assert r["cpu_isa"] in ("amx", "avx512_bf16", "avx512", "avx2", "other") and r["kernel_isa"]
+        # beside each RSS peak its file-backed part (bnb: the mapped checkpoint) and the anonymous rest
+        for name in ("peak_step", "peak_load", "rss_before_load"):
+            assert 0 < r[f"{name}_rss_file"] < r[name] and r[f"{name}_anon"] == r[name] - r[f"{name}_rss_file"], r
+    bnb = next(r for r in rows if r["variant"] == "bnb-peft")
+    assert bnb["ours_peak_step_anon_ratio"] == ours[0]["peak_step_anon"] / bnb["peak_step_anon"]
 
 
 def test_bench_quality_quick(tmp_path):

@@ -1,7 +1,9 @@
 """The fused 4-bit dequantize + AMX GEMM linear against dequantize + torch's matmul, in one process: a QLoRALinear
 (NF4 + DQ, LoRA r 16, bf16) fwd+bwd per shape, the two paths alternated in 11 rounds (the order flipped every round),
 median ms of each and the median of the per-round ratios. Needs a CPU with AMX (``qlora_ds.ops.fused_linear``); the
-path's row rule is bypassed here, so every shape is measured both ways (bench/RESULTS.md, "fused linear"):
+path's row rule is bypassed here, so every shape is measured both ways, and the few-rows kernel (``ops/small_rows``,
+tried before the fused path at <= 8 rows) is off in both arms, so each arm takes the path it is named after
+(bench/RESULTS.md, "fused linear"):
 
     python bench/scripts/fused_linear_ab.py --rows 512 --shapes 576x576,1536x576,4096x4096
 """
@@ -26,10 +28,11 @@ def main() -> None:
 
     from bench.common import describe_machine
     from qlora_ds.nn import QLoRAConfig, QLoRALinear
-    from qlora_ds.ops import fused_linear
+    from qlora_ds.ops import fused_linear, small_rows
 
     print(f"# {describe_machine('cpu')}")
     fused_linear.MAX_ROWS = fused_linear.MAX_ROWS_LARGE = 1 << 62     # measure every shape both ways
+    small_rows.set_enabled(False)      # else it takes the forward of both arms at <= 4 rows, of the unfused one at <= 8
     if not fused_linear.available():
         sys.exit("this CPU (or build) has no fused AMX linear: nothing to compare")
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """The C heap's share of a long-sequence step: one process, SmolLM2-135M's shape (random weights, ``--layers`` deep),
 NF4 + DQ, LoRA r 16, chunked loss, non-reentrant checkpointing, bf16 where native; ``--steps`` steps (2); prints the
-RSS high-water mark above the loaded model, the step times and how many decoder layers carry the release hook.
+RSS high-water mark above the loaded model, the step times and how many decoder layers carry the release hook, after a
+first line naming the machine; the JSON line carries the machine fields and commit (``bench.common.machine``).
 ``tests/test_heap.py`` runs it too. Run it twice, with ``QLORA_DS_HEAP_RELEASE=0`` and
 without (bench/RESULTS.md, "Heap release"):
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.common import describe_machine, machine  # noqa: E402
 from bench.scale import _llama, write_checkpoint  # noqa: E402
 from qlora_ds.hardware import resolve_dtype  # noqa: E402
 from qlora_ds.heap import HOOK_ATTR, decoder_layers  # noqa: E402
@@ -36,6 +38,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="load this checkpoint (written by bench.scale.write_checkpoint)"
                                                        " instead of writing one: the process's heap starts clean")
     args = ap.parse_args()
+    print(f"# {describe_machine('cpu')}", flush=True)
     cfg = {k: v for k, v in _llama(576, 1536, args.layers, 9, 3, args.vocab, True, 100000.0).items()
            if not k.startswith("_")}
     dtype = resolve_dtype("auto")
@@ -64,7 +67,8 @@ def main() -> None:
     print(json.dumps({"seq": args.seq, "layers": args.layers, "dtype": str(dtype),
                       "heap_release": os.environ.get("QLORA_DS_HEAP_RELEASE", "1"),
                       "over_loaded_mib": round((peak_rss() - loaded) / 2**20), "step_s": times,
-                      "hooked": sum(getattr(m, HOOK_ATTR, None) is not None for m in decoder_layers(model))}))
+                      "hooked": sum(getattr(m, HOOK_ATTR, None) is not None for m in decoder_layers(model)),
+                      **machine("cpu")}))
 
 
 if __name__ == "__main__":

@@ -6,19 +6,25 @@ usage: scale_worker.py {ours|bnb} {load|step} CKPT_DIR OUT_JSON [--dtype fp32] [
 the RSS high-water mark of the load, RSS after it and the bytes of the loaded parameters and buffers.
 ``step``: load in the compute dtype, then ``--steps`` steps (batch 1 x ``--seq`` random tokens, LoRA r 16,
 α 16, dropout 0 on all linears, non-reentrant gradient checkpointing, torch AdamW, clip 0.3); the peak is the
-RSS high-water mark from after the load to the end of the steps. ``ours``: qlora_ds.from_pretrained;
+RSS high-water mark from after the load to the end of the steps. Beside each RSS figure ``<name>_rss_file`` (the
+file-backed part: libraries, and the checkpoint transformers keeps mapped) and ``<name>_anon`` (the figure minus it:
+``bench.common.peak_fields``). ``ours``: qlora_ds.from_pretrained;
 ``bnb``: transformers + BitsAndBytesConfig NF4 + double quant (+ PEFT for the step).
 """
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers  # noqa: F401  (imported before the "before" RSS, as by every user of either path)
 from transformers import AutoModelForCausalLM
 
-from qlora_ds.memstats import peak_rss, reset_peak, rss
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.common import peak_fields  # noqa: E402
+from qlora_ds.memstats import reset_peak, rss  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -78,12 +84,12 @@ def main() -> None:
     t0 = time.perf_counter()
     warm_up(a.impl, a.ckpt)
     res["warmup_s"] = time.perf_counter() - t0
-    res["rss_before"] = rss()
+    res.update(peak_fields("rss_before", rss()))
     reset_peak()
     t0 = time.perf_counter()
     model = load(a.impl, a.ckpt, dtype)
     res["load_s"] = time.perf_counter() - t0
-    res["peak_load"], res["rss_after_load"] = peak_rss(), rss()
+    res.update(peak_fields("peak_load"), **peak_fields("rss_after_load", rss()))
     res["model_bytes"] = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     write(a.out, res)                       # the load's figures survive a step that runs past its timeout
     if a.what == "step":
@@ -104,7 +110,7 @@ def main() -> None:
             res["step_s"].append(time.perf_counter() - t0)
             res["loss"].append(loss.item())
             del loss
-        res["peak_step"] = peak_rss()
+        res.update(peak_fields("peak_step"))
     res["done"] = True
     write(a.out, res)
 

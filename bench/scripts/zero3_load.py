@@ -3,19 +3,23 @@
 usage: zero3_load.py CKPT_DIR OUT_JSON [DTYPE]
 DTYPE: the compute dtype the model loads in (bf16, fp16 or fp32; default bf16).
 Rank 0 writes OUT_JSON: per rank, the quantized bytes it holds (``quantized_bytes_on_this_rank``), the
-full quantized size, RSS after load and the RSS high-water mark of the load (CUDA: max allocated).
+full quantized size, RSS after load and the RSS high-water mark of the load (CUDA: max allocated; CPU: with its
+file-backed part, ``peak_load_rss_file``, and the rest, ``peak_load_anon``).
 """
 import json
 import sys
+from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
-from qlora_ds.hardware import resolve_dtype
-from qlora_ds.memstats import cuda_peak, peak_rss, reset_peak, rss
-from qlora_ds.inject import from_pretrained, quantized_bytes_on_this_rank
-from qlora_ds.nn import QLoRAConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.common import peak_fields  # noqa: E402
+from qlora_ds.hardware import resolve_dtype  # noqa: E402
+from qlora_ds.memstats import cuda_peak, reset_peak, rss  # noqa: E402
+from qlora_ds.inject import from_pretrained, quantized_bytes_on_this_rank  # noqa: E402
+from qlora_ds.nn import QLoRAConfig  # noqa: E402
 
 
 def main(ckpt: str, out: str, dtype_name: str = "bf16") -> None:
@@ -30,7 +34,8 @@ def main(ckpt: str, out: str, dtype_name: str = "bf16") -> None:
                             torch_dtype=dtype)
     local, full = quantized_bytes_on_this_rank(model)
     mine = {"rank": rank, "quantized_local": local, "quantized_full": full, "rss_before": before,
-            "rss_after": rss(), "peak_load": cuda_peak() if torch.cuda.is_available() else peak_rss(),
+            "rss_after": rss(),
+            **({"peak_load": cuda_peak()} if torch.cuda.is_available() else peak_fields("peak_load")),
             "params_local_bytes": sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size()
                                       for p in model.parameters())}
     per_rank = [None] * world
