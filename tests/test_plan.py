@@ -323,14 +323,15 @@ def test_shape_counts_what_the_hf_model_holds(arch):
     model = _tiny_hf(arch)
     s = shape_from_hf_config(model.config.to_dict())
     wrapped = sum(model.get_submodule(p).weight.numel() for p in select(model, QLoRAConfig(r=4)))
-    weights = {n: p.numel() for n, p in model.named_parameters() if not n.endswith(".bias")}
+    weights = {n: p.numel() for n, p in model.named_parameters()}      # Qwen2-MoE's q/k/v biases included
     experts = sum(v for n, v in weights.items() if ".mlp.experts." in n or ".mlp.gate." in n or "expert_gate" in n)
     assert (s.linear_params, s.expert_params, s.total_params) == (wrapped, experts, sum(weights.values()))
     lora = [p for n, p in model.named_parameters() if ".lora_" in n]
     assert not lora and inject(model, QLoRAConfig(r=4, compute_dtype=torch.float32))
     assert sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n) == lora_params(s, 4)
     if arch == "gemma":
-        assert s.linears()["q_proj"] == (64, 128) and s.linears()["o_proj"] == (128, 64) and s.kv_dim == 64
+        assert s.linears()["self_attn.q_proj"] == (64, 128) and s.linears()["self_attn.o_proj"] == (128, 64)
+        assert s.kv_dim == 64
     else:
         assert experts > wrapped
         assert estimate_memory(PlanConfig(shape=s, zero_stage=0)).get("embeddings_norms") == s.embedding_params * 2

@@ -89,30 +89,41 @@ def _ds_partition(nbytes: float, elem: int, world: int) -> float:
 
 
 def load_order(cfg: dict) -> list[tuple[str, int, bool, int, int]]:
-    """(name, elements, quantized, in, out) for every tensor the loader fills, in its order."""
+    """(name, elements, quantized, in, out) for every tensor the loader fills, in its order (a norm's weight and
+    bias as one entry); names are the layout's (layouts.py), under ``layers.{k}``."""
     s = shape_from_hf_config(cfg)
-    bias = bool(cfg.get("attention_bias", cfg.get("qkv_bias", cfg.get("model_type") == "qwen2")))
-    h = s.hidden
-    out = [("embed_tokens", s.vocab * h, False, 0, 0)]
+    lay, h = s.layout, s.hidden
+    npw = lay.norm_params_per_width
+    out = [("embed_tokens", s.vocab * s.embed_width, False, 0, 0)]
+    if lay.positions:
+        out.append(("embed_positions", lay.positions * h, False, 0, 0))
+    if lay.embed_width:     # OPT's project_in / project_out (16-bit)
+        out += [("project_in", h * lay.embed_width, False, 0, 0), ("project_out", h * lay.embed_width, False, 0, 0)]
+    if lay.embed_norm:
+        out.append(("embed_norm", h * npw, False, 0, 0))
+    qk = {"": [], "head": [s.head_dim] * 2, "full": [s.q_dim, s.kv_dim]}[lay.qk_norm]
     for k in range(s.layers):
-        for name, (i, o) in s.linears().items():
-            if name == "gate_proj" and s.experts:
+        for lin in s.layer_linears():
+            out.append((f"layers.{k}.{lin.name}", lin.in_features * lin.out_features, True, lin.in_features,
+                        lin.out_features))
+            if lin.bias:
+                out.append((f"layers.{k}.{lin.name}.bias", lin.out_features, False, 0, 0))
+            if s.experts and lin.name == lay.out:
                 # MoE (named_modules order): the router and the fused 3-D experts, kept in the load dtype
                 ei = s.expert_intermediate
                 out += [(f"layers.{k}.mlp.gate", s.experts * h, False, 0, 0),
                         (f"layers.{k}.mlp.experts.gate_up_proj", s.experts * 2 * ei * h, False, 0, 0),
                         (f"layers.{k}.mlp.experts.down_proj", s.experts * ei * h, False, 0, 0)]
-            if i * o:     # a MoE without a shared expert has no dense MLP
-                out.append((f"layers.{k}.{name}", i * o, True, i, o))
-            if bias and name in ("q_proj", "k_proj", "v_proj"):
-                out.append((f"layers.{k}.{name}.bias", o, False, 0, 0))
         if s.shared_expert_intermediate:
             out.append((f"layers.{k}.mlp.shared_expert_gate", h, False, 0, 0))
-        out += [(f"layers.{k}.input_layernorm", h, False, 0, 0),
-                (f"layers.{k}.post_attention_layernorm", h, False, 0, 0)]
-    out.append(("norm", h, False, 0, 0))
+        out += [(f"layers.{k}.qk_norm{j}", w * npw, False, 0, 0) for j, w in enumerate(qk) if npw]
+        out += [(f"layers.{k}.norm{j}", h * npw, False, 0, 0) for j in range(lay.norms) if npw]
+    if lay.final_norm and npw:
+        out.append(("norm", h * npw, False, 0, 0))
     if not s.tie_embeddings:
-        out.append(("lm_head", s.vocab * h, False, 0, 0))
+        out.append(("lm_head", s.vocab * s.embed_width, False, 0, 0))
+    if lay.head_bias:
+        out.append(("lm_head.bias", s.vocab, False, 0, 0))
     return out
 
 

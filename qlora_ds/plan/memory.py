@@ -23,9 +23,13 @@ N = data-parallel world size):
   embeddings and dequantized weights are e bytes. With fp32 compute the LoRA weights train in fp32
   themselves: 4 B working copy, 4 B gradients, no master copy, no fp32 gradient copy at the step.
 * activations, per token and layer, saved for backward (e bytes unless noted), with SDPA/flash attention
-  (no s² term): two RMSNorms 2·(4h fp32 input + e·h output) (12h in bf16); q, k, v after RoPE e·(h + 2kv);
-  attention output e·h; MLP gate, up, silu(gate) 3·e·i. LoRA adds per target linear the dropped input
-  e·in (+1·in bool mask when dropout > 0; shared input once when dropout = 0) and A·x e·r.
+  (no s² term), by the model's layout (layouts.py): each RMSNorm 4h fp32 input + e·h output (12h for the
+  LLaMA layout's two in bf16), each LayerNorm its e·h input (once when a parallel block's norms read one input)
+  + mean and rstd; q, k, v after RoPE e·(q + 2kv) (q = heads·head_dim); attention output e·q and its fp32
+  log-sum-exp 4·heads; a gated MLP's gate, up, act(gate) 3·e·i, a plain MLP's activation input e·i (×4 for
+  GPT-2's composite gelu_new). LoRA adds per target linear the dropped input e·in (+1·in bool mask when
+  dropout > 0; an input the layer's linears share, once when dropout = 0) and A·x e·r. Model-internal dropout
+  (OPT's and GPT-2's configs default to 0.1) adds its masks, which the planner leaves out.
   Packed rows (``packing``) on the CPU in bf16/fp16 add what eager attention over the short examples keeps:
   per token, heads·k·(4 + e) with k ≤ 192 keys (its example's group width; counted as 192, an upper bound).
   Without checkpointing: L·b·s·(that). With checkpointing: L·b·s·e·h (layer inputs) plus one
@@ -61,13 +65,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..errors import QLoRADSError
-from .presets import ModelShape
+from .presets import Linear, ModelShape
 
 GiB = 1 << 30
 MiB = 1 << 20
 NF4_DQ_BITS = 4 + 8 / 64 + 32 / (64 * 256)   # 4.127 bits/param
 NF4_BITS = 4 + 32 / 64                        # 4.5 without double quant
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"      # LoRA on every linear of the layer (inject's default: no target_modules)
 CUDA_CONTEXT_BYTES = 640 * MiB
 CPU_RUNTIME_BYTES = 420 * MiB
 CPU_TRAINING_RUNTIME_BYTES = 30 * MiB
@@ -88,7 +92,7 @@ class PlanConfig:
     grad_accum: int = 16
     zero_stage: int = 2
     lora_r: int = 64
-    lora_targets: tuple = ALL_LINEAR
+    lora_targets: tuple | str = ALL_LINEAR   # module names (leaf or path in the layer), or ALL_LINEAR
     lora_dropout: float = 0.05
     grad_ckpt: bool = True
     bf16_master: bool = False
@@ -156,9 +160,11 @@ class PlanConfig:
         for ok, name, value, fix in checks:
             if not ok:
                 raise QLoRADSError(f"planner: {name}={value!r} is invalid; {fix}")
-        unknown = set(self.lora_targets) - set(ALL_LINEAR)
-        if unknown:
-            raise QLoRADSError(f"planner: lora_targets {sorted(unknown)} unknown; choose from {ALL_LINEAR}")
+        if self.lora_targets != ALL_LINEAR and self.lora_targets and not targeted(self.shape, self.lora_targets):
+            names = ", ".join(lin.name for lin in self.shape.layer_linears())
+            raise QLoRADSError(f"the planner models LoRA on the linears of this {self.shape.layout.family} layout "
+                               f"({names}; by leaf name or this path, as target_modules): lora targets "
+                               f"{list(self.lora_targets)} match none of them")
         if self.quant == "int" and self.base_bits < 16:
             # what QALoRALinear requires (qlora_ds.quant.intn.check_group_size) of every linear it wraps
             bad = sorted({a for a, _ in self.shape.linears().values() if a and a % self.group_size})
@@ -267,11 +273,20 @@ class MemoryEstimate:
 
 # ---- pure pieces -------------------------------------------------------------------------------
 
+def targeted(shape: ModelShape, targets=ALL_LINEAR) -> tuple[Linear, ...]:
+    """The linears of one layer that LoRA wraps: every one for ``ALL_LINEAR``, else those whose leaf name or module
+    path (inside the layer) is in ``targets`` — inject's rule; a name the layer lacks matches nothing, as there."""
+    if targets == ALL_LINEAR:
+        return shape.layer_linears()
+    names = set(targets)
+    return tuple(lin for lin in shape.layer_linears() if lin.leaf in names or lin.name in names)
+
+
 def lora_params(shape: ModelShape, r: int, targets=ALL_LINEAR, pool_group: int = 1) -> int:
     """LoRA parameters: r·(in+out) per target linear, over all layers; QA-LoRA (``pool_group`` = its group size)
     pools A's input per group: r·(in/group + out)."""
-    lin = shape.linears()
-    return shape.layers * sum(r * (lin[t][0] // pool_group + lin[t][1]) for t in targets)
+    return shape.layers * sum(r * (lin.in_features // pool_group + lin.out_features)
+                              for lin in targeted(shape, targets))
 
 
 def cfg_lora_params(cfg: "PlanConfig") -> int:
@@ -295,20 +310,25 @@ def activation_bytes_per_token_layer(shape: ModelShape, r: int, targets=ALL_LINE
     element of the compute dtype (2 for bf16/fp16, 4 for fp32; the norms' fp32 part is 4 either way);
     ``mask_bytes``: dropout's saved mask per element (torch's bool mask on CUDA; 0 on the CPU, where
     ``qlora_ds.nn.dropout`` regenerates it from a seed)."""
-    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
-    e = elem
-    base = 2 * (4 * h + e * h) + e * (h + 2 * kv) + e * h + 3 * e * i
+    lay, h, i, q, kv, e = shape.layout, shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, elem
+    if lay.norm == "layer":
+        # nn.LayerNorm keeps its e-byte input (once when both norms read the layer input) and its mean and rstd
+        norms = (1 if lay.parallel else lay.norms) * e * h + lay.norms * 2 * e
+    else:
+        norms = lay.norms * (4 * h + e * h)       # RMSNorm in fp32: its fp32 input, the normalized e-byte copy
+    # q, k, v as attention takes them (after RoPE), its output and its fp32 log-sum-exp per head
+    attention = e * (q + 2 * kv) + e * q + 4 * shape.heads
+    mlp = 3 * e * i if lay.gated else lay.act_saved * e * i   # gate, up, act(gate) | the activation's input (+ parts)
+    base = norms + attention + mlp
     if r == 0 or not targets:
         return base
-    lin = shape.linears()
+    lin = targeted(shape, targets)
     if dropout > 0:
-        lora = sum((e + mask_bytes) * lin[t][0] + e * r for t in targets)   # dropped copy (+ mask)
+        lora = sum((e + mask_bytes) * t.in_features + e * r for t in lin)   # dropped copy (+ mask)
     else:
-        # q/k/v share their input, gate/up theirs: stored once per distinct input
-        groups = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
-                  "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
-        distinct = {groups[t]: lin[t][0] for t in targets}
-        lora = sum(e * v for v in distinct.values()) + sum(e * r for _ in targets)
+        # linears reading one tensor (q/k/v, gate/up; a parallel block's attention and MLP) store it once
+        distinct = {t.reads: t.in_features for t in lin}
+        lora = sum(e * v for v in distinct.values()) + e * r * len(lin)
     return base + lora
 
 

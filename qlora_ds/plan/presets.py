@@ -10,14 +10,32 @@ import os
 from dataclasses import dataclass
 
 from ..errors import QLoRADSError
+from .layouts import LLAMA, LLAMA_TYPES, MODEL_TYPES, Layout, layout_fields
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One quantized linear of a decoder layer: its module path inside the layer, widths, bias, and which input it
+    reads (linears reading the same tensor share it: "attn_in", "attn_out", "mlp_in", "mlp_mid")."""
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    reads: str
+
+    @property
+    def leaf(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Decoder-only transformer in the LLaMA layout (q, k, v, o, gate, up, down per layer).
+    """Decoder-only transformer: widths plus its ``layout`` (layouts.py: which linears, biases, norms, positions;
+    default the LLaMA layout, q, k, v, o, gate, up, down per layer).
 
     ``head_dim``: 0 means hidden // heads (a config.json may set its own: Gemma-7b has 16 heads of 256 at
-    hidden 3072). MoE (``experts`` > 0, the Mixtral / Qwen-MoE layout): per layer ``experts`` routed experts of
+    hidden 3072). ``intermediate``: the MLP width (a plain MLP's up-projection, a gated MLP's gate and up each).
+    MoE (``experts`` > 0, the Mixtral / Qwen-MoE layout): per layer ``experts`` routed experts of
     width ``expert_intermediate`` plus their router, kept in 16 bit (transformers fuses them into 3-D parameters,
     which qlora-ds neither quantizes nor trains), and a shared expert of width ``shared_expert_intermediate``
     (0: none) whose gate/up/down are ordinary quantized linears. ``intermediate`` is then the MLP width one token
@@ -37,6 +55,7 @@ class ModelShape:
     experts: int = 0
     expert_intermediate: int = 0
     shared_expert_intermediate: int = 0
+    layout: Layout = LLAMA
 
     def __post_init__(self):
         for field in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "max_positions"):
@@ -47,6 +66,8 @@ class ModelShape:
                 raise QLoRADSError(f"model shape {self.name!r}: {field}={getattr(self, field)} must be >= 0")
         if self.experts and not self.expert_intermediate:
             raise QLoRADSError(f"model shape {self.name!r}: {self.experts} experts need expert_intermediate > 0")
+        if self.experts and self.layout.family not in LLAMA_TYPES:
+            raise QLoRADSError(f"model shape {self.name!r}: MoE experts are modelled in the LLaMA layout only")
         if (not self.explicit_head_dim and self.hidden % self.heads) or self.heads % self.kv_heads:
             raise QLoRADSError(f"model shape {self.name!r}: hidden={self.hidden}, heads={self.heads}, "
                                f"kv_heads={self.kv_heads} must divide evenly")
@@ -63,14 +84,27 @@ class ModelShape:
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
+    def layer_linears(self) -> tuple[Linear, ...]:
+        """The quantized linears of one decoder layer, in the layer's module order. A MoE's MLP is its shared
+        expert's gate/up/down (none without one: the routed experts stay 16-bit, ``expert_params``)."""
+        lay, h, q, kv = self.layout, self.hidden, self.q_dim, self.kv_dim
+        qkv = (zip(lay.qkv, (q, kv, kv)) if len(lay.qkv) == 3 else [(lay.qkv[0], q + 2 * kv)])
+        out = [Linear(n, h, o, lay.qkv_bias, "attn_in") for n, o in qkv] + [Linear(lay.out, q, h, lay.out_bias,
+                                                                                   "attn_out")]
+        i, prefix = self.intermediate, ""
+        if self.experts:
+            i, prefix = self.shared_expert_intermediate, "mlp.shared_expert."
+            if not i:
+                return tuple(out)
+        up_reads = "attn_in" if lay.shared_norm else "mlp_in"
+        widths = (i, i) if len(lay.mlp_in) == 2 else (2 * i if lay.gated else i,)
+        names = [prefix + n.rsplit(".", 1)[-1] if prefix else n for n in (*lay.mlp_in, lay.mlp_out)]
+        out += [Linear(n, h, o, lay.mlp_bias, up_reads) for n, o in zip(names, widths)]
+        return tuple(out) + (Linear(names[-1], i, h, lay.mlp_bias, "mlp_mid"),)
+
     def linears(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of the quantized linear layers of one decoder layer; one the model lacks
-        (the dense MLP of a MoE without a shared expert) is (0, 0): no weight, no LoRA."""
-        h, q, kv = self.hidden, self.q_dim, self.kv_dim
-        i = self.shared_expert_intermediate if self.experts else self.intermediate
-        up, down = ((h, i), (i, h)) if i else ((0, 0), (0, 0))
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": up, "up_proj": up, "down_proj": down}
+        """(in_features, out_features) of the quantized linears of one decoder layer, by module path."""
+        return {lin.name: (lin.in_features, lin.out_features) for lin in self.layer_linears()}
 
     @property
     def linear_params_per_layer(self) -> int:
@@ -91,11 +125,30 @@ class ModelShape:
         return self.layers * (self.experts * (3 * h * self.expert_intermediate + h) + shared_gate)
 
     @property
+    def bias_params_per_layer(self) -> int:
+        """The quantized linears' biases (QLoRALinear keeps them in the compute dtype)."""
+        return sum(lin.out_features for lin in self.layer_linears() if lin.bias)
+
+    @property
+    def norm_params_per_layer(self) -> int:
+        lay = self.layout
+        qk = {"": 0, "head": 2 * self.head_dim, "full": self.q_dim + self.kv_dim}[lay.qk_norm]
+        return (lay.norms * self.hidden + qk) * lay.norm_params_per_width
+
+    @property
+    def embed_width(self) -> int:
+        return self.layout.embed_width or self.hidden
+
+    @property
     def embedding_params(self) -> int:
-        """Parameters kept in 16 bit: token embedding + lm_head (once if tied) + RMSNorm weights, and the MoE
-        experts (``expert_params``)."""
-        emb = self.vocab * self.hidden * (1 if self.tie_embeddings else 2)
-        return emb + (2 * self.layers + 1) * self.hidden + self.expert_params
+        """Parameters kept in 16 bit: token embedding + lm_head (once if tied) and its bias, a learned position table,
+        OPT's project_in/out, the norms, the linears' biases, and the MoE experts (``expert_params``)."""
+        lay = self.layout
+        emb = self.vocab * self.embed_width * (1 if self.tie_embeddings else 2) + (self.vocab if lay.head_bias else 0)
+        emb += lay.positions * self.hidden + (2 * self.hidden * lay.embed_width if lay.embed_width else 0)
+        final = (int(lay.final_norm) + int(lay.embed_norm)) * self.hidden * lay.norm_params_per_width
+        per_layer = self.norm_params_per_layer + self.bias_params_per_layer
+        return emb + final + self.layers * per_layer + self.expert_params
 
     @property
     def total_params(self) -> int:
@@ -143,11 +196,10 @@ def _moe(cfg: dict, name: str, intermediate: int) -> dict:
             "intermediate": int(cfg["num_experts_per_tok"]) * expert_i + shared_i}
 
 
-# model_type values in the LLaMA layout: separate q/k/v/o and a gated MLP (gate/up/down), or Mixtral / Qwen-MoE
-# experts (tests/test_plan_zero.py builds each from a tiny config and counts). Others (gpt_neox, opt, gpt2, falcon,
-# phi: a two-matrix MLP, fused q/k/v or biases and position tables; phi3: fused qkv_proj / gate_up_proj) are refused.
-LLAMA_LAYOUT = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-                "smollm3")
+# model_type values in the LLaMA layout (separate q/k/v/o, gated gate/up/down; biases and extra norms from the
+# config), and every model type the planner models (layouts.py; tests/test_plan_layouts.py builds each and counts)
+LLAMA_LAYOUT = LLAMA_TYPES
+SUPPORTED = MODEL_TYPES
 
 
 def _tied_default(model_type: str, name: str) -> bool:
@@ -162,13 +214,11 @@ def _tied_default(model_type: str, name: str) -> bool:
 
 
 def shape_from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
-    """Build a shape from a Hugging Face config dict (LLaMA/Mistral/Qwen/Gemma-style keys; Mixtral / Qwen-MoE
-    experts are counted in 16 bit, as qlora-ds leaves them). A ``model_type`` outside ``LLAMA_LAYOUT`` is refused;
-    none at all is read as the LLaMA layout."""
+    """Build a shape from a Hugging Face config dict: its widths and its model type's layout (layouts.py; Mixtral /
+    Qwen-MoE experts are counted in 16 bit, as qlora-ds leaves them). A ``model_type`` outside ``SUPPORTED`` is
+    refused; none at all is read as the LLaMA layout."""
     model_type = cfg.get("model_type")
-    if model_type is not None and model_type not in LLAMA_LAYOUT:
-        raise QLoRADSError(f"{name}: model_type {model_type!r} is not modelled; the planner models the LLaMA layout "
-                           f"(q/k/v/o and the gated gate/up/down MLP) of {', '.join(LLAMA_LAYOUT)}")
+    fields = layout_fields(cfg, name)
 
     def need(key, *alts):
         for k in (key, *alts):
@@ -177,7 +227,7 @@ def shape_from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
         raise QLoRADSError(f"{name}: missing {key!r}; the planner needs hidden_size, intermediate_size, "
                            "num_hidden_layers, num_attention_heads and vocab_size")
     heads = need("num_attention_heads", "n_head")
-    intermediate = need("intermediate_size")
+    intermediate = fields.pop("intermediate", None) or need("intermediate_size")
     return ModelShape(**{
         "name": str(cfg.get("_name_or_path") or name),
         "hidden": need("hidden_size", "n_embd"),
@@ -191,6 +241,7 @@ def shape_from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
                                else model_type is not None and _tied_default(model_type, name)),
         "explicit_head_dim": int(cfg.get("head_dim") or 0),
         **_moe(cfg, name, intermediate),
+        **fields,
     })
 
 

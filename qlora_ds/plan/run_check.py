@@ -7,7 +7,6 @@ process held before loading the model as the planner's runtime term), on CUDA ag
 """
 from __future__ import annotations
 
-from ..errors import QLoRADSError
 from . import apply_ds_config
 from .memory import ALL_LINEAR, MiB, PlanConfig, estimate_memory
 from .presets import shape_from_hf_config
@@ -20,7 +19,7 @@ def config_for_run(hf_config: dict, ds_config: dict, *, world: int, device: str,
                    fused_cpu_linear: bool = False, packing: bool = False,
                    width_sum: int | None = None) -> PlanConfig:
     """A PlanConfig for one rank of a run; ``QLoRADSError`` when the planner cannot model the model
-    (not a LLaMA-layout decoder, or LoRA on layers the planner does not know). ``compute_dtype``: the dtype
+    (a model type plan/layouts.py lacks, or target modules that match none of its linears). ``compute_dtype``: the dtype
     the run computes and keeps its embeddings in: "bf16", "fp16", "fp32" or the torch dtype;
     ``fused_cpu_linear``: this CPU runs the fused AMX linear (``qlora_ds.ops.fused_linear.available()``);
     ``packing``: packed rows with attention per example (``finetune --packing``); ``width_sum``: the sum of the
@@ -28,8 +27,6 @@ def config_for_run(hf_config: dict, ds_config: dict, *, world: int, device: str,
     compute_dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}.get(
         str(compute_dtype), compute_dtype)
     targets = tuple(targets) if targets else ALL_LINEAR
-    if set(targets) - set(ALL_LINEAR):
-        raise QLoRADSError(f"the planner models LoRA on {ALL_LINEAR}, not {sorted(set(targets) - set(ALL_LINEAR))}")
     cfg = PlanConfig(shape=shape_from_hf_config(hf_config), gpus_per_node=world, device=device, seq_len=seq_len,
                      lora_r=lora_r, lora_dropout=lora_dropout, lora_targets=targets, grad_ckpt=grad_ckpt,
                      base_bits=bits if method == "qalora" else 4, quant="int" if method == "qalora" else "nf4",

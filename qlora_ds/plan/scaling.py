@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .memory import PlanConfig, cfg_lora_params
+from .memory import PlanConfig, cfg_lora_params, targeted
 
 
 @dataclass(frozen=True)
@@ -96,13 +96,16 @@ def zero3_gathers(cfg: PlanConfig) -> dict:
     def moved(tensors) -> int:   # bytes of the non-persistent tensors, padded to a multiple of n
         return sum(-(-numel // n) * n * size for numel, size in tensors if numel > cfg.persistence_threshold)
 
-    lin = s.linears()
-    quantized = [t for a, b in lin.values() for t in _quantized_tensor_sizes(cfg, a, b)]   # one layer
+    quantized = [t for a, b in s.linears().values() for t in _quantized_tensor_sizes(cfg, a, b)]   # one layer
     layer_linears = moved(quantized)
-    layer_lora = moved(t for name in cfg.lora_targets for t in ((cfg.lora_r * lin[name][0], 4),
-                                                                (cfg.lora_r * lin[name][1], 4)) if cfg.lora_r)
-    layer_norms = moved([(s.hidden, 2), (s.hidden, 2)])
-    embed = moved([(s.vocab * s.hidden, 2)])
+    layer_lora = moved(t for lin in targeted(s, cfg.lora_targets)
+                       for t in ((cfg.lora_r * lin.in_features, 4), (cfg.lora_r * lin.out_features, 4)) if cfg.lora_r)
+    # the layer's 16-bit tensors: norm weights (and biases), the linears' biases
+    norm_widths = [s.hidden] * s.layout.norms + {"": [], "head": [s.head_dim] * 2,
+                                                 "full": [s.q_dim, s.kv_dim]}[s.layout.qk_norm]
+    layer_norms = moved([(w, 2) for w in norm_widths for _ in range(s.layout.norm_params_per_width)]
+                        + [(lin.out_features, 2) for lin in s.layer_linears() if lin.bias])
+    embed = moved([(s.vocab * s.embed_width, 2)])
     final_norm = moved([(s.hidden, 2)])
     numel = s.layers * sum(numel for numel, _ in quantized) + cfg_lora_params(cfg) \
         + s.vocab * s.hidden * (1 if s.tie_embeddings else 2)
