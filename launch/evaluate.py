@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate(args) -> dict:
     from qlora_ds.atomic import atomic_write_text
     from qlora_ds.eval import evaluate_mc, heldout_loss, load_mc
-    from qlora_ds.eval.runs import load, resolve
+    from qlora_ds.eval.runs import load, resolve, tokenization
     from qlora_ds.hardware import dtype_name, resolve_device, resolve_dtype
 
     source = resolve(run=args.run, model=args.model, adapter=args.adapter, **source_overrides(args))
@@ -73,7 +73,8 @@ def evaluate(args) -> dict:
         max_len = args.max_len if args.max_len is not None else source.settings.get("max_len")
         on_prompt = args.train_on_prompt if args.train_on_prompt is not None else \
             bool(source.settings.get("train_on_prompt", False))
-        results["heldout"] = heldout_loss(model, tokenizer, args.heldout, max_len, args.batch_size, on_prompt)
+        results["heldout"] = heldout_loss(model, tokenizer, args.heldout, max_len, args.batch_size, on_prompt,
+                                          **tokenization(source))
         log.info("held-out loss %.4f, perplexity %.3f over %d tokens", results["heldout"]["loss"],
                  results["heldout"]["perplexity"], results["heldout"]["tokens"])
     if test is not None:

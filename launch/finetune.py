@@ -19,7 +19,7 @@ import time
 import torch
 
 from qlora_ds.cli import run_main
-from qlora_ds.data.run_data import Data, build_data
+from qlora_ds.data.run_data import Data, add_data_arguments, build_data
 from qlora_ds.ds_config import resolve_ds_config
 from qlora_ds.errors import QLoRADSError
 from qlora_ds.hardware import DTYPE_CHOICES, ds_compute_dtype, dtype_name
@@ -96,10 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "is split into micro-batches and ranks (transformers' Trainer does this); micro-batch: each "
                         "micro-batch's mean loss weighs the same (runs from before this option)")
     t.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
-    t.add_argument("--train-on-prompt", action="store_true", help="also train on prompt tokens")
-    t.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
-                   help="leave out examples whose tokens repeat an earlier one's before the held-out split, so no "
-                        "held-out example is trained on (--no-dedup: runs from before this option)")
+    add_data_arguments(t)                      # --train-on-prompt, --dedup, --plain-bos, --text-windows
     t.add_argument("--nan-policy", choices=["skip", "stop"], default="stop",
                    help="a non-finite loss: skip that step on every rank, or stop with an error")
     t.add_argument("--sample-prompt", default="What is AI?", help="generated before and after training ('' = none)")
@@ -331,7 +328,7 @@ def maybe_sample(run: Run, engine, tokenizer) -> str | None:
     from qlora_ds.eval.sampling import greedy_answer
 
     return greedy_answer(engine.module, tokenizer, run.args.sample_prompt, engine.device,
-                  synced=run.zero_stage == 3 and run.world > 1)
+                         synced=run.zero_stage == 3 and run.world > 1, plain_bos=run.args.plain_bos)
 
 
 def sample_before(run: Run, engine, tokenizer) -> str | None:

@@ -41,10 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def reply(model, tokenizer, messages: list[dict], args) -> str:
+def reply(model, tokenizer, messages: list[dict], args, plain_bos: bool = True) -> str:
     from qlora_ds.data.tokenize import prompt_ids
 
-    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=next(model.parameters()).device)
+    ids = torch.tensor([prompt_ids(tokenizer, messages, plain_bos)], device=next(model.parameters()).device)
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, pad_token_id=tokenizer.pad_token_id,
               repetition_penalty=args.repetition_penalty)
     if args.sample:
@@ -56,7 +56,7 @@ def reply(model, tokenizer, messages: list[dict], args) -> str:
 
 
 def generate(args) -> list[str]:
-    from qlora_ds.eval.runs import load, resolve
+    from qlora_ds.eval.runs import load, resolve, tokenization
     from qlora_ds.hardware import resolve_device, resolve_dtype
 
     torch.manual_seed(args.seed)
@@ -66,10 +66,11 @@ def generate(args) -> list[str]:
     device = resolve_device(args.device)
     model, tokenizer = load(source, dtype=resolve_dtype(args.dtype, device), device=device)
     system = [{"role": "system", "content": args.system}] if args.system else []
+    bos = tokenization(source).get("plain_bos", True)
     answers = []
     if args.prompt:
         for prompt in args.prompt:
-            answers.append(reply(model, tokenizer, system + [{"role": "user", "content": prompt}], args))
+            answers.append(reply(model, tokenizer, system + [{"role": "user", "content": prompt}], args, bos))
             sys.stdout.write(f"### User: {prompt}\n### Assistant: {answers[-1]}\n\n")
         return answers
     if not sys.stdin.isatty():
@@ -87,7 +88,7 @@ def generate(args) -> list[str]:
             history = []
             continue
         history.append({"role": "user", "content": line})
-        answer = reply(model, tokenizer, system + history, args)
+        answer = reply(model, tokenizer, system + history, args, bos)
         history.append({"role": "assistant", "content": answer})
         sys.stdout.write(f"bot> {answer}\n")
         answers.append(answer)

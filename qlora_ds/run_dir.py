@@ -22,7 +22,7 @@ BEFORE_SAMPLE = "sample_before.json"
 # options added later, and the behaviour of runs started before them (resume those with that value)
 BEFORE_OPTION_EXISTED = {"pad_to_multiple_of": 1, "dtype": "bf16", "packing": False, "init_adapter": None,
                          "lr_scheduler": "constant", "loss_weighting": "micro-batch",
-                         "dedup": False}
+                         "dedup": False, "plain_bos": False, "text_windows": False}
 # arguments that may differ between a run and its resumption
 # (chunked: the same loss, computed leaner; a recipe's values are compared one by one as the arguments they set)
 RESUMABLE_CHANGES = {"resume", "max_steps", "save_every", "eval_every", "sample_prompt", "overwrite", "local_rank",
@@ -60,8 +60,10 @@ def check_output_dir(args, rank: int, resolved: dict | None = None) -> str | Non
         if args.resume:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             if diff:
-                raise QLoRADSError(f"--resume: {out} was started with different settings ({diff}); resume with the "
-                                   f"same arguments or start a new --output-dir")
+                older = [f"{k}={v}" for k, v in BEFORE_OPTION_EXISTED.items() if k in diff and k not in recorded]
+                hint = f" (it is from before an option: it ran with {', '.join(older)})" if older else ""
+                raise QLoRADSError(f"--resume: {out} was started with different settings ({diff}){hint}; resume with "
+                                   f"the same arguments or start a new --output-dir")
             was = recorded.get("resolved") or {}
             if not was and rank == 0:
                 log.info("--resume: %s is from before the resolved batch setup was recorded: not compared", out)

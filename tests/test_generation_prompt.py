@@ -50,9 +50,21 @@ def _training_prompt(tok, messages) -> list[int]:
     return ex["input_ids"][:start].tolist()
 
 
-@pytest.fixture(scope="module", params=["byte_level_bpe", "smollm2"])
+def _bos_adding():
+    """The byte-level BPE adding BOS to a text, as base Llama / Mistral tokenizers do (their examples start with it)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    raw = _byte_level_bpe().backend_tokenizer
+    raw.add_special_tokens(["<s>"])
+    raw.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module", params=["byte_level_bpe", "smollm2", "bos_adding"])
 def plain_tokenizer(request):
-    return _byte_level_bpe() if request.param == "byte_level_bpe" else _smollm2()
+    return {"byte_level_bpe": _byte_level_bpe, "smollm2": _smollm2, "bos_adding": _bos_adding}[request.param]()
 
 
 @pytest.mark.parametrize("turns", [3, 5])
@@ -60,6 +72,9 @@ def test_plain_format_prompt_is_the_training_prefix(plain_tokenizer, turns):
     tok, messages = plain_tokenizer, CHAT[:turns]
     want = _training_prompt(tok, messages)
     assert prompt_ids(tok, messages[:-1]) == want
+    # both start with what the tokenizer puts before a text (BOS for bos_adding), as its text records do
+    lead = tok("x")["input_ids"][:-len(tok("x", add_special_tokens=False)["input_ids"])]
+    assert want[:len(lead)] == lead and len(lead) == (tok.bos_token == "<s>")
     # the whole prompt tokenized as one text (what generation did) splits each message's "\n\n" in two
     whole = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages[:-1]) + "### Assistant:\n"
     assert tok(whole, add_special_tokens=False)["input_ids"] != want
@@ -112,3 +127,33 @@ def test_template_refusing_a_system_message_names_the_flag():
     assert tok.decode(prompt_ids(tok, CHAT[1:2])) == "user: What is AI?\nassistant: "
     with pytest.raises(QLoRADSError, match="System role not supported.*drop --system"):
         prompt_ids(tok, CHAT[:2])
+
+
+def test_generation_and_eval_of_a_run_tokenize_as_that_run_did(tmp_path):
+    """A run from before --plain-bos (its run_config has no plain_bos) trained without the BOS: generate, the sample
+    answer and evaluate --run tokenize as it did; a newer run or no run at all use today's default."""
+    import json
+
+    from qlora_ds.eval.runs import resolve, tokenization
+    from qlora_ds.eval.sampling import greedy_answer
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+
+    def run_with(**cfg):
+        (tmp_path / "run" / "run_config.json").write_text(json.dumps({"model": str(tmp_path / "base"), **cfg}))
+        return resolve(run=str(tmp_path / "run"))
+
+    assert tokenization(run_with()) == {"plain_bos": False, "text_windows": False}
+    assert tokenization(run_with(plain_bos=True, text_windows=True)) == {"plain_bos": True, "text_windows": True}
+    assert tokenization(resolve(model=str(tmp_path / "base"))) == {}
+
+    tok, model = _bos_adding(), _Recorder()
+    args = types.SimpleNamespace(max_new_tokens=4, sample=False, repetition_penalty=1.0)
+    old = tokenization(run_with())["plain_bos"]
+    launch_script("generate").reply(model, tok, CHAT[1:2], args, old)
+    greedy_answer(model, tok, CHAT[1]["content"], "cpu", plain_bos=old)
+    launch_script("generate").reply(model, tok, CHAT[1:2], args)
+    bos = tok.bos_token_id
+    assert [ids[0] == bos for ids in model.seen] == [False, False, True]
+    assert model.seen[0] == model.seen[1] == model.seen[2][1:]

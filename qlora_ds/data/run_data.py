@@ -2,6 +2,7 @@
 this rank's batches."""
 from __future__ import annotations
 
+import argparse
 import logging
 from typing import NamedTuple
 
@@ -22,7 +23,9 @@ def build_data(args, tokenizer, model_config, rank: int, world: int, micro: int)
     records = dataset_records(args.dataset)
     check_vocab(tokenizer, model_config.vocab_size)
     ctx = getattr(model_config, "max_position_embeddings", None)
-    examples = tokenize_records(records, tokenizer, args.max_len, ctx, args.train_on_prompt)
+    # False: a run from before the option, resumed with its own tokenization
+    examples = tokenize_records(records, tokenizer, args.max_len, ctx, args.train_on_prompt,
+                                getattr(args, "plain_bos", True), getattr(args, "text_windows", True))
     dedup = getattr(args, "dedup", True)      # False: a run from before --dedup, resumed with its own split
     eval_ex, train_ex, dropped = split_heldout(examples, args.eval_size, args.seed, dedup)
     if dropped and rank == 0:
@@ -36,6 +39,22 @@ def build_data(args, tokenizer, model_config, rank: int, world: int, micro: int)
     batches = GroupByLengthBatches([e["input_ids"].numel() for e in train_ex], micro, world, rank, args.seed,
                                    group_by_length=args.group_by_length)
     return Data(train_ex, eval_ex[rank::world], len(eval_ex), batches)
+
+
+def add_data_arguments(group) -> None:
+    """finetune's options of how records become examples (each recorded in run_config.json, so a resumed run keeps
+    its first run's examples, split and order)."""
+    group.add_argument("--train-on-prompt", action="store_true", help="also train on prompt tokens")
+    group.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
+                       help="leave out examples whose tokens repeat an earlier one's before the held-out split, so no "
+                            "held-out example is trained on (--no-dedup: runs from before this option)")
+    group.add_argument("--plain-bos", action=argparse.BooleanOptionalAction, default=True,
+                       help="without a chat template (the '### Role:' format of base checkpoints), start each example "
+                            "with the tokenizer's own leading tokens (BOS for Llama / Mistral), as pretraining and "
+                            "text records did (--no-plain-bos: runs from before this option)")
+    group.add_argument("--text-windows", action=argparse.BooleanOptionalAction, default=True,
+                       help="split a text record longer than --max-len into --max-len windows (overlapping by one "
+                            "token) instead of cutting it (--no-text-windows: runs from before this option)")
 
 
 def dataset_records(dataset: str) -> list[dict]:

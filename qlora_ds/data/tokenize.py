@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -25,7 +26,7 @@ def _chat_ids(tokenizer, messages) -> tuple[list[int], list[int]]:
         if full[:len(ids)] != ids:
             return _span_ids(tokenizer, messages)
         new = full[len(ids):]
-        if msg["role"] == "assistant":
+        if _trained(msg):
             # the assistant header belongs to the prompt; train on what follows it
             prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -37,6 +38,11 @@ def _chat_ids(tokenizer, messages) -> tuple[list[int], list[int]]:
             mask += [0] * len(new)
         ids = full
     return ids, mask
+
+
+def _trained(msg) -> bool:
+    """An assistant message not marked ``"weight": 0`` (OpenAI's fine-tuning format: do not learn this answer)."""
+    return msg["role"] == "assistant" and msg.get("weight", 1) != 0
 
 
 PROBE = "qlora-ds probe answer"
@@ -63,13 +69,22 @@ def _span_ids(tokenizer, messages) -> tuple[list[int], list[int]]:
     while mark in text:
         mark += "!"
     for i, msg in enumerate(messages):
-        if msg["role"] == "assistant":
+        if _trained(msg):
             start, end = _locate(tokenizer, messages, i, text, mark)
-            if end_text and text.startswith(end_text, end):
-                end += len(end_text)
-            spans.append((start, end))
+            spans.append((start, _past_turn_end(text, end, end_text, enc["offset_mapping"])))
     mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]
     return list(enc["input_ids"]), mask
+
+
+def _past_turn_end(text: str, end: int, end_text: str, offsets) -> int:
+    """``end`` (of an assistant message's content in ``text``) moved past the turn end the template writes after it:
+    all of ``end_text`` where that follows; else the part of it that follows, up to a token's end. (Phi-3 writes EOS
+    after the whole chat only: the last turn ends '<|end|>\\n<|endoftext|>', an earlier one '<|end|>\\n<|user|>'.)"""
+    if not end_text or text.startswith(end_text, end):
+        return end + len(end_text)
+    shared = len(os.path.commonprefix([end_text, text[end:end + len(end_text)]]))
+    cut = max((b for _, b in offsets if end < b <= end + shared), default=end)
+    return cut if text[end:cut].strip() else end
 
 
 def _locate(tokenizer, messages, i, text: str, mark: str) -> tuple[int, int]:
@@ -95,13 +110,23 @@ def _locate(tokenizer, messages, i, text: str, mark: str) -> tuple[int, int]:
                        f"another template")
 
 
-def _plain_ids(tokenizer, messages) -> tuple[list[int], list[int]]:
-    ids: list[int] = []
-    mask: list[int] = []
+def _leading_specials(tokenizer) -> list[int]:
+    """What the tokenizer itself puts before a text: BOS for Llama / Mistral base checkpoints (pretrained with it at
+    position 0), nothing for GPT-2 / Qwen."""
+    body = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("x", add_special_tokens=True)["input_ids"])
+    return next((full[:at] for at in range(len(full) - len(body) + 1) if full[at:at + len(body)] == body), [])
+
+
+def _plain_ids(tokenizer, messages, bos: bool = True) -> tuple[list[int], list[int]]:
+    """The ``### Role:`` format (no chat template), after the tokenizer's own leading specials (``bos``; False:
+    runs from before --plain-bos)."""
+    ids: list[int] = _leading_specials(tokenizer) if bos else []
+    mask: list[int] = [0] * len(ids)
     for msg in messages:
         text = (f"### {msg['role'].capitalize()}:\n{msg['content']}\n\n")
         new = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if msg["role"] == "assistant":
+        if _trained(msg):
             head = len(tokenizer(f"### {msg['role'].capitalize()}:\n", add_special_tokens=False)["input_ids"])
             mask += [0] * head + [1] * (len(new) - head)
         else:
@@ -113,10 +138,11 @@ def _plain_ids(tokenizer, messages) -> tuple[list[int], list[int]]:
     return ids, mask
 
 
-def prompt_ids(tokenizer, messages) -> list[int]:
+def prompt_ids(tokenizer, messages, plain_bos: bool = True) -> list[int]:
     """The ids that prompt the assistant's reply to ``messages``, tokenized as training tokenizes a chat: the chat
-    template with its generation prompt, or else the plain ``### Role:`` messages one by one (byte-level BPE and
-    SentencePiece tokenize a message differently alone than inside the whole text) and the assistant header."""
+    template with its generation prompt, or else the tokenizer's leading specials (``plain_bos``), the plain
+    ``### Role:`` messages one by one (byte-level BPE and SentencePiece tokenize a message differently alone than
+    inside the whole text) and the assistant header."""
     if getattr(tokenizer, "chat_template", None) is not None:
         from jinja2 import TemplateError
 
@@ -127,15 +153,18 @@ def prompt_ids(tokenizer, messages) -> list[int]:
             hint = " (drop --system: this template takes no system message)" if "system" in roles else ""
             raise QLoRADSError(f"the tokenizer's chat template refused a chat of roles {roles}: {err}{hint}") from None
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    ids, _ = _plain_ids(tokenizer, messages)
+    ids, _ = _plain_ids(tokenizer, messages, plain_bos)
     if tokenizer.eos_token_id is not None:
         ids = ids[:-1]                                    # the eos _plain_ids appends after the last message
     return ids + list(tokenizer("### Assistant:\n", add_special_tokens=False)["input_ids"])
 
 
 def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None = None,
-                     train_on_prompt: bool = False) -> list[dict[str, torch.Tensor]]:
-    """input_ids/labels per record, truncated to ``max_len``; a max_len beyond the model's context is refused."""
+                     train_on_prompt: bool = False, plain_bos: bool = True,
+                     text_windows: bool = True) -> list[dict[str, torch.Tensor]]:
+    """input_ids/labels per record, cut at ``max_len`` (counted in a warning); a text record longer than that split
+    into windows of ``max_len`` (``text_windows``; False: cut, as runs from before --text-windows). ``plain_bos``: see
+    ``_plain_ids``. A max_len beyond the model's context is refused."""
     if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 2:
         raise QLoRADSError(f"--max-len {max_len!r} must be an integer >= 2 (a prompt token and a response token); "
                            f"QLoRA uses 512 to 1024")
@@ -146,35 +175,71 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
 
     use_template = getattr(tokenizer, "chat_template", None) is not None
     examples, truncated, targetless = [], 0, 0
+    cut, cut_tokens, total_tokens, split, windows, no_system = 0, 0, 0, 0, 0, 0
     for i, rec in enumerate(records):
         if "text" in rec:
             ids = tokenizer(rec["text"], add_special_tokens=True)["input_ids"]
             mask = [1] * len(ids)
         else:
             try:
-                ids, mask = (_chat_ids if use_template else _plain_ids)(tokenizer, rec["messages"])
+                if use_template:
+                    ids, mask = _chat_ids(tokenizer, rec["messages"])
+                    no_system += _drops_system(tokenizer, rec["messages"])
+                else:
+                    ids, mask = _plain_ids(tokenizer, rec["messages"], plain_bos)
             except TemplateError as err:
                 raise QLoRADSError(f"record #{i}: the tokenizer's chat template refused it ({err})") from None
         if train_on_prompt:
             mask = [1] * len(ids)
-        # position 0 is never a target (the causal shift drops it): a record without a later label has a 0/0 loss
-        if not any(mask[1:max_len]):
-            truncated += any(mask[1:])
-            targetless += not any(mask[1:])
-            continue
-        ids, mask = ids[:max_len], mask[:max_len]
-        labels = [t if m else IGNORE for t, m in zip(ids, mask)]
-        examples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
+        total_tokens += len(ids)
+        pieces = [(ids, mask)]
+        if "text" in rec and text_windows and len(ids) > max_len:
+            # windows overlapping by one token: each token but the record's first is a target once (run_clm's
+            # group_texts, less the target that each window's first token would lose)
+            pieces = [(ids[s:s + max_len], mask[s:s + max_len]) for s in range(0, len(ids) - 1, max_len - 1)]
+            split, windows = split + 1, windows + len(pieces)
+        for ids, mask in pieces:
+            # position 0 is never a target (the causal shift drops it): a record without a later label has a 0/0 loss
+            if not any(mask[1:max_len]):
+                truncated += any(mask[1:])
+                targetless += not any(mask[1:])
+                continue
+            if len(ids) > max_len:
+                cut, cut_tokens = cut + 1, cut_tokens + len(ids) - max_len
+            ids, mask = ids[:max_len], mask[:max_len]
+            labels = [t if m else IGNORE for t, m in zip(ids, mask)]
+            examples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
     if not examples:
         raise QLoRADSError(f"no example kept a response token within --max-len {max_len} (the first token is never "
                            f"a target); " + ("raise --max-len" if truncated else "add records longer than one token"))
+    if cut:
+        log.warning("%d of %d records were cut at --max-len %d (%d of %d tokens dropped, %.1f%%; a cut answer "
+                    "loses its turn end); raise --max-len to keep them", cut, len(records), max_len, cut_tokens,
+                    total_tokens, 100 * cut_tokens / total_tokens)
+    if split:
+        log.info("%d text records longer than --max-len %d were split into %d windows of up to %d tokens", split,
+                 max_len, windows, max_len)
     if truncated:
         log.warning("%d of %d records lost their whole response to --max-len %d and are left out; raise --max-len "
                     "to keep them", truncated, len(records), max_len)
     if targetless:
         log.warning("%d of %d records have no token to predict (e.g. a one-token text paragraph: the first token "
                     "is never a target) and are left out", targetless, len(records))
+    if no_system:
+        log.warning("the chat template leaves the system message out of the training text of %d of %d records (as "
+                    "Mistral v0.3's writes it only into a chat's final user turn, which a training chat does not end "
+                    "with): they train without it; fold the system text into the first user message to keep it",
+                    no_system, len(records))
     return examples
+
+
+def _drops_system(tokenizer, messages) -> bool:
+    """Whether the template's rendering of the whole chat (the training text) lacks a system message's content."""
+    system = [m["content"].strip() for m in messages if m["role"] == "system" and m["content"].strip()]
+    if not system:
+        return False
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return any(s not in text for s in system)
 
 
 def check_vocab(tokenizer, model_vocab: int) -> None:

@@ -34,9 +34,10 @@ def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
 
 
 def heldout_loss(model, tokenizer, records, max_len: int | None = None, batch_size: int = 4,
-                 train_on_prompt: bool = False) -> dict:
+                 train_on_prompt: bool = False, **tokenization) -> dict:
     """{'loss', 'perplexity', 'tokens', 'examples'} over ``records`` (a path or a list of records).
-    ``max_len``: truncation as in training (default: 512, as finetune's, or the model's context if shorter)."""
+    ``max_len``: truncation as in training (default: 512, as finetune's, or the model's context if shorter);
+    ``tokenization``: the run's ``plain_bos`` / ``text_windows`` (``qlora_ds.eval.runs.tokenization``)."""
     if isinstance(records, str):
         records = load_records(records)
     cfg = getattr(model, "config", None)
@@ -45,7 +46,7 @@ def heldout_loss(model, tokenizer, records, max_len: int | None = None, batch_si
     ctx = getattr(cfg, "max_position_embeddings", None)
     if max_len is None:
         max_len = min(512, ctx) if ctx else 512
-    examples = tokenize_records(records, tokenizer, max_len, ctx, train_on_prompt)
+    examples = tokenize_records(records, tokenizer, max_len, ctx, train_on_prompt, **tokenization)
     if batch_size < 1:
         raise QLoRADSError(f"batch_size={batch_size} must be >= 1")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

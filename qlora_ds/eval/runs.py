@@ -24,9 +24,17 @@ import torch
 
 from ..errors import QLoRADSError
 from ..hardware import DTYPE_NAMES
-from ..run_dir import RUN_CONFIG
+from ..run_dir import BEFORE_OPTION_EXISTED, RUN_CONFIG
 
 log = logging.getLogger(__name__)
+
+
+TOKENIZATION_OPTIONS = ("plain_bos", "text_windows")     # finetune's, read from a run for its examples' tokens
+
+
+def tokenization(source: "Source") -> dict:
+    """``tokenize_records`` / ``prompt_ids`` keywords of the run behind ``source`` (today's defaults without one)."""
+    return {k: bool(source.settings[k]) for k in TOKENIZATION_OPTIONS if k in source.settings}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +62,8 @@ def resolve(run: str | None = None, model: str | None = None, adapter: str | Non
         if not os.path.isdir(adapter):
             raise QLoRADSError(f"{adapter} does not exist: the run has not finished (no final adapter); wait for it "
                                f"or pass --adapter to a saved adapter")
-        settings = {**run_cfg, **settings}
+        # a run from before an option ran with its old behaviour (finetune's resume rule, qlora_ds.run_dir)
+        settings = {**{k: BEFORE_OPTION_EXISTED[k] for k in TOKENIZATION_OPTIONS}, **run_cfg, **settings}
     if not model:
         raise QLoRADSError("pass --run DIR or --model PATH")
     if not os.path.isdir(model):

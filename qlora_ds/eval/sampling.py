@@ -6,10 +6,10 @@ import torch
 from ..data.tokenize import prompt_ids
 
 
-def greedy_answer(model, tokenizer, prompt: str, device, synced: bool = False) -> str:
+def greedy_answer(model, tokenizer, prompt: str, device, synced: bool = False, plain_bos: bool = True) -> str:
     """Greedy 40-token answer to ``prompt``. ``synced``: every rank calls this and decodes in step (ZeRO-3, where
-    each forward gathers the partitioned weights)."""
-    ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": prompt}])], device=device)
+    each forward gathers the partitioned weights); ``plain_bos``: as the run tokenized its examples."""
+    ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": prompt}], plain_bos)], device=device)
     was_training = model.training
     model.eval()
     with torch.no_grad():

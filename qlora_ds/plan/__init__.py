@@ -124,8 +124,9 @@ FINETUNE_KEYS = frozenset({
     "eval_every", "eval_size", "grad_accum", "grad_ckpt", "group_by_length", "group_size", "help", "init_adapter",
     "keep_checkpoints", "local_rank", "log_every", "lora_alpha", "lora_dropout", "lora_r", "loss_weighting", "lr",
     "lr_scheduler", "max_grad_norm", "max_len", "max_steps", "method", "micro_batch", "model", "nan_policy",
-    "optimizer", "output_dir", "overwrite", "packing", "pad_to_multiple_of", "pool", "quant_type", "recipe", "resume",
-    "sample_prompt", "save_every", "seed", "target_modules", "train_on_prompt", "warmup_ratio", "weight_decay"})
+    "optimizer", "output_dir", "overwrite", "packing", "pad_to_multiple_of", "plain_bos", "pool", "quant_type",
+    "recipe", "resume", "sample_prompt", "save_every", "seed", "target_modules", "text_windows", "train_on_prompt",
+    "warmup_ratio", "weight_decay"})
 FINETUNE_OPTIMIZER = "PagedAdamW"     # finetune's optimizer when neither the recipe nor the ds_config names one
 
 

