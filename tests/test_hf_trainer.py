@@ -351,7 +351,10 @@ def test_fp16_without_zero_under_the_trainer_starts_adam_at_step_one(tmp_path, m
 
     from .finetune_fixtures import write_word_level_run
 
+    from deepspeed.accelerator import get_accelerator
+
     _one_rank_env(monkeypatch)
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: True)   # DeepSpeed's CPU check: AVX-512 FP16
     paths = write_word_level_run(str(tmp_path))
     ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
           "gradient_clipping": "auto", "fp16": {"enabled": True, "initial_scale_power": 4},

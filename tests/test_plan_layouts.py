@@ -122,14 +122,18 @@ def _saved_bytes_per_layer(model, layer, batch: int, seq: int) -> int:
 
 
 @pytest.mark.parametrize("r", [0, 8])
-def test_plain_mlp_activations_are_what_autograd_keeps(r):
+def test_plain_mlp_activations_are_what_autograd_keeps(r, monkeypatch):
     """GPT-NeoX in bf16 on the CPU (SDPA; parallel block: two LayerNorms of one input, fused query_key_value, a
     plain gelu MLP, biases), its LoRA on all linears with dropout 0: per token, one decoder layer's saved tensors
     are the planner's activation term. Measured as the slope between batch 1 and 3 (per-layer constants such as
     rotary tables and the LoRA weights' bf16 copies cancel). A gated MLP's 3·e·i in place of gelu's e·i would be
     512 B/token over."""
     from qlora_ds.inject import inject
-    from qlora_ds.nn import QLoRAConfig
+    from qlora_ds.nn import QLoRAConfig, functional
+    # the kept-weight pool (the planner's dequant_keep, per weight, not per token) off: without AMX's fused linear
+    # (e.g. AVX2) the two batches would keep different sets of dequantized weights
+    monkeypatch.setattr(functional, "KEEP_LIMIT", 0)     # restored afterwards
+    functional.set_keep_limit(0)                          # and the pool emptied
     model = _build("gpt_neox", VARIANTS["gpt_neox"][0], attn_implementation="sdpa", dtype=torch.bfloat16)
     if r:
         inject(model, QLoRAConfig(r=r, dropout=0.0, compute_dtype=torch.bfloat16))
