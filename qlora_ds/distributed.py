@@ -74,6 +74,8 @@ def _srun_step(env) -> Launcher | None:
     """Slurm's view inside an srun step (SLURM_STEP_ID; an sbatch script without srun has SLURM_PROCID=0 too)."""
     if "SLURM_STEP_ID" not in env:
         return None
+    if "SLURM_STEP_NUM_TASKS" in env:   # the step's tasks: `srun --pty bash` in `salloc -n 4` is a step of one
+        env = {**env, "SLURM_NTASKS": env["SLURM_STEP_NUM_TASKS"]}
     found = _family(env, *_SLURM)
     nodes = env.get("SLURM_STEP_NUM_NODES")
     return found._replace(one_host=None if nodes is None else nodes == "1") if found else None
@@ -125,8 +127,8 @@ def map_mpi_env(env=os.environ) -> Launcher | None:
         missing = sorted(set(_TORCH_VARS) - set(have_torch))
         raise QLoRADSError(f"distributed environment is half set: {have_torch} present but {missing} missing; "
                            f"start through deepspeed, torchrun or mpirun, or set all of {list(_TORCH_VARS)}")
-    if launcher is None:
-        return None
+    if launcher is None or launcher.world == 1:
+        return None          # a world of one (`srun python …` of one task): init_distributed's local rendezvous
     if "MASTER_PORT" in env and ("MASTER_ADDR" in env or launcher.one_host):
         env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = map(str, launcher[1:4])
         env.setdefault("MASTER_ADDR", "127.0.0.1")  # every rank on this host

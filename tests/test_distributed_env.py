@@ -218,3 +218,19 @@ def _worker(out: str) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+@pytest.mark.parametrize("env", [
+    {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "SLURM_STEP_ID": "0"},      # srun of one task
+    {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1", "SLURM_LOCALID": "0",
+     "SLURM_STEP_ID": "3"},                                                          # srun --pty bash in salloc -n 4
+    {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "0"},   # mpirun -np 1
+], ids=["srun-one-task", "salloc-pty-step", "mpirun-np-1"])
+def test_a_launcher_world_of_one_is_a_local_run(env):
+    """A world of one needs no rendezvous: no MASTER_PORT (or mpi4py) demanded, no fixed discovery port that two
+    one-GPU jobs on a node would share; init_distributed then picks 127.0.0.1 and a free port."""
+    from qlora_ds.distributed import map_mpi_env
+
+    env = dict(env)
+    assert map_mpi_env(env) is None
+    assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(env)
