@@ -72,17 +72,16 @@ def test_planner_counts_what_transformers_builds_and_inject_wraps(model_type, va
 @pytest.mark.parametrize("model_type,targets", [("gpt2", ("c_attn",)), ("gpt2", ("c_proj",)),
                                                 ("gpt2", ("mlp.c_proj", "c_fc")), ("phi3", ("qkv_proj", "o_proj")),
                                                 ("falcon", ("query_key_value", "dense_4h_to_h")),
-                                                ("opt", ("q_proj", "v_proj", "fc2"))])
+                                                ("opt", ("q_proj", "v_proj", "fc2")),
+                                                ("llama", ("self_attn.q_proj", "self_attn.v_proj"))])
 def test_lora_targets_are_the_models_module_names(model_type, targets):
-    """Targets by leaf name (GPT-2's c_proj is in attention and MLP both) or by path inside the layer, as inject
-    matches target_modules: the LoRA the planner counts is what inject adds."""
+    """Targets by leaf name (GPT-2's c_proj is in attention and MLP both) or by path inside the layer, as PEFT and
+    inject match target_modules (the same names on both sides): the LoRA the planner counts is what inject adds."""
     from qlora_ds.inject import inject
     from qlora_ds.nn import QLoRAConfig
     model = _build(model_type, VARIANTS[model_type][0])
     s = shape_from_hf_config(model.config.to_dict())
-    leaf_or_path = tuple(t.rsplit(".", 1)[-1] for t in targets)     # inject matches a leaf or a full path
-    inject(model, QLoRAConfig(r=4, target_modules=leaf_or_path if "mlp.c_proj" not in targets
-                              else "transformer\\.h\\.\\d+\\.(mlp\\.c_proj|mlp\\.c_fc)", compute_dtype=torch.float32))
+    inject(model, QLoRAConfig(r=4, target_modules=tuple(targets), compute_dtype=torch.float32))
     assert sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n) == lora_params(s, 4, targets)
     assert 0 < lora_params(s, 4, targets) < lora_params(s, 4)
 

@@ -121,8 +121,10 @@ def load_records(path: str) -> list[dict]:
                 raise QLoRADSError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix the file") from None
             except UnicodeDecodeError as err:
                 raise QLoRADSError(f"{path}: not UTF-8 text ({err.reason}); re-encode the file as UTF-8") from None
+        if isinstance(data, dict):      # one record: a JSON Lines file of one line, or a lone object
+            data = [data]
         if not isinstance(data, list):
-            raise QLoRADSError(f"{path}: expected a JSON list of records")
+            raise QLoRADSError(f"{path}: expected a JSON list of records (or JSON Lines: one record per line)")
         records = [_normalise(obj, f"{path}[{i}]") for i, obj in enumerate(data)]
     elif path.endswith(".txt"):
         with open(path, encoding="utf-8-sig") as fh:

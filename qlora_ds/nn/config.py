@@ -76,14 +76,16 @@ class _LoRAFields:
         return dataclasses.replace(self, compute_dtype=resolve_dtype(AUTO, device))
 
     def matches(self, path: str) -> bool:
-        """Whether the linear module at ``path`` (e.g. 'model.layers.0.mlp.up_proj') is targeted."""
+        """Whether the linear module at ``path`` (e.g. 'model.layers.0.mlp.up_proj') is targeted: PEFT's rule, a
+        regex matching the whole path, or a name that is the path or a dotted suffix of it ('up_proj',
+        'mlp.up_proj')."""
         leaf = path.rsplit(".", 1)[-1]
         tm = self.target_modules
         if tm is None:
             return leaf not in LM_HEAD_NAMES
         if isinstance(tm, str):
             return re.fullmatch(tm, path) is not None
-        return leaf in tm or path in tm
+        return any(path == t or path.endswith("." + t) for t in tm)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -274,12 +274,13 @@ class MemoryEstimate:
 # ---- pure pieces -------------------------------------------------------------------------------
 
 def targeted(shape: ModelShape, targets=ALL_LINEAR) -> tuple[Linear, ...]:
-    """The linears of one layer that LoRA wraps: every one for ``ALL_LINEAR``, else those whose leaf name or module
-    path (inside the layer) is in ``targets`` — inject's rule; a name the layer lacks matches nothing, as there."""
+    """The linears of one layer that LoRA wraps: every one for ``ALL_LINEAR``, else those whose path inside the
+    layer is a target or ends with "." + a target ('q_proj', 'self_attn.q_proj') — PEFT's and inject's rule
+    (``QLoRAConfig.matches``); a name the layer lacks matches nothing, as there."""
     if targets == ALL_LINEAR:
         return shape.layer_linears()
-    names = set(targets)
-    return tuple(lin for lin in shape.layer_linears() if lin.leaf in names or lin.name in names)
+    return tuple(lin for lin in shape.layer_linears()
+                 if any(lin.name == t or lin.name.endswith("." + t) for t in targets))
 
 
 def lora_params(shape: ModelShape, r: int, targets=ALL_LINEAR, pool_group: int = 1) -> int:
