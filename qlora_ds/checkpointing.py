@@ -253,29 +253,35 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=N
 def _save_engine(engine, ckpt_dir: str, tag: str, client_state: dict) -> Exception | None:
     """``engine.save_checkpoint``, returning (not raising) the first failed file write. Raised inside, it would take
     this rank past DeepSpeed's closing barrier while the others wait there (a full disk on one node): every rank
-    would block until the process-group timeout. ``latest`` is left to ``save``, so it never names a partial tag."""
+    would block until the process-group timeout. The writes are the checkpoint engine's ``save`` and, on rank 0 at
+    ZeRO >= 1, the copy of DeepSpeed's recovery scripts. ``latest`` is left to ``save``, so it never names a
+    partial tag."""
     failed = []
-    writer = getattr(engine, "checkpoint_engine", None)
-    inner = getattr(writer, "save", None)
 
-    def save(*args, **kwargs):
-        if not failed:  # after the first failure the rest is not worth writing
-            try:
-                return inner(*args, **kwargs)
-            except Exception as err:
-                failed.append(err)
+    def guarded(inner):
+        def write(*args, **kwargs):
+            if not failed:  # after the first failure the rest is not worth writing
+                try:
+                    return inner(*args, **kwargs)
+                except Exception as err:
+                    failed.append(err)
+        return write
 
-    own = "save" in getattr(writer, "__dict__", {})  # patched on the instance already: put that back
-    if inner is not None:
-        writer.save = save
+    patched = []                                    # (object, attribute, its own instance value or None)
+    for obj, name in ((getattr(engine, "checkpoint_engine", None), "save"), (engine, "_copy_recovery_script")):
+        inner = getattr(obj, name, None)
+        if inner is not None:
+            patched.append((obj, name, getattr(obj, "__dict__", {}).get(name)))
+            setattr(obj, name, guarded(inner))
     try:
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=True)
     finally:
-        if own:
-            writer.save = inner
-        elif inner is not None:
-            del writer.save
+        for obj, name, own in patched:              # patched on the instance already: put that back
+            if own is not None:
+                setattr(obj, name, own)
+            else:
+                delattr(obj, name)
     return failed[0] if failed else None
 
 

@@ -39,6 +39,10 @@ def test_full_disk_on_one_rank_inside_deepspeed_save_fails_every_rank_at_once(tm
         assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step")) == ["step0000002", "step0000006"]
         assert (ckpt / "latest").read_text() == "step0000006"
         assert (ckpt / "step0000006" / "adapter" / "adapter_model.safetensors").exists()
+        # a failed write outside the checkpoint engine (rank 0 copies DeepSpeed's recovery scripts) fails it the same
+        assert got[0]["script_error"].startswith("QLoRADSError: saving checkpoint step 8 failed on rank 0: OSError")
+        assert got[1]["script_error"].startswith("QLoRADSError: saving checkpoint step 8 failed on another rank")
+        assert max(g["script_seconds"] for g in got) < PG_TIMEOUT_S / 2
 
 
 def _worker(model_dir: str, out: str) -> None:
@@ -93,6 +97,22 @@ def _worker(model_dir: str, out: str) -> None:
             break
         del engine.checkpoint_engine.save
         checkpointing.save(engine, ckpt, 6, {"step": 6}, keep=2, also=also)
+
+        def no_space(save_path):  # rank 0's copy of DeepSpeed's recovery scripts meets a full disk
+            raise OSError(28, "No space left on device", os.path.join(save_path, "zero_to_fp32.py"))
+
+        if rank == 0:
+            engine._copy_recovery_script = no_space
+        t0 = time.time()
+        try:
+            checkpointing.save(engine, ckpt, 8, {"step": 8}, keep=2, also=also)
+            caught = None
+        except Exception as err:
+            caught = err
+        results[stage]["script_error"] = f"{type(caught).__name__}: {caught}" if caught else "no error"
+        results[stage]["script_seconds"] = time.time() - t0
+        if not isinstance(caught, QLoRADSError):
+            break
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(results, fh)
     if len(results) < 2:
