@@ -6,6 +6,7 @@ file may change) and the LR warmup; ``sample_before.json`` the answer to --sampl
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ BEFORE_OPTION_EXISTED = {"pad_to_multiple_of": 1, "dtype": "bf16", "packing": Fa
 # (chunked: the same loss, computed leaner; a recipe's values are compared one by one as the arguments they set)
 RESUMABLE_CHANGES = {"resume", "max_steps", "save_every", "eval_every", "sample_prompt", "overwrite", "local_rank",
                      "log_every", "keep_checkpoints", "chunked_loss", "deepspeed", "recipe"}
-NOT_ARGUMENTS = {"resolved", "warmup_steps"}      # recorded beside the arguments
+NOT_ARGUMENTS = {"resolved", "warmup_steps", "dataset_sha256"}      # recorded beside the arguments
 # where each resolved setting comes from, for the error that names it
 RESOLVED_FROM = {"micro_batch_per_rank": "--micro-batch / ds_config train_micro_batch_size_per_gpu",
                  "grad_accum": "--grad-accum / ds_config gradient_accumulation_steps",
@@ -64,6 +65,12 @@ def check_output_dir(args, rank: int, resolved: dict | None = None) -> str | Non
                 hint = f" (it is from before an option: it ran with {', '.join(older)})" if older else ""
                 raise QLoRADSError(f"--resume: {out} was started with different settings ({diff}){hint}; resume with "
                                    f"the same arguments or start a new --output-dir")
+            digest = recorded.get("dataset_sha256")
+            if digest is not None and digest != dataset_digest(args.dataset):
+                raise QLoRADSError(f"--resume: the dataset {args.dataset} changed since {out} started (sha256 "
+                                   f"{digest[:12]}… then); its held-out split and example order would change, so "
+                                   f"held-out examples could be trained on: resume with the original file or start a "
+                                   f"new --output-dir")
             was = recorded.get("resolved") or {}
             if not was and rank == 0:
                 log.info("--resume: %s is from before the resolved batch setup was recorded: not compared", out)
@@ -100,8 +107,20 @@ def warmup_steps(args, resumed: bool) -> int:
     return first.get("warmup_steps", max(1, math.ceil(args.warmup_ratio * first["max_steps"])))
 
 
+def dataset_digest(dataset: str | None) -> str | None:
+    """sha256 of a dataset file (None for a packaged corpus, whose version pins it): a resume checks it."""
+    if not dataset or not os.path.isfile(dataset):
+        return None
+    digest = hashlib.sha256()
+    with open(dataset, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_run_config(args, resolved: dict, warmup: int) -> None:
-    record = {**vars(args), "resolved": resolved, "warmup_steps": warmup}
+    record = {**vars(args), "resolved": resolved, "warmup_steps": warmup,
+              "dataset_sha256": dataset_digest(getattr(args, "dataset", None))}
     atomic_write_text(os.path.join(args.output_dir, RUN_CONFIG), json.dumps(record, indent=2, default=str))
 
 

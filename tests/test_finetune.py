@@ -269,6 +269,27 @@ def test_run_from_before_pad_option_resumes_with_its_behaviour(tiny, tmp_path):
         ft.parse_args(_args(tiny, out, "--pad-to-multiple-of", "0"))
 
 
+def test_resume_with_a_changed_dataset_file_is_refused(tiny, tmp_path):
+    """The held-out split and the example order come from the dataset file: resuming on an edited file would train
+    on held-out examples and continue at another example. Its sha256 is recorded and compared."""
+    import shutil
+
+    from qlora_ds.run_dir import write_run_config
+    ft = _finetune_module()
+    out = tmp_path / "run"
+    out.mkdir()
+    data = tmp_path / "data.jsonl"
+    shutil.copy(tiny["data"], data)
+    args = ft.parse_args(_args(tiny, out, "--dataset", str(data)))
+    write_run_config(args, {}, 1)
+    resume = ft.parse_args(_args(tiny, out, "--dataset", str(data), "--resume"))
+    assert ft.check_output_dir(resume, 0) is None                       # the same file: resumes
+    with open(data, "a") as fh:
+        fh.write(json.dumps({"instruction": "One more?", "response": "Yes."}) + "\n")
+    with pytest.raises(QLoRADSError, match=r"dataset .*data\.jsonl changed since"):
+        ft.check_output_dir(resume, 0)
+
+
 @pytest.mark.parametrize("option, old_flag", [("dedup", "--no-dedup"),
                                               ("loss_weighting", "--loss-weighting=micro-batch")])
 def test_run_from_before_an_option_resumes_with_its_behaviour(tiny, tmp_path, option, old_flag):
