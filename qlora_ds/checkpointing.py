@@ -26,6 +26,7 @@ import secrets
 import shutil
 
 from .atomic import atomic_write_text, fsync_dir, fsync_tree
+from .distributed import all_ranks_ok
 from .errors import QLoRADSError
 from .faults import inject
 
@@ -228,13 +229,13 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=N
         inject("kill_in_save", step)
     except Exception as err:
         ok, reason = False, _cause(err, ckpt_dir)
-    if _all_ok(ok) and rank == 0:  # the manifest goes last, once every rank's files are written
+    if all_ranks_ok(ok) and rank == 0:  # the manifest goes last, once every rank's files are written
         try:
             write_manifest(tag_dir, step)
             atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)  # DeepSpeed's, once the tag is complete
         except Exception as err:
             ok, reason = False, _cause(err, ckpt_dir)
-    if not _all_ok(ok):  # every rank reaches both all-reduces, so none blocks when another fails
+    if not all_ranks_ok(ok):  # every rank reaches both all-reduces, so none blocks when another fails
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
         last = (latest_complete(ckpt_dir) or "none") if rank == 0 else "see rank 0"
@@ -302,14 +303,3 @@ def _cause(err: Exception, ckpt_dir: str) -> str:
         free = "free space unknown"
     return (f"{text} -- {'no space left on device' if full else 'a write failed, most likely a full disk'} "
             f"({free}): free space in {ckpt_dir} or point --output-dir at another disk")
-
-
-def _all_ok(ok: bool) -> bool:
-    import torch
-    import torch.distributed as dist
-
-    from .distributed import collective_device
-
-    flag = torch.tensor([0 if ok else 1], device=collective_device())    # NCCL takes no CPU tensors
-    dist.all_reduce(flag)
-    return int(flag.item()) == 0

@@ -224,6 +224,19 @@ def collective_device():
     return torch.device("cpu")
 
 
+def all_ranks_ok(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (True without a process group). Every rank must call it: a rank whose
+    write failed reports through it instead of raising past a collective the others then wait in."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([0 if ok else 1], device=collective_device())    # NCCL takes no CPU tensors
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -54,7 +54,7 @@ def fake_group(monkeypatch):
 def test_checkpoint_all_ok_flag_on_the_collective_device(fake_group):
     from qlora_ds import checkpointing
 
-    assert checkpointing._all_ok(True) and not checkpointing._all_ok(False)
+    assert checkpointing.all_ranks_ok(True) and not checkpointing.all_ranks_ok(False)
     assert len(fake_group) == 2
 
 

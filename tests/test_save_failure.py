@@ -45,6 +45,62 @@ def test_full_disk_on_one_rank_inside_deepspeed_save_fails_every_rank_at_once(tm
         assert max(g["script_seconds"] for g in got) < PG_TIMEOUT_S / 2
 
 
+def test_save_quantized_under_zero3_returns_when_complete_and_fails_on_every_rank(tmp_path):
+    """save_quantized gathers on every rank and writes on rank 0: every rank returns once the directory is complete
+    (rank 1 reads it at once), and a write failing on rank 0 raises on rank 1 too instead of leaving it waiting."""
+    from tests.dist_utils import check, run_torchrun
+    from tests.tiny_models import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    check(run_torchrun(__file__, str(tmp_path / "model"), str(tmp_path), "quantized", nproc=2, timeout=240))
+    got = [json.loads((tmp_path / f"quantized{r}.json").read_text()) for r in (0, 1)]
+    assert all(g["complete"] for g in got), got
+    assert got[0]["error"].startswith("OSError: [Errno 28] No space left on device"), got
+    assert got[1]["error"] == "QLoRADSError: save_quantized: writing " + str(tmp_path / "full") + \
+        " failed on rank 0 (its error says why)"
+    assert max(g["seconds"] for g in got) < PG_TIMEOUT_S / 2
+
+
+def _quantized_worker(model_dir: str, out: str) -> None:
+    from datetime import timedelta
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from qlora_ds.inject import from_pretrained, save_quantized
+    from qlora_ds.inject.loading import QUANT_META_NAME
+    from qlora_ds.nn import QLoRAConfig
+
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=PG_TIMEOUT_S))
+    rank = dist.get_rank()
+    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    model = from_pretrained(model_dir, QLoRAConfig(r=4, dropout=0.0, compute_dtype=torch.float32), ds_config=ds,
+                            torch_dtype=torch.float32)
+    good = os.path.join(out, "good")
+    save_quantized(model, good)
+    result = {"complete": all(os.path.exists(os.path.join(good, f))
+                              for f in ("model.safetensors", "config.json", QUANT_META_NAME))}
+    import safetensors.torch as st
+    real = st.save_file
+
+    def full_disk(tensors, path, metadata=None):   # rank 0's disk is full
+        raise OSError(28, "No space left on device", path)
+    st.save_file = full_disk
+    t0 = time.time()
+    try:
+        save_quantized(model, os.path.join(out, "full"))
+        result["error"] = "no error"
+    except Exception as err:
+        result["error"] = f"{type(err).__name__}: {err}"
+    result["seconds"] = time.time() - t0
+    st.save_file = real
+    with open(os.path.join(out, f"quantized{rank}.json"), "w") as fh:
+        json.dump(result, fh)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _worker(model_dir: str, out: str) -> None:
     from datetime import timedelta
 
@@ -122,4 +178,4 @@ def _worker(model_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+    (_quantized_worker if sys.argv[3:] == ["quantized"] else _worker)(sys.argv[1], sys.argv[2])

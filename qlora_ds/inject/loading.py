@@ -436,10 +436,8 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
 def save_quantized(model: nn.Module, directory: str) -> None:
     """Write the frozen quantized model (no adapters) atomically: ``model.safetensors`` with the layers'
     packed parameters as stored, ``config.json``, and ``qlora_ds_quant.json`` (format, version, settings).
-    Works under ZeRO-3 too (each module is gathered in turn; rank 0 writes)."""
-    from safetensors.torch import save_file
-
-    from ..atomic import atomic_directory
+    Works under ZeRO-3 too (each module is gathered in turn; rank 0 writes, and every rank returns once the
+    directory is complete, or raises if rank 0's write failed)."""
     layers = {p: m for p, m in model.named_modules() if is_quantized_layer(m)}
     if not layers:
         raise QLoRADSError("the model has no QLoRALinear/QALoRALinear layers; quantize it with "
@@ -458,15 +456,28 @@ def save_quantized(model: nn.Module, directory: str) -> None:
         for name, b in module._buffers.items():
             if b is not None and name not in module._non_persistent_buffers_set:
                 tensors[f"{mpath}.{name}" if mpath else name] = b.detach().cpu().clone().contiguous()
-    try:
-        import torch.distributed as tdist
-        if tdist.is_available() and tdist.is_initialized() and tdist.get_rank() != 0:
-            return
-    except ImportError:
-        pass
+    import torch.distributed as tdist
+
+    from ..distributed import all_ranks_ok
+    error = None
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0:
+        try:
+            _write_quantized(model, directory, tensors, first, sorted(layers))
+        except Exception as err:     # reported on every rank below: none left waiting for rank 0
+            error = err
+    if not all_ranks_ok(error is None):
+        if error is not None:
+            raise error
+        raise QLoRADSError(f"save_quantized: writing {directory} failed on rank 0 (its error says why)")
+
+
+def _write_quantized(model, directory: str, tensors: dict, first, modules: list[str]) -> None:
+    from safetensors.torch import save_file
+
     from .. import __version__
+    from ..atomic import atomic_directory
     meta = {"format": QUANT_FORMAT, "version": QUANT_VERSION, **quant_settings(first.config),
-            "weight_dtype": str(first.weight_dtype).removeprefix("torch."), "modules": sorted(layers),
+            "weight_dtype": str(first.weight_dtype).removeprefix("torch."), "modules": modules,
             "qlora_ds_version": __version__}
     with atomic_directory(directory, allowed_existing=_SAVED_FILES) as tmp:
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
