@@ -40,6 +40,7 @@ def fake_group(monkeypatch):
             raise RuntimeError("No backend type associated with device type cpu (tensor not on collective_device())")
 
     monkeypatch.setattr(distributed, "collective_device", where)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
     monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None, async_op=False: check(t))
