@@ -52,7 +52,10 @@ def check_output_dir(args, rank: int, resolved: dict | None = None) -> str | Non
     out = args.output_dir
     meta_path = os.path.join(out, RUN_CONFIG)
     mine = {k: v for k, v in vars(args).items() if k not in RESUMABLE_CHANGES}
-    if os.path.exists(meta_path):
+    if os.path.exists(meta_path) and args.overwrite and not args.resume:
+        if rank == 0:   # the other ranks read nothing here: rank 0 may be deleting it under them
+            shutil.rmtree(out)
+    elif os.path.exists(meta_path):
         with open(meta_path, encoding="utf-8") as fh:
             recorded = json.load(fh)
         theirs = {k: v for k, v in recorded.items() if k not in RESUMABLE_CHANGES | NOT_ARGUMENTS}
@@ -81,13 +84,10 @@ def check_output_dir(args, rank: int, resolved: dict | None = None) -> str | Non
                                    f"({'; '.join(diff)}); a resumed run continues at its saved micro step and "
                                    f"optimizer state: resume with the original ds_config, flags and number of ranks, "
                                    f"or start a new --output-dir")
-        elif args.overwrite:
-            if rank == 0:
-                shutil.rmtree(out)
         else:
             raise QLoRADSError(f"{out} holds another run ({RUN_CONFIG} present); continue it with --resume, "
                                f"choose a new --output-dir, or pass --overwrite to replace it")
-    elif os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+    elif not args.overwrite and os.path.isdir(out) and os.listdir(out):
         raise QLoRADSError(f"{out} is not empty and holds no qlora-ds run; choose an empty --output-dir")
     from qlora_ds.checkpointing import resume_tag  # rank 0 verifies the signed manifests, all ranks get its verdict
 

@@ -269,6 +269,18 @@ def test_run_from_before_pad_option_resumes_with_its_behaviour(tiny, tmp_path):
         ft.parse_args(_args(tiny, out, "--pad-to-multiple-of", "0"))
 
 
+def test_overwrite_reads_nothing_rank_0_may_be_deleting(tiny, tmp_path):
+    """--overwrite: rank 0 deletes the old run while the other ranks check the directory; they must not open its
+    run_config.json (a FileNotFoundError mid-read). A run_config.json that cannot be opened stands in for it."""
+    ft = _finetune_module()
+    out = tmp_path / "run"
+    (out / "run_config.json").mkdir(parents=True)             # exists, but any open() fails
+    assert ft.check_output_dir(ft.parse_args(_args(tiny, out, "--overwrite")), 1) is None
+    assert (out / "run_config.json").is_dir()                  # rank 1 deleted nothing
+    assert ft.check_output_dir(ft.parse_args(_args(tiny, out, "--overwrite")), 0) is None
+    assert not out.exists()
+
+
 def test_resume_with_a_changed_dataset_file_is_refused(tiny, tmp_path):
     """The held-out split and the example order come from the dataset file: resuming on an edited file would train
     on held-out examples and continue at another example. Its sha256 is recorded and compared."""
