@@ -180,6 +180,18 @@ def check_port_free(addr: str, port: int) -> None:
                                f"(--master_port for deepspeed/torchrun, MASTER_PORT for mpirun)") from None
 
 
+_LOCAL_ADDRS = ("127.0.0.1", "localhost", "::1")
+
+
+def check_rendezvous_port(env=os.environ) -> None:
+    """On rank 0, a MASTER_PORT on this host that something else holds, named before torch's rendezvous fails on it
+    with a socket error. Not under torchrun, whose agent holds the port itself (TORCHELASTIC_USE_AGENT_STORE), nor
+    for a MASTER_ADDR of another host."""
+    if (env.get("RANK") == "0" and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+            and env.get("MASTER_ADDR") in _LOCAL_ADDRS and str(env.get("MASTER_PORT", "")).isdigit()):
+        check_port_free(env["MASTER_ADDR"], int(env["MASTER_PORT"]))
+
+
 def _on_cuda() -> bool:
     """Whether DeepSpeed's accelerator (DS_ACCELERATOR, else what it detects) is CUDA."""
     from deepspeed.accelerator import get_accelerator
@@ -202,6 +214,7 @@ def init_distributed(timeout_s: float = 600.0):
         elif "RANK" not in os.environ:  # plain `python finetune.py`, no launcher's variables: a world of one
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        check_rendezvous_port()
         # DeepSpeed's accelerator, not torch.cuda, says where the engine runs: DS_ACCELERATOR=cpu on a GPU machine
         # keeps the model and DeepSpeed's own collectives on the CPU, which NCCL cannot serve
         backend = "nccl" if _on_cuda() else "gloo"

@@ -332,13 +332,21 @@ def test_distributed_env_half_set(env, match, monkeypatch):
 
 
 def test_port_in_use():
-    from qlora_ds.distributed import check_port_free
+    """init_distributed checks rank 0's port (check_rendezvous_port); torchrun's agent holds its port itself, and
+    another host's address cannot be bound here: neither is checked."""
+    from qlora_ds.distributed import check_port_free, check_rendezvous_port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
         with pytest.raises(QLoRADSError, match=rf"MASTER_PORT {port} on 127.0.0.1 is in use .*pick another port"):
             check_port_free("127.0.0.1", port)
+        env = {"RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        with pytest.raises(QLoRADSError, match=rf"MASTER_PORT {port} on 127.0.0.1 is in use"):
+            check_rendezvous_port(env)
+        check_rendezvous_port({**env, "RANK": "1"})
+        check_rendezvous_port({**env, "TORCHELASTIC_USE_AGENT_STORE": "True"})
+        check_rendezvous_port({**env, "MASTER_ADDR": "node7"})
 
 
 # ------------------------------------------------------------------------------------------- ops build
