@@ -26,8 +26,8 @@ from qlora_ds.hardware import DTYPE_CHOICES, ds_compute_dtype, dtype_name
 from qlora_ds.lr_schedule import SCHEDULES, fill_scheduler_section, lr_factor, schedule_name
 from qlora_ds.memstats import this_peak
 from qlora_ds.overflow import OverflowMonitor, loss_scale
-from qlora_ds.run_dir import (CKPT_DIR, check_output_dir, keep_before, kept_before, resolved_settings, warmup_steps,
-                              write_run_config)
+from qlora_ds.run_dir import (CKPT_DIR, check_output_dir, keep_before, kept_before, resolved_settings,
+                              start_output_dir, warmup_steps)
 
 log = logging.getLogger("finetune")
 
@@ -250,11 +250,9 @@ def setup_run(args) -> Run:
     torch.manual_seed(args.seed)
     warmup = warmup_steps(args, resumed=resume_tag is not None)
     fill_scheduler_section(ds_config, args, warmup)
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        if resume_tag is None:
-            write_run_config(args, resolved, warmup)
-    return Run(args, rank, world, ds_config, resume_tag, warmup)
+    run = Run(args, rank, world, ds_config, resume_tag, warmup)
+    run.resolved = resolved          # written with the run config once the model and data are loaded
+    return run
 
 
 def build_model(run: Run):
@@ -568,6 +566,9 @@ def train(args) -> dict:
     tokenizer, model, runtime = build_model(run)
     phase("load")
     data = build_data(args, tokenizer, model.config, run.rank, run.world, run.micro)
+    if run.rank == 0:   # --overwrite deletes the old run only now: a bad dataset or model fails first and leaves it
+        start_output_dir(args, run.resolved, run.warmup, resumed=run.resume_tag is not None)
+    torch.distributed.barrier()
     engine, scheduler = build_engine(run, model)
     phase("data_engine")
     before = sample_before(run, engine, tokenizer)

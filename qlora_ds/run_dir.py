@@ -53,8 +53,7 @@ def check_output_dir(args, rank: int, resolved: dict | None = None) -> str | Non
     meta_path = os.path.join(out, RUN_CONFIG)
     mine = {k: v for k, v in vars(args).items() if k not in RESUMABLE_CHANGES}
     if os.path.exists(meta_path) and args.overwrite and not args.resume:
-        if rank == 0:   # the other ranks read nothing here: rank 0 may be deleting it under them
-            shutil.rmtree(out)
+        pass            # replaced by start_output_dir, once the new run's model and data have loaded
     elif os.path.exists(meta_path):
         with open(meta_path, encoding="utf-8") as fh:
             recorded = json.load(fh)
@@ -116,6 +115,17 @@ def dataset_digest(dataset: str | None) -> str | None:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def start_output_dir(args, resolved: dict, warmup: int, resumed: bool) -> None:
+    """Rank 0, once the run's model and data have loaded: ``--overwrite`` deletes the old run only now (a mistyped
+    --dataset or a bad model fails before and leaves it), then a new run's config is written."""
+    out = args.output_dir
+    if not resumed and args.overwrite and os.path.exists(os.path.join(out, RUN_CONFIG)):
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    if not resumed:
+        write_run_config(args, resolved, warmup)
 
 
 def write_run_config(args, resolved: dict, warmup: int) -> None:

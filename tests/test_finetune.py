@@ -270,15 +270,34 @@ def test_run_from_before_pad_option_resumes_with_its_behaviour(tiny, tmp_path):
 
 
 def test_overwrite_reads_nothing_rank_0_may_be_deleting(tiny, tmp_path):
-    """--overwrite: rank 0 deletes the old run while the other ranks check the directory; they must not open its
-    run_config.json (a FileNotFoundError mid-read). A run_config.json that cannot be opened stands in for it."""
+    """--overwrite: rank 0 deletes the old run while the other ranks may still check the directory; they must not
+    open its run_config.json (a FileNotFoundError mid-read). A run_config.json that cannot be opened stands in."""
     ft = _finetune_module()
     out = tmp_path / "run"
     (out / "run_config.json").mkdir(parents=True)             # exists, but any open() fails
-    assert ft.check_output_dir(ft.parse_args(_args(tiny, out, "--overwrite")), 1) is None
-    assert (out / "run_config.json").is_dir()                  # rank 1 deleted nothing
-    assert ft.check_output_dir(ft.parse_args(_args(tiny, out, "--overwrite")), 0) is None
-    assert not out.exists()
+    for rank in (1, 0):
+        assert ft.check_output_dir(ft.parse_args(_args(tiny, out, "--overwrite")), rank) is None
+    assert (out / "run_config.json").is_dir()                  # deleted later (start_output_dir), not here
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_loaded(tiny, tmp_path):
+    """A finished run replaced with --overwrite (scripts/demo.sh passes it) by a run whose dataset cannot be read:
+    the new run fails before anything is deleted, the old run is intact."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_config.json").write_text(json.dumps({"model": "old"}))
+    (out / "adapter").mkdir()
+    (out / "adapter" / "adapter_model.safetensors").write_text("the old run's adapter")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    args = _args(tiny, out, "--dataset", str(bad), "--overwrite", "--max-steps", "1")
+    i = args.index("--ds-config")
+    del args[i:i + 2]  # no ds_config: DeepSpeed defaults + the command line
+    proc = subprocess.run([sys.executable, str(FINETUNE), *args, "--micro-batch", "2", "--grad-accum", "2"],
+                          env=dist_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2 and "bad.jsonl:1: not valid JSON" in proc.stderr, proc.stderr[-2000:]
+    assert (out / "adapter" / "adapter_model.safetensors").read_text() == "the old run's adapter"
+    assert json.loads((out / "run_config.json").read_text()) == {"model": "old"}
 
 
 def test_resume_with_a_changed_dataset_file_is_refused(tiny, tmp_path):

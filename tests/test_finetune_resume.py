@@ -130,7 +130,8 @@ def test_resume_compares_the_resolved_settings(word, tmp_path):
     resolved = ft.resolved_settings(ft.resolve_ds_config(args, 1, "cpu"), 1)
     assert ft.check_output_dir(args, 0, resolved) is None
     out.mkdir()
-    ft.write_run_config(args, resolved, 1)
+    from qlora_ds.run_dir import write_run_config
+    write_run_config(args, resolved, 1)
     resume = ft.parse_args(_args(word, out, "--resume"))
     ft.resolve_ds_config(resume, 1, "cpu")          # folds the optimizer section into the arguments, as setup_run
     assert ft.check_output_dir(resume, 0, resolved) is None
