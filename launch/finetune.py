@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lora-r", type=int, default=64)
     g.add_argument("--lora-alpha", type=float, default=16)
     g.add_argument("--lora-dropout", type=float, default=0.1)
-    g.add_argument("--target-modules", nargs="*", default=None, help="leaf names; default: all linear but lm_head")
+    g.add_argument("--target-modules", nargs="*", default=None, help="module names or dotted suffixes of their paths (q_proj, self_attn.q_proj), as PEFT matches "
+                        "them; default: all linear but lm_head")
     g.add_argument("--init-adapter", default=None, metavar="DIR",
                    help="start from this PEFT-format adapter (ours or PEFT's, safetensors) instead of fresh LoRA "
                         "weights: its rank, target modules and base model must match; its alpha is kept")

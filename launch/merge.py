@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapter", help="PEFT-format adapter dir (default: <run>/adapter)")
     p.add_argument("--out", required=True, help="output dir (empty, new, or a previous merge)")
     p.add_argument("--format", choices=["bf16", "gptq"], default="bf16",
-                   help="bf16 safetensors (any adapter) or INT-N GPTQ layout (QA-LoRA only)")
+                   help="bf16 safetensors (any adapter) or INT-N GPTQ layout (QA-LoRA: exact; QLoRA: GPTQ-quantized "
+                        "on --calibration records)")
     p.add_argument("--tol", type=float, default=None, help="max relative logit difference (default per format)")
     p.add_argument("--no-verify", dest="verify", action="store_false")
     g = p.add_argument_group("GPTQ deployment of a QLoRA adapter (--format gptq)")
