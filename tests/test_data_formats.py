@@ -251,6 +251,8 @@ def test_json_lines_in_a_json_file_and_a_utf8_bom_are_read(tmp_path):
     assert load_records(str(tmp_path / "a.txt")) == [{"text": "Hello there."}, {"text": "Second."}]
     (tmp_path / "one.json").write_text(lines[0] + "\n")                    # JSON Lines of one record
     assert load_records(str(tmp_path / "one.json")) == want[:1]
+    (tmp_path / "tail.jsonl").write_text("\n".join(lines) + "\n\n \n")      # blank lines at the end: fine
+    assert load_records(str(tmp_path / "tail.jsonl")) == want
     (tmp_path / "bad.json").write_text(lines[0] + "\n{oops\n")             # JSON Lines with a bad line: named
     with pytest.raises(QLoRADSError, match=r"bad\.json:2: not valid JSON"):
         load_records(str(tmp_path / "bad.json"))

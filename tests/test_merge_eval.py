@@ -481,6 +481,13 @@ def test_mc_prompt_never_ends_in_an_appended_eos(ckpt):
     assert ids == tok(text, add_special_tokens=False)["input_ids"] and tok.decode(ids[-2:]) == "Answer:"
 
 
+def test_mc_file_that_is_a_directory_says_so(tmp_path):
+    with pytest.raises(QLoRADSError, match=r"is a directory; pass one file"):
+        load_mc(str(tmp_path))
+    with pytest.raises(QLoRADSError, match=r"does not exist"):
+        load_mc(str(tmp_path / "nope.jsonl"))
+
+
 def test_mc_subjects_match_across_file_layouts(tmp_path):
     """cais/mmlu JSONL writes "abstract_algebra", MMLU's CSV names "abstract_algebra_dev.csv": one subject, the
     header as MMLU writes it, the shots from the question's own subject, never the question itself."""

@@ -86,7 +86,9 @@ def _normalise(obj, where: str) -> dict:
 
 
 def _json_lines(path: str) -> list[dict]:
-    records = []
+    """One record per line; blank lines at the end (an editor's extra newline) are fine, one inside is an error
+    (a sign of a file cut or joined by hand)."""
+    records, blank = [], None
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
@@ -95,7 +97,10 @@ def _json_lines(path: str) -> list[dict]:
                 raise QLoRADSError(f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start}); "
                                    f"re-encode the file as UTF-8") from None
             if not line.strip():
-                raise QLoRADSError(f"{path}:{lineno}: empty line; remove it (one JSON object per line)")
+                blank = blank or lineno
+                continue
+            if blank is not None:
+                raise QLoRADSError(f"{path}:{blank}: empty line; remove it (one JSON object per line)")
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:

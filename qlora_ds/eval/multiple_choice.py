@@ -95,6 +95,9 @@ def _subject_from_name(path: str) -> str:
 
 def load_mc(path: str) -> list[MCRecord]:
     """Records from a .jsonl or .csv file; malformed lines raise a QLoRADSError naming path:line."""
+    if os.path.isdir(path):
+        raise QLoRADSError(f"multiple-choice file {path!r} is a directory; pass one file (MMLU's <subject>_test.csv, "
+                           f"or a .jsonl of all subjects)")
     if not os.path.isfile(path):
         raise QLoRADSError(f"multiple-choice file {path!r} does not exist")
     records: list[MCRecord] = []
