@@ -36,7 +36,7 @@ RUN_FILE = "qlora_ds_run.json"
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -121,7 +121,7 @@ def _files(tag_dir: str) -> list[str]:
 
 def write_manifest(tag_dir: str, step: int) -> None:
     """Digest every file of the tag and sign the list with this run's secret (rank 0 only)."""
-    files = {name: _sha256(os.path.join(tag_dir, name)) for name in _files(tag_dir)}
+    files = {name: file_sha256(os.path.join(tag_dir, name)) for name in _files(tag_dir)}
     run_id, key = _run_key(os.path.dirname(os.path.abspath(tag_dir)), create=True)
     manifest = {"run_id": run_id, "tag": os.path.basename(os.path.abspath(tag_dir)), "step": step, "files": files}
     manifest["hmac"] = _signature(key, manifest)
@@ -149,7 +149,7 @@ def verify(tag_dir: str) -> dict | None:
                            f"checkpoint")
     for name, digest in manifest["files"].items():
         file = os.path.join(tag_dir, name)
-        if not os.path.exists(file) or _sha256(file) != digest:
+        if not os.path.exists(file) or file_sha256(file) != digest:
             raise QLoRADSError(f"checkpoint {tag_dir}: {name} is missing or was changed after it was written; "
                                f"refusing to load it (it would be unpickled). Restore it or delete that checkpoint")
     extra = set(_files(tag_dir)) - set(manifest["files"])

@@ -6,7 +6,6 @@ file may change) and the LR warmup; ``sample_before.json`` the answer to --sampl
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -108,13 +107,9 @@ def warmup_steps(args, resumed: bool) -> int:
 
 def dataset_digest(dataset: str | None) -> str | None:
     """sha256 of a dataset file (None for a packaged corpus, whose version pins it): a resume checks it."""
-    if not dataset or not os.path.isfile(dataset):
-        return None
-    digest = hashlib.sha256()
-    with open(dataset, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from .checkpointing import file_sha256
+
+    return file_sha256(dataset) if dataset and os.path.isfile(dataset) else None
 
 
 def start_output_dir(args, resolved: dict, warmup: int, resumed: bool) -> None:

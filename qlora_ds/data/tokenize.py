@@ -118,10 +118,10 @@ def _leading_specials(tokenizer) -> list[int]:
     return next((full[:at] for at in range(len(full) - len(body) + 1) if full[at:at + len(body)] == body), [])
 
 
-def _plain_ids(tokenizer, messages, bos: bool = True) -> tuple[list[int], list[int]]:
-    """The ``### Role:`` format (no chat template), after the tokenizer's own leading specials (``bos``; False:
-    runs from before --plain-bos)."""
-    ids: list[int] = _leading_specials(tokenizer) if bos else []
+def _plain_ids(tokenizer, messages, lead: list[int]) -> tuple[list[int], list[int]]:
+    """The ``### Role:`` format (no chat template) after ``lead``: the tokenizer's own leading specials
+    (``_leading_specials``), or none for runs from before --plain-bos."""
+    ids: list[int] = list(lead)
     mask: list[int] = [0] * len(ids)
     for msg in messages:
         text = (f"### {msg['role'].capitalize()}:\n{msg['content']}\n\n")
@@ -153,7 +153,7 @@ def prompt_ids(tokenizer, messages, plain_bos: bool = True) -> list[int]:
             hint = " (drop --system: this template takes no system message)" if "system" in roles else ""
             raise QLoRADSError(f"the tokenizer's chat template refused a chat of roles {roles}: {err}{hint}") from None
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    ids, _ = _plain_ids(tokenizer, messages, plain_bos)
+    ids, _ = _plain_ids(tokenizer, messages, _leading_specials(tokenizer) if plain_bos else [])
     if tokenizer.eos_token_id is not None:
         ids = ids[:-1]                                    # the eos _plain_ids appends after the last message
     return ids + list(tokenizer("### Assistant:\n", add_special_tokens=False)["input_ids"])
@@ -174,6 +174,7 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
     from jinja2 import TemplateError
 
     use_template = getattr(tokenizer, "chat_template", None) is not None
+    lead = _leading_specials(tokenizer) if plain_bos and not use_template else []
     examples, truncated, targetless = [], 0, 0
     cut, cut_tokens, total_tokens, split, windows, no_system = 0, 0, 0, 0, 0, 0
     for i, rec in enumerate(records):
@@ -186,7 +187,7 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
                     ids, mask = _chat_ids(tokenizer, rec["messages"])
                     no_system += _drops_system(tokenizer, rec["messages"])
                 else:
-                    ids, mask = _plain_ids(tokenizer, rec["messages"], plain_bos)
+                    ids, mask = _plain_ids(tokenizer, rec["messages"], lead)
             except TemplateError as err:
                 raise QLoRADSError(f"record #{i}: the tokenizer's chat template refused it ({err})") from None
         if train_on_prompt:
