@@ -8,6 +8,7 @@ import logging
 import os
 
 import pytest
+import torch
 
 from qlora_ds.data.records import load_records
 from qlora_ds.data.tokenize import IGNORE, prompt_ids, tokenize_records
@@ -170,6 +171,25 @@ def test_a_long_text_record_is_split_into_windows(smol, tmp_path, caplog):
     old, = tokenize_records(records, smol, 32, text_windows=False)     # runs from before --text-windows
     assert old["input_ids"].tolist() == full[:32]
     assert f"1 of 1 records were cut at --max-len 32 ({len(full) - 32} of {len(full)} tokens dropped" in caplog.text
+
+
+def test_the_windows_of_one_text_are_held_out_or_trained_together(smol):
+    """A held-out window whose neighbours of the same text are trained on is half seen: the split keeps a text's
+    windows on one side, and short records split as before (one by one, by the seed's permutation)."""
+    from qlora_ds.data.run_data import split_heldout
+    books = [{"text": " ".join(f"Book {b} line {i} says {i * b}." for i in range(30))} for b in range(4)]
+    records = books + [{"text": f"Short note {i}."} for i in range(60)]
+    examples = tokenize_records(records, smol, 32)
+    windowed = [e for e in examples if "record" in e]
+    assert {e["record"] for e in windowed} == {0, 1, 2, 3} and len(windowed) > 4 * 4
+    for seed in range(8):
+        held, train, _ = split_heldout(examples, 40, seed)
+        assert {e.get("record") for e in held} & {e.get("record") for e in train} <= {None}
+        assert len(held) <= len(examples) // 10 and len(held) + len(train) == len(examples)
+    shorts = [e for e in examples if "record" not in e]
+    held, train, _ = split_heldout(shorts, 40, seed=5)
+    order = torch.randperm(len(shorts), generator=torch.Generator().manual_seed(5)).tolist()
+    assert [id(e) for e in held] == [id(shorts[i]) for i in order[:len(shorts) // 10]]
 
 
 def test_cut_chat_records_are_counted_in_a_warning(smol, caplog):

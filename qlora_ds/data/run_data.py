@@ -69,16 +69,24 @@ def dataset_records(dataset: str) -> list[dict]:
 def split_heldout(examples: list, eval_size: int, seed: int, dedup: bool = True) -> tuple[list, list, int]:
     """(held-out, training, duplicates left out): up to ``eval_size`` (at most a tenth) of the examples held out by
     a ``seed`` permutation. ``dedup`` first keeps only the first of the examples with the same input_ids, so no
-    held-out example is also trained on."""
+    held-out example is also trained on. The windows of one long text (examples with the same ``record``) are held
+    out or trained on together: a held-out window beside trained windows of the same text would be half seen."""
     n = len(examples)
     if dedup:
         first = {}
         for e in examples:
             first.setdefault(tuple(e["input_ids"].tolist()), e)
         examples = list(first.values())         # in order of first occurrence
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    groups: dict = {}                           # one group per example, or per windowed record
+    for k, e in enumerate(examples):
+        groups.setdefault(("record", e["record"]) if "record" in e else k, []).append(e)
+    units = list(groups.values())
+    order = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed)).tolist()
     n_eval = min(eval_size, len(examples) // 10)
-    return [examples[i] for i in order[:n_eval]], [examples[i] for i in order[n_eval:]], n - len(examples)
+    held, train = [], []
+    for i in order:         # a group that would overshoot n_eval trains (single examples: the first n_eval held out)
+        (held if len(held) + len(units[i]) <= n_eval else train).extend(units[i])
+    return held, train, n - len(examples)
 
 
 class Data(NamedTuple):

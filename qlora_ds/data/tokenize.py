@@ -200,6 +200,7 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
             pieces = [(ids[s:s + max_len], mask[s:s + max_len]) for s in range(0, len(ids) - 1, max_len - 1)]
             split, windows = split + 1, windows + len(pieces)
         for ids, mask in pieces:
+            extra = {"record": i} if len(pieces) > 1 else {}    # windows of one text are held out together
             # position 0 is never a target (the causal shift drops it): a record without a later label has a 0/0 loss
             if not any(mask[1:max_len]):
                 truncated += any(mask[1:])
@@ -209,7 +210,7 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
                 cut, cut_tokens = cut + 1, cut_tokens + len(ids) - max_len
             ids, mask = ids[:max_len], mask[:max_len]
             labels = [t if m else IGNORE for t, m in zip(ids, mask)]
-            examples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
+            examples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), **extra})
     if not examples:
         raise QLoRADSError(f"no example kept a response token within --max-len {max_len} (the first token is never "
                            f"a target); " + ("raise --max-len" if truncated else "add records longer than one token"))
