@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -75,7 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="PagedAdamW | PagedAdamW8bit | AdamW8bit (default: the ds_config's optimizer, else PagedAdamW)")
     t.add_argument("--micro-batch", type=int, default=None, help="per-rank micro batch (default: ds_config or 1)")
     t.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation (default: ds_config or 16)")
-    t.add_argument("--max-steps", type=int, default=100)
+    t.add_argument("--max-steps", type=int, default=None, help="optimizer steps to train (default 100)")
+    t.add_argument("--epochs", type=float, default=None,
+                   help="train this many passes over the training examples instead of --max-steps (the steps, and "
+                        "with them the warmup and a decaying schedule, follow from the data once it is loaded)")
     t.add_argument("--max-len", type=int, default=512)
     t.add_argument("--pad-to-multiple-of", type=int, default=16,
                    help="round batch widths up to this (fewer distinct shapes: less per-shape kernel memory)")
@@ -110,6 +114,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("model", "dataset", "output_dir"):
         if not getattr(args, name):
             p.error(f"--{name.replace('_', '-')} is required (directly or in --recipe)")
+    given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)}
+    if first.recipe and args.epochs is not None and args.max_steps is not None:   # the command line's one wins
+        if "--epochs" in given and "--max-steps" not in given:
+            args.max_steps = None
+        elif "--max-steps" in given and "--epochs" not in given:
+            args.epochs = None
+    if args.epochs is not None and args.max_steps is not None:
+        p.error(f"--epochs {args.epochs} and --max-steps {args.max_steps}: give one (the steps of --epochs follow "
+                f"from the data)")
+    if args.epochs is not None and not args.epochs > 0:
+        p.error(f"--epochs must be more than 0, got {args.epochs}")
+    if args.epochs is None and args.max_steps is None:
+        args.max_steps = 100
     if args.pad_to_multiple_of < 1:
         p.error(f"--pad-to-multiple-of must be 1 or more (1 = no rounding), got {args.pad_to_multiple_of}")
     # checked before the model loads: an interval of 0 would otherwise fail after the first step (modulo by zero)
@@ -249,11 +266,24 @@ def setup_run(args) -> Run:
     resume_tag = check_output_dir(args, rank, resolved)
     torch.distributed.barrier()
     torch.manual_seed(args.seed)
-    warmup = warmup_steps(args, resumed=resume_tag is not None)
-    fill_scheduler_section(ds_config, args, warmup)
-    run = Run(args, rank, world, ds_config, resume_tag, warmup)
+    run = Run(args, rank, world, ds_config, resume_tag, None)
     run.resolved = resolved          # written with the run config once the model and data are loaded
+    if args.epochs is None:
+        settle_schedule(run)
     return run
+
+
+def settle_schedule(run: Run, batches_per_epoch: int | None = None) -> None:
+    """--max-steps (from --epochs once the data is known: this rank's micro batches per epoch, the same on every
+    rank), the warmup and the ds_config scheduler's "auto" values."""
+    args = run.args
+    if batches_per_epoch is not None:
+        args.max_steps = max(1, math.ceil(args.epochs * batches_per_epoch / run.accum))
+        if run.rank == 0:
+            log.info("--epochs %g: %d optimizer steps (%d micro batches per epoch and rank, %d accumulated per step)",
+                     args.epochs, args.max_steps, batches_per_epoch, run.accum)
+    run.warmup = warmup_steps(args, resumed=run.resume_tag is not None)
+    fill_scheduler_section(run.ds_config, args, run.warmup)
 
 
 def build_model(run: Run):
@@ -567,6 +597,8 @@ def train(args) -> dict:
     tokenizer, model, runtime = build_model(run)
     phase("load")
     data = build_data(args, tokenizer, model.config, run.rank, run.world, run.micro)
+    if args.epochs is not None:
+        settle_schedule(run, len(data.batches))
     if run.rank == 0:   # --overwrite deletes the old run only now: a bad dataset or model fails first and leaves it
         start_output_dir(args, run.resolved, run.warmup, resumed=run.resume_tag is not None)
     torch.distributed.barrier()

@@ -25,7 +25,7 @@ BEFORE_OPTION_EXISTED = {"pad_to_multiple_of": 1, "dtype": "bf16", "packing": Fa
                          "dedup": False, "plain_bos": False, "text_windows": False}
 # arguments that may differ between a run and its resumption
 # (chunked: the same loss, computed leaner; a recipe's values are compared one by one as the arguments they set)
-RESUMABLE_CHANGES = {"resume", "max_steps", "save_every", "eval_every", "sample_prompt", "overwrite", "local_rank",
+RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "save_every", "eval_every", "sample_prompt", "overwrite", "local_rank",
                      "log_every", "keep_checkpoints", "chunked_loss", "deepspeed", "recipe"}
 NOT_ARGUMENTS = {"resolved", "warmup_steps", "dataset_sha256"}      # recorded beside the arguments
 # where each resolved setting comes from, for the error that names it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import types
 
 import pytest
@@ -98,3 +99,37 @@ def test_resumed_schedule_with_more_steps_sets_the_new_lr(kind):
     assert opt2.param_groups[0]["lr"] == pytest.approx(want) and sched2.get_last_lr() == [opt2.param_groups[0]["lr"]]
     if kind != "constant":
         assert old == pytest.approx(0.0) and want > 1e-4           # without the resync: a step at lr 0
+
+
+def test_epochs_set_the_steps_and_the_schedule_from_the_data(word):
+    """--epochs 1.5: the steps follow from the loaded data (micro batches per epoch / accumulation), and the warmup
+    and the linear decay are computed from them, as --max-steps would set them."""
+    out = word["root"] / "epochs"
+    proc = _finetune(*_args(word, out, "--epochs", "1.5", "--warmup-ratio", "0.25", "--lr-scheduler", "linear"))
+    check(proc)
+    n_train = int(re.search(r"(\d+) train examples", proc.stderr).group(1))
+    steps = math.ceil(1.5 * (n_train // DS["train_micro_batch_size_per_gpu"]) / DS["gradient_accumulation_steps"])
+    assert steps > 4
+    warmup = math.ceil(0.25 * steps)
+    expected = [2e-4 * lr_factor("linear", warmup, steps)(s) for s in range(steps)]
+    assert [r["lr"] for r in _steps(out)] == pytest.approx(expected)
+    recorded = json.loads((out / "run_config.json").read_text())
+    assert (recorded["epochs"], recorded["max_steps"], recorded["warmup_steps"]) == (1.5, steps, warmup)
+    both = _finetune(*_args(word, word["root"] / "both", "--epochs", "1", "--max-steps", "3"))
+    assert both.returncode != 0 and "--epochs 1.0 and --max-steps 3: give one" in both.stderr
+
+
+def test_the_command_lines_epochs_or_steps_win_over_a_recipes(tmp_path):
+    from .test_finetune_resume import _finetune_module
+    parse = _finetune_module().parse_args
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"max_steps": 1875, "lr": 1e-4}))
+    base = ["--model", "m", "--dataset", "d", "--output-dir", str(tmp_path / "o"), "--recipe", str(recipe)]
+    got = parse([*base, "--epochs", "2"])
+    assert (got.epochs, got.max_steps, got.lr) == (2.0, None, 1e-4)
+    assert parse(base).max_steps == 1875 and parse([*base, "--max-steps=9"]).max_steps == 9
+    recipe.write_text(json.dumps({"epochs": 3}))
+    got = parse([*base, "--max-steps", "7"])
+    assert (got.epochs, got.max_steps) == (None, 7)
+    assert (parse(base).epochs, parse(base).max_steps) == (3.0, None)
+    assert parse(base[:6]).max_steps == 100
