@@ -42,10 +42,11 @@ def check_weight(weight: torch.Tensor) -> None:
     if weight.numel() == 0:
         raise QLoRADSError(f"cannot quantize an empty tensor (shape {tuple(weight.shape)})")
     if not all_finite(weight):
-        bad = (~torch.isfinite(weight)).view(-1).nonzero()
+        flat = weight.reshape(-1)               # a transposed or sliced weight is not viewable flat
+        bad = (~torch.isfinite(flat)).nonzero()
         first = bad[0].item()
         raise QLoRADSError(f"weight holds {bad.numel()} non-finite value(s) (NaN/Inf), first at flat index {first} "
-                           f"(= {weight.view(-1)[first].item()}); fix the checkpoint or the training run that made it")
+                           f"(= {flat[first].item()}); fix the checkpoint or the training run that made it")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,15 @@ def test_nonfinite_weight_nf4(bad):
         QLoRALinear.from_linear(_lin(fill=bad), CFG)
 
 
+def test_nonfinite_weight_named_in_a_transposed_weight():
+    """A weight that is a view (transposed, sliced) gets the same error, its index counted in the view's order."""
+    from qlora_ds.quant.nf4 import quantize
+    w = torch.randn(64, 128)
+    w[3, 7] = float("nan")
+    with pytest.raises(QLoRADSError, match=r"1 non-finite value.*flat index 451 \(= nan\)"):
+        quantize(w.t())
+
+
 def test_nonfinite_weight_intn():
     with pytest.raises(QLoRADSError, match=r"finite.*fix NaN/Inf in the checkpoint"):
         QALoRALinear.from_linear(_lin(fill=float("nan")), QALoRAConfig(r=4, group_size=32))
