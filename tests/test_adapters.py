@@ -368,3 +368,199 @@ def test_mixed_rank_adapter_loads_through_its_own_config(tmp_path, kind):
     assert dst.model.layers[1].mlp.up_proj.lora_A.weight.shape[0] == 2
     with torch.no_grad():
         torch.testing.assert_close(dst(IDS).logits, src(IDS).logits, rtol=1e-6, atol=1e-6)
+
+
+def _edit(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _saved(tmp_path, config=CFG, model=None):
+    """(an injected model with a random adapter, the directory it saved to)."""
+    src = _inject(model if model is not None else _llama(), config)
+    _randomize_adapter(src)
+    save_adapter(src, str(tmp_path / "ad"))
+    return src, tmp_path / "ad"
+
+
+@pytest.mark.parametrize("flag,value,what", [
+    ("use_dora", True, "DoRA"), ("alora_invocation_tokens", [5, 6], "aLoRA"),
+    ("use_bdlora", {"nblocks": 2}, "block-diagonal"), ("arrow_config", {"top_k": 2}, "Arrow"),
+    ("kasa_config", {"beta": 1.0}, "KaSA"), ("layer_replication", [[0, 2], [1, 2]], "replication"),
+    ("target_parameters", ["mlp.experts.down_proj"], "nn.Parameters"), ("lora_bias", True, "bias on lora_B")])
+def test_peft_options_that_change_the_forward_are_refused(tmp_path, flag, value, what):
+    _, d = _saved(tmp_path)
+    _edit(d / "adapter_config.json", **{flag: value})
+    m = _inject(_llama(), CFG)
+    before = _state(m)
+    with pytest.raises(QLoRADSError, match=rf"adapter uses .*{what}.*\({flag}\); qlora-ds loads plain LoRA only"):
+        load_adapter(m, str(d))
+    assert _unchanged(m, before)
+    _edit(d / "adapter_config.json", **{flag: False if flag in ("use_dora", "lora_bias") else None})
+    load_adapter(m, str(d))                                         # PEFT's "off" value loads
+
+
+def test_real_peft_alora_adapter_is_refused(tmp_path):
+    """An aLoRA file has plain lora_A/B keys: only its config says that it acts after its invocation tokens."""
+    from peft import LoraConfig, get_peft_model
+    ours = _inject(_llama(), CFG)
+    pm = get_peft_model(_dequantized_base(ours, _llama()), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[5, 6], task_type="CAUSAL_LM"))
+    pm.save_pretrained(str(tmp_path / "alora"))
+    with pytest.raises(QLoRADSError, match=r"aLoRA .*alora_invocation_tokens"):
+        load_adapter(ours, str(tmp_path / "alora"))
+
+
+@pytest.mark.parametrize("init", ["olora", "corda", "lora_ga", "pissa_niter_4", "loftq", "eva", "orthogonal",
+                                  "gaussian", "mica", False])
+def test_inits_that_change_the_base_are_refused(tmp_path, init):
+    _, d = _saved(tmp_path)
+    _edit(d / "adapter_config.json", init_lora_weights=init)
+    m = _inject(_llama(), CFG)
+    if init in ("eva", "orthogonal", "gaussian", "mica", False):        # these leave the base weights as they are
+        assert len(load_adapter(m, str(d))) == 2 * len(TARGETS)
+        return
+    fix = "the base that LoftQ saved" if init == "loftq" else "path_initial_model_for_weight_conversion"
+    with pytest.raises(QLoRADSError, match=rf"init_lora_weights='{init}': that init also changed the base.*{fix}"):
+        load_adapter(m, str(d))
+
+
+def test_pissa_adapter_is_refused_and_its_peft_conversion_loads_exactly(tmp_path):
+    """PiSSA subtracts B0·A0 from the base: the raw file is a delta against that residual, so it is refused; PEFT's
+    conversion (a plain LoRA of rank 2r against the original base) loads and gives PEFT's logits."""
+    from peft import LoraConfig, get_peft_model
+    targets = ["q_proj", "v_proj"]
+    ours = _inject(_llama(), QLoRAConfig(r=8, alpha=16, dropout=0.0, compute_dtype=torch.float32,
+                                         target_modules=targets))
+    pm = get_peft_model(_dequantized_base(ours, _llama()), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                      init_lora_weights="pissa"))
+    pm.peft_config["default"].init_lora_weights = True              # PEFT's recipe for the initial adapter
+    pm.save_pretrained(str(tmp_path / "init"))
+    pm.peft_config["default"].init_lora_weights = "pissa"
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+        theirs = pm.eval()(IDS).logits
+    pm.save_pretrained(str(tmp_path / "raw"))
+    before = _state(ours)
+    with pytest.raises(QLoRADSError, match="init_lora_weights='pissa'"):
+        load_adapter(ours, str(tmp_path / "raw"))
+    assert _unchanged(ours, before)
+    pm.save_pretrained(str(tmp_path / "lora"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    load_adapter(ours, str(tmp_path / "lora"))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, theirs, rtol=1e-4, atol=1e-4)
+
+
+def _head_bias(model):
+    torch.manual_seed(3)
+    model.lm_head = nn.Linear(64, 128, bias=True)
+    return model
+
+
+def test_peft_lm_head_adapter_with_its_base_copy_loads(tmp_path):
+    """PEFT also writes lm_head.base_layer.{weight,bias} when lm_head is targeted: checked against our base, then
+    skipped; a copy of another (or resized) head is refused."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    targets = ["q_proj", "v_proj", "lm_head"]
+    cfg = QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32, target_modules=targets)
+    ours = _inject(_head_bias(_llama()), cfg)
+    pm = get_peft_model(_dequantized_base(ours, _head_bias(_llama())), LoraConfig(r=4, lora_alpha=8,
+                                                                                 target_modules=targets))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+        theirs = pm.eval()(IDS).logits
+    pm.save_pretrained(str(tmp_path / "peft"))
+    path = tmp_path / "peft" / "adapter_model.safetensors"
+    sd = load_file(str(path))
+    head = "base_model.model.lm_head.base_layer."
+    assert {head + "weight", head + "bias"} <= set(sd)
+    load_adapter(ours, str(tmp_path / "peft"))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, theirs, rtol=1e-5, atol=1e-5)
+    for key, bad, match in [(head + "weight", torch.randn(128, 64) * 0.02, "relative error"),
+                            (head + "weight", torch.zeros(130, 64), r"shape \(130, 64\).*resized"),
+                            (head + "bias", sd[head + "bias"] + 0.01, "max abs error")]:
+        save_file({**sd, key: bad}, str(path))
+        m = _inject(_head_bias(_llama()), cfg)
+        before = _state(m)
+        with pytest.raises(QLoRADSError, match=match):
+            load_adapter(m, str(tmp_path / "peft"))
+        assert _unchanged(m, before)
+
+
+def test_qlora_quantization_must_match_the_side_file(tmp_path):
+    _, d = _saved(tmp_path)                                         # nf4, blocksize 64, double quant
+    for other in (dict(quant_type="fp4"), dict(blocksize=128), dict(double_quant=False)):
+        m = _inject(_llama(), QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32, **other))
+        before = _state(m)
+        (k, v), = other.items()
+        with pytest.raises(QLoRADSError, match=rf"trained for qlora quant_type=nf4 blocksize=64 double_quant=True, "
+                                               rf"but the layer is .*{k}={v}.*quantize the base the same way"):
+            load_adapter(m, str(d))
+        assert _unchanged(m, before)
+    load_adapter(_inject(_llama(), CFG), str(d))
+
+
+def _old_rule_hash(model):
+    """The side file's base_config_hash as qlora-ds has always written it (older readers compare this)."""
+    import hashlib
+    volatile = ("transformers_version", "torch_dtype", "dtype", "quantization_config", "architectures", "use_cache",
+                "name_or_path")
+    d = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in volatile}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def test_base_config_check_ignores_token_ids_and_names_what_differs(tmp_path):
+    from qlora_ds.adapters.peft_format import base_config
+    src, d = _saved(tmp_path)
+    side = json.loads((d / "qlora_ds.json").read_text())
+    assert side["base_config_hash"] == _old_rule_hash(src)          # older qlora-ds versions still read new files
+    assert "eos_token_id" not in side["base_config"] and side["base_config"]["hidden_size"] == 64
+    edited = dict(eos_token_id=[2, 7], bos_token_id=3)         # (a pad id would re-init an embedding row)
+    m = _inject(_llama(**edited), CFG)
+    load_adapter(m, str(d))
+    with torch.no_grad():
+        torch.testing.assert_close(m(IDS).logits, src(IDS).logits, rtol=0, atol=0)
+    m = _inject(_llama(rope_theta=5000.0, rms_norm_eps=1e-3), CFG)
+    before = _state(m)
+    with pytest.raises(QLoRADSError, match=r"different config \(hash \w+ vs this model's \w+; rms_norm_eps: 1e-06 "
+                                           r"vs this model's 0.001; "
+                                           r"rope_parameters: .*10000.* vs this model's .*5000"):
+        load_adapter(m, str(d))
+    assert _unchanged(m, before)
+    # a side file as earlier versions wrote it (only the hash, old rule) still loads into its base, and is refused
+    # with a hint when only token ids changed; a hash by the new rule accepts the edited config
+    _edit(d / "qlora_ds.json", base_config=None)
+    load_adapter(_inject(_llama(), CFG), str(d))
+    with pytest.raises(QLoRADSError, match="different config.*delete base_config_hash"):
+        load_adapter(_inject(_llama(**edited), CFG), str(d))
+    import hashlib
+    new_rule = hashlib.sha256(json.dumps(base_config(src), sort_keys=True).encode()).hexdigest()
+    _edit(d / "qlora_ds.json", base_config_hash=new_rule)
+    load_adapter(_inject(_llama(**edited), CFG), str(d))
+
+
+def test_bias_option_refused_only_with_bias_tensors(tmp_path):
+    """bias='all'/'lora_only' on a model without linear biases writes exactly a bias='none' file."""
+    from safetensors.torch import load_file, save_file
+    src, d = _saved(tmp_path)
+    for bias in ("all", "lora_only"):
+        _edit(d / "adapter_config.json", bias=bias)
+        m = _inject(_llama(), CFG)
+        load_adapter(m, str(d))
+        with torch.no_grad():
+            torch.testing.assert_close(m(IDS).logits, src(IDS).logits, rtol=0, atol=0)
+    path = d / "adapter_model.safetensors"
+    save_file({**load_file(str(path)), "base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias":
+               torch.ones(64)}, str(path))
+    m = _inject(_llama(), CFG)
+    before = _state(m)
+    with pytest.raises(QLoRADSError, match=r"bias='lora_only' and holds trained biases.*train with bias='none'"):
+        load_adapter(m, str(d))
+    assert _unchanged(m, before)

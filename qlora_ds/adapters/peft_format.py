@@ -1,6 +1,7 @@
 """LoRA adapters in PEFT's file format: ``adapter_config.json`` + ``adapter_model.safetensors``
 (keys ``base_model.model.<module path>.lora_{A,B}.weight``), plus a side file ``qlora_ds.json`` with
-what PEFT has no field for (per-layer kind, QA-LoRA bits/group size, a hash of the base config, and
+what PEFT has no field for (per-layer kind and quantization, the base's config without token ids and other
+fields that do not change the weights (``base_config``; older files have only ``base_config_hash``), and
 ``quantized_from``: the dtype the base weights were rounded to before quantization, which an fp16/fp32
 checkpoint's INT-N/NF4 base depends on).
 PEFT drops unknown config keys with a warning, so our extras live in the side file, not in the config.
@@ -40,6 +41,34 @@ PREFIX = "base_model.model."
 _ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, SIDE_NAME, "README.md")
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype", "quantization_config", "architectures",
                          "use_cache", "name_or_path")
+# config fields that neither shape the weights nor change the forward: token ids, output flags, task-head labels,
+# the generation defaults older configs carry. Editing them (e.g. a second eos id) keeps the base the same.
+_NON_ARCH_CONFIG_KEYS = frozenset((
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "forced_bos_token_id",
+    "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens", "bad_words_ids", "output_attentions",
+    "output_hidden_states", "output_scores", "return_dict", "return_dict_in_generate", "torchscript", "use_bfloat16",
+    "tf_legacy_loss", "chunk_size_feed_forward", "problem_type", "id2label", "label2id", "num_labels",
+    "finetuning_task", "task_specific_params", "tokenizer_class", "prefix", "initializer_range", "max_length",
+    "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature",
+    "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "num_return_sequences", "remove_invalid_values",
+    "exponential_decay_length_penalty"))
+# PEFT LoRA options whose forward or file layout is not plain LoRA ("off" is None/False for each). VeLoRA and
+# MonteCLoRA (velora_config, monteclora_config) and MiCA (init_lora_weights="mica") infer as plain LoRA: accepted.
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA (a learned magnitude per output)",
+    "alora_invocation_tokens": "aLoRA (it acts only from its invocation tokens on, and cannot be merged)",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "arrow_config": "Arrow routing between LoRAs",
+    "kasa_config": "KaSA (a learned singular-value diagonal on a truncated base)",
+    "layer_replication": "layer replication (PEFT stacks copies of decoder layers)",
+    "target_parameters": "LoRA on nn.Parameters (e.g. MoE experts) instead of Linear modules",
+    "lora_bias": "a bias on lora_B",
+}
+# init_lora_weights methods that also change the base (W - scaling·B0·A0; LoftQ re-quantizes it): a file saved
+# without PEFT's conversion is a delta against that changed base. EVA, orthogonal, gaussian and MiCA leave it as is.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+_QLORA_QUANT_KEYS = ("quant_type", "blocksize", "double_quant")
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -48,13 +77,31 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, QLoRALinear) or (isinstance(m, QALoRALinear) and m.has_adapter)}
 
 
-def base_config_hash(model: nn.Module) -> str | None:
-    """sha256 of the model's (HF) config without fields that do not change the weights' meaning."""
+def _config_dict(model: nn.Module) -> dict | None:
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "to_dict"):
         return None
-    d = {k: v for k, v in cfg.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    return {k: v for k, v in cfg.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+
+
+def _sha256(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def base_config_hash(model: nn.Module) -> str | None:
+    """sha256 of the model's (HF) config without volatile fields: the side file's ``base_config_hash`` (this rule
+    since version 1, so older qlora-ds versions still check new files; it also covers token ids)."""
+    d = _config_dict(model)
+    return None if d is None else _sha256(d)
+
+
+def base_config(model: nn.Module) -> dict | None:
+    """The model's config without the fields that do not change the weights or the forward, as JSON values:
+    what ``read_adapter`` compares (the side file's ``base_config``)."""
+    d = _config_dict(model)
+    if d is None:
+        return None
+    return json.loads(json.dumps({k: v for k, v in d.items() if k not in _NON_ARCH_CONFIG_KEYS}, default=str))
 
 
 def _to_peft_a(layer: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -123,7 +170,8 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
         "use_qalora": bool(qalora), "qalora_group_size": qalora[0].group_size if qalora else 16,
     }
     side = {"format": "qlora_ds.adapter", "version": 1, "base_config_hash": base_config_hash(model),
-            "quantized_from": str(first.weight_dtype).removeprefix("torch."), "layers": side_layers}
+            "base_config": base_config(model), "quantized_from": str(first.weight_dtype).removeprefix("torch."),
+            "layers": side_layers}
     with atomic_directory(directory, allowed_existing=_ADAPTER_FILES) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
@@ -177,16 +225,8 @@ def _read_adapter(model: nn.Module, directory: str):
     side = _read_json(side_path, "side file") if os.path.exists(side_path) else {}
     if config.get("peft_type", "LORA") != "LORA":
         raise QLoRADSError(f"adapter peft_type={config.get('peft_type')!r}; only LoRA adapters can be loaded")
-    for flag in ("use_dora",):
-        if config.get(flag):
-            raise QLoRADSError(f"adapter uses {flag}=True, which QLoRALinear does not implement; train without it")
-    if config.get("bias", "none") != "none":
-        raise QLoRADSError(f"adapter has bias={config['bias']!r}; only bias='none' adapters are supported")
-    want_hash, have_hash = side.get("base_config_hash"), base_config_hash(model)
-    if want_hash and have_hash and want_hash != have_hash:
-        raise QLoRADSError(f"adapter {directory} was trained on a base model with a different config (hash "
-                           f"{want_hash[:12]} vs this model's {have_hash[:12]}); load it into the base model it "
-                           f"was trained on")
+    _check_options(config)
+    _check_base_config(model, side, side_path, directory)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.exists(weights_path):
         pickles = [n for n in PICKLE_NAMES if os.path.exists(os.path.join(directory, n))]
@@ -201,12 +241,20 @@ def _read_adapter(model: nn.Module, directory: str):
     except (SafetensorError, OSError, ValueError) as err:
         raise QLoRADSError(f"{weights_path} is not a readable safetensors file ({err}): it is truncated or corrupt; "
                            f"copy it again or re-save the adapter") from None
+    biases = [k for k in tensors if k.endswith(".bias")]
+    if config.get("bias", "none") != "none" and biases:
+        raise QLoRADSError(f"adapter has bias={config['bias']!r} and holds trained biases ({biases[0]!r} and "
+                           f"{len(biases) - 1} more); qlora-ds keeps the base biases frozen: train with bias='none'")
     layers = lora_layers(model)
     qalora_peft = bool(config.get("use_qalora"))
     out, scalings, alphas, ranks, seen = {}, {}, {}, {}, set()
     for key, t in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         name = name.replace(".default.weight", ".weight")
+        base_path, is_copy, what = name.rpartition(".base_layer.")
+        if is_copy and base_path in layers and what in ("weight", "bias"):
+            _check_base_copy(layers[base_path], base_path, key, what, t)
+            continue
         path, sep, part = name.rpartition(".lora_")
         if not sep or part not in ("A.weight", "B.weight"):
             raise QLoRADSError(f"adapter key {key!r} is not a LoRA A/B weight (embeddings, DoRA magnitudes and "
@@ -232,6 +280,11 @@ def _read_adapter(model: nn.Module, directory: str):
             raise QLoRADSError(f"adapter key {key!r} is a {info.get('kind')} adapter but {path} is a QLoRALinear")
         elif qalora_peft:
             raise QLoRADSError(f"adapter is a QA-LoRA adapter (use_qalora) but {path} is a QLoRALinear")
+        elif info is not None and any(k in info and info[k] != getattr(layer, k) for k in _QLORA_QUANT_KEYS):
+            trained = " ".join(f"{k}={info.get(k)}" for k in _QLORA_QUANT_KEYS)
+            here = " ".join(f"{k}={getattr(layer, k)}" for k in _QLORA_QUANT_KEYS)
+            raise QLoRADSError(f"adapter key {key!r} was trained for qlora {trained}, but the layer is {here}; "
+                               f"quantize the base the same way")
         sub = layer.lora_A if part[0] == "A" else layer.lora_B
         if not t.is_floating_point():
             raise QLoRADSError(f"adapter key {key!r} has dtype {t.dtype}; LoRA weights must be floating point "
@@ -264,6 +317,85 @@ def _read_adapter(model: nn.Module, directory: str):
             if f"{path}.lora_{part}.weight" not in out:
                 raise QLoRADSError(f"adapter has no lora_{part} weight for {path}; the file is incomplete")
     return out, scalings, alphas, ranks
+
+
+def _check_options(config: dict) -> None:
+    for flag, what in _UNSUPPORTED_OPTIONS.items():
+        if config.get(flag):
+            raise QLoRADSError(f"adapter uses {what} ({flag}); qlora-ds loads plain LoRA only: use this adapter "
+                               f"with PEFT, or train a plain LoRA without {flag}")
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(_BASE_CHANGING_INITS):
+        fix = ("load it onto the base that LoftQ saved, with init_lora_weights set to true in its "
+               "adapter_config.json (as PEFT's LoftQ example does)") if init.startswith("loftq") else (
+               "convert it in PEFT with save_pretrained(dir, path_initial_model_for_weight_conversion=<the adapter "
+               "saved right after init>) (a plain LoRA of rank 2r), or load it onto the saved residual base with "
+               "init_lora_weights set to true in its adapter_config.json")
+        raise QLoRADSError(f"adapter has init_lora_weights={config['init_lora_weights']!r}: that init also changed the "
+                           f"base weights, so the file is relative to that changed base, not to "
+                           f"{config.get('base_model_name_or_path') or 'the original model'}; {fix}")
+
+
+def _check_base_config(model: nn.Module, side: dict, side_path: str, directory: str) -> None:
+    have = base_config(model)
+    want = side.get("base_config")
+    if have is None:
+        return
+    if isinstance(want, dict):
+        want = {k: v for k, v in want.items() if k not in _NON_ARCH_CONFIG_KEYS}
+        diff = sorted(k for k in want.keys() | have.keys() if k not in want or k not in have or want[k] != have[k])
+        if diff:
+            shown = "; ".join(f"{k}: {want.get(k, '<unset>')!r} vs this model's {have.get(k, '<unset>')!r}"
+                              for k in diff[:4])
+            raise QLoRADSError(f"adapter {directory} was trained on a base model with a different config (hash "
+                               f"{str(side.get('base_config_hash'))[:12]} vs this model's "
+                               f"{base_config_hash(model)[:12]}; {shown}{'; ...' if len(diff) > 4 else ''}); load it "
+                               f"into the base model it was trained on")
+        return
+    # a side file with only the hash (written before base_config existed): the old rule, or the new one
+    want_hash = side.get("base_config_hash")
+    if want_hash and want_hash not in (base_config_hash(model), _sha256(have)):
+        raise QLoRADSError(f"adapter {directory} was trained on a base model with a different config (hash "
+                           f"{want_hash[:12]} vs this model's {base_config_hash(model)[:12]}); load it into the base "
+                           f"model it was trained on (this older side file's hash also covers token ids: if only e.g. "
+                           f"eos_token_id changed, delete base_config_hash from {side_path})")
+
+
+def _check_base_copy(layer: nn.Module, path: str, key: str, what: str, t: torch.Tensor) -> None:
+    """PEFT's save_pretrained (save_embedding_layers="auto") also writes a targeted lm_head's base weight (and bias):
+    accept that copy if it is this model's base (up to our quantization), else refuse (a resized or another head)."""
+    ours = layer.bias if what == "bias" else None
+    want = (layer.out_features,) if what == "bias" else (layer.out_features, layer.in_features)
+    if what == "bias" and ours is None:
+        raise QLoRADSError(f"adapter key {key!r} is a base bias, but this model's {path} has none: the adapter was "
+                           f"trained on another base; load it into the base model it was trained on")
+    if tuple(t.shape) != want or not t.is_floating_point():
+        raise QLoRADSError(f"adapter key {key!r} ({t.dtype}, shape {tuple(t.shape)}) should be PEFT's copy of this "
+                           f"model's {path}.{what} (shape {want}): the adapter's base has another (resized?) head; "
+                           f"load it into the base model it was trained on")
+    if any(p.is_meta or hasattr(p, "ds_id") for p in layer.parameters(recurse=False)):
+        return      # no local values (meta / ZeRO-3 partitions): the shape check is all we can do
+    if what == "bias":      # equal within the coarser of the two dtypes
+        b = ours.detach().to("cpu", torch.float64)
+        eps = max(torch.finfo(t.dtype).eps, torch.finfo(ours.dtype).eps)
+        err = float((t.double() - b).abs().max()) if t.numel() else 0.0
+        ok = torch.allclose(t.double(), b, rtol=eps, atol=1e-6)
+    else:
+        # quantization alone (NF4/FP4, INT2-4) leaves a relative error below 0.5; another weight gives about 1 or more
+        w = layer.dequantized_weight(layer.compute_dtype)
+        num = den = 0.0
+        for i in range(0, want[0], 4096):
+            a = t[i:i + 4096].float()
+            num += float((a - w[i:i + 4096].to("cpu", torch.float32)).square().sum())
+            den += float(a.square().sum())
+        err = (num / den) ** 0.5 if den else float(num > 0)
+        ok = err <= 0.8
+    if not ok:
+        raise QLoRADSError(f"adapter key {key!r} is PEFT's copy of the base {path}.{what}, but it differs from this "
+                           f"model's ({'max abs' if what == 'bias' else 'relative'} error {err:.3g}): the adapter was "
+                           f"trained on another base; load it into the base model it was trained on")
+    log.info("adapter key %s: PEFT's copy of the base %s.%s (save_embedding_layers), checked and skipped",
+             key, path, what)
 
 
 def _set_rank(layer: nn.Module, r: int) -> None:
