@@ -120,3 +120,52 @@ def test_dense_models_and_one_output_gates_raise_no_warning(caplog):
         assert inject(model, CFG) == ["0"] and inject(tiny_model("llama"), CFG)
     assert type(model[1]) is nn.Linear and not caplog.records
     assert inject(nn.Sequential(nn.Linear(64, 1)), QLoRAConfig(r=4, target_modules=("0",))) == ["0"]  # if asked
+
+
+def _tiny_gemma3():
+    """What AutoModelForCausalLM builds for Gemma-3 4B+: a text model plus a SigLIP vision tower and projector."""
+    import transformers as tf
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=300)
+    vision = dict(hidden_size=32, intermediate_size=72, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)      # with the pooling head: its 3-D ``probe`` is no MoE expert
+    config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+                             boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config)
+
+
+def test_multimodal_towers_and_projectors_stay_16bit(caplog):
+    """Text-only finetuning: the generic policy leaves the vision tower and the projector alone (SigLIP's fc2 has
+    in_features 4304 in the real model, which QA-LoRA's group sizes 32/64/128 do not divide)."""
+    from qlora_ds.nn import QALoRAConfig
+
+    model = _tiny_gemma3()
+    text = {n for n, m in model.named_modules() if is_linear_like(m) and ".language_model." in n}
+    other = {n: m for n, m in model.named_modules() if is_linear_like(m) and not n.startswith("model.language_model.")}
+    assert len(other) > 8 and "model.vision_tower.encoder.layers.0.mlp.fc2" in other
+    with caplog.at_level(logging.WARNING, logger="qlora_ds.inject.replace"):
+        assert set(inject(model, CFG)) == text
+    assert all(model.get_submodule(n) is m for n, m in other.items())        # not replaced
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "model.multi_modal_projector (mm_input_projection_weight)" in warnings[0]
+    assert "model.vision_tower.head (probe)" in warnings[0]
+    assert "MoE" not in warnings[0] and "Only linear layers are quantized" in warnings[0]
+    assert set(inject(_tiny_gemma3(), QALoRAConfig(r=4, group_size=32, compute_dtype=torch.float32))) == text
+    # a user's target_modules still reaches the tower
+    assert inject(_tiny_gemma3(), QLoRAConfig(r=4, target_modules=r".*vision_tower.encoder.*fc2")) == \
+        ["model.vision_tower.encoder.layers.0.mlp.fc2"]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_model_loaded_by_bitsandbytes_is_refused_with_the_loader_advice(bits, tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_model("llama", dtype=torch.bfloat16).save_pretrained(tmp_path)
+    bnb = BitsAndBytesConfig(load_in_4bit=True) if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb, dtype=torch.bfloat16)
+    kind = "Linear4bit" if bits == 4 else "Linear8bitLt"
+    with pytest.raises(QLoRADSError, match=rf"model.layers.0.self_attn.q_proj is already quantized \({kind}.*"
+                                           rf"qlora_ds.from_pretrained\(dir, QLoRAConfig\(...\)\)"):
+        inject(model, CFG)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == kind        # nothing was replaced

@@ -342,3 +342,93 @@ def test_plain_peft_adapter_takes_the_training_dtype_from_the_run_or_warns(tmp_p
         model = load_base_and_adapter(resolve(**plain), compute_dtype=torch.float32)
     assert "float16 checkpoint's weights are rounded to float32" in caplog.text and "--train-dtype" in caplog.text
     assert not all(torch.equal(a, b) for a, b in zip(_packed(model), _packed(trained)))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bloom", "opt"])
+def test_checkpoint_saved_from_the_base_model_gets_its_prefix(arch, tmp_path):
+    """The hub's gpt2/bloom files were saved from the base model (``h.0.…``, ``wte.weight``, no ``transformer.``):
+    the loader adds the base-model prefix as transformers does, and a separate ``lm_head.weight`` stays the head's."""
+    model = tiny_model(arch, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "full")
+    prefix = model.base_model_prefix + "."
+    sd = {k.removeprefix(prefix): v for k, v in load_file(tmp_path / "full" / "model.safetensors").items()}
+    if arch == "opt":                  # an untied head, saved under its own name next to the prefix-less keys
+        model.config.tie_word_embeddings = False
+        sd["lm_head.weight"] = torch.randn(tuple(model.lm_head.weight.shape)).to(torch.bfloat16)
+    assert not any(k.startswith(prefix) for k in sd)
+    os.makedirs(tmp_path / "bare")
+    save_file(sd, tmp_path / "bare" / "model.safetensors", metadata={"format": "pt"})
+    model.config.to_json_file(tmp_path / "bare" / "config.json")
+    got = _base_state(from_pretrained(str(tmp_path / "bare"), CFG, torch_dtype=torch.bfloat16))
+    want = tiny_model(arch, dtype=torch.bfloat16)
+    if arch == "opt":
+        want.config.tie_word_embeddings = False
+        want.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"].clone())
+    inject(want, CFG)
+    want = _base_state(want)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_key_renamings_keep_transformers_name_boundaries():
+    from qlora_ds.inject.loading import _renamer
+
+    rename = _renamer(tiny_model("gpt_neox"))
+    assert rename("embed_out.weight") == "lm_head.weight"
+    assert rename("gpt_neox.layers.0.attention.dense.weight_g") == \
+        "gpt_neox.layers.0.attention.dense.parametrizations.weight.original0"
+    # transformers' patterns end on a name boundary (and its "." is a regex dot): these are other names
+    for key in ("gpt_neox.layers.0.attention.dense.weight_gate", "gpt_neox.layers.0.attention.xweight_v2"):
+        assert rename(key) == key
+    assert rename("layers.0.attention.dense.weight") == "gpt_neox.layers.0.attention.dense.weight"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_targeted_lm_head_tied_to_the_embeddings(arch, tmp_path):
+    """target_modules with lm_head on a tied model: the file holds the weight only as the embedding; the head
+    quantizes its own copy and the embedding stays 16-bit, as transformers' load + inject() gives."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_ds.adapters.merge import export_merged, merge_model
+    from qlora_ds.nn import QLoRALinear
+
+    source = tiny_model(arch)
+    assert source.config.tie_word_embeddings
+    source.save_pretrained(tmp_path / "ckpt")
+    targets = ("c_attn", "lm_head") if arch == "gpt2" else ("q_proj", "v_proj", "lm_head")
+    cfg = QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32, target_modules=targets)
+    ours = from_pretrained(str(tmp_path / "ckpt"), cfg, torch_dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    inject(ref, cfg)
+    assert isinstance(ours.lm_head, QLoRALinear)
+    emb = ours.get_input_embeddings().weight
+    assert emb.dtype == torch.float32 and torch.equal(emb, source.get_input_embeddings().weight)
+    a, b = _base_state(ours), _base_state(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(x).logits, ref(x).logits)
+        ours.lm_head.lora_B.weight.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+        merged = merge_model(ours)(x).logits
+    export_merged(ours, str(tmp_path / "out"), "bf16", dtype=torch.float32)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, merged, rtol=1e-5, atol=1e-5)
+
+
+def test_bitsandbytes_8bit_checkpoint_is_refused(tmp_path):
+    """LLM.int8 checkpoints have quant_method "bitsandbytes" too; their int8 codes must not be taken as weights,
+    whether the config says 8-bit or (config edited away) only the stored dtype does."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_model("llama", dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=BitsAndBytesConfig(
+        load_in_8bit=True), dtype=torch.bfloat16)
+    hf.save_pretrained(tmp_path / "int8")
+    with pytest.raises(QLoRADSError, match=r"bitsandbytes 8-bit \(LLM.int8\) checkpoint; .* original 16/32-bit"):
+        from_pretrained(str(tmp_path / "int8"), CFG)
+    config = json.loads((tmp_path / "int8" / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "int8" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QLoRADSError, match=r"model.layers.0.self_attn.q_proj.weight is stored as I8, not as a "
+                                           r"16/32-bit weight.* quantized codes"):
+        from_pretrained(str(tmp_path / "int8"), CFG)

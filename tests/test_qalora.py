@@ -179,3 +179,17 @@ def test_in_features_not_divisible_by_group_size():
         QALoRALinear(100, 64, False, QALoRAConfig(group_size=32))
     with pytest.raises(QLoRADSError, match="divisible"):
         QALoRALinear.from_linear(nn.Linear(96, 8), QALoRAConfig(group_size=64))
+
+
+def test_group_size_error_names_the_layer_and_the_sizes_that_divide_it():
+    from qlora_ds.inject import inject
+
+    model = nn.Sequential(nn.Linear(64, 40), nn.Linear(40, 8))
+    with pytest.raises(QLoRADSError, match=r"layer 1: in_features=40 is not divisible by group_size=32; pick a group "
+                                           r"size that divides it: 8, 40; or leave the layer out of target_modules"):
+        inject(model, QALoRAConfig(group_size=32))
+    assert all(type(m) is nn.Linear for m in model)              # checked before any layer was replaced
+    with pytest.raises(QLoRADSError, match="in_features=4304 .* divides it: 8, 16$"):    # Gemma-3's SigLIP fc2
+        QALoRALinear(4304, 8, False, QALoRAConfig(group_size=32), device="meta")
+    with pytest.raises(QLoRADSError, match="in_features=100 .* no supported group size"):
+        QALoRALinear(100, 8, False, QALoRAConfig(group_size=32), device="meta")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -80,16 +80,21 @@ class Checkpoint:
         self._open_name: str | None = None
         self._open = None
 
-    def rename(self, renamings: list[tuple[str, str]]) -> None:
-        """Apply (regex, replacement) key renamings (transformers' legacy names, e.g. GPT-NeoX's
-        ``embed_out`` → ``lm_head``) so lookups use the model's parameter names."""
+    def rename(self, rename: Callable[[str], str]) -> None:
+        """Map every key through ``rename`` (checkpoint name -> model name: transformers' legacy names, e.g.
+        GPT-NeoX's ``embed_out`` → ``lm_head``, or a missing base-model prefix) so lookups use the model's names."""
         stored, file_of, shape = {}, {}, {}
         for key, orig in self.stored.items():
-            new = key
-            for pattern, repl in renamings:
-                new = re.sub(pattern, repl, new, count=1)
+            new = rename(key)
+            if new in stored:
+                raise QLoRADSError(f"checkpoint {self.path!r} holds both {stored[new]!r} and {orig!r}, which name the "
+                                   f"same model tensor {new!r}; keep one of them (re-save with save_pretrained)")
             stored[new], file_of[new], shape[new] = orig, self.file_of[key], self.shape[key]
         self.stored, self.file_of, self.shape = stored, file_of, shape
+
+    def dtype_name(self, key: str) -> str:
+        """The safetensors dtype of ``key`` as its header gives it ("BF16", "I8", …), without reading the data."""
+        return self._layout[self.file_of[key]][1][self.stored[key]]["dtype"]
 
     def __contains__(self, key: str) -> bool:
         return key in self.file_of

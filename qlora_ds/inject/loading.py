@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import os
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -40,7 +41,7 @@ from ..errors import QLoRADSError
 from ..hardware import ds_compute_dtype, resolve_dtype
 from ..heap import install_heap_release, release_free_heap
 from ..nn.config import AUTO, QALoRAConfig, QLoRAConfig
-from .checkpoint import BNB_STATE, Checkpoint
+from .checkpoint import BNB_STATE, DTYPES, Checkpoint
 from .policies import Policy
 from .replace import inject, is_linear_like, is_quantized_layer, quantize_for
 from .zero import gathered
@@ -115,18 +116,27 @@ def _skeleton(hf_config, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def _renamings(model: nn.Module) -> list[tuple[str, str]]:
-    """transformers 5's plain key renamings for this model (checkpoint name -> module name)."""
+def _renamer(model: nn.Module) -> Callable[[str], str]:
+    """Checkpoint key -> module name, as transformers 5 loads: the plain key renamings of its conversion mapping,
+    then the base-model prefix added to keys saved from the bare base model (the hub's gpt2 and bloom files hold
+    ``h.0.…`` and ``wte.weight``, not ``transformer.h.0.…``). A key goes under the prefix when its first name is a
+    submodule of the base model and not of the whole model, so ``lm_head.*`` stays as it is."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in get_model_conversion_mapping(model) if type(t).__name__ == "WeightRenaming"
+                     and getattr(t, "scope_prefix", None) is None and hasattr(t, "rename_source_key")]
     except Exception:                               # older/newer transformers: names are taken as they are
-        return []
-    out = []
-    for t in transforms:
-        if type(t).__name__ == "WeightRenaming" and getattr(t, "scope_prefix", None) is None:
-            out += [(src, t.target_patterns[0]) for src in t.source_patterns]
-    return out
+        renamings = []
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    base = getattr(model, prefix, None) if prefix else None
+    inner = (set(dict(base.named_children())) - set(dict(model.named_children()))
+             if isinstance(base, nn.Module) and base is not model else set())
+
+    def rename(key: str) -> str:
+        for t in renamings:                         # transformers' own matching (name boundaries, groups)
+            key = t.rename_source_key(key)[0]
+        return f"{prefix}.{key}" if key.split(".", 1)[0] in inner else key
+    return rename
 
 
 # ---------------------------------------------------------------------------- validation (headers only)
@@ -149,20 +159,21 @@ def _bnb_meta(ckpt: Checkpoint, key: str) -> tuple[str, dict]:
                            f"corrupt — re-export it") from None
 
 
-def _plan_layer(ckpt: Checkpoint, path: str, layer: nn.Module, conv1d: bool, config, own: dict | None) -> str:
-    """How the layer at ``path`` is filled: 'own' | 'bnb' | 'float'; raises on anything inconsistent."""
+def _plan_layer(ckpt: Checkpoint, path: str, layer: nn.Module, conv1d: bool, config, own: dict | None,
+                key: str) -> str:
+    """How the layer at ``path`` (its weight read from ``key``) is filled: 'own' | 'bnb' | 'float'; raises on
+    anything inconsistent."""
     out_f, in_f = tuple(layer.weight_shape)
     if own is not None:
         for name, p in layer.named_parameters(recurse=False):
-            key = f"{path}.{name}"
-            if key not in ckpt:
-                raise QLoRADSError(f"quantized checkpoint lacks {key!r}; it was saved from a model with other "
+            k = f"{path}.{name}"
+            if k not in ckpt:
+                raise QLoRADSError(f"quantized checkpoint lacks {k!r}; it was saved from a model with other "
                                    f"target modules — use the same target_modules as when it was saved")
-            if ckpt.shape[key] != tuple(p.shape):
-                raise QLoRADSError(f"{key}: checkpoint shape {ckpt.shape[key]} but the model built from config.json "
+            if ckpt.shape[k] != tuple(p.shape):
+                raise QLoRADSError(f"{k}: checkpoint shape {ckpt.shape[k]} but the model built from config.json "
                                    f"expects {tuple(p.shape)}; the config and the weights do not belong together")
         return "own"
-    key = f"{path}.weight"
     if key not in ckpt:
         raise QLoRADSError(f"checkpoint lacks {key!r} for target layer {path}; the checkpoint does not match its "
                            f"config.json (wrong model type or a partial save)")
@@ -181,6 +192,11 @@ def _plan_layer(ckpt: Checkpoint, path: str, layer: nn.Module, conv1d: bool, con
             raise QLoRADSError(f"{key}: checkpoint weight shape {tuple(meta.get('shape', ()))} but the model built "
                                f"from config.json expects {(out_f, in_f)}; the config and the weights do not match")
         return "bnb"
+    stored = ckpt.dtype_name(key)
+    if not getattr(DTYPES.get(stored), "is_floating_point", False):
+        raise QLoRADSError(f"{key} is stored as {stored}, not as a 16/32-bit weight: the checkpoint holds another "
+                           f"format's quantized codes (e.g. bitsandbytes 8-bit), which qlora-ds does not read; pass "
+                           f"the original 16/32-bit checkpoint (or a bitsandbytes 4-bit one)")
     want = (in_f, out_f) if conv1d else (out_f, in_f)
     if ckpt.shape[key] != want:
         raise QLoRADSError(f"{key}: checkpoint shape {ckpt.shape[key]} but the model built from config.json expects "
@@ -190,9 +206,9 @@ def _plan_layer(ckpt: Checkpoint, path: str, layer: nn.Module, conv1d: bool, con
     return "float"
 
 
-def _plan(model, ckpt, paths, conv1d, config, own) -> tuple[dict[str, str], dict[int, str]]:
+def _plan(model, ckpt, paths, conv1d, config, own, weight_key) -> tuple[dict[str, str], dict[int, str]]:
     layers = {p: model.get_submodule(p) for p in paths}
-    how = {p: _plan_layer(ckpt, p, layer, p in conv1d, config, own) for p, layer in layers.items()}
+    how = {p: _plan_layer(ckpt, p, layer, p in conv1d, config, own, weight_key[p]) for p, layer in layers.items()}
     if own is not None and sorted(own.get("modules", [])) != sorted(paths):
         raise QLoRADSError(f"quantized checkpoint was saved with {len(own.get('modules', []))} quantized layers but "
                            f"this config targets {len(paths)}; use the target_modules it was saved with")
@@ -235,8 +251,9 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-def _fill_layer(layer, path, how, ckpt, conv1d, config, dtype, read: bool) -> None:
-    """``dtype``: what the float weights are rounded to before quantization (``from_pretrained``'s quantize_from)."""
+def _fill_layer(layer, path, how, ckpt, conv1d, config, dtype, read: bool, key: str) -> None:
+    """``dtype``: what the float weights are rounded to before quantization (``from_pretrained``'s quantize_from);
+    ``key``: the checkpoint key of the layer's float or bnb weight."""
     base = [n for n, p in layer.named_parameters(recurse=False)]
     if not read:                                    # ZeRO-3, rank > 0: shapes only, bytes come by broadcast
         for name in base:
@@ -252,11 +269,10 @@ def _fill_layer(layer, path, how, ckpt, conv1d, config, dtype, read: bool) -> No
         bias = ckpt.get(f"{path}.bias") if layer.bias is not None else None
         if how == "bnb":
             from ..quant.bnb_format import from_bnb_state_dict
-            key = f"{path}.weight"
             sd = {k: ckpt.get(k) for k in ckpt.keys() if k == key or k.startswith(key + ".")}
             qt = from_bnb_state_dict(sd, key)
         else:
-            w = ckpt.get(f"{path}.weight").to(dtype)
+            w = ckpt.get(key).to(dtype)
             qt = quantize_for(config, w.t().contiguous() if conv1d else w)
             del w
         layer.set_quantized_weight(qt, bias)
@@ -324,7 +340,8 @@ def model_dtypes(config, torch_dtype: torch.dtype | str | None = AUTO):
 
 def _check_quant_method(path: str, qcfg) -> None:
     """Only bitsandbytes 4-bit checkpoints are read as they are stored; another format's tensors (GPTQ's qweight…)
-    would otherwise surface as a missing-weight error that blames the checkpoint."""
+    would otherwise surface as a missing-weight error that blames the checkpoint, and LLM.int8's int8 codes (same
+    quant_method, weight-shaped) would be quantized as if they were weights."""
     method = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
     method = str(getattr(method, "value", method) or "").lower()
     if method == "gptq":
@@ -334,6 +351,12 @@ def _check_quant_method(path: str, qcfg) -> None:
     if method and method != "bitsandbytes":
         raise QLoRADSError(f"{path!r} is quantized with {method!r}, which qlora-ds does not read; pass the original "
                            f"16/32-bit checkpoint (or a bitsandbytes 4-bit one)")
+
+    def flag(name):
+        return qcfg.get(name) if isinstance(qcfg, dict) else getattr(qcfg, name, None)
+    if method == "bitsandbytes" and (flag("load_in_8bit") or flag("load_in_4bit") is False):
+        raise QLoRADSError(f"{path!r} is a bitsandbytes 8-bit (LLM.int8) checkpoint; qlora-ds reads bitsandbytes 4-bit "
+                           f"ones only (its int8 codes are not weights) — pass the original 16/32-bit checkpoint")
 
 
 def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype | str = AUTO,
@@ -369,9 +392,13 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
         read = True
     model = _skeleton(hf_config, torch_dtype)
     conv1d = {p for p, m in model.named_modules() if is_linear_like(m) and not isinstance(m, nn.Linear)}
-    ckpt.rename(_renamings(model))
+    ckpt.rename(_renamer(model))
+    aliases = {n: names for names in _alias_groups(model).values() for n in names}
     paths = inject(model, config, policy)
-    how, source = _plan(model, ckpt, paths, conv1d, config, own)
+    # a targeted head tied to the embeddings (tie_word_embeddings) is saved only under the embedding's name: its
+    # layer quantizes a copy of that weight, the embedding stays 16-bit (as inject() after transformers' load does)
+    weight_key = {p: next((k for k in aliases.get(f"{p}.weight", ()) if k in ckpt), f"{p}.weight") for p in paths}
+    how, source = _plan(model, ckpt, paths, conv1d, config, own, weight_key)
     layer_set = set(paths)
     prefixes = tuple(p + "." for p in paths)
     done: dict[int, nn.Parameter] = {}
@@ -381,7 +408,8 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
             if mpath.startswith(prefixes):
                 continue                            # LoRA submodules: filled with their layer
             if mpath in layer_set:
-                _fill_layer(module, mpath, how[mpath], ckpt, mpath in conv1d, config, quantize_from, read)
+                _fill_layer(module, mpath, how[mpath], ckpt, mpath in conv1d, config, quantize_from, read,
+                            weight_key[mpath])
                 new_params = list(module.parameters())
             else:
                 new_params = []

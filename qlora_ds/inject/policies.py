@@ -5,7 +5,9 @@ layers (exact names, or one regex matched with ``re.fullmatch`` against the full
 leaf names it never touches (LM head, embeddings), and whether its linears are GPT-2 ``Conv1D``
 (weight stored as (in, out), transposed on the way in). ``POLICIES`` is a plain list;
 ``policy_for(model_type)`` returns the matching entry or ``GENERIC`` (every ``nn.Linear`` but the
-LM head and one-output gates), which ``replace`` reports with one log line listing what it wrapped.
+LM head and one-output gates), which ``replace`` reports with one log line listing what it wrapped. No policy
+wraps a linear under a multimodal model's vision/audio tower or projector (``NON_TEXT``): finetuning is text-only,
+so those stay in 16 bit, unquantized and without LoRA (``target_modules`` can still name them).
 """
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ import dataclasses
 import re
 
 LM_HEADS = ("lm_head", "embed_out", "output")
+# module names of the non-text parts of multimodal models (Gemma-3, LLaVA, Qwen2-VL, Gemma-3n, mllama…)
+NON_TEXT = frozenset({"vision_tower", "vision_model", "visual", "multi_modal_projector", "mm_projector",
+                      "audio_tower", "audio_model", "embed_vision", "embed_audio"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +35,9 @@ class Policy:
 
     def wants(self, path: str, out_features: int | None = None) -> bool:
         """Whether the linear-like module at ``path`` (with ``out_features`` outputs) is a target of this policy."""
-        leaf = path.rsplit(".", 1)[-1]
-        if leaf in self.skip:
+        names = path.split(".")
+        leaf = names[-1]
+        if leaf in self.skip or not NON_TEXT.isdisjoint(names):
             return False
         if self.pattern is not None:
             return re.fullmatch(self.pattern, path) is not None

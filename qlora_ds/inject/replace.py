@@ -101,6 +101,8 @@ def inject(model: nn.Module, config, policy: Policy | None = None) -> list[str]:
         raise QLoRADSError(f"no linear layer of this {model_type or type(model).__name__} model matches "
                            f"target_modules={config.target_modules!r} (policy {policy.name!r}); check the names "
                            f"with [n for n, m in model.named_modules()]")
+    for path in paths:                              # before any layer is replaced: the model stays as it was
+        _check_replaceable(path, model.get_submodule(path), config)
     for path in paths:
         parent_path, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
@@ -123,6 +125,21 @@ def inject(model: nn.Module, config, policy: Policy | None = None) -> list[str]:
     return paths
 
 
+def _check_replaceable(path: str, module: nn.Module, config) -> None:
+    """Refuse a layer already quantized by bitsandbytes, and a QA-LoRA group size that does not divide the layer."""
+    if type(module).__module__.startswith("bitsandbytes") or not module.weight.is_floating_point():
+        raise QLoRADSError(f"{path} is already quantized ({type(module).__name__}, weight {module.weight.dtype}), e.g. "
+                           f"by transformers' bitsandbytes loading; load the checkpoint directory with "
+                           f"qlora_ds.from_pretrained(dir, QLoRAConfig(...)) instead, which uses a bitsandbytes 4-bit "
+                           f"checkpoint's bytes as they are (for an 8-bit one, use the original 16-bit checkpoint)")
+    if isinstance(config, QALoRAConfig):
+        from ..quant.intn import check_group_size
+        try:
+            check_group_size(config.group_size, linear_dims(module)[0])
+        except QLoRADSError as err:
+            raise QLoRADSError(f"layer {path}: {err}; or leave the layer out of target_modules") from None
+
+
 UNQUANTIZED_WARN_SHARE = 0.10
 
 
@@ -131,7 +148,7 @@ def _warn_unquantized(model: nn.Module, total: int) -> None:
     that are neither linear-like nor embeddings (MoE experts fused as 3-D parameters, routers), when they
     hold more than ``UNQUANTIZED_WARN_SHARE`` of the model's ``total`` parameters."""
     left: dict[str, list[str]] = {}
-    numel, seen = 0, set()
+    numel, seen, moe = 0, set(), False
     for mpath, module in model.named_modules():
         if is_linear_like(module) or is_quantized_layer(module) or isinstance(module, nn.Embedding):
             continue
@@ -140,11 +157,14 @@ def _warn_unquantized(model: nn.Module, total: int) -> None:
                 seen.add(id(p))
                 left.setdefault(re.sub(r"\.\d+(?=\.|$)", ".*", mpath), []).append(name)
                 numel += p.numel()
+                moe |= p.dim() == 3 and re.search(r"expert|moe", f"{mpath}.{type(module).__name__}", re.I) is not None
     if total and numel / total > UNQUANTIZED_WARN_SHARE:
         where = "; ".join(f"{m} ({', '.join(dict.fromkeys(n))})" for m, n in left.items())
+        why = ("MoE expert quantization is not supported (the experts are fused 3-D parameters)" if moe
+               else "Only linear layers are quantized")
         log.warning("qlora-ds: %.0f%% of this model's parameters are not in nn.Linear layers and stay in 16 bit, "
-                    "not quantized and not trained: %s. MoE expert quantization is not supported (the experts are "
-                    "fused 3-D parameters); plan memory for them in 16 bit.", 100 * numel / total, where)
+                    "not quantized and not trained: %s. %s; plan memory for them in 16 bit.",
+                    100 * numel / total, where, why)
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -44,8 +44,10 @@ def check_group_size(group_size, in_features: int | None = None) -> None:
         raise QLoRADSError(f"group_size={group_size!r} is not supported; use a positive multiple of 8 "
                            f"(QA-LoRA uses 32, also 64 or 128)")
     if in_features is not None and in_features % group_size:
-        raise QLoRADSError(f"in_features={in_features} is not divisible by group_size={group_size}; pick a "
-                           f"group size that divides the layer's input dimension (e.g. 32, 64 or 128)")
+        fits = [g for g in range(8, min(in_features, 256) + 1, 8) if in_features % g == 0]
+        advice = (f"pick a group size that divides it: {', '.join(map(str, fits))}" if fits
+                  else "no supported group size (a multiple of 8) divides it")
+        raise QLoRADSError(f"in_features={in_features} is not divisible by group_size={group_size}; {advice}")
 
 
 @dataclasses.dataclass(frozen=True)
