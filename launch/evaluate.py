@@ -58,16 +58,17 @@ def evaluate(args) -> dict:
     from qlora_ds.eval.runs import load, resolve, tokenization
     from qlora_ds.hardware import dtype_name, resolve_device, resolve_dtype
 
-    source = resolve(run=args.run, model=args.model, adapter=args.adapter, **source_overrides(args))
-    if args.no_adapter:
-        source = type(source)(model=source.model, adapter=None, settings=source.settings)
+    source = resolve(run=args.run, model=args.model, adapter=args.adapter, no_adapter=args.no_adapter,
+                     **source_overrides(args))
     test = load_mc(args.mc) if args.mc else None             # bad files fail before the model loads
     dev = load_mc(args.mc_dev) if args.mc and args.mc_dev else None
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, tokenizer = load(source, dtype=dtype, device=device)
-    results: dict = {"model": source.model, "adapter": source.adapter, "device": str(device),
-                     "dtype": dtype_name(dtype)}
+    results: dict = {"model": source.model, "adapter": None if source.base_only else source.adapter,
+                     "device": str(device), "dtype": dtype_name(dtype)}
+    if source.base_only:
+        results["quantized_base_of"] = source.adapter or args.run
     if args.heldout:
         # a run's own --max-len and --train-on-prompt unless given here: its held-out loss is then the run's
         max_len = args.max_len if args.max_len is not None else source.settings.get("max_len")

@@ -37,18 +37,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_device_args(p)
     args = p.parse_args(argv)
     check_model_source(p, args)
+    # bad numbers fail here, not inside transformers after the (slow) model load
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be 1 or more, got {args.max_new_tokens}")
+    if not args.repetition_penalty > 0:
+        p.error(f"--repetition-penalty must be above 0 (1.0: none), got {args.repetition_penalty}")
+    if args.sample:
+        if not args.temperature > 0:
+            p.error(f"--temperature must be above 0 with --sample, got {args.temperature}; for greedy decoding "
+                    f"leave out --sample")
+        if not 0 < args.top_p <= 1:
+            p.error(f"--top-p must be in (0, 1] (1: off), got {args.top_p}")
+        if args.top_k < 0:
+            p.error(f"--top-k must be 0 (off) or more, got {args.top_k}")
     return args
 
 
 @torch.no_grad()
 def reply(model, tokenizer, messages: list[dict], args, plain_bos: bool = True) -> str:
+    """The reply to ``messages``; it ends at the checkpoint's EOS or the turn end training taught."""
     from qlora_ds.data.tokenize import prompt_ids
+    from qlora_ds.eval.sampling import stop_token_ids
 
     ids = torch.tensor([prompt_ids(tokenizer, messages, plain_bos)], device=next(model.parameters()).device)
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, pad_token_id=tokenizer.pad_token_id,
-              repetition_penalty=args.repetition_penalty)
+              repetition_penalty=args.repetition_penalty, eos_token_id=stop_token_ids(model, tokenizer))
     if args.sample:
         kw.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+        # seeded here, not only before the load (which draws random numbers): the same seed samples the same
+        # reply from base + adapter and from its merge, and for a prompt asked alone or after others
+        torch.manual_seed(args.seed)
     else:
         kw.update(temperature=None, top_p=None, top_k=None)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
@@ -60,9 +78,8 @@ def generate(args) -> list[str]:
     from qlora_ds.hardware import resolve_device, resolve_dtype
 
     torch.manual_seed(args.seed)
-    source = resolve(run=args.run, model=args.model, adapter=args.adapter, **source_overrides(args))
-    if args.no_adapter:
-        source = type(source)(model=source.model, adapter=None, settings=source.settings)
+    source = resolve(run=args.run, model=args.model, adapter=args.adapter, no_adapter=args.no_adapter,
+                     **source_overrides(args))
     device = resolve_device(args.device)
     model, tokenizer = load(source, dtype=resolve_dtype(args.dtype, device), device=device)
     system = [{"role": "system", "content": args.system}] if args.system else []

@@ -84,7 +84,7 @@ def prompt_ids(tokenizer) -> list[torch.Tensor]:
 def logits_of(model, ids: list[torch.Tensor]) -> list[torch.Tensor]:
     """fp32 logits on the CPU (so that models on different devices compare, and the device is freed)."""
     device = next(model.parameters()).device
-    return [model(input_ids=x.to(device)).logits.float().cpu() for x in ids]
+    return [model(input_ids=x.to(device), use_cache=False).logits.float().cpu() for x in ids]
 
 
 def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:

@@ -34,7 +34,9 @@ def add_model_source_args(parser) -> None:
     parser.add_argument("--run", help="finetune output dir (base model + adapter)")
     parser.add_argument("--model", help="base, or merged, checkpoint dir")
     parser.add_argument("--adapter", help="PEFT-format adapter dir")
-    parser.add_argument("--no-adapter", action="store_true", help="with --run: the base model alone (before training)")
+    parser.add_argument("--no-adapter", action="store_true",
+                        help="with --run or --adapter: the quantized base it trained on, without the adapter (the "
+                             "model before training; a run still in progress has it too)")
     add_adapter_format_args(parser)
 
 
@@ -64,6 +66,9 @@ def source_overrides(args) -> dict:
 def check_model_source(parser, args) -> None:
     if not args.run and not args.model:
         parser.error("pass --run DIR or --model PATH")
+    if getattr(args, "no_adapter", False) and not args.run and not args.adapter:
+        parser.error("--no-adapter drops the adapter of --run or --adapter (keeping the quantized base it trained on); "
+                     "with --model alone leave it out")
 
 
 def add_device_args(parser, dtype_default: str = "auto", dtype_help: str = "compute dtype") -> None:

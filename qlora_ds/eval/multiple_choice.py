@@ -216,10 +216,10 @@ def _last_token_logits(model, ids: torch.Tensor, mask: torch.Tensor, last: torch
     5-shot prompt is most of the head's compute and its largest tensor. Models that do not take it
     (or ignore it) return every position, and the rows are picked here."""
     rows = torch.arange(ids.shape[0], device=ids.device)
-    try:
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=last.view(-1, 1)).logits
+    try:   # no KV cache: none is reused, and the cache of a 5-shot prompt is most of the peak memory
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=last.view(-1, 1), use_cache=False).logits
     except TypeError:
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     if logits.shape[1] == 1 and ids.shape[1] > 1:
         return logits[:, 0]
     return logits[rows, last.to(logits.device)]

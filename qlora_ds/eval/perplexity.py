@@ -7,14 +7,17 @@ not a mean of per-batch means); perplexity = exp(loss).
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..data import collate, load_records, tokenize_records
 from ..data.tokenize import IGNORE, check_vocab
 from ..errors import QLoRADSError
+from ..loss import causal_lm_loss, chunked_supported
+
+log = logging.getLogger(__name__)
 
 
 def _device(model) -> torch.device:
@@ -22,15 +25,16 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-    """(summed next-token NLL in fp64, number of scored tokens) for one collated batch."""
+def token_nll(model, batch: dict[str, torch.Tensor], chunked: bool = True) -> tuple[float, int]:
+    """(summed next-token NLL, number of scored tokens) for one collated batch. The loss is the finetune's
+    (``qlora_ds.loss.causal_lm_loss``, fp32): without a KV cache and, where ``chunked``, without the [B, T, vocab]
+    logits (the LM head runs chunk by chunk), so what fit in training fits here."""
     dev = _device(model)
-    logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
-    labels = batch["labels"][:, 1:].to(dev)
-    logits = logits[:, :-1].float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                          reduction="sum")
-    return float(nll.double()), int((labels != IGNORE).sum())
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    n = int((batch["labels"][:, 1:] != IGNORE).sum())
+    if n == 0:
+        return 0.0, 0
+    return float(causal_lm_loss(model, batch, chunked=chunked).double()) * n, n
 
 
 def heldout_loss(model, tokenizer, records, max_len: int | None = None, batch_size: int = 4,
@@ -52,12 +56,15 @@ def heldout_loss(model, tokenizer, records, max_len: int | None = None, batch_si
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
+    why = chunked_supported(model)
+    if why is not None:
+        log.warning("chunked LM-head loss not used: %s; computing the full logits", why)
     total, count = 0.0, 0
     try:
         for i in range(0, len(examples), batch_size):
             # widths padded to 16: a bounded set of shapes (CPU backends keep buffers per shape)
             batch = collate(examples[i:i + batch_size], pad, pad_to_multiple_of=16, max_width=max_len)
-            nll, n = token_nll(model, batch)
+            nll, n = token_nll(model, batch, chunked=why is None)
             total, count = total + nll, count + n
     finally:
         model.train(was_training)

@@ -1,15 +1,18 @@
 """Load what a run produced (or any base / adapter / merged checkpoint) for inference.
 
 ``resolve(run=…)`` reads ``<run>/run_config.json`` (written by ``launch/finetune.py``) for the base
-model and takes ``<run>/adapter``; ``resolve(model=…, adapter=…)`` takes them as given. The layer
+model and takes ``<run>/adapter``; ``resolve(model=…, adapter=…)`` takes them as given; ``no_adapter``: the
+quantized base the run (or adapter) trained on, without the adapter — the model before training. The layer
 config is read from the adapter itself (``adapter_config_from_dir``), with the run's settings (or
-the command line's) for what a plain PEFT adapter leaves out.
+the command line's) for what a plain PEFT adapter leaves out; a run without its final adapter yet has only
+its settings.
 
 ``load(source, dtype, device)`` returns (model, tokenizer), the model on ``device`` (default: the local GPU
 when there is one, else the CPU; ``qlora_ds.hardware.resolve_device``):
 
 * base + adapter -> ``from_pretrained`` into QLoRA/QA-LoRA layers + ``load_adapter``, the base quantized from the
-  dtype the adapter was trained on (``quantization_dtype``) whatever dtype this load computes in;
+  dtype the adapter was trained on (``quantization_dtype``) whatever dtype this load computes in; ``base_only``:
+  the same without ``load_adapter``, LoRA switched off (the quantized base, as before training);
 * a checkpoint written by ``export_merged(fmt='gptq')`` -> ``read_gptq_checkpoint`` (exact);
 * any other directory -> plain ``AutoModelForCausalLM.from_pretrained``.
 """
@@ -42,13 +45,18 @@ class Source:
     model: str                      # base (or merged) checkpoint directory
     adapter: str | None = None      # PEFT-format adapter directory, or None
     settings: dict = dataclasses.field(default_factory=dict)   # run/CLI settings (method, bits, …)
+    base_only: bool = False         # the quantized base alone; ``adapter`` (None: ``settings``) only describes it
 
 
 def resolve(run: str | None = None, model: str | None = None, adapter: str | None = None,
-            **settings) -> Source:
+            no_adapter: bool = False, **settings) -> Source:
     """A ``Source`` from a run directory or an explicit model (+ adapter); ``settings`` that are None
-    are dropped, the rest override the run's."""
+    are dropped, the rest override the run's. ``no_adapter``: the quantized base that the run or adapter trained
+    on, without the adapter (a run still in progress has its settings, not yet its adapter)."""
     settings = {k: v for k, v in settings.items() if v is not None}
+    if no_adapter and not run and not adapter:
+        raise QLoRADSError("--no-adapter drops the adapter of --run or --adapter (and keeps the quantized base it "
+                           "trained on); with --model alone there is none: leave --no-adapter out")
     if run:
         path = os.path.join(run, RUN_CONFIG)
         try:
@@ -59,7 +67,9 @@ def resolve(run: str | None = None, model: str | None = None, adapter: str | Non
                                f"(launch/finetune.py --output-dir)") from None
         model = model or run_cfg.get("model")
         adapter = adapter or os.path.join(run, "adapter")
-        if not os.path.isdir(adapter):
+        if no_adapter and not os.path.isdir(adapter):
+            adapter = None                  # not saved yet: the run's settings describe its base
+        elif not os.path.isdir(adapter):
             raise QLoRADSError(f"{adapter} does not exist: the run has not finished (no final adapter); wait for it "
                                f"or pass --adapter to a saved adapter")
         # a run from before an option ran with its old behaviour (finetune's resume rule, qlora_ds.run_dir)
@@ -70,13 +80,35 @@ def resolve(run: str | None = None, model: str | None = None, adapter: str | Non
         raise QLoRADSError(f"model {model!r} is not a directory; pass a local checkpoint directory")
     if adapter is not None and not os.path.isdir(adapter):
         raise QLoRADSError(f"adapter {adapter!r} is not a directory")
-    return Source(model=model, adapter=adapter, settings=settings)
+    return Source(model=model, adapter=adapter, settings=settings, base_only=no_adapter)
 
 
 def layer_config(source: Source, compute_dtype: torch.dtype = torch.bfloat16):
+    """The adapter's layer config; without an adapter (``base_only`` of an unfinished run), the run's settings'."""
     from ..adapters.merge import adapter_config_from_dir
 
+    if source.adapter is None:
+        return _settings_layer_config(source.settings, compute_dtype)
     return adapter_config_from_dir(source.adapter, compute_dtype=compute_dtype, fallback=source.settings)
+
+
+def _settings_layer_config(settings: dict, compute_dtype: torch.dtype):
+    """finetune's layer config from its arguments (run_config.json; finetune's defaults where one is unset)."""
+    from ..nn.config import QALoRAConfig, QLoRAConfig
+
+    def get(key, default):
+        return default if settings.get(key) is None else settings[key]
+
+    targets = settings.get("target_modules")
+    common = dict(r=int(get("lora_r", 64)), alpha=float(get("lora_alpha", 16)), dropout=0.0,
+                  target_modules=tuple(targets) if isinstance(targets, list) and targets else targets or None,
+                  compute_dtype=compute_dtype)
+    method = get("method", "qlora")
+    if method == "qalora":
+        return QALoRAConfig(bits=int(get("bits", 4)), group_size=int(get("group_size", 32)), **common)
+    if method != "qlora":
+        raise QLoRADSError(f"method {method!r} (run_config.json, or --method) is not qlora or qalora")
+    return QLoRAConfig(quant_type=get("quant_type", "nf4"), double_quant=bool(get("double_quant", True)), **common)
 
 
 def load_tokenizer(path: str):
@@ -91,9 +123,10 @@ def load_tokenizer(path: str):
 def load_base_and_adapter(source: Source, compute_dtype: torch.dtype = torch.bfloat16,
                           torch_dtype: torch.dtype | None = None, device: torch.device | str | None = None):
     """The quantized base with the adapter loaded (QLoRALinear / QALoRALinear layers), eval mode, on
-    ``device`` (None: where the loader put it, the CPU). Loading reads and quantizes on the CPU one tensor at a
-    time; the move copies the packed bytes as they are."""
-    from ..adapters import load_adapter
+    ``device`` (None: where the loader put it, the CPU); ``source.base_only``: the quantized base alone (no adapter
+    loaded, LoRA switched off). Loading reads and quantizes on the CPU one tensor at a time; the move
+    copies the packed bytes as they are."""
+    from ..adapters import load_adapter, lora_layers
     from ..inject import from_pretrained
 
     config = layer_config(source, compute_dtype)
@@ -101,6 +134,12 @@ def load_base_and_adapter(source: Source, compute_dtype: torch.dtype = torch.bfl
     model = from_pretrained(source.model, config, torch_dtype=load_dtype,
                             quantize_from=quantization_dtype(source, load_dtype))
     _read_generation_config(model, source.model)
+    if source.base_only:
+        for layer in lora_layers(model).values():
+            layer.disable_adapter = True            # fresh B = 0 adds nothing anyway; this skips its compute
+        log.info("loaded %s quantized as %s, without an adapter (%s)", source.model, type(config).__name__,
+                 f"the base of {source.adapter}" if source.adapter else "the run's settings")
+        return _to_device(model.eval(), device)
     loaded = load_adapter(model, source.adapter)
     log.info("loaded %s + adapter %s (%d layers, %s)", source.model, source.adapter, len(loaded),
              type(config).__name__)
@@ -175,7 +214,7 @@ def load(source: Source, dtype: torch.dtype = torch.bfloat16, device: torch.devi
 
     device = resolve_device(device) if isinstance(device, str) else device
     tokenizer = load_tokenizer(source.model)
-    if source.adapter:
+    if source.adapter or source.base_only:
         return load_base_and_adapter(source, compute_dtype=dtype, device=device), tokenizer
     meta_path = os.path.join(source.model, MERGE_META)
     if os.path.exists(meta_path):
