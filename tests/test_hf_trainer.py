@@ -375,3 +375,148 @@ def test_fp16_without_zero_under_the_trainer_starts_adam_at_step_one(tmp_path, m
         assert {int(s["step"]) for s in wrapper.optimizer.state.values()} == {1}
     finally:
         shutdown()
+
+
+def test_zero3_config_with_hf_auto_values_builds_and_trains(tmp_path, monkeypatch):
+    """The ZeRO-3 config of the transformers docs ("auto" batch sizes, clipping, buckets): prepare_for_trainer
+    builds under zero.Init from the config transformers filled from the arguments (the raw one made DeepSpeed
+    raise TypeError '>' between str and int), and the Trainer trains and saves the adapter."""
+    from safetensors.torch import load_file
+
+    from qlora_ds.distributed import shutdown
+
+    from .finetune_fixtures import write_word_level_run
+
+    _one_rank_env(monkeypatch)
+    paths = write_word_level_run(str(tmp_path))
+    ds = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+          "zero_optimization": {"stage": 3, "overlap_comm": False, "reduce_bucket_size": "auto",
+                                "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"}}
+    try:
+        trainer = _qlora_trainer(paths, tmp_path / "out", deepspeed=ds, max_steps=1, gradient_accumulation_steps=2)
+        packed = [p for p in trainer.model.parameters() if p.dtype == torch.uint8]
+        assert packed and all(hasattr(p, "ds_id") for p in packed)        # partitioned by zero.Init
+        trainer.train()
+        assert trainer.model_wrapped.zero_optimization_stage() == 3 and trainer.model_wrapped.train_batch_size() == 4
+        assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+        tensors = load_file(tmp_path / "out" / "checkpoint-1" / "adapter" / "adapter_model.safetensors")
+        assert len(tensors) == 28
+        assert all(v.abs().sum() > 0 for k, v in tensors.items() if "lora_B" in k)   # trained from B = 0
+    finally:
+        shutdown()
+
+
+def test_push_to_hub_uploads_the_adapter(tmp_path, monkeypatch):
+    """--push_to_hub: every upload of output_dir holds the adapter just saved. The Trainer copies only top-level
+    model files from a checkpoint (ours are in <ckpt>/adapter), and a user's save_model must push as stock does.
+    The Hub API is mocked and HF_HUB_OFFLINE set: nothing touches the network."""
+    from types import SimpleNamespace
+
+    import huggingface_hub.constants
+    import transformers.trainer
+    from safetensors.torch import load_file
+
+    from .finetune_fixtures import write_word_level_run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    uploads = []        # the adapter in output_dir as each upload of it saw it (None: no adapter)
+
+    class Job:
+        def is_done(self):
+            return True
+        done = is_done
+
+    class FakeHub:
+        def create_repo(self, repo_id, **kw):
+            return SimpleNamespace(repo_id=repo_id)
+
+        def upload_folder(self, folder_path, path_in_repo=None, **kw):
+            weights = os.path.join(folder_path, "adapter", "adapter_model.safetensors")
+            if path_in_repo is None:                     # output_dir, not the checkpoint folder
+                # copied: load_file's tensors may map the file, which the next save rewrites in place
+                uploads.append({k: v.clone() for k, v in load_file(weights).items()} if os.path.isfile(weights)
+                               else None)
+            return Job()
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", FakeHub)
+    paths = write_word_level_run(str(tmp_path))
+    out = tmp_path / "out"
+    trainer = _qlora_trainer(paths, out, max_steps=2, push_to_hub=True, hub_model_id="me/qlora")
+    trainer.train()
+    assert len(uploads) == 2 and None not in uploads
+    for pushed, step in zip(uploads, (1, 2)):
+        _assert_same(pushed, load_file(out / f"checkpoint-{step}" / "adapter" / "adapter_model.safetensors"))
+    assert any(not torch.equal(uploads[0][k], uploads[1][k]) for k in uploads[0])     # each step's own weights
+    trainer.save_model()
+    assert len(uploads) == 3 and uploads[2] is not None
+    _assert_same(uploads[2], load_file(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_checkpointing_is_non_reentrant_unless_asked(tmp_path):
+    """transformers 5.23 passes activation_checkpointing_kwargs (gradient_checkpointing_kwargs is an alias folded
+    into it at construction) to torch's checkpoint; use_reentrant=False is added there, a user's value kept."""
+    import warnings
+
+    from .finetune_fixtures import write_word_level_run
+
+    paths = write_word_level_run(str(tmp_path))
+    cases = [(dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"preserve_rng_state": False}),
+              {"use_reentrant": False, "preserve_rng_state": False}),
+             (dict(activation_checkpointing=True), {"use_reentrant": False}),
+             (dict(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True}),
+              {"use_reentrant": True})]
+    for i, (kw, want) in enumerate(cases):
+        trainer = _qlora_trainer(paths, tmp_path / f"out{i}", max_steps=1, save_strategy="no", **kw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+        assert trainer.model.model.layers[0]._gradient_checkpointing_func.keywords == want, kw
+        assert not any("use_reentrant" in str(w.message) for w in caught), kw
+
+
+def test_chunked_loss_fallback_is_said_once(tmp_path, caplog):
+    """A model the chunked loss does not apply to (here a logit soft cap) trains with its own loss, and says why
+    once, not at every micro-step."""
+    import logging
+
+    from .finetune_fixtures import write_word_level_run
+
+    paths = write_word_level_run(str(tmp_path))
+    trainer = _qlora_trainer(paths, tmp_path / "out", max_steps=2, gradient_accumulation_steps=2, save_strategy="no")
+    trainer.model.config.final_logit_softcapping = 30.0
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    said = [r.getMessage() for r in caplog.records if "chunked LM-head loss not used" in r.getMessage()]
+    assert len(said) == 1 and "final_logit_softcapping=30.0" in said[0], said
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_save_model_outside_zero3_calls_no_collective(tmp_path, monkeypatch):
+    """`if trainer.is_world_process_zero(): trainer.save_model()` is a common script pattern: outside ZeRO-3 (here
+    ZeRO-2, one rank) save_model must call no collective, else rank 0 waits for ranks that never come (a barrier
+    after the adapter write did: 2 ranks failed or hung at the script's next collective)."""
+    import torch.distributed as dist
+
+    from qlora_ds.distributed import shutdown
+
+    from .finetune_fixtures import write_word_level_run
+
+    _one_rank_env(monkeypatch)
+    paths = write_word_level_run(str(tmp_path))
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
+    try:
+        trainer = _qlora_trainer(paths, tmp_path / "out", deepspeed=ds, max_steps=1, save_strategy="no")
+        trainer.train()
+        calls = []
+        for name in ("barrier", "all_reduce", "all_gather", "broadcast", "all_gather_into_tensor"):
+            real = getattr(dist, name)
+            monkeypatch.setattr(dist, name, lambda *a, _name=name, _real=real, **k: (calls.append(_name),
+                                                                                     _real(*a, **k))[1])
+        trainer.save_model(str(tmp_path / "final"))
+        assert calls == []
+        _assert_same(_adapter_state(trainer.model, tmp_path / "final" / "adapter"), _lora_state(trainer.model))
+    finally:
+        shutdown()

@@ -23,7 +23,9 @@ Four pieces, each usable alone:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
 
 import torch
 
@@ -33,6 +35,7 @@ from ..errors import QLoRADSError
 __all__ = ["ADAPTER_DIR", "QLoRATrainer", "ds_training_defaults", "make_optimizer", "optimizer_cls_and_kwargs",
            "precision_defaults", "prepare_for_trainer", "qlora_trainer_class", "trainer_ds_config", "trainer_dtype"]
 
+log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 AUTO = "auto"   # HF's ds_config placeholder: the value comes from TrainingArguments
 _ARG_KEYS = ("lr", "betas", "eps", "weight_decay")   # optimizer params TrainingArguments also set
@@ -177,8 +180,9 @@ def prepare_for_trainer(model_path: str, config, training_args, torch_dtype: tor
     (:func:`trainer_dtype`: ``--bf16``/``--fp16``, else fp32), so the layers compute in what DeepSpeed trains.
 
     Under a ZeRO-3 ``training_args.deepspeed`` the model is built under ``deepspeed.zero.Init`` (rank 0 reads and
-    quantizes; every rank keeps 1/N of the packed bytes). Gradient checkpointing, if asked for, is left to the
-    Trainer (``--gradient_checkpointing``); the KV cache is switched off for training.
+    quantizes; every rank keeps 1/N of the packed bytes), with the config's ``"auto"`` values filled from
+    ``training_args`` as the Trainer fills them. Gradient checkpointing, if asked for, is left to the Trainer
+    (``--gradient_checkpointing``), non-reentrant unless its kwargs say otherwise; the KV cache is switched off.
     """
     import dataclasses
 
@@ -190,13 +194,18 @@ def prepare_for_trainer(model_path: str, config, training_args, torch_dtype: tor
         config = dataclasses.replace(config, compute_dtype=torch_dtype)
     ds_config = None
     if getattr(training_args, "deepspeed", None):
-        ds_config, _ = trainer_ds_config(training_args.deepspeed)
+        # the config transformers filled from the arguments: zero.Init's DeepSpeedConfig cannot read HF's "auto"
+        # batch sizes (TypeError '>' between str and int)
+        hf_config = getattr(training_args, "hf_deepspeed_config", None)
+        ds_config, _ = trainer_ds_config(training_args.deepspeed if hf_config is None else hf_config.config)
     model = from_pretrained(model_path, config, ds_config=ds_config, torch_dtype=torch_dtype, policy=policy)
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
-    if getattr(training_args, "gradient_checkpointing", False):
-        kwargs = training_args.gradient_checkpointing_kwargs or {}
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False, **kwargs}
+    if getattr(training_args, "activation_checkpointing", False):
+        # transformers 5.23 reads only activation_checkpointing_kwargs (gradient_checkpointing_kwargs is an alias
+        # resolved into it in __post_init__); without use_reentrant torch falls back to reentrant checkpointing
+        kwargs = training_args.activation_checkpointing_kwargs or {}
+        training_args.activation_checkpointing_kwargs = {"use_reentrant": False, **kwargs}
     return model
 
 
@@ -204,8 +213,11 @@ def qlora_trainer_class(base: type) -> type:
     """A subclass of ``base`` (``transformers.Trainer``, TRL's ``SFTTrainer``…) that saves adapters, not models.
 
     ``save_model(dir)`` — called by the Trainer at every checkpoint and by the user at the end — writes the
-    PEFT-format adapter to ``dir/adapter`` (gathering only the LoRA tensors under ZeRO-3; every rank takes part,
-    rank 0 writes), plus the tokenizer and ``training_args.bin`` as the Trainer does. Under DeepSpeed the engine
+    PEFT-format adapter to ``dir/adapter`` from rank 0, plus the tokenizer and ``training_args.bin`` as the Trainer
+    does; with ``--push_to_hub`` the upload of ``output_dir`` holds the adapter (a checkpoint push first copies
+    ``checkpoint-N/adapter`` there). As with the stock Trainer, under ZeRO-3 every rank must call ``save_model``:
+    the LoRA tensors are gathered, a collective, so a call on rank 0 only (``if trainer.is_world_process_zero():``)
+    waits forever. Without ZeRO-3 it has no collective and rank 0 alone may call it. Under DeepSpeed the engine
     checkpoint written next to it leaves out the frozen (packed) base. ``resume_from_checkpoint`` and
     ``load_best_model_at_end`` load ``dir/adapter`` (without DeepSpeed) or that engine checkpoint, the base coming
     from the model being trained.
@@ -224,11 +236,17 @@ def qlora_trainer_class(base: type) -> type:
                 self.chunked_loss = chunked_loss
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from ..loss import causal_lm_loss, chunked_supported
+
             if (not self.chunked_loss or return_outputs or "labels" not in inputs
                     or self.label_smoother is not None or self.compute_loss_func is not None):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            from ..loss import causal_lm_loss
-
+            why = chunked_supported(model)
+            if why is not None:             # the model's own loss, as with chunked_loss=False; said once, not per step
+                if not getattr(self, "_said_why_not_chunked", False):
+                    log.warning("chunked LM-head loss not used: %s; computing the full logits", why)
+                    self._said_why_not_chunked = True
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             n = num_items_in_batch if self.model_accepts_loss_kwargs else None
             loss = causal_lm_loss(model, inputs, num_items_in_batch=n)
             if self.args.average_tokens_across_devices and n is not None:   # as Trainer.compute_loss scales it
@@ -240,13 +258,29 @@ def qlora_trainer_class(base: type) -> type:
             output_dir = output_dir or self.args.output_dir
             engine = self.model_wrapped if getattr(self, "is_deepspeed_enabled", False) else self.model
             base_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
-            save_adapter(engine, os.path.join(output_dir, ADAPTER_DIR), base_model_name_or_path=base_path)
-            if not self.args.should_save:
-                return
-            tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(output_dir)
-            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            # no barrier: outside ZeRO-3 nothing here is collective, so a save on rank 0 only does not hang
+            save_adapter(engine, os.path.join(output_dir, ADAPTER_DIR), base_model_name_or_path=base_path,
+                         barrier=False)
+            if self.args.should_save:
+                tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(output_dir)
+                torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            if self.args.push_to_hub and not _internal_call:      # as Trainer.save_model: a user's save pushes
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+        def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+            # the Trainer copies only top-level model/adapter files from the checkpoint into output_dir, the folder
+            # it uploads; ours are in <ckpt>/adapter. Copy them when it will push (its own conditions).
+            from transformers.trainer_utils import HubStrategy
+
+            adapter = os.path.join(checkpoint_folder, ADAPTER_DIR)
+            in_progress = getattr(self, "push_in_progress", None)
+            if (self.is_world_process_zero() and self.args.hub_strategy != HubStrategy.END
+                    and os.path.isdir(adapter) and (self.args.hub_always_push or in_progress is None
+                                                    or in_progress.is_done())):
+                shutil.copytree(adapter, os.path.join(self.args.output_dir, ADAPTER_DIR), dirs_exist_ok=True)
+            super()._push_from_checkpoint(checkpoint_folder)
 
         # Checkpoints hold the LoRA weights only (<ckpt>/adapter, and the DeepSpeed engine checkpoint without the
         # frozen base): a resumed or best-model load takes the base from the model being trained, which was built
