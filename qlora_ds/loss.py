@@ -43,6 +43,9 @@ VERIFIED_MODEL_TYPES = frozenset((
     "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "seed_oss", "smollm3", "stablelm", "starcoder2", "xglm"))
 
 
+_WARNED: set[str] = set()
+
+
 def _configs(cfg) -> list:
     """The model's config and, for composite models, its text config (where their logit settings live)."""
     out = [cfg] if cfg is not None else []
@@ -86,7 +89,8 @@ def causal_lm_loss(model, batch: dict, chunked: bool = True, chunk_tokens: int |
     extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
     why = chunked_supported(model) if chunked else "off"
     if why is not None:
-        if chunked:
+        if chunked and why not in _WARNED:          # once per reason, not every micro step
+            _WARNED.add(why)
             log.warning("chunked LM-head loss not used: %s; computing the full logits", why)
         return model(**batch, **extra, use_cache=False).loss
     labels = batch["labels"]

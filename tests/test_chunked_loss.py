@@ -159,6 +159,20 @@ def test_logit_transform_falls_back_to_plain():
         assert causal_lm_loss(model, batch).item() == model(**batch).loss.item()
 
 
+def test_fallback_is_said_once_per_reason(caplog):
+    """A finetune calls the loss every micro step: the fallback warning comes once, not thousands of times."""
+    model = tiny_model("llama")
+    model.config.final_logit_softcapping = 29.25          # a reason no other test has warned of in this process
+    batch = _batch(model.config.vocab_size)
+    with caplog.at_level("WARNING", logger="qlora_ds.loss"), torch.no_grad():
+        for _ in range(3):
+            causal_lm_loss(model, batch)
+        model.config.final_logit_softcapping = 29.5
+        causal_lm_loss(model, batch)
+    said = [r.getMessage() for r in caplog.records if "chunked LM-head loss not used" in r.getMessage()]
+    assert len(said) == 2 and "29.25" in said[0] and "29.5" in said[1]
+
+
 def test_hf_trainer_uses_chunked_loss(tmp_path):
     """QLoRATrainer's training loss is the chunked one (the head sees no tokens), equal to the plain loss."""
     from transformers import TrainingArguments
