@@ -86,6 +86,32 @@ def test_lora_targets_are_the_models_module_names(model_type, targets):
     assert 0 < lora_params(s, 4, targets) < lora_params(s, 4)
 
 
+def test_multimodal_gemma3_plans_its_text_model_and_keeps_the_rest_16bit():
+    """Gemma-3 4B/12B/27B load as Gemma3ForConditionalGeneration: the planner plans the text model from the text
+    config (widths the published file leaves to transformers' defaults filled in) and counts the vision tower and
+    projector, which inject leaves unwrapped, in 16 bit: exactly what transformers builds and inject wraps."""
+    import transformers as tf
+
+    from qlora_ds.inject import inject, select
+    from qlora_ds.nn import QLoRAConfig
+    text = dict(LLAMA_KW, model_type="gemma3_text", sliding_window=16)
+    del text["head_dim"]                                # left to the default (256), as Google's configs do
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    s = shape_from_hf_config(config.to_dict())
+    assert s.layout.family == "gemma3_text" and s.head_dim == 256 and s.frozen_params > 0
+    vision_params = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n or "projector" in n)
+    assert s.frozen_params == vision_params
+    assert s.total_params == sum(p.numel() for p in model.parameters())
+    paths = select(model, QLoRAConfig(r=4))
+    assert s.linear_params == sum(model.get_submodule(p).weight.numel() for p in paths)
+    inject(model, QLoRAConfig(r=4, compute_dtype=torch.float32))
+    assert sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n) == lora_params(s, 4)
+
+
 def test_targets_that_match_no_linear_of_the_layout_are_refused():
     s = shape_from_hf_config({**LLAMA_KW, "model_type": "gpt2", "n_positions": 64})
     with pytest.raises(QLoRADSError, match=r"gpt2 layout \(attn\.c_attn, attn\.c_proj, mlp\.c_fc, mlp\.c_proj.*"

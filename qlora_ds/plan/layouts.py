@@ -78,7 +78,7 @@ _FAMILIES = {   # model_type -> the layout's fixed part; config-dependent fields
 }
 # LLaMA layout (q/k/v/o, gated gate/up/down, RMSNorm), biases and extra norms read from the config
 LLAMA_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-               "smollm3", "olmo", "olmo2", "granite")
+               "smollm3", "olmo", "olmo2", "granite", "gemma3_text")
 MODEL_TYPES = LLAMA_TYPES + tuple(_FAMILIES)
 # activations transformers writes as several autograd ops (each keeps a tensor of the MLP width); others are one op
 _COMPOSITE_ACTS = {"gelu_new": 4}
@@ -99,9 +99,9 @@ def _llama_family(mt: str, cfg: dict) -> Layout:
     attn = bool(cfg.get("attention_bias", False))
     qkv = True if mt == "qwen2" else bool(cfg.get("qkv_bias", attn)) if mt == "qwen2_moe" else attn
     return Layout(mt, qkv_bias=qkv, out_bias=attn and mt not in ("qwen2", "qwen2_moe"),
-                  mlp_bias=bool(cfg.get("mlp_bias", False)), norms=4 if mt == "gemma2" else 2,
+                  mlp_bias=bool(cfg.get("mlp_bias", False)), norms=4 if mt in ("gemma2", "gemma3_text") else 2,
                   norm="fixed" if mt == "olmo" else "rms", final_norm=True,
-                  qk_norm="head" if mt in ("qwen3", "qwen3_moe") else "full" if mt == "olmo2" else "")
+                  qk_norm="head" if mt in ("qwen3", "qwen3_moe", "gemma3_text") else "full" if mt == "olmo2" else "")
 
 
 def layout_fields(cfg: dict, name: str) -> dict:

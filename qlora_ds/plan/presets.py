@@ -56,12 +56,14 @@ class ModelShape:
     expert_intermediate: int = 0
     shared_expert_intermediate: int = 0
     layout: Layout = LLAMA
+    frozen_params: int = 0        # outside the text model (a multimodal model's vision tower, projector): 16-bit
 
     def __post_init__(self):
         for field in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "max_positions"):
             if getattr(self, field) <= 0:
                 raise QLoRADSError(f"model shape {self.name!r}: {field}={getattr(self, field)} must be > 0")
-        for field in ("explicit_head_dim", "experts", "expert_intermediate", "shared_expert_intermediate"):
+        for field in ("explicit_head_dim", "experts", "expert_intermediate", "shared_expert_intermediate",
+                      "frozen_params"):
             if getattr(self, field) < 0:
                 raise QLoRADSError(f"model shape {self.name!r}: {field}={getattr(self, field)} must be >= 0")
         if self.experts and not self.expert_intermediate:
@@ -142,13 +144,14 @@ class ModelShape:
     @property
     def embedding_params(self) -> int:
         """Parameters kept in 16 bit: token embedding + lm_head (once if tied) and its bias, a learned position table,
-        OPT's project_in/out, the norms, the linears' biases, and the MoE experts (``expert_params``)."""
+        OPT's project_in/out, the norms, the linears' biases, the MoE experts (``expert_params``), and what lies
+        outside the text model (``frozen_params``)."""
         lay = self.layout
         emb = self.vocab * self.embed_width * (1 if self.tie_embeddings else 2) + (self.vocab if lay.head_bias else 0)
         emb += lay.positions * self.hidden + (2 * self.hidden * lay.embed_width if lay.embed_width else 0)
         final = (int(lay.final_norm) + int(lay.embed_norm)) * self.hidden * lay.norm_params_per_width
         per_layer = self.norm_params_per_layer + self.bias_params_per_layer
-        return emb + final + self.layers * per_layer + self.expert_params
+        return emb + final + self.layers * per_layer + self.expert_params + self.frozen_params
 
     @property
     def total_params(self) -> int:
@@ -217,6 +220,8 @@ def shape_from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
     """Build a shape from a Hugging Face config dict: its widths and its model type's layout (layouts.py; Mixtral /
     Qwen-MoE experts are counted in 16 bit, as qlora-ds leaves them). A ``model_type`` outside ``SUPPORTED`` is
     refused; none at all is read as the LLaMA layout."""
+    if isinstance(cfg.get("text_config"), dict):
+        return _multimodal_shape(cfg, name)
     model_type = cfg.get("model_type")
     fields = layout_fields(cfg, name)
 
@@ -243,6 +248,33 @@ def shape_from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
         **_moe(cfg, name, intermediate),
         **fields,
     })
+
+
+def _multimodal_shape(cfg: dict, name: str) -> ModelShape:
+    """A composite model (Gemma-3 …): its text model planned from the text config as transformers completes it (the
+    published text_configs leave widths to the defaults), everything else — vision tower, projector, which
+    qlora-ds neither quantizes nor trains (inject.policies.NON_TEXT) — counted in 16 bit by building the whole
+    model on the meta device."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.for_model(**cfg)
+    except (ValueError, KeyError, TypeError) as err:
+        raise QLoRADSError(f"{name}: transformers cannot read this config ({err})") from None
+    text = config.get_text_config().to_dict()
+    tie = getattr(config, "tie_word_embeddings", None)
+    shape = shape_from_hf_config({**text, **({} if tie is None else {"tie_word_embeddings": tie})},
+                                 f"{name} (text_config)")
+    with torch.device("meta"):
+        total = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if total < shape.total_params:
+        raise QLoRADSError(f"{name}: the {cfg.get('model_type')} model holds {total} parameters, fewer than its text "
+                           f"model's {shape.total_params}; the planner does not model this composite layout")
+    return dataclasses.replace(shape, name=str(cfg.get("_name_or_path") or name),
+                               frozen_params=total - shape.total_params)
 
 
 def load_shape(model: str) -> ModelShape:
