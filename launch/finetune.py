@@ -26,8 +26,9 @@ from qlora_ds.errors import QLoRADSError
 from qlora_ds.hardware import DTYPE_CHOICES, ds_compute_dtype, dtype_name
 from qlora_ds.lr_schedule import SCHEDULES, fill_scheduler_section, lr_factor, schedule_name
 from qlora_ds.memstats import this_peak
+from qlora_ds.run_memory import planner_check
 from qlora_ds.overflow import OverflowMonitor, loss_scale
-from qlora_ds.run_dir import (CKPT_DIR, check_output_dir, keep_before, kept_before, resolved_settings,
+from qlora_ds.run_dir import (CKPT_DIR, check_output_dir, keep_before, kept_before, resolved_settings, restore,
                               start_output_dir, warmup_steps)
 
 log = logging.getLogger("finetune")
@@ -177,41 +178,6 @@ compute_dtype = ds_compute_dtype     # of a ds_config that went through resolve_
 
 # ------------------------------------------------------------------------------------------------ train
 
-def planner_check(args, model_config, ds_config: dict, world: int, runtime: int, widths) -> dict | None:
-    """The planner's peak for this run beside the measured one, for the rank with the highest peak, at the
-    widest batch the run met (the planner's worst case is --max-len) and, for the memory the CPU keeps per batch
-    shape, that rank's batch widths (``widths``: the distinct widths this rank ran; the planner's worst case is
-    every multiple of --pad-to-multiple-of; packed rows meet few). CPU: peak RSS, with the RSS before the model
-    as the runtime term; CUDA: max allocated."""
-    import torch.distributed as dist
-
-    from qlora_ds.distributed import collective_device
-    from qlora_ds.errors import QLoRADSError
-    from qlora_ds.ops import fused_linear
-    from qlora_ds.plan.run_check import config_for_run, memory_check
-
-    cuda = torch.cuda.is_available()
-    mine = torch.tensor([float(this_peak()), float(runtime), float(max(widths, default=0)), float(sum(widths))],
-                        dtype=torch.float64, device=collective_device())      # NCCL takes no CPU tensors
-    every = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine)
-    peak, runtime, _, width_sum = max(every, key=lambda t: t[0].item()).tolist()
-    widest = int(max(t[2].item() for t in every))
-    try:
-        cfg = config_for_run(model_config.to_dict(), ds_config, world=world, device="cuda" if cuda else "cpu",
-                             seq_len=widest, lora_r=args.lora_r, lora_dropout=args.lora_dropout,
-                             targets=args.target_modules, grad_ckpt=args.grad_ckpt, method=args.method,
-                             bits=args.bits, group_size=args.group_size, double_quant=args.double_quant,
-                             runtime_bytes=0 if cuda else int(runtime), pad_multiple=args.pad_to_multiple_of,
-                             chunked_loss=args.chunked_loss, compute_dtype=compute_dtype(ds_config),
-                             fused_cpu_linear=not cuda and fused_linear.available(), packing=args.packing,
-                             width_sum=int(width_sum))
-    except QLoRADSError as err:
-        log.info("memory planner: not compared (%s)", err)
-        return None
-    return memory_check(cfg, peak)
-
-
 def _all_mean(values: list[float]) -> list[float]:
     import torch.distributed as dist
 
@@ -336,19 +302,6 @@ def build_engine(run: Run, model):
     return engine, scheduler
 
 
-def restore(run: Run, engine) -> tuple[int, int]:
-    """(step, micro step) to continue from: (0, 0), or the checkpoint's (model, optimizer and loss-scaler state)."""
-    if not run.resume_tag:
-        return 0, 0
-    from qlora_ds.lr_schedule import resync_after_resume
-
-    _, client = engine.load_checkpoint(os.path.join(run.out, CKPT_DIR), tag=run.resume_tag, load_module_strict=False)
-    resync_after_resume(engine.lr_scheduler)          # --max-steps may have grown: this run's schedule decides
-    if run.rank == 0:
-        log.info("resumed from checkpoint %s at step %d", run.resume_tag, client["step"])
-    return client["step"], client["micro_step"]
-
-
 def maybe_sample(run: Run, engine, tokenizer) -> str | None:
     """The sample answer on the training device, every rank in step (ZeRO-3 gathers weights per forward);
     None without a prompt."""
@@ -443,7 +396,8 @@ class Loop:
         where = guards.take_overflow()                 # fp16: the first module whose values overflowed, if any
         text = f"non-finite loss at step {self.step} (micro step {self.micro_step - 1}) on at least one rank"
         if run.args.nan_policy == "stop":
-            fix = "lower --lr, check the data, or pass --nan-policy skip"
+            fix = ("check the data, then --resume --nan-policy skip to step past it; if the loss diverged, a new "
+                   "--output-dir with a lower --lr and --init-adapter <a kept checkpoints/step*/adapter>")
             raise where.error(f"{text} ({fix})") if where else FloatingPointError(f"{text}; {fix}")
         if run.rank == 0:
             log.warning("%s: skipped on every rank%s", text, f"; {where.describe()}" if where else "")
@@ -606,7 +560,7 @@ def train(args) -> dict:
     phase("data_engine")
     before = sample_before(run, engine, tokenizer)
     phase("samples")
-    step, micro_step = restore(run, engine)
+    step, micro_step = restore(args, engine, run.resume_tag, run.rank)   # checkpoint's, or (0, 0)
     metrics = MetricsLog(os.path.join(run.out, "metrics.jsonl"), resume_step=step if run.resume_tag else None) \
         if run.rank == 0 else None
     if run.rank == 0:

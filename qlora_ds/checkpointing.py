@@ -11,13 +11,17 @@ each manifest is signed: HMAC-SHA256 over (run id, tag, step, file digests) with
 (mode 0600; the run id is in ``<ckpt_dir>/qlora_ds_run.json``). A tag whose manifest does not verify is
 refused before DeepSpeed sees it. Only global rank 0 signs (it alone writes manifests) and verifies on
 resume, then broadcasts its verdict (``resume_tag``): other hosts never need the secret, but rank 0 must
-run where the secret is (copy the file to the same path if rank 0 moves to another host).
+run where the secret is (copy the file to the same path if rank 0 moves to another host). When DeepSpeed then
+loads the tag (``load``, minutes later at scale), every rank checks the bytes of each file it unpickles against
+the signed digests that rank 0 broadcasts: a file swapped after the verification is refused, not unpickled.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
@@ -128,9 +132,8 @@ def write_manifest(tag_dir: str, step: int) -> None:
     atomic_write_text(os.path.join(tag_dir, MANIFEST), json.dumps(manifest, indent=1))
 
 
-def verify(tag_dir: str) -> dict | None:
-    """The manifest if the tag is complete, signed by this run and every file matches it; None if incomplete;
-    QLoRADSError if planted or tampered."""
+def _signed_manifest(tag_dir: str) -> dict | None:
+    """The tag's manifest if it is signed by this run for this tag (its files unchecked); None if it has none."""
     path = os.path.join(tag_dir, MANIFEST)
     if not os.path.exists(path):
         return None
@@ -147,6 +150,15 @@ def verify(tag_dir: str) -> dict | None:
                            f"run {run_id}'s secret (planted, copied from elsewhere, or edited). Refusing to load "
                            f"it, as DeepSpeed would unpickle its files; delete it to resume from an earlier "
                            f"checkpoint")
+    return manifest
+
+
+def verify(tag_dir: str) -> dict | None:
+    """The manifest if the tag is complete, signed by this run and every file matches it; None if incomplete;
+    QLoRADSError if planted or tampered."""
+    manifest = _signed_manifest(tag_dir)
+    if manifest is None:
+        return None
     for name, digest in manifest["files"].items():
         file = os.path.join(tag_dir, name)
         if not os.path.exists(file) or file_sha256(file) != digest:
@@ -168,23 +180,73 @@ def latest_complete(ckpt_dir: str) -> str | None:
     return None
 
 
-def resume_tag(ckpt_dir: str) -> str | None:
-    """``latest_complete`` decided on global rank 0 alone (the only rank that holds the run secret) and
-    broadcast, so every rank loads the same tag or raises the same QLoRADSError."""
+def _on_rank0(compute):
+    """``compute()`` on global rank 0 alone (the only rank that holds the run secret), broadcast: every rank gets
+    its result or raises the same QLoRADSError."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return latest_complete(ckpt_dir)
+        return compute()
     verdict = [None]
     if dist.get_rank() == 0:
         try:
-            verdict = [{"tag": latest_complete(ckpt_dir)}]
+            verdict = [{"value": compute()}]
         except QLoRADSError as err:
             verdict = [{"error": str(err)}]
-    dist.broadcast_object_list(verdict, src=0)   # pickles a dict of str from our own rank 0, not from a file
+    dist.broadcast_object_list(verdict, src=0)   # pickles str and dicts of str from our own rank 0, not a file
     if "error" in verdict[0]:
         raise QLoRADSError(verdict[0]["error"])
-    return verdict[0]["tag"]
+    return verdict[0]["value"]
+
+
+def resume_tag(ckpt_dir: str) -> str | None:
+    """``latest_complete`` decided on global rank 0 and broadcast, so every rank loads the same tag or raises the
+    same QLoRADSError."""
+    return _on_rank0(lambda: latest_complete(ckpt_dir))
+
+
+def load(engine, ckpt_dir: str, tag: str) -> dict:
+    """``engine.load_checkpoint`` of ``tag`` (which ``resume_tag`` chose), returning its client state. Each file
+    DeepSpeed unpickles is read once on the rank that loads it, its sha256 checked against the signed manifest
+    (rank 0 checks the signature again and broadcasts the digests) and unpickled from those bytes: a file replaced
+    since ``resume_tag`` verified the tag is refused, never unpickled."""
+    tag_dir = os.path.join(ckpt_dir, tag)
+
+    def signed_digests():
+        manifest = _signed_manifest(tag_dir)
+        if manifest is None:
+            raise QLoRADSError(f"checkpoint {tag_dir} lost its manifest since it was verified; refusing to load it. "
+                               f"Check who else writes {ckpt_dir}, then --resume again")
+        return manifest["files"]
+
+    digests = _on_rank0(signed_digests)
+    missing = sorted(name for name in digests if not os.path.isfile(os.path.join(tag_dir, name)))
+    if not all_ranks_ok(not missing):   # before DeepSpeed's collectives: every rank raises, none waits
+        where = f"this rank does not see {missing}" if missing else "another rank misses some of its files"
+        raise QLoRADSError(f"checkpoint {tag_dir}: {where}; every rank must read the one checkpoint directory "
+                           f"that rank 0 verified (a shared --output-dir). Restore the files or delete that checkpoint")
+
+    def checked_load(path, map_location=None):
+        name = os.path.relpath(path, tag_dir).replace(os.sep, "/")
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            data = None
+        if data is None or digests.get(name) != hashlib.sha256(data).hexdigest():
+            raise QLoRADSError(f"checkpoint {tag_dir}: {name} is missing or changed since the checkpoint was "
+                               f"verified (or is not in its signed manifest); refusing to unpickle it. Check who "
+                               f"else can write {ckpt_dir}, then restore the file or delete that checkpoint")
+        return unpickle(io.BytesIO(data), map_location=map_location)   # DeepSpeed's own load, of those bytes
+
+    unpickle = engine.checkpoint_engine.load
+    with _patched((engine.checkpoint_engine, "load", checked_load)):
+        load_path, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=False)
+    if load_path is None or not isinstance(client, dict) or not {"step", "micro_step"} <= client.keys():
+        raise QLoRADSError(f"DeepSpeed loaded nothing from checkpoint {tag_dir} (its client state: "
+                           f"{sorted(client) if isinstance(client, dict) else client}); resume from another "
+                           f"checkpoint (delete this one) or start a new --output-dir")
+    return client
 
 
 def tag_of(step: int) -> str:
@@ -268,22 +330,29 @@ def _save_engine(engine, ckpt_dir: str, tag: str, client_state: dict) -> Excepti
                     failed.append(err)
         return write
 
-    patched = []                                    # (object, attribute, its own instance value or None)
-    for obj, name in ((getattr(engine, "checkpoint_engine", None), "save"), (engine, "_copy_recovery_script")):
-        inner = getattr(obj, name, None)
-        if inner is not None:
-            patched.append((obj, name, getattr(obj, "__dict__", {}).get(name)))
-            setattr(obj, name, guarded(inner))
-    try:
+    swaps = [(obj, name, guarded(getattr(obj, name)))
+             for obj, name in ((getattr(engine, "checkpoint_engine", None), "save"), (engine, "_copy_recovery_script"))
+             if getattr(obj, name, None) is not None]
+    with _patched(*swaps):
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=True)
+    return failed[0] if failed else None
+
+
+@contextlib.contextmanager
+def _patched(*swaps):
+    """Each (object, attribute, function) set on the instance for the block, then what the instance had put back."""
+    own = [(obj, name, getattr(obj, "__dict__", {}).get(name)) for obj, name, _ in swaps]
+    for obj, name, function in swaps:
+        setattr(obj, name, function)
+    try:
+        yield
     finally:
-        for obj, name, own in patched:              # patched on the instance already: put that back
-            if own is not None:
-                setattr(obj, name, own)
+        for obj, name, value in own:
+            if value is not None:
+                setattr(obj, name, value)
             else:
                 delattr(obj, name)
-    return failed[0] if failed else None
 
 
 # What torch.save's zip writer (DeepSpeed's default) raises, as a RuntimeError, when a write fails (a full disk).

@@ -75,14 +75,18 @@ def fill_scheduler_section(cfg: dict, args, warmup: int) -> None:
 
 
 def resync_after_resume(scheduler) -> None:
-    """After a checkpoint load: give the optimizer the lr this run's schedule sets for the next step. The loaded
-    optimizer state carries the lr of the first run's schedule, which differs once ``--max-steps`` grew (linear and
-    cosine decay to 0 at it): the first resumed step would train at the old schedule's lr (0 at its old end)."""
+    """After a checkpoint load: give the optimizer the lr this run's schedule sets for the next step, and
+    ``get_last_lr()`` (the lr the loop logs) that lr. The loaded optimizer state carries the lr of the first run's
+    schedule, which differs once ``--max-steps`` grew (linear and cosine decay to 0 at it): the first resumed step
+    would train at the old schedule's lr (0 at its old end). DeepSpeed's schedulers (a ds_config ``scheduler``
+    section) restore only their iteration, and their last lr stayed the one set when they were built (0)."""
     import torch
 
-    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):     # DeepSpeed's own: its state is its schedule
-        return
-    groups = scheduler.optimizer.param_groups
-    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * factor(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in groups]
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        groups = scheduler.optimizer.param_groups
+        for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in groups]
+    elif hasattr(scheduler, "last_batch_iteration"):
+        # DeepSpeed's step(i) sets the param groups' lr and the last lr to iteration i's under this run's params
+        scheduler.step(scheduler.last_batch_iteration)

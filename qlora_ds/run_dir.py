@@ -2,7 +2,8 @@
 
 ``run_config.json`` holds the arguments, the settings resolved from the ds_config (recorded by path only, and that
 file may change) and the LR warmup; ``sample_before.json`` the answer to --sample-prompt before training.
-``launch/finetune.py`` writes and checks them; ``qlora_ds.eval.runs`` reads ``run_config.json``.
+``launch/finetune.py`` writes and checks them, and ``restore`` loads the checkpoint a resumed run continues from;
+``qlora_ds.eval.runs`` reads ``run_config.json``.
 """
 from __future__ import annotations
 
@@ -24,9 +25,16 @@ BEFORE_OPTION_EXISTED = {"pad_to_multiple_of": 1, "dtype": "bf16", "packing": Fa
                          "lr_scheduler": "constant", "loss_weighting": "micro-batch",
                          "dedup": False, "plain_bos": False, "text_windows": False}
 # arguments that may differ between a run and its resumption
-# (chunked: the same loss, computed leaner; a recipe's values are compared one by one as the arguments they set)
-RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "save_every", "eval_every", "sample_prompt", "overwrite", "local_rank",
-                     "log_every", "keep_checkpoints", "chunked_loss", "deepspeed", "recipe"}
+# (chunked: the same loss, computed leaner; a recipe's values are compared one by one as the arguments they set;
+# nan_policy acts only once a loss is non-finite: a run stopped by one resumes with skip; output_dir: the run itself,
+# however it is spelled or wherever it was moved)
+RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "save_every", "eval_every", "sample_prompt", "overwrite",
+                     "local_rank", "log_every", "keep_checkpoints", "chunked_loss", "deepspeed", "recipe", "nan_policy",
+                     "output_dir"}
+# arguments that name files: recorded absolute (evaluate/generate --run from any directory), compared on --resume by
+# the file they name (runs/x/, ./runs/x and its absolute path are one); a packaged corpus's name stays a name
+PATH_ARGUMENTS = ("model", "dataset", "init_adapter", "ds_config", "output_dir")
+PACKAGED_NAMES = {"dataset": "chatterbot", "model": "smollm2"}
 NOT_ARGUMENTS = {"resolved", "warmup_steps", "dataset_sha256"}      # recorded beside the arguments
 # where each resolved setting comes from, for the error that names it
 RESOLVED_FROM = {"micro_batch_per_rank": "--micro-batch / ds_config train_micro_batch_size_per_gpu",
@@ -60,7 +68,8 @@ def check_output_dir(args, rank: int, resolved: dict | None = None) -> str | Non
         for k, v in BEFORE_OPTION_EXISTED.items():   # a run from an older qlora-ds ran with the old behaviour
             theirs.setdefault(k, v)
         if args.resume:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            diff = sorted(k for k in set(mine) | set(theirs)
+                          if _named(k, mine.get(k), os.path.realpath) != _named(k, theirs.get(k), os.path.realpath))
             if diff:
                 older = [f"{k}={v}" for k, v in BEFORE_OPTION_EXISTED.items() if k in diff and k not in recorded]
                 hint = f" (it is from before an option: it ran with {', '.join(older)})" if older else ""
@@ -92,7 +101,44 @@ def check_output_dir(args, rank: int, resolved: dict | None = None) -> str | Non
     tag = resume_tag(os.path.join(out, CKPT_DIR)) if args.resume else None
     if args.resume and tag is None and rank == 0:
         log.info("--resume: no complete checkpoint in %s yet; starting from step 0", out)
+    if tag is not None and tag[len("step"):].isdigit():   # tag_of(step); --epochs: checked again once loaded
+        check_steps_left(args, int(tag[len("step"):]))
     return tag
+
+
+def _named(key: str, value, resolve):
+    """A path argument's value passed through ``resolve`` (abspath, realpath); None, a packaged name or any other
+    argument as it is."""
+    if key not in PATH_ARGUMENTS or not isinstance(value, str) or value == PACKAGED_NAMES.get(key):
+        return value
+    return resolve(value)
+
+
+def check_steps_left(args, step: int) -> None:
+    """A resumed run cannot end before its checkpoint's ``step``: the loop would not run and the run would export
+    that later step's adapter as its own."""
+    if args.max_steps is not None and step > args.max_steps:
+        asked = (f"--epochs {args.epochs} ({args.max_steps} steps)" if args.epochs is not None
+                 else f"--max-steps {args.max_steps}")
+        raise QLoRADSError(f"--resume {asked}: the checkpoint of {args.output_dir} to resume is at step {step}, past "
+                           f"the end; continue with --max-steps {step} or more, or start a new --output-dir (each "
+                           f"kept checkpoints/step*/adapter holds the adapter at its step)")
+
+
+def restore(args, engine, tag: str | None, rank: int) -> tuple[int, int]:
+    """(step, micro step) to continue from: (0, 0), or checkpoint ``tag``'s (model, optimizer, loss-scaler and lr
+    scheduler state), each file checked against the signed manifest as DeepSpeed unpickles it."""
+    if not tag:
+        return 0, 0
+    from .checkpointing import load
+    from .lr_schedule import resync_after_resume
+
+    client = load(engine, os.path.join(args.output_dir, CKPT_DIR), tag)
+    check_steps_left(args, client["step"])        # --epochs: the steps are known only now
+    resync_after_resume(engine.lr_scheduler)      # --max-steps may have grown: this run's schedule decides
+    if rank == 0:
+        log.info("resumed from checkpoint %s at step %d", tag, client["step"])
+    return client["step"], client["micro_step"]
 
 
 def warmup_steps(args, resumed: bool) -> int:
@@ -124,7 +170,8 @@ def start_output_dir(args, resolved: dict, warmup: int, resumed: bool) -> None:
 
 
 def write_run_config(args, resolved: dict, warmup: int) -> None:
-    record = {**vars(args), "resolved": resolved, "warmup_steps": warmup,
+    record = {**{k: _named(k, v, os.path.abspath) for k, v in vars(args).items()}, "resolved": resolved,
+              "warmup_steps": warmup,
               "dataset_sha256": dataset_digest(getattr(args, "dataset", None))}
     atomic_write_text(os.path.join(args.output_dir, RUN_CONFIG), json.dumps(record, indent=2, default=str))
 

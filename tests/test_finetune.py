@@ -381,7 +381,7 @@ def test_packing_and_full_logits_end_to_end(tiny, device):
 
 
 def _planner_checks(tmp_path, cfg, runs) -> list[dict]:
-    """finetune.planner_check in a world of one (widths 48 and 64 met), once per (ds_config, fused AMX linear
+    """The planner check of a finetune (qlora_ds.run_memory.planner_check) in a world of one (widths 48 and 64 met), once per (ds_config, fused AMX linear
     available: True / False / None = as this CPU has it); the planned items in MiB."""
     import argparse
     import contextlib
@@ -390,7 +390,7 @@ def _planner_checks(tmp_path, cfg, runs) -> list[dict]:
     import torch.distributed as dist
 
     from qlora_ds.ops import fused_linear
-    ft = _finetune_module()
+    from qlora_ds.run_memory import planner_check
     args = argparse.Namespace(lora_r=8, lora_dropout=0.0, target_modules=None, grad_ckpt=True, method="qlora", bits=4,
                               group_size=32, double_quant=True, pad_to_multiple_of=16, chunked_loss=True,
                               packing=False)
@@ -401,7 +401,7 @@ def _planner_checks(tmp_path, cfg, runs) -> list[dict]:
             patch = (contextlib.nullcontext() if fused is None
                      else mock.patch.object(fused_linear, "available", return_value=fused))
             with patch:
-                got.append(ft.planner_check(args, cfg, ds, 1, 400 << 20, {48, 64})["items_mib"])
+                got.append(planner_check(args, cfg, ds, 1, 400 << 20, {48, 64})["items_mib"])
         return got
     finally:
         dist.destroy_process_group()

@@ -200,3 +200,69 @@ def test_tokens_per_s_leaves_out_held_out_and_checkpoints(monkeypatch, tmp_path)
         loop.log_step(1.0)
     assert [r["tokens_per_s"] for r in rows if "tokens_per_s" in r] == [100.0, 50.0]
     assert loop.seconds == {"held_out": 200.0, "checkpoints": 50.0}
+
+
+def test_resume_takes_the_run_however_its_paths_are_spelled(word, tmp_path, monkeypatch):
+    """--output-dir runs/x/ (tab completion), ./runs/x or its absolute path is the same run, and --model / --dataset
+    / --ds-config are compared by the file they name: each used to be refused as "different settings". The run
+    records them absolute, so evaluate/generate --run work from any directory; a run that recorded them relative
+    still resumes from the directory it ran in. --nan-policy skip may be added on resume (its stop error says so)."""
+    import os
+    import shutil
+
+    from qlora_ds.run_dir import write_run_config
+
+    ft = _finetune_module()
+    monkeypatch.chdir(tmp_path)
+    os.symlink(os.path.dirname(word["model"]), "fixture")
+    model, data = (os.path.join("fixture", os.path.basename(word[k])) for k in ("model", "data"))
+    first = ft.parse_args(["--model", model, "--dataset", data, "--output-dir", "run", "--ds-config", word["ds"]])
+    os.mkdir("run")
+    write_run_config(first, None, 1)
+    recorded = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert (recorded["model"], recorded["dataset"], recorded["output_dir"]) == (
+        str(tmp_path / model), str(tmp_path / data), str(tmp_path / "run"))
+    assert recorded["ds_config"] == word["ds"] and recorded["init_adapter"] is None
+    for out, model_as, extra in (("run/", model + "/", []), ("./run", word["model"], ["--nan-policy", "skip"]),
+                                 (str(tmp_path / "run"), os.path.realpath(word["model"]), [])):
+        resume = ft.parse_args(["--model", model_as, "--dataset", word["data"], "--output-dir", out,
+                                "--ds-config", word["ds"], "--resume", *extra])
+        assert ft.check_output_dir(resume, 0) is None
+    shutil.copytree("run", "moved")                        # a run directory moved (or copied) to another disk
+    assert ft.check_output_dir(ft.parse_args(["--model", model, "--dataset", data, "--output-dir", "moved",
+                                              "--ds-config", word["ds"], "--resume"]), 0) is None
+    other = ft.parse_args(["--model", word["ds"], "--dataset", data, "--output-dir", "run/", "--ds-config",
+                           word["ds"], "--resume"])
+    with pytest.raises(QLoRADSError, match=r"different settings \(\['model'\]\)"):
+        ft.check_output_dir(other, 0)
+    # a run_config.json from before paths were recorded absolute: resumable from the directory it ran in
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps({**recorded, "model": model, "dataset": data}))
+    assert ft.check_output_dir(ft.parse_args(["--model", word["model"], "--dataset", data, "--output-dir", "run",
+                                              "--ds-config", word["ds"], "--resume"]), 0) is None
+
+
+def test_resume_with_max_steps_below_the_checkpoint_is_refused(word, tmp_path, monkeypatch):
+    """A run checkpointed at step 6 resumed with --max-steps 4: the loop did not run and the run exported step 6's
+    adapter as its own (summary steps 6). Refused before the model loads, and with --epochs once the steps are
+    known (restore)."""
+    from qlora_ds import checkpointing, run_dir
+
+    monkeypatch.setenv("QLORA_DS_SECRET_DIR", str(tmp_path / "secrets"))
+    ft = _finetune_module()
+    out = tmp_path / "run"
+    tag = out / "checkpoints" / "step0000006"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"not loaded here")
+    checkpointing.write_manifest(str(tag), 6)
+    run_dir.write_run_config(ft.parse_args(_args(word, out, "--max-steps", "6")), None, 1)
+    for steps in ("6", "9"):
+        assert ft.check_output_dir(ft.parse_args(_args(word, out, "--resume", "--max-steps", steps)), 0) == tag.name
+    with pytest.raises(QLoRADSError, match=r"--resume --max-steps 4: the checkpoint of .* is at step 6, past the "
+                                           r"end; continue with --max-steps 6 or more"):
+        ft.check_output_dir(ft.parse_args(_args(word, out, "--resume", "--max-steps", "4")), 0)
+    epochs = ft.parse_args(_args(word, out, "--resume", "--epochs", "1"))
+    assert ft.check_output_dir(epochs, 0) == tag.name              # the steps of --epochs follow from the data
+    epochs.max_steps = 5
+    monkeypatch.setattr(checkpointing, "load", lambda engine, ckpt_dir, name: {"step": 6, "micro_step": 24})
+    with pytest.raises(QLoRADSError, match=r"--resume --epochs 1.0 \(5 steps\): .* at step 6, past the end"):
+        run_dir.restore(epochs, None, tag.name, 0)

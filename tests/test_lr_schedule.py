@@ -133,3 +133,66 @@ def test_the_command_lines_epochs_or_steps_win_over_a_recipes(tmp_path):
     assert (got.epochs, got.max_steps) == (None, 7)
     assert (parse(base).epochs, parse(base).max_steps) == (3.0, None)
     assert parse(base[:6]).max_steps == 100
+
+
+@pytest.mark.parametrize("kind", ["WarmupDecayLR", "WarmupCosineLR", "WarmupLR"])
+def test_resumed_ds_config_schedule_equals_an_uninterrupted_one(kind):
+    """A ds_config scheduler section: DeepSpeed's schedulers restore only their iteration. A 4-step run resumed
+    with --max-steps 8 (warmup 2) trained its first resumed step at the 4-step schedule's lr, and every resume
+    logged lr 0.0 for that step (get_last_lr() kept the value set when the scheduler was built). The lr the step
+    trains at and the one logged must be an uninterrupted 8-step run's."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    from qlora_ds.lr_schedule import resync_after_resume
+
+    def build(total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=2e-4)
+        params = {"warmup_num_steps": 2, "warmup_type": "linear"}
+        if kind != "WarmupLR":
+            params["total_num_steps"] = total
+        if kind != "WarmupCosineLR":
+            params.update(warmup_min_lr=0.0, warmup_max_lr=2e-4)
+        return opt, getattr(lr_schedules, kind)(opt, **params)
+
+    def steps(opt, sched, n):            # as DeepSpeed's engine.step: the optimizer, then the scheduler
+        for _ in range(n):
+            opt.step()
+            sched.step()
+
+    straight = build(8)
+    steps(*straight, 4)
+    first = build(4)
+    steps(*first, 4)
+    resumed = build(8)
+    resumed[0].load_state_dict(first[0].state_dict())        # engine.load_checkpoint: optimizer, then scheduler
+    resumed[1].load_state_dict(first[1].state_dict())
+    resync_after_resume(resumed[1])
+    want = straight[0].param_groups[0]["lr"]
+    assert want > 0 and straight[1].get_last_lr() == [want]
+    assert resumed[0].param_groups[0]["lr"] == pytest.approx(want) and resumed[1].get_last_lr() == pytest.approx([want])
+    steps(*straight, 3)
+    steps(*resumed, 3)
+    assert resumed[1].get_last_lr() == pytest.approx(straight[1].get_last_lr())
+
+
+def test_ds_config_schedule_resumed_with_more_steps_equals_an_uninterrupted_run(word):
+    """End to end (WarmupDecayLR, warmup 2): 4 steps resumed with --max-steps 6 trains and logs as 6 straight steps.
+    Step 5 trained at the 4-step schedule's lr (1e-4, not 1.5e-4) and was logged at lr 0.0."""
+    import torch
+    from safetensors.torch import load_file
+
+    ds = {**DS, "scheduler": {"type": "WarmupDecayLR", "params": {
+        "warmup_num_steps": "auto", "total_num_steps": "auto", "warmup_max_lr": "auto", "warmup_min_lr": "auto",
+        "warmup_type": "linear"}}}
+    path = word["root"] / "ds_sched_resume.json"
+    path.write_text(json.dumps(ds))
+    straight, split = word["root"] / "ds_sched_straight", word["root"] / "ds_sched_split"
+    check(_finetune(*_args(word, straight, "--max-steps", "6", "--warmup-ratio", "0.25", ds=str(path))))
+    check(_finetune(*_args(word, split, "--max-steps", "4", "--warmup-ratio", "0.5", ds=str(path))))
+    check(_finetune(*_args(word, split, "--max-steps", "6", "--warmup-ratio", "0.5", "--resume", ds=str(path))))
+    a, b = _steps(straight), _steps(split)
+    assert [r["lr"] for r in b] == pytest.approx([0.0, 0.0, 1e-4, 2e-4, 1.5e-4, 1e-4], abs=1e-12)
+    assert [r["lr"] for r in a] == [r["lr"] for r in b] and [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa, wb = (load_file(out / "adapter" / "adapter_model.safetensors") for out in (straight, split))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -190,3 +190,62 @@ def test_planted_tag_with_its_own_matching_manifest_is_refused(evil, tmp_path, m
     with pytest.raises(QLoRADSError, match="no qlora_ds_run.json"):
         checkpointing.latest_complete(str(ckpt))
     assert not marker.exists()
+
+
+class _LoadingEngine:
+    """DeepSpeed's load path in small: ``load_checkpoint`` unpickles the tag's files through its checkpoint engine,
+    DeepSpeed's own TorchCheckpointEngine (torch.load(weights_only=False)); ``loaded`` = what it returns."""
+
+    def __init__(self, names=("mp_rank_00_model_states.pt",), loaded=None):
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        self.checkpoint_engine, self.names, self.loaded = TorchCheckpointEngine(), names, loaded
+
+    def load_checkpoint(self, load_dir, tag, load_module_strict):
+        states = [self.checkpoint_engine.load(os.path.join(load_dir, tag, name), map_location="cpu")
+                  for name in self.names]
+        return self.loaded or (os.path.join(load_dir, tag), states[0]["client"])
+
+
+def test_a_file_swapped_after_the_verification_is_not_unpickled(evil, tmp_path, monkeypatch):
+    """``resume_tag`` verifies the tag minutes before DeepSpeed opens its files (the model loads between): whoever
+    can write the checkpoint directory swapped a file in that window and DeepSpeed unpickled it unchecked.
+    ``checkpointing.load`` checks the bytes it unpickles, on every rank, against the signed digests."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from qlora_ds import checkpointing
+
+    monkeypatch.setenv("QLORA_DS_SECRET_DIR", str(tmp_path / "secrets"))
+    write, marker = evil
+    ckpt = tmp_path / "checkpoints"
+    tag = ckpt / "step0000002"
+    tag.mkdir(parents=True)
+    model_states = tag / "mp_rank_00_model_states.pt"
+    TorchCheckpointEngine().save({"client": {"step": 2, "micro_step": 4}, "w": torch.ones(3)}, str(model_states))
+    checkpointing.write_manifest(str(tag), 2)
+    assert checkpointing.resume_tag(str(ckpt)) == "step0000002"
+    engine = _LoadingEngine()
+    assert checkpointing.load(engine, str(ckpt), "step0000002") == {"step": 2, "micro_step": 4}
+    assert "load" not in vars(engine.checkpoint_engine)                  # DeepSpeed's own load put back
+    genuine = model_states.read_bytes()
+
+    write(model_states)                                                 # the swap, after resume_tag verified
+    with pytest.raises(QLoRADSError, match="mp_rank_00_model_states.pt is missing or changed since the checkpoint "
+                                           "was verified.*refusing to unpickle it"):
+        checkpointing.load(engine, str(ckpt), "step0000002")
+    write(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")             # a file beside them, not in the manifest
+    model_states.write_bytes(genuine)
+    with pytest.raises(QLoRADSError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt is missing or changed"):
+        checkpointing.load(_LoadingEngine(names=("mp_rank_00_model_states.pt",
+                                                 "zero_pp_rank_0_mp_rank_00_optim_states.pt")), str(ckpt), tag.name)
+    assert not marker.exists()
+    # a file gone since, or DeepSpeed loading nothing (its (None, None)), is named, not a KeyError later
+    model_states.unlink()
+    with pytest.raises(QLoRADSError, match=r"does not see \['mp_rank_00_model_states.pt'\]"):
+        checkpointing.load(engine, str(ckpt), "step0000002")
+    model_states.write_bytes(genuine)
+    with pytest.raises(QLoRADSError, match="DeepSpeed loaded nothing from checkpoint"):
+        checkpointing.load(_LoadingEngine(loaded=(None, None)), str(ckpt), "step0000002")
+    (tag / checkpointing.MANIFEST).unlink()
+    with pytest.raises(QLoRADSError, match="lost its manifest since it was verified"):
+        checkpointing.load(engine, str(ckpt), "step0000002")
