@@ -380,8 +380,11 @@ bool amx_linear_supported() {
 
 namespace {
 
-// Rows of one block of the activation, padded to the 32-row micro-kernel.
-int64_t padded_rows(const torch::Tensor& a, int64_t MB) { return (std::min(a.size(0), MB) + 31) / 32 * 32; }
+// Rows of one block of the activation, padded to the 32-row micro-kernel (at least 32: the default blocking divides
+// by it, also for an empty activation).
+int64_t padded_rows(const torch::Tensor& a, int64_t MB) {
+  return std::max<int64_t>((std::min(a.size(0), MB) + 31) / 32 * 32, 32);
+}
 
 // The activation's checks, the output, and the loop over blocks of MB rows (W is dequantized once per block, so the
 // cost of dequantization relative to the products is that of an M=MB call, while the accumulators and the packed
@@ -394,6 +397,7 @@ torch::Tensor over_row_blocks(const torch::Tensor& a, const char* name, int64_t 
               a.sizes());
   const int64_t M = a.size(0), Mp = padded_rows(a, MB);
   auto out = torch::empty({M, out_cols}, a.options());
+  if (M == 0) return out;  // no tokens (an MoE expert that got none): an empty result, as F.linear gives
   auto packed = torch::empty({Mp * in_cols}, a.options());  // the packed activation block (64-byte aligned)
   const auto* ad = reinterpret_cast<const bf16_t*>(a.data_ptr());
   auto* od = reinterpret_cast<bf16_t*>(out.data_ptr());

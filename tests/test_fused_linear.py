@@ -106,3 +106,37 @@ def test_fused_path_is_taken_only_where_it_applies(cpu_op):
             assert not cpu_op.amx_linear_supported() and not supported(x, (64, 128), 64)
         finally:
             cpu_op.set_cpu_isa(before)
+
+
+def test_fused_path_refuses_zero_rows(cpu_op):
+    """0 rows (an MoE expert that got no tokens) take the generic path, which returns an empty result, on every
+    CPU; the fused path would otherwise be chosen for this shape on an AMX CPU."""
+    assert fused_linear.supported(torch.zeros(1, 128, dtype=torch.bfloat16), (64, 128), 64) is \
+        cpu_op.amx_linear_supported()
+    assert not fused_linear.supported(torch.zeros(0, 128, dtype=torch.bfloat16), (64, 128), 64)
+    assert not fused_linear.supported(torch.zeros(2, 0, 128, dtype=torch.bfloat16), (64, 128), 64)
+
+
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_layer_with_zero_tokens_runs_forward_and_backward(amx, blocksize):
+    """A bf16 QLoRALinear given 0 tokens gives empty outputs and zero LoRA gradients, as nn.Linear does (it used to
+    die with SIGFPE on AMX CPUs). Blocksize 128 on in=192: the small-rows path does not apply to the forward."""
+    torch.manual_seed(0)
+    layer = QLoRALinear.from_linear(torch.nn.Linear(192, 128), QLoRAConfig(r=4, dropout=0.0, blocksize=blocksize,
+                                                                          compute_dtype="bf16"))
+    x = torch.randn(0, 192, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    y.float().sum().backward()
+    assert y.shape == (0, 128) and y.dtype == torch.bfloat16
+    assert x.grad.shape == (0, 192)
+    assert torch.equal(layer.lora_A.weight.grad, torch.zeros_like(layer.lora_A.weight))
+    assert torch.equal(layer.lora_B.weight.grad, torch.zeros_like(layer.lora_B.weight))
+    with torch.no_grad():
+        assert layer(torch.zeros(2, 0, 192, dtype=torch.bfloat16)).shape == (2, 0, 128)
+
+
+def test_fused_kernels_return_empty_for_zero_rows(amx):
+    """The C++ kernels themselves accept an empty activation (defence in depth behind ``supported``)."""
+    qt = quantize(torch.randn(128, 192), "nf4", 64, True)
+    assert fused_linear.linear_4bit(torch.empty(0, 192, dtype=torch.bfloat16), *_parts(qt)).shape == (0, 128)
+    assert fused_linear.linear_4bit_grad_input(torch.empty(0, 128, dtype=torch.bfloat16), *_parts(qt)).shape == (0, 192)

@@ -154,3 +154,60 @@ def test_precision_sections_read_string_booleans_as_deepspeed_does():
         fold_ds_precision({"fp16": {"enabled": "yes"}}, torch.bfloat16)
     with pytest.raises(QLoRADSError, match="fp16.enabled=true conflicts"):
         fold_ds_precision({"fp16": {"enabled": "true"}}, torch.bfloat16)
+
+
+def test_old_bfloat16_section_is_read_as_bf16():
+    """DeepSpeed takes "bfloat16" when "bf16" is absent: it is checked against the dtype, and its options kept."""
+    from qlora_ds.hardware import ds_compute_dtype, fold_ds_precision
+
+    cfg = fold_ds_precision({"bfloat16": {"enabled": True, "immediate_grad_update": True}}, torch.bfloat16)
+    assert cfg == {"bf16": {"enabled": True, "immediate_grad_update": True}, "fp16": {"enabled": False}}
+    assert ds_compute_dtype({"bfloat16": {"enabled": True}}) is torch.bfloat16
+    with pytest.raises(QLoRADSError, match="bf16.enabled=true conflicts with the compute dtype fp32"):
+        fold_ds_precision({"bfloat16": {"enabled": True}}, torch.float32, "fp32")
+    same = {"enabled": "auto", "check_grad_overflow": True}
+    assert fold_ds_precision({"bf16": dict(same), "bfloat16": dict(same)}, torch.float32)["bf16"] == {
+        "enabled": False, "check_grad_overflow": True}
+    with pytest.raises(QLoRADSError, match="both \"bf16\" .* and its old name \"bfloat16\" .* disagree"):
+        fold_ds_precision({"bf16": {"enabled": "auto"}, "bfloat16": {"enabled": True}}, torch.bfloat16)
+
+
+def test_bf16_conflict_under_auto_does_not_advise_emulated_bf16():
+    """auto chose fp32 because bf16 would be emulated: the conflict error must not suggest asking for bf16."""
+    from qlora_ds.hardware import fold_ds_precision
+
+    with pytest.raises(QLoRADSError) as err:
+        fold_ds_precision({"bf16": {"enabled": True}}, torch.float32, "auto")
+    assert "ask for the dtype" not in str(err.value) and "no native bf16" in str(err.value)
+    with pytest.raises(QLoRADSError, match="ask for the dtype it was written for"):
+        fold_ds_precision({"bf16": {"enabled": True}}, torch.float32, "fp32")
+
+
+@pytest.mark.parametrize("device_facts, device, auto", [
+    (DeviceFacts("cpu", "AMD EPYC 7B13", cpu_isa="avx2"), "cpu", "fp32"),
+    (DeviceFacts("cpu", "Xeon", cpu_isa="avx512"), "cpu", "fp32"),
+    (DeviceFacts("cuda", "Tesla T4", cuda_capability=(7, 5)), "cuda:0", "fp16"),
+])
+def test_explicit_bf16_without_native_bf16_warns_once(facts, caplog, device_facts, device, auto):
+    facts(device_facts)
+    hardware._logged.clear()
+    with caplog.at_level("INFO", logger="qlora_ds.hardware"):
+        assert hardware.resolve_dtype("bf16", device) is torch.bfloat16
+        assert hardware.resolve_dtype("bf16", device) is torch.bfloat16
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert device_facts.name in warnings[0] and "emulat" in warnings[0]
+    assert f"--dtype auto ({auto} here)" in warnings[0]
+    if device == "cpu":
+        assert "15-30x slower than fp32" in warnings[0]
+
+
+@pytest.mark.parametrize("device_facts, device", [(DeviceFacts("cpu", "Xeon", cpu_isa="amx"), "cpu"),
+                                                  (DeviceFacts("cuda", "A100", cuda_capability=(8, 0)), "cuda:0")])
+def test_explicit_bf16_on_native_bf16_does_not_warn(facts, caplog, device_facts, device):
+    facts(device_facts)
+    hardware._logged.clear()
+    with caplog.at_level("INFO", logger="qlora_ds.hardware"):
+        assert hardware.resolve_dtype("bf16", device) is torch.bfloat16
+        assert hardware.resolve_dtype("fp32", device) is torch.float32
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -380,3 +380,27 @@ def test_qalora_lora_params_are_the_pooled_ones():
                      group_size=32)
     assert cfg_lora_params(cfg) == built
     assert cfg_lora_params(dataclasses.replace(cfg, quant="nf4")) > built
+
+
+@pytest.mark.parametrize("isa, auto", [("avx2", "fp32"), ("avx512", "fp32"), ("amx", "bf16")])
+def test_cli_dtype_auto_on_cpu_is_what_finetune_picks_on_this_host(monkeypatch, isa, auto):
+    """--device cpu plans finetune --dtype auto's choice for this host: fp32 without native bf16 (4-byte
+    activations and embeddings, fp32 LoRA, no master copy), bf16 with it; --cpu-amx names an AMX CPU (bf16)."""
+    from qlora_ds import hardware
+    from qlora_ds.plan import format_report
+    from qlora_ds.plan.__main__ import config_from_args, parse_args
+    monkeypatch.setattr(hardware, "device_facts", lambda device: hardware.DeviceFacts("cpu", "CPU", cpu_isa=isa))
+    cli = ["--model", "llama-7b", "--device", "cpu", "--seq-len", "512", "--zero", "0"]
+    cfg = config_from_args(parse_args(cli))
+    assert cfg.compute_dtype == auto and config_from_args(parse_args(cli + ["--dtype", "auto"])).compute_dtype == auto
+    assert config_from_args(parse_args(cli + ["--cpu-amx"])).compute_dtype == "bf16"
+    assert config_from_args(parse_args(["--model", "llama-7b"])).compute_dtype == "bf16"     # cuda
+    for name in ("bf16", "fp16", "fp32"):
+        assert config_from_args(parse_args(cli + ["--dtype", name])).compute_dtype == name
+    items = {it.name: it for it in estimate_memory(cfg).items}
+    shape, p = load_shape("llama-7b"), lora_params(load_shape("llama-7b"), 64)
+    elem = 4 if auto == "fp32" else 2
+    assert items["embeddings_norms"].bytes == shape.embedding_params * elem
+    assert items["lora_params"].bytes == p * elem
+    assert items["master_weights"].bytes == (0 if auto == "fp32" else 4 * p)
+    assert f"{auto} compute" in format_report(plan(cfg)) and plan(cfg).as_dict()["compute_dtype"] == auto

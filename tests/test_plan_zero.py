@@ -217,3 +217,32 @@ def test_host_load_lists_the_moe_experts(model_type):
     assert sum(n for _, n, *_ in order) == sum(p.numel() for p in model.parameters())
     experts = shape_from_hf_config(cfg).expert_params
     assert estimate_load(cfg, runtime_bytes=0).resident > 2 * experts
+
+
+def test_old_bfloat16_section_is_read_as_bf16():
+    """DeepSpeed reads "bfloat16" where "bf16" is absent: its bf16_master_weights_and_grads counts too."""
+    base = PlanConfig(shape=shape_from_hf_config(TINY))
+    section = {"enabled": True, "bf16_master_weights_and_grads": True}
+    assert apply_ds_config(base, {"bfloat16": section}).bf16_master
+    assert apply_ds_config(base, {"bf16": section, "bfloat16": dict(section)}).bf16_master
+    assert not apply_ds_config(base, {"bfloat16": {"enabled": True}}).bf16_master
+    with pytest.raises(QLoRADSError, match="both \"bf16\" .* and its old name \"bfloat16\" .* disagree"):
+        apply_ds_config(base, {"bf16": {"enabled": True}, "bfloat16": section})
+
+
+def test_recipe_dtype_is_planned(tmp_path, monkeypatch):
+    """A recipe's explicit dtype is planned; its "auto" (or none) is what finetune --dtype auto picks on the planned
+    device (the CLI resolves it: on an AVX2 host, fp32); a --dtype flag overrides the recipe."""
+    from qlora_ds import hardware
+    from qlora_ds.plan.__main__ import config_from_args, parse_args
+    monkeypatch.setattr(hardware, "device_facts", lambda device: hardware.DeviceFacts("cpu", "CPU", cpu_isa="avx2"))
+    cli = ["--model", "llama-7b", "--device", "cpu"]
+    for dtype, want in (("auto", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), (None, "fp32")):
+        recipe = tmp_path / f"{dtype}.json"
+        recipe.write_text(json.dumps({"lora_r": 8} if dtype is None else {"lora_r": 8, "dtype": dtype}))
+        assert config_from_args(parse_args(cli + ["--recipe", str(recipe)])).compute_dtype == want, dtype
+        assert config_from_args(parse_args(cli + ["--recipe", str(recipe), "--dtype", "fp16"])).compute_dtype == "fp16"
+        assert config_from_args(parse_args(cli + ["--recipe", str(recipe), "--dtype", "auto"])).compute_dtype == "fp32"
+    base = PlanConfig(shape=shape_from_hf_config(TINY), compute_dtype="fp32")
+    assert apply_recipe(base, {"dtype": "auto"}).compute_dtype == "fp32"
+    assert apply_recipe(base, {"dtype": "bf16"}).compute_dtype == "bf16"

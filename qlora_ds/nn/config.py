@@ -7,7 +7,7 @@ full module path (never substring matching). ``matches(path)`` answers for one m
 ``compute_dtype``: a torch dtype, its name ("bf16", "fp16", "fp32"), or "auto" (the default) — kept as "auto" in
 the config and chosen for the device when a layer is built (``config.resolved(device)``, ``qlora_ds.hardware``):
 bf16 on GPUs of compute capability >= 8.0 and CPUs with AVX512-BF16/AMX, fp16 on older GPUs, fp32 on other CPUs
-(torch emulates bf16 matmuls there, ~30x slower). ``from_pretrained`` resolves it once for the whole model.
+(torch emulates bf16 matmuls there, 15-30x slower). ``from_pretrained`` resolves it once for the whole model.
 """
 from __future__ import annotations
 

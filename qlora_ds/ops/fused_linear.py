@@ -5,16 +5,16 @@ NF4/FP4 weight (with or without double quantization), without ever writing the b
 (``csrc/quant_cpu_amx.cpp``). The dequantized values are bit-identical to ``dequantize_4bit(_dq)``'s; results
 differ from dequantize + ``torch.matmul`` only in the order of the fp32 accumulation.
 
-``supported(x, shape, blocksize)`` says whether a call can take this path: a bf16 CPU tensor, the compiled CPU op
-on a CPU with AMX-BF16 / AVX512-BF16 / AVX512-VBMI (and the avx512 path active: ``QLORA_DS_CPU_ISA=avx2`` turns it
+``supported(x, shape, blocksize)`` says whether a call can take this path: a bf16 CPU tensor, the compiled CPU op on
+a CPU with AMX-BF16 / AVX512-BF16 / AVX512-VBMI (and the avx512 path active: ``QLORA_DS_CPU_ISA=avx2`` turns it
 off), ``in_features % 64 == 0``, ``out_features % 32 == 0``, a power-of-two blocksize ≥ 64, and a call where it is
-faster: at most 256 rows (tokens), or at most 1024 rows of a weight of ≥ 8M elements. Measured fused / dequantize +
-matmul, fwd+bwd with LoRA, 2 threads, Intel Xeon with AMX (bench/RESULTS.md): 0.58-0.89 at 1-128 rows for every
-shape; at 512 rows 0.84 (4096²) and 0.97 (11008×4096) but 1.04-1.09 for SmolLM2-135M's small weights (its tile
-loop is slower than oneDNN's where the whole bf16 weight stays in cache); at 1024 rows 0.97 (4096²) vs 1.04
-(2560×960); at 2048 rows 1.02-1.04 (it dequantizes again per 512 rows). Otherwise the layers dequantize into a
-buffer and call torch's matmul, as on every other machine. ``QLORA_DS_FUSED_LINEAR=0`` (or ``set_enabled(False)``)
-turns the path off.
+faster: at most 256 rows (tokens), or at most 1024 rows of a weight of ≥ 8M elements. Not 0 rows: those take the
+generic path, which returns an empty result. Measured fused / dequantize + matmul, fwd+bwd with LoRA, 2 threads,
+Intel Xeon with AMX (bench/RESULTS.md): 0.58-0.89 at 1-128 rows for every shape; at 512 rows 0.84 (4096²) and 0.97
+(11008×4096) but 1.04-1.09 for SmolLM2-135M's small weights (its tile loop is slower than oneDNN's where the whole
+bf16 weight stays in cache); at 1024 rows 0.97 (4096²) vs 1.04 (2560×960); at 2048 rows 1.02-1.04 (it dequantizes
+again per 512 rows). Otherwise the layers dequantize into a buffer and call torch's matmul, as on every other
+machine. ``QLORA_DS_FUSED_LINEAR=0`` (or ``set_enabled(False)``) turns the path off.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def supported(x: torch.Tensor, shape: Sequence[int], blocksize: int) -> bool:
     if in_f % 64 or out_f % 32 or blocksize < 64 or blocksize & (blocksize - 1):
         return False
     rows = x.numel() // max(1, x.shape[-1])
-    if rows > (MAX_ROWS_LARGE if out_f * in_f >= LARGE_WEIGHT else MAX_ROWS):
+    if rows == 0 or rows > (MAX_ROWS_LARGE if out_f * in_f >= LARGE_WEIGHT else MAX_ROWS):
         return False
     return available()
 

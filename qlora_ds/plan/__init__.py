@@ -47,7 +47,8 @@ class PlanReport:
     def as_dict(self) -> dict:
         c = self.config
         return {"model": c.shape.name, "world_size": c.world_size, "zero_stage": c.zero_stage,
-                "fits": self.fits, "memory": self.memory.as_dict(), "scaling": self.scaling.as_dict(),
+                "compute_dtype": c.compute_dtype, "fits": self.fits, "memory": self.memory.as_dict(),
+                "scaling": self.scaling.as_dict(),
                 "advice": [{"knob": a.knob, "flag": a.flag, "required_bytes": int(a.peak_after),
                             "fits": a.fits_after} for a in self.advice]}
 
@@ -70,7 +71,7 @@ def apply_ds_config(cfg: PlanConfig, ds_config: dict | str) -> PlanConfig:
         with open(ds_config) as f:
             ds_config = json.load(f)
     zero = ds_config.get("zero_optimization", {})
-    bf16 = ds_config.get("bf16", {})
+    bf16 = _bf16_section(ds_config)
 
     def num(section: dict, key: str, default) -> int:
         """An integer setting; HF's "auto" (filled by the trainer or the command line) reads as the default."""
@@ -98,6 +99,16 @@ def apply_ds_config(cfg: PlanConfig, ds_config: dict | str) -> PlanConfig:
         max_reuse_distance=num(zero, "stage3_max_reuse_distance", 1e9),
         **optimizer,
     )
+
+
+def _bf16_section(ds_config: dict) -> dict:
+    """DeepSpeed's bf16 section: "bf16", else its old name "bfloat16" (as qlora_ds.hardware.fold_bfloat16 reads it;
+    plan/ imports no package module); both, disagreeing, is an error there and here."""
+    if "bf16" in ds_config and "bfloat16" in ds_config and ds_config["bf16"] != ds_config["bfloat16"]:
+        raise QLoRADSError(f"ds_config has both \"bf16\" ({ds_config['bf16']!r}) and its old name \"bfloat16\" "
+                           f"({ds_config['bfloat16']!r}), and they disagree; keep only \"bf16\"")
+    section = ds_config.get("bf16", ds_config.get("bfloat16")) or {}
+    return section if isinstance(section, dict) else {}
 
 
 def _optimizer_settings(name: str) -> dict:
@@ -148,7 +159,9 @@ def apply_recipe(cfg: PlanConfig, recipe: dict | str) -> PlanConfig:
     """What a ``launch/finetune.py --recipe`` file (flat keys) runs: LoRA rank/dropout/targets, method (QLoRA NF4 or
     QA-LoRA INT-N with its bits and group size), max length, micro batch, accumulation, optimizer, dtype, chunked
     loss, checkpointing, packing and the ds_config. A key finetune does not know is an error, as it is there; keys it
-    lacks take finetune's defaults for the loss (chunked) and the optimizer (PagedAdamW), else ``cfg``'s."""
+    lacks take finetune's defaults for the loss (chunked) and the optimizer (PagedAdamW), else ``cfg``'s. A dtype of
+    "auto" (or none) keeps ``cfg.compute_dtype``: the caller resolves auto for the planned device, as
+    ``python -m qlora_ds.plan`` does."""
     path = recipe if isinstance(recipe, str) else None
     if path is not None:
         with open(path) as f:
@@ -204,8 +217,8 @@ def _gib(x: float) -> str:
 def format_report(r: PlanReport) -> str:
     c, m, s = r.config, r.memory, r.scaling
     lines = [f"{c.shape.name}: {c.world_size} GPU(s) ({c.nodes} node(s) x {c.gpus_per_node}), ZeRO-{c.zero_stage}, "
-             f"base {c.base_bits_per_param:.3f} bit, LoRA r={c.lora_r}, seq {c.seq_len} x micro batch "
-             f"{c.micro_batch}, grad ckpt {'on' if c.grad_ckpt else 'off'}, "
+             f"{c.compute_dtype} compute, base {c.base_bits_per_param:.3f} bit, LoRA r={c.lora_r}, seq {c.seq_len} x "
+             f"micro batch {c.micro_batch}, grad ckpt {'on' if c.grad_ckpt else 'off'}, "
              f"{'paged ' if c.paged else ''}Adam {c.optim_bits}-bit, loss "
              f"{'chunked' if c.chunked_loss else 'over the full logits'}"
              + (f", optimizer offload {c.offload_optimizer}" if c.offload_optimizer != "none" else "")

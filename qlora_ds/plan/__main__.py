@@ -37,6 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="LM head + cross-entropy over token chunks, as launch/finetune.py does by default (default on, "
                         "or the recipe's); --no-chunked-loss plans the full fp32 logits")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"),
+                   help="compute dtype, as finetune --dtype (default: the recipe's, else auto). auto: bf16 on cuda "
+                        "(fp16, for a GPU older than sm_80, plans the same bytes except ZeRO-3's LoRA copy); on cpu "
+                        "what finetune picks on this host (bf16 with AVX512-BF16/AMX, else fp32), bf16 with --cpu-amx")
     p.add_argument("--cpu-amx", action="store_true",
                    help="with --device cpu: the CPU has AMX and computes in bf16, so NF4 linears of up to 256 rows "
                         "(1024 for large weights) run fused and write no dequantized weight (ops/fused_linear.py)")
@@ -58,9 +62,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def auto_dtype(a: argparse.Namespace) -> str:
+    """finetune --dtype auto's choice on the planned device: bf16 on a GPU or an AMX CPU (--cpu-amx); else the
+    choice qlora_ds.hardware makes for this host's CPU."""
+    if a.device == "cuda" or a.cpu_amx:
+        return "bf16"
+    from ..hardware import auto_dtype as host_auto, device_facts, dtype_name    # lazy: it imports torch
+    return dtype_name(host_auto(device_facts("cpu"))[0])
+
+
 def config_from_args(a: argparse.Namespace) -> PlanConfig:
+    dtype = auto_dtype(a) if a.dtype in (None, "auto") else a.dtype
     cfg = PlanConfig(shape=load_shape(a.model), gpus_per_node=a.gpus, nodes=a.nodes,
                      gpu_mem_bytes=parse_mem(a.gpu_mem), device=a.device, pad_multiple=a.pad_multiple,
+                     compute_dtype=dtype,      # a recipe's explicit dtype replaces it; its "auto" keeps it
                      chunked_loss=True,    # launch/finetune.py's default
                      runtime_bytes=parse_mem(a.runtime_mem) if a.runtime_mem is not None else None,
                      interconnect_gbps=a.interconnect_gbps, intra_node_gbps=a.intra_gbps, tflops=a.tflops)
@@ -70,7 +85,8 @@ def config_from_args(a: argparse.Namespace) -> PlanConfig:
         cfg = apply_ds_config(cfg, a.ds_config)
     overrides = {"seq_len": a.seq_len, "micro_batch": a.batch, "grad_accum": a.grad_accum,
                  "zero_stage": a.zero, "lora_r": a.lora_r, "base_bits": a.bits, "optim_bits": a.optim_bits,
-                 "quant": a.quant, "group_size": a.group_size, "chunked_loss": a.chunked_loss}
+                 "quant": a.quant, "group_size": a.group_size, "chunked_loss": a.chunked_loss,
+                 "compute_dtype": dtype if a.dtype else None}
     flags = {"grad_ckpt": False if a.no_grad_ckpt else None, "bf16_master": True if a.bf16_lora else None,
              "paged": True if a.paged else None, "fused_cpu_linear": True if a.cpu_amx else None,
              "packing": True if a.packing else None}
