@@ -6,8 +6,9 @@ pre-hook on the output embedding module takes the final hidden states and hands 
 the head computes ``[batch, 0, vocab]`` logits, and a forward hook computes the loss right after, inside the
 head's call. Both hooks run first (``prepend``): under ZeRO-3 the head's weight is still gathered in the forward
 hook (no extra all-gather, no copy), and the hidden states are taken before ZeRO-3 wraps the head's input in its
-backward-release Function — the loss's gradient reaches the final norm directly, so ZeRO-3's head hooks (which
-see only the unused empty slice) never fire in backward. The loss's own backward needs no weight (its gradients
+backward-release Function — the loss's gradient reaches the final norm directly; ZeRO-3's head hooks see only the
+empty slice, which the returned loss adds times 0 (so the engine's backward prologue, hooked on the forward's
+outputs, runs: one more gather of the head per backward under ZeRO-3). The loss's own backward needs no weight (its gradients
 are formed in forward, ``qlora_ds.nn.chunked_loss``). Works for every transformers CausalLM whose forward calls
 ``get_output_embeddings()`` on the final hidden states and nothing else on the logits: the model types in
 ``VERIFIED_MODEL_TYPES`` (Llama, Mistral, Qwen, Gemma, Phi, GPT-NeoX, OPT …), each checked by a test; models that
@@ -112,7 +113,7 @@ def causal_lm_loss(model, batch: dict, chunked: bool = True, chunk_tokens: int |
     handles = [head.register_forward_pre_hook(take_hidden, prepend=True),
                head.register_forward_hook(head_loss, prepend=True)]
     try:
-        model(**inputs, use_cache=False)
+        output = model(**inputs, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -120,4 +121,8 @@ def causal_lm_loss(model, batch: dict, chunked: bool = True, chunk_tokens: int |
         raise QLoRADSError(f"the model's forward called its output embedding {len(seen)} time(s)"
                            f"{' on ' + str(tuple(seen[0].shape)) if seen else ''}, not once on the hidden states of "
                            f"{tuple(labels.shape)} tokens; run with --no-chunked-loss")
-    return losses[0]
+    # the loss depends on the forward's (empty) logits too: a DeepSpeed engine runs its backward prologue from hooks
+    # on its forward's outputs — without it ZeRO's gradient hooks see the previous micro step's accumulation
+    # boundary (wrong gradients with offload_optimizer + accumulation) and wall_clock_breakdown's timers fail
+    logits = getattr(output, "logits", None)
+    return losses[0] if logits is None or not logits.requires_grad else losses[0] + logits.sum() * 0
