@@ -9,7 +9,7 @@
 #   pytest.xml   the CUDA test results (junit)             paging.json  the paged-optimizer check
 #
 # Steps (scripts/gpu/check.py holds the list and the runner), each under its own time budget cut to what is left,
-# each recorded and never fatal, so one run yields all the evidence:
+# each recorded and never stopping the run, so one run yields all the evidence (exit 1 at the end if one failed):
 #   env -> install deepspeed + bitsandbytes from the carried wheels -> JIT-build our CUDA ops and the CPU quant op
 #   (checkpoints are quantized on the CPU as they stream in) through the OpBuilder, at once -> the device tests
 #   (pytest --device cuda --device-tests-only; in the background) beside the headline: LLaMA-65B/33B/13B/7B shapes, random weights quantized layer by layer onto the GPU, one QLoRA step

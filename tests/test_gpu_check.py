@@ -223,3 +223,82 @@ def test_unknown_only_step_fails_before_the_install(tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit) as stop:
         check.main(["--dry-run", "--results", str(tmp_path / "res"), "--only", "headline_65b"])
     assert stop.value.code == 2 and "unknown steps ['headline_65b']" in capsys.readouterr().err
+
+
+def test_a_step_stays_in_the_commands_session(tmp_path):
+    """The device tool ends what a command leaves running, except processes in a session of their own: a step must
+    stay in the check's session (a check cut off at timeout_s takes its running step along, instead of leaving it
+    on the warm machine holding the GPU for the rerun) and still lead its own process group (killed with its
+    children at its budget, the runner spared)."""
+    import tempfile
+
+    check = _check_module()
+    code = "import os; print(os.getpid(), os.getpgrp(), os.getsid(0))"
+    with tempfile.TemporaryFile(mode="w+") as out:
+        assert check.run_group([sys.executable, "-c", code], out, timeout=30) == 0
+        out.seek(0)
+        pid, pgid, sid = map(int, out.read().split())
+    assert sid == os.getsid(0)
+    assert pgid == pid != os.getpgrp()
+
+
+@pytest.fixture
+def saved_environ():
+    """check.main sets the check's variables in os.environ and chdirs to the repository: both restored."""
+    env, cwd, path = dict(os.environ), os.getcwd(), list(sys.path)
+    yield
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.path[:] = path
+
+
+def test_the_check_exits_1_after_its_summary_when_a_step_failed(tmp_path, monkeypatch, capsys, saved_environ):
+    """Every step runs whatever the others do, but a failed one makes the check's exit status (the device tool's rc)
+    1, after summary.md, with a last line naming it; a run of passing and skipped steps exits 0."""
+    check = _check_module()
+    for name, rc in (("passes", 0), ("fails", 3)):
+        (tmp_path / f"{name}.py").write_text(f"def main():\n    return {rc}\n")
+
+    def plan(names):
+        return lambda res: [check.Step(n, 20, [str(tmp_path / f"{n}.py")]) for n in names] + [
+            check.Step("skips", 20, ["x.py"], None, why="not here")]
+    args = ["--dry-run", "--wheels", str(tmp_path / "no_wheels"), "--budget", "120"]
+    monkeypatch.setattr(check, "steps", plan(["passes", "fails"]))
+    assert check.main([*args, "--results", str(tmp_path / "bad")]) == 1
+    steps = {s["step"]: s["rc"] for s in _jsonl(tmp_path / "bad" / "steps.jsonl")}
+    assert steps == {"install": "skipped", "passes": 0, "fails": 3, "skips": "skipped"}
+    assert "## Steps" in (tmp_path / "bad" / "summary.md").read_text()
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("gpu_check: 1 step(s) failed: fails")
+    monkeypatch.setattr(check, "steps", plan(["passes"]))
+    assert check.main([*args, "--results", str(tmp_path / "good")]) == 0
+
+
+def test_bench_train_budgets_leave_the_parent_its_time():
+    """bench train runs its variants one after another, each under --timeout: the step's budget must hold all of
+    them and the parent's own start (imports, CUDA init, the random checkpoint), or a slow last variant is killed
+    with the step before its row is written."""
+    from bench.train import VARIANTS
+
+    check = _check_module()
+    train = [s for s in check.steps("res") if s.name.startswith("bench_train_")]
+    assert [s.name for s in train] == ["bench_train_135m", "bench_train_1b"]
+    for s in train:
+        timeout = float(s.gpu[s.gpu.index("--timeout") + 1])
+        assert "--variants" not in s.gpu and check.TRAIN_VARIANTS == len(VARIANTS)
+        assert s.budget - len(VARIANTS) * timeout >= 14, (s.name, s.budget, timeout)
+
+
+def test_env_json_records_what_a_cuda_build_reads(monkeypatch, tmp_path):
+    """A failed build on the GPU is read against env.json: the toolkit torch found, the nvcc on PATH and the
+    variables the builders read."""
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("gpu_check_env", os.path.join(REPO, "scripts", "gpu", "env.py"))
+    env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(env)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    build = env.build_env()
+    assert build["CUDA_HOME"] == str(tmp_path) and build["TORCH_CUDA_ARCH_LIST"] == "9.0a"
+    assert build["nvcc_path"] == shutil.which("nvcc") and "torch_cuda_home" in build

@@ -79,3 +79,23 @@ def test_bench_memory_train_step_args_have_dropout(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "_run_variant", fake)
     assert memory.main(["--quick", "--no-zero", "--formats", "nf4+dq", "--dtype", "fp32"]) == 0
     assert seen == {"dropout": 0.0}
+
+
+def test_paging_check_exits_1_naming_what_failed(tmp_path, monkeypatch, capsys):
+    """tests/scripts/optim_gpu_paging.py (the GPU check's paging step) with the optimizer broken on purpose: exit 1,
+    the failed checks in the JSON and on the last line (the step's note). Eviction freeing memory counts on the GPU
+    only (the CPU's fake managed memory frees nothing)."""
+    from qlora_ds.optim import adamw
+
+    paging = _load("tests/scripts/optim_gpu_paging.py")
+    monkeypatch.setattr(adamw._AdamWBase, "_update", lambda self, *a, **k: None)     # never updates anything
+    assert paging.main([str(tmp_path / "paging.json"), "--device", "cpu"]) == 1
+    res = json.loads((tmp_path / "paging.json").read_text())
+    assert res["kernel"]["bit_identical_to_torch"] is False and "bit_identical_to_torch" in res["failed"]
+    assert "evict_freed_state" not in res["failed"]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"paging: FAILED {', '.join(res['failed'])}"
+    ok = {"kernel": {"bit_identical_to_torch": True, "state_dict_gpu_cpu_gpu_exact": True},
+          "paging": {"spike_ok": True, "paged_equals_unpaged": True, "evict_freed_state": False}}
+    assert paging.failed_checks(ok) == []                          # DEVICE is "cpu" after main(... cpu) above
+    monkeypatch.setattr(paging, "DEVICE", "cuda")
+    assert paging.failed_checks(ok) == ["evict_freed_state"]

@@ -249,6 +249,51 @@ def test_cuda_builder_capabilities_without_a_gpu(monkeypatch, cuda_major, defaul
         b.compute_capability_args()
 
 
+def _sm(*archs: str) -> list[str]:
+    return [f"-gencode=arch=compute_{a.rstrip('+')},code={'compute' if a.endswith('+') else 'sm'}_{a.rstrip('+')}"
+            for a in archs]
+
+
+@pytest.mark.parametrize("value, prebuild, jit", [
+    ("9.0a", _sm("90"), "9.0+PTX"),                        # Hopper boxes building FlashAttention-3 set this
+    ("8.0;10.0a", _sm("80", "100"), "8.0;10.0+PTX"),
+    ("Hopper", _sm("90", "90+"), "9.0+PTX"),               # torch's named archs
+    ("8.6+PTX 9.0a", _sm("86", "86+", "90"), "8.6+PTX;9.0"),
+    (" ", _sm("75", "80", "86", "90", "90+"), None),        # blank: unset (the prebuild default; JIT probes the GPUs)
+])
+def test_cuda_builder_reads_every_arch_list_torch_accepts(monkeypatch, value, prebuild, jit):
+    """TORCH_CUDA_ARCH_LIST entries torch accepts but DeepSpeed's parser does not ("9.0a": int("0a")) are rewritten
+    before it sees them: the prebuild gets its -gencode flags, a JIT build the list torch compiles from (the arch
+    suffix dropped: our kernels need none). Before, the JIT build failed and every CUDA tensor silently used the
+    reference backend."""
+    from qlora_ds.ops.builder import QuantCUDABuilder
+
+    monkeypatch.setattr(QuantCUDABuilder, "cuda_major", lambda self: 13)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", value)
+    b = QuantCUDABuilder()
+    b.jit_mode = False
+    assert b.compute_capability_args() == prebuild
+    if jit is None:
+        return
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", value)
+    b.jit_mode, b._jit_arch_list = True, value.strip()      # as DeepSpeed's jit_load sets them
+    assert b.compute_capability_args() == [] and os.environ["TORCH_CUDA_ARCH_LIST"] == jit
+
+
+@pytest.mark.parametrize("value", ["sm_90", "9", "8.0;Hoper"])
+@pytest.mark.parametrize("jit_mode", [True, False])
+def test_cuda_builder_names_an_unreadable_arch_list(monkeypatch, value, jit_mode):
+    from qlora_ds.errors import OpBuildError
+    from qlora_ds.ops.builder import QuantCUDABuilder
+
+    monkeypatch.setattr(QuantCUDABuilder, "cuda_major", lambda self: 13)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", value)
+    b = QuantCUDABuilder()
+    b.jit_mode = jit_mode
+    with pytest.raises(OpBuildError, match=rf"TORCH_CUDA_ARCH_LIST='{value}': cannot read '{value.split(';')[-1]}'"):
+        b.compute_capability_args()
+
+
 class _FakeCUDAModule:
     def __init__(self, error: str):
         self.error = error

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import importlib
 import os
+import re
 import shutil
 import threading
 import warnings
@@ -35,6 +36,13 @@ _MIN_CUDA_MAJOR = 7
 # 8.0;8.6;9.0 only for CUDA 11/12), which nvcc 13 rejects. Ours (default_cuda_archs): V100 (7.0, CUDA < 13) or T4
 # (7.5) to Hopper, with PTX of the newest so that later GPUs JIT it.
 DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;9.0+PTX"
+ARCH_LIST_ENV = "TORCH_CUDA_ARCH_LIST"
+# torch's named archs (a table local to torch.utils.cpp_extension._get_cuda_arch_flags), looked up case-insensitively
+_NAMED_ARCHS = {"kepler+tesla": "3.7", "kepler": "3.5+PTX", "maxwell+tegra": "5.3", "maxwell": "5.0;5.2+PTX",
+                "pascal": "6.0;6.1+PTX", "volta+tegra": "7.2", "volta": "7.0+PTX", "turing": "7.5+PTX",
+                "ampere+tegra": "8.7", "ampere": "8.0;8.6+PTX", "ada": "8.9+PTX", "hopper": "9.0+PTX",
+                "blackwell+tegra": "11.0", "blackwell": "10.0;10.3;12.0;12.1+PTX"}
+_ARCH = re.compile(r"(\d+)\.(\d+)[af]?(\+PTX)?", re.IGNORECASE)
 
 
 def min_cuda_arch(cuda_major: int) -> tuple[int, int]:
@@ -46,6 +54,35 @@ def min_cuda_arch(cuda_major: int) -> tuple[int, int]:
 def default_cuda_archs(cuda_major: int) -> str:
     """TORCH_CUDA_ARCH_LIST of a prebuild that sets none: from the oldest capability this toolkit builds."""
     return DEFAULT_CUDA_ARCHS if min_cuda_arch(cuda_major) >= (7, 5) else "7.0;" + DEFAULT_CUDA_ARCHS
+
+
+def normalize_arch_list(value: str, source: str = ARCH_LIST_ENV) -> str | None:
+    """A CUDA arch list as torch reads it (``;`` or spaces between entries; ``X.Y``, ``X.Ya``/``X.Yf``, ``+PTX``,
+    named archs such as ``Hopper``, ``native``) rewritten as DeepSpeed's parser reads it: ``X.Y[+PTX]`` joined by
+    ``;``. The arch-specific suffix is dropped: our kernels use no arch-specific instructions, and sm_90 code runs on
+    every 9.0 GPU where sm_90a code would too. None for a blank list (unset); anything else is an OpBuildError
+    naming ``source``."""
+    out = []
+    for token in value.replace(" ", ";").split(";"):
+        token = token.strip()
+        if not token:
+            continue
+        if token.lower() == "native":               # torch: the visible GPUs' capabilities
+            import torch
+
+            out += ["%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+            continue
+        for entry in _NAMED_ARCHS.get(token.lower(), token).split(";"):
+            m = _ARCH.fullmatch(entry)
+            if m is None:
+                raise OpBuildError(f"{source}={value!r}: cannot read {token!r} as a CUDA compute capability; give "
+                                   f"entries like \"8.0;8.6;9.0+PTX\" (X.Y, optionally +PTX; 9.0a, 10.0a and names "
+                                   f"such as Hopper are read too), or unset it to build for the visible GPUs")
+            out.append(f"{int(m[1])}.{int(m[2])}{'+PTX' if m[3] else ''}")
+    if not out and value.replace(";", "").strip():   # "native" with no GPU visible
+        raise OpBuildError(f"{source}={value!r} names no compute capability (no GPU is visible for 'native'); set "
+                           f"it to your GPUs' capabilities, e.g. {source}=\"{DEFAULT_CUDA_ARCHS}\"")
+    return ";".join(out) or None
 
 
 def _src(*names: str) -> list[str]:
@@ -116,9 +153,21 @@ class _CUDABuilder(_OurSources, CUDAOpBuilder):
             return 13
 
     def compute_capability_args(self, cross_compile_archs=None):
+        # Every arch list torch accepts ("9.0a", "Hopper", "native") rewritten first: DeepSpeed's parser reads only
+        # X.Y[+PTX], and its ValueError would silently leave the CUDA tensors on the reference backend (JIT).
+        if self.jit_mode and getattr(self, "_jit_arch_list", None):      # captured by DeepSpeed's jit_load
+            self._jit_arch_list = normalize_arch_list(self._jit_arch_list)
+        if ARCH_LIST_ENV in os.environ:      # DeepSpeed rewrites it too; jit_load restores it after the build
+            arch_list = normalize_arch_list(os.environ[ARCH_LIST_ENV])
+            if arch_list is None:
+                del os.environ[ARCH_LIST_ENV]    # blank: unset (DeepSpeed's prebuild would parse '' and fail)
+            else:
+                os.environ[ARCH_LIST_ENV] = arch_list
+        if cross_compile_archs:
+            cross_compile_archs = normalize_arch_list(cross_compile_archs, "cross_compile_archs")
         # Non-JIT builds (setup.py) with neither TORCH_CUDA_ARCH_LIST nor an explicit list: our default, not
         # DeepSpeed's. JIT builds probe the visible GPUs as DeepSpeed does; filter_ccs applies to both.
-        if not self.jit_mode and cross_compile_archs is None and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        if not self.jit_mode and cross_compile_archs is None and not os.environ.get(ARCH_LIST_ENV):
             cross_compile_archs = default_cuda_archs(self.cuda_major())
         return super().compute_capability_args(cross_compile_archs)
 

@@ -81,7 +81,6 @@ def steps(res: str) -> list[Step]:
     headline[0].name = "headline"
     headline[0].waits_for = ("build",)      # the builds are done (but the tests run on beside it)
     pytest_args = ["-q", "-p", "no:cacheprovider", f"--junitxml={res}/pytest.xml", "--durations=10"]
-    train = ["-m", "bench", "train", "--device", "cuda", "--batch", "4", "--seq", "512", "--r", "64", "--steps", "3"]
     return [
         Step("env", 20, ["scripts/gpu/env.py", f"{res}/env.json"]),
         Step("build_quant", 170, ["scripts/gpu/build_ops.py", "quant", "cuda"], background=True),
@@ -108,19 +107,34 @@ def steps(res: str) -> list[Step]:
         # Dry run: ZeRO-0 (tests/test_fp16.py runs this script at ZeRO 0 and 2 on the CPU)
         Step("fp16", 60, ["scripts/gpu/fp16.py", "--device", "cuda", "--stages", "0,1,2,3"],
              {"set": {"--stages": "0"}, "add": ("--cpu-fp16",)}, waits_for=("build",)),
-        # bench train writes its rows after all three variants: per-variant timeouts keep it inside the step's budget
-        Step("bench_train_135m", 55, [*train, "--shape", "smollm2-135m", "--timeout", "17"], {"set": TINY_TRAIN}),
+        bench_train("135m", "smollm2-135m", 17, 14, {"set": TINY_TRAIN}),
         # dry run: the same command at the same tiny shape (bench train has no size overrides), ours only
-        Step("bench_train_1b", 65, [*train, "--shape", "llama-1b", "--timeout", "19"],
-             {"set": {**TINY_TRAIN, "--variants": "ours-nf4dq"}}),
+        bench_train("1b", "llama-1b", 19, 20, {"set": {**TINY_TRAIN, "--variants": "ours-nf4dq"}}),
     ]
+
+
+TRAIN_VARIANTS = 3          # bench train's default --variants
+
+
+def bench_train(name: str, shape: str, timeout: int, parent: int, tiny: dict) -> Step:
+    """bench train's step: each variant (a process) under ``--timeout``, its row written as it ends; the budget is
+    the variants' timeouts plus ``parent`` seconds for the parent's own imports, CUDA init and random checkpoint
+    (llama-1b: 1.1 B parameters, a 2.2 GB save), so a slow last variant ends with its timeout row, not a kill."""
+    train = ["-m", "bench", "train", "--device", "cuda", "--batch", "4", "--seq", "512", "--r", "64", "--steps", "3"]
+    return Step(f"bench_train_{name}", TRAIN_VARIANTS * timeout + parent,
+                [*train, "--shape", shape, "--timeout", str(timeout)], tiny)
 
 
 def run_group(argv: list[str], out, timeout: float) -> int:
     """Run ``argv`` in a process group of its own; past ``timeout`` the whole group is killed (124). A step's
     children (ninja and nvcc under a JIT build, DeepSpeed's workers) would otherwise live on and keep the GPU, the
-    cores and torch's extension lock file, on which every later build would wait."""
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    cores and torch's extension lock file, on which every later build would wait.
+
+    The group stays in this command's session (not ``start_new_session``): the device tool ends what a command
+    leaves running, except processes in a session of their own, so a check cut off at the tool's ``timeout_s``
+    takes its running step with it instead of leaving it on the warm machine for the rerun to meet."""
+    proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                            process_group=0)       # stdin: a group not in the terminal's foreground must not read it
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -141,6 +155,7 @@ class Runner:
         self.log = open(os.path.join(res, "log.txt"), "a", buffering=1)
         self.rows = open(os.path.join(res, "steps.jsonl"), "a", buffering=1)
         self.lock = threading.Lock()
+        self.failed: list[str] = []          # steps that neither passed nor were skipped: the check's exit status
 
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.start)
@@ -149,6 +164,8 @@ class Runner:
         row = {"step": name, "rc": rc, "seconds": round(seconds, 1), "budget_s": round(budget),
                "timed_out": rc in (124, 137, "timeout"), "note": note}
         with self.lock:
+            if rc not in (0, "skipped"):
+                self.failed.append(name)
             self.rows.write(json.dumps(row) + "\n")
             print(f"== {name:<18} rc {str(rc):<8} {seconds:6.1f} s (budget {budget:.0f} s) {note}", flush=True)
 
@@ -157,7 +174,7 @@ class Runner:
 
     # -- the GPU machine: a process per step -------------------------------------------------------------
     def run_process(self, step: Step, note=None) -> None:
-        """``note(rc)``: the recorded note (default: the last output line of tests and fp16)."""
+        """``note(rc)``: the recorded note (default: the last output line of tests, paging and fp16)."""
         t = self.limit(step)
         if t < 5:
             return self.record(step.name, "skipped", 0, 0, "out of time")
@@ -170,7 +187,7 @@ class Runner:
             self.log.write(f"#### {step.name} (budget {t:.0f} s): {' '.join(step.gpu)}\n{text}\n")
         last = text.strip().splitlines()[-1][:150] if text.strip() else ""
         self.record(step.name, rc, time.monotonic() - t0, t,
-                    note(rc) if note else last if step.name in ("tests", "fp16") else "")
+                    note(rc) if note else last if step.name in ("tests", "paging", "fp16") else "")
 
     # -- the dry run: the same entry points, in this process ----------------------------------------------
     def run_inline(self, step: Step) -> None:
@@ -370,7 +387,9 @@ def main(argv=None) -> int:
     with open(os.path.join(res, "summary.md"), "w") as fh:
         fh.write(summary)
     print(summary)
-    return 0
+    if runner.failed:          # after summary.md: every step ran and was recorded, but the tool's rc says it failed
+        print(f"gpu_check: {len(runner.failed)} step(s) failed: {', '.join(runner.failed)} (steps.jsonl, log.txt)")
+    return 1 if runner.failed else 0
 
 
 if __name__ == "__main__":

@@ -54,7 +54,17 @@ def facts() -> dict:
         out["driver"] = smi[1].strip() if len(smi) > 1 else None
     if out["nvcc"]:
         out["nvcc"] = out["nvcc"].splitlines()[-1]
+    out["build"] = build_env()
     return out
+
+
+def build_env() -> dict:
+    """What a failed CUDA build is read against: the toolkit found (by torch, which compiles), the nvcc on PATH and
+    the variables the builders read."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return {"CUDA_HOME": os.environ.get("CUDA_HOME"), "torch_cuda_home": CUDA_HOME, "nvcc_path": shutil.which("nvcc"),
+            **{k: os.environ.get(k) for k in ("TORCH_CUDA_ARCH_LIST", "MAX_JOBS", "TORCH_EXTENSIONS_DIR", "CXX")}}
 
 
 def main(argv=None) -> int:

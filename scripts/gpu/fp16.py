@@ -5,7 +5,7 @@ Per stage, on a tiny random Llama loaded through ``qlora_ds.inject.from_pretrain
 ds_config's fp16 section derived by ``qlora_ds.hardware.fold_ds_precision``): train STEPS steps through
 ``qlora_ds.overflow.OverflowMonitor`` with the loss of step FORCE multiplied by 1e8 (its scaled gradients must
 overflow fp16), checkpoint with ``qlora_ds.checkpointing.save`` after step SAVE, train on; then a fresh engine
-restored by ``launch/finetune.py``'s ``restore`` (the resume path of a real run) trains the same steps again.
+restored by ``qlora_ds.run_dir.restore`` (launch/finetune.py's resume path) trains the same steps again.
 Checked: the scale starts dynamic (2^8), exactly one skipped step at FORCE with the scale halved and a module
 named, the restored engine has the saved scale and skipped-step count, and its losses match the first run's.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import sys
@@ -31,13 +30,6 @@ sys.path.insert(0, REPO)
 OPTIMIZERS = {0: "PagedAdamW", 1: "AdamW8bit", 2: "PagedAdamW8bit", 3: "PagedAdamW"}
 STEPS, FORCE, SAVE, SCALE_POWER = 6, 2, 3, 8
 VOCAB, SEQ, MICRO = 256, 16, 2
-
-
-def _finetune():
-    spec = importlib.util.spec_from_file_location("qlora_ds_finetune_script", os.path.join(REPO, "launch", "finetune.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def tiny_checkpoint(path: str) -> str:
@@ -113,10 +105,10 @@ def train(engine, steps, device) -> list[dict]:
 def run_stage(stage: int, model_dir: str, device, work: str) -> dict:
     from qlora_ds import checkpointing
     from qlora_ds.overflow import loss_scale
+    from qlora_ds.run_dir import CKPT_DIR, restore
 
-    finetune = _finetune()
     out = os.path.join(work, f"zero{stage}")
-    ckpt = os.path.join(out, finetune.CKPT_DIR)
+    ckpt = os.path.join(out, CKPT_DIR)
     engine = build(model_dir, stage, device)
     first = {"scale": loss_scale(engine), "optimizer": type(engine.optimizer).__name__,
              "inner": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__}
@@ -128,8 +120,9 @@ def run_stage(stage: int, model_dir: str, device, work: str) -> dict:
     gc.collect()
 
     engine = build(model_dir, stage, device)
-    run = types.SimpleNamespace(resume_tag=checkpointing.resume_tag(ckpt), out=out, rank=0)
-    step, _ = finetune.restore(run, engine)
+    # what restore reads of finetune's arguments (a checkpoint past --max-steps is refused)
+    args = types.SimpleNamespace(output_dir=out, max_steps=STEPS, epochs=None)
+    step, _ = restore(args, engine, checkpointing.resume_tag(ckpt), 0)
     restored = {"step": step, "scale": loss_scale(engine), "skipped": int(engine.skipped_steps)}
     resumed = train(engine, range(SAVE, STEPS), device)
     del engine

@@ -56,6 +56,8 @@ def header(env: dict, elapsed: int | None) -> list[str]:
              "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
              f"- python {env.get('python')}, commit {env.get('commit')}"
              + (f", total {elapsed} s" if elapsed is not None else "")]
+    if isinstance(env.get("build"), dict):          # what a failed CUDA build is read against
+        lines.append("- build: " + ", ".join(f"{k} {val}" for k, val in env["build"].items() if val))
     if env.get("unreadable"):
         lines.append(f"- env.json unreadable ({env['unreadable']})")
     lines.append("")

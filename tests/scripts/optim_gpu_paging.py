@@ -8,6 +8,7 @@ usage: python tests/scripts/optim_gpu_paging.py [OUT_JSON] [--device cuda|cpu]  
    half of the free memory) succeeds, then ``step()`` prefetches the pages back; bytes and seconds each way, and the
    paged run's parameters must equal an unpaged run's exactly.
 3. Steady-state step time, paged vs unpaged (32- and 8-bit state).
+Exit 1 when a check of 1 or 2 failed (named in the JSON's ``failed`` and on the last line).
 The lent machine has no deepspeed: the CUDA op is then built directly with torch.utils.cpp_extension (the 8-bit step
 runs in its fused per-block kernel; the quant ops use the torch reference backend).
 
@@ -220,6 +221,16 @@ def checks(op) -> dict:
     return res
 
 
+def failed_checks(res: dict) -> list[str]:
+    """The pass/fail properties ``res`` holds that did not hold. Eviction freeing the device's memory is a GPU fact
+    only: the CPU's fake managed memory frees nothing."""
+    kernel, paging = res["kernel"], res["paging"]
+    want = {name: kernel[name] for name in ("bit_identical_to_torch", "state_dict_gpu_cpu_gpu_exact")}
+    want.update({name: paging[name] for name in ("spike_ok", "paged_equals_unpaged")
+                 + (("evict_freed_state",) if DEVICE == "cuda" else ())})
+    return [name for name, ok in want.items() if not ok]
+
+
 def main(argv=None):
     global DEVICE, SIZE
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -235,10 +246,13 @@ def main(argv=None):
     else:
         with fake_managed_memory() as fake:
             res = checks(fake)
+    res["failed"] = failed_checks(res)
     print(json.dumps(res, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
-    return 0
+    # the last line is the GPU check's note for this step
+    print("paging: all checks passed" if not res["failed"] else f"paging: FAILED {', '.join(res['failed'])}")
+    return 1 if res["failed"] else 0
 
 
 if __name__ == "__main__":
