@@ -381,8 +381,9 @@ def test_packing_and_full_logits_end_to_end(tiny, device):
 
 
 def _planner_checks(tmp_path, cfg, runs) -> list[dict]:
-    """The planner check of a finetune (qlora_ds.run_memory.planner_check) in a world of one (widths 48 and 64 met), once per (ds_config, fused AMX linear
-    available: True / False / None = as this CPU has it); the planned items in MiB."""
+    """The planner check of a finetune (qlora_ds.run_memory.planner_check) in a world of one (widths 48 and 64
+    met), once per (ds_config, fused AMX linear available: True / False / None = as this CPU has it); the planned
+    items in MiB."""
     import argparse
     import contextlib
     from unittest import mock
