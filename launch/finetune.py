@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from qlora_ds import monitor
 from qlora_ds.cli import run_main
 from qlora_ds.data.run_data import Data, add_data_arguments, build_data
 from qlora_ds.ds_config import resolve_ds_config
@@ -58,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lora-r", type=int, default=64)
     g.add_argument("--lora-alpha", type=float, default=16)
     g.add_argument("--lora-dropout", type=float, default=0.1)
-    g.add_argument("--target-modules", nargs="*", default=None, help="module names or dotted suffixes of their paths (q_proj, self_attn.q_proj), as PEFT matches "
+    g.add_argument("--target-modules", nargs="*", default=None,
+                   help="module names or dotted suffixes of their paths (q_proj, self_attn.q_proj), as PEFT matches "
                         "them; default: all linear but lm_head")
     g.add_argument("--init-adapter", default=None, metavar="DIR",
                    help="start from this PEFT-format adapter (ours or PEFT's, safetensors) instead of fresh LoRA "
@@ -298,7 +300,8 @@ def build_engine(run: Run, model):
     undo_fp16_warmup_step(engine)                       # fp16 without ZeRO: DeepSpeed's setup step on zero grads
     if run.rank == 0:
         log.info("ranks %d, micro batch %d × accum %d, %s %s, %.2f M trainable params", run.world, run.micro,
-                 run.accum, run.args.optimizer, run.args.dtype, sum(p.numel() for p in trainable) / 1e6)
+                 run.accum, run.args.optimizer, run.args.dtype,
+                 sum(getattr(p, "ds_numel", p.numel()) for p in trainable) / 1e6)   # ZeRO-3: numel 0 once partitioned
     return engine, scheduler
 
 
@@ -408,14 +411,16 @@ class Loop:
         tok_s, self.t_last, self.tokens = self.tokens * self.run.world / (now - self.t_last), now, 0
         lr, mem = self.lr, this_peak() / 2 ** 20
         # DeepSpeed skips the optimizer step on a gradient overflow (fp16 loss scaling; bf16 overflow check)
-        row = dict(step=self.step, loss=mean_loss, lr=lr, tokens_per_s=tok_s, mem_mb=mem,
-                   skipped_steps=int(self.engine.skipped_steps))
+        row = dict(step=self.step, loss=mean_loss, lr=lr, grad_norm=monitor.grad_norm(self.engine), tokens_per_s=tok_s,
+                   mem_mb=mem, skipped_steps=int(self.engine.skipped_steps))
         if self.skip:                                  # a step skipped on overflow since the last row
             row.update(overflow_module=self.skip["overflow_module"], overflow_at=self.skip["overflow_at"])
             self.skip = None
         scale = loss_scale(self.engine)
         if scale is not None:
             row["loss_scale"] = scale
+        monitor.write_events(self.engine, self.run.rank, train_loss=mean_loss, tokens_per_s=tok_s,
+                             grad_norm=row["grad_norm"])
         if self.run.rank == 0:
             self.metrics.log(**row)
             self.bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}", mem=f"{mem:.0f}MB")
@@ -429,6 +434,7 @@ class Loop:
         self.widths |= widths
         if self.step > 0 and (self.best is None or eval_loss < self.best[0]):
             self.best = (eval_loss, self.step)
+        monitor.write_events(self.engine, self.run.rank, eval_loss=eval_loss)
         if self.run.rank == 0:
             self.metrics.log(step=self.step, eval_loss=eval_loss)
             (self.bar.write if self.bar else log.info)(f"step {self.step}: held-out loss {eval_loss:.4f}")
@@ -568,6 +574,7 @@ def train(args) -> dict:
                  data.eval_total)
     loop = Loop(run, engine, scheduler, tokenizer, data, metrics, step, micro_step)
     loop.run_steps()
+    monitor.comms_summary(run.ds_config)                # collective: every rank
     phase("loop")
     seconds.update(loop.seconds)
     seconds["train"] = seconds["loop"] - sum(loop.seconds.values())

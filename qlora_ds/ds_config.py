@@ -8,8 +8,10 @@ import os
 
 import torch
 
+from . import hardware
 from .errors import QLoRADSError
 from .hardware import fold_ds_precision, resolve_device, resolve_dtype
+from .monitor import fold_monitors
 
 
 def read_ds_config(ds_config) -> dict:
@@ -49,8 +51,49 @@ def check_fp16_supported(dtype: torch.dtype, device: torch.device) -> None:
     from deepspeed.accelerator import get_accelerator
 
     if not get_accelerator().is_fp16_supported():
+        native_bf16 = hardware.auto_dtype(hardware.device_facts(device))[0] == torch.bfloat16  # else emulated
         raise QLoRADSError("--dtype fp16 on this CPU: DeepSpeed trains fp16 on a CPU only where oneDNN computes "
-                           "fp16 natively (AVX512-FP16 / AMX-FP16); use --dtype auto, fp32 or bf16 here")
+                           "fp16 natively (AVX512-FP16 / AMX-FP16); use "
+                           + ("--dtype auto (bf16 here), bf16 or fp32" if native_bf16 else
+                              "--dtype auto (fp32 here) or fp32") + " on this CPU")
+
+
+def fold_batch(total: int | None, micro: int | None, accum: int | None, world: int) -> tuple[int, int]:
+    """(micro batch, accumulation) from what was set, as DeepSpeed derives them: train_batch_size with one of the
+    two gives the other; with neither, the micro batch is 1 (our default; DeepSpeed would take train_batch_size /
+    world with accumulation 1: the same batch in more memory). Without train_batch_size: micro 1, accum 16.
+    Errors name only the values that were set."""
+    if total is None:
+        return micro or 1, accum or 16
+    if micro is not None and accum is not None:
+        if micro * accum * world != total:
+            raise QLoRADSError(f"ds_config train_batch_size={total} but micro batch {micro} × gradient accumulation "
+                               f"{accum} × {world} ranks = {micro * accum * world}; fix one of them")
+        return micro, accum
+    if micro is None and accum is None:
+        if total % world:
+            raise QLoRADSError(f"ds_config train_batch_size={total} is not a multiple of the {world} ranks; make it "
+                               f"one, or set the micro batch and gradient accumulation instead")
+        return 1, total // world
+    known, name, other = ((micro, "micro batch", "gradient accumulation") if micro is not None else
+                          (accum, "gradient accumulation", "micro batch"))
+    if total % (known * world):
+        raise QLoRADSError(f"ds_config train_batch_size={total} is not a multiple of {name} {known} × {world} ranks "
+                           f"= {known * world}, so no whole {other} fits; change one of them, or set the {other} too")
+    derived = total // (known * world)
+    return (micro, derived) if micro is not None else (derived, accum)
+
+
+def check_offload_param(cfg: dict) -> None:
+    """DeepSpeed reads offload_param below stage 3 without a word and keeps the parameters on the device: a run
+    that counted on it would find out by running out of memory after the model load, so refuse it now."""
+    zero = cfg.get("zero_optimization") or {}
+    device = (zero.get("offload_param") or {}).get("device", "none")
+    stage = zero.get("stage", 0)
+    if device not in (None, "none") and isinstance(stage, int) and stage < 3:
+        raise QLoRADSError(f"ds_config zero_optimization.offload_param (device {device!r}) needs ZeRO stage 3; "
+                           f"stage {stage} keeps the parameters on the device and DeepSpeed ignores it. Use "
+                           f"offload_optimizer, stage 3, or remove offload_param")
 
 
 def resolve_ds_config(args, world: int, device: torch.device | None = None) -> dict:
@@ -76,19 +119,19 @@ def resolve_ds_config(args, world: int, device: torch.device | None = None) -> d
         cfg[key] = cli if cli is not None else default if ours is None else ours
         return cfg[key]
 
-    micro = merge("train_micro_batch_size_per_gpu", args.micro_batch, 1)
-    accum = merge("gradient_accumulation_steps", args.grad_accum, 16)
-    total = micro * accum * world
-    if given("train_batch_size") not in (None, total):
-        raise QLoRADSError(f"ds_config train_batch_size={cfg['train_batch_size']} but micro batch {micro} × "
-                           f"gradient accumulation {accum} × {world} ranks = {total}; fix one of them")
-    cfg["train_batch_size"] = total
+    micro = merge("train_micro_batch_size_per_gpu", args.micro_batch, None)
+    accum = merge("gradient_accumulation_steps", args.grad_accum, None)
+    micro, accum = fold_batch(given("train_batch_size"), micro, accum, world)
+    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
+               train_batch_size=micro * accum * world)
     merge("gradient_clipping", args.max_grad_norm, 0.3)
     fold_optimizer(cfg, args)
     device = resolve_device("auto") if device is None else torch.device(device)
     dtype = resolve_dtype(args.dtype, device)
     fold_ds_precision(cfg, dtype, args.dtype)
     check_fp16_supported(dtype, device)
+    check_offload_param(cfg)
+    fold_monitors(cfg, getattr(args, "output_dir", None))
     cfg.setdefault("steps_per_print", 10 ** 9)  # progress is ours (tqdm)
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
