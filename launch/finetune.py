@@ -150,6 +150,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+COMMAND_ONLY = frozenset({"overwrite", "resume", "local_rank", "deepspeed", "recipe", "help"})
+
+
 def _read_recipe(path: str, parser: argparse.ArgumentParser) -> dict:
     with open(path, encoding="utf-8") as fh:
         recipe = json.load(fh)
@@ -158,6 +161,10 @@ def _read_recipe(path: str, parser: argparse.ArgumentParser) -> dict:
     unknown = sorted(set(values) - known)
     if unknown:
         raise QLoRADSError(f"recipe {path} has unknown keys {unknown}; see `launch/finetune.py --help`")
+    actions = sorted(set(values) & COMMAND_ONLY)
+    if actions:             # a shared recipe must not delete or take over a run the user did not name on the command
+        raise QLoRADSError(f"recipe {path} sets {actions}: these say what one command does, not how a run trains; "
+                           f"remove them from the recipe and pass --{actions[0].replace('_', '-')} on the command line")
     return values
 
 

@@ -7,6 +7,7 @@ import json
 import os
 
 from .atomic import atomic_write, atomic_write_text
+from .errors import QLoRADSError
 
 
 class MetricsLog:
@@ -30,7 +31,12 @@ class MetricsLog:
 
     def log(self, **row) -> None:
         self.rows.append(row)
-        with open(self.path, "a", encoding="utf-8") as fh:
+        try:        # never through a symlink planted in the run directory since (it would write elsewhere)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as err:
+            raise QLoRADSError(f"cannot append to {self.path} ({err}): it was replaced by a symlink or made "
+                               f"unwritable during the run; restore the file, then --resume") from None
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())

@@ -196,3 +196,14 @@ def test_ds_config_schedule_resumed_with_more_steps_equals_an_uninterrupted_run(
     assert [r["lr"] for r in a] == [r["lr"] for r in b] and [r["loss"] for r in a] == [r["loss"] for r in b]
     wa, wb = (load_file(out / "adapter" / "adapter_model.safetensors") for out in (straight, split))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("key", ["overwrite", "resume", "local_rank", "deepspeed"])
+def test_a_recipe_cannot_carry_what_one_command_does(tmp_path, key):
+    """A downloaded recipe with "overwrite": true deleted the previous run in --output-dir without the user asking."""
+    from .test_finetune_resume import _finetune_module
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"lr": 1e-4, key: 0 if key == "local_rank" else True}))
+    with pytest.raises(QLoRADSError, match=rf"sets \['{key}'\].*pass --{key.replace('_', '-')} on the command line"):
+        _finetune_module().parse_args(["--model", "m", "--dataset", "d", "--output-dir", str(tmp_path / "o"),
+                                       "--recipe", str(recipe)])

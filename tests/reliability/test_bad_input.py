@@ -413,3 +413,22 @@ def test_evaluate_good_arguments_parse():
     assert parse(["--model", "m", "--mc", "q.jsonl", "--shots", "0"]).batch_size == 4
     assert parse(["--model", "m", "--mc", "q.jsonl", "--mc-dev", "d.jsonl"]).shots == 5
     assert parse(["--model", "m", "--heldout", "v.jsonl", "--batch-size", "1", "--max-len", "2"]).max_len == 2
+
+
+def test_metrics_log_does_not_write_through_a_planted_symlink(tmp_path):
+    """metrics.jsonl replaced by a symlink during a run: appending would write into the file it points at."""
+    import json
+    import os
+
+    from qlora_ds.metrics import MetricsLog
+    path = str(tmp_path / "metrics.jsonl")
+    log = MetricsLog(path)
+    log.log(step=1, loss=2.5)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    os.replace(path, str(tmp_path / "moved.jsonl"))
+    os.symlink(victim, path)
+    with pytest.raises(QLoRADSError, match=r"replaced by a symlink or made unwritable during the run"):
+        log.log(step=2, loss=2.4)
+    assert victim.read_text() == "keep me\n"
+    assert [json.loads(x) for x in (tmp_path / "moved.jsonl").read_text().splitlines()] == [{"step": 1, "loss": 2.5}]
