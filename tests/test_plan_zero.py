@@ -101,6 +101,9 @@ def test_offload_moves_its_terms_to_the_host():
     assert "on the host (offload)" in format_report(plan(z3))
     with pytest.raises(QLoRADSError, match="offload needs ZeRO"):
         replace(off, zero_stage=0)
+    # DeepSpeed ignores offload_param below stage 3 (finetune refuses it): no plan claims it
+    with pytest.raises(QLoRADSError, match=r"offload_param needs ZeRO stage 3 \(DeepSpeed ignores it at stage 2\)"):
+        apply_ds_config(base, {"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}})
 
 
 QALORA_RECIPE = {"method": "qalora", "bits": 2, "group_size": 64, "lora_r": 64, "max_len": 2048, "micro_batch": 4,

@@ -82,6 +82,9 @@ def apply_ds_config(cfg: PlanConfig, ds_config: dict | str) -> PlanConfig:
     if isinstance(ds_config.get("optimizer"), dict) and ds_config["optimizer"].get("type"):
         optimizer = _optimizer_settings(ds_config["optimizer"]["type"])
     accum_dtype = str((ds_config.get("data_types") or {}).get("grad_accum_dtype") or "").lower()
+    if _offload_device(zero, "offload_param") != "none" and num(zero, "stage", 0) < 3:     # finetune refuses it too
+        raise QLoRADSError(f"ds_config zero_optimization.offload_param needs ZeRO stage 3 (DeepSpeed ignores it at "
+                           f"stage {num(zero, 'stage', 0)}): plan offload_optimizer, stage 3, or no offload_param")
     return replace(
         cfg,
         zero_stage=num(zero, "stage", 0),
