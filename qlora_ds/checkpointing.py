@@ -28,8 +28,10 @@ import os
 import re
 import secrets
 import shutil
+import stat
+import tempfile
 
-from .atomic import atomic_write_text, fsync_dir, fsync_tree
+from .atomic import _umask, atomic_write_text, fsync_dir, fsync_tree
 from .distributed import all_ranks_ok
 from .errors import QLoRADSError
 from .faults import inject
@@ -71,6 +73,7 @@ def _new_run(ckpt_dir: str) -> str:
                            f"{ckpt_dir}; whoever can write checkpoints could then sign them. Set "
                            f"QLORA_DS_SECRET_DIR to a private directory elsewhere")
     os.makedirs(folder, mode=0o700, exist_ok=True)
+    _check_private(folder, os.stat(folder), "directory", 0o022, "700")
     run_id = secrets.token_hex(16)
     fd = os.open(os.path.join(folder, run_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
@@ -97,15 +100,40 @@ def _run_key(ckpt_dir: str, create: bool) -> tuple[str, bytes]:
     if not _RUN_ID.fullmatch(run_id):
         raise QLoRADSError(f"{path} names run id {run_id[:40]!r}, which is not one qlora-ds writes (32 hex digits); "
                            f"the file was changed: refusing the checkpoints in {ckpt_dir}")
-    key_path = os.path.join(secret_dir(), run_id)
+    folder = secret_dir()
+    key_path = os.path.join(folder, run_id)
     try:
-        with open(key_path, "rb") as fh:
-            return run_id, fh.read()
-    except OSError:
+        folder_stat = os.stat(folder)
+        fd = os.open(key_path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise QLoRADSError(f"the secret of run {run_id}, {key_path}, is a symlink; refusing it (whoever made the "
+                               f"link chooses the key). Replace it with the file itself (mode 0600)") from None
         raise QLoRADSError(f"no secret for run {run_id} at {key_path}: the checkpoints in {ckpt_dir} were written "
                            f"on another host or by another user (or the file was deleted), so they cannot be "
                            f"verified and are not loaded. Resume on the host that wrote them (global rank 0), or "
                            f"copy that file to the same path here (mode 0600)") from None
+    with os.fdopen(fd, "rb") as fh:
+        _check_private(folder, folder_stat, "directory", 0o022, "700")
+        _check_private(key_path, os.fstat(fh.fileno()), "file", 0o077, "600")
+        key = fh.read()
+    if len(key) < 32:
+        raise QLoRADSError(f"the secret {key_path} holds {len(key)} bytes, fewer than the 32 qlora-ds writes: it was "
+                           f"replaced or truncated, so it cannot vouch for the checkpoints in {ckpt_dir}. Restore "
+                           f"the original file, or start a new run")
+    return run_id, key
+
+
+def _check_private(path: str, st: os.stat_result, what: str, others: int, mode: str) -> None:
+    """As ssh does for its keys: the secret ``path`` (a directory or file, ``st`` its stat) must be a plain one of
+    this user's that no one else can change (a directory) or read (the key)."""
+    kind = stat.S_ISDIR if what == "directory" else stat.S_ISREG
+    if not kind(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & others:
+        raise QLoRADSError(f"the checkpoint secret {what} {path} (owner uid {st.st_uid}, mode "
+                           f"{stat.S_IMODE(st.st_mode):04o}) is not private to you (uid {os.getuid()}): whoever can "
+                           f"{'write to it could plant a key' if what == 'directory' else 'read it could sign'} "
+                           f"checkpoints that DeepSpeed would unpickle. Fix it with `chown $USER {path} && chmod "
+                           f"{mode} {path}`, or set QLORA_DS_SECRET_DIR to a private directory of your own")
 
 
 def _signature(key: bytes, manifest: dict) -> str:
@@ -123,9 +151,18 @@ def _files(tag_dir: str) -> list[str]:
     return sorted(f for f in out if f != MANIFEST)
 
 
-def write_manifest(tag_dir: str, step: int) -> None:
-    """Digest every file of the tag and sign the list with this run's secret (rank 0 only)."""
-    files = {name: file_sha256(os.path.join(tag_dir, name)) for name in _files(tag_dir)}
+def write_manifest(tag_dir: str, step: int, files: dict[str, str] | None = None) -> None:
+    """Sign ``files`` (name -> sha256 of the bytes written, taken as each file was written: ``save`` passes them)
+    with this run's secret (rank 0 only). The tag must hold just those files: one that appeared since is refused,
+    never signed. Without ``files``, the tag's files are digested as they are now (a tag written by hand)."""
+    on_disk = _files(tag_dir)
+    if files is None:
+        files = {name: file_sha256(os.path.join(tag_dir, name)) for name in on_disk}
+    extra = sorted(set(on_disk) - set(files))
+    if extra:
+        raise QLoRADSError(f"checkpoint {tag_dir} holds files this save did not write ({extra[:5]}): something else "
+                           f"writes {os.path.dirname(os.path.abspath(tag_dir))}; refusing to sign them, as DeepSpeed "
+                           f"would unpickle them on resume. Check who can write there")
     run_id, key = _run_key(os.path.dirname(os.path.abspath(tag_dir)), create=True)
     manifest = {"run_id": run_id, "tag": os.path.basename(os.path.abspath(tag_dir)), "step": step, "files": files}
     manifest["hmac"] = _signature(key, manifest)
@@ -211,6 +248,12 @@ def load(engine, ckpt_dir: str, tag: str) -> dict:
     (rank 0 checks the signature again and broadcasts the digests) and unpickled from those bytes: a file replaced
     since ``resume_tag`` verified the tag is refused, never unpickled."""
     tag_dir = os.path.join(ckpt_dir, tag)
+    universal = getattr(engine, "load_universal_checkpoint", None)
+    if callable(universal) and universal():
+        raise QLoRADSError("the ds_config sets checkpoint.load_universal: DeepSpeed then unpickles <tag>/zero/*.pt "
+                           "itself, past the signed-digest check of every file it loads, so a file planted there would "
+                           "run code. --resume needs the ranks and layout of the run that saved anyway: remove "
+                           "'load_universal' from the ds_config's \"checkpoint\" section")
 
     def signed_digests():
         manifest = _signed_manifest(tag_dir)
@@ -259,9 +302,11 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=N
     ``keep`` newest complete tags (this one included) and the tags in ``protect`` (e.g. the best held-out loss's),
     and removes partial tags that killed saves left.
     ``also(tag_dir)``: called on every rank after DeepSpeed's files (e.g. the adapter at this step, into
-    ``<tag>/adapter``), even when one of those failed to write; its files join the manifest, and its failure fails
-    the save like DeepSpeed's. A failure on one rank fails the save on every rank, none left blocked in a
-    collective."""
+    ``<tag>/adapter``), even when one of those failed to write; its files (in subdirectories of the tag) join the
+    manifest, and its failure fails the save like DeepSpeed's. A failure on one rank fails the save on every rank,
+    none left blocked in a collective.
+    The manifest signs the digests of the bytes each rank's checkpoint engine wrote, taken as it wrote them, never
+    the files as they are later: a file swapped in the tag meanwhile fails the resume, and one added is refused."""
     import torch.distributed as dist
 
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
@@ -273,9 +318,9 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=N
     if rank == 0 and os.path.exists(tag_dir):
         shutil.rmtree(tag_dir)  # a partial save of this step from a killed run
     dist.barrier()
-    ok, reason = True, None
+    ok, reason, written, side = True, None, {}, {}
     try:  # any error, not just OSError: torch.save's zip writer reports a full disk as a RuntimeError
-        failed = _save_engine(engine, ckpt_dir, tag, client_state)
+        failed = _save_engine(engine, ckpt_dir, tag, client_state, written)
         if also is not None:
             try:
                 also(tag_dir)  # even after a failed write: under ZeRO-3 its gather is a collective
@@ -283,6 +328,8 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=N
                 failed = failed or err
         if failed is not None:
             raise failed
+        if rank == 0:  # not the checkpoint engine's (``also``'s, DeepSpeed's NVMe copy): digested now, not later
+            side = {name: file_sha256(os.path.join(tag_dir, name)) for name in _files(tag_dir) if "/" in name}
         # torch.save (DeepSpeed's writer) never fsyncs: each rank syncs what it sees (its own files included) before
         # the manifest declares the tag complete, else a crash could leave a manifest vouching for empty files
         fsync_tree(tag_dir)
@@ -291,12 +338,15 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=N
         inject("kill_in_save", step)
     except Exception as err:
         ok, reason = False, _cause(err, ckpt_dir)
-    if all_ranks_ok(ok) and rank == 0:  # the manifest goes last, once every rank's files are written
-        try:
-            write_manifest(tag_dir, step)
-            atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)  # DeepSpeed's, once the tag is complete
-        except Exception as err:
-            ok, reason = False, _cause(err, ckpt_dir)
+    if all_ranks_ok(ok):  # the manifest goes last, once every rank's files are written
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, written)   # dicts of str from our own ranks
+        if rank == 0:
+            try:
+                write_manifest(tag_dir, step, {**side, **{n: d for part in everyone for n, d in part.items()}})
+                atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)  # DeepSpeed's, once the tag is complete
+            except Exception as err:
+                ok, reason = False, _cause(err, ckpt_dir)
     if not all_ranks_ok(ok):  # every rank reaches both all-reduces, so none blocks when another fails
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
@@ -313,13 +363,37 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=N
     dist.barrier()
 
 
-def _save_engine(engine, ckpt_dir: str, tag: str, client_state: dict) -> Exception | None:
+def _save_engine(engine, ckpt_dir: str, tag: str, client_state: dict, written: dict) -> Exception | None:
     """``engine.save_checkpoint``, returning (not raising) the first failed file write. Raised inside, it would take
     this rank past DeepSpeed's closing barrier while the others wait there (a full disk on one node): every rank
     would block until the process-group timeout. The writes are the checkpoint engine's ``save`` and, on rank 0 at
     ZeRO >= 1, the copy of DeepSpeed's recovery scripts. ``latest`` is left to ``save``, so it never names a
-    partial tag."""
+    partial tag. Each file the checkpoint engine saves is serialized in memory, its sha256 put in ``written``
+    (name in the tag -> digest) and the bytes written under a fresh name moved over ``path``; the recovery scripts
+    are copied the same way: nothing is written through a symlink planted in the checkpoint directory."""
     failed = []
+    tag_dir = os.path.join(ckpt_dir, tag)
+
+    def signed(inner):
+        def save(state_dict, path):
+            name = os.path.relpath(path, tag_dir).replace(os.sep, "/")
+            if name.startswith("../") or os.path.isabs(name):
+                raise QLoRADSError(f"DeepSpeed saved {path}, outside the checkpoint {tag_dir}; it would not be signed")
+            buffer = io.BytesIO()
+            inner(state_dict, buffer)
+            data = buffer.getvalue()
+            _write_new(path, data)
+            written[name] = hashlib.sha256(data).hexdigest()
+        return save
+
+    def scripts(inner):
+        def copy(save_path):
+            with tempfile.TemporaryDirectory(prefix="qlora_ds_scripts-") as private:
+                inner(private)   # DeepSpeed's copy (copyfile, then chmod +x) into a directory no one else writes
+                for name in sorted(os.listdir(private)):
+                    with open(os.path.join(private, name), "rb") as fh:
+                        _write_new(os.path.join(save_path, name), fh.read(), os.fstat(fh.fileno()).st_mode)
+        return copy
 
     def guarded(inner):
         def write(*args, **kwargs):
@@ -330,13 +404,29 @@ def _save_engine(engine, ckpt_dir: str, tag: str, client_state: dict) -> Excepti
                     failed.append(err)
         return write
 
-    swaps = [(obj, name, guarded(getattr(obj, name)))
-             for obj, name in ((getattr(engine, "checkpoint_engine", None), "save"), (engine, "_copy_recovery_script"))
+    swaps = [(obj, name, guarded(wrap(getattr(obj, name))))
+             for obj, name, wrap in ((getattr(engine, "checkpoint_engine", None), "save", signed),
+                                     (engine, "_copy_recovery_script", scripts))
              if getattr(obj, name, None) is not None]
     with _patched(*swaps):
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=True)
     return failed[0] if failed else None
+
+
+def _write_new(path: str, data: bytes, mode: int | None = None) -> None:
+    """``data`` as the file ``path`` (``mode``, else the umask's): written under a fresh name in its directory, then
+    moved over ``path``, which replaces a symlink planted there instead of writing through it."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            os.fchmod(fh.fileno(), stat.S_IMODE(mode) if mode is not None else 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -564,3 +565,36 @@ def test_bias_option_refused_only_with_bias_tensors(tmp_path):
     with pytest.raises(QLoRADSError, match=r"bias='lora_only' and holds trained biases.*train with bias='none'"):
         load_adapter(m, str(d))
     assert _unchanged(m, before)
+
+
+PATTERN_PATHS = ["model.layers.0.self_attn.q_proj", "model.layers.10.mlp.down_proj", "layers.1.self_attn.q_proj",
+                 "q_proj", "xq_proj", "lm_head"]
+
+
+@pytest.mark.parametrize("key", ["q_proj", "self_attn.q_proj", "layers.0.self_attn.q_proj",
+                                 "^layers.1.self_attn.q_proj", "^model.layers.0.self_attn.q_proj", "layersX0",
+                                 "layers.1?0.mlp.down_proj",
+                                 r"layers\.[0-9]+\.mlp\.down_proj", ".*q_proj", "layers.(0|10).mlp.down_proj",
+                                 "(q|k)_proj", "^q_proj", "x?q_proj"])
+def test_pattern_keys_match_as_peft_does(key):
+    from peft.utils.other import get_pattern_key
+
+    from qlora_ds.adapters.peft_format import _pattern_value
+
+    got = [_pattern_value({key: 8}, path, 4) == 8 for path in PATTERN_PATHS]
+    assert got == [get_pattern_key([key], path) == key for path in PATTERN_PATHS]
+
+
+@pytest.mark.parametrize("key, why", [(r"([a-z_.0-9]+)+X", "repeats a group"), ("(.*)*X", "repeats a group"),
+                                      ("(a|aa){30}X", "repeats a group"), (".*.*.*.*X", "4 unbounded repeats"),
+                                      ("q" * 257, "1 to 256 characters"), ("(q", "not a valid regular expression")])
+def test_pattern_keys_that_could_backtrack_for_hours_are_refused_at_once(key, why):
+    """rank_pattern keys were compiled as given: '([a-z_.0-9]+)+X' took 82 s on a 31-character module path."""
+    import time
+
+    from qlora_ds.adapters.peft_format import _pattern_value
+
+    start = time.perf_counter()
+    with pytest.raises(QLoRADSError, match=rf"adapter pattern key .*{re.escape(why)}"):
+        _pattern_value({key: 8}, "model.layers.31.self_attn.q_proj", 4)
+    assert time.perf_counter() - start < 0.5

@@ -553,3 +553,27 @@ def test_merge_script_in_fp32_of_a_bf16_run_on_an_fp16_checkpoint_uses_the_train
     ids = _ids()
     with torch.no_grad():
         assert _rel(as_trained(ids).logits, read_gptq_checkpoint(str(out), exact=True)(ids).logits) < FP32_TOL
+
+
+def test_tokenizer_files_linking_outside_the_model_are_not_copied(tmp_path):
+    """A model archive whose chat_template.jinja links to /proc/self/environ put the merging process's environment
+    (HF_TOKEN ...) into the export."""
+    from qlora_ds.adapters.merge import _copy_tokenizer
+    from qlora_ds.errors import QLoRADSError
+
+    src, dst = tmp_path / "model", tmp_path / "merged"
+    src.mkdir()
+    dst.mkdir()
+    (src / "tokenizer.json").write_text("{}")
+    (src / "templates").mkdir()
+    (src / "templates" / "chat.jinja").write_text("{{ messages }}")
+    os.symlink("templates/chat.jinja", src / "chat_template.jinja")          # inside the model: copied
+    assert _copy_tokenizer(str(src), str(dst)) == ["tokenizer.json", "chat_template.jinja"]
+    assert (dst / "chat_template.jinja").read_text() == "{{ messages }}"
+    for target in ("/proc/self/environ", str(tmp_path / "secret.txt")):
+        (tmp_path / "secret.txt").write_text("HF_TOKEN=hf_secret")
+        (src / "chat_template.jinja").unlink()
+        os.symlink(target, src / "chat_template.jinja")
+        with pytest.raises(QLoRADSError, match=r"chat_template.jinja links outside .*refusing to copy it"):
+            _copy_tokenizer(str(src), str(dst))
+        assert (dst / "chat_template.jinja").read_text() == "{{ messages }}"

@@ -61,6 +61,49 @@ def test_save_quantized_under_zero3_returns_when_complete_and_fails_on_every_ran
     assert max(g["seconds"] for g in got) < PG_TIMEOUT_S / 2
 
 
+def test_recovery_script_copy_replaces_a_planted_symlink(tmp_path, monkeypatch):
+    """DeepSpeed's copy of its recovery scripts (rank 0, every ZeRO save) followed a symlink planted at
+    <ckpt>/zero_to_fp32.py: every save overwrote the file it named with the script and made it executable."""
+    import stat
+
+    import torch
+    import torch.distributed as dist
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from qlora_ds import checkpointing
+
+    class Engine:  # DeepSpeed's own copy of the scripts, after the model states
+        _copy_recovery_script = DeepSpeedEngine._copy_recovery_script
+        _change_recovery_script_permissions = DeepSpeedEngine._change_recovery_script_permissions
+
+        def __init__(self):
+            self.checkpoint_engine = type("Writer", (), {"save": lambda self, sd, path: torch.save(sd, path)})()
+
+        def save_checkpoint(self, ckpt_dir, tag, client_state, save_latest, exclude_frozen_parameters):
+            os.makedirs(os.path.join(ckpt_dir, tag))
+            path = os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt")
+            self.checkpoint_engine.save({"client": client_state}, path)
+            self._copy_recovery_script(ckpt_dir)
+
+    monkeypatch.setenv("QLORA_DS_SECRET_DIR", str(tmp_path / "secrets"))
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    victim = tmp_path / "notes.txt"
+    victim.write_text("my notes\n")
+    victim.chmod(0o644)
+    (ckpt / "zero_to_fp32.py").symlink_to(victim)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        checkpointing.save(Engine(), str(ckpt), 2, {"step": 2}, keep=2)
+    finally:
+        dist.destroy_process_group()
+    assert victim.read_text() == "my notes\n" and stat.S_IMODE(victim.stat().st_mode) == 0o644
+    script = ckpt / "zero_to_fp32.py"
+    assert not script.is_symlink() and script.read_text().startswith("#!/usr/bin/env python")
+    assert stat.S_IMODE(script.stat().st_mode) & stat.S_IXUSR and (ckpt / "zero_to_torch.py").is_file()
+    assert checkpointing.latest_complete(str(ckpt)) == "step0000002"
+
+
 def _quantized_worker(model_dir: str, out: str) -> None:
     from datetime import timedelta
 
@@ -134,9 +177,7 @@ def _worker(model_dir: str, out: str) -> None:
         real = engine.checkpoint_engine.save
 
         def full_disk(state_dict, path, real=real):  # rank 1's disk is full: a real torch.save failure
-            if rank == 1:
-                os.symlink("/dev/full", path)
-            return real(state_dict, path)
+            return real(state_dict, "/dev/full" if rank == 1 else path)
 
         engine.checkpoint_engine.save = full_disk
         t0 = time.time()

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import QLoRADSError
+from ..inject.checkpoint import inside
 from ..nn import QALoRALinear, QLoRALinear
 from ..nn.config import QALoRAConfig, QLoRAConfig
 from ..nn.dense import dense_module
@@ -210,10 +211,16 @@ def check_out_dir(out_dir: str) -> None:
 
 
 def _copy_tokenizer(src: str | None, dst: str) -> list[str]:
+    """Copy the tokenizer files of ``src`` into the export ``dst``; a symlink among them must resolve inside ``src``
+    (or its Hugging Face cache's blobs): one to /proc/self/environ or the user's files would publish them."""
     copied = []
     if src and os.path.isdir(src):
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(src, name)):
+                if not inside(src, name):
+                    raise QLoRADSError(f"tokenizer file {os.path.join(src, name)} links outside {src} (to "
+                                       f"{os.path.realpath(os.path.join(src, name))}); refusing to copy it into the "
+                                       f"export. Replace the link with the file itself, or remove it")
                 shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
                 copied.append(name)
     return copied

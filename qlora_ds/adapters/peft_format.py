@@ -15,6 +15,7 @@ is then the same function whichever pool trained it, and loads exactly (up to fp
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -189,16 +190,74 @@ def _read_json(path: str, what: str) -> dict:
                            f"directory?") from None
 
 
+_PLAIN_KEY = re.compile(r"\^?[\w.-]+")
+_MAX_KEY = 256
+
+
 def _pattern_value(pattern: dict, path: str, default):
     """PEFT's rule for rank_pattern / alpha_pattern (``peft.utils.other.get_pattern_key``): each key is a regex
-    that must match a whole dotted suffix of the module path; the first key that matches wins."""
+    that must match a whole dotted suffix of the module path; the first key that matches wins. A key is read from
+    a downloaded file, so its cost is bounded: a plain name (``.`` any character, as in PEFT) is matched without
+    the regex engine, and a regex key may not repeat a group or hold more than a few repeats (``_regex_key``)."""
     for key, value in (pattern or {}).items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", path):
+        if not isinstance(key, str) or not 0 < len(key) <= _MAX_KEY:
+            raise QLoRADSError(f"adapter pattern key {str(key)[:40]!r} is not a module name or regex of 1 to "
+                               f"{_MAX_KEY} characters; fix rank_pattern / alpha_pattern in adapter_config.json")
+        if _PLAIN_KEY.fullmatch(key):
+            if _plain_match(key, path):
                 return value
-        except re.error as err:
-            raise QLoRADSError(f"adapter pattern key {key!r} is not a valid regular expression ({err})") from None
+        elif _regex_key(key).match(path):
+            return value
     return default
+
+
+def _plain_match(key: str, path: str) -> bool:
+    """``re.match(rf"(.*\.)?({key})$", path)`` for a key of word characters, ``-`` and ``.`` (which matches any
+    character) with an optional leading ``^``, in linear time: the key matches the path's end, at its start or
+    just after a dot (``^``: at its start only)."""
+    anchored, key = key.startswith("^"), key.lstrip("^")
+    start = len(path) - len(key)
+    if start < 0 or "\n" in path or (start and (anchored or path[start - 1] != ".")):
+        return False
+    return all(k == c or k == "." for k, c in zip(key, path[start:]))
+
+
+@functools.lru_cache(maxsize=256)
+def _regex_key(key: str) -> re.Pattern:
+    """The compiled PEFT pattern of a regex ``key``, refused where it could backtrack for long: a repeat (``*``,
+    ``+``, ``{n,m}``) of anything but one character or class (``(a+)+``: exponential time), or more than 3 unbounded
+    repeats (polynomial)."""
+    try:
+        compiled = re.compile(rf"(.*\.)?({key})$")
+        tree = re._parser.parse(key)
+    except re.error as err:
+        raise QLoRADSError(f"adapter pattern key {key!r} is not a valid regular expression ({err})") from None
+    c = re._constants
+    unbounded = 0
+
+    def walk(items) -> None:
+        nonlocal unbounded
+        for op, av in items:
+            if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+                high, body = av[1], av[2]
+                if high > 1 and any(sub not in (c.LITERAL, c.NOT_LITERAL, c.ANY, c.IN) for sub, _ in body):
+                    raise QLoRADSError(f"adapter pattern key {key!r} repeats a group, which can take exponential "
+                                       f"time to match; repeat single characters only (e.g. layers\\.[0-9]+\\.) "
+                                       f"or list the module names in adapter_config.json's rank_pattern / "
+                                       f"alpha_pattern")
+                unbounded += high == c.MAXREPEAT
+                walk(body)
+            elif op in (c.SUBPATTERN, c.ATOMIC_GROUP, c.ASSERT, c.ASSERT_NOT):
+                walk(av[-1])
+            elif op is c.BRANCH:
+                for branch in av[1]:
+                    walk(branch)
+    walk(tree)
+    if unbounded > 3:
+        raise QLoRADSError(f"adapter pattern key {key!r} has {unbounded} unbounded repeats (*, +), more than the 3 "
+                           f"a module-name pattern needs; simplify it in adapter_config.json's rank_pattern / "
+                           f"alpha_pattern")
+    return compiled
 
 
 def _target_modules(model: nn.Module, paths) -> list[str]:

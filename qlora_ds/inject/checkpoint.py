@@ -27,6 +27,20 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+def inside(folder: str, name: str) -> bool:
+    """Whether ``name`` (from a downloaded file) is a plain relative path whose file resolves inside ``folder``, or,
+    where ``folder`` is a Hugging Face cache snapshot, inside that cache's ``blobs`` (its files link there): not an
+    absolute path, no ``..``, no symlink out to another model's or the system's files."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or os.path.normpath(name) != name \
+            or ".." in name.split(os.sep):
+        return False
+    roots = [os.path.realpath(folder)]
+    if os.path.basename(os.path.dirname(os.path.abspath(folder))) == "snapshots":
+        roots.append(os.path.realpath(os.path.join(folder, os.pardir, os.pardir, "blobs")))
+    target = os.path.realpath(os.path.join(folder, name))
+    return any(os.path.commonpath([root, target]) == root for root in roots)
+
+
 def _data_layout(file: str) -> tuple[int, dict]:
     """(byte offset of the data section, header) of a safetensors file; the header is already
     validated by ``safe_open``."""
@@ -45,7 +59,10 @@ class Checkpoint:
             try:
                 with open(index) as f:
                     weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError) as err:
+                if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                               for k, v in weight_map.items()):
+                    raise ValueError("its weight_map is not a mapping of tensor names to shard file names")
+            except (OSError, ValueError, KeyError, TypeError) as err:
                 raise QLoRADSError(f"{index} is not a valid safetensors index ({err}); re-save the checkpoint with "
                                    f"save_pretrained(..., safe_serialization=True)") from None
         elif os.path.isfile(os.path.join(path, SINGLE_NAME)):
@@ -54,6 +71,12 @@ class Checkpoint:
             raise QLoRADSError(f"no {SINGLE_NAME} or {INDEX_NAME} in {path!r}; save the model with "
                                f"save_pretrained(dir, safe_serialization=True) (PyTorch .bin files are not read)")
         files = sorted(set(weight_map.values())) if weight_map else [SINGLE_NAME]
+        outside = [f for f in files if not inside(path, f)]
+        if outside:
+            raise QLoRADSError(f"{INDEX_NAME if weight_map else SINGLE_NAME} in {path!r} points outside the checkpoint "
+                               f"directory ({outside[0]!r}): shard files must be plain names of files in it, so a "
+                               f"downloaded index cannot pull in another model's or the system's files. Fix the "
+                               f"index (or the symlink), or download the checkpoint again")
         missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
         if missing:
             raise QLoRADSError(f"checkpoint {path!r} is incomplete: shard(s) {missing} listed in {INDEX_NAME} are "

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,137 @@ def test_a_file_swapped_after_the_verification_is_not_unpickled(evil, tmp_path, 
     (tag / checkpointing.MANIFEST).unlink()
     with pytest.raises(QLoRADSError, match="lost its manifest since it was verified"):
         checkpointing.load(engine, str(ckpt), "step0000002")
+
+
+@pytest.fixture
+def one_rank(tmp_path, monkeypatch):
+    """A 1-rank gloo group and a private secret directory, for ``checkpointing.save``."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("QLORA_DS_SECRET_DIR", str(tmp_path / "secrets"))
+    mine = not dist.is_initialized()
+    if mine:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield tmp_path / "checkpoints"
+    if mine:
+        dist.destroy_process_group()
+
+
+class _SavingEngine:
+    """DeepSpeed's save path in small: its own TorchCheckpointEngine writes the tag's model states."""
+
+    def __init__(self):
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        self.checkpoint_engine = TorchCheckpointEngine()
+
+    def save_checkpoint(self, ckpt_dir, tag, client_state, save_latest, exclude_frozen_parameters):
+        os.makedirs(os.path.join(ckpt_dir, tag), exist_ok=True)
+        self.checkpoint_engine.save({"client": client_state, "w": torch.ones(3)},
+                                    os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"))
+
+
+def test_save_signs_the_bytes_it_wrote_not_the_files_found_later(evil, one_rank, tmp_path):
+    """The manifest signed whatever the tag held when rank 0 hashed it, after the adapter save and the fsyncs: a
+    pickle swapped in (or added) in that window got signed, and resume unpickled it."""
+    from qlora_ds import checkpointing
+
+    write, marker = evil
+    ckpt, client = one_rank, {"step": 2, "micro_step": 2}
+
+    def swap(tag_dir):                                        # the attacker, while the adapter is saved
+        write(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))
+    checkpointing.save(_SavingEngine(), str(ckpt), 2, client, keep=2, also=swap)
+    with pytest.raises(QLoRADSError, match="mp_rank_00_model_states.pt is missing or was changed after it was"):
+        checkpointing.resume_tag(str(ckpt))
+    shutil.rmtree(ckpt / "step0000002")
+
+    def plant(tag_dir):                                       # a second rank's file DeepSpeed's glob would load
+        write(os.path.join(tag_dir, "mp_rank_01_model_states.pt"))
+    with pytest.raises(QLoRADSError, match=r"step 4 failed on rank 0: QLoRADSError: .* holds files this save did "
+                                           r"not write \(\['mp_rank_01_model_states.pt'\]\)"):
+        checkpointing.save(_SavingEngine(), str(ckpt), 4, {"step": 4, "micro_step": 4}, keep=2, also=plant)
+    assert not (ckpt / "step0000004").exists()
+
+    victim = tmp_path / "notes.txt"                            # a symlink planted where DeepSpeed writes
+    victim.write_text("my notes\n")
+    (ckpt / "step0000006").mkdir()
+    os.symlink(victim, ckpt / "step0000006" / "mp_rank_00_model_states.pt")
+    rmtree = shutil.rmtree
+    with pytest.MonkeyPatch.context() as mp:               # planted after the save's rmtree of a partial tag
+        mp.setattr(checkpointing.shutil, "rmtree", lambda path, **kw: None if path.endswith("step0000006")
+                   else rmtree(path, **kw))
+        checkpointing.save(_SavingEngine(), str(ckpt), 6, {"step": 6, "micro_step": 6}, keep=3)
+    assert victim.read_text() == "my notes\n"
+    assert not (ckpt / "step0000006" / "mp_rank_00_model_states.pt").is_symlink()
+    assert checkpointing.resume_tag(str(ckpt)) == "step0000006"
+    assert checkpointing.load(_LoadingEngine(), str(ckpt), "step0000006") == {"step": 6, "micro_step": 6}
+    assert not marker.exists()
+
+
+def test_load_universal_is_refused_before_deepspeed_opens_anything(evil, tmp_path, monkeypatch):
+    """With a ds_config's checkpoint.load_universal, DeepSpeed torch.loads <tag>/zero/*.pt itself, past the
+    checkpoint engine whose every load ``checkpointing.load`` checks."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from qlora_ds import checkpointing
+
+    assert callable(DeepSpeedEngine.load_universal_checkpoint)        # the switch load reads, in this DeepSpeed
+    monkeypatch.setenv("QLORA_DS_SECRET_DIR", str(tmp_path / "secrets"))
+    write, marker = evil
+    tag = tmp_path / "checkpoints" / "step0000002"
+    tag.mkdir(parents=True)
+    torch.save({"client": {"step": 2, "micro_step": 2}}, str(tag / "mp_rank_00_model_states.pt"))
+    checkpointing.write_manifest(str(tag), 2)
+    (tag / "zero").mkdir()
+    write(tag / "zero" / "optimizer_state.pt")
+    engine = _LoadingEngine(names=("zero/optimizer_state.pt",))
+    engine.load_universal_checkpoint = lambda: True
+    with pytest.raises(QLoRADSError, match=r"ds_config sets checkpoint\.load_universal.*remove 'load_universal'"):
+        checkpointing.load(engine, str(tmp_path / "checkpoints"), tag.name)
+    assert not marker.exists()
+
+
+def test_secret_directory_and_key_must_be_private(tmp_path, monkeypatch):
+    """As ssh refuses a key others can read: a secret directory others can write (QLORA_DS_SECRET_DIR on a shared
+    disk) lets them plant their own key and sign a tag; a readable key lets them sign with ours."""
+    from qlora_ds import checkpointing
+
+    folder = tmp_path / "secrets"
+    monkeypatch.setenv("QLORA_DS_SECRET_DIR", str(folder))
+    tag = tmp_path / "checkpoints" / "step0000002"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"genuine")
+    checkpointing.write_manifest(str(tag), 2)
+    ckpt = str(tag.parent)
+    key = folder / json.loads((tag.parent / checkpointing.RUN_FILE).read_text())["run_id"]
+    assert checkpointing.latest_complete(ckpt) == "step0000002"
+    folder.chmod(0o777)
+    with pytest.raises(QLoRADSError, match=rf"secret directory {folder} .*mode 0777.*chmod 700 {folder}"):
+        checkpointing.latest_complete(ckpt)
+    with pytest.raises(QLoRADSError, match="chmod 700"):            # nor is a new run's key written there
+        checkpointing.write_manifest(str(tag), 2)
+    folder.chmod(0o700)
+    key.chmod(0o640)
+    with pytest.raises(QLoRADSError, match=rf"secret file {key} .*mode 0640.*chmod 600 {key}"):
+        checkpointing.latest_complete(ckpt)
+    key.chmod(0o600)
+    monkeypatch.setattr(os, "getuid", lambda: 4242)                  # someone else's directory and key
+    with pytest.raises(QLoRADSError, match=r"owner uid \d+, mode 0700\) is not private to you \(uid 4242\)"):
+        checkpointing.latest_complete(ckpt)
+    monkeypatch.undo()
+    monkeypatch.setenv("QLORA_DS_SECRET_DIR", str(folder))
+    real = key.read_bytes()
+    key.write_bytes(b"short")
+    with pytest.raises(QLoRADSError, match="holds 5 bytes, fewer than the 32"):
+        checkpointing.latest_complete(ckpt)
+    key.unlink()
+    (tmp_path / "elsewhere").write_bytes(real)
+    (tmp_path / "elsewhere").chmod(0o600)
+    key.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(QLoRADSError, match="is a symlink"):
+        checkpointing.latest_complete(ckpt)
+    key.unlink()
+    key.write_bytes(real)
+    key.chmod(0o600)
+    assert checkpointing.latest_complete(ckpt) == "step0000002"

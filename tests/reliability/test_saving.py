@@ -1,6 +1,6 @@
 """Checkpoint saves that fail (a real full disk, on one rank of two), checkpoint pruning, and the modes of
 atomically written outputs. ``checkpointing.save`` runs in-process with a fake engine that writes through
-torch.save, DeepSpeed's default checkpoint writer; a symlink to /dev/full makes its writes hit ENOSPC."""
+torch.save, DeepSpeed's default checkpoint writer; ``full`` sends that write to /dev/full, where it hits ENOSPC."""
 from __future__ import annotations
 
 import errno
@@ -20,25 +20,27 @@ needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="nee
 
 
 class _Writer:
-    """DeepSpeed's default checkpoint writer (TorchCheckpointEngine.save)."""
+    """DeepSpeed's default checkpoint writer (TorchCheckpointEngine.save); ``full``: its disk has no space."""
+
+    def __init__(self, full: bool = False):
+        self.full = full
 
     def save(self, state_dict, path):
-        torch.save(state_dict, path)
+        torch.save(state_dict, "/dev/full" if self.full else path)
 
 
 class FakeEngine:
     """Writes this rank's file as DeepSpeed does (its checkpoint_engine, torch.save), then waits at DeepSpeed's
-    closing barrier; ``full`` sends the file to a disk with no space."""
+    closing barrier; ``full`` sends the file to a disk with no space (a symlink planted at its path would be
+    replaced, not written through)."""
 
     def __init__(self, full: bool = False, numel: int = 1 << 16):
-        self.full, self.numel, self.checkpoint_engine = full, numel, _Writer()
+        self.numel, self.checkpoint_engine = numel, _Writer(full)
 
     def save_checkpoint(self, ckpt_dir, tag, client_state, save_latest, exclude_frozen_parameters):
         folder = os.path.join(ckpt_dir, tag)
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"mp_rank_{dist.get_rank():02d}_model_states.pt")
-        if self.full:
-            os.symlink("/dev/full", path)
         self.checkpoint_engine.save({"client": client_state, "w": torch.zeros(self.numel)}, path)
         dist.barrier()
 
@@ -78,7 +80,7 @@ def test_real_full_disk_in_torch_save_is_a_clean_failure(ckpt, numel):
 def test_full_disk_while_writing_the_manifest(ckpt, monkeypatch):
     checkpointing.save(FakeEngine(), str(ckpt), 2, {"step": 2}, keep=2)
 
-    def no_space(tag_dir, step):
+    def no_space(tag_dir, step, files=None):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(checkpointing, "write_manifest", no_space)
     with pytest.raises(QLoRADSError, match=r"step 4 failed on rank 0: OSError: .*No space left on device.*"
@@ -230,9 +232,9 @@ def test_checkpoint_files_are_fsynced_before_the_manifest(ckpt, monkeypatch):
         synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
         return real_fsync(fd)
 
-    def write_manifest(tag_dir, step):
+    def write_manifest(tag_dir, step, files=None):
         at_manifest.update(synced=set(synced), tag=tag_dir)
-        return real_manifest(tag_dir, step)
+        return real_manifest(tag_dir, step, files)
 
     def adapter(tag_dir):                   # a plain write, as a caller's ``also`` may do
         os.makedirs(os.path.join(tag_dir, "adapter"))
