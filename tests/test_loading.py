@@ -432,3 +432,141 @@ def test_bitsandbytes_8bit_checkpoint_is_refused(tmp_path):
     with pytest.raises(QLoRADSError, match=r"model.layers.0.self_attn.q_proj.weight is stored as I8, not as a "
                                            r"16/32-bit weight.* quantized codes"):
         from_pretrained(str(tmp_path / "int8"), CFG)
+
+
+def _new_tensor_bytes(fn) -> int:
+    """Bytes of new tensor memory the aten ops run by ``fn()`` allocate (outputs on a storage no input holds)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    def ptrs(tree):
+        return {t.untyped_storage().data_ptr() for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = ptrs((args, kwargs))
+            Count.total += sum(t.nbytes for t in tree_leaves(out)
+                               if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given)
+            return out
+
+    with Count():
+        fn()
+    return Count.total
+
+
+def test_save_quantized_copies_only_what_the_writer_must(llama_dir, tmp_path, monkeypatch):
+    """A CPU model is written from its own parameters (no second host copy); a rank that does not write copies
+    nothing (under ZeRO-3 each of 8 ranks on a node held the whole model once more); ZeRO-3's gathered parameters
+    are copied once, on the writer, as the gather frees them."""
+    import contextlib
+
+    import torch.distributed as tdist
+
+    from qlora_ds import distributed
+    from qlora_ds.inject import loading
+
+    model = from_pretrained(llama_dir, CFG, torch_dtype=torch.bfloat16)
+    state, written = _base_state(model), {}
+    real = loading._write_quantized
+
+    def spy(model, directory, tensors, *rest, write=True):
+        written.update(tensors)
+        if write:
+            real(model, directory, tensors, *rest)
+
+    monkeypatch.setattr(loading, "_write_quantized", spy)
+    save_quantized(model, str(tmp_path / "one"))
+    assert written.keys() == state.keys()
+    assert all(written[k].data_ptr() == state[k].data_ptr() for k in state)        # written as they are
+    on_disk = load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert all(torch.equal(on_disk[k], state[k]) for k in state)
+
+    # "ZeRO-3" on 2 ranks: the parameters are partitioned (gathered in full, here they are whole already)
+    monkeypatch.setattr(tdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed, "all_ranks_ok", lambda ok: ok)
+    monkeypatch.setattr(loading, "gathered", lambda params: contextlib.nullcontext())
+    partitioned = [p for n, p in model.named_parameters() if ".lora_" not in n]
+    for p in partitioned:
+        p.ds_id = id(p)
+    monkeypatch.setattr(tdist, "get_rank", lambda group=None: 1)
+    written.clear()
+    assert _new_tensor_bytes(lambda: save_quantized(model, str(tmp_path / "rank1"))) == 0
+    assert not written and not (tmp_path / "rank1").exists()
+
+    monkeypatch.setattr(tdist, "get_rank", lambda group=None: 0)      # the writer
+    monkeypatch.setattr(loading, "_write_quantized", lambda *a: spy(*a, write=False))
+    copied = _new_tensor_bytes(lambda: save_quantized(model, str(tmp_path / "z3")))
+    assert copied == sum(p.nbytes for p in partitioned)                               # one copy each
+    assert all(written[k].data_ptr() != state[k].data_ptr() and torch.equal(written[k], state[k]) for k in state)
+
+
+def test_save_quantized_directory_keeps_the_dtype_its_codes_came_from(tmp_path):
+    """Codes quantized from bf16 and saved stay "quantized from bf16" when the directory is loaded in fp32 (what
+    save_adapter writes as quantized_from, and a second save_quantized records); asking for another dtype is an
+    error, since the codes cannot change."""
+    from qlora_ds.inject.replace import is_quantized_layer
+
+    ckpt = _fp16_llama(tmp_path / "fp16")
+    model = from_pretrained(ckpt, _adapter_config("qlora", torch.bfloat16), torch_dtype=torch.bfloat16)
+    save_quantized(model, str(tmp_path / "own"))
+    for quantize_from in (None, torch.bfloat16, "bf16"):
+        again = from_pretrained(str(tmp_path / "own"), CFG, torch_dtype=torch.float32, quantize_from=quantize_from)
+        layers = [m for m in again.modules() if is_quantized_layer(m)]
+        assert len(layers) == 14 and {m.weight_dtype for m in layers} == {torch.bfloat16}
+    save_quantized(again, str(tmp_path / "own2"))
+    assert json.loads((tmp_path / "own2" / "qlora_ds_quant.json").read_text())["weight_dtype"] == "bfloat16"
+    with pytest.raises(QLoRADSError, match=r"holds codes quantized from bfloat16 \(qlora_ds_quant.json\); "
+                                           r"quantize_from=float32 cannot change them"):
+        from_pretrained(str(tmp_path / "own"), CFG, torch_dtype=torch.float32, quantize_from=torch.float32)
+
+
+@pytest.mark.parametrize("method", ["qlora", "qalora"])
+def test_non_finite_weight_names_the_tensor_and_its_shard(tmp_path, method):
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path, max_shard_size="50KB")
+    key = "model.layers.1.mlp.up_proj.weight"
+    shard = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"][key]
+    with pytest.raises(QLoRADSError, match=rf"^{key} in {shard} \({tmp_path}\): weight .*(non-finite|NaN)"):
+        from_pretrained(str(tmp_path), _adapter_config(method, torch.bfloat16), torch_dtype=torch.bfloat16)
+
+
+def test_index_shard_names_must_stay_inside_the_checkpoint(tmp_path):
+    """A downloaded index's weight_map named '../other_model/model.safetensors' or an absolute path, and the loader
+    read that file's tensors into the base; a malformed map crashed with TypeError / AttributeError."""
+    from qlora_ds.inject.checkpoint import INDEX_NAME, Checkpoint
+
+    private = tmp_path / "private_model"
+    private.mkdir()
+    save_file({"w": torch.arange(4.0)}, str(private / "model.safetensors"))
+    ckpt = tmp_path / "downloaded"
+    (ckpt / "shards").mkdir(parents=True)
+    save_file({"w": torch.ones(4)}, str(ckpt / "shards" / "model-00001.safetensors"))
+    os.symlink(private / "model.safetensors", ckpt / "linked.safetensors")
+    for target in ("../private_model/model.safetensors", str(private / "model.safetensors"), "linked.safetensors",
+                   "shards/../../private_model/model.safetensors", "./shards/model-00001.safetensors"):
+        (ckpt / INDEX_NAME).write_text(json.dumps({"weight_map": {"w": target}}))
+        with pytest.raises(QLoRADSError, match=rf"{INDEX_NAME} in .* points outside the checkpoint directory"):
+            Checkpoint(str(ckpt))
+    for bad in ({"weight_map": {"w": ["x"]}}, {"weight_map": ["x"]}, {"weight_map": {"w": 3}}):
+        (ckpt / INDEX_NAME).write_text(json.dumps(bad))
+        with pytest.raises(QLoRADSError, match=rf"{INDEX_NAME} is not a valid safetensors index .*weight_map"):
+            Checkpoint(str(ckpt))
+    (ckpt / INDEX_NAME).write_text(json.dumps({"weight_map": {"w": "shards/model-00001.safetensors"}}))
+    assert Checkpoint(str(ckpt)).get("w").tolist() == [1.0] * 4
+
+
+def test_hf_cache_snapshot_links_into_its_blobs_load(tmp_path):
+    """A Hugging Face cache snapshot's files are symlinks to ../../blobs: those are inside the model."""
+    from qlora_ds.inject.checkpoint import Checkpoint
+
+    repo = tmp_path / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    save_file({"w": torch.full((2,), 3.0)}, str(repo / "blobs" / "f00d"))
+    os.symlink("../../blobs/f00d", repo / "snapshots" / "abc" / "model.safetensors")
+    assert Checkpoint(str(repo / "snapshots" / "abc")).get("w").tolist() == [3.0, 3.0]

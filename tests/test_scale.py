@@ -70,6 +70,25 @@ def test_load_peak_is_at_the_largest_transient():
     assert zq.where == "embed_tokens" and zq.largest_transient == emb + emb // 2
 
 
+def test_load_plan_takes_the_checkpoint_dtype_from_config_json():
+    """An fp32 checkpoint loaded in bf16 holds 4 + 2 B/element while a tensor is read: on qwen2-1.5b's shape the
+    peak moves to the tied embedding (measured, review r3 loadscale: VmHWM 1714 MiB at embed_tokens, vs 1573 MiB
+    at layers.27.mlp.down_proj from the bf16 checkpoint and 1600 MiB from an fp16 one, AVX-512 box)."""
+    cfg = {k: v for k, v in scale.SHAPES["qwen2-1.5b"].items() if not k.startswith("_")}
+    n, mib = 151936 * 1536, 2 ** 20
+    bf16 = host.estimate_load(cfg)
+    assert bf16.where == "layers.27.mlp.down_proj" and bf16.peak / mib == pytest.approx(1573, rel=0.01)
+    fp32 = host.estimate_load({**cfg, "torch_dtype": "float32"})
+    assert fp32.where == "embed_tokens" and fp32.largest_transient == 6 * n
+    assert fp32.peak / mib == pytest.approx(1714, rel=0.01) and fp32.resident == bf16.resident
+    # transformers 5's key; a caller's ckpt_dtype over config.json's
+    assert host.estimate_load({**cfg, "torch_dtype": None, "dtype": "float32"}) == fp32
+    assert host.estimate_load(cfg, ckpt_dtype="fp32") == fp32
+    fp16 = host.estimate_load(cfg, ckpt_dtype="fp16")     # same size, still a converted copy while quantizing
+    assert fp16.peak / mib == pytest.approx(1600, rel=0.01) and fp16.peak > bf16.peak
+    with pytest.raises(host.QLoRADSError, match="torch_dtype 'int8'.*ckpt_dtype="):
+        host.estimate_load({**cfg, "torch_dtype": "int8"})
+
 def test_fp32_compute_doubles_activations_and_drops_the_master_copy():
     cfg = {k: v for k, v in scale.SHAPES["llama-1.7b"].items() if not k.startswith("_")}
     bf, fp = (host.estimate_memory(host.step_config(cfg, d)) for d in ("bf16", "fp32"))

@@ -18,10 +18,11 @@ fp32 checkpoint depends on it, so inference in another dtype passes the one the 
 ZeRO-3 (``zero_optimization.stage == 3``): after each module is filled its parameters are handed to
 ``deepspeed.zero.Init(module=…)``, which broadcasts them from rank 0 and keeps 1/N per rank. Only
 rank 0 reads and quantizes; the other ranks allocate the (known) shapes empty and receive the bytes.
-So per rank the peak is one module's tensors plus 1/N of the model, the checkpoint is read once per
-node, and quantization is not repeated. (The alternatives: every rank quantizes and copies its own
-slice — no traffic, but N× the quantization work and a dependence on ZeRO's private partition
-layout; ``GatheredParameters(modifier_rank=0)`` per module — an all-gather plus a broadcast each.)
+So per rank the peak is one module's tensors plus 1/N of the model, the checkpoint's data is read once in all
+(by global rank 0; every rank reads the headers, so every node needs the files), and quantization is not
+repeated. (The alternatives: every rank quantizes and copies its own slice — no traffic, but N× the
+quantization work and a dependence on ZeRO's private partition layout; ``GatheredParameters(modifier_rank=0)``
+per module — an all-gather plus a broadcast each.)
 ZeRO 0/1/2: every rank loads the whole 4-bit model.
 """
 from __future__ import annotations
@@ -273,7 +274,10 @@ def _fill_layer(layer, path, how, ckpt, conv1d, config, dtype, read: bool, key: 
             qt = from_bnb_state_dict(sd, key)
         else:
             w = ckpt.get(key).to(dtype)
-            qt = quantize_for(config, w.t().contiguous() if conv1d else w)
+            try:
+                qt = quantize_for(config, w.t().contiguous() if conv1d else w)
+            except QLoRADSError as err:   # e.g. a NaN: say which of hundreds of tensors and shards holds it
+                raise QLoRADSError(f"{ckpt.stored[key]} in {ckpt.file_of[key]} ({ckpt.path}): {err}") from None
             del w
         layer.set_quantized_weight(qt, bias)
     for sub in (layer.lora_A, layer.lora_B):
@@ -359,13 +363,30 @@ def _check_quant_method(path: str, qcfg) -> None:
                            f"ones only (its int8 codes are not weights) — pass the original 16/32-bit checkpoint")
 
 
+def _quantize_from(path: str, own: dict | None, asked, torch_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the weights are (or, in a ``save_quantized`` directory, were) rounded to before quantization."""
+    recorded = (own or {}).get("weight_dtype")
+    if recorded is None:                            # a 16/32-bit or bnb checkpoint (or a save without the field)
+        return torch_dtype if asked is None else resolve_dtype(asked)
+    recorded = getattr(torch, str(recorded), None)   # written as str(torch.bfloat16) less "torch."
+    if not (isinstance(recorded, torch.dtype) and recorded.is_floating_point):
+        raise QLoRADSError(f"{os.path.join(path, QUANT_META_NAME)}: weight_dtype {own['weight_dtype']!r} is not a "
+                           f"float dtype; re-save the model with qlora_ds.save_quantized")
+    if asked is not None and resolve_dtype(asked) != recorded:
+        raise QLoRADSError(f"{path!r} holds codes quantized from {str(recorded).removeprefix('torch.')} "
+                           f"({QUANT_META_NAME}); quantize_from={str(asked).removeprefix('torch.')} cannot change "
+                           f"them — omit quantize_from, or quantize the original 16/32-bit checkpoint with it")
+    return recorded
+
+
 def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype | str = AUTO,
                     policy: Policy | None = None, quantize_from: torch.dtype | str | None = None) -> nn.Module:
     """Load a Hugging Face causal LM with its target linears quantized and LoRA-wrapped (see module doc).
 
     ``path``: a directory with config.json and safetensors (16-bit; bitsandbytes 4-bit; or written by
     ``save_quantized``). ``quantize_from``: the dtype the weights are rounded to before quantization (None: the
-    load dtype); a layer's ``weight_dtype`` records it. The model is returned in eval mode; only the LoRA A/B
+    load dtype; a ``save_quantized`` directory's codes keep the dtype it recorded, and another one is an error); a
+    layer's ``weight_dtype`` records it. The model is returned in eval mode; only the LoRA A/B
     tensors require grad.
     """
     from transformers import AutoConfig
@@ -374,13 +395,13 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
     if not os.path.isdir(path):
         raise QLoRADSError(f"{path!r} is not a directory; pass a local checkpoint directory (no hub downloads)")
     config, torch_dtype = model_dtypes(config, torch_dtype)
-    quantize_from = torch_dtype if quantize_from is None else resolve_dtype(quantize_from)
     hf_config = AutoConfig.from_pretrained(path)
     if hasattr(hf_config, "quantization_config"):
         _check_quant_method(path, hf_config.quantization_config)
         del hf_config.quantization_config          # we do the quantization; build a plain skeleton
     ckpt = Checkpoint(path)
     own = _read_quant_meta(path, config)
+    quantize_from = _quantize_from(path, own, quantize_from, torch_dtype)
     stage = zero_stage(ds_config)
     if stage == 3:
         import deepspeed
@@ -464,31 +485,45 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
 def save_quantized(model: nn.Module, directory: str) -> None:
     """Write the frozen quantized model (no adapters) atomically: ``model.safetensors`` with the layers'
     packed parameters as stored, ``config.json``, and ``qlora_ds_quant.json`` (format, version, settings).
-    Works under ZeRO-3 too (each module is gathered in turn; rank 0 writes, and every rank returns once the
-    directory is complete, or raises if rank 0's write failed)."""
+    Works under ZeRO-3 too (each module is gathered in turn on every rank; only rank 0 copies it to host memory
+    and writes, and every rank returns once the directory is complete, or raises if rank 0's write failed)."""
     layers = {p: m for p, m in model.named_modules() if is_quantized_layer(m)}
     if not layers:
         raise QLoRADSError("the model has no QLoRALinear/QALoRALinear layers; quantize it with "
                            "qlora_ds.from_pretrained or inject() before save_quantized")
+    import torch.distributed as tdist
+
+    from ..distributed import all_ranks_ok
+    writer = not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
     first = next(iter(layers.values()))
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
+    storages: set[int] = set()
+
+    def host(t: torch.Tensor, copy: bool) -> torch.Tensor:
+        # the writer holds the model once more only for what must be copied: a ZeRO-3 gather (freed when the
+        # gather ends) or an accelerator tensor; a CPU tensor is written as it is, unless its memory is already
+        # in the file (safetensors refuses shared storage: a buffer registered in two modules)
+        t = t.detach()
+        copy = copy or t.device.type != "cpu" or t.untyped_storage().data_ptr() in storages
+        t = (t.to("cpu", copy=True) if copy else t).contiguous()
+        storages.add(t.untyped_storage().data_ptr())
+        return t
+
     for mpath, module in model.named_modules():
         if ".lora_A" in mpath or ".lora_B" in mpath:
             continue
         params = [(n, p) for n, p in module._parameters.items() if p is not None and id(p) not in seen]
-        with gathered([p for _, p in params]):
+        with gathered([p for _, p in params]):   # a collective: every rank gathers, only the writer copies
             for name, p in params:
                 seen.add(id(p))
-                tensors[f"{mpath}.{name}" if mpath else name] = p.detach().to("cpu").clone().contiguous()
+                if writer:
+                    tensors[f"{mpath}.{name}" if mpath else name] = host(p, hasattr(p, "ds_id"))
         for name, b in module._buffers.items():
-            if b is not None and name not in module._non_persistent_buffers_set:
-                tensors[f"{mpath}.{name}" if mpath else name] = b.detach().cpu().clone().contiguous()
-    import torch.distributed as tdist
-
-    from ..distributed import all_ranks_ok
+            if writer and b is not None and name not in module._non_persistent_buffers_set:
+                tensors[f"{mpath}.{name}" if mpath else name] = host(b, False)
     error = None
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0:
+    if writer:
         try:
             _write_quantized(model, directory, tensors, first, sorted(layers))
         except Exception as err:     # reported on every rank below: none left waiting for rank 0

@@ -4,8 +4,9 @@ predicted from ``config.json`` alone. Validated against fresh processes by ``pyt
 Load, from first principles (what the loader does, tensor by tensor, in ``named_modules`` order):
 
 * every tensor is read from safetensors into memory the process owns (no mmap: page cache is not RSS),
-  in the checkpoint dtype (bf16, 2 B/element), then converted to the load dtype (a new e-byte tensor while
-  the 2-byte one is alive, when e != 2);
+  in the checkpoint dtype (config.json's ``torch_dtype``, c B/element), then converted to the load dtype (a new
+  e-byte tensor while the c-byte one is alive, when the dtypes differ: an fp32 checkpoint loaded in bf16 holds
+  6 B/element while a tensor is read);
 * a target linear of n weights is quantized (NF4 + double quant, block 64/256): it keeps n/2 code bytes,
   n/64 absmax codes, 4·⌈n/64/256⌉ nested absmax and a 4-byte offset; while it runs, the float weight and
   the fp32 per-block absmax (4·n/64) are alive. Its LoRA A, B (fp32, r·(in+out)) and bias (load dtype) stay;
@@ -127,26 +128,43 @@ def load_order(cfg: dict) -> list[tuple[str, int, bool, int, int]]:
     return out
 
 
+_CKPT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def checkpoint_dtype(cfg: dict) -> str:
+    """The dtype the checkpoint of ``cfg`` (a config.json dict) stores its weights in, as config.json says
+    (``torch_dtype``; ``dtype`` from transformers 5): bf16 when it says nothing."""
+    named = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
+    named = str(named).removeprefix("torch.")
+    if _CKPT_DTYPES.get(named, named) not in DTYPE_BYTES:
+        raise QLoRADSError(f"config.json's torch_dtype {named!r} is not one of {sorted(_CKPT_DTYPES)}; pass "
+                           f"ckpt_dtype= with the dtype the safetensors files hold")
+    return _CKPT_DTYPES.get(named, named)
+
+
 def estimate_load(cfg: dict, dtype: str = "bf16", lora_r: int = 16, world: int = 1, zero_stage: int = 0,
-                  runtime_bytes: float | None = None) -> LoadEstimate:
-    """Peak RSS of one rank while ``from_pretrained`` loads the bf16 checkpoint described by ``cfg`` (a
-    config.json dict). ZeRO-3 (``world`` > 1): rank 0 reads and quantizes each module whole, then keeps
-    1/world of its parameters (DeepSpeed pads each to a multiple of world)."""
-    if dtype not in DTYPE_BYTES:
-        raise QLoRADSError(f"dtype={dtype!r}: use one of {sorted(DTYPE_BYTES)}")
-    e = DTYPE_BYTES[dtype]
+                  runtime_bytes: float | None = None, ckpt_dtype: str | None = None) -> LoadEstimate:
+    """Peak RSS of one rank while ``from_pretrained`` loads the checkpoint described by ``cfg`` (a
+    config.json dict), stored in ``ckpt_dtype`` (None: ``checkpoint_dtype(cfg)``) and loaded in ``dtype``.
+    ZeRO-3 (``world`` > 1): rank 0 reads and quantizes each module whole, then keeps 1/world of its parameters
+    (DeepSpeed pads each to a multiple of world)."""
+    for what, name in (("dtype", dtype), ("ckpt_dtype", ckpt_dtype or "bf16")):
+        if name not in DTYPE_BYTES:
+            raise QLoRADSError(f"{what}={name!r}: use one of {sorted(DTYPE_BYTES)}")
+    stored = ckpt_dtype or checkpoint_dtype(cfg)
+    e, c, convert = DTYPE_BYTES[dtype], DTYPE_BYTES[stored], stored != dtype
     share = world if zero_stage == 3 else 1
     if runtime_bytes is None:
         runtime_bytes = RUNTIME_BYTES if share == 1 else ZERO3_RUNTIME_BYTES + ZERO3_LAZY_IMPORT_BYTES
     resident, best, where, at_peak = 0.0, 0.0, "", 0.0
     for name, n, quantized, i, o in load_order(cfg):
-        read = 2 * n + (e * n if e != 2 else 0)              # the bf16 read (+ its converted copy)
+        read = c * n + (e * n if convert else 0)             # the stored tensor (+ its converted copy)
         if quantized:
             kept = nf4_dq_bytes(n) + 4 * lora_r * (i + o)
             transient = read + 4 * -(-n // 64) + kept        # float weight + fp32 absmax while quantizing
         else:
             kept = e * n
-            transient = read if e != 2 else kept
+            transient = read if convert else kept
         if share > 1:   # zero.Init's _partition_param: the 1/world ds_tensor is allocated while the whole is alive
             transient = max(transient, kept + _ds_partition(kept, e, world))
         if resident + transient > best:
