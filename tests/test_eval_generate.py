@@ -196,3 +196,28 @@ def test_mc_forward_builds_no_kv_cache(word_run):
         kept = _last_token_logits(model, ids, mask, torch.tensor([4, 2]))
     assert calls[1:] == [False]
     assert torch.allclose(kept, full[[0, 1], [4, 2]], atol=1e-5)
+
+
+def test_plain_peft_adapter_on_a_save_quantized_directory_uses_its_codes(tmp_path, caplog):
+    """A save_quantized directory's codes are fixed: evaluating an adapter on it must not ask the loader to quantize
+    from the run's dtype (a plain PEFT adapter fell back to the run's fp32 and the loader refused the directory)."""
+    import logging
+    import os
+
+    from qlora_ds.eval.runs import load_base_and_adapter
+    from qlora_ds.inject import save_quantized
+
+    ckpt = tmp_path / "fp16"
+    model = tiny_model("llama")
+    model.half().save_pretrained(ckpt)
+    cfg = QALoRAConfig(bits=4, group_size=32, r=4, alpha=8, dropout=0.0, compute_dtype=torch.bfloat16)
+    trained = from_pretrained(str(ckpt), cfg, torch_dtype=torch.bfloat16)
+    save_quantized(trained, str(tmp_path / "q"))
+    save_adapter(trained, str(tmp_path / "adapter"))
+    os.remove(tmp_path / "adapter" / "qlora_ds.json")                  # a plain PEFT file
+    packed = [p for p in trained.parameters() if p.dtype == torch.uint8]
+    with caplog.at_level(logging.WARNING, logger="qlora_ds.eval.runs"):
+        got = load_base_and_adapter(resolve(model=str(tmp_path / "q"), adapter=str(tmp_path / "adapter"),
+                                            method="qalora", bits=4, dtype="fp32"), compute_dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip([p for p in got.parameters() if p.dtype == torch.uint8], packed))
+    assert "another base" not in caplog.text

@@ -152,12 +152,22 @@ def quantization_dtype(source: Source, load_dtype: torch.dtype) -> torch.dtype |
     ``--train-dtype``'s) ``dtype``. None (quantize from ``load_dtype``) where neither does, with a warning when
     the checkpoint's weights then round differently from a load in another dtype."""
     from ..adapters.peft_format import SIDE_NAME
+    from ..inject.loading import QUANT_META_NAME
 
     side = os.path.join(source.adapter or "", SIDE_NAME)
     named = None
     if source.adapter and os.path.exists(side):
         with open(side, encoding="utf-8") as fh:
             named = json.load(fh).get("quantized_from")
+    meta = os.path.join(source.model, QUANT_META_NAME)
+    if os.path.isfile(meta):      # a save_quantized directory: its codes are what they are
+        with open(meta, encoding="utf-8") as fh:
+            own = str(json.load(fh).get("weight_dtype") or "").removeprefix("torch.")
+        if named and own and str(named).removeprefix("torch.") != own:
+            log.warning("adapter %s says its base was quantized from %s, but %s holds codes quantized from %s: it "
+                        "was trained on another base; its logits here differ slightly", source.adapter, named,
+                        source.model, own)
+        return None
     named = named or source.settings.get("dtype")
     if named and named != "auto":
         names = {**DTYPE_NAMES, **{str(d).removeprefix("torch."): d for d in DTYPE_NAMES.values()}}
