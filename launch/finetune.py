@@ -6,6 +6,10 @@
 Reads top to bottom: parse arguments once, then ``train(args)``: set up the process group, check the
 DeepSpeed config against the command line, stream-load the model into quantized LoRA layers, build the
 data, train with periodic held-out loss and checkpoints, then write the adapter, metrics and loss curve.
+
+Preemption: SIGTERM or SIGUSR1 (scancel, Slurm `--signal=USR1@120`, a k8s pod deletion) to any rank stops every
+rank after the current optimizer step and its checkpoint, with exit code 143 / 138; rerun with --resume to continue
+exactly (qlora_ds/preemption.py). Ctrl-C (SIGINT) stops at once.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 from qlora_ds import monitor
 from qlora_ds.cli import run_main
 from qlora_ds.data.run_data import Data, add_data_arguments, build_data
+from qlora_ds.distributed import all_mean as _all_mean
 from qlora_ds.ds_config import resolve_ds_config
 from qlora_ds.errors import QLoRADSError
 from qlora_ds.hardware import DTYPE_CHOICES, ds_compute_dtype, dtype_name
@@ -29,6 +34,7 @@ from qlora_ds.lr_schedule import SCHEDULES, fill_scheduler_section, lr_factor, s
 from qlora_ds.memstats import this_peak
 from qlora_ds.run_memory import planner_check
 from qlora_ds.overflow import OverflowMonitor, loss_scale
+from qlora_ds.preemption import Preempted, StopSignals, stop_signals
 from qlora_ds.run_dir import (CKPT_DIR, check_output_dir, keep_before, kept_before, resolved_settings, restore,
                               start_output_dir, warmup_steps)
 
@@ -186,16 +192,6 @@ compute_dtype = ds_compute_dtype     # of a ds_config that went through resolve_
 
 
 # ------------------------------------------------------------------------------------------------ train
-
-def _all_mean(values: list[float]) -> list[float]:
-    import torch.distributed as dist
-
-    from qlora_ds.distributed import collective_device
-
-    t = torch.tensor(values, dtype=torch.float64, device=collective_device())   # NCCL takes no CPU tensors
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
-
 
 class Run:
     """What the steps of one run share: the process group, the resolved ds_config, where things go.
@@ -466,13 +462,13 @@ class Loop:
         self.seconds[what] += spent
         self.t_last += spent
 
-    def run_steps(self) -> None:
+    def run_steps(self, stop: StopSignals | None = None) -> None:
         from tqdm import tqdm
 
         from qlora_ds import faults
         from qlora_ds.data.batching import batch_tokens
 
-        args, run = self.run.args, self.run
+        args, run, stop = self.run.args, self.run, stop or StopSignals(())
         if self.step == 0 and self.has_eval:         # the baseline the curve is judged against
             self.held_out()
         self.bar = tqdm(total=args.max_steps, initial=self.step, disable=run.rank != 0, dynamic_ncols=True,
@@ -493,7 +489,8 @@ class Loop:
                 continue
             self.step += 1
             # with token weighting each loss is its share of the step's token mean times accum × world: the same mean
-            mean_loss, = _all_mean([sum(self.losses) / len(self.losses)])
+            mean_loss, *votes = _all_mean([sum(self.losses) / len(self.losses), *stop.vote(self.step)])
+            signum = stop.agreed(votes)         # a signal to any rank stops every rank after this step
             self.losses, self.items = [], None
             last = self.step == args.max_steps
             if self.step % args.log_every == 0 or last:
@@ -501,9 +498,11 @@ class Loop:
             self.bar.update(1)
             if self.has_eval and (self.step % args.eval_every == 0 or last):
                 self.held_out()
-            if self.step % args.save_every == 0 or last:
+            if self.step % args.save_every == 0 or last or signum:
                 self.checkpoint()
             faults.inject("kill_after_step", self.step)
+            if signum and not last:
+                raise Preempted(signum, self.step)
         self.bar.close()
 
 
@@ -580,7 +579,8 @@ def train(args) -> dict:
         log.info("%d train %s / %d held-out examples", len(data.train), "rows" if args.packing else "examples",
                  data.eval_total)
     loop = Loop(run, engine, scheduler, tokenizer, data, metrics, step, micro_step)
-    loop.run_steps()
+    with stop_signals(run.rank, on_stop=shutdown) as stop:   # stopped: leave together, once rank 0 has pruned
+        loop.run_steps(stop)
     monitor.comms_summary(run.ds_config)                # collective: every rank
     phase("loop")
     seconds.update(loop.seconds)

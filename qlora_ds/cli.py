@@ -7,13 +7,16 @@ import os
 from typing import Any, Callable
 
 from .errors import QLoRADSError
+from .preemption import Preempted
 
 log = logging.getLogger("qlora_ds")
 
 
 def run_main(body: Callable[[Any], Any], parse_args: Callable[[Any], Any], argv=None,
              exit_code: Callable[[Any], int] = lambda result: 0) -> int:
-    """Exit 0 (or ``exit_code(result)``); 2 for bad input/config (QLoRADSError); 1 for any other failure."""
+    """Exit 0 (or ``exit_code(result)``); 2 for bad input/config (QLoRADSError); 128 + the signal for a run stopped by
+    SIGTERM / SIGUSR1 after saving its checkpoint (qlora_ds.preemption: 143 / 138, what Slurm and k8s requeue); 1 for
+    any other failure."""
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     args = parse_args(argv)
     who = f"rank {os.environ['RANK']}" if "RANK" in os.environ else "qlora-ds"
@@ -22,6 +25,9 @@ def run_main(body: Callable[[Any], Any], parse_args: Callable[[Any], Any], argv=
     except QLoRADSError as err:
         log.error("%s: %s", who, err)
         return 2
+    except Preempted as err:
+        log.warning("%s: %s", who, err)
+        return err.exit_code
     except Exception as err:  # noqa: BLE001 - name the rank and the cause, then fail the whole job
         log.exception("%s failed: %s: %s", who, type(err).__name__, err)
         return 1

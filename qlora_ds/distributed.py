@@ -1,6 +1,8 @@
 """Process-group set-up that works under the deepspeed launcher, torchrun and mpirun alike."""
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import os
 import socket
@@ -199,6 +201,25 @@ def _on_cuda() -> bool:
     return get_accelerator().device_name() == "cuda"
 
 
+@contextlib.contextmanager
+def _without_shm_comm_op():
+    """DeepSpeed's process group loads its CPU shared-memory all-reduce op (``deepspeed_shm_comm``) at every start,
+    though it serves only ``inference_all_reduce`` (AutoTP inference, which falls back to the process group without
+    it): ZeRO training never calls it. Its JIT load waits without end on torch's build ``lock``, which a job killed
+    while building it (24 s on an empty cache) leaves behind: every later run then hung before the process group
+    existed. It also mapped a 66 MB /dev/shm buffer per rank that DeepSpeed never removes. So it is not loaded."""
+    ds_torch = importlib.import_module("deepspeed.comm.torch")    # `import … as` would give deepspeed.comm's torch
+    build = getattr(ds_torch, "build_shm_op", None)
+    if build is None:                  # another DeepSpeed: nothing to leave out
+        yield
+        return
+    ds_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = build
+
+
 def init_distributed(timeout_s: float = 600.0):
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); returns (rank, world, local)."""
     from datetime import timedelta
@@ -218,7 +239,8 @@ def init_distributed(timeout_s: float = 600.0):
         # DeepSpeed's accelerator, not torch.cuda, says where the engine runs: DS_ACCELERATOR=cpu on a GPU machine
         # keeps the model and DeepSpeed's own collectives on the CPU, which NCCL cannot serve
         backend = "nccl" if _on_cuda() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+        with _without_shm_comm_op():
+            deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     local = int(os.environ.get("LOCAL_RANK", 0))
     if _on_cuda():
         torch.cuda.set_device(local)
@@ -248,6 +270,16 @@ def all_ranks_ok(ok: bool) -> bool:
     flag = torch.tensor([0 if ok else 1], device=collective_device())    # NCCL takes no CPU tensors
     dist.all_reduce(flag)
     return int(flag.item()) == 0
+
+
+def all_mean(values: list[float]) -> list[float]:
+    """The mean of each of ``values`` over the ranks (every rank must call it), as float64."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())   # NCCL takes no CPU tensors
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
 
 
 def _free_port() -> int:
@@ -294,7 +326,8 @@ def shm_buffer_path(env=os.environ) -> str | None:
 def release_shm_buffer(env=os.environ) -> bool:
     """Remove this rank's shared-memory all-reduce buffer (66 MB, tmpfs: RAM) once no collective is left: DeepSpeed
     never removes it, so every CPU multi-rank run left world x 66 MB of RAM behind until reboot (8 GB after one
-    day's test runs here). The mapping stays valid; only the name goes. True when a file was removed."""
+    day's test runs here). init_distributed no longer loads that op; a group DeepSpeed started itself still maps one.
+    The mapping stays valid; only the name goes. True when a file was removed."""
     path = shm_buffer_path(env)
     if path is None:
         return False

@@ -234,3 +234,20 @@ def test_a_launcher_world_of_one_is_a_local_run(env):
     env = dict(env)
     assert map_mpi_env(env) is None
     assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(env)
+
+
+def test_init_distributed_never_waits_on_a_stale_shm_op_build_lock(tmp_path):
+    """A job killed while DeepSpeed JIT-built its CPU shared-memory all-reduce op left torch's build ``lock`` behind,
+    and every later run hung in init_distributed for good (torch waits on it without a timeout). That op serves only
+    AutoTP inference, so it is no longer loaded: the stale lock holds nothing up, and nothing is built for it."""
+    from .dist_utils import REPO, dist_env
+
+    stale = tmp_path / "deepspeed_shm_comm" / "lock"
+    stale.parent.mkdir()
+    stale.touch()
+    code = ("from qlora_ds.distributed import init_distributed, shutdown\n"
+            "print('rank, world, local', init_distributed(timeout_s=30))\nshutdown()")
+    proc = subprocess.run([sys.executable, "-c", code], env=dist_env(TORCH_EXTENSIONS_DIR=str(tmp_path)),
+                          capture_output=True, text=True, timeout=90, cwd=REPO)
+    assert proc.returncode == 0 and "rank, world, local (0, 1, 0)" in proc.stdout, proc.stderr[-3000:]
+    assert sorted(p.name for p in stale.parent.iterdir()) == ["lock"]

@@ -186,7 +186,7 @@ def test_tokens_per_s_leaves_out_held_out_and_checkpoints(monkeypatch, tmp_path)
     rows = []
     args = types.SimpleNamespace(pad_to_multiple_of=1, max_len=8, chunked_loss=True, keep_checkpoints=1)
     run = types.SimpleNamespace(args=args, rank=0, world=1, micro=1, out=str(tmp_path))
-    engine = types.SimpleNamespace(skipped_steps=0, fp16_enabled=lambda: False)
+    engine = types.SimpleNamespace(skipped_steps=0, fp16_enabled=lambda: False, get_global_grad_norm=lambda: 1.5)
     metrics = types.SimpleNamespace(log=lambda **row: rows.append(row))
     data = ft.Data(train=[], eval_shard=[], eval_total=1, batches=None)
     loop = ft.Loop(run, engine, None, types.SimpleNamespace(pad_token_id=0), data, metrics, 0, 0)
@@ -266,3 +266,77 @@ def test_resume_with_max_steps_below_the_checkpoint_is_refused(word, tmp_path, m
     monkeypatch.setattr(checkpointing, "load", lambda engine, ckpt_dir, name: {"step": 6, "micro_step": 24})
     with pytest.raises(QLoRADSError, match=r"--resume --epochs 1.0 \(5 steps\): .* at step 6, past the end"):
         run_dir.restore(epochs, None, tag.name, 0)
+
+
+def test_stop_signals_note_the_first_signal_and_agree_across_ranks():
+    """SIGTERM / SIGUSR1 are noted, not fatal; a repeat (the deepspeed launcher passes on the SIGTERM each rank got)
+    is ignored; SIGINT keeps its default. A rank that got none stops with the signal the others got."""
+    import os
+    import signal
+
+    from qlora_ds.preemption import Preempted, StopSignals, stop_signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    stop = StopSignals()
+    try:
+        assert stop.vote(1) == [0.0, 0.0] and stop.agreed([0.0, 0.0]) == 0
+        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)                  # a repeat: still alive, still SIGUSR1
+        assert stop.signum == signal.SIGUSR1 and stop.vote(2) == [10.0, 1.0]
+        assert stop.agreed([5.0, 0.5]) == signal.SIGUSR1      # 2 ranks, this one signalled
+    finally:
+        stop.restore()
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert StopSignals(()).agreed([7.5, 0.5]) == signal.SIGTERM   # 2 ranks, the other one got SIGTERM
+    assert Preempted(signal.SIGTERM, 3).exit_code == 143
+    stopped = []
+    for raised, handlers_kept in ((Preempted(signal.SIGTERM, 3), True), (RuntimeError("a rank failed"), False)):
+        with pytest.raises(type(raised)):
+            with stop_signals(rank=1, on_stop=lambda: stopped.append(True)):
+                raise raised
+        assert (signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]) == handlers_kept
+        signal.signal(signal.SIGTERM, before[signal.SIGTERM])
+        signal.signal(signal.SIGUSR1, before[signal.SIGUSR1])
+    assert stopped == [True]                              # process group torn down only on the graceful stop
+
+
+def test_sigusr1_saves_the_step_reached_and_resume_equals_uninterrupted(word, grown):
+    """A real SIGUSR1 from outside (Slurm's --signal) once training began: the run finishes its step, saves its
+    checkpoint (signed, complete) and exits 138; --resume then ends as the straight run. It used to die at once,
+    losing every step since the last --save-every checkpoint."""
+    import signal
+    import time
+
+    from qlora_ds import checkpointing
+
+    straight, out = grown[0], word["root"] / "usr1"
+    args = _args(word, out, "--max-steps", "8", "--warmup-ratio", "0.25", "--save-every", "100", "--sample-prompt",
+                 "What is AI?")
+    log = word["root"] / "usr1.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, str(FINETUNE), *args], env=dist_env(), stdout=fh,
+                                stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 300
+        metrics = out / "metrics.jsonl"           # its first row: the baseline held-out loss, in the loop
+        while not metrics.exists() or not metrics.read_text().endswith("\n"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert proc.returncode == 138, text[-3000:]
+    stopped = _steps(out)[-1]["step"]
+    assert 1 <= stopped < 8 and f"stopped by SIGUSR1 at step {stopped}, its checkpoint saved" in text
+    assert checkpointing.latest_complete(str(out / "checkpoints")) == checkpointing.tag_of(stopped)
+    assert not (out / "adapter").exists()
+    check(_finetune(*args, "--resume"))
+    a, b = _steps(straight), _steps(out)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and [r["lr"] for r in a] == [r["lr"] for r in b]
+    wa = load_file(straight / "adapter" / "adapter_model.safetensors")
+    wb = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

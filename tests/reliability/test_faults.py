@@ -133,3 +133,38 @@ def test_resume_refuses_a_planted_tag_then_resumes_the_genuine_one(tiny_run, ref
     assert not marker.exists()
     shutil.rmtree(planted)               # a genuine resume end to end: test_sigkill_then_resume_equals_uninterrupted
     assert checkpointing.latest_complete(str(ckpt)) == "step0000005"
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_its_step_with_a_checkpoint(tiny_run, reference):
+    """A real SIGTERM to rank 1 only, in step 3 (QLORA_DS_FAULT=sigterm_at_step): every rank finishes step 3, saves
+    its checkpoint (complete, signed) and exits 143 for the scheduler to requeue; --resume then ends exactly as the
+    uninterrupted run. No /dev/shm buffer is left (DeepSpeed's shm all-reduce op is not loaded). The signal used to
+    kill rank 1 at once and the job with it, losing step 3."""
+    from ..dist_utils import shm_buffers
+
+    out, before = tiny_run["root"] / "sigterm", shm_buffers()
+    stopped = run_deepspeed(FINETUNE, *_args(tiny_run, out), QLORA_DS_FAULT="sigterm_at_step:3:1")
+    text = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 143, text[-4000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: stopped by SIGTERM at step 3, its checkpoint saved" in text
+    assert [s for s, _ in _losses(out)[0]] == [1, 2, 3] and not (out / "adapter").exists()
+    assert checkpointing.latest_complete(str(out / "checkpoints")) == "step0000003"
+    assert shm_buffers() - before == set()
+    check(run_deepspeed(FINETUNE, *_args(tiny_run, out, "--resume")))
+    assert _losses(out) == _losses(reference)
+    a, b = _adapter(reference), _adapter(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failed_job_leaves_no_shm_buffer(tiny_run):
+    """A rank that raises fails the job; DeepSpeed's CPU shared-memory all-reduce buffers (66 MB of RAM per rank in
+    /dev/shm, removed only by a successful run's shutdown) used to stay behind after every failed or killed run.
+    That op is no longer loaded, so there are none to leave."""
+    from ..dist_utils import shm_buffers
+
+    before = shm_buffers()
+    proc = run_deepspeed(FINETUNE, *_args(tiny_run, tiny_run["root"] / "raise_shm", "--max-steps", "2"),
+                         QLORA_DS_FAULT="raise_at_step:1:1")
+    assert proc.returncode != 0 and "injected fault raise_at_step at step 1" in proc.stdout + proc.stderr
+    assert shm_buffers() - before == set()
