@@ -1,6 +1,7 @@
 """Fault injection for reliability tests: ``QLORA_DS_FAULT=point:step[:rank]`` makes that rank fail at
 that point. Points: ``kill_after_step`` / ``kill_in_save`` (SIGKILL itself), ``raise_at_step`` (an
-exception), ``enospc_in_save`` (a disk-full OSError), ``nan_loss_at_micro_step`` (the loss becomes NaN).
+exception), ``enospc_in_save`` (a disk-full OSError), ``nan_loss_at_micro_step`` (the loss becomes NaN),
+``sigterm_at_step`` (read by ``qlora_ds.preemption``: the rank sends itself SIGTERM).
 Unset (the normal case) it costs one dict lookup per call."""
 from __future__ import annotations
 
