@@ -48,6 +48,16 @@ CFG = QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32)
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 17, 100]])
 
 
+
+def _trained_logits(peft_model) -> torch.Tensor:
+    """A PEFT model's logits on IDS once its lora_B are random (seed 1), as if trained."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+        return peft_model.eval()(IDS).logits
+
 def _randomize_adapter(model, seed=1):
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -279,12 +289,7 @@ def test_peft_rank_pattern_adapter_loads_merges_and_resaves(tmp_path, rslora):
     peft_model = get_peft_model(_dequantized_base(make(), _llama()), LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=rslora,
         rank_pattern={"q_proj": 8, r"layers\.1\.mlp\.down_proj": 2}, alpha_pattern={"q_proj": 32}))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.05)
-        theirs = peft_model.eval()(IDS).logits
+    theirs = _trained_logits(peft_model)
     peft_model.save_pretrained(str(tmp_path / "peft"))
     cfg = adapter_config_from_dir(str(tmp_path / "peft"), torch.float32, fallback={"method": "qlora"})
     ours = _inject(_llama(), cfg)
@@ -470,12 +475,7 @@ def test_peft_lm_head_adapter_with_its_base_copy_loads(tmp_path):
     ours = _inject(_head_bias(_llama()), cfg)
     pm = get_peft_model(_dequantized_base(ours, _head_bias(_llama())), LoraConfig(r=4, lora_alpha=8,
                                                                                  target_modules=targets))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.05)
-        theirs = pm.eval()(IDS).logits
+    theirs = _trained_logits(pm)
     pm.save_pretrained(str(tmp_path / "peft"))
     path = tmp_path / "peft" / "adapter_model.safetensors"
     sd = load_file(str(path))

@@ -16,6 +16,7 @@ from qlora_ds.adapters import load_adapter, save_adapter
 from qlora_ds.errors import QLoRADSError
 
 from .conftest import inject, state, tiny_llama, unchanged
+from .test_saving import ckpt  # noqa: F401 - a fixture: a 1-rank group and a private secret directory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -252,20 +253,6 @@ def test_a_file_swapped_after_the_verification_is_not_unpickled(evil, tmp_path, 
         checkpointing.load(engine, str(ckpt), "step0000002")
 
 
-@pytest.fixture
-def one_rank(tmp_path, monkeypatch):
-    """A 1-rank gloo group and a private secret directory, for ``checkpointing.save``."""
-    import torch.distributed as dist
-
-    monkeypatch.setenv("QLORA_DS_SECRET_DIR", str(tmp_path / "secrets"))
-    mine = not dist.is_initialized()
-    if mine:
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield tmp_path / "checkpoints"
-    if mine:
-        dist.destroy_process_group()
-
-
 class _SavingEngine:
     """DeepSpeed's save path in small: its own TorchCheckpointEngine writes the tag's model states."""
 
@@ -280,13 +267,13 @@ class _SavingEngine:
                                     os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"))
 
 
-def test_save_signs_the_bytes_it_wrote_not_the_files_found_later(evil, one_rank, tmp_path):
+def test_save_signs_the_bytes_it_wrote_not_the_files_found_later(evil, ckpt, tmp_path):
     """The manifest signed whatever the tag held when rank 0 hashed it, after the adapter save and the fsyncs: a
     pickle swapped in (or added) in that window got signed, and resume unpickled it."""
     from qlora_ds import checkpointing
 
     write, marker = evil
-    ckpt, client = one_rank, {"step": 2, "micro_step": 2}
+    client = {"step": 2, "micro_step": 2}
 
     def swap(tag_dir):                                        # the attacker, while the adapter is saved
         write(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))
