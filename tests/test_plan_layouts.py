@@ -146,18 +146,13 @@ def _saved_bytes_per_layer(model, layer, batch: int, seq: int) -> int:
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("r", [0, 8])
-def test_plain_mlp_activations_are_what_autograd_keeps(r, monkeypatch):
-    """GPT-NeoX in bf16 on the CPU (SDPA; parallel block: two LayerNorms of one input, fused query_key_value, a
-    plain gelu MLP, biases), its LoRA on all linears with dropout 0: per token, one decoder layer's saved tensors
-    are the planner's activation term. Measured as the slope between batch 1 and 3 (per-layer constants such as
-    rotary tables and the LoRA weights' bf16 copies cancel). A gated MLP's 3·e·i in place of gelu's e·i would be
-    512 B/token over."""
+def _slope(r: int) -> tuple[int, float]:
+    """(planned, measured) bytes per token of one GPT-NeoX decoder layer (see the test below), in this process."""
     from qlora_ds.inject import inject
     from qlora_ds.nn import QLoRAConfig, functional
     # the kept-weight pool (the planner's dequant_keep, per weight, not per token) off: without AMX's fused linear
     # (e.g. AVX2) the two batches would keep different sets of dequantized weights
-    monkeypatch.setattr(functional, "KEEP_LIMIT", 0)     # restored afterwards
+    functional.KEEP_LIMIT = 0
     functional.set_keep_limit(0)                          # and the pool emptied
     model = _build("gpt_neox", VARIANTS["gpt_neox"][0], attn_implementation="sdpa", dtype=torch.bfloat16)
     if r:
@@ -165,14 +160,37 @@ def test_plain_mlp_activations_are_what_autograd_keeps(r, monkeypatch):
     else:
         model.requires_grad_(False)
         model.get_input_embeddings().weight.requires_grad_(True)
-    layer, seq = model.gpt_neox.layers[1], 48
+    layer, seq = model.gpt_neox.layers[1], SLOPE_SEQ
     one, three = (_saved_bytes_per_layer(model, layer, b, seq) for b in (1, 3))
-    measured = (three - one) / (2 * seq)
     s = shape_from_hf_config(model.config.to_dict())
-    planned = activation_bytes_per_token_layer(s, r, dropout=0.0, elem=2, mask_bytes=0)
+    return activation_bytes_per_token_layer(s, r, dropout=0.0, elem=2, mask_bytes=0), (three - one) / (2 * seq)
+
+
+SLOPE_SEQ = 48
+
+
+@pytest.mark.parametrize("r", [0, 8])
+def test_plain_mlp_activations_are_what_autograd_keeps(r):
+    """GPT-NeoX in bf16 on the CPU (SDPA; parallel block: two LayerNorms of one input, fused query_key_value, a
+    plain gelu MLP, biases), its LoRA on all linears with dropout 0: per token, one decoder layer's saved tensors
+    are the planner's activation term. Measured as the slope between batch 1 and 3 (per-layer constants such as
+    rotary tables and the LoRA weights' bf16 copies cancel). A gated MLP's 3·e·i in place of gelu's e·i would be
+    512 B/token over. Measured in a fresh interpreter: in the full suite's process an earlier test's process-wide
+    state once made SDPA keep more (1560 vs 920 B/token at r 0)."""
+    import json
+    import subprocess
+    import sys
+
+    from .dist_utils import REPO, dist_env
+    code = f"import json; from tests.test_plan_layouts import _slope; print(json.dumps(_slope({r})))"
+    proc = subprocess.run([sys.executable, "-c", code], env=dist_env(), capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    planned, measured = json.loads(proc.stdout.strip().splitlines()[-1])
     assert planned == pytest.approx(measured, rel=0.01), (planned, measured)
-    cfg = PlanConfig(shape=s, lora_r=r, lora_dropout=0.0, device="cpu", seq_len=seq, grad_ckpt=False)
-    assert estimate_memory(cfg).get("activations") == s.layers * seq * planned
+    s = shape_from_hf_config(_build("gpt_neox", VARIANTS["gpt_neox"][0]).config.to_dict())
+    cfg = PlanConfig(shape=s, lora_r=r, lora_dropout=0.0, device="cpu", seq_len=SLOPE_SEQ, grad_ckpt=False)
+    assert estimate_memory(cfg).get("activations") == s.layers * SLOPE_SEQ * planned
 
 
 @pytest.mark.parametrize("cfg,published", [
