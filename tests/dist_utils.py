@@ -29,6 +29,7 @@ def dist_env(**extra: str) -> dict[str, str]:
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
                                                    os.path.expanduser("~/.cache/qlora_ds/torch_extensions")),
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env["MASTER_PORT"] = str(free_port())     # a single-process run would otherwise take 29500, maybe held already
     env.update(extra)
     return env
 

@@ -404,10 +404,12 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
     quantize_from = _quantize_from(path, own, quantize_from, torch_dtype)
     stage = zero_stage(ds_config)
     if stage == 3:
+        import deepspeed
         import deepspeed.comm as dist
-        if not dist.is_initialized():       # a user's own script: our start (launcher env, no shm op, timeout)
-            from ..distributed import init_distributed
-            init_distributed()
+        if not dist.is_initialized():       # a user's own script, or torch's group set up by HF's TrainingArguments
+            from ..distributed import _without_shm_comm_op
+            with _without_shm_comm_op():
+                deepspeed.init_distributed()
         read = dist.get_rank() == 0
     else:
         read = True
