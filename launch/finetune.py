@@ -26,7 +26,7 @@ import torch
 from qlora_ds import monitor
 from qlora_ds.cli import run_main
 from qlora_ds.data.run_data import Data, add_data_arguments, build_data
-from qlora_ds.distributed import all_mean as _all_mean
+from qlora_ds.distributed import all_mean as _all_mean, load_device
 from qlora_ds.ds_config import resolve_ds_config
 from qlora_ds.errors import QLoRADSError
 from qlora_ds.hardware import DTYPE_CHOICES, ds_compute_dtype, dtype_name
@@ -271,7 +271,8 @@ def build_model(run: Run):
         tokenizer.pad_token = tokenizer.eos_token
     runtime = 0 if torch.cuda.is_available() else rss()     # the planner's runtime term, measured
     dtype = compute_dtype(run.ds_config)
-    model = from_pretrained(args.model, adapter_config(args, dtype), ds_config=run.ds_config, torch_dtype=dtype)
+    model = from_pretrained(args.model, adapter_config(args, dtype), ds_config=run.ds_config, torch_dtype=dtype,
+                            device=load_device(run.zero_stage))
     if args.init_adapter and not run.resume_tag:     # a resumed run's checkpoint holds its own LoRA weights
         from qlora_ds.inject import load_adapter
         loaded = load_adapter(model, args.init_adapter)

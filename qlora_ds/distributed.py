@@ -201,6 +201,16 @@ def _on_cuda() -> bool:
     return get_accelerator().device_name() == "cuda"
 
 
+def load_device(zero_stage: int):
+    """Where ``from_pretrained`` puts each module as soon as it is filled: this rank's GPU below ZeRO-3 (host memory
+    then holds one module, not the 4-bit model), None otherwise (the CPU; under ZeRO-3, zero.Init places the
+    partitions)."""
+    if zero_stage < 3 and _on_cuda():
+        import torch
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
 @contextlib.contextmanager
 def _without_shm_comm_op():
     """DeepSpeed's process group loads its CPU shared-memory all-reduce op (``deepspeed_shm_comm``) at every start,

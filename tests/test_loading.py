@@ -457,50 +457,68 @@ def _new_tensor_bytes(fn) -> int:
     return Count.total
 
 
-def test_save_quantized_copies_only_what_the_writer_must(llama_dir, tmp_path, monkeypatch):
-    """A CPU model is written from its own parameters (no second host copy); a rank that does not write copies
-    nothing (under ZeRO-3 each of 8 ranks on a node held the whole model once more); ZeRO-3's gathered parameters
-    are copied once, on the writer, as the gather frees them."""
+def test_save_quantized_streams_tensor_by_tensor(tmp_path, monkeypatch):
+    """The file is written tensor by tensor: on the writer no torch copy of a CPU model and no Python-side copy of
+    its bytes (safetensors' save_file made a ``bytes`` copy of every tensor: the host held the model twice); a rank
+    that does not write copies nothing; ZeRO-3's gathered parameters go to the file while they are gathered (the
+    writer used to keep a host copy of each until the end)."""
     import contextlib
+    import tracemalloc
 
     import torch.distributed as tdist
+    from safetensors import safe_open
 
     from qlora_ds import distributed
     from qlora_ds.inject import loading
 
-    model = from_pretrained(llama_dir, CFG, torch_dtype=torch.bfloat16)
-    state, written = _base_state(model), {}
-    real = loading._write_quantized
-
-    def spy(model, directory, tensors, *rest, write=True):
-        written.update(tensors)
-        if write:
-            real(model, directory, tensors, *rest)
-
-    monkeypatch.setattr(loading, "_write_quantized", spy)
-    save_quantized(model, str(tmp_path / "one"))
-    assert written.keys() == state.keys()
-    assert all(written[k].data_ptr() == state[k].data_ptr() for k in state)        # written as they are
+    tiny_model("llama", hidden=512, dtype=torch.bfloat16).save_pretrained(tmp_path / "base")
+    model = from_pretrained(str(tmp_path / "base"), CFG, torch_dtype=torch.bfloat16)
+    state = _base_state(model)
+    total = sum(t.nbytes for t in state.values())
+    tracemalloc.start()
+    try:
+        copied = _new_tensor_bytes(lambda: save_quantized(model, str(tmp_path / "one")))
+        _, python_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total > 2_000_000 and copied == 0
+    assert python_peak < total / 4, (python_peak, total)      # save_file: > total
+    with safe_open(str(tmp_path / "one" / "model.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == state.keys() and f.metadata() == {"format": "pt"}
     on_disk = load_file(str(tmp_path / "one" / "model.safetensors"))
-    assert all(torch.equal(on_disk[k], state[k]) for k in state)
+    assert all(on_disk[k].dtype == state[k].dtype and torch.equal(on_disk[k], state[k]) for k in state)
 
     # "ZeRO-3" on 2 ranks: the parameters are partitioned (gathered in full, here they are whole already)
     monkeypatch.setattr(tdist, "is_initialized", lambda: True)
     monkeypatch.setattr(distributed, "all_ranks_ok", lambda ok: ok)
-    monkeypatch.setattr(loading, "gathered", lambda params: contextlib.nullcontext())
+    live = []
+
+    @contextlib.contextmanager
+    def gathered(params):
+        live.extend(params)
+        yield
+        live.clear()
+
+    monkeypatch.setattr(loading, "gathered", gathered)
     partitioned = [p for n, p in model.named_parameters() if ".lora_" not in n]
     for p in partitioned:
-        p.ds_id = id(p)
+        p.ds_id, p.ds_shape = id(p), p.shape
     monkeypatch.setattr(tdist, "get_rank", lambda group=None: 1)
-    written.clear()
     assert _new_tensor_bytes(lambda: save_quantized(model, str(tmp_path / "rank1"))) == 0
-    assert not written and not (tmp_path / "rank1").exists()
+    assert not (tmp_path / "rank1").exists()
 
     monkeypatch.setattr(tdist, "get_rank", lambda group=None: 0)      # the writer
-    monkeypatch.setattr(loading, "_write_quantized", lambda *a: spy(*a, write=False))
-    copied = _new_tensor_bytes(lambda: save_quantized(model, str(tmp_path / "z3")))
-    assert copied == sum(p.nbytes for p in partitioned)                               # one copy each
-    assert all(written[k].data_ptr() != state[k].data_ptr() and torch.equal(written[k], state[k]) for k in state)
+    from qlora_ds import safetensors_writer
+    real_write = safetensors_writer.SafetensorsWriter.write
+
+    def write(self, name, tensor):
+        assert not hasattr(tensor, "ds_id") or any(tensor is p for p in live), name     # written while gathered
+        real_write(self, name, tensor)
+
+    monkeypatch.setattr(safetensors_writer.SafetensorsWriter, "write", write)
+    assert _new_tensor_bytes(lambda: save_quantized(model, str(tmp_path / "z3"))) == 0
+    on_disk = load_file(str(tmp_path / "z3" / "model.safetensors"))
+    assert on_disk.keys() == state.keys() and all(torch.equal(on_disk[k], state[k]) for k in state)
 
 
 def test_save_quantized_directory_keeps_the_dtype_its_codes_came_from(tmp_path):

@@ -124,12 +124,15 @@ def _quantized_worker(model_dir: str, out: str) -> None:
     save_quantized(model, good)
     result = {"complete": all(os.path.exists(os.path.join(good, f))
                               for f in ("model.safetensors", "config.json", QUANT_META_NAME))}
-    import safetensors.torch as st
-    real = st.save_file
+    from qlora_ds.safetensors_writer import SafetensorsWriter
+    real, written = SafetensorsWriter.write, []
 
-    def full_disk(tensors, path, metadata=None):   # rank 0's disk is full
-        raise OSError(28, "No space left on device", path)
-    st.save_file = full_disk
+    def full_disk(self, name, tensor):   # rank 0's disk fills up after a few tensors (the others go on gathering)
+        if len(written) == 3:
+            raise OSError(28, "No space left on device", name)
+        written.append(name)
+        real(self, name, tensor)
+    SafetensorsWriter.write = full_disk
     t0 = time.time()
     try:
         save_quantized(model, os.path.join(out, "full"))
@@ -137,7 +140,7 @@ def _quantized_worker(model_dir: str, out: str) -> None:
     except Exception as err:
         result["error"] = f"{type(err).__name__}: {err}"
     result["seconds"] = time.time() - t0
-    st.save_file = real
+    SafetensorsWriter.write = real
     with open(os.path.join(out, f"quantized{rank}.json"), "w") as fh:
         json.dump(result, fh)
     dist.barrier()

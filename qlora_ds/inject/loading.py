@@ -23,7 +23,8 @@ So per rank the peak is one module's tensors plus 1/N of the model, the checkpoi
 repeated. (The alternatives: every rank quantizes and copies its own slice — no traffic, but N× the
 quantization work and a dependence on ZeRO's private partition layout; ``GatheredParameters(modifier_rank=0)``
 per module — an all-gather plus a broadcast each.)
-ZeRO 0/1/2: every rank loads the whole 4-bit model.
+ZeRO 0/1/2: every rank loads the whole 4-bit model; with ``device`` (finetune passes the rank's GPU) each module
+goes there as soon as it is filled, so host memory holds one module, not the model (65B: ~33 GiB otherwise).
 """
 from __future__ import annotations
 
@@ -252,7 +253,8 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-def _fill_layer(layer, path, how, ckpt, conv1d, config, dtype, read: bool, key: str) -> None:
+def _fill_layer(layer, path, how, ckpt, conv1d, config, dtype, read: bool, key: str,
+                device: torch.device) -> None:
     """``dtype``: what the float weights are rounded to before quantization (``from_pretrained``'s quantize_from);
     ``key``: the checkpoint key of the layer's float or bnb weight."""
     base = [n for n, p in layer.named_parameters(recurse=False)]
@@ -282,7 +284,8 @@ def _fill_layer(layer, path, how, ckpt, conv1d, config, dtype, read: bool, key: 
         layer.set_quantized_weight(qt, bias)
     for sub in (layer.lora_A, layer.lora_B):
         sub.to_empty(device="cpu")
-    layer.reset_lora_parameters()
+    layer.reset_lora_parameters()        # on the CPU: the same initial LoRA weights wherever the model goes
+    layer.to(device)
 
 
 def _zero3_partition(params: list[nn.Parameter], ds_config) -> None:
@@ -315,8 +318,9 @@ def _broadcast_buffers(buffers: list[tuple[nn.Module, str]]) -> None:
 
 
 def _buffers_to_device(model: nn.Module, device: torch.device) -> None:
-    """ZeRO-3: move every buffer (persistent or not: rotary ``inv_freq``, masks…) to ``device``. The skeleton is
-    built on the CPU outside ``zero.Init``'s context, ``zero.Init(module=…)`` moves parameters only, and
+    """ZeRO-3 (and a load onto ``device``): move every buffer (persistent or not: rotary ``inv_freq``, masks…) to
+    ``device``. The skeleton is built on the CPU outside ``zero.Init``'s context, ``zero.Init(module=…)`` moves
+    parameters only, and
     DeepSpeed's engine does not move a model whose parameters ZeRO-3 already holds (``_configure_distributed_model``:
     ``if not (self.dont_change_device or is_zero_init_model): self.module.to(self.device)``), so on a GPU they would
     stay on the CPU. A buffer shared by several modules stays one tensor."""
@@ -380,14 +384,16 @@ def _quantize_from(path: str, own: dict | None, asked, torch_dtype: torch.dtype)
 
 
 def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype | str = AUTO,
-                    policy: Policy | None = None, quantize_from: torch.dtype | str | None = None) -> nn.Module:
+                    policy: Policy | None = None, quantize_from: torch.dtype | str | None = None,
+                    device: torch.device | str | None = None) -> nn.Module:
     """Load a Hugging Face causal LM with its target linears quantized and LoRA-wrapped (see module doc).
 
     ``path``: a directory with config.json and safetensors (16-bit; bitsandbytes 4-bit; or written by
     ``save_quantized``). ``quantize_from``: the dtype the weights are rounded to before quantization (None: the
     load dtype; a ``save_quantized`` directory's codes keep the dtype it recorded, and another one is an error); a
-    layer's ``weight_dtype`` records it. The model is returned in eval mode; only the LoRA A/B
-    tensors require grad.
+    layer's ``weight_dtype`` records it. ``device`` (below ZeRO-3; None: the CPU): where each module goes as soon as
+    it is read and quantized (on the CPU, so the codes are the CPU's), so host memory never holds the whole model.
+    The model is returned in eval mode; only the LoRA A/B tensors require grad.
     """
     from transformers import AutoConfig
     if not isinstance(config, (QLoRAConfig, QALoRAConfig)):
@@ -403,6 +409,10 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
     own = _read_quant_meta(path, config)
     quantize_from = _quantize_from(path, own, quantize_from, torch_dtype)
     stage = zero_stage(ds_config)
+    if stage == 3 and device is not None:
+        raise QLoRADSError(f"device={device!r} with ZeRO-3: ZeRO-3 puts each rank's partition on its own device; "
+                           f"leave device unset")
+    device = torch.device("cpu" if device is None else device)
     if stage == 3:
         import deepspeed
         import deepspeed.comm as dist
@@ -432,7 +442,7 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
                 continue                            # LoRA submodules: filled with their layer
             if mpath in layer_set:
                 _fill_layer(module, mpath, how[mpath], ckpt, mpath in conv1d, config, quantize_from, read,
-                            weight_key[mpath])
+                            weight_key[mpath], device)
                 new_params = list(module.parameters())
             else:
                 new_params = []
@@ -445,7 +455,7 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
                     t = ckpt.get(source[id(p)]) if read else torch.empty(p.shape, dtype=p.dtype)
                     if t.is_floating_point():
                         t = t.to(torch_dtype if p.dtype.is_floating_point else p.dtype)
-                    new = _frozen(t)
+                    new = _frozen(t.to(device))
                     done[id(p)] = new
                     module._parameters[name] = new
                     new_params.append(new)
@@ -457,7 +467,7 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
                                                f"model's is {tuple(b.shape)}; the checkpoint does not match its "
                                                f"config.json")
                         if read:
-                            module._buffers[name] = ckpt.get(key).to(b.dtype)
+                            module._buffers[name] = ckpt.get(key).to(device, b.dtype)
                         loaded_buffers.append((module, name))
             if stage == 3 and new_params:
                 if ds_compute_dtype(ds_config) == torch.float16:
@@ -474,6 +484,8 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
     if stage == 3:
         _broadcast_buffers(loaded_buffers)
         _buffers_to_device(model, _zero3_device())
+    elif device.type != "cpu":
+        _buffers_to_device(model, device)        # the skeleton's own (rotary inv_freq, masks)
     model.requires_grad_(False)
     for layer in paths:
         model.get_submodule(layer).lora_A.weight.requires_grad_(True)
@@ -487,8 +499,9 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
 def save_quantized(model: nn.Module, directory: str) -> None:
     """Write the frozen quantized model (no adapters) atomically: ``model.safetensors`` with the layers'
     packed parameters as stored, ``config.json``, and ``qlora_ds_quant.json`` (format, version, settings).
-    Works under ZeRO-3 too (each module is gathered in turn on every rank; only rank 0 copies it to host memory
-    and writes, and every rank returns once the directory is complete, or raises if rank 0's write failed)."""
+    Works under ZeRO-3 too (each module is gathered in turn on every rank; only rank 0 writes it, a tensor at a
+    time, and every rank returns once the directory is complete, or raises if rank 0's write failed). Host memory
+    beyond the model: one tensor (``qlora_ds.safetensors_writer``)."""
     layers = {p: m for p, m in model.named_modules() if is_quantized_layer(m)}
     if not layers:
         raise QLoRADSError("the model has no QLoRALinear/QALoRALinear layers; quantize it with "
@@ -497,55 +510,61 @@ def save_quantized(model: nn.Module, directory: str) -> None:
 
     from ..distributed import all_ranks_ok
     writer = not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
-    first = next(iter(layers.values()))
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    storages: set[int] = set()
-
-    def host(t: torch.Tensor, copy: bool) -> torch.Tensor:
-        # the writer holds the model once more only for what must be copied: a ZeRO-3 gather (freed when the
-        # gather ends) or an accelerator tensor; a CPU tensor is written as it is, unless its memory is already
-        # in the file (safetensors refuses shared storage: a buffer registered in two modules)
-        t = t.detach()
-        copy = copy or t.device.type != "cpu" or t.untyped_storage().data_ptr() in storages
-        t = (t.to("cpu", copy=True) if copy else t).contiguous()
-        storages.add(t.untyped_storage().data_ptr())
-        return t
-
+    # (module path, [(name, parameter)], [(name, buffer)]): each parameter once (tied ones under their first name)
+    groups, seen = [], set()
     for mpath, module in model.named_modules():
         if ".lora_A" in mpath or ".lora_B" in mpath:
             continue
         params = [(n, p) for n, p in module._parameters.items() if p is not None and id(p) not in seen]
-        with gathered([p for _, p in params]):   # a collective: every rank gathers, only the writer copies
-            for name, p in params:
-                seen.add(id(p))
-                if writer:
-                    tensors[f"{mpath}.{name}" if mpath else name] = host(p, hasattr(p, "ds_id"))
-        for name, b in module._buffers.items():
-            if writer and b is not None and name not in module._non_persistent_buffers_set:
-                tensors[f"{mpath}.{name}" if mpath else name] = host(b, False)
-    error = None
+        seen.update(id(p) for _, p in params)
+        buffers = [(n, b) for n, b in module._buffers.items()
+                   if b is not None and n not in module._non_persistent_buffers_set]
+        if params or buffers:
+            groups.append((mpath, params, buffers))
+    key = lambda mpath, name: f"{mpath}.{name}" if mpath else name          # noqa: E731
+    entries = [(key(mpath, n), t.dtype, tuple(getattr(t, "ds_shape", t.shape)))
+               for mpath, params, buffers in groups for n, t in params + buffers]
+    ran, error = False, None
+
+    def stream(out) -> None:
+        """Every rank gathers module by module (a collective); the writer writes each as it comes, then drops it:
+        host memory holds one tensor at a time, not the model (safetensors' save_file held it twice)."""
+        nonlocal ran
+        ran, failed = True, None
+        for mpath, params, buffers in groups:
+            with gathered([p for _, p in params]):
+                if out is not None and failed is None:      # after a failure keep gathering: no rank left waiting
+                    try:
+                        for n, t in params + buffers:
+                            out.write(key(mpath, n), t)
+                    except Exception as err:
+                        failed = err
+        if failed is not None:
+            raise failed
+
     if writer:
         try:
-            _write_quantized(model, directory, tensors, first, sorted(layers))
+            _write_quantized(model, directory, entries, next(iter(layers.values())), sorted(layers), stream)
         except Exception as err:     # reported on every rank below: none left waiting for rank 0
             error = err
+    if not ran:
+        stream(None)
     if not all_ranks_ok(error is None):
         if error is not None:
             raise error
         raise QLoRADSError(f"save_quantized: writing {directory} failed on rank 0 (its error says why)")
 
 
-def _write_quantized(model, directory: str, tensors: dict, first, modules: list[str]) -> None:
-    from safetensors.torch import save_file
-
+def _write_quantized(model, directory: str, entries: list, first, modules: list[str], stream) -> None:
     from .. import __version__
     from ..atomic import atomic_directory
+    from ..safetensors_writer import SafetensorsWriter
     meta = {"format": QUANT_FORMAT, "version": QUANT_VERSION, **quant_settings(first.config),
             "weight_dtype": str(first.weight_dtype).removeprefix("torch."), "modules": modules,
             "qlora_ds_version": __version__}
     with atomic_directory(directory, allowed_existing=_SAVED_FILES) as tmp:
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with SafetensorsWriter(os.path.join(tmp, "model.safetensors"), entries, {"format": "pt"}) as out:
+            stream(out)
         if getattr(model, "config", None) is not None:
             model.config.to_json_file(os.path.join(tmp, "config.json"))
         with open(os.path.join(tmp, QUANT_META_NAME), "w") as f:

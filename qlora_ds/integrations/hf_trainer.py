@@ -186,7 +186,7 @@ def prepare_for_trainer(model_path: str, config, training_args, torch_dtype: tor
     """
     import dataclasses
 
-    from ..inject import from_pretrained
+    from ..inject import from_pretrained, zero_stage
 
     if torch_dtype == "auto":
         torch_dtype = trainer_dtype(training_args)
@@ -198,7 +198,10 @@ def prepare_for_trainer(model_path: str, config, training_args, torch_dtype: tor
         # batch sizes (TypeError '>' between str and int)
         hf_config = getattr(training_args, "hf_deepspeed_config", None)
         ds_config, _ = trainer_ds_config(training_args.deepspeed if hf_config is None else hf_config.config)
-    model = from_pretrained(model_path, config, ds_config=ds_config, torch_dtype=torch_dtype, policy=policy)
+    # below ZeRO-3 each module goes to the Trainer's GPU as it is filled: host memory holds one, not the model
+    device = training_args.device if zero_stage(ds_config) < 3 and training_args.device.type == "cuda" else None
+    model = from_pretrained(model_path, config, ds_config=ds_config, torch_dtype=torch_dtype, policy=policy,
+                            device=device)
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
     if getattr(training_args, "activation_checkpointing", False):
