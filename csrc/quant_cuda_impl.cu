@@ -285,10 +285,11 @@ __global__ void quantize_intn_kernel(const T* __restrict__ w, int64_t n, int64_t
       mn = a < mn ? a : mn;
       mx = mx < b ? b : mx;
     }
-    // the grid spans [min(mn, 0), max(mx, 0)] (GPTQ's rule; [-1, 1] for an all-zero group): the zero is a code
+    // the grid spans [min(mn, 0), max(mx, 0)] (GPTQ's rule): the zero is a code. A scale of 0 (an all-zero group,
+    // or subnormals whose span underflows or is flushed: zero would be 0/0) takes [-1, 1], as the reference.
     mn = 0.0f < mn ? 0.0f : mn;
     mx = mx < 0.0f ? 0.0f : mx;
-    if (mn == mx) {
+    if (__fdiv_rn(__fsub_rn(mx, mn), maxq) == 0.0f) {
       mn = -1.0f;
       mx = 1.0f;
     }

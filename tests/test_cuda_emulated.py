@@ -17,7 +17,7 @@ from qlora_ds.optim.adamw import _maps
 
 from . import cuda_emu
 from .test_kernels import check_backend, codebook, same_bits
-from .test_kernels_intn import check_intn_backend, make_weight, run_quant
+from .test_kernels_intn import check_intn_backend, check_intn_subnormals, make_weight, run_quant
 
 pytestmark = pytest.mark.skipif(cuda_emu.cuda_include() is None or not cuda_emu.shutil.which("g++"),
                                 reason="needs g++ and the CUDA headers (cuda_runtime.h)")
@@ -56,6 +56,11 @@ def test_emulated_cuda_quant_kernels_match_reference(quant):
 
 def test_emulated_cuda_intn_kernels_match_reference(quant):
     check_intn_backend(quant, "cpu")
+
+
+def test_emulated_cuda_intn_subnormal_groups(quant):
+    """A group whose scale underflows takes the all-zero group's grid in the CUDA kernel too (not zero = 0/0)."""
+    check_intn_subnormals(quant, "cpu")
 
 
 @pytest.mark.parametrize("offset", [1, 2, 3])

@@ -278,3 +278,22 @@ def test_grid_scale_is_a_true_division_under_cuda_scalar_rules(bits):
     with CudaScalarDivision():
         scale, _ = _grid(x, maxq)
     assert torch.equal(scale, (spans.double() / maxq).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grid_of_subnormal_groups_is_intn_quantize_grid(dtype):
+    """A column group of fp32 subnormals whose span / maxq underflows takes the all-zero group's grid (zero = 0/0 was
+    NaN), as intn.quantize does; one whose span does not underflow keeps its own."""
+    from qlora_ds.quant import intn
+    from qlora_ds.quant.gptq import _grid
+    tiny = torch.finfo(torch.float32).smallest_normal * 2.0 ** -23       # the smallest fp32 subnormal
+    cols = torch.zeros(32, 4)
+    cols[0, 0], cols[1, 1], cols[2, 1], cols[0, 2] = tiny, 2 * tiny, -tiny, 1e-39    # column 3: all zero
+    for bits in (2, 3, 4):
+        scale, zero = _grid(cols.to(dtype), 2 ** bits - 1)
+        qt = intn.quantize(cols.t().contiguous(), bits, 32)
+        assert torch.isfinite(scale).all() and torch.isfinite(zero).all()
+        assert scale[0] == scale[3] and zero[0] == zero[3]          # the underflowing group: the all-zero grid
+        assert scale[1] > 0 and scale[2] > 0                        # these keep their own
+        if dtype == torch.float32:      # (an fp64 Hessian's loop rounds -min / scale in fp64: a zero may differ)
+            assert torch.equal(scale, qt.scales.view(-1)) and torch.equal(zero, qt.zeros.view(-1)), bits

@@ -100,6 +100,77 @@ def test_cpu_intn_group_sizes_off_the_simd_width(isa_op, gs):
                 assert same_bits(out, out_r), (dtype, bits, out_dtype)
 
 
+TINY = 2.0 ** -149  # the smallest fp32 subnormal (~1.4e-45)
+
+
+def subnormal_weight(dtype, gs=32, seed=0):
+    """Row 0: groups of fp32 subnormals (random multiples of TINY: spans of 1, 2, ~14 and ~7 TINY, a constant
+    -1e-44, spans ~1e-40 and ~1e-39), then a normal group and an all-zero one; row 1 is row 0 negated."""
+    g = torch.Generator().manual_seed(seed)
+    ulps = [(0, 2), (-1, 2), (-7, 8), (0, 8), (-7, -6), (0, 71362), (-356811, 356812)]
+    groups = [torch.randint(lo, hi, (gs,), generator=g).double() * TINY for lo, hi in ulps]
+    groups += [torch.randn(gs, generator=g, dtype=torch.float64), torch.zeros(gs, dtype=torch.float64)]
+    row = torch.cat(groups).float()
+    return torch.stack((row, -row)).to(dtype)
+
+
+def check_intn_subnormals(mod, device, gs=32):
+    """Groups of subnormals quantize like the reference, bit for bit, and dequantize to finite values: a group whose
+    span / maxq underflows gets the all-zero group's grid and dequantizes to exactly 0, any other group stays within
+    one step of its values."""
+    for dtype in (torch.float32, torch.bfloat16):
+        w = subnormal_weight(dtype, gs).to(device)
+        n, in_f = w.numel(), w.shape[1]
+        for bits in (2, 3, 4):
+            maxq = 2 ** bits - 1
+            got, want = run_quant(mod, w, bits, gs), run_quant(ref, w, bits, gs)
+            for name, a, b in zip(("qweight", "scales", "zeros"), got, want):
+                assert same_bits(a, b), (dtype, bits, name)
+            _, scales, zeros = (t.cpu() for t in got)
+            assert scales.isfinite().all() and zeros.isfinite().all() and (scales > 0).all(), (dtype, bits)
+            # which groups underflow, in exact integer arithmetic: span / maxq < TINY / 2
+            x = w.cpu().double().view(-1, gs)
+            span = (x.amax(1).clamp(min=0) - x.amin(1).clamp(max=0)) / TINY
+            under = (span > 0) & (2 * span < maxq)
+            if dtype == torch.float32:  # both kinds present (bf16 has no subnormal span that small)
+                assert under.any() and (~under & (span > 0) & (span < 2 ** 23)).any(), bits
+            assert (scales[under] == scales[-1]).all() and (zeros[under] == zeros[-1]).all(), bits  # all-zero grid
+            for out_dtype in DTYPES:
+                out = torch.empty(n, dtype=out_dtype, device=device)
+                out_r = torch.empty_like(out)
+                mod.dequantize_intn(*got, bits, gs, in_f, out)
+                ref.dequantize_intn(*want, bits, gs, in_f, out_r)
+                assert same_bits(out, out_r) and out.isfinite().all(), (dtype, bits, out_dtype)
+                if out_dtype == torch.float32:
+                    deq = out.cpu().view(-1, gs)
+            err = (deq.double() - x).abs()
+            assert (deq[under] == 0).all() and (err[under] <= 1e-44).all(), (dtype, bits)
+            assert (err.amax(1) <= scales.double()).all(), (dtype, bits, err.amax(1) / scales)  # within one step
+
+
+def test_cpu_intn_subnormal_groups(isa_op):
+    """Subnormal groups used to quantize to scale 0, zero 0/0 = NaN and NaN weights on every backend."""
+    check_intn_subnormals(isa_op, "cpu")
+
+
+def test_reference_intn_subnormal_groups():
+    check_intn_subnormals(ref, "cpu")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_intn_quantize_subnormal_weight_is_finite(backend):
+    """The public entry point: a weight with tiny groups dequantizes to finite values, the underflowing ones to 0."""
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    w[1, :32] = 1e-44                                     # span / 15 underflows
+    w[2, 32:] = torch.linspace(-1e-40, 1e-40, 32)          # subnormal, but a nonzero scale
+    with ops.use_backend("torch" if backend == "torch" else None):
+        qt = intn.quantize(w, 4, 32)
+        deq = qt.dequantize(torch.float32)
+    assert deq.isfinite().all()
+    assert torch.equal(deq[1, :32], torch.zeros(32))
+    assert 0 < qt.scales[2, 1] < 1e-40 and (deq[2, 32:] - w[2, 32:]).abs().max() <= qt.scales[2, 1] / 2
+
+
 def test_cpu_intn_rejects_bad_arguments(cpu_op):
     w = torch.randn(64)
     q, s, z = torch.empty(32, dtype=torch.uint8), torch.empty(2), torch.empty(2)
@@ -171,3 +242,10 @@ def test_cuda_intn_matches_reference():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     check_intn_backend(load_op("quant", "cuda"), "cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_intn_subnormal_groups():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    check_intn_subnormals(load_op("quant", "cuda"), "cuda")

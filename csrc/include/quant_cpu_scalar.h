@@ -238,12 +238,13 @@ inline void group_minmax(const T* x, int64_t len, float* mn, float* mx) {
   reduce_minmax8(lo, hi, mn, mx);
 }
 
-// The grid spans [min(mn, 0), max(mx, 0)] (GPTQ's rule; [-1, 1] for an all-zero group), so the zero point is a code:
-// scale = (max - min) / maxq, zero = clamp(rint(-min / scale)). torch's clamp(max=0)/clamp(min=0): NaN propagates.
+// The grid spans [min(mn, 0), max(mx, 0)] (GPTQ's rule), so the zero point is a code: scale = (max - min) / maxq,
+// zero = clamp(rint(-min / scale)). torch's clamp(max=0)/clamp(min=0): NaN propagates. A scale of 0 (an all-zero
+// group, or a span of subnormals that underflows: zero would be 0/0) takes the grid [-1, 1], as the reference.
 inline void intn_params(float mn, float mx, float maxq, float* scale, float* zero) {
   mn = 0.f < mn ? 0.f : mn;
   mx = mx < 0.f ? 0.f : mx;
-  if (mn == mx) {
+  if ((mx - mn) / maxq == 0.f) {
     mn = -1.f;
     mx = 1.f;
   }

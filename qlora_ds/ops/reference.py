@@ -12,10 +12,14 @@ every function returns None. Semantics are bitsandbytes' default-backend rules, 
   ``fl(fl(code8[q] * absmax2) + offset)`` (two roundings, no FMA).
 
 Group-wise INT-N (QA-LoRA, ``quant/intn.py``): per (row, group) of fp32 values the grid spans
-``[min(min, 0), max(max, 0)]`` (an all-zero group: ``[-1, 1]``), ``span = max - min``, ``scale = span / maxq``,
+``[min(min, 0), max(max, 0)]``, ``span = max - min``, ``scale = span / maxq``,
 ``zero = clamp(round(-min / scale), 0, maxq)``, ``q = clamp(round(w / scale + zero), 0, maxq)``
 (true divisions, round half to even, clamp keeps -0.0); codes form a dense little-endian bit stream
 (code k at bits N*k .. N*k+N-1). Dequantization is ``cast(fl(fl(q - zero) * scale))``.
+A group whose scale would be 0 takes the grid ``[-1, 1]`` instead (so its zero point is the code of 0 and its
+values dequantize to exactly 0): an all-zero group, and a group of fp32 subnormals whose span / maxq underflows
+(spans below ~1e-44; on a GPU that flushes subnormals, any span of them), which would otherwise give
+zero = 0/0 = NaN. The test is on the computed scale, not on the span, so every backend decides alike.
 """
 from __future__ import annotations
 
@@ -112,14 +116,16 @@ def quantize_intn(w, bits, group_size, in_features, qweight_out, scales_out, zer
     maxq = 2 ** bits - 1
     x = w.float().view(out_f, in_features // group_size, group_size)
     # the grid spans [min(min, 0), max(max, 0)] (GPTQ's rule): the zero point is then always a code in [0, maxq], so
-    # a group that does not straddle 0 keeps its values; an all-zero group gets [-1, 1] (0 is its zero point)
+    # a group that does not straddle 0 keeps its values; a group whose scale is 0 (all zero, or a span of
+    # subnormals that underflows) gets [-1, 1] (0 is its zero point)
     wmin, wmax = x.amin(dim=-1).clamp(max=0), x.amax(dim=-1).clamp(min=0)
-    flat = wmin == wmax
-    wmin = torch.where(flat, torch.full_like(wmin, -1.0), wmin)
-    wmax = torch.where(flat, torch.ones_like(wmax), wmax)
     # divide by a tensor: a Python-scalar divisor is computed on CUDA as span * fl(1/maxq) (torch's CPU-scalar
     # shortcut), which differs by an ulp from the kernels' true division on a third to two thirds of the scales
-    scales = (wmax - wmin) / torch.full_like(wmin, maxq)
+    maxq_t = torch.full_like(wmin, maxq)
+    flat = (wmax - wmin) / maxq_t == 0
+    wmin = torch.where(flat, torch.full_like(wmin, -1.0), wmin)
+    wmax = torch.where(flat, torch.ones_like(wmax), wmax)
+    scales = (wmax - wmin) / maxq_t
     zeros = torch.round(-wmin / scales).clamp(0, maxq)
     q = torch.round(x / scales.unsqueeze(-1) + zeros.unsqueeze(-1)).clamp(0, maxq)
     qweight_out.copy_(pack_intn(q.to(torch.uint8).view(out_f, in_features), bits).view(-1))

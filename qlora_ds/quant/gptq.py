@@ -43,11 +43,12 @@ def _grid(x: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per column of ``x`` [group, out] (a transposed group): (scale, zero) of intn.quantize's min/max grid,
     the scale rounded to fp32 as stored."""
     wmin, wmax = x.amin(dim=0).clamp(max=0), x.amax(dim=0).clamp(min=0)
-    flat = wmin == wmax                                   # an all-zero column group: grid [-1, 1]
+    # a tensor divisor: CUDA computes `tensor / python_number` as a multiply by its reciprocal (not intn's scale)
+    maxq_t = torch.full_like(wmin, float(maxq))
+    flat = ((wmax - wmin) / maxq_t).float() == 0          # all zero, or subnormals that underflow: grid [-1, 1]
     wmin = torch.where(flat, torch.full_like(wmin, -1.0), wmin)
     wmax = torch.where(flat, torch.ones_like(wmax), wmax)
-    # a tensor divisor: CUDA computes `tensor / python_number` as a multiply by its reciprocal (not intn's scale)
-    scale = ((wmax - wmin) / torch.full_like(wmin, float(maxq))).float().to(x.dtype)
+    scale = ((wmax - wmin) / maxq_t).float().to(x.dtype)
     zero = torch.round(-wmin / scale).clamp(0, maxq).float().to(x.dtype)
     return scale, zero
 
