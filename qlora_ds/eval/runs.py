@@ -124,15 +124,15 @@ def load_base_and_adapter(source: Source, compute_dtype: torch.dtype = torch.bfl
                           torch_dtype: torch.dtype | None = None, device: torch.device | str | None = None):
     """The quantized base with the adapter loaded (QLoRALinear / QALoRALinear layers), eval mode, on
     ``device`` (None: where the loader put it, the CPU); ``source.base_only``: the quantized base alone (no adapter
-    loaded, LoRA switched off). Loading reads and quantizes on the CPU one tensor at a time; the move
-    copies the packed bytes as they are."""
+    loaded, LoRA switched off). Loading reads and quantizes on the CPU one tensor at a time, and each module goes to
+    ``device`` as soon as it is filled (the host never holds the whole model)."""
     from ..adapters import load_adapter, lora_layers
     from ..inject import from_pretrained
 
     config = layer_config(source, compute_dtype)
     load_dtype = torch_dtype or compute_dtype
     model = from_pretrained(source.model, config, torch_dtype=load_dtype,
-                            quantize_from=quantization_dtype(source, load_dtype))
+                            quantize_from=quantization_dtype(source, load_dtype), device=device)
     _read_generation_config(model, source.model)
     if source.base_only:
         for layer in lora_layers(model).values():
