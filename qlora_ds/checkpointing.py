@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import hmac
 import io
@@ -247,6 +248,8 @@ def load(engine, ckpt_dir: str, tag: str) -> dict:
     DeepSpeed unpickles is read once on the rank that loads it, its sha256 checked against the signed manifest
     (rank 0 checks the signature again and broadcasts the digests) and unpickled from those bytes: a file replaced
     since ``resume_tag`` verified the tag is refused, never unpickled."""
+    import torch
+
     tag_dir = os.path.join(ckpt_dir, tag)
     universal = getattr(engine, "load_universal_checkpoint", None)
     if callable(universal) and universal():
@@ -283,6 +286,12 @@ def load(engine, ckpt_dir: str, tag: str) -> dict:
         return unpickle(io.BytesIO(data), map_location=map_location)   # DeepSpeed's own load, of those bytes
 
     unpickle = engine.checkpoint_engine.load
+    from deepspeed.runtime.checkpoint_engine import FastCheckpointEngine
+
+    if isinstance(engine.checkpoint_engine, FastCheckpointEngine):
+        # its load is torch.load with torch's weights_only default, which refuses DeepSpeed's own files (LossScaler):
+        # they are torch.save files, loaded as the default engine loads them, once their digests are checked
+        unpickle = functools.partial(torch.load, weights_only=False)
     with _patched((engine.checkpoint_engine, "load", checked_load)):
         load_path, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=False)
     if load_path is None or not isinstance(client, dict) or not {"step", "micro_step"} <= client.keys():
@@ -306,12 +315,18 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=N
     manifest, and its failure fails the save like DeepSpeed's. A failure on one rank fails the save on every rank,
     none left blocked in a collective.
     The manifest signs the digests of the bytes each rank's checkpoint engine wrote, taken as it wrote them, never
-    the files as they are later: a file swapped in the tag meanwhile fails the resume, and one added is refused."""
+    the files as they are later: a file swapped in the tag meanwhile fails the resume, and one added is refused.
+    An engine that writes after the save returns (DeepSpeed's decoupled ones) is refused on every rank."""
     import torch.distributed as dist
 
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise QLoRADSError(f"keep={keep!r}: the number of checkpoints to keep must be an integer >= 1 "
                            f"(e.g. --keep-checkpoints 2)")
+    writer = getattr(engine, "checkpoint_engine", None)
+    if callable(getattr(writer, "is_decoupled", None)) and writer.is_decoupled():   # ds_config.py refuses it first
+        raise QLoRADSError(f"DeepSpeed's {type(writer).__name__} writes checkpoint files after the save returns, so "
+                           f"they cannot be signed; remove checkpoint.writer.decoupled (or datastates_ckpt) from the "
+                           f"ds_config")
     rank = dist.get_rank()
     tag = tag_of(step)
     tag_dir = os.path.join(ckpt_dir, tag)
@@ -343,6 +358,11 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, also=N
         dist.all_gather_object(everyone, written)   # dicts of str from our own ranks
         if rank == 0:
             try:
+                if not any(everyone):   # e.g. a writer that only queued the files (DeepSpeed's decoupled one)
+                    writer = type(getattr(engine, "checkpoint_engine", None)).__name__
+                    raise QLoRADSError(f"no checkpoint engine file was written ({writer}): nothing to resume from. "
+                                       f"Remove the ds_config's checkpoint.writer section (DeepSpeed's torch.save "
+                                       f"writer)")
                 write_manifest(tag_dir, step, {**side, **{n: d for part in everyone for n, d in part.items()}})
                 atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)  # DeepSpeed's, once the tag is complete
             except Exception as err:
@@ -368,8 +388,8 @@ def _save_engine(engine, ckpt_dir: str, tag: str, client_state: dict, written: d
     this rank past DeepSpeed's closing barrier while the others wait there (a full disk on one node): every rank
     would block until the process-group timeout. The writes are the checkpoint engine's ``save`` and, on rank 0 at
     ZeRO >= 1, the copy of DeepSpeed's recovery scripts. ``latest`` is left to ``save``, so it never names a
-    partial tag. Each file the checkpoint engine saves is serialized in memory, its sha256 put in ``written``
-    (name in the tag -> digest) and the bytes written under a fresh name moved over ``path``; the recovery scripts
+    partial tag. Each file the checkpoint engine saves is written into a fresh private directory beside ``path``,
+    its sha256 put in ``written`` (name in the tag -> digest) and the file moved over ``path``; the recovery scripts
     are copied the same way: nothing is written through a symlink planted in the checkpoint directory."""
     failed = []
     tag_dir = os.path.join(ckpt_dir, tag)
@@ -379,11 +399,25 @@ def _save_engine(engine, ckpt_dir: str, tag: str, client_state: dict, written: d
             name = os.path.relpath(path, tag_dir).replace(os.sep, "/")
             if name.startswith("../") or os.path.isabs(name):
                 raise QLoRADSError(f"DeepSpeed saved {path}, outside the checkpoint {tag_dir}; it would not be signed")
-            buffer = io.BytesIO()
-            inner(state_dict, buffer)
-            data = buffer.getvalue()
-            _write_new(path, data)
-            written[name] = hashlib.sha256(data).hexdigest()
+            # DeepSpeed's writers take a path (its fast/python writers open it themselves; fast appends
+            # "-<rank>.<writers>"): each writes into a fresh directory of ours (0700) on the same disk, then its one
+            # file is digested and moved over ``path``
+            with tempfile.TemporaryDirectory(dir=os.path.dirname(path), prefix=".qlora_ds-write-",
+                                             ignore_cleanup_errors=True) as private:
+                inner(state_dict, os.path.join(private, os.path.basename(path)))
+                made = sorted(os.listdir(private))
+                if not made:   # a rank that this writer leaves out (DeepSpeed's fast writer on a non-writer rank)
+                    return
+                file = os.path.join(private, made[0])
+                if len(made) > 1 or not os.path.isfile(file) or os.path.islink(file) or not os.path.getsize(file):
+                    raise QLoRADSError(f"DeepSpeed's checkpoint writer ({type(engine.checkpoint_engine).__name__}) "
+                                       f"saving {name} wrote {made if len(made) > 1 else 'an empty file'}, not one "
+                                       f"torch.save file: it cannot be signed. Remove the ds_config's "
+                                       f"checkpoint.writer section (DeepSpeed's torch.save writer)")
+                digest = file_sha256(file)
+                os.chmod(file, 0o666 & ~_umask())   # as torch.save's open() would (the fast writer asks for 0777)
+                os.replace(file, path)    # over a symlink planted at ``path``, never through it
+            written[name] = digest
         return save
 
     def scripts(inner):

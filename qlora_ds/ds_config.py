@@ -96,6 +96,50 @@ def check_offload_param(cfg: dict) -> None:
                            f"offload_optimizer, stage 3, or remove offload_param")
 
 
+def check_checkpoint_engine(cfg: dict, device: torch.device) -> None:
+    """Each checkpoint file is signed as it is written (qlora_ds.checkpointing), so the save must have written it
+    when DeepSpeed's ``save`` returns. Refused before the first step, as DeepSpeed picks its engine: the
+    ``checkpoint.writer`` section first (decoupled: written by a background process later; type "mock": counts
+    bytes, writes empty files), else ``datastates_ckpt`` (asynchronous). So are writers DeepSpeed would fail to
+    build inside ``deepspeed.initialize``, after the model load."""
+    section = cfg.get("checkpoint")
+    writer = section.get("writer") if isinstance(section, dict) else None
+    if writer is not None:
+        if not isinstance(writer, dict):
+            raise QLoRADSError(f"ds_config checkpoint.writer={writer!r} must be an object such as "
+                               f"{{\"type\": \"python\"}}; fix it or remove it (DeepSpeed's torch.save writer)")
+        if writer.get("decoupled"):
+            raise QLoRADSError(f"ds_config checkpoint.writer.decoupled={writer['decoupled']!r}: DeepSpeed then writes "
+                               f"each checkpoint file in a background process after the save returns, so qlora-ds "
+                               f"cannot sign its bytes and --resume would refuse (or never find) the checkpoint. "
+                               f"Remove \"decoupled\" from checkpoint.writer (or set it to false)")
+        if str(writer.get("type", "fast")).upper() == "MOCK":
+            raise QLoRADSError("ds_config checkpoint.writer.type=\"mock\" writes empty files (DeepSpeed's I/O "
+                               "benchmark writer): no checkpoint could be resumed. Use \"type\": \"python\" or "
+                               "\"fast\", or remove checkpoint.writer (DeepSpeed's torch.save writer)")
+        if str(writer.get("type", "fast")).upper() == "FAST" and device.type == "cpu":
+            raise QLoRADSError("ds_config checkpoint.writer.type \"fast\" (DeepSpeed's default writer type) needs an "
+                               "accelerator (pinned buffers, DeepNVMe/libaio); on a CPU it fails inside "
+                               "deepspeed.initialize. Use \"type\": \"python\" on a CPU")
+        stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
+        if writer.get("data_parallel") is None and isinstance(stage, int) and stage < 3:
+            raise QLoRADSError(f"ds_config checkpoint.writer without \"data_parallel\" at ZeRO stage {stage}: "
+                               f"DeepSpeed fails to build the writer (AttributeError: 'UniversalParallelInfo' object "
+                               f"has no attribute 'dp_rank'). Add \"data_parallel\": \"replica\" to checkpoint.writer")
+        unset = [name for name in ("CROSS_SIZE", "CROSS_RANK") if name not in os.environ]
+        if unset:
+            raise QLoRADSError(f"ds_config checkpoint.writer: DeepSpeed reads the number of nodes and this node's "
+                               f"index from {' and '.join(unset)}, which only its `deepspeed` launcher sets. Launch "
+                               f"with `deepspeed`, or export CROSS_SIZE=<nodes> CROSS_RANK=<node index> (1 and 0 on "
+                               f"one machine)")
+    elif "datastates_ckpt" in cfg and cfg["datastates_ckpt"] is not False:   # DeepSpeed's test: anything but false
+        raise QLoRADSError("ds_config datastates_ckpt: DeepSpeed's DataStates engine writes checkpoints "
+                           "asynchronously, after the save returns, so qlora-ds cannot sign their bytes and "
+                           "--resume would refuse them. Remove datastates_ckpt (or set it to false); for faster "
+                           "synchronous saves use checkpoint.writer {\"type\": \"fast\", \"data_parallel\": "
+                           "\"replica\"}")
+
+
 def resolve_ds_config(args, world: int, device: torch.device | None = None) -> dict:
     """The ds_config with the command line folded in; any disagreement is an error, not a silent override.
     Its bf16/fp16 sections follow ``--dtype`` resolved for ``device`` (default: this rank's training device)."""
@@ -131,6 +175,7 @@ def resolve_ds_config(args, world: int, device: torch.device | None = None) -> d
     fold_ds_precision(cfg, dtype, args.dtype)
     check_fp16_supported(dtype, device)
     check_offload_param(cfg)
+    check_checkpoint_engine(cfg, device)
     fold_monitors(cfg, getattr(args, "output_dir", None))
     cfg.setdefault("steps_per_print", 10 ** 9)  # progress is ours (tqdm)
     cfg.setdefault("wall_clock_breakdown", False)
