@@ -1,12 +1,13 @@
-"""A ``.safetensors`` file written tensor by tensor, without the whole model in host memory twice.
+"""A ``.safetensors`` file written tensor by tensor, as the tensors become available.
 
-``safetensors.torch.save_file`` turns every tensor into a Python ``bytes`` copy before it writes: the host then
-holds the model once more (a 65B NF4 model: ~35 GB more), and all of it at once (under ZeRO-3 every gathered layer
-as well). Here the header is built from names, dtypes and shapes alone, and each tensor's bytes go to the file as
-it is handed over (a CPU tensor straight from its memory, another device's through one host copy of that tensor),
-so the peak is one tensor. The file is the format safetensors reads (8-byte little-endian header length, a JSON
-header padded with spaces to 8 bytes, the data in header order with no gaps); ``tests/test_safetensors_writer.py``
-reads it back with safetensors itself.
+``safetensors.torch.save_file`` needs every tensor at once. Where they are not on the host together — a ZeRO-3
+model, gathered one module at a time; a model on the GPU — the caller would first have to copy the whole model
+into host memory (``save_quantized`` did: under ZeRO-3 rank 0 held the whole model once more). Here the header is
+built from names, dtypes and shapes alone, and each tensor's bytes go to the file as it is handed over (a CPU
+tensor straight from its memory, another device's through one host copy of that tensor), so the host holds one
+tensor at a time. The file is the format safetensors reads (8-byte little-endian header length, a JSON header
+padded with spaces to 8 bytes, the data in header order with no gaps); ``tests/test_safetensors_writer.py`` reads
+it back with safetensors itself.
 """
 from __future__ import annotations
 
@@ -83,10 +84,3 @@ class SafetensorsWriter:
         if self._next != len(self._order):
             raise QLoRADSError(f"safetensors writer: {len(self._order) - self._next} entries never written "
                                f"(first {self._order[self._next][0]})")
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` without its second copy of every tensor."""
-    with SafetensorsWriter(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], metadata) as out:
-        for k, t in tensors.items():
-            out.write(k, t)

@@ -459,9 +459,8 @@ def _new_tensor_bytes(fn) -> int:
 
 def test_save_quantized_streams_tensor_by_tensor(tmp_path, monkeypatch):
     """The file is written tensor by tensor: on the writer no torch copy of a CPU model and no Python-side copy of
-    its bytes (safetensors' save_file made a ``bytes`` copy of every tensor: the host held the model twice); a rank
-    that does not write copies nothing; ZeRO-3's gathered parameters go to the file while they are gathered (the
-    writer used to keep a host copy of each until the end)."""
+    its bytes; a rank that does not write copies nothing; ZeRO-3's gathered parameters go to the file while they are
+    gathered (the writer kept a host copy of each until the end: the whole model once more on rank 0)."""
     import contextlib
     import tracemalloc
 
@@ -482,7 +481,7 @@ def test_save_quantized_streams_tensor_by_tensor(tmp_path, monkeypatch):
     finally:
         tracemalloc.stop()
     assert total > 2_000_000 and copied == 0
-    assert python_peak < total / 4, (python_peak, total)      # save_file: > total
+    assert python_peak < total / 4, (python_peak, total)
     with safe_open(str(tmp_path / "one" / "model.safetensors"), framework="pt") as f:
         assert set(f.keys()) == state.keys() and f.metadata() == {"format": "pt"}
     on_disk = load_file(str(tmp_path / "one" / "model.safetensors"))

@@ -9,7 +9,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qlora_ds.errors import QLoRADSError
-from qlora_ds.safetensors_writer import DTYPES, SafetensorsWriter, save_tensors
+from qlora_ds.safetensors_writer import DTYPES, SafetensorsWriter
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    with SafetensorsWriter(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], metadata) as out:
+        for k, t in tensors.items():
+            out.write(k, t)
 
 
 def _tensors() -> dict[str, torch.Tensor]:

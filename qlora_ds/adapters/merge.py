@@ -318,7 +318,7 @@ def _block_layout(model: nn.Module, qpaths: list[str]) -> tuple[str | None, list
 
 
 def _export_gptq(model, out_dir, tokenizer_dir, dtype, meta) -> dict:
-    from ..safetensors_writer import save_tensors
+    from safetensors.torch import save_file
 
     qlayers = {p: m for p, m in model.named_modules() if isinstance(m, QALoRALinear)}
     if not qlayers:
@@ -372,8 +372,8 @@ def _export_gptq(model, out_dir, tokenizer_dir, dtype, meta) -> dict:
         "zeros_total": sum(m.quantized_weight().zeros.numel() for m in qlayers.values()),
     }
     with atomic_directory(out_dir) as tmp:
-        save_tensors(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        save_tensors(exact, os.path.join(tmp, EXACT_NAME), metadata={"format": "pt"})
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        save_file(exact, os.path.join(tmp, EXACT_NAME), metadata={"format": "pt"})
         cfg.to_json_file(os.path.join(tmp, "config.json"))
         with open(os.path.join(tmp, "quantize_config.json"), "w") as f:
             json.dump({k: v for k, v in qcfg.items() if k != "use_exllama"}, f, indent=2)

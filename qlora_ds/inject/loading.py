@@ -528,7 +528,7 @@ def save_quantized(model: nn.Module, directory: str) -> None:
 
     def stream(out) -> None:
         """Every rank gathers module by module (a collective); the writer writes each as it comes, then drops it:
-        host memory holds one tensor at a time, not the model (safetensors' save_file held it twice)."""
+        host memory holds one tensor at a time (a gathered or GPU model was copied whole to the host first)."""
         nonlocal ran
         ran, failed = True, None
         for mpath, params, buffers in groups:
