@@ -126,24 +126,27 @@ def test_model_types_without_a_layout_are_refused(model_type):
         shape_from_hf_config({**LLAMA_KW, "model_type": model_type})
 
 
-def _saved_bytes_per_layer(model, layer, batch: int, seq: int) -> int:
-    """Bytes autograd saves inside ``layer``'s forward (distinct storages; the model's own weights left out)."""
+def _saved_bytes_per_layer(model, layer, batch: int, seq: int, whole: bool = False):
+    """Bytes autograd saves inside ``layer``'s forward (distinct storages; the model's own weights left out); with
+    ``whole``, (those, the bytes the whole forward saves)."""
     weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    saved, inside = {}, [False]
+    saved, every, inside = {}, {}, [False]
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
-        if inside[0] and ptr not in weights:
-            saved[ptr] = t.untyped_storage().nbytes()
+        if ptr not in weights:
+            every[ptr] = t.untyped_storage().nbytes()
+            if inside[0]:
+                saved[ptr] = t.untyped_storage().nbytes()
         return t
     hooks = [layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True)),
              layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))]
-    ids = torch.randint(1, 100, (batch, seq))
+    ids = torch.randint(1, 100, (batch, seq)).to(model.device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(ids)
     for h in hooks:
         h.remove()
-    return sum(saved.values())
+    return (sum(saved.values()), sum(every.values())) if whole else sum(saved.values())
 
 
 def _slope(r: int) -> tuple[int, float]:

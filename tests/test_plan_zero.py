@@ -249,3 +249,88 @@ def test_recipe_dtype_is_planned(tmp_path, monkeypatch):
     base = PlanConfig(shape=shape_from_hf_config(TINY), compute_dtype="fp32")
     assert apply_recipe(base, {"dtype": "auto"}).compute_dtype == "fp32"
     assert apply_recipe(base, {"dtype": "bf16"}).compute_dtype == "bf16"
+
+
+ACCUM_P = 64 * 64 + 32 * 64       # the probe's two bf16 linears
+ACCUM_BUCKET = 10_000
+
+
+def _grad_buffer_probe(stage: int, accum: str) -> list:
+    """One rank of DeepSpeed (bf16, two linears, 2 micro steps per step) at ``stage`` with data_types.grad_accum_dtype
+    ``accum`` (or none): [live tensor bytes after the boundary's backward (over those before initialize), the
+    allocations of at least 1 KiB of the second step's backward and of its step]. Run in its own interpreter."""
+    import gc
+
+    import deepspeed
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    def allocations(fn) -> list:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        return sorted(e.cpu_memory_usage for e in prof.events()
+                      if e.cpu_memory_usage >= 1024 and not e.cpu_children and e.name != "[memory]")
+
+    def live() -> int:
+        gc.collect()
+        tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+        tensors += [p.grad for p in model.parameters() if p.grad is not None]
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
+                    if t.device.type == "cpu"}.values())
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False), torch.nn.Linear(64, 32, bias=False))
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "bf16": {"enabled": True},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, "steps_per_print": 1000,
+          "zero_optimization": {"stage": stage, "reduce_bucket_size": ACCUM_BUCKET, "overlap_comm": False,
+                                "contiguous_gradients": True}}
+    if accum:
+        ds["data_types"] = {"grad_accum_dtype": accum}
+    before = live()
+    engine, *_ = deepspeed.initialize(model=model, config=ds, model_parameters=model.parameters())
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    for micro in range(4):       # two optimizer steps: the second one finds Adam's moments allocated
+        loss = engine(x).float().pow(2).mean()
+        backward = allocations(lambda: engine.backward(loss))
+        del loss
+        kept = live() - before
+        step = allocations(engine.step) if micro == 3 else engine.step()
+    return [kept, backward, step]
+
+
+@pytest.mark.slow
+def test_grad_accum_dtype_fp32_at_zero2_and_3_keeps_the_gradient_partition_in_fp32():
+    """data_types.grad_accum_dtype "fp32" in bf16 at ZeRO-2 and 3 (DeepSpeed 0.19.8, measured with one rank): the
+    accumulated gradient partition is fp32 (ZeRO-2's flat fp32 buffer in place of the bf16 grads_in_partition;
+    ZeRO-3's grad_partitions_flat_buffer): +2 B/param kept. The step then makes no fp32 copy (ZeRO-2 not even its
+    flatten: -6 B/param of allocations; ZeRO-3 flattens 4 B instead of 2 + 4: -2 B/param). The bf16 reduce bucket
+    is the same (ZeRO-2 allocates it every backward; ZeRO-3 keeps it). Each difference is the planner's."""
+    from .dist_utils import dist_env
+    got = {}
+    for stage in (2, 3):
+        for accum in ("", "fp32"):
+            code = (f"import json; from tests.test_plan_zero import _grad_buffer_probe; "
+                    f"print(json.dumps(_grad_buffer_probe({stage}, {accum!r})))")
+            proc = subprocess.run([sys.executable, "-c", code], env=dist_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"),
+                                  capture_output=True, text=True, timeout=300, cwd=ROOT)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            got[f"{stage}/{accum}"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    shape = shape_from_hf_config(TINY)
+    for stage in (2, 3):
+        (kept, bwd, step), (kept32, bwd32, step32) = got[f"{stage}/"], got[f"{stage}/fp32"]
+        plain = _items(PlanConfig(shape=shape, zero_stage=stage, reduce_bucket_elems=ACCUM_BUCKET))
+        accum = _items(PlanConfig(shape=shape, zero_stage=stage, reduce_bucket_elems=ACCUM_BUCKET,
+                                  grad_accum_fp32=True))
+        p = plain["lora_grads"].bytes / 2                       # the planner's P
+        assert kept32 - kept == 2 * ACCUM_P == (accum["lora_grads"].bytes - plain["lora_grads"].bytes) / p * ACCUM_P
+        planned_step = [sum(it.bytes for it in items.values() if it.phase == "step") / p * ACCUM_P
+                        for items in (plain, accum)]
+        assert sum(step32) - sum(step) == planned_step[1] - planned_step[0] == -(6 if stage == 2 else 2) * ACCUM_P
+        assert accum["reduce_bucket"].bytes == plain["reduce_bucket"].bytes
+        if stage == 2:
+            assert 2 * ACCUM_BUCKET in bwd and 2 * ACCUM_BUCKET in bwd32      # allocated afresh, bf16, both ways
+    # ZeRO-1 in bf16: BF16_Optimizer instead (test_zero0_keeps_16bit_grads_and_copies_to_fp32_in_the_step); with fp32
+    # compute the dtype is the model's already: nothing changes
+    fp32 = PlanConfig(shape=shape, zero_stage=2, compute_dtype="fp32")
+    assert _items(fp32) == _items(replace(fp32, grad_accum_fp32=True))

@@ -1,5 +1,6 @@
 """Decoder-layer layouts: which linears a layer holds (by the model's own module names), what shares an input, the
-MLP kind, biases, norms and position table, per Hugging Face ``model_type``, read from ``config.json`` alone.
+MLP kind, biases, norms, position table and the dropouts its config turns on, per Hugging Face ``model_type``, read
+from ``config.json`` alone.
 
 ``Layout`` is the structure; ``ModelShape`` (presets.py) adds the widths. ``layout_fields(cfg)`` gives the
 ``ModelShape`` keyword arguments a config implies beyond the LLaMA-style keys (its layout, and the MLP width and
@@ -8,7 +9,7 @@ transformers from a tiny config and counts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import QLoRADSError
 
@@ -21,7 +22,13 @@ class Layout:
     name or that path, as ``qlora_ds.inject`` matches). ``qkv``: three names, or one fused q|k|v linear; ``mlp_in``:
     gated (gate, up) or one fused gate|up, plain (up,); ``shared_norm``: attention and MLP read one norm's output
     (parallel blocks: Falcon, Phi), so their first linears share an input; ``act_saved``: tensors of the MLP width
-    the activation keeps for backward (1 for a fused op; 4 for GPT-2's composite ``gelu_new``)."""
+    the activation keeps for backward (1 for a fused op; 4 for GPT-2's composite ``gelu_new``).
+
+    The model's own dropout, as transformers 5.23 applies it in training (``_dropouts``: a probability > 0 in the
+    config): ``hidden_dropouts`` on hidden-wide tensors per layer (residual branches), ``attn_dropout`` on the
+    attention probabilities, ``embed_dropout`` on the embedding output. ``attention``: how transformers runs it:
+    "sdpa", "eager" (no SDPA path for the model type: BLOOM, Gemma-2) or "sdpa_bias" (SDPA with a float bias mask,
+    Falcon's ALiBi: the CPU's flash kernel never takes it)."""
 
     family: str = "llama"
     qkv: tuple = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -44,11 +51,17 @@ class Layout:
     head_bias: bool = False       # Phi's lm_head bias
     act_saved: int = 1
     conv1d: bool = False          # GPT-2's Conv1D: the weight is stored (in, out)
+    hidden_dropouts: int = 0
+    attn_dropout: bool = False
+    embed_dropout: bool = False
+    attention: str = "sdpa"
 
     def __post_init__(self):
         if self.norm not in NORMS or self.qk_norm not in ("", "head", "full"):
             raise QLoRADSError(f"layout {self.family!r}: norm={self.norm!r}, qk_norm={self.qk_norm!r}; use norm "
                                f"{NORMS} and qk_norm '', 'head' or 'full'")
+        if self.attention not in ("sdpa", "eager", "sdpa_bias"):
+            raise QLoRADSError(f"layout {self.family!r}: attention={self.attention!r}; use sdpa, eager or sdpa_bias")
         if len(self.qkv) not in (1, 3) or len(self.mlp_in) not in ((1, 2) if self.gated else (1,)):
             raise QLoRADSError(f"layout {self.family!r}: qkv {self.qkv} needs 1 or 3 names, mlp_in {self.mlp_in} "
                                "1 (plain or fused gate|up) or 2 (gate, up)")
@@ -88,6 +101,35 @@ def _act_saved(cfg: dict) -> int:
     return _COMPOSITE_ACTS.get(str(cfg.get("hidden_act") or cfg.get("activation_function") or ""), 1)
 
 
+# transformers' config defaults for the dropout keys a config.json may leave out (GPT-2 and OPT train with 0.1)
+_DROPOUT_DEFAULTS = {"gpt2": {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}, "opt": {"dropout": 0.1}}
+
+
+def _dropouts(mt: str, cfg: dict) -> dict:
+    """The Layout's dropout fields: which of the model's dropouts are on (p > 0) in training, by where
+    transformers 5.23's modeling code applies each config key. Falcon applies attention_dropout inside SDPA only
+    with ALiBi, and (old architecture, sequential block) to the attention's residual branch."""
+    def on(key: str) -> bool:
+        return float(cfg.get(key) if cfg.get(key) is not None else _DROPOUT_DEFAULTS.get(mt, {}).get(key, 0.0)) > 0
+    attn, embed, hidden = on("attention_dropout"), False, 0
+    if mt in ("gpt_neox", "bloom"):
+        hidden, embed = 2 * on("hidden_dropout"), mt == "gpt_neox" and on("hidden_dropout")
+    elif mt == "falcon":
+        sequential = not cfg.get("new_decoder_architecture") and not cfg.get("parallel_attn", True)
+        hidden = on("hidden_dropout") + (sequential and attn)
+        attn = attn and bool(cfg.get("alibi"))
+    elif mt == "opt":
+        hidden = 2 * on("dropout")
+    elif mt == "gpt2":
+        hidden, attn, embed = 2 * on("resid_pdrop"), on("attn_pdrop"), on("embd_pdrop")
+    elif mt == "starcoder2":
+        hidden, embed = 2 * on("residual_dropout"), on("embedding_dropout")
+    elif mt in ("phi", "phi3"):
+        hidden, embed = 2 * on("resid_pdrop"), mt == "phi" and on("embd_pdrop")
+    return {"hidden_dropouts": int(hidden), "attn_dropout": attn, "embed_dropout": bool(embed),
+            "attention": "eager" if mt in ("bloom", "gemma2") else "sdpa_bias" if cfg.get("alibi") else "sdpa"}
+
+
 def _get(cfg: dict, *keys, default=None):
     for k in keys:
         if cfg.get(k) is not None:
@@ -114,7 +156,7 @@ def layout_fields(cfg: dict, name: str) -> dict:
         raise QLoRADSError(f"{name}: model_type {mt!r} is not modelled; the planner models {', '.join(MODEL_TYPES)} "
                            "(other layouts: plan a model of the same structure, or add it to plan/layouts.py)")
     if mt in LLAMA_TYPES:
-        return {"layout": _llama_family(mt, cfg)}
+        return {"layout": replace(_llama_family(mt, cfg), **_dropouts(mt, cfg))}
     h = int(_get(cfg, "hidden_size", "n_embd", default=0))
     heads = int(_get(cfg, "num_attention_heads", "n_head", default=1))
     base, out = _FAMILIES[mt], {}
@@ -160,4 +202,4 @@ def layout_fields(cfg: dict, name: str) -> dict:
         base = Layout(**{**base.__dict__, "qkv_bias": bias, "out_bias": bias, "mlp_bias": bias, "act_saved": act})
     elif mt == "phi":
         base = Layout(**{**base.__dict__, "qk_norm": "head" if cfg.get("qk_layernorm") else "", "act_saved": act})
-    return {"layout": base, **out}
+    return {"layout": replace(base, **_dropouts(mt, cfg)), **out}

@@ -12,10 +12,12 @@ N = data-parallel world size):
   Adam moments 2×4 B (2×1 B + 8 B per 256-block absmax for 8-bit Adam, whose step dequantizes per block: no fp32
   moments). ZeRO-1 divides master + moments by N, ZeRO-2 also the gradients, ZeRO-3 also the working copy.
   The optimizer step, when activations are already freed, is the "step" phase: ZeRO-0 (FP16_UnfusedOptimizer)
-  converts the 16-bit gradients to fp32 (4·P) inside step() only; ZeRO-1/2 make an fp32 copy of this rank's
-  gradient partition (4·P/N); ZeRO-3 flattens its partition (2·P/N) and copies that to fp32 (4·P/N).
+  converts the 16-bit gradients to fp32 (4·P) inside step() only; ZeRO-1/2/3 flatten this rank's gradient
+  partition (2·P/N; 4·P/N in fp32) and copy that to fp32 (4·P/N; none when it is fp32 already).
   ``grad_accum_fp32`` (data_types.grad_accum_dtype "fp32") at ZeRO-1 in bf16 selects BF16_Optimizer: a full fp32
-  gradient buffer (4·P) beside the bf16 gradients, no bucket, no step copy; DeepSpeed refuses it at ZeRO-0.
+  gradient buffer (4·P) beside the bf16 gradients, no bucket, no step copy; DeepSpeed refuses it at ZeRO-0. At
+  ZeRO-2/3 (16-bit compute) the gradient partition is fp32 (4·P/N in place of 2·P/N), the buckets stay 16-bit, and
+  the step makes no fp32 copy (ZeRO-2's buffer is flat already; ZeRO-3's flatten of it is 4·P/N).
 * ZeRO-Offload (``offload_optimizer`` cpu/nvme): masters, moments and the fp32 gradient partition (at ZeRO-1/2
   with a 16-bit staging copy; at ZeRO-3 also the gradient partitions) live on the host: the "host" phase, outside
   the GPU figures, and the GPU makes no step copy. ``offload_param`` (ZeRO-3) moves the partitioned weights too.
@@ -28,8 +30,16 @@ N = data-parallel world size):
   + mean and rstd; q, k, v after RoPE e·(q + 2kv) (q = heads·head_dim); attention output e·q and its fp32
   log-sum-exp 4·heads; a gated MLP's gate, up, act(gate) 3·e·i, a plain MLP's activation input e·i (×4 for
   GPT-2's composite gelu_new). LoRA adds per target linear the dropped input e·in (+1·in bool mask when
-  dropout > 0; an input the layer's linears share, once when dropout = 0) and A·x e·r. Model-internal dropout
-  (OPT's and GPT-2's configs default to 0.1) adds its masks, which the planner leaves out.
+  dropout > 0; an input the layer's linears share, once when dropout = 0) and A·x e·r.
+  The model's own dropout (layouts.py reads which are on from the config; GPT-2 and OPT default to 0.1) keeps per
+  element m bytes, torch's mask: a bool (m = 1) on CUDA, the scaled noise in the input's dtype (m = e) on the CPU:
+  m·h per hidden-wide dropout of a layer (residual branches) and m·h once per token for the embedding's (outside
+  the layers, so with checkpointing too). Attention dropout: on CUDA SDPA's flash / efficient kernels regenerate it
+  from a seed (nothing kept); on the CPU SDPA with dropout_p > 0 leaves its flash kernel for the math path, which
+  keeps fp32 q·scale, k and v (expanded to all heads) and per head and key the fp32 softmax output, noise and
+  dropped probabilities: 12·q + 12·heads·k (k = seq_len keys) replaces the flash terms above (Falcon's ALiBi bias
+  keeps SDPA on the math path anyway: 8·heads·k more); eager attention (BLOOM, Gemma-2) keeps m + (4 when e = 4: its
+  fp32 probabilities are no longer the matmul's input) per head and key. (tests/test_plan_dropout.py measures it.)
   Packed rows (``packing``) on the CPU in bf16/fp16 add what eager attention over the short examples keeps:
   per token, heads·k·(4 + e) with k ≤ 192 keys (its example's group width; counted as 192, an upper bound).
   Without checkpointing: L·b·s·(that). With checkpointing: L·b·s·e·h (layer inputs) plus one
@@ -310,15 +320,15 @@ def activation_bytes_per_token_layer(shape: ModelShape, r: int, targets=ALL_LINE
     """Bytes autograd keeps per token in one decoder layer (see the module docstring); ``elem``: bytes per
     element of the compute dtype (2 for bf16/fp16, 4 for fp32; the norms' fp32 part is 4 either way);
     ``mask_bytes``: dropout's saved mask per element (torch's bool mask on CUDA; 0 on the CPU, where
-    ``qlora_ds.nn.dropout`` regenerates it from a seed)."""
-    lay, h, i, q, kv, e = shape.layout, shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, elem
+    ``qlora_ds.nn.dropout`` regenerates it from a seed). The model's own dropout: ``model_dropout_bytes_per_token``."""
+    lay, h, i, e = shape.layout, shape.hidden, shape.intermediate, elem
     if lay.norm == "layer":
         # nn.LayerNorm keeps its e-byte input (once when both norms read the layer input) and its mean and rstd
         norms = (1 if lay.parallel else lay.norms) * e * h + lay.norms * 2 * e
     else:
         norms = lay.norms * (4 * h + e * h)       # RMSNorm in fp32: its fp32 input, the normalized e-byte copy
     # q, k, v as attention takes them (after RoPE), its output and its fp32 log-sum-exp per head
-    attention = e * (q + 2 * kv) + e * q + 4 * shape.heads
+    attention = flash_attention_bytes(shape, e)
     mlp = 3 * e * i if lay.gated else lay.act_saved * e * i   # gate, up, act(gate) | the activation's input (+ parts)
     base = norms + attention + mlp
     if r == 0 or not targets:
@@ -333,6 +343,28 @@ def activation_bytes_per_token_layer(shape: ModelShape, r: int, targets=ALL_LINE
     return base + lora
 
 
+def flash_attention_bytes(shape: ModelShape, elem: int) -> float:
+    """What SDPA's flash kernel keeps per token: q, k, v (e bytes), its output and fp32 log-sum-exp per head."""
+    return elem * (shape.q_dim + 2 * shape.kv_dim) + elem * shape.q_dim + 4 * shape.heads
+
+
+def model_dropout_bytes_per_token(shape: ModelShape, elem: int = 2, device: str = "cuda",
+                                  keys: int = 0) -> tuple[float, float]:
+    """(per decoder layer, once outside the layers) bytes per token that the model's own dropout adds for backward
+    (see the module docstring); ``keys``: the keys each token attends to (the sequence length)."""
+    lay, e = shape.layout, elem
+    m = 1 if device == "cuda" else e
+    per_layer = lay.hidden_dropouts * m * shape.hidden
+    if lay.attn_dropout and lay.attention == "eager":
+        per_layer += shape.heads * keys * (m + (4 if e == 4 else 0))
+    elif lay.attn_dropout and device == "cpu" and lay.attention == "sdpa_bias":
+        per_layer += 8 * shape.heads * keys          # the math path either way: its fp32 noise and dropped copy
+    elif lay.attn_dropout and device == "cpu":
+        # SDPA's math path in place of its flash kernel
+        per_layer += 12 * shape.q_dim + 12 * shape.heads * keys - flash_attention_bytes(shape, e)
+    return per_layer, (m * shape.hidden if lay.embed_dropout else 0)
+
+
 PACKED_SHORT_LEN = 192     # = qlora_ds.nn.packed_attention.SHORT_LEN (tests/test_packing.py checks they agree)
 
 
@@ -342,6 +374,8 @@ def activation_bytes(cfg: PlanConfig) -> dict:
     e = cfg.elem
     per_layer = tokens * activation_bytes_per_token_layer(s, cfg.lora_r, cfg.lora_targets, cfg.lora_dropout, e,
                                                           mask_bytes=1 if cfg.device == "cuda" else 0)
+    drop_layer, drop_once = model_dropout_bytes_per_token(s, e, cfg.device, cfg.seq_len)
+    per_layer += tokens * drop_layer
     if cfg.packing and cfg.device == "cpu" and e == 2:
         # packed short examples on the CPU in bf16/fp16 run eager attention, which keeps its probabilities (fp32
         # softmax output + the e-byte copy) per head and key: at most PACKED_SHORT_LEN keys per token
@@ -350,6 +384,7 @@ def activation_bytes(cfg: PlanConfig) -> dict:
         stored = s.layers * tokens * e * s.hidden + per_layer + e * tokens * max(s.hidden, s.intermediate)
     else:
         stored = s.layers * per_layer
+    stored += tokens * drop_once
     logits = chunked_loss_bytes(cfg, tokens) if cfg.chunked_loss else tokens * s.vocab * 12
     return {"activations": stored, "logits_loss": logits}
 
@@ -400,15 +435,20 @@ def unfused_linears(cfg: PlanConfig) -> dict[str, tuple[int, int]]:
 
 
 def _step_copies(cfg: PlanConfig, p: int, grad_bytes: int) -> list[Item]:
-    """The gradient copies DeepSpeed's optimizer step makes and frees (no offload; see the module doc)."""
+    """The gradient copies DeepSpeed's optimizer step makes and frees (no offload; see the module doc). ZeRO-1/2/3
+    flatten this rank's gradient partition (stage_1_and_2.py / stage3.py step: a copy, unless ZeRO-2 accumulated it
+    in its flat fp32 buffer) and convert it to the masters' dtype (a copy only where the two differ)."""
     z, n, fp32 = cfg.zero_stage, cfg.world_size, cfg.compute_dtype == "fp32"
-    copy = [] if fp32 or (cfg.bf16_master and z) else [
-        Item("step_fp32_grad_copy", p * 4 / (n if z else 1), phase="step",
-             note="FP16_UnfusedOptimizer's fp32 grads" if z == 0 else "this rank's gradient partition")]
-    if z < 3:
-        return copy
-    # stage3.py _prepare_fp32_grad_for_sub_group: flatten(partition grads), then .to(the masters' dtype)
-    return [Item("step_grad_flatten", p * grad_bytes / n, phase="step", note="this rank's gradient partition")] + copy
+    if z == 0:
+        return [] if fp32 else [Item("step_fp32_grad_copy", p * 4, "step", note="FP16_UnfusedOptimizer's fp32 grads")]
+    flat = cfg.grad_accum_fp32 and z == 2 and not fp32
+    master = 2 if cfg.bf16_master and not fp32 else 4
+    items = [] if flat else [Item("step_grad_flatten", p * grad_bytes / n, phase="step",
+                                  note="this rank's gradient partition")]
+    if grad_bytes != master:
+        items.append(Item("step_fp32_grad_copy", p * master / n, phase="step",
+                          note="this rank's gradient partition" + (" (bf16 masters)" if master == 2 else "")))
+    return items
 
 
 def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
@@ -431,7 +471,12 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
     # grads, no reduce bucket, no step copy. Otherwise gradients stay 16-bit until the step (ZeRO-0's
     # FP16_UnfusedOptimizer included: its fp32 grads exist only inside step())
     bf16_accum = cfg.grad_accum_fp32 and z == 1 and cfg.compute_dtype == "bf16"
-    grad_bytes = 4 if fp32 else 2 + 4 if bf16_accum else 2
+    # fp32 accumulation at ZeRO-2/3 (DeepSpeed 0.19.8): this rank's gradient partition is fp32 (ZeRO-2's compact flat
+    # buffer, stage_1_and_2.py _use_compact_grad_partition_buffer, replaces grads_in_partition; ZeRO-3's
+    # grad_partitions_flat_buffer), the reduce buckets keep the 16-bit gradients, the step uses the fp32 partition
+    # as it is; not counted: the fp32 cast of each reduced bucket as it is added in (backward, ≤ 4·min(bucket, P)/N)
+    accum32 = cfg.grad_accum_fp32 and z >= 2 and not fp32
+    grad_bytes = 4 if fp32 or accum32 else 2 + 4 if bf16_accum else 2
     if bf16_accum:
         part_grads = 1
     # ZeRO-Offload (on a GPU; on a CPU the host is the device): its terms go to the host column
@@ -449,7 +494,8 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
              note=f"{p:,} params in {'fp32' if lora_bytes == 4 else cfg.compute_dtype}"),
         # ZeRO-3 with offload keeps its gradient partitions in host memory (stage3.py: self.device is the CPU)
         Item("lora_grads", p * grad_bytes / part_grads, opt_phase if z >= 3 else "static",
-             note="fp32" if fp32 else "bf16 + fp32 accumulation (BF16_Optimizer)" if bf16_accum else "16-bit"),
+             note="fp32" if fp32 else "bf16 + fp32 accumulation (BF16_Optimizer)" if bf16_accum else
+             "fp32 accumulation (grad_accum_dtype)" if accum32 else "16-bit"),
         Item("master_weights", 0 if fp32 else p * master_bytes / part_optim, opt_phase,
              note=("none (fp32 training)" if fp32 else "bf16" if cfg.bf16_master else "fp32") + where),
         Item("optimizer_states", p * moment_bytes / part_optim, opt_phase, spillable=cfg.paged and not off_opt,
