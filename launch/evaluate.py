@@ -7,7 +7,8 @@
 Reads top to bottom: parse arguments once, then ``evaluate(args)``: load (``qlora_ds.eval.runs``),
 perplexity over the held-out records (tokenized as training does: chat template, response-only
 labels), multiple-choice accuracy (k-shot prompts, scored by the logits of " A"…" D"), then print
-the results as JSON (and write them to --json).
+the results as JSON (and write them to --json). A ``--format gptq`` export is scored as its exact merge unless
+``--gptq-view kernel``; the results say which (``gptq_view``).
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mc-dev", help="dev split for the k-shot examples")
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--gptq-view", choices=["exact", "kernel"], default=None,
+                   help="a --format gptq export: score the exact merge (default; qlora_ds_intn.safetensors' fp32 "
+                        "scales/zeros) or the kernel view that GPTQ loaders read (integer zeros, fp16 scales)")
     add_device_args(p)
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
@@ -55,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate(args) -> dict:
     from qlora_ds.atomic import atomic_write_text
     from qlora_ds.eval import evaluate_mc, heldout_loss, load_mc
-    from qlora_ds.eval.runs import load, resolve, tokenization
+    from qlora_ds.eval.runs import load, resolve, scored_gptq_view, tokenization
     from qlora_ds.hardware import dtype_name, resolve_device, resolve_dtype
 
     source = resolve(run=args.run, model=args.model, adapter=args.adapter, no_adapter=args.no_adapter,
@@ -64,9 +68,12 @@ def evaluate(args) -> dict:
     dev = load_mc(args.mc_dev) if args.mc and args.mc_dev else None
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer = load(source, dtype=dtype, device=device)
+    view = scored_gptq_view(source, args.gptq_view)
+    model, tokenizer = load(source, dtype=dtype, device=device, gptq_view=args.gptq_view)
     results: dict = {"model": source.model, "adapter": None if source.base_only else source.adapter,
                      "device": str(device), "dtype": dtype_name(dtype)}
+    if view is not None:
+        results["gptq_view"] = view
     if source.base_only:
         results["quantized_base_of"] = source.adapter or args.run
     if args.heldout:

@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gptq-view", choices=["exact", "kernel"], default=None,
+                   help="a --format gptq export: the exact merge (default) or the kernel view that GPTQ loaders read")
     add_device_args(p)
     args = p.parse_args(argv)
     check_model_source(p, args)
@@ -81,7 +83,7 @@ def generate(args) -> list[str]:
     source = resolve(run=args.run, model=args.model, adapter=args.adapter, no_adapter=args.no_adapter,
                      **source_overrides(args))
     device = resolve_device(args.device)
-    model, tokenizer = load(source, dtype=resolve_dtype(args.dtype, device), device=device)
+    model, tokenizer = load(source, dtype=resolve_dtype(args.dtype, device), device=device, gptq_view=args.gptq_view)
     system = [{"role": "system", "content": args.system}] if args.system else []
     bos = tokenization(source).get("plain_bos", True)
     answers = []

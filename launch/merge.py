@@ -8,9 +8,11 @@
 Reads top to bottom: parse arguments once, then ``merge(args)``: load the quantized base with the
 adapter on ``--device`` (default: the local GPU if any) computing in ``--dtype`` (the reference; ``auto``
 = bf16 where native, fp32 on CPUs without native bf16), take its logits on a few prompts, merge layer by
-layer (each merged weight computed in fp32), write the checkpoint atomically, reload it on the same
-device in the same dtype (bf16: plain transformers; gptq: our INT-N reader, as no GPTQ kernel runs on
-CPU) and compare logits. Exit status 1 when the difference is above tolerance:
+layer (each merged weight computed in fp32; on a GPU each merged layer goes to the host as it is built, so the
+device never holds the 16-bit model), write the checkpoint into a temporary sibling of ``--out``, reload it on the
+same device (the CPU where it does not fit there) in the same dtype (bf16: plain transformers; gptq: our INT-N
+reader, as no GPTQ kernel runs on CPU), compare logits, and only then move it into ``--out``. Exit status 1 when
+the difference is above tolerance, with ``--out`` left as it was (a previous merge there stays):
 
 * bf16: every merged weight is rounded once to bf16 (relative error ≤ 2^-8 per weight); through the
   network that gives logits within ``--tol`` = 2^-5 of max|logit| in fp32 (measured ~3·2^-8 on tiny
@@ -119,11 +121,52 @@ def calibration_ids(args, tokenizer) -> list[torch.Tensor]:
     return [e["input_ids"] for e in examples]
 
 
-def merge(args) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM
+class VerifyFailed(Exception):
+    """The merge is out of tolerance: it was not moved into --out (``report`` says by how much)."""
 
-    from qlora_ds.atomic import atomic_write_text
-    from qlora_ds.adapters.merge import MERGE_META, check_out_dir, export_merged, merge_model, read_gptq_checkpoint
+    def __init__(self, report: dict):
+        super().__init__("merge verification failed")
+        self.report = report
+
+
+def dense_bytes(model, dtype: torch.dtype) -> int:
+    """What ``model`` takes once every INT-N layer is read back as a dense ``dtype`` linear (the reloaded merge)."""
+    from qlora_ds.nn import QALoRALinear
+
+    quantized = [m for m in model.modules() if isinstance(m, QALoRALinear)]
+    qids = {id(p) for m in quantized for p in m.parameters()}
+    n = sum(p.numel() for p in model.parameters() if id(p) not in qids)
+    return (n + sum(m.in_features * m.out_features for m in quantized)) * dtype.itemsize
+
+
+def dtype_str(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def fits(device: torch.device, nbytes: int) -> bool:
+    """Whether ``nbytes`` more fit the free memory of ``device`` (a CPU always does, as far as we can tell)."""
+    return device.type != "cuda" or nbytes < 0.9 * torch.cuda.mem_get_info(device)[0]
+
+
+def check_gptq_merge_fits(model, device: torch.device) -> None:
+    """QLoRA -> GPTQ calibrates the merged (16-bit) model on ``device``; refuse before merging when it does not fit."""
+    from qlora_ds.adapters.merge import _activation_dtype
+    from qlora_ds.nn import QLoRALinear
+
+    dtype = _activation_dtype(model) or torch.bfloat16
+    grow = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QLoRALinear)) * dtype.itemsize
+    if not fits(device, grow):
+        raise QLoRADSError(f"--format gptq of a QLoRA adapter calibrates GPTQ on the merged {dtype_str(dtype)} model, "
+                           f"which needs {grow / 2 ** 30:.1f} GiB more on {device} than it has free; pass --device cpu "
+                           f"(about {grow / 2 ** 30:.0f} GiB of host RAM more than the 4-bit model; slow) or use a "
+                           f"larger GPU, or merge with --format bf16")
+
+
+def merge(args) -> dict:
+    from transformers import AutoConfig
+
+    from qlora_ds.atomic import atomic_directory, atomic_write_text
+    from qlora_ds.adapters.merge import MERGE_META, check_out_dir, export_merged, merge_model
     from qlora_ds.eval.runs import load_base_and_adapter, load_tokenizer, resolve
     from qlora_ds.hardware import dtype_name, resolve_device, resolve_dtype
 
@@ -138,7 +181,7 @@ def merge(args) -> dict:
     written = torch.bfloat16 if args.format == "bf16" else base_dtype     # the dtype the unquantized tensors get
     holds = dtype == base_dtype or dtype == torch.float32 and base_dtype in (torch.bfloat16, torch.float16)
     if not holds and (args.format == "gptq" or dtype == torch.float16):
-        name = {base_dtype: str(base_dtype).removeprefix("torch."), written: str(written).removeprefix("torch.")}
+        name = {base_dtype: dtype_str(base_dtype), written: dtype_str(written)}
         log.warning("--dtype %s on a %s checkpoint: its unquantized tensors (embeddings, norms, LM head, biases) "
                     "pass through %s before they are written as %s, and lose bits on the way; pass --dtype fp32 (or "
                     "the checkpoint's own dtype)", dtype_name(dtype), name[base_dtype], dtype_name(dtype),
@@ -148,8 +191,11 @@ def merge(args) -> dict:
     ref = logits_of(model, ids) if args.verify else None
     qlora_paths = [p for p, m in model.named_modules() if type(m).__name__ == "QLoRALinear"]
     meta = {"base_model": os.path.abspath(source.model), "adapter": os.path.abspath(source.adapter)}
+    # on a GPU the merged layers go to the host as they are built: the device never holds the 16-bit model
+    offload = torch.device("cpu") if device.type == "cuda" else None
     if args.format == "gptq" and qlora_paths:
         from qlora_ds.adapters.merge import quantize_gptq
+        check_gptq_merge_fits(model, device)
         # merged into the model's dtype so that the calibration forward runs in one dtype; GPTQ reads the
         # weights in fp32, and their bf16 rounding (2^-9 relative) is far below an INT-N step
         merge_model(model)
@@ -159,27 +205,64 @@ def merge(args) -> dict:
             meta["gptq_vs_adapter"] = compare(ref, gptq_ref := logits_of(model, ids))
             ref = gptq_ref
     else:
-        merge_model(model, dtype=torch.bfloat16)
-    report = export_merged(model, args.out, args.format, tokenizer_dir=source.model,
-                           dtype=torch.bfloat16 if args.format == "bf16" else base_dtype, meta=meta)
+        merge_model(model, dtype=torch.bfloat16, offload=offload)
+    if offload is not None:
+        model.to(offload)                       # what is left there: embeddings, norms, an untargeted head
+    reload_bytes = dense_bytes(model, dtype)
+    try:
+        # written next to --out, verified there, then swapped in: a failed check leaves a previous merge untouched
+        with atomic_directory(args.out, allowed_existing=check_out_dir(args.out)) as tmp:
+            report = export_merged(model, tmp, args.format, tokenizer_dir=source.model,
+                                   dtype=torch.bfloat16 if args.format == "bf16" else base_dtype, meta=meta)
+            del model
+            warn_clamped(report)
+            if args.verify:
+                verify(args, report, ref, ids, tmp, dtype, verify_device(device, reload_bytes))
+            atomic_write_text(os.path.join(tmp, MERGE_META), json.dumps(report, indent=2, sort_keys=True, default=str))
+    except VerifyFailed as failed:
+        log.error("the merge is out of tolerance and was not written: %s is unchanged; pass a larger --tol (or "
+                  "--no-verify) to keep such a merge", args.out)
+        return failed.report
     log.info("wrote %s (%s)", args.out, args.format)
+    return report
+
+
+def warn_clamped(report: dict) -> None:
     if report.get("zeros_clamped"):
         log.warning("%d of %d zero points lie outside what GPTQ's zero-minus-one format holds ([1, %d]) and were "
                     "clamped: GPTQ loaders read those groups with extra error (largest weight change %.3g). "
                     "read_gptq_checkpoint(exact=True) and qlora_ds_intn.safetensors keep the exact values",
                     report["zeros_clamped"], report["zeros_total"], 2 ** report["bits"],
                     report["gptq_max_abs_weight_error"])
-    del model
-    if not args.verify:
-        return report
+
+
+def verify_device(device: torch.device, nbytes: int) -> torch.device:
+    """Where the reloaded merge is verified: ``device``, or the CPU when the dense model does not fit there."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()                # the merged model has left the device; give its cache back
+    if fits(device, nbytes):
+        return device
+    log.warning("the reloaded merge (%.1f GiB) does not fit the free memory of %s: verifying it on the CPU (slower)",
+                nbytes / 2 ** 30, device)
+    return torch.device("cpu")
+
+
+def verify(args, report: dict, ref, ids, directory: str, dtype: torch.dtype, device: torch.device) -> None:
+    """Reload the merge written to ``directory`` and compare its logits with ``ref`` (into ``report``); raises
+    VerifyFailed when out of tolerance."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_ds.adapters.merge import read_gptq_checkpoint
+    from qlora_ds.hardware import dtype_name
+
     tol = args.tol if args.tol is not None else TOLERANCE[args.format, dtype]
     if args.format == "bf16":
-        reloaded = AutoModelForCausalLM.from_pretrained(args.out, dtype=dtype).eval().to(device)
+        reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval().to(device)
         report["verify"] = compare(ref, logits_of(reloaded, ids))
         del reloaded
     else:
         for key, exact in (("verify", True), ("verify_gptq_kernel_view", False)):
-            reloaded = read_gptq_checkpoint(args.out, exact=exact, dtype=dtype).to(device)
+            reloaded = read_gptq_checkpoint(directory, exact=exact, dtype=dtype).to(device)
             report[key] = compare(ref, logits_of(reloaded, ids))
             del reloaded
         v = report["verify_gptq_kernel_view"]
@@ -190,10 +273,11 @@ def merge(args) -> dict:
     v = report["verify"]
     v.update(tolerance=tol, device=str(device), dtype=dtype_name(dtype))
     v["ok"] = v["rel_diff"] <= tol
-    log.info("verify (%d prompts): max |Δlogit| %.3g, relative %.3g (tolerance %.3g), next token agrees %s -> %s",
-             len(ids), v["max_abs_diff"], v["rel_diff"], tol, v["next_token_agree"], "OK" if v["ok"] else "FAILED")
-    atomic_write_text(os.path.join(args.out, MERGE_META), json.dumps(report, indent=2, sort_keys=True, default=str))
-    return report
+    log.info("verify (%d prompts) on %s: max |Δlogit| %.3g, relative %.3g (tolerance %.3g), next token agrees %s -> "
+             "%s", len(ids), device, v["max_abs_diff"], v["rel_diff"], tol, v["next_token_agree"],
+             "OK" if v["ok"] else "FAILED")
+    if not v["ok"]:
+        raise VerifyFailed(report)
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,8 @@
   exact values (the merged model, bit for bit); ``exact=False`` reads only what a GPTQ loader reads.
 
 Both formats write ``qlora_ds_merge.json`` (format, settings, report); a directory holding it may be
-replaced by a later merge, any other non-empty directory is refused.
+replaced by a later merge if it holds nothing but files an export writes (``export_file``), any other non-empty
+directory is refused (a replaced directory loses everything in it).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 
 import torch
@@ -53,6 +55,14 @@ FORMATS = ("bf16", "gptq")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json")
+EXPORT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+                "quantize_config.json", EXACT_NAME, MERGE_META, *TOKENIZER_FILES)
+_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")       # save_pretrained's shards of a large model
+
+
+def export_file(name: str) -> bool:
+    """Whether an export may write ``name`` (so a later merge may replace it)."""
+    return name in EXPORT_FILES or bool(_SHARD.fullmatch(name))
 
 
 # ------------------------------------------------------------------------------------------- merge
@@ -86,13 +96,16 @@ def _activation_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 @torch.no_grad()
-def merge_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def merge_model(model: nn.Module, dtype: torch.dtype | None = None,
+                offload: torch.device | str | None = None) -> nn.Module:
     """Merge every QLoRALinear / QALoRALinear adapter in place (see module doc) and return ``model``.
 
     ``dtype``: dtype of the merged ``nn.Linear`` (or ``Conv1D``) of QLoRA layers (default: the dtype of the model's
     other floating-point parameters, i.e. of the activations the layer receives — a quantized layer
     casts its output back to that dtype, a plain ``nn.Linear`` does not — else each layer's compute
     dtype). Each layer is merged and swapped before the next, so peak extra memory is one layer.
+    ``offload`` (e.g. "cpu"): each merged layer goes there as soon as it is built, so a model on a GPU never holds
+    its merged (16-bit) linears there; None: they stay on the layer's device.
     Raises (leaving that layer and all later ones unmerged) if a merged weight is not finite.
     """
     layers = [(p, m) for p, m in model.named_modules()
@@ -102,7 +115,8 @@ def merge_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
                            "base with qlora_ds.from_pretrained and the adapter with load_adapter first")
     dtype = dtype or _activation_dtype(model)
     for path, layer in layers:
-        _set_module(model, path, layer.merge(dtype) if isinstance(layer, QLoRALinear) else layer.merge())
+        merged = layer.merge(dtype) if isinstance(layer, QLoRALinear) else layer.merge()
+        _set_module(model, path, merged if offload is None else merged.to(offload))
     log.info("merged %d adapter layers", len(layers))
     return model
 
@@ -113,7 +127,9 @@ def quantize_gptq(model: nn.Module, calibration, paths, bits: int = 4, group_siz
     """Deploy a merged QLoRA model as INT-N: GPTQ the ``nn.Linear`` layers at ``paths`` (the former
     QLoRALinear layers, merged by ``merge_model``) true-sequentially on ``calibration`` (token id tensors)
     and replace each by an adapter-free ``QALoRALinear`` holding the GPTQ codes/scales/zeros, so that
-    ``export_merged(model, out, "gptq")`` and the INT-N kernels take it like a merged QA-LoRA model."""
+    ``export_merged(model, out, "gptq")`` and the INT-N kernels take it like a merged QA-LoRA model. Layers
+    outside the decoder blocks (a targeted ``lm_head``) stay merged dense layers, as the QA-LoRA export writes
+    them (see ``_outside_blocks``)."""
     from ..quant.gptq import gptq_quantize_model
 
     paths = set(paths)
@@ -121,6 +137,15 @@ def quantize_gptq(model: nn.Module, calibration, paths, bits: int = 4, group_siz
     if bad:
         raise QLoRADSError(f"{bad[0]} is not a plain nn.Linear/Conv1D; call merge_model first (GPTQ quantizes "
                            f"merged weights)")
+    outside = _outside_blocks(sorted(paths))
+    if len(outside) == len(paths):
+        raise QLoRADSError(f"only layers outside the decoder blocks were given ({outside}); GPTQ loaders quantize "
+                           f"block layers only: export with --format bf16")
+    if outside:
+        kept = str(model.get_submodule(outside[0]).weight.dtype).removeprefix("torch.")
+        log.warning("GPTQ: %s kept as merged %s weights (GPTQ loaders quantize only the layers of the decoder "
+                    "blocks)", ", ".join(outside), kept)
+        paths -= set(outside)
     convs = {p for p in paths if _is_conv1d(model.get_submodule(p))}
     for path in convs:          # GPTQ works on (out, in) nn.Linear weights; each goes back to a Conv1D below
         conv = model.get_submodule(path)
@@ -141,7 +166,7 @@ def quantize_gptq(model: nn.Module, calibration, paths, bits: int = 4, group_siz
             _set_module(model, path, dense_module(lin.weight, lin.bias, lin.weight.dtype, conv1d=True))
     log.info("GPTQ INT%d group %d: %d layers", bits, group_size, len(done))
     return {"gptq_bits": bits, "gptq_group_size": group_size, "gptq_percdamp": percdamp, "gptq_layers": len(done),
-            "gptq_calibration_samples": len(calibration)}
+            "gptq_dense_layers": outside, "gptq_calibration_samples": len(calibration)}
 
 
 # ------------------------------------------------------------------------------------ adapter config
@@ -200,14 +225,24 @@ def adapter_config_from_dir(directory: str, compute_dtype: torch.dtype = torch.b
 
 
 # ------------------------------------------------------------------------------------------- export
-def check_out_dir(out_dir: str) -> None:
-    """Refuse a non-empty directory that is not a previous merge (nothing is deleted by mistake)."""
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise QLoRADSError(f"{out_dir} exists and is not a directory; choose another --out")
-        if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, MERGE_META)):
-            raise QLoRADSError(f"{out_dir} is not empty and is not a previous merge (no {MERGE_META}); choose an "
-                               f"empty or new --out directory")
+def check_out_dir(out_dir: str) -> tuple[str, ...]:
+    """Refuse a non-empty directory that is not a previous merge, or a previous merge holding files no export writes
+    (a README, evaluation results, a later run: replacing the directory would delete them). Returns the entries a
+    new export may replace (``atomic_directory``'s ``allowed_existing``)."""
+    if not os.path.exists(out_dir):
+        return ()
+    if not os.path.isdir(out_dir):
+        raise QLoRADSError(f"{out_dir} exists and is not a directory; choose another --out")
+    entries = sorted(os.listdir(out_dir))
+    if entries and MERGE_META not in entries:
+        raise QLoRADSError(f"{out_dir} is not empty and is not a previous merge (no {MERGE_META}); choose an "
+                           f"empty or new --out directory")
+    extra = [e for e in entries if not export_file(e)]
+    if extra:
+        raise QLoRADSError(f"{out_dir} is a previous merge but also holds {extra[:8]}, which a merge does not write "
+                           f"and replacing the directory would delete; move them out of {out_dir}, or choose another "
+                           f"--out")
+    return tuple(entries)
 
 
 def _copy_tokenizer(src: str | None, dst: str) -> list[str]:
@@ -246,12 +281,15 @@ def _untied_head(model: nn.Module) -> bool:
 
 
 def export_merged(model: nn.Module, out_dir: str, fmt: str = "bf16", tokenizer_dir: str | None = None,
-                  dtype: torch.dtype = torch.bfloat16, meta: dict | None = None) -> dict:
+                  dtype: torch.dtype = torch.bfloat16, meta: dict | None = None,
+                  offload: torch.device | str | None = None) -> dict:
     """Write a merged model (see module doc) to ``out_dir`` atomically; returns the export report.
 
     ``dtype``: the dtype of the written weights for "bf16" (default bf16) and of the non-quantized
     tensors (embeddings, norms, LM head) for "gptq". ``tokenizer_dir``: tokenizer files to copy
-    (normally the base model's directory). "bf16" casts ``model`` in place.
+    (normally the base model's directory). "bf16" casts ``model`` in place; ``offload``: where its dequantized
+    INT-N layers are built (None: on their own device). "gptq" moves each tensor it writes to the CPU as it is
+    built (the device never holds a second copy of the model).
     """
     if fmt not in FORMATS:
         raise QLoRADSError(f"format {fmt!r} is not supported; use one of {FORMATS}")
@@ -259,18 +297,19 @@ def export_merged(model: nn.Module, out_dir: str, fmt: str = "bf16", tokenizer_d
             or (isinstance(m, QALoRALinear) and m.has_adapter and bool(m.lora_B.weight.any()))]
     if left:
         raise QLoRADSError(f"{len(left)} layers still carry an adapter (first {left[0]}); call merge_model first")
-    check_out_dir(out_dir)
+    replaceable = check_out_dir(out_dir)
     if fmt == "gptq":
-        return _export_gptq(model, out_dir, tokenizer_dir, dtype, meta or {})
+        return _export_gptq(model, out_dir, tokenizer_dir, dtype, meta or {}, replaceable)
     for path, m in list(model.named_modules()):
         if isinstance(m, QALoRALinear):
-            _set_module(model, path, _dequantized_linear(m, dtype))
+            dense = _dequantized_linear(m, dtype)
+            _set_module(model, path, dense if offload is None else dense.to(offload))
     model.to(dtype)
     cfg = _clean_config(model)
     cfg.dtype = dtype
     model.config = cfg
     report = {"format": "bf16" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch."), **(meta or {})}
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, allowed_existing=replaceable) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         report["tokenizer_files"] = _copy_tokenizer(tokenizer_dir, tmp)
         with open(os.path.join(tmp, MERGE_META), "w") as f:
@@ -317,7 +356,7 @@ def _block_layout(model: nn.Module, qpaths: list[str]) -> tuple[str | None, list
     return block, (None if inner == linear_inner else inner)
 
 
-def _export_gptq(model, out_dir, tokenizer_dir, dtype, meta) -> dict:
+def _export_gptq(model, out_dir, tokenizer_dir, dtype, meta, replaceable) -> dict:
     from safetensors.torch import save_file
 
     qlayers = {p: m for p, m in model.named_modules() if isinstance(m, QALoRALinear)}
@@ -344,10 +383,10 @@ def _export_gptq(model, out_dir, tokenizer_dir, dtype, meta) -> dict:
         if layer.bias is not None:      # from the layer, not sd's fp16 copy (would lose bits / overflow to inf)
             sd["bias"] = layer.bias.detach().to("cpu", dtype)
         for k, v in sd.items():
-            tensors[f"{path}.{k}"] = v.contiguous()
+            tensors[f"{path}.{k}"] = v.to("cpu").contiguous()
         qt = layer.quantized_weight()
-        exact[f"{path}.scales"] = qt.scales.contiguous().clone()
-        exact[f"{path}.zeros"] = qt.zeros.contiguous().clone()
+        exact[f"{path}.scales"] = qt.scales.to("cpu", copy=True).contiguous()
+        exact[f"{path}.zeros"] = qt.zeros.to("cpu", copy=True).contiguous()
         reports[path] = rep
     for name, p in model.named_parameters():            # tied weights appear once (the first name)
         if not name.startswith(prefixes):
@@ -371,7 +410,7 @@ def _export_gptq(model, out_dir, tokenizer_dir, dtype, meta) -> dict:
         "zeros_clamped": sum(r["zeros_clamped"] for r in reports.values()),
         "zeros_total": sum(m.quantized_weight().zeros.numel() for m in qlayers.values()),
     }
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, allowed_existing=replaceable) as tmp:
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         save_file(exact, os.path.join(tmp, EXACT_NAME), metadata={"format": "pt"})
         cfg.to_json_file(os.path.join(tmp, "config.json"))

@@ -13,8 +13,13 @@ when there is one, else the CPU; ``qlora_ds.hardware.resolve_device``):
 * base + adapter -> ``from_pretrained`` into QLoRA/QA-LoRA layers + ``load_adapter``, the base quantized from the
   dtype the adapter was trained on (``quantization_dtype``) whatever dtype this load computes in; ``base_only``:
   the same without ``load_adapter``, LoRA switched off (the quantized base, as before training);
-* a checkpoint written by ``export_merged(fmt='gptq')`` -> ``read_gptq_checkpoint`` (exact);
+* a checkpoint written by ``export_merged(fmt='gptq')`` -> ``read_gptq_checkpoint``: the exact merge (codes + the
+  fp32 scales/zeros of qlora_ds_intn.safetensors) by default, ``gptq_view="kernel"`` what a GPTQ loader reads
+  (integer zeros, fp16 scales);
 * any other directory -> plain ``AutoModelForCausalLM.from_pretrained``.
+
+A merge whose ``qlora_ds_merge.json`` records a failed verification (``launch/merge.py`` of an older version wrote
+it in place) loads with a warning.
 """
 from __future__ import annotations
 
@@ -214,21 +219,64 @@ def _to_device(model, device):
     return model
 
 
-def load(source: Source, dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = "auto"):
+GPTQ_VIEWS = ("exact", "kernel")
+
+
+def merge_meta(source: Source) -> dict | None:
+    """The ``qlora_ds_merge.json`` of a merged checkpoint (None for anything else)."""
+    from ..adapters.merge import MERGE_META
+
+    path = os.path.join(source.model, MERGE_META)
+    if source.adapter or source.base_only or not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as err:
+        raise QLoRADSError(f"cannot read {path} ({err}); merge again with launch/merge.py") from None
+
+
+def scored_gptq_view(source: Source, view: str | None) -> str | None:
+    """The view of a GPTQ export that ``load`` scores (``view`` or "exact"); None for any other model."""
+    meta = merge_meta(source)
+    if meta is None or meta.get("format") != "gptq":
+        if view is not None:
+            raise QLoRADSError(f"--gptq-view is for a --format gptq export (its qlora_ds_merge.json says so); "
+                               f"{source.model} is not one: leave --gptq-view out")
+        return None
+    if view not in (None, *GPTQ_VIEWS):
+        raise QLoRADSError(f"gptq view {view!r} is not one of {GPTQ_VIEWS}")
+    return view or "exact"
+
+
+def load(source: Source, dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = "auto",
+         gptq_view: str | None = None):
     """(model, tokenizer) for generation / evaluation (see module doc); ``device`` ``"auto"``: the local GPU
-    when there is one, else the CPU; None: leave the model where it was loaded (the CPU)."""
+    when there is one, else the CPU; None: leave the model where it was loaded (the CPU). ``gptq_view``: which
+    view of a GPTQ export (``GPTQ_VIEWS``; default "exact")."""
     from transformers import AutoModelForCausalLM
 
-    from ..adapters.merge import MERGE_META, read_gptq_checkpoint
+    from ..adapters.merge import EXACT_NAME, read_gptq_checkpoint
     from ..hardware import resolve_device
 
     device = resolve_device(device) if isinstance(device, str) else device
+    view = scored_gptq_view(source, gptq_view)      # a bad --gptq-view fails before the tokenizer loads
     tokenizer = load_tokenizer(source.model)
     if source.adapter or source.base_only:
         return load_base_and_adapter(source, compute_dtype=dtype, device=device), tokenizer
-    meta_path = os.path.join(source.model, MERGE_META)
-    if os.path.exists(meta_path):
-        with open(meta_path) as fh:
-            if json.load(fh).get("format") == "gptq":
-                return _to_device(read_gptq_checkpoint(source.model, exact=True, dtype=dtype), device), tokenizer
+    verified = (merge_meta(source) or {}).get("verify", {})
+    if verified.get("ok") is False:
+        log.warning("%s failed its merge verification (relative logit difference %.3g > tolerance %.3g, "
+                    "qlora_ds_merge.json): it does not compute what base + adapter did; merge again", source.model,
+                    verified.get("rel_diff", float("nan")), verified.get("tolerance", float("nan")))
+    if view == "exact":
+        log.info("scoring the exact merge of the GPTQ export %s (its codes with the fp32 scales/zeros of %s); GPTQ "
+                 "loaders read the kernel view (integer zeros, fp16 scales): --gptq-view kernel", source.model,
+                 EXACT_NAME)
+    elif view == "kernel":
+        log.info("scoring the kernel view of the GPTQ export %s (integer zeros, fp16 scales: what GPTQ loaders read)",
+                 source.model)
+    if view is not None:
+        model = read_gptq_checkpoint(source.model, exact=view == "exact", dtype=dtype)
+        return _to_device(model, device), tokenizer
     return _to_device(AutoModelForCausalLM.from_pretrained(source.model, dtype=dtype).eval(), device), tokenizer

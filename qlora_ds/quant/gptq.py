@@ -189,9 +189,14 @@ def _blocks(model: nn.Module, wanted: set[str], strict: bool) -> tuple[str, nn.M
             n = sum(p.startswith(name + ".") for p in wanted)
             if n and (best is None or n > best[2]):
                 best = (name, mod, n)
-    if best is None or (strict and best[2] != len(wanted)):
+    if best is None:
         raise QLoRADSError("GPTQ needs the quantized linears inside one list of decoder blocks (model.layers "
                            "in Llama-style models); this model's layout is not supported")
+    outside = sorted(p for p in wanted if not p.startswith(best[0] + "."))
+    if strict and outside:
+        raise QLoRADSError(f"GPTQ quantizes the linears of one list of decoder blocks ({best[0]}); {outside[:3]} "
+                           f"lie outside it: leave them out of the selection (GPTQ loaders keep such layers, e.g. "
+                           f"lm_head, unquantized)")
     return best[0], best[1]
 
 
