@@ -7,9 +7,10 @@ Reads top to bottom: parse arguments once, then ``train(args)``: set up the proc
 DeepSpeed config against the command line, stream-load the model into quantized LoRA layers, build the
 data, train with periodic held-out loss and checkpoints, then write the adapter, metrics and loss curve.
 
-Preemption: SIGTERM or SIGUSR1 (scancel, Slurm `--signal=USR1@120`, a k8s pod deletion) to any rank stops every
-rank after the current optimizer step and its checkpoint, with exit code 143 / 138; rerun with --resume to continue
-exactly (qlora_ds/preemption.py). Ctrl-C (SIGINT) stops at once.
+Preemption: SIGTERM or SIGUSR1 to any rank (delivered to the ranks, not to the deepspeed launcher: README.md)
+stops every rank after the current optimizer step and its checkpoint, with exit code 143 / 138 and
+<output-dir>/preempted.json to requeue on; rerun with --resume to continue exactly (qlora_ds/preemption.py).
+Ctrl-C (SIGINT) stops at once.
 """
 from __future__ import annotations
 
@@ -24,11 +25,10 @@ import time
 import torch
 
 from qlora_ds import monitor
-from qlora_ds.cli import run_main
+from qlora_ds.cli import read_recipe, run_main
 from qlora_ds.data.run_data import Data, add_data_arguments, build_data
 from qlora_ds.distributed import all_mean as _all_mean, load_device
 from qlora_ds.ds_config import resolve_ds_config
-from qlora_ds.errors import QLoRADSError
 from qlora_ds.hardware import DTYPE_CHOICES, ds_compute_dtype, dtype_name
 from qlora_ds.lr_schedule import SCHEDULES, fill_scheduler_section, lr_factor, schedule_name
 from qlora_ds.memstats import this_peak
@@ -42,7 +42,9 @@ log = logging.getLogger("finetune")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: the command line's --epochs / --max-steps must be found as spelled to win over a recipe's
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--recipe", help="JSON file of defaults for the arguments below (see configs/recipes/)")
     p.add_argument("--model", help="Hugging Face checkpoint dir (safetensors); 'smollm2' = the packaged SmolLM2-135M")
     p.add_argument("--dataset", help="JSON/JSONL/TXT file, or 'chatterbot' for the packaged chat corpus")
@@ -118,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--overwrite", action="store_true", help="replace a different run in --output-dir")
     first, _ = p.parse_known_args(argv)
     if first.recipe:
-        p.set_defaults(**_read_recipe(first.recipe, p))
+        p.set_defaults(**read_recipe(first.recipe, p))
     args = p.parse_args(argv)
     for name in ("model", "dataset", "output_dir"):
         if not getattr(args, name):
@@ -154,24 +156,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0.0 <= args.warmup_ratio <= 1.0:
         p.error(f"--warmup-ratio must be in [0, 1], got {args.warmup_ratio}")
     return args
-
-
-COMMAND_ONLY = frozenset({"overwrite", "resume", "local_rank", "deepspeed", "recipe", "help"})
-
-
-def _read_recipe(path: str, parser: argparse.ArgumentParser) -> dict:
-    with open(path, encoding="utf-8") as fh:
-        recipe = json.load(fh)
-    known = {a.dest for a in parser._actions}
-    values = {k.replace("-", "_"): v for k, v in recipe.items() if not k.startswith("_")}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise QLoRADSError(f"recipe {path} has unknown keys {unknown}; see `launch/finetune.py --help`")
-    actions = sorted(set(values) & COMMAND_ONLY)
-    if actions:             # a shared recipe must not delete or take over a run the user did not name on the command
-        raise QLoRADSError(f"recipe {path} sets {actions}: these say what one command does, not how a run trains; "
-                           f"remove them from the recipe and pass --{actions[0].replace('_', '-')} on the command line")
-    return values
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -497,10 +481,16 @@ class Loop:
             if self.step % args.log_every == 0 or last:
                 self.log_step(mean_loss)
             self.bar.update(1)
-            if self.has_eval and (self.step % args.eval_every == 0 or last):
+            evaluated = self.has_eval and (self.step % args.eval_every == 0 or last)
+            if evaluated:
                 self.held_out()
-            if self.step % args.save_every == 0 or last or signum:
+            saved = bool(self.step % args.save_every == 0 or last or signum)
+            if saved:
                 self.checkpoint()
+            if (evaluated or saved) and not (signum or last):   # a signal noted during them: stop now, not a step on
+                signum = stop.agreed(_all_mean(stop.vote(self.step)))
+                if signum and not saved:
+                    self.checkpoint()
             faults.inject("kill_after_step", self.step)
             if signum and not last:
                 raise Preempted(signum, self.step)
@@ -574,13 +564,14 @@ def train(args) -> dict:
     before = sample_before(run, engine, tokenizer)
     phase("samples")
     step, micro_step = restore(args, engine, run.resume_tag, run.rank)   # checkpoint's, or (0, 0)
+    monitor.cut_back(engine, run.out, step if args.resume else None)
     metrics = MetricsLog(os.path.join(run.out, "metrics.jsonl"), resume_step=step if run.resume_tag else None) \
         if run.rank == 0 else None
     if run.rank == 0:
         log.info("%d train %s / %d held-out examples", len(data.train), "rows" if args.packing else "examples",
                  data.eval_total)
     loop = Loop(run, engine, scheduler, tokenizer, data, metrics, step, micro_step)
-    with stop_signals(run.rank, on_stop=shutdown) as stop:   # stopped: leave together, once rank 0 has pruned
+    with stop_signals(run.rank, shutdown, run.out) as stop:   # stopped: leave together, once rank 0 has pruned
         loop.run_steps(stop)
     monitor.comms_summary(run.ds_config)                # collective: every rank
     phase("loop")

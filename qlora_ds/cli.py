@@ -1,7 +1,9 @@
 """The shared ``main`` of the launch scripts: logging, one argument parse, and errors turned into exit codes
-with a message that names the rank (so a multi-rank job says which rank failed and why)."""
+with a message that names the rank (so a multi-rank job says which rank failed and why); a ``--recipe`` file's
+values as parser defaults, and the argument groups the inference scripts share."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Callable
@@ -32,6 +34,27 @@ def run_main(body: Callable[[Any], Any], parse_args: Callable[[Any], Any], argv=
         log.exception("%s failed: %s: %s", who, type(err).__name__, err)
         return 1
     return exit_code(result)
+
+
+# what one command does, not how a run trains: never taken from a recipe
+COMMAND_ONLY = frozenset({"overwrite", "resume", "local_rank", "deepspeed", "recipe", "help"})
+
+
+def read_recipe(path: str, parser) -> dict:
+    """A ``--recipe`` JSON file's values as ``parser`` defaults (keys spelled as the options' dests or with dashes;
+    keys starting with "_" are comments); an unknown key, or one of COMMAND_ONLY, is refused."""
+    with open(path, encoding="utf-8") as fh:
+        recipe = json.load(fh)
+    known = {a.dest for a in parser._actions}
+    values = {k.replace("-", "_"): v for k, v in recipe.items() if not k.startswith("_")}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise QLoRADSError(f"recipe {path} has unknown keys {unknown}; see `launch/finetune.py --help`")
+    actions = sorted(set(values) & COMMAND_ONLY)
+    if actions:             # a shared recipe must not delete or take over a run the user did not name on the command
+        raise QLoRADSError(f"recipe {path} sets {actions}: these say what one command does, not how a run trains; "
+                           f"remove them from the recipe and pass --{actions[0].replace('_', '-')} on the command line")
+    return values
 
 
 def add_model_source_args(parser) -> None:
