@@ -128,7 +128,8 @@ def test_model_types_without_a_layout_are_refused(model_type):
 
 def _saved_bytes_per_layer(model, layer, batch: int, seq: int, whole: bool = False):
     """Bytes autograd saves inside ``layer``'s forward (distinct storages; the model's own weights left out); with
-    ``whole``, (those, the bytes the whole forward saves)."""
+    ``whole``, (those, the bytes the whole forward saves). KV cache off, as qlora-ds trains: a train-mode forward
+    with transformers' cache keeps its copies of k and v too (qlora_ds/plan/attention.py)."""
     weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     saved, every, inside = {}, {}, [False]
 
@@ -143,7 +144,7 @@ def _saved_bytes_per_layer(model, layer, batch: int, seq: int, whole: bool = Fal
              layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))]
     ids = torch.randint(1, 100, (batch, seq)).to(model.device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids)
+        model(ids, use_cache=False)
     for h in hooks:
         h.remove()
     return (sum(saved.values()), sum(every.values())) if whole else sum(saved.values())

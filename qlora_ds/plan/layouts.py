@@ -27,8 +27,10 @@ class Layout:
     The model's own dropout, as transformers 5.23 applies it in training (``_dropouts``: a probability > 0 in the
     config): ``hidden_dropouts`` on hidden-wide tensors per layer (residual branches), ``attn_dropout`` on the
     attention probabilities, ``embed_dropout`` on the embedding output. ``attention``: how transformers runs it:
-    "sdpa", "eager" (no SDPA path for the model type: BLOOM, Gemma-2) or "sdpa_bias" (SDPA with a float bias mask,
-    Falcon's ALiBi: the CPU's flash kernel never takes it)."""
+    "sdpa", "eager" (no SDPA path for the model type: BLOOM, Gemma-2) or "sdpa_bias" (SDPA with Falcon's ALiBi as a
+    float bias per head); ``kv_expanded``: k and v reach attention expanded to every head (Falcon's new
+    architecture); ``softcap``: Gemma-2's attention logit soft-capping (a tanh in eager attention). What each keeps:
+    attention.py."""
 
     family: str = "llama"
     qkv: tuple = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -55,6 +57,8 @@ class Layout:
     attn_dropout: bool = False
     embed_dropout: bool = False
     attention: str = "sdpa"
+    kv_expanded: bool = False
+    softcap: bool = False
 
     def __post_init__(self):
         if self.norm not in NORMS or self.qk_norm not in ("", "head", "full"):
@@ -143,7 +147,8 @@ def _llama_family(mt: str, cfg: dict) -> Layout:
     return Layout(mt, qkv_bias=qkv, out_bias=attn and mt not in ("qwen2", "qwen2_moe"),
                   mlp_bias=bool(cfg.get("mlp_bias", False)), norms=4 if mt in ("gemma2", "gemma3_text") else 2,
                   norm="fixed" if mt == "olmo" else "rms", final_norm=True,
-                  qk_norm="head" if mt in ("qwen3", "qwen3_moe", "gemma3_text") else "full" if mt == "olmo2" else "")
+                  qk_norm="head" if mt in ("qwen3", "qwen3_moe", "gemma3_text") else "full" if mt == "olmo2" else "",
+                  softcap=mt == "gemma2" and cfg.get("attn_logit_softcapping", 50.0) is not None)
 
 
 def layout_fields(cfg: dict, name: str) -> dict:
@@ -186,7 +191,7 @@ def layout_fields(cfg: dict, name: str) -> dict:
         bias = bool(cfg.get("bias", False))
         base = Layout(**{**base.__dict__, "qkv_bias": bias, "out_bias": bias, "mlp_bias": bias,
                          "norms": 2 if two or not parallel else 1, "parallel": parallel,
-                         "shared_norm": parallel and not two,
+                         "shared_norm": parallel and not two, "kv_expanded": new,
                          "act_saved": act})
         out["intermediate"] = int(_get(cfg, "ffn_hidden_size", default=4 * h))
         out["kv_heads"] = int(_get(cfg, "num_kv_heads", default=heads)) if new else 1 if mq else heads

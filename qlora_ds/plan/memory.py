@@ -24,24 +24,14 @@ N = data-parallel world size):
 * compute dtype (``compute_dtype``, e bytes per element: 2 for bf16/fp16, 4 for fp32): activations,
   embeddings and dequantized weights are e bytes. With fp32 compute the LoRA weights train in fp32
   themselves: 4 B working copy, 4 B gradients, no master copy, no fp32 gradient copy at the step.
-* activations, per token and layer, saved for backward (e bytes unless noted), with SDPA/flash attention
-  (no s² term), by the model's layout (layouts.py): each RMSNorm 4h fp32 input + e·h output (12h for the
-  LLaMA layout's two in bf16), each LayerNorm its e·h input (once when a parallel block's norms read one input)
-  + mean and rstd; q, k, v after RoPE e·(q + 2kv) (q = heads·head_dim); attention output e·q and its fp32
-  log-sum-exp 4·heads; a gated MLP's gate, up, act(gate) 3·e·i, a plain MLP's activation input e·i (×4 for
-  GPT-2's composite gelu_new). LoRA adds per target linear the dropped input e·in (+1·in bool mask when
-  dropout > 0; an input the layer's linears share, once when dropout = 0) and A·x e·r.
-  The model's own dropout (layouts.py reads which are on from the config; GPT-2 and OPT default to 0.1) keeps per
-  element m bytes, torch's mask: a bool (m = 1) on CUDA, the scaled noise in the input's dtype (m = e) on the CPU:
-  m·h per hidden-wide dropout of a layer (residual branches) and m·h once per token for the embedding's (outside
-  the layers, so with checkpointing too). Attention dropout: on CUDA SDPA's flash / efficient kernels regenerate it
-  from a seed (nothing kept); on the CPU SDPA with dropout_p > 0 leaves its flash kernel for the math path, which
-  keeps fp32 q·scale, k and v (expanded to all heads) and per head and key the fp32 softmax output, noise and
-  dropped probabilities: 12·q + 12·heads·k (k = seq_len keys) replaces the flash terms above (Falcon's ALiBi bias
-  keeps SDPA on the math path anyway: 8·heads·k more); eager attention (BLOOM, Gemma-2) keeps m + (4 when e = 4: its
-  fp32 probabilities are no longer the matmul's input) per head and key. (tests/test_plan_dropout.py measures it.)
-  Packed rows (``packing``) on the CPU in bf16/fp16 add what eager attention over the short examples keeps:
-  per token, heads·k·(4 + e) with k ≤ 192 keys (its example's group width; counted as 192, an upper bound).
+* activations, per token and layer, saved for backward (e bytes unless noted), by the model's layout (layouts.py):
+  each RMSNorm its fp32 input 4h and fp32 rstd 4 (the norm weights are frozen, so the e-byte output is kept only
+  by what reads it: LoRA's input below), OLMo's parameter-free LayerNorm its fp32 input 4h + mean and rstd 8, each
+  LayerNorm its e·h input (once when a parallel block's norms read one input) + mean and rstd; the attention and q/k
+  norms (attention.py: SDPA's q, k, v, output and log-sum-exp, Falcon's masks, eager attention's probabilities
+  per head and key, what dropout and packed rows add); a gated MLP's gate, up, act(gate) 3·e·i, a plain MLP's
+  activation input e·i (×4 for GPT-2's composite gelu_new). LoRA adds per target linear the dropped input e·in
+  (+1·in bool mask when dropout > 0; an input the layer's linears share, once when dropout = 0) and A·x e·r.
   Without checkpointing: L·b·s·(that). With checkpointing: L·b·s·e·h (layer inputs) plus one
   layer's full activations recomputed, plus the input gradient in flight (e·b·s·max(h, i)).
   Logits: b·s·V·12 B: at the backward peak the fp32 log-softmax output, the gradient coming into it
@@ -75,6 +65,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..errors import QLoRADSError
+from .attention import PACKED_SHORT_LEN  # noqa: F401 (tests/test_packing.py reads it here)
+from .attention import (attention_bytes_per_token, model_dropout_bytes_per_token, packed_eager_bytes_per_token,
+                        qk_norm_bytes)
 from .presets import Linear, ModelShape
 
 GiB = 1 << 30
@@ -315,20 +308,22 @@ def base_weight_bytes(shape: ModelShape, bits_per_param: float, embed_bytes: int
             "embeddings_norms": shape.embedding_params * embed_bytes}
 
 
-def activation_bytes_per_token_layer(shape: ModelShape, r: int, targets=ALL_LINEAR,
-                                     dropout: float = 0.05, elem: int = 2, mask_bytes: int = 1) -> float:
+def activation_bytes_per_token_layer(shape: ModelShape, r: int, targets=ALL_LINEAR, dropout: float = 0.05,
+                                     elem: int = 2, mask_bytes: int = 1, keys: int = 0, batch: int = 1) -> float:
     """Bytes autograd keeps per token in one decoder layer (see the module docstring); ``elem``: bytes per
     element of the compute dtype (2 for bf16/fp16, 4 for fp32; the norms' fp32 part is 4 either way);
     ``mask_bytes``: dropout's saved mask per element (torch's bool mask on CUDA; 0 on the CPU, where
-    ``qlora_ds.nn.dropout`` regenerates it from a seed). The model's own dropout: ``model_dropout_bytes_per_token``."""
+    ``qlora_ds.nn.dropout`` regenerates it from a seed); ``keys``: the keys each token attends to (the sequence
+    length; 0 leaves out eager attention's probabilities), ``batch``: the micro batch. The model's own dropout:
+    ``model_dropout_bytes_per_token``."""
     lay, h, i, e = shape.layout, shape.hidden, shape.intermediate, elem
     if lay.norm == "layer":
         # nn.LayerNorm keeps its e-byte input (once when both norms read the layer input) and its mean and rstd
         norms = (1 if lay.parallel else lay.norms) * e * h + lay.norms * 2 * e
     else:
-        norms = lay.norms * (4 * h + e * h)       # RMSNorm in fp32: its fp32 input, the normalized e-byte copy
-    # q, k, v as attention takes them (after RoPE), its output and its fp32 log-sum-exp per head
-    attention = flash_attention_bytes(shape, e)
+        # fp32 input and rstd (RMSNorm) or mean and rstd (OLMo's LayerNorm without parameters)
+        norms = lay.norms * (4 * h + (8 if lay.norm == "fixed" else 4))
+    attention = attention_bytes_per_token(shape, e, keys, batch) + qk_norm_bytes(shape, e)
     mlp = 3 * e * i if lay.gated else lay.act_saved * e * i   # gate, up, act(gate) | the activation's input (+ parts)
     base = norms + attention + mlp
     if r == 0 or not targets:
@@ -343,44 +338,19 @@ def activation_bytes_per_token_layer(shape: ModelShape, r: int, targets=ALL_LINE
     return base + lora
 
 
-def flash_attention_bytes(shape: ModelShape, elem: int) -> float:
-    """What SDPA's flash kernel keeps per token: q, k, v (e bytes), its output and fp32 log-sum-exp per head."""
-    return elem * (shape.q_dim + 2 * shape.kv_dim) + elem * shape.q_dim + 4 * shape.heads
-
-
-def model_dropout_bytes_per_token(shape: ModelShape, elem: int = 2, device: str = "cuda",
-                                  keys: int = 0) -> tuple[float, float]:
-    """(per decoder layer, once outside the layers) bytes per token that the model's own dropout adds for backward
-    (see the module docstring); ``keys``: the keys each token attends to (the sequence length)."""
-    lay, e = shape.layout, elem
-    m = 1 if device == "cuda" else e
-    per_layer = lay.hidden_dropouts * m * shape.hidden
-    if lay.attn_dropout and lay.attention == "eager":
-        per_layer += shape.heads * keys * (m + (4 if e == 4 else 0))
-    elif lay.attn_dropout and device == "cpu" and lay.attention == "sdpa_bias":
-        per_layer += 8 * shape.heads * keys          # the math path either way: its fp32 noise and dropped copy
-    elif lay.attn_dropout and device == "cpu":
-        # SDPA's math path in place of its flash kernel
-        per_layer += 12 * shape.q_dim + 12 * shape.heads * keys - flash_attention_bytes(shape, e)
-    return per_layer, (m * shape.hidden if lay.embed_dropout else 0)
-
-
-PACKED_SHORT_LEN = 192     # = qlora_ds.nn.packed_attention.SHORT_LEN (tests/test_packing.py checks they agree)
-
-
 def activation_bytes(cfg: PlanConfig) -> dict:
     s = cfg.shape
     tokens = cfg.micro_batch * cfg.seq_len
     e = cfg.elem
     per_layer = tokens * activation_bytes_per_token_layer(s, cfg.lora_r, cfg.lora_targets, cfg.lora_dropout, e,
-                                                          mask_bytes=1 if cfg.device == "cuda" else 0)
-    drop_layer, drop_once = model_dropout_bytes_per_token(s, e, cfg.device, cfg.seq_len)
+                                                          mask_bytes=1 if cfg.device == "cuda" else 0,
+                                                          keys=cfg.seq_len, batch=cfg.micro_batch)
+    drop_layer, drop_once = model_dropout_bytes_per_token(s, e, cfg.device, cfg.seq_len, cfg.micro_batch)
     per_layer += tokens * drop_layer
     if cfg.packing and cfg.device == "cpu" and e == 2:
-        # packed short examples on the CPU in bf16/fp16 run eager attention, which keeps its probabilities (fp32
-        # softmax output + the e-byte copy) per head and key: at most PACKED_SHORT_LEN keys per token
-        per_layer += tokens * s.heads * min(cfg.seq_len, PACKED_SHORT_LEN) * (4 + e)
+        per_layer += tokens * packed_eager_bytes_per_token(s, cfg.seq_len, e)
     if cfg.grad_ckpt:
+        # only the layer being recomputed holds its activations (eager attention's probabilities included)
         stored = s.layers * tokens * e * s.hidden + per_layer + e * tokens * max(s.hidden, s.intermediate)
     else:
         stored = s.layers * per_layer
