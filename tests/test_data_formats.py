@@ -276,3 +276,28 @@ def test_json_lines_in_a_json_file_and_a_utf8_bom_are_read(tmp_path):
     (tmp_path / "bad.json").write_text(lines[0] + "\n{oops\n")             # JSON Lines with a bad line: named
     with pytest.raises(QLoRADSError, match=r"bad\.json:2: not valid JSON"):
         load_records(str(tmp_path / "bad.json"))
+
+
+def test_mixed_source_rows_and_an_opening_assistant_turn(smol, tmp_path):
+    """Columns another source's rows fill are null or "" here (datasets / pandas write them): the row's own pair or
+    text is used. A chat opening with the assistant's greeting is tokenized (its greeting trained), not a raw
+    transformers ValueError after the model load. A 'text' that is not a string says so."""
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"instruction": None, "context": None, "response": None, "prompt": "Say hi.", "completion": "Hi."},
+            {"instruction": "Translate.", "input": "Bonjour", "output": "Hello", "prompt": "", "response": None},
+            {"messages": None, "text": "Plain paragraph."},
+            {"messages": [{"role": "assistant", "content": "Hello! How can I help?"},
+                          {"role": "user", "content": "Time?"}, {"role": "assistant", "content": "Noon."}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs = load_records(str(path))
+    assert recs[:3] == [{"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]},
+                        {"messages": [{"role": "user", "content": "Translate.\n\nBonjour"},
+                                      {"role": "assistant", "content": "Hello"}]},
+                        {"text": "Plain paragraph."}]
+    ex = tokenize_records(recs, smol, 256)
+    trained = smol.decode(ex[3]["labels"][ex[3]["labels"] != IGNORE])
+    assert trained == "Hello! How can I help?<|im_end|>\nNoon.<|im_end|>\n", trained
+    for bad, kind in (([" a", "b"], "list"), ("  ", "str")):
+        path.write_text(json.dumps({"text": bad}) + "\n")
+        with pytest.raises(QLoRADSError, match=f"field 'text' must be a non-empty string, got {kind}"):
+            load_records(str(path))

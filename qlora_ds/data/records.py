@@ -26,8 +26,10 @@ def _filled(value) -> bool:
 
 def _pair(obj, where: str) -> dict:
     """A prompt/response record as a two-turn chat. Each field used or refused: none is dropped silently."""
-    prompt_key = next((k for k in PROMPT_KEYS if k in obj), None)
-    response_key = next((k for k in RESPONSE_KEYS if k in obj), None)
+    # the first key that holds text (a table merged from several sources leaves the others "" or null)
+    prompt_key = next((k for k in PROMPT_KEYS if _filled(obj.get(k))), next((k for k in PROMPT_KEYS if k in obj), None))
+    response_key = next((k for k in RESPONSE_KEYS if _filled(obj.get(k))),
+                        next((k for k in RESPONSE_KEYS if k in obj), None))
     prompt, response = obj.get(prompt_key), obj.get(response_key)
     if not isinstance(prompt, str) or not isinstance(response, str) or not response.strip():
         raise QLoRADSError(f"{where}: needs non-empty string fields '{prompt_key or 'instruction'}' and "
@@ -64,6 +66,7 @@ def _check_weights(msgs, where: str) -> None:
 def _normalise(obj, where: str) -> dict:
     if not isinstance(obj, dict):
         raise QLoRADSError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    obj = {k: v for k, v in obj.items() if v is not None}    # null: an absent column (datasets/pandas write them)
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs or not all(
@@ -81,6 +84,9 @@ def _normalise(obj, where: str) -> dict:
         return _pair(obj, where)
     if isinstance(obj.get("text"), str) and obj["text"].strip():
         return {"text": obj["text"]}
+    if "text" in obj:
+        raise QLoRADSError(f"{where}: field 'text' must be a non-empty string, got {type(obj['text']).__name__} "
+                           f"{str(obj['text'])[:40]!r}; fix or drop the record")
     raise QLoRADSError(f"{where}: found keys {sorted(obj)}, expected a prompt ('instruction', 'prompt' or 'input') "
                        f"and a response ('response', 'output' or 'completion'), 'messages' or 'text'")
 

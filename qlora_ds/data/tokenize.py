@@ -26,6 +26,8 @@ def _chat_ids(tokenizer, messages) -> tuple[list[int], list[int]]:
         if full[:len(ids)] != ids:
             return _span_ids(tokenizer, messages)
         new = full[len(ids):]
+        if _trained(msg) and i == 0:
+            return _span_ids(tokenizer, messages)     # an opening assistant turn: no prompt to render before it
         if _trained(msg):
             # the assistant header belongs to the prompt; train on what follows it
             prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
@@ -188,8 +190,9 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
                     no_system += _drops_system(tokenizer, rec["messages"])
                 else:
                     ids, mask = _plain_ids(tokenizer, rec["messages"], lead)
-            except TemplateError as err:
-                raise QLoRADSError(f"record #{i}: the tokenizer's chat template refused it ({err})") from None
+            except (TemplateError, ValueError) as err:   # transformers raises ValueError for some chats itself
+                raise QLoRADSError(f"record #{i} (counting from 0): the tokenizer's chat template refused it "
+                                   f"({err}); fix or drop that record") from None
         if train_on_prompt:
             mask = [1] * len(ids)
         total_tokens += len(ids)
