@@ -191,8 +191,8 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
                 else:
                     ids, mask = _plain_ids(tokenizer, rec["messages"], lead)
             except (TemplateError, ValueError) as err:   # transformers raises ValueError for some chats itself
-                raise QLoRADSError(f"record #{i} (counting from 0): the tokenizer's chat template refused it "
-                                   f"({err}); fix or drop that record") from None
+                raise QLoRADSError(f"record #{i}: the tokenizer's chat template refused it "
+                                   f"({err}; counting records from 0); fix or drop that record") from None
         if train_on_prompt:
             mask = [1] * len(ids)
         total_tokens += len(ids)
