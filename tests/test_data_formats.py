@@ -192,6 +192,22 @@ def test_the_windows_of_one_text_are_held_out_or_trained_together(smol):
     assert [id(e) for e in held] == [id(shorts[i]) for i in order[:len(shorts) // 10]]
 
 
+def test_a_split_that_holds_nothing_out_says_so(smol, caplog):
+    """A .txt of a few long paragraphs: each text's windows exceed a tenth of all, so nothing is held out (a text's
+    windows stay together); the run must say so rather than silently have no held-out loss."""
+    from qlora_ds.data.run_data import split_heldout
+    books = [{"text": " ".join(f"Book {b} line {i} says {i * b}." for i in range(40))} for b in range(3)]
+    examples = tokenize_records(books, smol, 32)
+    with caplog.at_level(logging.WARNING, logger="qlora_ds.data.run_data"):
+        held, train, _ = split_heldout(examples, 64, seed=0)
+    assert held == [] and len(train) == len(examples) >= 30
+    assert "windows of 3 long texts" in caplog.text and "no held-out examples although --eval-size 64" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qlora_ds.data.run_data"):
+        split_heldout(examples, 0, seed=0)                       # none asked for: nothing to say
+    assert "no held-out" not in caplog.text
+
+
 def test_cut_chat_records_are_counted_in_a_warning(smol, caplog):
     long = [{"role": "user", "content": "Write."}, {"role": "assistant", "content": "word " * 100}]
     records = [{"messages": PAIR}, {"messages": long}, {"messages": long}]

@@ -86,6 +86,11 @@ def split_heldout(examples: list, eval_size: int, seed: int, dedup: bool = True)
     held, train = [], []
     for i in order:         # a group that would overshoot n_eval trains (single examples: the first n_eval held out)
         (held if len(held) + len(units[i]) <= n_eval else train).extend(units[i])
+    if eval_size > 0 and not held:
+        log.warning("no held-out examples although --eval-size %d: %s; no held-out loss and no best checkpoint this run",
+                    eval_size, f"{len(examples)} examples (a tenth at most is held out)" if n_eval == 0 else
+                    f"the {len(examples)} examples are windows of {len(units)} long texts, each more than a tenth of "
+                    f"them (a text's windows are held out together); give more or shorter texts (paragraphs)")
     return held, train, n - len(examples)
 
 
