@@ -96,6 +96,20 @@ def test_plain_format_starts_with_the_tokenizers_bos_and_generation_agrees(smol)
     assert plain["input_ids"][:-1].tolist() == old["input_ids"][:-1].tolist()        # but its own EOS
 
 
+def test_plain_format_trains_the_eos_only_after_a_trained_answer(smol):
+    """Without a chat template the closing EOS ends the last message: a target after a trained answer only (not after
+    a weight-0 answer or a closing user turn)."""
+    tok = llama_like(smol)
+    eos = tok.eos_token_id
+    user, good = {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Good."}
+    chats = [[user, good], [user, good, {"role": "user", "content": "again"},
+                            {"role": "assistant", "content": "Bad.", "weight": 0}], [user, good, user]]
+    got = tokenize_records([{"messages": m} for m in chats], tok, 64)
+    assert [int(e["input_ids"][-1]) for e in got] == [eos] * 3
+    assert [int(e["labels"][-1]) for e in got] == [eos, IGNORE, IGNORE]
+    assert all(tok.decode(e["labels"][e["labels"] != IGNORE]).strip().startswith("Good.") for e in got)
+
+
 def test_finetune_resumes_a_run_from_before_plain_bos_and_text_windows_with_their_old_tokenization(tmp_path):
     from qlora_ds.run_dir import check_output_dir
     ft = launch_script("finetune")

@@ -136,7 +136,7 @@ def _plain_ids(tokenizer, messages, lead: list[int]) -> tuple[list[int], list[in
         ids += new
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-        mask.append(1)
+        mask.append(int(bool(messages) and _trained(messages[-1])))   # the end of a trained answer, nothing else
     return ids, mask
 
 
