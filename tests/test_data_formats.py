@@ -1,6 +1,7 @@
 """Dataset formats and how records become examples: BOS in the plain format, Alpaca / Dolly / prompt-response fields,
---max-len cuts and text windows, OpenAI weights, system messages a template leaves out, Phi-3 turn ends, BOMs and
-JSON Lines in .json. Tokenizers: the packaged SmolLM2 BPE, with Llama's specials or copies of real chat templates."""
+--max-len cuts, text windows and held-out units, OpenAI weights, system messages a template leaves out, Phi-3 turn
+ends, BOMs and JSON Lines in .json. Tokenizers: the packaged SmolLM2 BPE, with Llama's specials or copies of real
+chat templates."""
 from __future__ import annotations
 
 import json
@@ -206,20 +207,76 @@ def test_the_windows_of_one_text_are_held_out_or_trained_together(smol):
     assert [id(e) for e in held] == [id(shorts[i]) for i in order[:len(shorts) // 10]]
 
 
-def test_a_split_that_holds_nothing_out_says_so(smol, caplog):
-    """A .txt of a few long paragraphs: each text's windows exceed a tenth of all, so nothing is held out (a text's
-    windows stay together); the run must say so rather than silently have no held-out loss."""
+def test_texts_larger_than_the_held_out_share_hold_out_their_last_windows(smol, caplog):
+    """A .txt of a few long paragraphs: each text's windows exceed a tenth of all, so no text fits whole; the last
+    windows of the texts are held out (a tenth, shared among them), each after its text's trained windows. Runs from
+    before --heldout-groups hold nothing out, as they did, and say so."""
     from qlora_ds.data.run_data import split_heldout
-    books = [{"text": " ".join(f"Book {b} line {i} says {i * b}." for i in range(40))} for b in range(3)]
+    books = [{"text": " ".join(f"Book {b} line {i} says {i * b}." for i in range(20 * (b + 1)))} for b in range(3)]
     examples = tokenize_records(books, smol, 32)
+    per_text = [[e for e in examples if e["record"] == r] for r in range(3)]
+    n_eval = len(examples) // 10
+    assert n_eval >= 3 and all(len(w) > n_eval for w in per_text)
     with caplog.at_level(logging.WARNING, logger="qlora_ds.data.run_data"):
         held, train, _ = split_heldout(examples, 64, seed=0)
-    assert held == [] and len(train) == len(examples) >= 30
-    assert "windows of 3 long texts" in caplog.text and "no held-out examples although --eval-size 64" in caplog.text
+    assert len(held) == n_eval and len(held) + len(train) == len(examples) and "no held-out" not in caplog.text
+    for windows in per_text:      # each text: its first windows train, its last (at least one) are held out
+        k = sum(any(e is h for h in held) for e in windows)
+        assert k >= 1 and all(any(e is h for h in held) for e in windows[len(windows) - k:])
+        assert all(any(e is t for t in train) for e in windows[:len(windows) - k])
+    with caplog.at_level(logging.WARNING, logger="qlora_ds.data.run_data"):
+        held, train, _ = split_heldout(examples, 64, seed=0, heldout_groups=False)
+    assert held == [] and len(train) == len(examples)
+    assert "3 units held out whole (the windows of a text" in caplog.text
+    assert "no held-out examples although --eval-size 64" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="qlora_ds.data.run_data"):
         split_heldout(examples, 0, seed=0)                       # none asked for: nothing to say
     assert "no held-out" not in caplog.text
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_a_conversation_stored_once_per_turn_is_held_out_whole(smol, train_on_prompt):
+    """A chat set storing a conversation once per assistant turn (the conversation so far and the next answer): a
+    held-out turn would be a prefix of a trained record, its answer trained in the same context. The records that
+    open alike are one unit. Chats that open differently split one by one, as before."""
+    from qlora_ds.data.run_data import split_heldout
+    system = {"role": "system", "content": "Be brief."}
+    records = []
+    for c in range(20):
+        msgs = [system]
+        for k in range(3):
+            msgs = msgs + [{"role": "user", "content": f"Chat {c} asks {k}?"},
+                           {"role": "assistant", "content": f"Reply {k} to {c}."}]
+            records.append({"messages": msgs})
+    examples = tokenize_records(records, smol, 128, train_on_prompt=train_on_prompt)
+    held, train, _ = split_heldout(examples, 64, seed=1)
+    assert len(held) == 6 and len(train) == 54
+    trained = [e["input_ids"].tolist() for e in train]
+    assert not any(t[:len(h["input_ids"])] == h["input_ids"].tolist() for h in held for t in trained)
+    firsts = examples[::3]                  # one record per conversation: nothing to group
+    assert [id(e) for e in split_heldout(firsts, 64, 1)[0]] == \
+        [id(e) for e in split_heldout(firsts, 64, 1, heldout_groups=False)[0]]
+    # pairs that only ask the same question (chatterbot's repeats) are not a conversation: split one by one as before
+    asked = [{"messages": [{"role": "user", "content": f"Q{c % 5}?"}, {"role": "assistant", "content": f"A{c}."}]}
+             for c in range(40)]
+    pairs = tokenize_records(asked, smol, 64)
+    assert [id(e) for e in split_heldout(pairs, 64, 1)[0]] == \
+        [id(e) for e in split_heldout(pairs, 64, 1, heldout_groups=False)[0]]
+
+
+def test_a_chat_whose_every_answer_has_weight_0_is_left_out_for_that_reason(smol, caplog):
+    """Nothing to learn: left out and counted as such, not as 'a one-token text paragraph'; alone, the error says
+    so. --train-on-prompt trains every token, so it keeps it."""
+    unlearnt = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Bad.", "weight": 0}]
+    for tok in (smol, llama_like(smol)):
+        caplog.clear()
+        got = tokenize_records([{"messages": PAIR}, {"messages": unlearnt}], tok, 64)
+        assert len(got) == 1 and "1 of 2 records are chats whose every answer has weight 0" in caplog.text
+        assert "one-token" not in caplog.text
+        with pytest.raises(QLoRADSError, match="1 chats have only weight-0 answers: give those to learn weight 1"):
+            tokenize_records([{"messages": unlearnt}], tok, 64)
+    assert len(tokenize_records([{"messages": unlearnt}], smol, 64, train_on_prompt=True)) == 1
 
 
 def test_cut_chat_records_are_counted_in_a_warning(smol, caplog):
@@ -316,18 +373,38 @@ def test_mixed_source_rows_and_an_opening_assistant_turn(smol, tmp_path):
     rows = [{"instruction": None, "context": None, "response": None, "prompt": "Say hi.", "completion": "Hi."},
             {"instruction": "Translate.", "input": "Bonjour", "output": "Hello", "prompt": "", "response": None},
             {"messages": None, "text": "Plain paragraph."},
+            {"instruction": "", "response": " ", "messages": [], "text": "Other paragraph."},
             {"messages": [{"role": "assistant", "content": "Hello! How can I help?"},
                           {"role": "user", "content": "Time?"}, {"role": "assistant", "content": "Noon."}]}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recs = load_records(str(path))
-    assert recs[:3] == [{"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]},
+    assert recs[:4] == [{"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]},
                         {"messages": [{"role": "user", "content": "Translate.\n\nBonjour"},
                                       {"role": "assistant", "content": "Hello"}]},
-                        {"text": "Plain paragraph."}]
+                        {"text": "Plain paragraph."}, {"text": "Other paragraph."}]
     ex = tokenize_records(recs, smol, 256)
-    trained = smol.decode(ex[3]["labels"][ex[3]["labels"] != IGNORE])
+    trained = smol.decode(ex[4]["labels"][ex[4]["labels"] != IGNORE])
     assert trained == "Hello! How can I help?<|im_end|>\nNoon.<|im_end|>\n", trained
-    for bad, kind in (([" a", "b"], "list"), ("  ", "str")):
+    for bad, kind in (([" a", "b"], "list"), ("  ", "str"), (None, "null")):
         path.write_text(json.dumps({"text": bad}) + "\n")
-        with pytest.raises(QLoRADSError, match=f"field 'text' must be a non-empty string, got {kind}"):
+        with pytest.raises(QLoRADSError, match=f"mixed.jsonl:1: field 'text' must be a non-empty string, got {kind}"):
             load_records(str(path))
+    path.write_text(json.dumps({"messages": None, "text": ""}) + "\n")        # nothing filled: the first format
+    with pytest.raises(QLoRADSError, match="mixed.jsonl:1: 'messages' must be a non-empty list"):
+        load_records(str(path))
+
+
+def test_tokenizing_errors_name_the_records_file_and_line(smol, tmp_path):
+    """Errors found once the records are tokenized (after the model load) point where the loader's do: path:line,
+    1-based; records built in code keep 'record #i'."""
+    strict = _retokenizer(smol, "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}"
+                                "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tool = [{"role": "tool", "content": "42"}, *PAIR]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in (PAIR, PAIR, tool)))
+    records = load_records(str(tmp_path / "d.jsonl"))
+    assert records[2].where == f"{tmp_path / 'd.jsonl'}:3"
+    with pytest.raises(QLoRADSError, match=r"d\.jsonl:3: the tokenizer's chat template refused it \(no tools\)"):
+        tokenize_records(records, strict, 64)
+    with pytest.raises(QLoRADSError, match=r"^record #2: the tokenizer's chat template refused it \(no tools; "):
+        tokenize_records([dict(r) for r in records], strict, 64)

@@ -321,7 +321,7 @@ def test_resume_with_a_changed_dataset_file_is_refused(tiny, tmp_path):
         ft.check_output_dir(resume, 0)
 
 
-@pytest.mark.parametrize("option, old_flag", [("dedup", "--no-dedup"),
+@pytest.mark.parametrize("option, old_flag", [("dedup", "--no-dedup"), ("heldout_groups", "--no-heldout-groups"),
                                               ("loss_weighting", "--loss-weighting=micro-batch")])
 def test_run_from_before_an_option_resumes_with_its_behaviour(tiny, tmp_path, option, old_flag):
     """Runs from before --dedup (their held-out split kept repeated examples) and --loss-weighting (each micro-batch

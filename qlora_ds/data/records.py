@@ -20,15 +20,12 @@ RESPONSE_KEYS = ("response", "output", "completion")
 PAIR_KEYS = (*PROMPT_KEYS, "context", *RESPONSE_KEYS)
 
 
-def _filled(value) -> bool:
-    return value is not None and not (isinstance(value, str) and not value.strip())
-
-
 def _pair(obj, where: str) -> dict:
     """A prompt/response record as a two-turn chat. Each field used or refused: none is dropped silently."""
     # the first key that holds text (a table merged from several sources leaves the others "" or null)
-    prompt_key = next((k for k in PROMPT_KEYS if _filled(obj.get(k))), next((k for k in PROMPT_KEYS if k in obj), None))
-    response_key = next((k for k in RESPONSE_KEYS if _filled(obj.get(k))),
+    prompt_key = next((k for k in PROMPT_KEYS if not _blank(obj.get(k))),
+                      next((k for k in PROMPT_KEYS if k in obj), None))
+    response_key = next((k for k in RESPONSE_KEYS if not _blank(obj.get(k))),
                         next((k for k in RESPONSE_KEYS if k in obj), None))
     prompt, response = obj.get(prompt_key), obj.get(response_key)
     if not isinstance(prompt, str) or not isinstance(response, str) or not response.strip():
@@ -37,7 +34,7 @@ def _pair(obj, where: str) -> dict:
                            f"response 'output' or 'completion')")
     used = {prompt_key, response_key}
     if prompt_key == "instruction":
-        extra = [k for k in CONTEXT_KEYS if _filled(obj.get(k))]
+        extra = [k for k in CONTEXT_KEYS if not _blank(obj.get(k))]
         if extra:
             if not isinstance(obj[extra[0]], str):
                 raise QLoRADSError(f"{where}: field '{extra[0]}' must be a string")
@@ -45,7 +42,7 @@ def _pair(obj, where: str) -> dict:
             # without their "### Input:" headers, which the chat template's roles stand in for
             prompt = "\n\n".join(p for p in (prompt, obj[extra[0]]) if p.strip())
             used.add(extra[0])
-    left = [k for k in PAIR_KEYS if k not in used and _filled(obj.get(k))]
+    left = [k for k in PAIR_KEYS if k not in used and not _blank(obj.get(k))]
     if left:
         raise QLoRADSError(f"{where}: field '{left[0]}' is not used beside '{prompt_key}' and '{response_key}'; "
                            f"merge it into one of them or remove it (nothing is dropped silently)")
@@ -63,32 +60,57 @@ def _check_weights(msgs, where: str) -> None:
                                f"a weight, 0 (not trained on) or 1 (trained on)")
 
 
+class Record(dict):
+    """A record, equal to its plain dict, that keeps ``where`` it was read (``path:line``, ``path[i]``) for the errors
+    found once it is tokenized."""
+    where = ""
+
+
+def _blank(value) -> bool:
+    """A column a row does not use: null, "" or [] (tables merged from several sources write them for the others)."""
+    return value is None or value == [] or (isinstance(value, str) and not value.strip())
+
+
 def _normalise(obj, where: str) -> dict:
     if not isinstance(obj, dict):
         raise QLoRADSError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    obj = {k: v for k, v in obj.items() if v is not None}    # null: an absent column (datasets/pandas write them)
-    if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in msgs):
-            raise QLoRADSError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} strings")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise QLoRADSError(f"{where}: the chat has no 'assistant' turn to train on; add one or drop the record")
-        if any(m["role"] == "assistant" and not m["content"].strip() for m in msgs):
-            raise QLoRADSError(f"{where}: an 'assistant' turn is empty (as a pair record's response may not be); "
-                               f"fill it or drop the record")
-        _check_weights(msgs, where)
-        return {"messages": msgs}
-    if any(k in obj for k in PAIR_KEYS):
-        return _pair(obj, where)
-    if isinstance(obj.get("text"), str) and obj["text"].strip():
-        return {"text": obj["text"]}
-    if "text" in obj:
-        raise QLoRADSError(f"{where}: field 'text' must be a non-empty string, got {type(obj['text']).__name__} "
-                           f"{str(obj['text'])[:40]!r}; fix or drop the record")
+    rec = Record(_record(obj, where))
+    rec.where = where
+    return rec
+
+
+def _record(obj: dict, where: str) -> dict:
+    """The record's format from the columns it fills (messages, a prompt/response pair, text), else from those it has,
+    to say what is wrong with them."""
+    filled = {k for k, v in obj.items() if not _blank(v)}
+    for keys in (filled, set(obj)):
+        if "messages" in keys:
+            return _chat(obj["messages"], where)
+        if keys & set(PAIR_KEYS):
+            return _pair(obj, where)
+        if "text" in keys:
+            text = obj["text"]
+            if not isinstance(text, str) or not text.strip():
+                got = "null" if text is None else f"{type(text).__name__} {str(text)[:40]!r}"
+                raise QLoRADSError(f"{where}: field 'text' must be a non-empty string, got {got}; fix or drop the "
+                                   f"record")
+            return {"text": text}
     raise QLoRADSError(f"{where}: found keys {sorted(obj)}, expected a prompt ('instruction', 'prompt' or 'input') "
                        f"and a response ('response', 'output' or 'completion'), 'messages' or 'text'")
+
+
+def _chat(msgs, where: str) -> dict:
+    if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in msgs):
+        raise QLoRADSError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} strings")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise QLoRADSError(f"{where}: the chat has no 'assistant' turn to train on; add one or drop the record")
+    if any(m["role"] == "assistant" and not m["content"].strip() for m in msgs):
+        raise QLoRADSError(f"{where}: an 'assistant' turn is empty (as a pair record's response may not be); "
+                           f"fill it or drop the record")
+    _check_weights(msgs, where)
+    return {"messages": msgs}
 
 
 def _json_lines(path: str) -> list[dict]:

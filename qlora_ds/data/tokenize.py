@@ -1,6 +1,8 @@
 """Tokenize records; labels are -100 everywhere but on the assistant's tokens (train on the response only)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 
@@ -177,12 +179,16 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
 
     use_template = getattr(tokenizer, "chat_template", None) is not None
     lead = _leading_specials(tokenizer) if plain_bos and not use_template else []
-    examples, truncated, targetless = [], 0, 0
+    examples, truncated, targetless, unweighted = [], 0, 0, 0
     cut, cut_tokens, total_tokens, split, windows, no_system = 0, 0, 0, 0, 0, 0
     for i, rec in enumerate(records):
+        where = getattr(rec, "where", "")       # path:line of a loaded record (records.Record)
         if "text" in rec:
             ids = tokenizer(rec["text"], add_special_tokens=True)["input_ids"]
             mask = [1] * len(ids)
+        elif not train_on_prompt and not any(_trained(m) for m in rec["messages"]):
+            unweighted += 1
+            continue
         else:
             try:
                 if use_template:
@@ -190,9 +196,13 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
                     no_system += _drops_system(tokenizer, rec["messages"])
                 else:
                     ids, mask = _plain_ids(tokenizer, rec["messages"], lead)
+            except QLoRADSError as err:                # (a ValueError) from _span_ids: not the template's
+                at = where or f"record #{i} (counting from 0)"
+                raise QLoRADSError(f"{at}: {err}") from None
             except (TemplateError, ValueError) as err:   # transformers raises ValueError for some chats itself
-                raise QLoRADSError(f"record #{i}: the tokenizer's chat template refused it "
-                                   f"({err}; counting records from 0); fix or drop that record") from None
+                at, note = (where, "") if where else (f"record #{i}", "; counting records from 0")
+                raise QLoRADSError(f"{at}: the tokenizer's chat template refused it ({err}{note}); fix or drop that "
+                                   f"record") from None
         if train_on_prompt:
             mask = [1] * len(ids)
         total_tokens += len(ids)
@@ -202,8 +212,9 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
             # group_texts, less the target that each window's first token would lose)
             pieces = [(ids[s:s + max_len], mask[s:s + max_len]) for s in range(0, len(ids) - 1, max_len - 1)]
             split, windows = split + 1, windows + len(pieces)
+        # split_heldout's units: the windows of one text, the chats of one opening
+        extra = ({"record": i} if len(pieces) > 1 else {}) if "text" in rec else {"opening": _opening(rec)}
         for ids, mask in pieces:
-            extra = {"record": i} if len(pieces) > 1 else {}    # windows of one text are held out together
             # position 0 is never a target (the causal shift drops it): a record without a later label has a 0/0 loss
             if not any(mask[1:max_len]):
                 truncated += any(mask[1:])
@@ -215,8 +226,10 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
             labels = [t if m else IGNORE for t, m in zip(ids, mask)]
             examples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), **extra})
     if not examples:
+        fixes = ["raise --max-len"] * bool(truncated) + ["add records longer than one token"] * bool(targetless) + [
+            f"{unweighted} chats have only weight-0 answers: give those to learn weight 1"] * bool(unweighted)
         raise QLoRADSError(f"no example kept a response token within --max-len {max_len} (the first token is never "
-                           f"a target); " + ("raise --max-len" if truncated else "add records longer than one token"))
+                           f"a target); " + "; ".join(fixes))
     if cut:
         log.warning("%d of %d records were cut at --max-len %d (%d of %d tokens dropped, %.1f%%; a cut answer "
                     "loses its turn end); raise --max-len to keep them", cut, len(records), max_len, cut_tokens,
@@ -230,12 +243,25 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
     if targetless:
         log.warning("%d of %d records have no token to predict (e.g. a one-token text paragraph: the first token "
                     "is never a target) and are left out", targetless, len(records))
+    if unweighted:
+        log.warning("%d of %d records are chats whose every answer has weight 0 (nothing to train on) and are left "
+                    "out", unweighted, len(records))
     if no_system:
         log.warning("the chat template leaves the system message out of the training text of %d of %d records (as "
                     "Mistral v0.3's writes it only into a chat's final user turn, which a training chat does not end "
                     "with): they train without it; fold the system text into the first user message to keep it",
                     no_system, len(records))
     return examples
+
+
+def _opening(rec) -> bytes:
+    """A digest of a chat's messages up to its first exchange (the first user message and the assistant answer after
+    it, the system prompt included): the records of a conversation stored once per turn, or once per branch, share
+    it, while pairs that only ask the same question (with other answers) stay apart, as they were split before."""
+    msgs = rec["messages"]
+    user = next((j for j, m in enumerate(msgs) if m["role"] == "user"), 0)
+    upto = next((j for j, m in enumerate(msgs) if m["role"] == "assistant" and j > user), len(msgs) - 1)
+    return hashlib.blake2b(json.dumps(msgs[:upto + 1], sort_keys=True).encode(), digest_size=16).digest()
 
 
 def _drops_system(tokenizer, messages) -> bool:

@@ -135,7 +135,8 @@ def _find(path: str, near: str | None) -> str:
 # tests/test_plan_zero.py checks the two agree). The planner reads those that change memory.
 FINETUNE_KEYS = frozenset({
     "adam_beta2", "bits", "chunked_loss", "dataset", "dedup", "deepspeed", "double_quant", "ds_config", "dtype",
-    "epochs", "eval_every", "eval_size", "grad_accum", "grad_ckpt", "group_by_length", "group_size", "help", "init_adapter",
+    "epochs", "eval_every", "eval_size", "grad_accum", "grad_ckpt", "group_by_length", "group_size", "heldout_groups",
+    "help", "init_adapter",
     "keep_checkpoints", "local_rank", "log_every", "lora_alpha", "lora_dropout", "lora_r", "loss_weighting", "lr",
     "lr_scheduler", "max_grad_norm", "max_len", "max_steps", "method", "micro_batch", "model", "nan_policy",
     "optimizer", "output_dir", "overwrite", "packing", "pad_to_multiple_of", "plain_bos", "pool", "quant_type",
