@@ -30,7 +30,7 @@ class Layout:
     "sdpa", "eager" (no SDPA path for the model type: BLOOM, Gemma-2) or "sdpa_bias" (SDPA with Falcon's ALiBi as a
     float bias per head); ``kv_expanded``: k and v reach attention expanded to every head (Falcon's new
     architecture); ``softcap``: Gemma-2's attention logit soft-capping (a tanh in eager attention). What each keeps:
-    attention.py."""
+    attention.py; what a MoE layer's routing keeps (``norm_topk``, ``router_jitter``): moe.py."""
 
     family: str = "llama"
     qkv: tuple = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -59,6 +59,8 @@ class Layout:
     attention: str = "sdpa"
     kv_expanded: bool = False
     softcap: bool = False
+    norm_topk: bool = False       # MoE: the top-k routing weights renormalized (norm_topk_prob; Mixtral always)
+    router_jitter: bool = False   # MoE: Mixtral's router_jitter_noise > 0 (multiplicative noise in training)
 
     def __post_init__(self):
         if self.norm not in NORMS or self.qk_norm not in ("", "head", "full"):
@@ -148,7 +150,9 @@ def _llama_family(mt: str, cfg: dict) -> Layout:
                   mlp_bias=bool(cfg.get("mlp_bias", False)), norms=4 if mt in ("gemma2", "gemma3_text") else 2,
                   norm="fixed" if mt == "olmo" else "rms", final_norm=True,
                   qk_norm="head" if mt in ("qwen3", "qwen3_moe", "gemma3_text") else "full" if mt == "olmo2" else "",
-                  softcap=mt == "gemma2" and cfg.get("attn_logit_softcapping", 50.0) is not None)
+                  softcap=mt == "gemma2" and cfg.get("attn_logit_softcapping", 50.0) is not None,
+                  norm_topk=mt == "mixtral" or (mt in ("qwen2_moe", "qwen3_moe") and bool(cfg.get("norm_topk_prob"))),
+                  router_jitter=mt == "mixtral" and float(cfg.get("router_jitter_noise") or 0) > 0)
 
 
 def layout_fields(cfg: dict, name: str) -> dict:

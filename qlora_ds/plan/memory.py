@@ -30,8 +30,10 @@ N = data-parallel world size):
   LayerNorm its e·h input (once when a parallel block's norms read one input) + mean and rstd; the attention and q/k
   norms (attention.py: SDPA's q, k, v, output and log-sum-exp, Falcon's masks, eager attention's probabilities
   per head and key, what dropout and packed rows add); a gated MLP's gate, up, act(gate) 3·e·i, a plain MLP's
-  activation input e·i (×4 for GPT-2's composite gelu_new). LoRA adds per target linear the dropped input e·in
-  (+1·in bool mask when dropout > 0; an input the layer's linears share, once when dropout = 0) and A·x e·r.
+  activation input e·i (×4 for GPT-2's composite gelu_new); a MoE layer's routing (moe.py: router probabilities,
+  top-k indices, the experts' index tensors, routing weights and outputs, Qwen2-MoE's shared-expert gate). LoRA
+  adds per target linear the dropped input e·in (+1·in bool mask when dropout > 0; an input the layer's linears
+  share, once when dropout = 0) and A·x e·r.
   Without checkpointing: L·b·s·(that). With checkpointing: L·b·s·e·h (layer inputs) plus one
   layer's full activations recomputed, plus the input gradient in flight (e·b·s·max(h, i)).
   Logits: b·s·V·12 B: at the backward peak the fp32 log-softmax output, the gradient coming into it
@@ -68,6 +70,7 @@ from ..errors import QLoRADSError
 from .attention import PACKED_SHORT_LEN  # noqa: F401 (tests/test_packing.py reads it here)
 from .attention import (attention_bytes_per_token, model_dropout_bytes_per_token, packed_eager_bytes_per_token,
                         qk_norm_bytes)
+from .moe import moe_routing_bytes_per_token
 from .presets import Linear, ModelShape
 
 GiB = 1 << 30
@@ -325,7 +328,7 @@ def activation_bytes_per_token_layer(shape: ModelShape, r: int, targets=ALL_LINE
         norms = lay.norms * (4 * h + (8 if lay.norm == "fixed" else 4))
     attention = attention_bytes_per_token(shape, e, keys, batch) + qk_norm_bytes(shape, e)
     mlp = 3 * e * i if lay.gated else lay.act_saved * e * i   # gate, up, act(gate) | the activation's input (+ parts)
-    base = norms + attention + mlp
+    base = norms + attention + mlp + moe_routing_bytes_per_token(shape, e)
     if r == 0 or not targets:
         return base
     lin = targeted(shape, targets)
