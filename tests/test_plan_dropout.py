@@ -146,8 +146,6 @@ def test_dropout_is_read_from_the_config_with_transformers_defaults():
 def test_model_dropout_on_cuda_keeps_bool_masks(mt):
     """On CUDA (bf16) a dropout keeps a bool mask (1 B/element), SDPA's attention dropout nothing, eager attention's
     a mask per head and key: the planner's CUDA terms, measured as on the CPU."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     kw = VARIANTS[mt][0]
     (layer1, all1), (layer0, all0) = (_slopes(mt, kw, p, {}, torch.bfloat16, False, "cuda") for p in (0.1, 0.0))
     shape = shape_from_hf_config(_config(mt, kw, 0.1, {}).to_dict())
