@@ -10,10 +10,11 @@ backward-release Function — the loss's gradient reaches the final norm directl
 empty slice, which the returned loss adds times 0 (so the engine's backward prologue, hooked on the forward's
 outputs, runs: one more gather of the head per backward under ZeRO-3). The loss's own backward needs no weight (its gradients
 are formed in forward, ``qlora_ds.nn.chunked_loss``). Works for every transformers CausalLM whose forward calls
-``get_output_embeddings()`` on the final hidden states and nothing else on the logits: the model types in
-``VERIFIED_MODEL_TYPES`` (Llama, Mistral, Qwen, Gemma, Phi, GPT-NeoX, OPT …), each checked by a test; models that
-transform the logits after the head (soft-capping, logit scales, in the config or its text config) or whose type is
-not verified use the plain loss, with a warning.
+``get_output_embeddings()`` on the final hidden states and at most a known transform on the logits: the model types
+in ``VERIFIED_MODEL_TYPES`` (Llama, Mistral, Qwen, Gemma, Phi, GPT-NeoX, OPT …), each checked by a test. Gemma-2's
+(and Gemma3ForCausalLM's) final soft cap, Cohere's logit scale, Granite's logits scaling and Falcon-H1's LM-head
+multiplier are applied inside the chunked loss (``qlora_ds.loss_support.APPLIED``); any other transform (in the config
+or its text config) or an unverified model type uses the plain loss, with a warning.
 """
 from __future__ import annotations
 
@@ -22,28 +23,12 @@ import logging
 import torch
 
 from .errors import QLoRADSError
+from .loss_support import LOGIT_TRANSFORMS, VERIFIED_MODEL_TYPES, LogitTransform, logit_transform
 from .nn.chunked_loss import IGNORE_INDEX, linear_cross_entropy
 
+__all__ = ["LOGIT_TRANSFORMS", "VERIFIED_MODEL_TYPES", "causal_lm_loss", "chunked_supported", "chunked_transform"]
+
 log = logging.getLogger(__name__)
-# config attributes (of the model's config or its text config) that change the logits after the head, or add to the
-# loss: with any of them set, the chunked path would compute another loss than the model's own
-# (name: the values that leave the logits alone; a soft cap of any value, even 1.0, caps them)
-_CAP, _SCALE = (None,), (None, 1, 1.0)
-LOGIT_TRANSFORMS = {"final_logit_softcapping": _CAP, "logits_soft_cap": _CAP, "output_logit_soft_cap": _CAP,
-                    "logit_scale": _SCALE, "logits_scaling": _SCALE, "lm_head_multiplier": _SCALE,
-                    "logits_mup_width_multiplier": _SCALE, "output_multiplier": _SCALE,
-                    "output_multiplier_scale": _SCALE}
-# model types whose CausalLM forward computes ``logits = lm_head(hidden)`` and the loss from them alone (unless a
-# LOGIT_TRANSFORMS value is set): tests/test_chunked_loss.py checks each against the model's own loss. Others
-# (new or remote-code architectures, which may scale or cap the logits under any name) use the plain loss.
-VERIFIED_MODEL_TYPES = frozenset((
-    "apertus", "arcee", "biogpt", "bitnet", "bloom", "cohere", "cohere2", "ernie4_5", "exaone4", "falcon",
-    "falcon_h1", "gemma", "gemma2", "gemma3", "gemma3_text", "glm", "glm4", "gpt2", "gpt_bigcode", "gpt_neox",
-    "gpt_oss", "granite", "granitemoe", "helium", "hunyuan_v1_dense", "lfm2", "llama", "llama4_text", "ministral",
-    "mistral", "mixtral", "mpt", "nemotron", "olmo", "olmo2", "olmoe", "opt", "persimmon", "phi", "phi3", "phimoe",
-    "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "seed_oss", "smollm3", "stablelm", "starcoder2", "xglm"))
-
-
 _WARNED: set[str] = set()
 
 
@@ -55,28 +40,31 @@ def _configs(cfg) -> list:
     return out + ([text] if text is not None and text is not cfg else [])
 
 
-def chunked_supported(model) -> str | None:
-    """None if the chunked loss applies to ``model`` (or a DeepSpeed engine around it), else why not."""
+def chunked_transform(model) -> tuple[LogitTransform | None, str | None]:
+    """(the logit transform the model applies after its head, None) if the chunked loss applies to ``model`` (or a
+    DeepSpeed engine around it), else (None, why not)."""
     module = getattr(model, "module", model)
     cfg = getattr(module, "config", None)
-    for c in _configs(cfg):
-        for name, neutral in LOGIT_TRANSFORMS.items():
-            if getattr(c, name, None) not in neutral:
-                return f"config.{name}={getattr(c, name)!r} transforms the logits after the head"
-        if getattr(c, "output_router_logits", False):
-            return "config.output_router_logits adds the router's auxiliary loss to the model's loss"
-    model_type = getattr(cfg, "model_type", None)
-    if model_type not in VERIFIED_MODEL_TYPES:
-        return (f"model_type {model_type!r} is not one the chunked loss is verified on (qlora_ds.loss."
-                "VERIFIED_MODEL_TYPES: its forward may transform the logits)")
+    configs = _configs(cfg)
+    transform, why = logit_transform(getattr(cfg, "model_type", None),
+                                     [{n: getattr(c, n) for n in LOGIT_TRANSFORMS if hasattr(c, n)} for c in configs])
+    if why is not None:
+        return None, why
+    if any(getattr(c, "output_router_logits", False) for c in configs):
+        return None, "config.output_router_logits adds the router's auxiliary loss to the model's loss"
     get = getattr(module, "get_output_embeddings", None)
     head = get() if get else None
     if not isinstance(getattr(head, "weight", None), torch.Tensor):
-        return "the model has no output embedding module with a weight"
+        return None, "the model has no output embedding module with a weight"
     if hasattr(head.weight, "ds_id") and any(p.requires_grad for p in head.parameters(recurse=False)):
         # ZeRO-3 releases the head's partitions after its forward; a trained head's gradient would arrive after
-        return "ZeRO-3 partitions a trained LM head (the chunked loss needs a frozen head there)"
-    return None
+        return None, "ZeRO-3 partitions a trained LM head (the chunked loss needs a frozen head there)"
+    return transform, None
+
+
+def chunked_supported(model) -> str | None:
+    """None if the chunked loss applies to ``model`` (or a DeepSpeed engine around it), else why not."""
+    return chunked_transform(model)[1]
 
 
 def causal_lm_loss(model, batch: dict, chunked: bool = True, chunk_tokens: int | None = None,
@@ -88,7 +76,7 @@ def causal_lm_loss(model, batch: dict, chunked: bool = True, chunk_tokens: int |
     if "labels" not in batch:
         raise QLoRADSError("causal_lm_loss needs 'labels' in the batch (IGNORE_INDEX where no loss is taken)")
     extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-    why = chunked_supported(model) if chunked else "off"
+    transform, why = chunked_transform(model) if chunked else (None, "off")
     if why is not None:
         if chunked and why not in _WARNED:          # once per reason, not every micro step
             _WARNED.add(why)
@@ -108,7 +96,8 @@ def causal_lm_loss(model, batch: dict, chunked: bool = True, chunk_tokens: int |
         if len(seen) == 1 and seen[0].shape[:-1] == labels.shape:
             losses.append(linear_cross_entropy(seen[0], module.weight, getattr(module, "bias", None), labels,
                                                ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
-                                               chunk_tokens=chunk_tokens))
+                                               chunk_tokens=chunk_tokens, scale=transform.scale,
+                                               softcap=transform.softcap))
 
     handles = [head.register_forward_pre_hook(take_hidden, prepend=True),
                head.register_forward_hook(head_loss, prepend=True)]

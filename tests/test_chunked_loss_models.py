@@ -1,12 +1,14 @@
 """Which models take the chunked LM-head loss (``qlora_ds.loss.chunked_supported``): every verified model type gives
-the model's own loss through it, and a logit transform anywhere in the config (or an unverified type) keeps the
-plain loss. The head is scaled up so that a transform left out (a soft cap, a multiplier) would change the loss."""
+the model's own loss through it (with its default logit transform, applied inside the chunked loss), and a logit
+transform its model type does not apply (or an unverified type) keeps the plain loss. The head is scaled up so
+that a transform left out (a soft cap, a multiplier) would change the loss."""
 import logging
 
 import pytest
 import torch
 
 from qlora_ds.loss import LOGIT_TRANSFORMS, VERIFIED_MODEL_TYPES, causal_lm_loss, chunked_supported
+from qlora_ds.loss_support import LogitTransform
 
 KW = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
           num_key_value_heads=2, pad_token_id=0)
@@ -42,31 +44,46 @@ def test_every_verified_model_type_gives_the_models_own_loss():
         if abs(plain - ours) > 1e-5 * abs(plain):
             wrong.append((model_type, plain, ours))
     assert not wrong
-    assert chunked >= len(VERIFIED_MODEL_TYPES) - 3      # cohere/cohere2 scale their logits by default: plain loss
+    assert chunked == len(VERIFIED_MODEL_TYPES)      # cohere/cohere2's default logit scale included
 
 
-@pytest.mark.parametrize("model_type, name, value", [("gemma2", "final_logit_softcapping", 2.0),
-                                                     ("granite", "logits_scaling", 4.0),
-                                                     ("falcon_h1", "lm_head_multiplier", 0.1)])
-def test_a_logit_transform_keeps_the_plain_loss(model_type, name, value, monkeypatch):
+@pytest.mark.parametrize("model_type, name, value", [("llama", "final_logit_softcapping", 2.0),
+                                                     ("gemma2", "logits_scaling", 4.0),
+                                                     ("granite", "lm_head_multiplier", 0.1)])
+def test_a_logit_transform_the_model_type_does_not_apply_keeps_the_plain_loss(model_type, name, value):
+    """Transforms the chunked loss applies: tests/test_chunked_loss_transforms.py; any other keeps the plain loss."""
     model = build(model_type, **{name: value})
     assert name in LOGIT_TRANSFORMS and name in chunked_supported(model)
     plain, ours = losses(model)
     assert ours == plain
-    # taken through the chunked path anyway, the loss is another one: the defect this check guards against
-    monkeypatch.setattr("qlora_ds.loss.chunked_supported", lambda m: None)
-    assert abs(losses(model)[1] - plain) > 1e-3 * abs(plain)
 
 
-def test_a_transform_in_the_text_config_keeps_the_plain_loss():
+def test_a_transform_in_the_text_config(monkeypatch):
+    """Gemma3ForConditionalGeneration never applies its text config's final_logit_softcapping (transformers 5.23; only
+    Gemma3ForCausalLM does): the chunked loss leaves it out too. Another transform there keeps the plain loss."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-    text = dict(KW, head_dim=16, final_logit_softcapping=2.0)
-    cfg = Gemma3Config(text_config=text, vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                            num_attention_heads=2, image_size=28, patch_size=14))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    for extra, chunked in (({"final_logit_softcapping": 2.0}, True), ({"logits_scaling": 4.0}, False)):
+        cfg = Gemma3Config(text_config=dict(KW, head_dim=16, **extra), vision_config=vision)
+        torch.manual_seed(0)
+        model = Gemma3ForConditionalGeneration(cfg).eval()
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(30.0)       # logits of ~±30: a cap of 2 would matter
+        name = next(iter(extra))
+        assert getattr(model.config, name, None) is None           # only the text config has it
+        assert (chunked_supported(model) is None) if chunked else (name in chunked_supported(model))
+        plain, ours = losses(model)
+        assert abs(ours - plain) <= 1e-5 * abs(plain)
+    # applying the text config's cap (as Gemma3ForCausalLM would) gives another loss: the check above can tell
+    monkeypatch.setattr("qlora_ds.loss.chunked_transform", lambda m: (LogitTransform(softcap=2.0), None))
+    cfg = Gemma3Config(text_config=dict(KW, head_dim=16, final_logit_softcapping=2.0), vision_config=vision)
     torch.manual_seed(0)
     model = Gemma3ForConditionalGeneration(cfg).eval()
-    assert getattr(model.config, "final_logit_softcapping", None) is None       # only the text config has it
-    assert "final_logit_softcapping" in chunked_supported(model)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)
+    plain, ours = losses(model)
+    assert abs(ours - plain) > 1e-2 * abs(plain)
 
 
 def test_unverified_types_and_router_losses_keep_the_plain_loss():

@@ -10,8 +10,16 @@ requires one (frozen for QLoRA; a tied embedding that trains gets its head part 
 Only tokens with a target (label != ignore_index) are computed at all: with a response-only loss most prompt
 tokens cost nothing. The logits of a chunk are computed in the hidden states' dtype, then taken to fp32 for the
 softmax, as the plain path (``lm_head`` in the compute dtype, ``logits.float()`` in the loss) does.
+
+A logit transform after the head (``scale``, ``softcap``: logits → softcap·tanh(scale·logits/softcap), as
+``qlora_ds.loss_support`` reads it from the model's config) is applied to each chunk's fp32 logits, and its derivative
+(scale·(1 - tanh²)) multiplies the chunk's ``softmax - onehot`` in the same pass. The plain path transforms the logits
+in the compute dtype (bf16 in training) before ``.float()``: the chunked loss is then the more precise of the two.
+A soft cap keeps one more chunk-sized fp32 buffer (the tanh) while the chunk's gradient is formed.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -31,8 +39,9 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Sum over rows of CE(h·Wᵀ + b, target); the caller divides. Rows are pre-selected (every target valid).
-    Inputs: h [n, H], weight [V, H], bias [V] | None, target [n] (long).
+    """Sum over rows of CE(T(h·Wᵀ + b), target); the caller divides. Rows are pre-selected (every target valid).
+    Inputs: h [n, H], weight [V, H], bias [V] | None, target [n] (long); T(z) = softcap·tanh(scale·z/softcap), or
+    scale·z when ``softcap`` is None.
 
     With ``eager`` (grad mode on) the gradients are formed in the same pass over the chunks, while each chunk's
     logits exist anyway: backward then only scales them by the incoming gradient. That costs the head's matmuls
@@ -41,7 +50,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     only the loss is computed."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, chunk: int, eager: bool):
+    def forward(ctx, h, weight, bias, target, chunk: int, eager: bool, scale: float = 1.0,
+                softcap: float | None = None):
         need_h, need_w = eager and ctx.needs_input_grad[0], eager and ctx.needs_input_grad[1]
         need_b = eager and bias is not None and ctx.needs_input_grad[2]
         grad_h = torch.empty_like(h) if need_h else None
@@ -52,12 +62,22 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s:s + chunk], target[s:s + chunk]
             logits = _logits(hc, w, bias)
+            slope = None
+            if softcap is not None:                                 # logits → softcap·tanh(scale·logits/softcap)
+                slope = logits.mul_(scale / softcap).tanh_()
+                logits = slope * softcap
+            elif scale != 1.0:
+                logits.mul_(scale)
             lse = torch.logsumexp(logits, dim=-1)
             rows = torch.arange(logits.shape[0], device=logits.device)
             total += (lse - logits[rows, tc]).sum()
             if need_h or need_w or need_b:
                 p = logits.sub_(lse[:, None]).exp_()                # softmax, in place of the logits
                 p[rows, tc] -= 1.0                                  # - onehot(target): d loss / d logits
+                if slope is not None:                               # chain rule: d T / d z = scale·(1 - tanh²)
+                    p.mul_(slope.square_().neg_().add_(1.0).mul_(scale))
+                elif scale != 1.0:
+                    p.mul_(scale)
                 pc = p.to(h.dtype)
                 if need_h:
                     torch.mm(pc, w, out=grad_h[s:s + chunk])
@@ -66,7 +86,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if need_b:
                     grad_b += p.sum(0)
                 del p, pc
-            del logits
+            del logits, slope
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.eager, ctx.dtypes, ctx.rows = eager, (weight.dtype, None if bias is None else bias.dtype), h.shape[0]
         return total
@@ -82,15 +102,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         out_h = None if grad_h is None else grad_h * g.to(grad_h.dtype)
         out_w = None if grad_w is None else (grad_w * g).to(ctx.dtypes[0])
         out_b = None if grad_b is None else (grad_b * g).to(ctx.dtypes[1])
-        return out_h, out_w, out_b, None, None, None
+        return out_h, out_w, out_b, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          labels: torch.Tensor, *, shift: bool = True, ignore_index: int = IGNORE_INDEX,
-                         num_items_in_batch=None, chunk_tokens: int | None = None) -> torch.Tensor:
+                         num_items_in_batch=None, chunk_tokens: int | None = None, scale: float = 1.0,
+                         softcap: float | None = None) -> torch.Tensor:
     """The causal-LM loss of ``hidden`` [B, T, H] under the head (``weight`` [V, H], ``bias``) against ``labels``
     [B, T], equal to transformers' ``ForCausalLMLoss`` on the full logits: targets shifted by one (``shift``),
-    ``ignore_index`` skipped, mean over the targets (or the sum divided by ``num_items_in_batch``)."""
+    ``ignore_index`` skipped, mean over the targets (or the sum divided by ``num_items_in_batch``). ``scale``,
+    ``softcap``: the logits are softcap·tanh(scale·logits/softcap) (Gemma-2's soft cap), or scale·logits."""
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden states {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree in "
                          f"(batch, tokens)")
@@ -107,7 +129,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
                            f"({ignore_index}); pad labels with ignore_index, or pass the ignore_index the data uses")
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
     eager = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    total = ChunkedLinearCrossEntropy.apply(h, weight, bias, y, chunk, eager)
+    if softcap is not None and (not math.isfinite(softcap) or softcap == 0) or not math.isfinite(scale):
+        raise QLoRADSError(f"logit transform scale={scale!r}, softcap={softcap!r}: the scale must be finite and the "
+                           "soft cap finite and non-zero (None for no cap)")
+    total = ChunkedLinearCrossEntropy.apply(h, weight, bias, y, chunk, eager, float(scale),
+                                            None if softcap is None else float(softcap))
     if num_items_in_batch is not None:
         denom = num_items_in_batch
         if isinstance(denom, torch.Tensor):

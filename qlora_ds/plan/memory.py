@@ -37,7 +37,8 @@ N = data-parallel world size):
   Without checkpointing: L·b·s·(that). With checkpointing: L·b·s·e·h (layer inputs) plus one
   layer's full activations recomputed, plus the input gradient in flight (e·b·s·max(h, i)).
   Logits: b·s·V·12 B: at the backward peak the fp32 log-softmax output, the gradient coming into it
-  and the gradient it produces (measured with the profiler: 12.0 B/element).
+  and the gradient it produces (measured with the profiler: 12.0 B/element), plus e B for Gemma-2's soft cap (its
+  tanh output); ``chunked_loss`` plans the chunked loss instead where it runs on the model (plan/loss.py).
 * ZeRO-3 gather: the layer in use plus the prefetched one (packed bytes), or the lm_head, whichever
   is larger; dequantization workspace: the largest linear in the compute dtype; NF4 weights kept from
   forward to backward: one layer's linears (all layers without checkpointing), at most 256 MiB. On a CPU that
@@ -70,6 +71,7 @@ from ..errors import QLoRADSError
 from .attention import PACKED_SHORT_LEN  # noqa: F401 (tests/test_packing.py reads it here)
 from .attention import (attention_bytes_per_token, model_dropout_bytes_per_token, packed_eager_bytes_per_token,
                         qk_norm_bytes)
+from .loss import CHUNK_LOGITS, chunked_loss_bytes, logits_loss_bytes  # noqa: F401 (read here by tests)
 from .moe import moe_routing_bytes_per_token
 from .presets import Linear, ModelShape
 
@@ -117,7 +119,7 @@ class PlanConfig:
     runtime_bytes: int | None = None     # memory held before the model; None: the device's default
     compute_dtype: str = "bf16"          # bf16 | fp16 | fp32: activations, embeddings and (fp32) LoRA bytes
     pad_multiple: int = 16               # batch widths are rounded up to this (CPU shape cache)
-    chunked_loss: bool = False           # LM head + CE over token chunks (qlora_ds.loss): see chunked_loss_bytes
+    chunked_loss: bool = False           # LM head + CE over token chunks (qlora_ds.loss) where it runs: plan/loss.py
     keep_dequant_bytes: int = 256 * MiB  # qlora_ds.nn.functional.KEEP_LIMIT: NF4 weights kept from forward to backward
     fused_cpu_linear: bool = False       # the CPU runs NF4 linears fused (AMX, bf16: qlora_ds.ops.fused_linear)
     packing: bool = False                # finetune --packing: attention per example (qlora_ds.nn.packed_attention)
@@ -358,20 +360,7 @@ def activation_bytes(cfg: PlanConfig) -> dict:
     else:
         stored = s.layers * per_layer
     stored += tokens * drop_once
-    logits = chunked_loss_bytes(cfg, tokens) if cfg.chunked_loss else tokens * s.vocab * 12
-    return {"activations": stored, "logits_loss": logits}
-
-
-CHUNK_LOGITS = 1 << 24      # = qlora_ds.nn.chunked_loss.LOGIT_BUDGET (the planner imports no package code)
-
-
-def chunked_loss_bytes(cfg: PlanConfig, tokens: int) -> float:
-    """The chunked LM-head loss (``qlora_ds.nn.chunked_loss``) instead of 12 B per logit: one chunk of fp32 logits
-    and its in-place softmax gradient (2·4·c·V, c = max(16, 2²⁴/V) rows, at most the tokens), plus per token its
-    log-sum-exp (4 B) and the hidden state selected for the loss with its gradient (2·4·h, fp32 at most)."""
-    v, h = cfg.shape.vocab, cfg.shape.hidden
-    rows = min(tokens, max(16, CHUNK_LOGITS // v))
-    return 2 * 4 * rows * v + tokens * (4 + 2 * 4 * h)
+    return {"activations": stored, "logits_loss": logits_loss_bytes(cfg, tokens)}
 
 
 def cpu_shape_cache_bytes(cfg: PlanConfig) -> float:

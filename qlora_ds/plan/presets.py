@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..errors import QLoRADSError
 from .layouts import LLAMA, LLAMA_TYPES, MODEL_TYPES, Layout, layout_fields
+from .loss import logit_config_of
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class ModelShape:
     shared_expert_intermediate: int = 0
     layout: Layout = LLAMA
     frozen_params: int = 0        # outside the text model (a multimodal model's vision tower, projector): 16-bit
+    logit_config: tuple = ()      # ((key, value), ...): the config's logit transforms (plan/loss.py; (): the defaults)
 
     def __post_init__(self):
         for field in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "max_positions"):
@@ -245,6 +247,7 @@ def shape_from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
         "tie_embeddings": bool(cfg["tie_word_embeddings"] if "tie_word_embeddings" in cfg
                                else model_type is not None and _tied_default(model_type, name)),
         "explicit_head_dim": int(cfg.get("head_dim") or 0),
+        "logit_config": logit_config_of(cfg),
         **_moe(cfg, name, intermediate),
         **fields,
     })
