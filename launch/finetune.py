@@ -242,17 +242,12 @@ def settle_schedule(run: Run, batches_per_epoch: int | None = None) -> None:
 
 
 def build_model(run: Run):
-    """(tokenizer, quantized LoRA model in the compute dtype, the RSS before it: the planner's runtime term)."""
-    from transformers import AutoTokenizer
-
+    """(quantized LoRA model in the compute dtype, the RSS before it: the planner's runtime term, the data included)."""
     from qlora_ds.inject import from_pretrained
     from qlora_ds.nn import guards
     from qlora_ds.memstats import rss
 
     args = run.args
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     runtime = 0 if torch.cuda.is_available() else rss()     # the planner's runtime term, measured
     dtype = compute_dtype(run.ds_config)
     model = from_pretrained(args.model, adapter_config(args, dtype), ds_config=run.ds_config, torch_dtype=dtype,
@@ -266,7 +261,7 @@ def build_model(run: Run):
     if args.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return tokenizer, model, runtime
+    return model, runtime
 
 
 def build_engine(run: Run, model):
@@ -539,7 +534,8 @@ def finish(run: Run, engine, model, tokenizer, metrics, loop: Loop, runtime: int
 
 
 def train(args) -> dict:
-    """Build (process group, config, model, engine), data, the loop, then finish (adapter, summary)."""
+    """Build (process group, config, data, model, engine), the loop, then finish (adapter, summary)."""
+    from qlora_ds.data.run_data import tokenizer_and_config
     from qlora_ds.distributed import shutdown
     from qlora_ds.metrics import MetricsLog
 
@@ -551,16 +547,19 @@ def train(args) -> dict:
 
     run = setup_run(args)
     phase("setup")
-    tokenizer, model, runtime = build_model(run)
-    phase("load")
-    data = build_data(args, tokenizer, model.config, run.rank, run.world, run.micro)
+    # the data before the model, from the checkpoint's tokenizer and config.json: a bad dataset fails in seconds
+    tokenizer, config = tokenizer_and_config(args.model)
+    data = build_data(args, tokenizer, config, run.rank, run.world, run.micro)
     if args.epochs is not None:
         settle_schedule(run, len(data.batches))
+    phase("data")
+    model, runtime = build_model(run)
+    phase("load")
     if run.rank == 0:   # --overwrite deletes the old run only now: a bad dataset or model fails first and leaves it
         start_output_dir(args, run.resolved, run.warmup, resumed=run.resume_tag is not None)
     torch.distributed.barrier()
     engine, scheduler = build_engine(run, model)
-    phase("data_engine")
+    phase("engine")
     before = sample_before(run, engine, tokenizer)
     phase("samples")
     step, micro_step = restore(args, engine, run.resume_tag, run.rank)   # checkpoint's, or (0, 0)

@@ -69,6 +69,11 @@ def templated(smol, name):
     return _retokenizer(smol, template, specials, bos, eos)
 
 
+def _tokens(ex) -> tuple:
+    """An example's ids (examples are made on access: compared by their tokens, not by identity)."""
+    return tuple(ex["input_ids"].tolist())
+
+
 def _targets(tok, ex) -> list[str]:
     return tok.convert_ids_to_tokens([t for t in ex["labels"].tolist() if t != IGNORE])
 
@@ -220,13 +225,14 @@ def test_texts_larger_than_the_held_out_share_hold_out_their_last_windows(smol, 
     with caplog.at_level(logging.WARNING, logger="qlora_ds.data.run_data"):
         held, train, _ = split_heldout(examples, 64, seed=0)
     assert len(held) == n_eval and len(held) + len(train) == len(examples) and "no held-out" not in caplog.text
+    held, train = {_tokens(e) for e in held}, {_tokens(e) for e in train}
     for windows in per_text:      # each text: its first windows train, its last (at least one) are held out
-        k = sum(any(e is h for h in held) for e in windows)
-        assert k >= 1 and all(any(e is h for h in held) for e in windows[len(windows) - k:])
-        assert all(any(e is t for t in train) for e in windows[:len(windows) - k])
+        k = sum(_tokens(e) in held for e in windows)
+        assert k >= 1 and all(_tokens(e) in held for e in windows[len(windows) - k:])
+        assert all(_tokens(e) in train for e in windows[:len(windows) - k])
     with caplog.at_level(logging.WARNING, logger="qlora_ds.data.run_data"):
         held, train, _ = split_heldout(examples, 64, seed=0, heldout_groups=False)
-    assert held == [] and len(train) == len(examples)
+    assert len(held) == 0 and len(train) == len(examples)
     assert "3 units held out whole (the windows of a text" in caplog.text
     assert "no held-out examples although --eval-size 64" in caplog.text
     caplog.clear()
@@ -255,19 +261,19 @@ def test_a_conversation_stored_once_per_turn_is_held_out_whole(smol, train_on_pr
     trained = [e["input_ids"].tolist() for e in train]
     assert not any(t[:len(h["input_ids"])] == h["input_ids"].tolist() for h in held for t in trained)
     firsts = examples[::3]                  # one record per conversation: nothing to group
-    assert [id(e) for e in split_heldout(firsts, 64, 1)[0]] == \
-        [id(e) for e in split_heldout(firsts, 64, 1, heldout_groups=False)[0]]
+    assert [_tokens(e) for e in split_heldout(firsts, 64, 1)[0]] == \
+        [_tokens(e) for e in split_heldout(firsts, 64, 1, heldout_groups=False)[0]]
     # pairs that only ask the same question (chatterbot's repeats) are not a conversation: split one by one as before
     asked = [{"messages": [{"role": "user", "content": f"Q{c % 5}?"}, {"role": "assistant", "content": f"A{c}."}]}
              for c in range(40)]
     pairs = tokenize_records(asked, smol, 64)
-    assert [id(e) for e in split_heldout(pairs, 64, 1)[0]] == \
-        [id(e) for e in split_heldout(pairs, 64, 1, heldout_groups=False)[0]]
+    assert [_tokens(e) for e in split_heldout(pairs, 64, 1)[0]] == \
+        [_tokens(e) for e in split_heldout(pairs, 64, 1, heldout_groups=False)[0]]
 
 
 def test_a_chat_whose_every_answer_has_weight_0_is_left_out_for_that_reason(smol, caplog):
     """Nothing to learn: left out and counted as such, not as 'a one-token text paragraph'; alone, the error says
-    so. --train-on-prompt trains every token, so it keeps it."""
+    so. --train-on-prompt trains its prompt, so it keeps it (its answer untrained)."""
     unlearnt = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Bad.", "weight": 0}]
     for tok in (smol, llama_like(smol)):
         caplog.clear()
@@ -276,7 +282,9 @@ def test_a_chat_whose_every_answer_has_weight_0_is_left_out_for_that_reason(smol
         assert "one-token" not in caplog.text
         with pytest.raises(QLoRADSError, match="1 chats have only weight-0 answers: give those to learn weight 1"):
             tokenize_records([{"messages": unlearnt}], tok, 64)
-    assert len(tokenize_records([{"messages": unlearnt}], smol, 64, train_on_prompt=True)) == 1
+    kept, = tokenize_records([{"messages": unlearnt}], smol, 64, train_on_prompt=True)
+    trained = smol.decode(kept["labels"][kept["labels"] != IGNORE])
+    assert "Q?" in trained and "Bad" not in trained
 
 
 def test_cut_chat_records_are_counted_in_a_warning(smol, caplog):
@@ -296,16 +304,26 @@ WEIGHTED = [{"role": "user", "content": "Capital of France?"}, {"role": "assista
             {"role": "user", "content": "Wrong, try again."}, {"role": "assistant", "content": "Paris.", "weight": 1}]
 
 
+@pytest.mark.parametrize("train_on_prompt", [False, True])
 @pytest.mark.parametrize("kind", ["chatml", "phi3", "plain"])
-def test_assistant_turns_of_weight_0_are_not_trained(smol, tmp_path, kind):
+def test_assistant_turns_of_weight_0_are_not_trained(smol, tmp_path, kind, train_on_prompt):
     """OpenAI's fine-tuning format: "weight": 0 marks an answer not to learn. Through the prefix method (ChatML),
-    the rendering of the whole chat (Phi-3) and the plain format."""
+    the rendering of the whole chat (Phi-3) and the plain format; --train-on-prompt trains the prompts too, never
+    that answer (nor its turn end), and every token of a chat without one, as before."""
     tok = {"chatml": smol, "phi3": templated(smol, "phi3"),
            "plain": _retokenizer(smol, None, eos="<|im_end|>")}[kind]
     (tmp_path / "d.jsonl").write_text(json.dumps({"messages": WEIGHTED}) + "\n")
-    ex, = tokenize_records(load_records(str(tmp_path / "d.jsonl")), tok, 256)
+    ex, = tokenize_records(load_records(str(tmp_path / "d.jsonl")), tok, 256, train_on_prompt=train_on_prompt)
     trained = tok.convert_tokens_to_string(_targets(tok, ex))
     assert "Paris." in trained and "London" not in trained
+    assert ("Capital of France?" in trained and "Wrong, try again." in trained) == train_on_prompt
+    untrained = tok.convert_tokens_to_string(tok.convert_ids_to_tokens(ex["input_ids"][ex["labels"] == IGNORE]))
+    if train_on_prompt:             # exactly the answer and the turn end the template writes after it
+        assert untrained.strip() == {"chatml": "London.<|im_end|>", "phi3": "London.<|end|>",
+                                     "plain": "London."}[kind], untrained
+    unweighted = [m for m in WEIGHTED if "weight" not in m or m["weight"]]
+    old, = tokenize_records([{"messages": unweighted}], tok, 256, train_on_prompt=train_on_prompt)
+    assert bool((old["labels"] == old["input_ids"]).all()) == train_on_prompt
 
 
 @pytest.mark.parametrize("weight,role", [(0.5, "assistant"), (2, "assistant"), ("0", "assistant"), (True, "assistant"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import QLoRADSError
-from .tokenize import IGNORE
+from .examples import IGNORE
 
 
 class GroupByLengthBatches:
@@ -65,7 +65,9 @@ def collate(examples: list[dict[str, torch.Tensor]], pad_id: int, pad_to_multipl
     """Right-pad a batch. ``pad_to_multiple_of`` rounds the width up (never past ``max_width``): fewer
     distinct shapes means fewer kernels built and buffers kept per shape (on CPU ~5-35 MiB per new
     sequence length until it has seen them all), and aligned shapes for GPU tensor cores. Padding is
-    masked and labelled IGNORE, so the loss is unchanged."""
+    masked and labelled IGNORE, so the loss is unchanged. ``examples``: dicts of int64 tensors, or ``Examples``
+    (compact: their int64 tensors are made here)."""
+    examples = list(examples)
     width = padded_width(max(e["input_ids"].numel() for e in examples), pad_to_multiple_of, max_width)
     n = len(examples)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)

@@ -14,12 +14,14 @@ Rows are filled best-fit-decreasing (an example is never split), deterministical
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..errors import QLoRADSError
 from .batching import padded_width
-from .tokenize import IGNORE
+from .examples import IGNORE, Examples
 
 # model types whose forward takes position_ids and whose mask honours packed position resets (tested per
 # architecture in tests/test_packing.py; OPT's positions come from the attention mask, and BLOOM's ALiBi and
@@ -68,26 +70,50 @@ def pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:
     return rows
 
 
-def pack_examples(examples: list[dict[str, torch.Tensor]], row_len: int) -> list[dict[str, torch.Tensor]]:
+def pack_examples(examples: Sequence, row_len: int) -> "PackedRows":
     """Packed rows, each ``{"input_ids", "labels", "position_ids"}`` of its own length (≤ ``row_len``)."""
-    rows = pack_rows([e["input_ids"].numel() for e in examples], row_len)
-    out = []
-    for members in rows:
-        parts = [examples[i] for i in sorted(members)]
-        labels = []
-        for e in parts:
-            lab = e["labels"].clone()
-            lab[0] = IGNORE
-            labels.append(lab)
-        out.append({"input_ids": torch.cat([e["input_ids"] for e in parts]), "labels": torch.cat(labels),
-                    "position_ids": torch.cat([torch.arange(e["input_ids"].numel()) for e in parts])})
-    return out
+    lengths = (examples.lengths().tolist() if isinstance(examples, Examples) else
+               [e["input_ids"].numel() for e in examples])
+    rows = [sorted(members) for members in pack_rows(lengths, row_len)]
+    return PackedRows(examples, rows, [sum(lengths[i] for i in r) for r in rows])
+
+
+class PackedRows(Sequence):
+    """Rows made on access (``rows[i]``) from the examples they hold (``Examples``, or dicts): packing copies no
+    token."""
+
+    def __init__(self, examples: Sequence, rows: list[list[int]], lengths: list[int]):
+        self.examples = examples
+        self.members = np.fromiter((i for r in rows for i in r), dtype=np.int64)     # the rows' examples in turn
+        self.starts = np.cumsum([0] + [len(r) for r in rows])
+        self._lengths = np.array(lengths, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+    def __getitem__(self, r: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= r < len(self):
+            raise IndexError(f"row {r} of {len(self)}")
+        r %= len(self)
+        parts = [self.examples[int(i)] for i in self.members[self.starts[r]:self.starts[r + 1]]]
+        position_ids = torch.cat([torch.arange(e["input_ids"].numel()) for e in parts])
+        labels = torch.cat([e["labels"] for e in parts])
+        labels[position_ids == 0] = IGNORE
+        return {"input_ids": torch.cat([e["input_ids"] for e in parts]), "labels": labels, "position_ids": position_ids}
+
+    def __iter__(self):
+        return (self[r] for r in range(len(self)))
+
+    def lengths(self) -> np.ndarray:
+        """Tokens per row."""
+        return self._lengths
 
 
 def collate_packed(rows: list[dict[str, torch.Tensor]], pad_id: int, pad_to_multiple_of: int = 1,
                    max_width: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad packed rows; no attention_mask (the mask comes from position_ids). The padding is one more
     segment (its positions restart at 0), labelled IGNORE, so it neither attends to nor is seen by real tokens."""
+    rows = list(rows)
     width = padded_width(max(r["input_ids"].numel() for r in rows), pad_to_multiple_of, max_width)
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)

@@ -6,19 +6,18 @@ import json
 import logging
 import os
 
-import torch
-
 from ..errors import QLoRADSError
+from .examples import IGNORE, Examples, ExamplesBuilder  # noqa: F401 (IGNORE is imported from here too)
 
-IGNORE = -100
 log = logging.getLogger(__name__)
 
 
-def _chat_ids(tokenizer, messages) -> tuple[list[int], list[int]]:
-    """Token ids of a chat and a mask of the assistant tokens. By rendering prefixes of the chat where the template
-    renders each prefix as the start of the next (ChatML, Llama 3, …); else by locating the assistant turns in the
-    rendering of the whole chat (``_span_ids``: Qwen3 drops earlier turns' reasoning, Mistral v0.3 moves the system
-    prompt into the last user turn)."""
+def _chat_ids(tokenizer, messages, marked=None) -> tuple[list[int], list[int]]:
+    """Token ids of a chat and a mask of the tokens of its ``marked`` assistant messages (default: those trained). By
+    rendering prefixes of the chat where the template renders each prefix as the start of the next (ChatML, Llama 3,
+    …); else by locating the assistant turns in the rendering of the whole chat (``_span_ids``: Qwen3 drops earlier
+    turns' reasoning, Mistral v0.3 moves the system prompt into the last user turn)."""
+    marked = marked or _trained
     ids: list[int] = []
     mask: list[int] = []
     for i, msg in enumerate(messages):
@@ -26,16 +25,16 @@ def _chat_ids(tokenizer, messages) -> tuple[list[int], list[int]]:
                                              add_generation_prompt=False)
         full = tokenizer(upto, add_special_tokens=False)["input_ids"]
         if full[:len(ids)] != ids:
-            return _span_ids(tokenizer, messages)
+            return _span_ids(tokenizer, messages, marked)
         new = full[len(ids):]
-        if _trained(msg) and i == 0:
-            return _span_ids(tokenizer, messages)     # an opening assistant turn: no prompt to render before it
-        if _trained(msg):
+        if marked(msg) and i == 0:
+            return _span_ids(tokenizer, messages, marked)   # an opening assistant turn: no prompt to render before it
+        if marked(msg):
             # the assistant header belongs to the prompt; train on what follows it
             prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             if full[:len(prompt_ids)] != prompt_ids:
-                return _span_ids(tokenizer, messages)
+                return _span_ids(tokenizer, messages, marked)
             head = max(0, len(prompt_ids) - len(ids))
             mask += [0] * min(head, len(new)) + [1] * max(0, len(new) - head)
         else:
@@ -49,6 +48,11 @@ def _trained(msg) -> bool:
     return msg["role"] == "assistant" and msg.get("weight", 1) != 0
 
 
+def _weight_0(msg) -> bool:
+    """An assistant message marked ``"weight": 0``: untrained even with --train-on-prompt."""
+    return msg["role"] == "assistant" and msg.get("weight", 1) == 0
+
+
 PROBE = "qlora-ds probe answer"
 
 
@@ -60,9 +64,10 @@ def _turn_end(tokenizer) -> str:
     return text[at + len(PROBE):] if at >= 0 else ""
 
 
-def _span_ids(tokenizer, messages) -> tuple[list[int], list[int]]:
-    """The whole chat rendered once; trained: the tokens overlapping an assistant message's content and the turn end
-    the template writes after it."""
+def _span_ids(tokenizer, messages, marked=None) -> tuple[list[int], list[int]]:
+    """The whole chat rendered once; masked: the tokens overlapping a ``marked`` (default: trained) assistant message's
+    content and the turn end the template writes after it."""
+    marked = marked or _trained
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     if not getattr(tokenizer, "is_fast", False):
         raise QLoRADSError("this chat template renders earlier turns differently once the chat goes on, so the "
@@ -73,7 +78,7 @@ def _span_ids(tokenizer, messages) -> tuple[list[int], list[int]]:
     while mark in text:
         mark += "!"
     for i, msg in enumerate(messages):
-        if _trained(msg):
+        if marked(msg):
             start, end = _locate(tokenizer, messages, i, text, mark)
             spans.append((start, _past_turn_end(text, end, end_text, enc["offset_mapping"])))
     mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]
@@ -122,15 +127,16 @@ def _leading_specials(tokenizer) -> list[int]:
     return next((full[:at] for at in range(len(full) - len(body) + 1) if full[at:at + len(body)] == body), [])
 
 
-def _plain_ids(tokenizer, messages, lead: list[int]) -> tuple[list[int], list[int]]:
+def _plain_ids(tokenizer, messages, lead: list[int], marked=None) -> tuple[list[int], list[int]]:
     """The ``### Role:`` format (no chat template) after ``lead``: the tokenizer's own leading specials
-    (``_leading_specials``), or none for runs from before --plain-bos."""
+    (``_leading_specials``), or none for runs from before --plain-bos. The mask: as ``_chat_ids``'."""
+    marked = marked or _trained
     ids: list[int] = list(lead)
     mask: list[int] = [0] * len(ids)
     for msg in messages:
         text = (f"### {msg['role'].capitalize()}:\n{msg['content']}\n\n")
         new = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if _trained(msg):
+        if marked(msg):
             head = len(tokenizer(f"### {msg['role'].capitalize()}:\n", add_special_tokens=False)["input_ids"])
             mask += [0] * head + [1] * (len(new) - head)
         else:
@@ -138,7 +144,7 @@ def _plain_ids(tokenizer, messages, lead: list[int]) -> tuple[list[int], list[in
         ids += new
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-        mask.append(int(bool(messages) and _trained(messages[-1])))   # the end of a trained answer, nothing else
+        mask.append(int(bool(messages) and marked(messages[-1])))   # the end of a marked answer, nothing else
     return ids, mask
 
 
@@ -165,10 +171,11 @@ def prompt_ids(tokenizer, messages, plain_bos: bool = True) -> list[int]:
 
 def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None = None,
                      train_on_prompt: bool = False, plain_bos: bool = True,
-                     text_windows: bool = True) -> list[dict[str, torch.Tensor]]:
+                     text_windows: bool = True) -> Examples:
     """input_ids/labels per record, cut at ``max_len`` (counted in a warning); a text record longer than that split
     into windows of ``max_len`` (``text_windows``; False: cut, as runs from before --text-windows). ``plain_bos``: see
-    ``_plain_ids``. A max_len beyond the model's context is refused."""
+    ``_plain_ids``. ``train_on_prompt``: every token but those of weight-0 answers is trained. A max_len beyond the
+    model's context is refused."""
     if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 2:
         raise QLoRADSError(f"--max-len {max_len!r} must be an integer >= 2 (a prompt token and a response token); "
                            f"QLoRA uses 512 to 1024")
@@ -179,7 +186,7 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
 
     use_template = getattr(tokenizer, "chat_template", None) is not None
     lead = _leading_specials(tokenizer) if plain_bos and not use_template else []
-    examples, truncated, targetless, unweighted = [], 0, 0, 0
+    examples, truncated, targetless, unweighted = ExamplesBuilder(), 0, 0, 0
     cut, cut_tokens, total_tokens, split, windows, no_system = 0, 0, 0, 0, 0, 0
     for i, rec in enumerate(records):
         where = getattr(rec, "where", "")       # path:line of a loaded record (records.Record)
@@ -190,12 +197,13 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
             unweighted += 1
             continue
         else:
+            marked = _weight_0 if train_on_prompt else _trained     # the mask is inverted below
             try:
                 if use_template:
-                    ids, mask = _chat_ids(tokenizer, rec["messages"])
+                    ids, mask = _chat_ids(tokenizer, rec["messages"], marked)
                     no_system += _drops_system(tokenizer, rec["messages"])
                 else:
-                    ids, mask = _plain_ids(tokenizer, rec["messages"], lead)
+                    ids, mask = _plain_ids(tokenizer, rec["messages"], lead, marked)
             except QLoRADSError as err:                # (a ValueError) from _span_ids: not the template's
                 at = where or f"record #{i} (counting from 0)"
                 raise QLoRADSError(f"{at}: {err}") from None
@@ -203,8 +211,8 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
                 at, note = (where, "") if where else (f"record #{i}", "; counting records from 0")
                 raise QLoRADSError(f"{at}: the tokenizer's chat template refused it ({err}{note}); fix or drop that "
                                    f"record") from None
-        if train_on_prompt:
-            mask = [1] * len(ids)
+            if train_on_prompt:      # the prompts too, but never an answer of weight 0 (nor its turn end)
+                mask = [1 - m for m in mask]
         total_tokens += len(ids)
         pieces = [(ids, mask)]
         if "text" in rec and text_windows and len(ids) > max_len:
@@ -213,7 +221,8 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
             pieces = [(ids[s:s + max_len], mask[s:s + max_len]) for s in range(0, len(ids) - 1, max_len - 1)]
             split, windows = split + 1, windows + len(pieces)
         # split_heldout's units: the windows of one text, the chats of one opening
-        extra = ({"record": i} if len(pieces) > 1 else {}) if "text" in rec else {"opening": _opening(rec)}
+        record = i if "text" in rec and len(pieces) > 1 else None
+        opening = None if "text" in rec else _opening(rec)
         for ids, mask in pieces:
             # position 0 is never a target (the causal shift drops it): a record without a later label has a 0/0 loss
             if not any(mask[1:max_len]):
@@ -222,9 +231,7 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
                 continue
             if len(ids) > max_len:
                 cut, cut_tokens = cut + 1, cut_tokens + len(ids) - max_len
-            ids, mask = ids[:max_len], mask[:max_len]
-            labels = [t if m else IGNORE for t, m in zip(ids, mask)]
-            examples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), **extra})
+            examples.add(ids[:max_len], mask[:max_len], record, opening)
     if not examples:
         fixes = ["raise --max-len"] * bool(truncated) + ["add records longer than one token"] * bool(targetless) + [
             f"{unweighted} chats have only weight-0 answers: give those to learn weight 1"] * bool(unweighted)
@@ -251,7 +258,7 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
                     "Mistral v0.3's writes it only into a chat's final user turn, which a training chat does not end "
                     "with): they train without it; fold the system text into the first user message to keep it",
                     no_system, len(records))
-    return examples
+    return examples.finish()
 
 
 def _opening(rec) -> bytes:
