@@ -12,11 +12,13 @@
 # each recorded and never stopping the run, so one run yields all the evidence (exit 1 at the end if one failed):
 #   env -> install deepspeed + bitsandbytes from the carried wheels -> JIT-build our CUDA ops and the CPU quant op
 #   (checkpoints are quantized on the CPU as they stream in) through the OpBuilder, at once -> the device tests
-#   (pytest --device cuda --device-tests-only; in the background) beside the headline: LLaMA-65B/33B/13B/7B shapes, random weights quantized layer by layer onto the GPU, one QLoRA step
-#   (seq 512, batch 1, grad ckpt, paged AdamW, r 64 all linears) capped at 48 GiB, peak beside the planner
-#   (scripts/gpu/headline.py; the 7B run adds a step at 8192 tokens with the chunked loss) -> paged optimizer (tests/scripts/optim_gpu_paging.py) -> python -m bench quant|layer
-#   --device cuda -> fp16 (scripts/gpu/fp16.py: DeepSpeed fp16 ZeRO 0-3 with our optimizers, a forced overflow
-#   skipped and reported with its module, resume keeps the loss scale) -> bench train -> rows.jsonl + summary.md.
+#   (pytest --device cuda --device-tests-only) -> paged optimizer (tests/scripts/optim_gpu_paging.py) -> fp16
+#   (scripts/gpu/fp16.py: DeepSpeed fp16 ZeRO 0-3 with our optimizers, a forced overflow skipped and reported with
+#   its module, resume keeps the loss scale) -> the headline: LLaMA-65B, then 7B shapes, random weights quantized
+#   layer by layer onto the GPU, one QLoRA step (seq 512, batch 1, grad ckpt, paged AdamW, r 64 all linears) capped
+#   at 48 GiB, peak beside the planner (scripts/gpu/headline.py; the 7B run adds a step at 8192 tokens with the
+#   chunked loss) -> python -m bench quant|layer --device cuda -> bench train 135M -> the headline at 33B and 13B ->
+#   bench train 1B -> rows.jsonl + summary.md. Correctness first: what the budget does not reach is at the end.
 #
 #   bash scripts/gpu_check.sh             # on the GPU machine
 #   bash scripts/gpu_check.sh --dry-run   # every step on CPU at tiny shapes, in one process (CI: tests/test_gpu_check.py):

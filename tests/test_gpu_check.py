@@ -16,8 +16,9 @@ import zipfile
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["install", "env", "build_quant", "build_quant_cpu", "build_paged_optim", "tests", "headline", "headline_33b",
-         "headline_13b", "headline_7b", "paging", "bench_quant", "bench_layer", "fp16", "bench_train_135m", "bench_train_1b"]
+STEPS = ["install", "env", "build_quant", "build_quant_cpu", "build_paged_optim", "tests", "paging", "fp16", "headline",
+         "headline_7b", "bench_quant", "bench_layer", "bench_train_135m", "headline_33b", "headline_13b",
+         "bench_train_1b"]
 # the steps the dry run cannot run on a CPU, each with its reason: a new skip must be added here, on purpose
 SKIPPED_IN_DRY_RUN: set[str] = set()
 
@@ -88,14 +89,14 @@ def test_every_step_runs_or_says_why_not(dry_run):
 def test_headline_rows_set_measured_beside_planned(dry_run):
     out, _ = dry_run
     rows = [r for r in _jsonl(out / "rows.jsonl") if r["bench"] == "headline"]
-    assert [r["shape"].split("-shaped")[0] for r in rows] == ["llama-65b", "llama-33b", "llama-13b", "llama-7b"]
+    assert [r["shape"].split("-shaped")[0] for r in rows] == ["llama-65b", "llama-7b", "llama-33b", "llama-13b"]
     for r in rows:
         assert r["ok"] and r["layers"] == 2 and r["hidden"] == 64 and r["r"] == 64 and r["seq"] == 32
         assert r["measured_peak_bytes"] > 0 and r["planned_compared_bytes"] > 0 and r["lora_params"] > 0
         assert r["device"] == "cpu" and r["commit"] and r["versions"]["torch"]
     # only the 7B run adds the long-sequence step (8192 tokens on the GPU, 64 here), chunked loss, planner beside it
-    assert [bool(r.get("long_seq")) for r in rows] == [False, False, False, True]
-    long = rows[-1]["long_seq"]
+    assert [bool(r.get("long_seq")) for r in rows] == [False, True, False, False]
+    long = rows[1]["long_seq"]
     assert long["ok"] and long["seq"] == 64 and long["measured_peak_bytes"] > 0 and long["planned_compared_bytes"] > 0
     assert math.isfinite(long["loss"]) and long["step_s"] > 0
     env = json.loads((out / "env.json").read_text())
@@ -302,3 +303,44 @@ def test_env_json_records_what_a_cuda_build_reads(monkeypatch, tmp_path):
     build = env.build_env()
     assert build["CUDA_HOME"] == str(tmp_path) and build["TORCH_CUDA_ARCH_LIST"] == "9.0a"
     assert build["nvcc_path"] == shutil.which("nvcc") and "torch_cuda_home" in build
+
+
+def test_the_gpu_tests_step_holds_every_device_test_file():
+    """The tests step lists its files: a new test file with CUDA-marked tests (or taking the ``device`` fixture)
+    left out of CUDA_TESTS would never run on a GPU. Its tests run in the foreground, before the headline and the
+    benchmarks (beside them they would share the GPU's memory and skew their timings)."""
+    check = _check_module()
+    marked = set()
+    for name in sorted(os.listdir(os.path.join(REPO, "tests"))):
+        if name.startswith("test_") and name.endswith(".py") and name != os.path.basename(__file__):
+            with open(os.path.join(REPO, "tests", name)) as fh:
+                text = fh.read()
+            if "pytest.mark.cuda" in text or re.search(r"def test_\w*\([^)]*\bdevice\b", text):
+                marked.add(f"tests/{name}")
+    assert "tests/test_loading_device.py" in marked and "tests/test_plan_moe.py" in marked
+    assert marked == set(check.CUDA_TESTS), (sorted(marked - set(check.CUDA_TESTS)),
+                                             sorted(set(check.CUDA_TESTS) - marked))
+    plan = {s.name: s for s in check.steps("res")}
+    assert not plan["tests"].background and not any(s.background for s in plan.values()
+                                                    if not s.name.startswith("build"))
+    order = [s.name for s in check.steps("res")]
+    assert order.index("tests") < order.index("paging") < order.index("fp16") < order.index("headline")
+
+
+def test_the_arch_probe_opens_no_cuda_context_in_the_runner(monkeypatch):
+    """The runner asks a child process for the GPU's compute capability; a CUDA context of its own would hold GPU
+    memory beside every step. A probe that fails leaves the arch list to the build."""
+    check = _check_module()
+    calls = []
+
+    def fake_run(argv, **kw):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 0, stdout="9.0\n", stderr="")
+    monkeypatch.setattr(check.subprocess, "run", fake_run)
+    assert check.gpu_arch_list() == {"TORCH_CUDA_ARCH_LIST": "9.0"}
+    assert calls and calls[0][0] == check.PY and "get_device_capability" in calls[0][-1]
+
+    def failing(argv, **kw):
+        raise subprocess.CalledProcessError(1, argv)
+    monkeypatch.setattr(check.subprocess, "run", failing)
+    assert check.gpu_arch_list() == {}
