@@ -1,5 +1,6 @@
 import os
 import shutil
+import time
 import warnings
 
 import pytest
@@ -20,6 +21,19 @@ def pytest_addoption(parser):
                      help="run only the tests that exercise the --device (those taking the `device` fixture, and "
                           "those marked cuda): the GPU check's selection, where the CPU-only tests would spend the "
                           "GPU's time on what the CPU suite already proves")
+    parser.addoption("--time-budget", type=float, default=None,
+                     help="seconds: tests not started by then are skipped (reported, not run), so a run cut short by "
+                          "its budget (the GPU check's tests step) still ends and writes its --junitxml")
+
+
+def pytest_sessionstart(session):
+    session.config._qlora_ds_t0 = time.monotonic()
+
+
+def pytest_runtest_setup(item):
+    budget = item.config.getoption("--time-budget")
+    if budget is not None and time.monotonic() - item.config._qlora_ds_t0 > budget:
+        pytest.skip(f"not started: past --time-budget {budget:g} s")
 
 
 def _test_device(config) -> torch.device:

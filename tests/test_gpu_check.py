@@ -344,3 +344,19 @@ def test_the_arch_probe_opens_no_cuda_context_in_the_runner(monkeypatch):
         raise subprocess.CalledProcessError(1, argv)
     monkeypatch.setattr(check.subprocess, "run", failing)
     assert check.gpu_arch_list() == {}
+
+
+def test_tests_past_the_time_budget_are_skipped_and_the_report_is_written(tmp_path):
+    """The GPU check's tests step passes --time-budget below its own budget: the tests not started by then are
+    reported skipped and pytest.xml is still written (a pytest killed at the step's budget would leave none)."""
+    check = _check_module()
+    tests = next(s for s in check.steps("res") if s.name == "tests")
+    assert float(tests.gpu[tests.gpu.index("--time-budget") + 1]) <= tests.budget - 20
+    xml = tmp_path / "pytest.xml"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+                           "--time-budget", "0", "tests/test_codebooks.py"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    report = xml.read_text()
+    tests_run = int(re.search(r'tests="(\d+)"', report).group(1))
+    assert tests_run > 3 and f'skipped="{tests_run}"' in report and "past --time-budget 0 s" in report
