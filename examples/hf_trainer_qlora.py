@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from qlora_ds.data import collate, tokenize_records
-from qlora_ds.data.run_data import dataset_records
+from qlora_ds.data.run_data import dataset_records, model_limits, tokenizer_and_config
+from qlora_ds.data.tokenize import check_vocab
 from qlora_ds.distributed import shutdown
 from qlora_ds.errors import QLoRADSError
 from qlora_ds.integrations import (QLoRATrainer, ds_training_defaults, optimizer_cls_and_kwargs,
@@ -86,14 +87,14 @@ def main(argv=None) -> int:
 
 
 def train(data_args, training_args, ds_source) -> int:
-    tokenizer = AutoTokenizer.from_pretrained(data_args.model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    # the data before the model (minutes for a large one): a bad dataset fails in seconds
+    tokenizer, model_config = tokenizer_and_config(data_args.model)
+    vocab, ctx = model_limits(model_config)
+    check_vocab(tokenizer, vocab)
+    examples = tokenize_records(dataset_records(data_args.dataset), tokenizer, data_args.max_len, ctx)
     config = QLoRAConfig(quant_type=data_args.quant_type, r=data_args.lora_r, alpha=data_args.lora_alpha,
                          dropout=data_args.lora_dropout, compute_dtype="auto")
     model = prepare_for_trainer(data_args.model, config, training_args)    # computes in --bf16/--fp16/fp32
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    examples = tokenize_records(dataset_records(data_args.dataset), tokenizer, data_args.max_len, ctx)
 
     # PagedAdamW from the ds_config's optimizer section (None: the Trainer's --optim, or DeepSpeed's own optimizer)
     spec = optimizer_cls_and_kwargs(ds_source, training_args) if ds_source else None

@@ -307,6 +307,27 @@ def test_example_bad_dataset_is_one_line_per_rank(tmp_path):
     assert "missing.jsonl' does not exist" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+def test_example_reads_the_data_before_loading_the_model(tmp_path, monkeypatch):
+    """A bad dataset fails before the model load (minutes for a large model): prepare_for_trainer is never called."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hf_trainer_qlora_example", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(__import__("sys").modules, spec.name, example)      # its dataclasses look it up
+    spec.loader.exec_module(example)
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded before the data was read")
+    monkeypatch.setattr(example, "prepare_for_trainer", no_load)
+    monkeypatch.setattr(example, "shutdown", lambda: None)
+    model_dir = write_tiny_checkpoint(str(tmp_path / "model"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"oops\n')
+    argv = ["--model", model_dir, "--dataset", str(bad), "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+            "--dtype", "fp32"]
+    assert example.main(argv) == 2
+
+
 def _one_rank_env(monkeypatch):
     from .dist_utils import free_port
 
