@@ -120,12 +120,15 @@ def test_finetune_resumes_a_run_from_before_plain_bos_and_text_windows_with_thei
     from qlora_ds.run_dir import check_output_dir
     ft = launch_script("finetune")
     argv = ["--model", "m", "--dataset", "d.jsonl", "--output-dir", str(tmp_path)]
-    old = {k: v for k, v in vars(ft.parse_args(argv)).items() if k not in ("plain_bos", "text_windows")}
+    old = {k: v for k, v in vars(ft.parse_args(argv)).items()
+           if k not in ("plain_bos", "text_windows", "weight0_untrained")}
     (tmp_path / "run_config.json").write_text(json.dumps(old))
-    with pytest.raises(QLoRADSError, match=r"plain_bos.*text_windows.*it ran with plain_bos=False, text_windows=False"):
+    with pytest.raises(QLoRADSError, match=r"plain_bos.*text_windows.*weight0_untrained.*it ran with plain_bos=False, "
+                                           r"text_windows=False, weight0_untrained=False"):
         check_output_dir(ft.parse_args([*argv, "--resume"]), 0)
-    args = ft.parse_args([*argv, "--resume", "--no-plain-bos", "--no-text-windows"])
+    args = ft.parse_args([*argv, "--resume", "--no-plain-bos", "--no-text-windows", "--no-weight0-untrained"])
     assert check_output_dir(args, 0) is None and not args.plain_bos and not args.text_windows
+    assert not args.weight0_untrained
 
 
 def test_build_data_passes_the_runs_tokenization_options(smol, tmp_path):
@@ -324,6 +327,27 @@ def test_assistant_turns_of_weight_0_are_not_trained(smol, tmp_path, kind, train
     unweighted = [m for m in WEIGHTED if "weight" not in m or m["weight"]]
     old, = tokenize_records([{"messages": unweighted}], tok, 256, train_on_prompt=train_on_prompt)
     assert bool((old["labels"] == old["input_ids"]).all()) == train_on_prompt
+    # a run from before --weight0-untrained resumes as it trained: with --train-on-prompt every token, the same ids
+    before, = tokenize_records([{"messages": WEIGHTED}], tok, 256, train_on_prompt=train_on_prompt,
+                               weight0_untrained=False)
+    assert torch.equal(before["input_ids"], ex["input_ids"])
+    assert torch.equal(before["labels"], before["input_ids"] if train_on_prompt else ex["labels"])
+
+
+def test_an_unfindable_weight_0_answer_names_the_fix_that_applies(smol):
+    """Under --train-on-prompt only weight-0 answers are looked for in the rendering: the error does not tell the
+    user to pass the flag they passed."""
+    upper = PHI3.replace("message['content'] + '<|end|>\n'}}{% endif %}",
+                         "(message['content'] | upper) + '<|end|>\n'}}{% endif %}")     # answers rendered upper-case
+    assert upper != PHI3
+    tok = _retokenizer(smol, upper, SPECIALS["phi3"][1], "<s>", "<|endoftext|>")
+    chat = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "no.", "weight": 0},
+            {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "yes."}]
+    with pytest.raises(QLoRADSError, match=r"'no\.' verbatim .*drop that answer's \"weight\": 0") as err:
+        tokenize_records([{"messages": chat}], tok, 256, train_on_prompt=True)
+    assert "--train-on-prompt" not in str(err.value)
+    with pytest.raises(QLoRADSError, match=r"verbatim .*pass --train-on-prompt"):
+        tokenize_records([{"messages": chat}], tok, 256)
 
 
 @pytest.mark.parametrize("weight,role", [(0.5, "assistant"), (2, "assistant"), ("0", "assistant"), (True, "assistant"),

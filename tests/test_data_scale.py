@@ -77,3 +77,23 @@ def test_examples_give_back_their_ids_labels_and_units():
     assert held.ids is train.ids is examples.ids and len(held) + len(train) == len(examples)
     rows = pack_examples(train, 32)
     assert rows.lengths().sum() == train.lengths().sum() == sum(r["input_ids"].numel() for r in rows)
+
+
+def test_packed_rows_slice_into_a_micro_batch_and_an_empty_store_is_empty():
+    """A slice of packed rows is those rows (bench packing collates rows[i:i + k]); a store without examples has
+    none (its first begin must not make one)."""
+    from qlora_ds.data.examples import ExamplesBuilder
+    from qlora_ds.data.packing import collate_packed
+
+    b = ExamplesBuilder()
+    for n in (3, 5, 2, 6, 4):
+        b.add(list(range(10, 10 + n)), [1] * n)
+    rows = pack_examples(b.finish(), 8)
+    got = rows[0:2]
+    assert len(got) == 2 and all(torch.equal(g["input_ids"], rows[k]["input_ids"]) for k, g in enumerate(got))
+    assert collate_packed(got, 0, 8, 8)["input_ids"].shape == (2, 8)
+    assert [r["input_ids"].tolist() for r in rows[-1:]] == [rows[len(rows) - 1]["input_ids"].tolist()]
+    empty = ExamplesBuilder().finish()
+    assert len(empty) == 0 and list(empty) == []
+    held, train, dropped = split_heldout(empty, 4, seed=0)
+    assert len(held) == len(train) == dropped == 0

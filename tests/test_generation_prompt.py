@@ -144,8 +144,9 @@ def test_generation_and_eval_of_a_run_tokenize_as_that_run_did(tmp_path):
         (tmp_path / "run" / "run_config.json").write_text(json.dumps({"model": str(tmp_path / "base"), **cfg}))
         return resolve(run=str(tmp_path / "run"))
 
-    assert tokenization(run_with()) == {"plain_bos": False, "text_windows": False}
-    assert tokenization(run_with(plain_bos=True, text_windows=True)) == {"plain_bos": True, "text_windows": True}
+    assert tokenization(run_with()) == {"plain_bos": False, "text_windows": False, "weight0_untrained": False}
+    assert tokenization(run_with(plain_bos=True, text_windows=True, weight0_untrained=True)) == {
+        "plain_bos": True, "text_windows": True, "weight0_untrained": True}
     assert tokenization(resolve(model=str(tmp_path / "base"))) == {}
 
     tok, model = _bos_adding(), _Recorder()

@@ -103,3 +103,37 @@ def _plan_full(config: dict, dtype, tokens: int) -> float:
     cfg = PlanConfig(shape=shape_from_hf_config(config), seq_len=tokens,
                      compute_dtype={torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype])
     return activation_bytes(cfg)["logits_loss"]
+
+
+def test_the_report_says_which_loss_the_run_takes():
+    """The plan's first line names the loss path plan/loss.py chose, and why the chunked loss does not run."""
+    from qlora_ds.plan import format_report, plan
+    chunked = format_report(plan(PlanConfig(shape=shape_from_hf_config(GEMMA2), seq_len=T, chunked_loss=True)))
+    assert "loss chunked" in chunked.splitlines()[0]
+    full = format_report(plan(PlanConfig(shape=shape_from_hf_config(dict(GEMMA2, logits_scaling=4.0)), seq_len=T,
+                                         chunked_loss=True)))
+    assert "loss over the full logits (the chunked loss does not run: config.logits_scaling=4.0" in full
+    off = format_report(plan(PlanConfig(shape=shape_from_hf_config(GEMMA2), seq_len=T, chunked_loss=False)))
+    assert "loss over the full logits" in off.splitlines()[0] and "does not run" not in off
+
+
+def test_a_composite_gemma3_plans_no_soft_cap_its_forward_never_applies():
+    """Gemma3ForConditionalGeneration never caps its logits, whatever its text config holds: the planner plans the
+    composite as its loss runs (no cap), not as a Gemma3ForCausalLM would."""
+    import transformers as tf
+    from qlora_ds.loss import chunked_transform
+
+    text = dict(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, max_position_embeddings=96, final_logit_softcapping=30.0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config)
+    shape = shape_from_hf_config(config.to_dict())
+    assert chunked_transform(model)[0].softcap is None
+    assert loss_path(PlanConfig(shape=shape, chunked_loss=True, seq_len=T)) == chunked_transform(model)
+    rows = max(16, (1 << 24) // 4096)
+    assert activation_bytes(PlanConfig(shape=shape, chunked_loss=False, seq_len=T))["logits_loss"] == T * 4096 * 12
+    assert activation_bytes(PlanConfig(shape=shape, chunked_loss=True, seq_len=T))["logits_loss"] == \
+        2 * 4 * min(T, rows) * 4096 + T * (4 + 8 * 32)

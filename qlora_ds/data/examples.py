@@ -102,7 +102,7 @@ class ExamplesBuilder:
     def finish(self) -> Examples:
         dtype = np.uint16 if self._ids.typecode == "H" else np.int32
         ends = np.frombuffer(self._ends, dtype=np.int64)
-        begin = np.concatenate([np.zeros(1, np.int64), ends[:-1]])
+        begin = np.concatenate([np.zeros(1, np.int64), ends])[:-1]     # no examples: none
         return Examples(np.frombuffer(self._ids, dtype=dtype),
                         np.packbits(np.frombuffer(self._trained, dtype=np.uint8)),
                         begin, ends, np.frombuffer(self._record, dtype=np.int64),

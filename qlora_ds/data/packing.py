@@ -91,7 +91,9 @@ class PackedRows(Sequence):
     def __len__(self) -> int:
         return len(self._lengths)
 
-    def __getitem__(self, r: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, r):
+        if isinstance(r, slice):                       # a micro batch of rows (bench packing)
+            return [self[k] for k in range(*r.indices(len(self)))]
         if not -len(self) <= r < len(self):
             raise IndexError(f"row {r} of {len(self)}")
         r %= len(self)

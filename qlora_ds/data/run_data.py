@@ -53,7 +53,8 @@ def build_data(args, tokenizer, model_config, rank: int, world: int, micro: int)
     check_vocab(tokenizer, vocab)
     # False: a run from before the option, resumed with its own tokenization
     examples = tokenize_records(records, tokenizer, args.max_len, ctx, args.train_on_prompt,
-                                getattr(args, "plain_bos", True), getattr(args, "text_windows", True))
+                                getattr(args, "plain_bos", True), getattr(args, "text_windows", True),
+                                getattr(args, "weight0_untrained", True))
     dedup = getattr(args, "dedup", True)      # False: a run from before --dedup, resumed with its own split
     eval_ex, train_ex, dropped = split_heldout(examples, args.eval_size, args.seed, dedup,
                                                getattr(args, "heldout_groups", True))
@@ -89,6 +90,9 @@ def add_data_arguments(group) -> None:
     group.add_argument("--text-windows", action=argparse.BooleanOptionalAction, default=True,
                        help="split a text record longer than --max-len into --max-len windows (overlapping by one "
                             "token) instead of cutting it (--no-text-windows: runs from before this option)")
+    group.add_argument("--weight0-untrained", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --train-on-prompt, still leave the answers marked \"weight\": 0 untrained "
+                            "(--no-weight0-untrained: runs from before this option, which trained them)")
 
 
 def dataset_records(dataset: str) -> list[dict]:

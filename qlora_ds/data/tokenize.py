@@ -48,6 +48,10 @@ def _trained(msg) -> bool:
     return msg["role"] == "assistant" and msg.get("weight", 1) != 0
 
 
+def _never(msg) -> bool:
+    return False
+
+
 def _weight_0(msg) -> bool:
     """An assistant message marked ``"weight": 0``: untrained even with --train-on-prompt."""
     return msg["role"] == "assistant" and msg.get("weight", 1) == 0
@@ -72,7 +76,7 @@ def _span_ids(tokenizer, messages, marked=None) -> tuple[list[int], list[int]]:
     if not getattr(tokenizer, "is_fast", False):
         raise QLoRADSError("this chat template renders earlier turns differently once the chat goes on, so the "
                            "assistant tokens are found by character offsets, which needs a fast tokenizer; load it "
-                           "with use_fast=True or pass --train-on-prompt")
+                           f"with use_fast=True{'' if marked is _weight_0 else ' or pass --train-on-prompt'}")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     end_text, spans, mark = _turn_end(tokenizer), [], "qlora-ds answer"
     while mark in text:
@@ -115,8 +119,15 @@ def _locate(tokenizer, messages, i, text: str, mark: str) -> tuple[int, int]:
         start = text.find(content)
         return start, start + len(content)
     raise QLoRADSError(f"the chat template does not render assistant message {messages[i]['content'][:40]!r} "
-                       f"verbatim in one place, so its tokens cannot be found; pass --train-on-prompt or use "
-                       f"another template")
+                       f"verbatim in one place, so its tokens cannot be found; {_span_fix(messages[i])}")
+
+
+def _span_fix(msg) -> str:
+    """What lets a chat whose ``msg`` cannot be found in its rendering train: under --train-on-prompt only weight-0
+    answers are looked for."""
+    if _weight_0(msg):
+        return "drop that answer's \"weight\": 0 (or the record), or use another template"
+    return "pass --train-on-prompt or use another template"
 
 
 def _leading_specials(tokenizer) -> list[int]:
@@ -171,11 +182,12 @@ def prompt_ids(tokenizer, messages, plain_bos: bool = True) -> list[int]:
 
 def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None = None,
                      train_on_prompt: bool = False, plain_bos: bool = True,
-                     text_windows: bool = True) -> Examples:
+                     text_windows: bool = True, weight0_untrained: bool = True) -> Examples:
     """input_ids/labels per record, cut at ``max_len`` (counted in a warning); a text record longer than that split
     into windows of ``max_len`` (``text_windows``; False: cut, as runs from before --text-windows). ``plain_bos``: see
-    ``_plain_ids``. ``train_on_prompt``: every token but those of weight-0 answers is trained. A max_len beyond the
-    model's context is refused."""
+    ``_plain_ids``. ``train_on_prompt``: every token but those of weight-0 answers is trained (every token at all with
+    ``weight0_untrained`` False, as runs from before --weight0-untrained). A max_len beyond the model's context is
+    refused."""
     if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 2:
         raise QLoRADSError(f"--max-len {max_len!r} must be an integer >= 2 (a prompt token and a response token); "
                            f"QLoRA uses 512 to 1024")
@@ -197,7 +209,8 @@ def tokenize_records(records, tokenizer, max_len: int, model_max_len: int | None
             unweighted += 1
             continue
         else:
-            marked = _weight_0 if train_on_prompt else _trained     # the mask is inverted below
+            # the mask is inverted below; an older run's --train-on-prompt (no weight0_untrained) trains every token
+            marked = (_weight_0 if weight0_untrained else _never) if train_on_prompt else _trained
             try:
                 if use_template:
                     ids, mask = _chat_ids(tokenizer, rec["messages"], marked)

@@ -37,7 +37,7 @@ from ..run_dir import BEFORE_OPTION_EXISTED, RUN_CONFIG
 log = logging.getLogger(__name__)
 
 
-TOKENIZATION_OPTIONS = ("plain_bos", "text_windows")     # finetune's, read from a run for its examples' tokens
+TOKENIZATION_OPTIONS = ("plain_bos", "text_windows", "weight0_untrained")     # finetune's, read from a run for its examples' tokens
 
 
 def tokenization(source: "Source") -> dict:

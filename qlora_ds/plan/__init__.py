@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from ..errors import QLoRADSError
 from .memory import (ALL_LINEAR, GiB, NF4_DQ_BITS, Advice, MemoryEstimate, PlanConfig, advise,
                      estimate_memory, lora_params, rank_for_fraction)
+from .loss import loss_path
 from .presets import PRESETS, ModelShape, load_shape
 from .scaling import Scaling, estimate_scaling
 
@@ -141,7 +142,7 @@ FINETUNE_KEYS = frozenset({
     "lr_scheduler", "max_grad_norm", "max_len", "max_steps", "method", "micro_batch", "model", "nan_policy",
     "optimizer", "output_dir", "overwrite", "packing", "pad_to_multiple_of", "plain_bos", "pool", "quant_type",
     "recipe", "resume", "sample_prompt", "save_every", "seed", "target_modules", "text_windows", "train_on_prompt",
-    "warmup_ratio", "weight_decay"})
+    "warmup_ratio", "weight0_untrained", "weight_decay"})
 FINETUNE_OPTIMIZER = "PagedAdamW"     # finetune's optimizer when neither the recipe nor the ds_config names one
 
 
@@ -218,13 +219,20 @@ def _gib(x: float) -> str:
     return f"{x / GiB:7.2f} GiB"
 
 
+def _loss_words(c: PlanConfig) -> str:
+    """How the run computes its loss (plan/loss.py decides as qlora_ds.loss does)."""
+    _, why = loss_path(c)
+    if why is None:
+        return "chunked"
+    return "over the full logits" + ("" if not c.chunked_loss else f" (the chunked loss does not run: {why})")
+
+
 def format_report(r: PlanReport) -> str:
     c, m, s = r.config, r.memory, r.scaling
     lines = [f"{c.shape.name}: {c.world_size} GPU(s) ({c.nodes} node(s) x {c.gpus_per_node}), ZeRO-{c.zero_stage}, "
              f"{c.compute_dtype} compute, base {c.base_bits_per_param:.3f} bit, LoRA r={c.lora_r}, seq {c.seq_len} x "
              f"micro batch {c.micro_batch}, grad ckpt {'on' if c.grad_ckpt else 'off'}, "
-             f"{'paged ' if c.paged else ''}Adam {c.optim_bits}-bit, loss "
-             f"{'chunked' if c.chunked_loss else 'over the full logits'}"
+             f"{'paged ' if c.paged else ''}Adam {c.optim_bits}-bit, loss {_loss_words(c)}"
              + (f", optimizer offload {c.offload_optimizer}" if c.offload_optimizer != "none" else "")
              + (f", param offload {c.offload_param}" if c.offload_param != "none" else ""),
              "per-GPU memory:"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..errors import QLoRADSError
 from .layouts import LLAMA, LLAMA_TYPES, MODEL_TYPES, Layout, layout_fields
+from ..loss_support import IGNORED
 from .loss import logit_config_of
 
 
@@ -276,8 +277,11 @@ def _multimodal_shape(cfg: dict, name: str) -> ModelShape:
     if total < shape.total_params:
         raise QLoRADSError(f"{name}: the {cfg.get('model_type')} model holds {total} parameters, fewer than its text "
                            f"model's {shape.total_params}; the planner does not model this composite layout")
+    # the composite's forward decides which logit transforms apply (Gemma-3's never caps its text config's logits)
+    ignored = IGNORED.get(cfg.get("model_type"), frozenset())
     return dataclasses.replace(shape, name=str(cfg.get("_name_or_path") or name),
-                               frozen_params=total - shape.total_params)
+                               frozen_params=total - shape.total_params,
+                               logit_config=tuple(kv for kv in shape.logit_config if kv[0] not in ignored))
 
 
 def load_shape(model: str) -> ModelShape:
