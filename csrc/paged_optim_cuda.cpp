@@ -124,12 +124,16 @@ void adamw8bit_step(torch::Tensor param, torch::Tensor grad, torch::Tensor qm, t
     TORCH_CHECK(step >= 1, "step must be >= 1, got ", step);
     c10::cuda::CUDAGuard guard(param.device());
     auto stream = c10::cuda::getCurrentCUDAStream(param.device().index());
+    // at::cuda::getCurrentDeviceProperties() gives the same number but its header needs cuBLAS / cuSPARSE headers
+    int sm_count = 0;
+    check_cuda(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, param.device().index()),
+               "cudaDeviceGetAttribute(multiProcessorCount)");
     const qlora_ds::Tables8 tables{code_m.data_ptr<float>(), bounds_m.data_ptr<float>(), code_v.data_ptr<float>(),
                                    bounds_v.data_ptr<float>()};
     check_cuda(qlora_ds::launch_adamw_8bit(param.data_ptr<float>(), grad.data_ptr<float>(), qm.data_ptr<uint8_t>(),
                                            absmax_m.data_ptr<float>(), qv.data_ptr<uint8_t>(),
                                            absmax_v.data_ptr<float>(), tables, n, blocksize, lr, beta1, beta2, eps,
-                                           weight_decay, step, stream.stream()),
+                                           weight_decay, step, stream.stream(), sm_count),
                "adamw 8-bit kernel launch");
 }
 

@@ -48,10 +48,12 @@ __global__ void adamw_fp32_kernel(float* __restrict__ p, const float* __restrict
     }
 }
 
-// 8-bit state (csrc/paged_optim_cpu.cpp states the rules): one thread block per quantization block dequantizes,
-// updates (the arithmetic above) and keeps the new moments in shared memory, reduces their absmax, then requantizes:
+// 8-bit state (csrc/paged_optim_cpu.cpp states the rules): a thread block loads the code tables once, then takes
+// quantization blocks in turn (grid-stride); for each it dequantizes, updates (the arithmetic above) and keeps the new
+// moments in shared memory, reduces their absmax, then requantizes:
 // the bytes of the unfused dequantize -> adamw_fp32_kernel -> quantize kernels, with no full-size fp32 temporaries.
 constexpr int kThreads8 = 256;
+constexpr int kBlocksPerSm8 = 8;  // 2048 resident threads per SM on sm_80 / sm_90 at kThreads8 per block
 constexpr float kTiny = 1e-38f;
 
 __device__ __forceinline__ float block_max(float v, float* red) {
@@ -159,11 +161,15 @@ AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps, do
 cudaError_t launch_adamw_8bit(float* param, const float* grad, uint8_t* exp_avg, float* exp_avg_absmax,
                               uint8_t* exp_avg_sq, float* exp_avg_sq_absmax, Tables8 tables, int64_t n,
                               int64_t blocksize, double lr, double beta1, double beta2, double eps,
-                              double weight_decay, int64_t step, cudaStream_t stream) {
+                              double weight_decay, int64_t step, cudaStream_t stream, int sm_count) {
     if (n <= 0) return cudaSuccess;
     if (blocksize < 1 || blocksize > kMaxBlocksize8) return cudaErrorInvalidValue;
     const size_t shared = (1022 + 2 * static_cast<size_t>(blocksize)) * sizeof(float);  // <= 36.1 KiB
     int64_t blocks = (n + blocksize - 1) / blocksize;
+    // a block's table load (4 KB) outweighs one quantization block's state (~2.5 KB at blocksize 256): launch only
+    // what the SMs hold at once and let the grid-stride loop over quantization blocks do the rest
+    if (sm_count > 0 && blocks > static_cast<int64_t>(sm_count) * kBlocksPerSm8)
+        blocks = static_cast<int64_t>(sm_count) * kBlocksPerSm8;
     if (blocks > 65535LL * 8) blocks = 65535LL * 8;
     adamw_8bit_kernel<<<static_cast<unsigned>(blocks), kThreads8, shared, stream>>>(
         param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, tables, n, blocksize,

@@ -2,6 +2,8 @@
 the oracle), frozen base, no-op fresh adapter, checkpointing, merge, training, bad input."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -78,6 +80,19 @@ def test_storage_layout_and_meta_construction():
         meta.set_quantized_weight(quantize(torch.randn(OUT, IN + 32)), torch.zeros(OUT))
     with pytest.raises(QLoRADSError, match="double_quant"):
         meta.set_quantized_weight(quantize(torch.randn(OUT, IN), double_quant=False), torch.zeros(OUT))
+
+
+def test_meta_skeleton_filled_from_a_device_weight_keeps_every_part_there():
+    """A quantized weight on a GPU fills a meta skeleton on that GPU, the double-quant offset included (it used to be
+    made on the CPU). The meta device stands in for the GPU here, as in tests/test_loading_device.py."""
+    q = quantize(torch.randn(OUT, IN))
+    on = dataclasses.replace(q, packed=q.packed.to("meta"), absmax=q.absmax.to("meta"), absmax2=q.absmax2.to("meta"))
+    layer = QLoRALinear(IN, OUT, False, QLoRAConfig(), device="meta")
+    layer.set_quantized_weight(on, None)
+    frozen = {n: p.device.type for n, p in layer.named_parameters() if n.startswith("weight")}
+    assert frozen == dict.fromkeys(("weight", "weight_absmax", "weight_absmax2", "weight_offset"), "meta")
+    assert layer.weight_offset.dtype == torch.uint8 and layer.weight_offset.numel() == 4
+    assert layer.offset() == float(q.offset)               # from the fill's cache: the meta bytes are never read
 
 
 def test_fresh_adapter_is_noop(device):

@@ -500,6 +500,30 @@ def test_concurrent_managed_access_pages(fake_cuda):
     assert pages.prefetch_to_device() == 40 and len(op.prefetches) == 3 and op.prefetches[2] != -1  # to the GPU
 
 
+def test_paging_waits_for_and_asks_the_buffers_gpus_not_the_current_one(fake_cuda, monkeypatch):
+    """State on cuda:1 and cuda:2 while cuda:0 is current: the prefetch timings synchronize those GPUs (not the
+    current one) and the low-memory check reads their free memory. Device sibling: tests/scripts/optim_gpu_paging.py."""
+    from qlora_ds.optim.page_manager import PageManager
+
+    fake_cuda({1: True, 2: True})
+    synced, asked = [], []
+    free = {1: 8 << 30, 2: 1 << 20, 0: 0}             # cuda:2 is nearly full; the current cuda:0 must not matter
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    monkeypatch.setattr(torch.cuda, "mem_get_info",
+                        lambda device=None: asked.append(device) or (free[torch.device(device or "cuda:0").index],
+                                                                     16 << 30))
+    pages = PageManager(paged=True)
+    for dev in ("cuda:1", "cuda:2", "cuda:1"):
+        pages.zeros(4, torch.float32, dev)
+    want = [torch.device("cuda", 1), torch.device("cuda", 2)]
+    assert pages.evict_if_low_memory(1 << 30) == 48
+    assert asked[:2] == want and synced == want
+    free[2] = 8 << 30
+    assert pages.prefetch_to_device() == 48 and synced == want * 2
+    asked.clear()
+    assert pages.evict_if_low_memory(1 << 30) == 0 and asked == want
+
+
 # -- 8-bit step fused per block (issue 15 §4) -----------------------------------------------------------------------
 def _unfused_8bit(p, g, st, blocksize, hp, step, adamw):
     """The pre-fusion 8-bit step: dequantize the whole state to fp32, one fp32 AdamW step, requantize."""

@@ -17,6 +17,8 @@ cudaError_t launch_adamw_fp32(float* param, const float* grad, float* exp_avg, f
 // Fused AdamW over blockwise 8-bit state (dequantize -> update -> requantize per block, bnb's dynamic maps; rules in
 // csrc/paged_optim_cpu.cpp). The tables (fp32, on the device): codes of 256 and sorted midpoints of 255 entries of
 // the exp_avg (signed) and exp_avg_sq (unsigned) maps. blocksize 1 .. kMaxBlocksize8 (else cudaErrorInvalidValue).
+// sm_count: the device's multiprocessors; > 0 caps the grid at a few blocks per SM (each block loads the 4 KB of
+// tables once, then loops over quantization blocks), 0 launches one CUDA block per quantization block.
 constexpr int64_t kMaxBlocksize8 = 4096;
 struct Tables8 {
     const float* code_m;
@@ -27,7 +29,7 @@ struct Tables8 {
 cudaError_t launch_adamw_8bit(float* param, const float* grad, uint8_t* exp_avg, float* exp_avg_absmax,
                               uint8_t* exp_avg_sq, float* exp_avg_sq_absmax, Tables8 tables, int64_t n,
                               int64_t blocksize, double lr, double beta1, double beta2, double eps,
-                              double weight_decay, int64_t step, cudaStream_t stream);
+                              double weight_decay, int64_t step, cudaStream_t stream, int sm_count = 0);
 
 // cudaDevAttrConcurrentManagedAccess of `device` into *supported (0 on WSL2, Windows, some vGPUs: there
 // cudaMemPrefetchAsync / cudaMemAdvise fail with cudaErrorInvalidDevice).

@@ -143,7 +143,7 @@ class QLoRALinear(nn.Module):
         if qt.double_quant:
             new["weight_absmax"] = qt.absmax.view(-1)
             new["weight_absmax2"] = _bytes(qt.absmax2)
-            new["weight_offset"] = _bytes(torch.tensor([qt.offset], dtype=torch.float32))
+            new["weight_offset"] = _bytes(torch.tensor([qt.offset], dtype=torch.float32, device=qt.packed.device))
         else:
             new["weight_absmax"] = _bytes(qt.absmax)
         if bias is not None:

@@ -84,6 +84,7 @@ class PageManager:
         self.paged = bool(paged)
         self._buffers: dict[int, torch.Tensor] = {}
         self._managed_ids: set[int] = set()  # the buffers in managed (prefetchable) memory
+        self._home: dict[int, torch.device] = {}  # managed buffer id -> the GPU it was allocated for
         self._on_host = False  # True after evict_to_host until the next prefetch
         self.stats = PagingStats()
         self._warned = False
@@ -103,6 +104,7 @@ class PageManager:
                 else:
                     buf.zero_()
                     self._managed_ids.add(id(buf))
+                    self._home[id(buf)] = torch.device("cuda", index)
             elif paged_op("cuda") is None and not self._warned:
                 self._warned = True
                 warnings.warn("qlora_ds: no CUDA paged_optim op; optimizer state uses ordinary (unpaged) GPU memory.",
@@ -117,11 +119,13 @@ class PageManager:
         for b in buffers:
             self._buffers.pop(id(b), None)
             self._managed_ids.discard(id(b))
+            self._home.pop(id(b), None)
 
     def free(self) -> None:
         """Release every buffer this manager allocated."""
         self._buffers.clear()
         self._managed_ids.clear()
+        self._home.clear()
 
     @property
     def buffers(self) -> list[torch.Tensor]:
@@ -136,13 +140,17 @@ class PageManager:
             return []
         return [b for i, b in self._buffers.items() if i in self._managed_ids]
 
+    def _devices(self, bufs) -> list[torch.device]:
+        """The distinct GPUs of ``bufs``: state may live on a GPU that is not the current one."""
+        return list(dict.fromkeys(self._home.get(id(b), b.device) for b in bufs))
+
     # -- paging -------------------------------------------------------------------------------------------------
     def prefetch_to_device(self) -> int:
         """Bring evicted pages back to their GPU before an update; returns the bytes moved (0 on CPU)."""
         if not self._on_host:
             return 0
         bufs = self._managed()
-        moved, secs = self._prefetch(bufs, to_host=False)
+        moved, secs = self._prefetch(bufs, self._devices(bufs), to_host=False)
         self._on_host = False
         self.stats.bytes_to_device += moved
         self.stats.seconds_to_device += secs
@@ -150,8 +158,9 @@ class PageManager:
         return moved
 
     @staticmethod
-    def _prefetch(bufs, to_host: bool) -> tuple[int, float]:
-        """cudaMemPrefetchAsync every managed buffer to the host (-1) or back to its GPU; (bytes, seconds)."""
+    def _prefetch(bufs, devices, to_host: bool) -> tuple[int, float]:
+        """cudaMemPrefetchAsync every managed buffer to the host (-1) or back to its GPU, then wait for each of
+        ``devices`` (the buffers' GPUs); (bytes, seconds)."""
         op = paged_op("cuda") if bufs else None
         if op is None:
             return 0, 0.0
@@ -160,13 +169,14 @@ class PageManager:
         for b in bufs:
             op.prefetch(b, -1 if to_host else b.device.index)
             moved += b.numel() * b.element_size()
-        torch.cuda.synchronize()
+        for device in devices:
+            torch.cuda.synchronize(device)
         return moved, time.perf_counter() - start
 
     def evict_to_host(self) -> int:
         """Memory-pressure hook: move all paged state to CPU RAM now; returns the bytes moved (0 on CPU)."""
         bufs = self._managed()
-        moved, secs = self._prefetch(bufs, to_host=True)
+        moved, secs = self._prefetch(bufs, self._devices(bufs), to_host=True)
         self._on_host = True
         self.stats.bytes_to_host += moved
         self.stats.seconds_to_host += secs
@@ -174,8 +184,9 @@ class PageManager:
         return moved
 
     def evict_if_low_memory(self, min_free_bytes: int) -> int:
-        """Evict when the GPU has less than ``min_free_bytes`` free; returns the bytes moved."""
-        if not self._managed():
+        """Evict when a GPU holding paged state has less than ``min_free_bytes`` free; returns the bytes moved."""
+        bufs = self._managed()
+        if not bufs:
             return 0
-        free, _ = torch.cuda.mem_get_info()
-        return self.evict_to_host() if free < min_free_bytes else 0
+        low = any(torch.cuda.mem_get_info(device)[0] < min_free_bytes for device in self._devices(bufs))
+        return self.evict_to_host() if low else 0
