@@ -23,7 +23,8 @@ import logging
 import torch
 
 from .errors import QLoRADSError
-from .loss_support import LOGIT_TRANSFORMS, VERIFIED_MODEL_TYPES, LogitTransform, logit_transform
+from .loss_support import (LOGIT_TRANSFORMS, ROUTER_LOSS, ROUTER_WHY, VERIFIED_MODEL_TYPES, LogitTransform,
+                           logit_transform)
 from .nn.chunked_loss import IGNORE_INDEX, linear_cross_entropy
 
 __all__ = ["LOGIT_TRANSFORMS", "VERIFIED_MODEL_TYPES", "causal_lm_loss", "chunked_supported", "chunked_transform"]
@@ -50,8 +51,8 @@ def chunked_transform(model) -> tuple[LogitTransform | None, str | None]:
                                      [{n: getattr(c, n) for n in LOGIT_TRANSFORMS if hasattr(c, n)} for c in configs])
     if why is not None:
         return None, why
-    if any(getattr(c, "output_router_logits", False) for c in configs):
-        return None, "config.output_router_logits adds the router's auxiliary loss to the model's loss"
+    if any(getattr(c, ROUTER_LOSS, False) for c in configs):
+        return None, ROUTER_WHY
     get = getattr(module, "get_output_embeddings", None)
     head = get() if get else None
     if not isinstance(getattr(head, "weight", None), torch.Tensor):

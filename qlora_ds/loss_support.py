@@ -18,6 +18,9 @@ LOGIT_TRANSFORMS = {"final_logit_softcapping": _CAP, "logits_soft_cap": _CAP, "o
                     "logit_scale": _SCALE, "logits_scaling": _SCALE, "lm_head_multiplier": _SCALE,
                     "logits_mup_width_multiplier": _SCALE, "output_multiplier": _SCALE,
                     "output_multiplier_scale": _SCALE}
+# a config attribute that adds the router's auxiliary loss to the model's loss: the plain loss computes it
+ROUTER_LOSS = "output_router_logits"
+ROUTER_WHY = f"config.{ROUTER_LOSS} adds the router's auxiliary loss to the model's loss"
 # model types whose CausalLM forward computes ``logits = lm_head(hidden)``, then at most the APPLIED transform, and
 # the loss from them alone: tests/test_chunked_loss_models.py checks each against the model's own loss. Others (new
 # or remote-code architectures, which may scale or cap the logits under any name) use the plain loss.

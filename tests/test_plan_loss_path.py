@@ -60,7 +60,9 @@ def _model(model_type: str, dtype=torch.float32, **extra):
 @pytest.mark.parametrize("model_type, extra, chunked", [
     ("gemma2", {}, True), ("gemma2", {"final_logit_softcapping": None}, True), ("llama", {}, True),
     ("granite", {"logits_scaling": 8.0}, True), ("gemma2", {"logits_scaling": 4.0}, False),
-    ("llama", {"final_logit_softcapping": 5.0}, False)])
+    ("llama", {"final_logit_softcapping": 5.0}, False),
+    ("mixtral", {"num_local_experts": 2, "num_experts_per_tok": 1}, True),
+    ("mixtral", {"num_local_experts": 2, "num_experts_per_tok": 1, "output_router_logits": True}, False)])
 def test_the_planner_agrees_with_the_loss(model_type, extra, chunked):
     """The planner decides from config.json what qlora_ds.loss decides on the model built from it."""
     from qlora_ds.loss import chunked_transform

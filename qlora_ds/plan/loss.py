@@ -1,8 +1,8 @@
 """The LM head and loss in the memory plan: the chunked loss (``qlora_ds.loss``) for a model it runs on, else the full
 logits. Which models it runs on comes from the same table as the loss's own check (``qlora_ds.loss_support``, torch
 free): the planned model's type is its layout's family (the config's ``model_type``), its logit settings
-``ModelShape.logit_config`` (empty: the model type's defaults, as for the presets). The router's auxiliary loss
-(``output_router_logits``), which also keeps the plain loss, is not planned.
+``ModelShape.logit_config`` (empty: the model type's defaults, as for the presets). A router's auxiliary loss
+(``output_router_logits``) keeps the plain loss too; the router loss's own few bytes are not planned.
 
 * chunked: one chunk of fp32 logits and its in-place softmax gradient (2·4·c·V, c = max(16, 2²⁴/V) rows, at most the
   tokens), plus per token its log-sum-exp (4 B) and the hidden state selected for the loss with its gradient (2·4·h,
@@ -13,7 +13,7 @@ free): the planned model's type is its layout's family (the config's ``model_typ
 """
 from __future__ import annotations
 
-from ..loss_support import APPLIED, LOGIT_TRANSFORMS, LogitTransform, logit_transform
+from ..loss_support import APPLIED, LOGIT_TRANSFORMS, ROUTER_LOSS, ROUTER_WHY, LogitTransform, logit_transform
 
 CHUNK_LOGITS = 1 << 24      # = qlora_ds.nn.chunked_loss.LOGIT_BUDGET (the planner imports no torch code)
 FULL_LOGIT_BYTES = 12
@@ -23,13 +23,15 @@ def logit_config_of(hf_config: dict) -> tuple:
     """``ModelShape.logit_config`` from a config.json dict: the ``LOGIT_TRANSFORMS`` keys it sets (a composite's from
     its text config, which the planner plans)."""
     cfg = hf_config.get("text_config") if isinstance(hf_config.get("text_config"), dict) else hf_config
-    return tuple((k, cfg[k]) for k in LOGIT_TRANSFORMS if k in cfg)
+    return tuple((k, cfg[k]) for k in (*LOGIT_TRANSFORMS, ROUTER_LOSS) if k in cfg)
 
 
 def loss_path(cfg) -> tuple[LogitTransform | None, str | None]:
     """(the transform, None) where ``qlora_ds.loss.causal_lm_loss`` takes the chunked loss, else (None, why not)."""
     if not cfg.chunked_loss:
         return None, "chunked_loss is off"
+    if dict(cfg.shape.logit_config).get(ROUTER_LOSS):
+        return None, ROUTER_WHY
     return logit_transform(cfg.shape.layout.family, [dict(cfg.shape.logit_config)])
 
 
