@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--method", choices=["qlora", "qalora"], default="qlora")
     g.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
     g.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    g.add_argument("--quantize-experts", action=argparse.BooleanOptionalAction, default=True,
+                   help="MoE models: store the fused experts in the same 4-bit format (frozen, no LoRA); "
+                        "--no-quantize-experts keeps them 16-bit as transformers + bitsandbytes does")
     g.add_argument("--bits", type=int, default=4, help="QA-LoRA integer bits (2, 3, 4)")
     g.add_argument("--group-size", type=int, default=32, help="QA-LoRA group size")
     g.add_argument("--pool", choices=["sum", "mean"], default=None,
@@ -169,7 +172,8 @@ def adapter_config(args, dtype: torch.dtype):
     if args.method == "qalora":
         pool = {} if args.pool is None else {"pool": args.pool}
         return QALoRAConfig(bits=args.bits, group_size=args.group_size, **pool, **common)
-    return QLoRAConfig(quant_type=args.quant_type, double_quant=args.double_quant, **common)
+    return QLoRAConfig(quant_type=args.quant_type, double_quant=args.double_quant,
+                       quantize_experts=args.quantize_experts, **common)
 
 
 compute_dtype = ds_compute_dtype     # of a ds_config that went through resolve_ds_config

@@ -79,6 +79,9 @@ def add_adapter_format_args(parser) -> None:
     q.add_argument("--method", choices=["qlora", "qalora"])
     q.add_argument("--quant-type", choices=["nf4", "fp4"])
     q.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None)
+    q.add_argument("--quantize-experts", action="store_true", default=None,
+                   help="the base's MoE experts were 4-bit in training (qlora-ds finetune's default; a plain PEFT "
+                        "adapter from transformers + bitsandbytes trained on 16-bit experts)")
     q.add_argument("--bits", type=int, help="QA-LoRA bits (PEFT files do not record them)")
     q.add_argument("--group-size", type=int, help="QA-LoRA group size, where the adapter has no qalora_group_size")
     q.add_argument("--train-dtype", choices=list(DTYPE_NAMES),
@@ -89,6 +92,7 @@ def add_adapter_format_args(parser) -> None:
 def source_overrides(args) -> dict:
     """``add_adapter_format_args``' values as ``qlora_ds.eval.runs.resolve`` keywords."""
     return {"method": args.method, "quant_type": args.quant_type, "double_quant": args.double_quant,
+            "quantize_experts": args.quantize_experts,
             "bits": args.bits, "group_size": args.group_size, "dtype": args.train_dtype}
 
 

@@ -1,4 +1,5 @@
 """Policies and in-place replacement on tiny random models of every supported architecture."""
+import dataclasses
 import logging
 
 import pytest
@@ -93,11 +94,12 @@ def _tiny_moe(arch):
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
 def test_moe_fused_experts_stay_16bit_with_one_warning(arch, caplog):
+    """With quantize_experts=False (tests/test_quantized_experts.py: the default, 4 bit)."""
     model = _tiny_moe(arch)
     total = sum(p.numel() for p in model.parameters())
     left = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n or n.endswith(".mlp.gate.weight"))
     with caplog.at_level(logging.INFO, logger="qlora_ds.inject.replace"):
-        wrapped = inject(model, CFG)
+        wrapped = inject(model, dataclasses.replace(CFG, quantize_experts=False))
     want = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
     if arch == "qwen2_moe":    # the shared expert's projections are wrapped, its one-output gate is not
         want |= {"mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"}
@@ -111,7 +113,7 @@ def test_moe_fused_experts_stay_16bit_with_one_warning(arch, caplog):
     assert len(warnings) == 1 and 0.3 < left / total < 0.9
     assert f"{100 * left / total:.0f}% of this model's parameters" in warnings[0]
     assert "model.layers.*.mlp.experts (gate_up_proj, down_proj)" in warnings[0] and "stay in 16 bit" in warnings[0]
-    assert "MoE expert quantization is not supported" in warnings[0]
+    assert "quantize_experts=False keeps the fused MoE experts in 16 bit" in warnings[0]
 
 
 def test_dense_models_and_one_output_gates_raise_no_warning(caplog):

@@ -43,6 +43,7 @@ from ..inject.checkpoint import inside
 from ..nn import QALoRALinear, QLoRALinear
 from ..nn.config import QALoRAConfig, QLoRAConfig
 from ..nn.dense import dense_module
+from ..nn.quantized_experts import dequantize_experts_module, is_quantized_experts
 from ..quant import intn
 from ..atomic import atomic_directory
 from .peft_format import CONFIG_NAME, SIDE_NAME
@@ -117,7 +118,13 @@ def merge_model(model: nn.Module, dtype: torch.dtype | None = None,
     for path, layer in layers:
         merged = layer.merge(dtype) if isinstance(layer, QLoRALinear) else layer.merge()
         _set_module(model, path, merged if offload is None else merged.to(offload))
-    log.info("merged %d adapter layers", len(layers))
+    experts = [m for m in model.modules() if is_quantized_experts(m)]
+    for module in experts:      # frozen 4-bit experts: written as they computed, dequantized
+        dequantize_experts_module(module, dtype)
+        if offload is not None:
+            module.to(offload)
+    log.info("merged %d adapter layers%s", len(layers),
+             f"; {len(experts)} 4-bit MoE experts modules dequantized" if experts else "")
     return model
 
 
@@ -220,8 +227,11 @@ def adapter_config_from_dir(directory: str, compute_dtype: torch.dtype = torch.b
                         "it): assuming 4; pass --bits if it was trained with 2 or 3", directory)
         return QALoRAConfig(bits=int(pick("bits", 4)), group_size=int(group or pick("group_size", 32)),
                             pool=str(pick("pool", "mean")), **common)
+    # 4-bit MoE experts: recorded by qlora-ds since they exist; older files and plain PEFT ones (bitsandbytes leaves
+    # experts in 16 bit) trained on 16-bit experts
+    experts = side.get("quantize_experts") if side else fallback.get("quantize_experts")
     return QLoRAConfig(quant_type=pick("quant_type", "nf4"), blocksize=int(pick("blocksize", 64)),
-                       double_quant=bool(pick("double_quant", True)), **common)
+                       double_quant=bool(pick("double_quant", True)), quantize_experts=bool(experts), **common)
 
 
 # ------------------------------------------------------------------------------------------- export

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import QLoRADSError
 from ..nn import QALoRALinear, QLoRALinear
+from ..nn.quantized_experts import is_quantized_experts
 from ..atomic import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
     }
     side = {"format": "qlora_ds.adapter", "version": 1, "base_config_hash": base_config_hash(model),
             "base_config": base_config(model), "quantized_from": str(first.weight_dtype).removeprefix("torch."),
-            "layers": side_layers}
+            "layers": side_layers, "quantize_experts": any(is_quantized_experts(m) for m in model.modules())}
     with atomic_directory(directory, allowed_existing=_ADAPTER_FILES) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:

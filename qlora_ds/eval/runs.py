@@ -113,7 +113,9 @@ def _settings_layer_config(settings: dict, compute_dtype: torch.dtype):
         return QALoRAConfig(bits=int(get("bits", 4)), group_size=int(get("group_size", 32)), **common)
     if method != "qlora":
         raise QLoRADSError(f"method {method!r} (run_config.json, or --method) is not qlora or qalora")
-    return QLoRAConfig(quant_type=get("quant_type", "nf4"), double_quant=bool(get("double_quant", True)), **common)
+    return QLoRAConfig(quant_type=get("quant_type", "nf4"), double_quant=bool(get("double_quant", True)),
+                       quantize_experts=bool(get("quantize_experts", BEFORE_OPTION_EXISTED["quantize_experts"])),
+                       **common)
 
 
 def load_tokenizer(path: str):

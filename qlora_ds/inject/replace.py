@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..errors import QLoRADSError
 from ..nn.config import QALoRAConfig, QLoRAConfig
-from .policies import Policy, policy_for
+from .policies import NON_TEXT, Policy, policy_for
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +115,33 @@ def inject(model: nn.Module, config, policy: Policy | None = None) -> list[str]:
             bias = None if old.bias is None else old.bias.detach()
             new.set_quantized_weight(quantize_for(config, float_weight(old)), bias)
         setattr(parent, leaf, new)
+    experts = quantize_experts(model, config)
     for name, param in model.named_parameters():
         if ".lora_A." not in name and ".lora_B." not in name:
             param.requires_grad_(False)
+    if experts:
+        log.info("qlora-ds: %d MoE experts modules stored in %s (frozen, no LoRA): %s", len(experts),
+                 config.quant_type.upper(), ", ".join(experts[:4]) + (" …" if len(experts) > 4 else ""))
     if policy.generic and config.target_modules is None:
         log.info("qlora-ds: no policy for model_type=%r; generic policy wrapped %d linear layers: %s",
                  model_type, len(paths), ", ".join(paths))
-    _warn_unquantized(model, total)
+    _warn_unquantized(model, total, config)
     return paths
+
+
+def quantize_experts(model: nn.Module, config) -> list[str]:
+    """Store the model's fused MoE expert weights in 4 bit (``qlora_ds.nn.quantized_experts``) when ``config`` is a
+    QLoRAConfig with ``quantize_experts``; returns the experts modules' paths. A multimodal model's towers stay as
+    they are (``NON_TEXT``), as for the linears."""
+    if not isinstance(config, QLoRAConfig) or not config.quantize_experts:
+        return []
+    from ..nn.quantized_experts import expert_weight_names, quantize_experts_module
+    done = []
+    for path, module in model.named_modules():
+        if path and expert_weight_names(module) and NON_TEXT.isdisjoint(path.split(".")):
+            quantize_experts_module(module, config)
+            done.append(path)
+    return done
 
 
 def _check_replaceable(path: str, module: nn.Module, config) -> None:
@@ -143,7 +162,7 @@ def _check_replaceable(path: str, module: nn.Module, config) -> None:
 UNQUANTIZED_WARN_SHARE = 0.10
 
 
-def _warn_unquantized(model: nn.Module, total: int) -> None:
+def _warn_unquantized(model: nn.Module, total: int, config) -> None:
     """Warn when weights no policy can wrap stay in 16 bit: float parameters of >= 2 dims held by modules
     that are neither linear-like nor embeddings (MoE experts fused as 3-D parameters, routers), when they
     hold more than ``UNQUANTIZED_WARN_SHARE`` of the model's ``total`` parameters."""
@@ -160,8 +179,11 @@ def _warn_unquantized(model: nn.Module, total: int) -> None:
                 moe |= p.dim() == 3 and re.search(r"expert|moe", f"{mpath}.{type(module).__name__}", re.I) is not None
     if total and numel / total > UNQUANTIZED_WARN_SHARE:
         where = "; ".join(f"{m} ({', '.join(dict.fromkeys(n))})" for m, n in left.items())
-        why = ("MoE expert quantization is not supported (the experts are fused 3-D parameters)" if moe
-               else "Only linear layers are quantized")
+        why = "Only linear layers are quantized"
+        if moe:
+            why = ("QA-LoRA quantizes linear layers only, not the fused MoE experts (QLoRAConfig stores them in 4 bit)"
+                   if isinstance(config, QALoRAConfig) else "quantize_experts=False keeps the fused MoE experts in "
+                   "16 bit (the default, True, stores them in 4 bit)")
         log.warning("qlora-ds: %.0f%% of this model's parameters are not in nn.Linear layers and stay in 16 bit, "
                     "not quantized and not trained: %s. %s; plan memory for them in 16 bit.",
                     100 * numel / total, where, why)

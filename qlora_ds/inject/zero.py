@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import QLoRADSError
+from ..nn.quantized_experts import is_quantized_experts
 from .replace import is_quantized_layer, lora_parameters
 
 
@@ -74,14 +75,15 @@ def load_adapter(engine_or_model, directory: str) -> list[str]:
 
 
 def quantized_bytes_on_this_rank(model: nn.Module) -> tuple[int, int]:
-    """(bytes of the quantized layers' frozen uint8 parameters held by this rank, their full size).
+    """(bytes of the quantized layers' and 4-bit MoE experts' frozen uint8 parameters held by this rank, their full
+    size).
 
     Under ZeRO-3 a partitioned parameter holds its shard in ``ds_tensor`` (1/N, padded) and an empty
     ``data``; otherwise the whole tensor is local.
     """
     local = full = 0
     for module in unwrap(model).modules():
-        if not is_quantized_layer(module):
+        if not (is_quantized_layer(module) or is_quantized_experts(module)):
             continue
         for p in module.parameters(recurse=False):
             if p.dtype != torch.uint8:

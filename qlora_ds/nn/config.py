@@ -101,8 +101,13 @@ class QLoRAConfig(_LoRAFields):
     dropout: float = 0.1
     target_modules: tuple[str, ...] | str | None = None
     compute_dtype: torch.dtype | str = AUTO
+    # MoE experts fused as 3-D parameters (transformers 5) stored in the same 4-bit format, frozen, without LoRA
+    # (qlora_ds.nn.quantized_experts); False leaves them in 16 bit, as transformers + bitsandbytes does
+    quantize_experts: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.quantize_experts, bool):
+            raise QLoRADSError(f"quantize_experts={self.quantize_experts!r} must be True or False")
         if self.quant_type not in QUANT_TYPES:
             raise QLoRADSError(f"quant_type={self.quant_type!r} is unknown; use 'nf4' (QLoRA) or 'fp4'")
         check_blocksize(self.blocksize)

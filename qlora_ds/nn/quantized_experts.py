@@ -1,0 +1,212 @@
+"""Fused MoE experts in 4 bit: transformers 5 stores a MoE layer's experts as 3-D parameters of one module
+(``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I); transposed in GPT-OSS and Llama-4), which are no
+``nn.Linear`` and so no QLoRALinear. In a MoE model they are most of the weights (Qwen3-30B-A3B: 96%, Mixtral: 96%),
+and transformers + bitsandbytes leaves them in 16 bit. ``quantize_experts`` stores each such parameter NF4/FP4
+(double quantization as the config says), as bitsandbytes' ``quantize_4bit`` would store that tensor, in place:
+
+* the module keeps its class's forward (every experts implementation of transformers: eager, grouped_mm,
+  batched_mm; any layout) and its other parameters (biases); its class becomes a subclass that, per call,
+  dequantizes the 3-D weights in the input's dtype and runs that forward with them;
+* while the call is recorded for backward it runs under a (non-reentrant) activation checkpoint, so autograd
+  keeps neither the dequantized weights nor the experts' activations; backward recomputes them (one layer's
+  experts at a time, in the compute dtype, is the transient the planner counts). Gradients flow to the inputs
+  (hidden states, routing weights), never to the frozen weights;
+* parameter ``name`` becomes frozen uint8 parameters (ZeRO-3 partitions them as it does QLoRALinear's):
+  ``{name}_packed`` (codes), ``{name}_absmax`` (DQ codes, or the fp32 absmax's bytes), and with double
+  quantization ``{name}_absmax2`` (fp32 bytes) and ``{name}_offset`` (4 bytes); ``module.{name}`` reads a
+  dequantized copy.
+
+The experts are frozen and carry no LoRA (PEFT's ``target_parameters`` adapters are not written).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import QLoRADSError
+from ..quant.nf4 import QuantizedTensor, quantize
+from .functional import dequantize_nf4_parts
+
+PARTS = ("packed", "absmax", "absmax2", "offset")
+_CLASSES: dict[type, type] = {}
+
+
+def expert_weight_names(module: nn.Module) -> list[str]:
+    """The module's own 3-D floating parameters: the fused expert weights of transformers' MoE experts modules."""
+    return [n for n, p in module._parameters.items() if p is not None and p.dim() == 3 and p.is_floating_point()]
+
+
+def is_quantized_experts(module: nn.Module) -> bool:
+    return isinstance(module, QuantizedExperts)
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float32).contiguous().view(-1).view(torch.uint8)
+
+
+class QuantizedExperts(nn.Module):
+    """Mixin put in front of an experts module's class by ``quantize_experts`` (see the module doc)."""
+
+    # per instance (set by quantize_experts): {name: (shape, dtype)}, the quantization settings, live weights
+    _qds_weights: dict
+    _qds_quant: tuple          # (quant_type, blocksize, double_quant, nested_blocksize)
+
+    def __getattr__(self, name: str):
+        weights = self.__dict__.get("_qds_weights")
+        if weights is not None and name in weights:
+            live = self.__dict__.get("_qds_live")
+            if live is not None:
+                return live[name]
+            return self.dequantized(name)        # outside a forward: a fresh copy (merge, export, inspection)
+        return super().__getattr__(name)
+
+    # ------------------------------------------------------------------ storage
+    def set_quantized(self, name: str, qt: QuantizedTensor) -> None:
+        """Fill ``name``'s parameters from ``qt`` (on a meta skeleton they are replaced, else copied into)."""
+        shape, _ = self._qds_weights[name]
+        quant_type, blocksize, dq, nested = self._qds_quant
+        if tuple(qt.shape) != tuple(shape):
+            raise QLoRADSError(f"quantized {name} has shape {tuple(qt.shape)}, the experts expect {tuple(shape)}")
+        got = (qt.quant_type, qt.blocksize, qt.double_quant, qt.nested_blocksize if qt.double_quant else nested)
+        if got != (quant_type, blocksize, dq, nested):
+            raise QLoRADSError(f"quantized {name} has (quant_type, blocksize, double_quant, nested_blocksize)={got} "
+                               f"but the experts' config says {(quant_type, blocksize, dq, nested)}")
+        new = {"packed": qt.packed.view(-1)}
+        if dq:
+            new["absmax"] = qt.absmax.view(-1)
+            new["absmax2"] = _bytes(qt.absmax2)
+            new["offset"] = _bytes(torch.tensor([qt.offset], dtype=torch.float32, device=qt.packed.device))
+        else:
+            new["absmax"] = _bytes(qt.absmax)
+        with torch.no_grad():
+            for part, value in new.items():
+                key = f"{name}_{part}"
+                param = self._parameters.get(key)
+                if param is None or param.is_meta or param.numel() != value.numel():
+                    if param is not None and not param.is_meta:
+                        raise QLoRADSError(f"{key}: {value.numel()} elements do not fit the experts' {param.numel()}")
+                    self._parameters[key] = _frozen(value.clone())
+                else:
+                    param.copy_(value.to(param.device))
+        self._qds_weights[name] = (shape, qt.dtype)
+
+    def _offset(self, name: str) -> float | None:
+        """The double-quant offset as a python float, read once per parameter object and version (a forward
+        must not sync the device per layer); None without double quantization."""
+        param = self._parameters.get(f"{name}_offset")
+        if param is None or param.is_meta or param.numel() != 4:
+            return None
+        cache = self.__dict__.setdefault("_qds_offsets", {})
+        hit = cache.get(name)
+        if hit is None or hit[0] is not param or hit[1] != param._version:
+            hit = cache[name] = (param, param._version, param.detach().view(torch.float32).item())
+        return hit[2]
+
+    def dequantized(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Parameter ``name`` as a float tensor of its original shape (``dtype``: default its original dtype)."""
+        shape, orig = self._qds_weights[name]
+        quant_type, blocksize, dq, nested = self._qds_quant
+        p = self._parameters
+        return dequantize_nf4_parts(p[f"{name}_packed"], p[f"{name}_absmax"], p.get(f"{name}_absmax2"),
+                                    self._offset(name) if dq else None,
+                                    (tuple(shape), quant_type, blocksize, nested), dtype or orig)
+
+    def quantized(self, name: str) -> QuantizedTensor:
+        shape, orig = self._qds_weights[name]
+        quant_type, blocksize, dq, nested = self._qds_quant
+        p = self._parameters
+        return QuantizedTensor(packed=p[f"{name}_packed"],
+                               absmax=p[f"{name}_absmax"] if dq else p[f"{name}_absmax"].view(torch.float32),
+                               shape=torch.Size(shape), dtype=orig, blocksize=blocksize, quant_type=quant_type,
+                               absmax2=p[f"{name}_absmax2"].view(torch.float32) if dq else None,
+                               offset=self._offset(name) if dq else None, nested_blocksize=nested)
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, *args, **kwargs):
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return checkpoint(self._forward_dequantized, *args, use_reentrant=False, **kwargs)
+        return self._forward_dequantized(*args, **kwargs)
+
+    def _forward_dequantized(self, *args, **kwargs):
+        floats = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        dtype = floats[0].dtype if floats else None
+        live = {name: self.dequantized(name, dtype) for name in self._qds_weights}
+        with _live(self, live):
+            return self._qds_base.forward(self, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _live(module: nn.Module, weights: dict):
+    before = module.__dict__.get("_qds_live")
+    module.__dict__["_qds_live"] = weights
+    try:
+        yield
+    finally:
+        module.__dict__["_qds_live"] = before
+
+
+def _quantized_class(base: type) -> type:
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"Quantized{base.__name__}", (QuantizedExperts, base), {"_qds_base": base})
+    return _CLASSES[base]
+
+
+def quantize_experts_module(module: nn.Module, config) -> list[str]:
+    """Store ``module``'s fused expert weights in 4 bit as ``config`` (a QLoRAConfig) says, in place; returns the
+    names quantized. On a meta skeleton the parameters stay meta (``set_quantized`` fills them)."""
+    names = expert_weight_names(module)
+    if not names or is_quantized_experts(module):
+        return []
+    weights = {n: (tuple(module._parameters[n].shape), module._parameters[n].dtype) for n in names}
+    quant = (config.quant_type, config.blocksize, config.double_quant, config.nested_blocksize)
+    olds = {n: module._parameters.pop(n) for n in names}
+    module.__class__ = _quantized_class(type(module))
+    module.__dict__["_qds_weights"] = weights
+    module.__dict__["_qds_quant"] = quant
+    for name, old in olds.items():
+        if old.is_meta:
+            _meta_parts(module, name, old.numel(), config)
+        else:
+            module.set_quantized(name, quantize(old.detach(), *quant))
+    return names
+
+
+def _meta_parts(module: nn.Module, name: str, numel: int, config) -> None:
+    blocks = -(-numel // config.blocksize)
+    meta = dict(dtype=torch.uint8, device="meta")
+    module._parameters[f"{name}_packed"] = _frozen(torch.empty((numel + 1) // 2, **meta))
+    if config.double_quant:
+        module._parameters[f"{name}_absmax"] = _frozen(torch.empty(blocks, **meta))
+        module._parameters[f"{name}_absmax2"] = _frozen(torch.empty(4 * -(-blocks // config.nested_blocksize),
+                                                                    **meta))
+        module._parameters[f"{name}_offset"] = _frozen(torch.empty(4, **meta))
+    else:
+        module._parameters[f"{name}_absmax"] = _frozen(torch.empty(4 * blocks, **meta))
+
+
+def dequantize_experts_module(module: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Undo ``quantize_experts_module`` in place: the original class with float 3-D parameters holding the
+    dequantized weights (what the model computed with; ``dtype``: default each weight's original dtype)."""
+    if not is_quantized_experts(module):
+        return
+    weights = module.__dict__.pop("_qds_weights")
+    floats = {}
+    module.__dict__["_qds_weights"] = weights      # dequantized() reads it
+    for name in weights:
+        floats[name] = module.dequantized(name, dtype)
+    del module.__dict__["_qds_weights"]
+    for name in weights:
+        for part in PARTS:
+            module._parameters.pop(f"{name}_{part}", None)
+        module._parameters[name] = _frozen(floats[name])
+    for key in ("_qds_quant", "_qds_live", "_qds_offsets"):
+        module.__dict__.pop(key, None)
+    module.__class__ = module._qds_base

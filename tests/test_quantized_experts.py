@@ -1,0 +1,203 @@
+"""MoE experts fused as 3-D parameters, stored in 4 bit (qlora_ds.nn.quantized_experts): the bytes bitsandbytes writes
+for that tensor, the loss and input gradients of the same model holding the dequantized weights (every experts
+layout of transformers 5.23 we know: concatenated, interleaved + transposed + biased, Llama-4's bmm), nothing of the
+experts kept for backward, and the way back to 16 bit."""
+import copy
+import dataclasses
+import logging
+
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+
+from qlora_ds.errors import QLoRADSError
+from qlora_ds.inject import inject
+from qlora_ds.nn import QALoRAConfig, QLoRAConfig
+from qlora_ds.nn.quantized_experts import (dequantize_experts_module, expert_weight_names, is_quantized_experts,
+                                           quantize_experts_module)
+from qlora_ds.quant import dequantize, quantize
+
+CFG = QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32)
+ARCHS = ["qwen3_moe", "mixtral", "gpt_oss", "llama4_text"]
+
+
+def tiny_moe(model_type: str, dtype=torch.float32, layers: int = 2):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               num_experts=4, num_local_experts=4, moe_intermediate_size=64, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).to(dtype)
+
+
+def experts_modules(model):
+    return {p: m for p, m in model.named_modules() if expert_weight_names(m) or is_quantized_experts(m)}
+
+
+def with_dequantized_experts(model, config):
+    """The unquantized model holding what 4-bit experts compute with: the reference."""
+    ref = copy.deepcopy(model)
+    for module in experts_modules(ref).values():
+        for name in expert_weight_names(module):
+            p = module._parameters[name]
+            qt = quantize(p.detach(), config.quant_type, config.blocksize, config.double_quant,
+                          config.nested_blocksize)
+            p.data = dequantize(qt, p.dtype)
+    return ref
+
+
+def loss_and_grad(model, ids):
+    model.requires_grad_(False)
+    emb = model.get_input_embeddings().weight
+    emb.requires_grad_(True)
+    emb.grad = None
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), emb.grad
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bytes_are_bitsandbytes_quantize_4bit_of_the_3d_tensor(quant_type, double_quant):
+    model = tiny_moe("qwen3_moe", torch.bfloat16, layers=1)
+    module = model.model.layers[0].mlp.experts
+    weights = {n: module._parameters[n].detach().clone() for n in expert_weight_names(module)}
+    config = dataclasses.replace(CFG, quant_type=quant_type, double_quant=double_quant)
+    assert quantize_experts_module(module, config) == ["gate_up_proj", "down_proj"]
+    for name, w in weights.items():
+        packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
+        assert torch.equal(module._parameters[f"{name}_packed"], packed.view(-1))
+        qt = module.quantized(name)
+        if double_quant:
+            assert qt.offset == state.offset.item() and torch.equal(qt.absmax2, state.state2.absmax)
+            assert (qt.absmax.int() - state.absmax.int()).abs().max() <= 1   # bnb's CPU 8-bit LUT: off by one
+        else:
+            assert torch.equal(qt.absmax, state.absmax)
+        assert module.dequantized(name).dtype == torch.bfloat16 and module.dequantized(name).shape == w.shape
+        assert torch.equal(module.dequantized(name), dequantize(quantize(w, quant_type, 64, double_quant),
+                                                                torch.bfloat16))
+        assert all(not p.requires_grad and p.dtype == torch.uint8 for p in module.parameters())
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_loss_and_input_gradients_equal_the_dequantized_model(model_type):
+    model = tiny_moe(model_type)
+    ref = with_dequantized_experts(model, CFG)
+    for module in experts_modules(model).values():
+        quantize_experts_module(module, CFG)
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    loss, grad = loss_and_grad(model, ids)
+    ref_loss, ref_grad = loss_and_grad(ref, ids)
+    assert loss == ref_loss and torch.equal(grad, ref_grad) and grad.abs().sum() > 0
+    with torch.no_grad():       # the eval path (no checkpoint) computes the same
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_nothing_of_the_experts_is_kept_for_backward():
+    """The checkpointed call keeps its inputs only: no dequantized weight, no expert activation (the unquantized
+    layer keeps the expert outputs, index tensors and gathered routing weights: moe.py's per-token terms)."""
+    model = tiny_moe("qwen3_moe", layers=1)
+    layer = model.model.layers[0]
+    ref = with_dequantized_experts(layer.mlp, CFG)
+    quantize_experts_module(layer.mlp.experts, CFG)
+    x = torch.randn(1, 12, 64, requires_grad=True)
+
+    def saved(mlp):
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            out = mlp(x)
+        return kept, out
+
+    kept, out = saved(layer.mlp)
+    ref_kept, ref_out = saved(ref)
+    shapes = {tuple(t.shape) for t in kept}
+    assert not shapes & {(4, 128, 64), (4, 64, 64), (128, 64), (64, 64)}            # no expert weight, no slice
+    assert sum(t.numel() for t in kept) < sum(t.numel() for t in ref_kept) / 2
+    out.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    ref_out.sum().backward()
+    assert torch.equal(grad, x.grad) and torch.equal(out, ref_out)
+    assert not any(p.grad is not None for p in layer.mlp.experts.parameters())
+
+
+def test_back_to_16_bit_and_meta_skeletons():
+    model = tiny_moe("mixtral", torch.bfloat16, layers=1)
+    module = model.model.layers[0].mlp.experts
+    cls = type(module)
+    quantize_experts_module(module, CFG)
+    want = {n: module.dequantized(n) for n in ("gate_up_proj", "down_proj")}
+    assert type(module).__name__ == "QuantizedMixtralExperts" and torch.equal(module.gate_up_proj,
+                                                                             want["gate_up_proj"])
+    assert quantize_experts_module(module, CFG) == []          # already quantized: left as it is
+    dequantize_experts_module(module)
+    assert type(module) is cls and not is_quantized_experts(module)
+    assert sorted(n for n, _ in module.named_parameters()) == ["down_proj", "gate_up_proj"]
+    assert all(torch.equal(module._parameters[n], w) and module._parameters[n].dtype == torch.bfloat16
+               for n, w in want.items())
+    # a meta skeleton gets meta parts of the sizes quantize writes, filled by set_quantized
+    with torch.device("meta"):
+        skeleton = copy.deepcopy(module).to("meta")
+    quantize_experts_module(skeleton, CFG)
+    real = copy.deepcopy(module)
+    quantize_experts_module(real, CFG)
+    assert {n: (p.shape, p.dtype) for n, p in skeleton.named_parameters()} == \
+        {n: (p.shape, p.dtype) for n, p in real.named_parameters()}
+    assert all(p.is_meta for p in skeleton.parameters())
+    for name in ("gate_up_proj", "down_proj"):
+        skeleton.set_quantized(name, real.quantized(name))
+    assert all(torch.equal(a, b) for a, b in zip(skeleton.parameters(), real.parameters()))
+    with pytest.raises(QLoRADSError, match="quant_type, blocksize"):
+        skeleton.set_quantized("down_proj", quantize(want["down_proj"], "fp4"))
+
+
+def test_inject_quantizes_experts_by_default_and_qalora_leaves_them(caplog):
+    model = tiny_moe("qwen3_moe")
+    with caplog.at_level(logging.INFO, logger="qlora_ds.inject.replace"):
+        inject(model, CFG)
+    assert all(is_quantized_experts(m) for m in experts_modules(model).values())
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("2 MoE experts modules stored in NF4" in r.getMessage() for r in caplog.records)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n in dict(model.named_parameters()) if ".lora_A." in n or ".lora_B." in n}
+    caplog.clear()
+    model = tiny_moe("qwen3_moe")
+    with caplog.at_level(logging.WARNING, logger="qlora_ds.inject.replace"):
+        inject(model, QALoRAConfig(r=4, group_size=32, compute_dtype=torch.float32))
+    assert not any(is_quantized_experts(m) for m in experts_modules(model).values())
+    assert "QA-LoRA quantizes linear layers only" in caplog.records[0].getMessage()
+    with pytest.raises(QLoRADSError, match="quantize_experts"):
+        QLoRAConfig(quantize_experts="yes")
+
+
+def test_the_adapter_records_4bit_experts_and_the_merge_writes_them_dequantized(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from qlora_ds.adapters.merge import adapter_config_from_dir, export_merged, merge_model
+    from qlora_ds.inject import save_adapter
+    model = tiny_moe("qwen3_moe")
+    inject(model, CFG)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    save_adapter(model, str(tmp_path / "adapter"))
+    assert adapter_config_from_dir(str(tmp_path / "adapter"), torch.float32).quantize_experts
+    side = tmp_path / "adapter" / "qlora_ds.json"     # a file from before 4-bit experts: they were 16-bit
+    old = json.loads(side.read_text())
+    del old["quantize_experts"]
+    side.write_text(json.dumps(old))
+    assert not adapter_config_from_dir(str(tmp_path / "adapter"), torch.float32).quantize_experts
+    merge_model(model, torch.float32)
+    assert not any(is_quantized_experts(m) for m in model.modules())
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+    export_merged(model, str(tmp_path / "merged"), dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, want, rtol=0, atol=1e-5)
