@@ -18,7 +18,7 @@ import time
 
 BENCHMARKS = ("quant", "layer", "train", "memory", "quality")
 # not in ``all``: minutes to hours of CPU (``python -m bench scale``), or a CPU-only kernel (``decode``)
-ON_REQUEST = ("scale", "longctx", "packing", "decode")
+ON_REQUEST = ("scale", "longctx", "packing", "decode", "moe")
 
 
 def _call(name: str, argv: list[str]) -> int:

@@ -234,14 +234,22 @@ def test_checkpoint_saved_by_transformers_bitsandbytes_loads_without_requantizin
     assert (theirs - mine).abs().max() <= 2e-2 * theirs.abs().max()
 
 
-def test_moe_checkpoint_warns_and_names_the_fused_experts(tmp_path, caplog):
+def test_moe_checkpoint_quantizes_the_fused_experts_unless_told_not_to(tmp_path, caplog):
+    """transformers' per-expert keys are fused as it fuses them (tests/test_loading_experts.py checks the values):
+    by default stored in 4 bit, with quantize_experts=False kept in 16 bit with the warning that names them."""
     import transformers as tf
     config = tf.MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=128)
     tf.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path)   # per-expert keys
-    with caplog.at_level(logging.WARNING, logger="qlora_ds.inject.replace"), \
-            pytest.raises(QLoRADSError, match=r"fused MoE expert parameter\(s\) \['model.layers.0.mlp.experts"):
-        from_pretrained(str(tmp_path), CFG, torch_dtype=torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="qlora_ds.inject.replace"):
+        model = from_pretrained(str(tmp_path), CFG, torch_dtype=torch.bfloat16)
+    experts = model.model.layers[0].mlp.experts
+    assert {p.dtype for p in experts.parameters()} == {torch.uint8} and experts.gate_up_proj.shape == (4, 256, 64)
+    assert not any("stay in 16 bit" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.WARNING, logger="qlora_ds.inject.replace"):
+        model = from_pretrained(str(tmp_path), QLoRAConfig(r=4, quantize_experts=False), torch_dtype=torch.bfloat16)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == torch.bfloat16 and experts.gate_up_proj.shape == (4, 256, 64)
     assert any("model.layers.*.mlp.experts (gate_up_proj, down_proj)" in r.getMessage() for r in caplog.records)
 
 

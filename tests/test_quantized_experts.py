@@ -80,17 +80,25 @@ def test_bytes_are_bitsandbytes_quantize_4bit_of_the_3d_tensor(quant_type, doubl
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
-def test_loss_and_input_gradients_equal_the_dequantized_model(model_type):
+def test_loss_and_input_gradients_equal_the_dequantized_model(model_type, device):
     model = tiny_moe(model_type)
-    ref = with_dequantized_experts(model, CFG)
-    for module in experts_modules(model).values():
-        quantize_experts_module(module, CFG)
-    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    ref = copy.deepcopy(model).to(device)
+    model.to(device)
+    for path, module in experts_modules(model).items():
+        quantize_experts_module(module, CFG)       # on the device: its kernels; the reference holds what they give
+        for name in module._qds_weights:
+            experts_modules(ref)[path]._parameters[name].data = module.dequantized(name)
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(1)).to(device)
     loss, grad = loss_and_grad(model, ids)
     ref_loss, ref_grad = loss_and_grad(ref, ids)
     assert loss == ref_loss and torch.equal(grad, ref_grad) and grad.abs().sum() > 0
     with torch.no_grad():       # the eval path (no checkpoint) computes the same
         assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+    if device.type == "cuda":   # the CUDA kernels give the CPU's values
+        cpu = {p: m.dequantized(n).cpu() for p, m in experts_modules(model).items() for n in m._qds_weights}
+        assert all(torch.equal(w, dequantize(quantize(w0, "nf4"), w0.dtype)) for w, w0 in
+                   zip(cpu.values(), (experts_modules(tiny_moe(model_type))[p]._parameters[n].detach()
+                                      for p, m in experts_modules(model).items() for n in m._qds_weights)))
 
 
 def test_nothing_of_the_experts_is_kept_for_backward():
@@ -201,3 +209,17 @@ def test_the_adapter_records_4bit_experts_and_the_merge_writes_them_dequantized(
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+
+
+def test_only_experts_classes_are_quantized_and_llama4s_router_is_no_projection():
+    """A Conv1d's 3-D weight (Qwen3-Next's, Jamba's conv) is no expert weight; Llama-4's router subclasses nn.Linear
+    but returns (scores, indices): inject leaves it alone and the model still runs."""
+    assert expert_weight_names(torch.nn.Conv1d(4, 4, 3)) == []
+    model = tiny_moe("llama4_text")
+    paths = inject(model, CFG)
+    router = model.model.layers[0].feed_forward.router
+    assert type(router).__name__ == "Llama4Router" and not any(p.endswith(".router") for p in paths)
+    assert is_quantized_experts(model.model.layers[0].feed_forward.experts)
+    ids = torch.randint(1, 128, (1, 8), generator=torch.Generator().manual_seed(3))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)

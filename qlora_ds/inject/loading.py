@@ -13,7 +13,9 @@ fp32 checkpoint depends on it, so inference in another dtype passes the one the 
    rank — a bad checkpoint fails here, before any data is read or any training starts;
 4. module by module, the tensors are read one at a time (plain reads, no memory map), target weights quantized
    on the fly (or taken as stored: bitsandbytes/transformers 4-bit keys, or our own format) and
-   assigned; tied parameters stay one object.
+   assigned; tied parameters stay one object. MoE experts fused as 3-D parameters are read fused or built from
+   per-expert tensors as transformers builds them, then quantized (``QLoRAConfig.quantize_experts``):
+   ``experts_loading``.
 
 ZeRO-3 (``zero_optimization.stage == 3``): after each module is filled its parameters are handed to
 ``deepspeed.zero.Init(module=…)``, which broadcasts them from rank 0 and keeps 1/N per rank. Only
@@ -44,6 +46,7 @@ from ..hardware import ds_compute_dtype, resolve_dtype
 from ..heap import install_heap_release, release_free_heap
 from ..nn.config import AUTO, QALoRAConfig, QLoRAConfig
 from .checkpoint import BNB_STATE, DTYPES, Checkpoint
+from .experts_loading import ExpertSources, fill_quantized_experts, parts, plan_quantized_experts, quantized_experts
 from .policies import Policy
 from .replace import inject, is_linear_like, is_quantized_layer, quantize_for
 from .zero import gathered
@@ -208,35 +211,36 @@ def _plan_layer(ckpt: Checkpoint, path: str, layer: nn.Module, conv1d: bool, con
     return "float"
 
 
-def _plan(model, ckpt, paths, conv1d, config, own, weight_key) -> tuple[dict[str, str], dict[int, str]]:
+def _plan(model, ckpt, paths, conv1d, config, own, weight_key):
+    """(how each target layer is filled, {id(param): checkpoint key or Converted} for the other parameters,
+    {experts path: {weight: source}} for the quantized experts), all checked from the headers."""
     layers = {p: model.get_submodule(p) for p in paths}
     how = {p: _plan_layer(ckpt, p, layer, p in conv1d, config, own, weight_key[p]) for p, layer in layers.items()}
     if own is not None and sorted(own.get("modules", [])) != sorted(paths):
         raise QLoRADSError(f"quantized checkpoint was saved with {len(own.get('modules', []))} quantized layers but "
                            f"this config targets {len(paths)}; use the target_modules it was saved with")
-    source: dict[int, str] = {}
+    sources = ExpertSources(model, ckpt)
+    experts = plan_quantized_experts(model, sources, own)
+    filled_by_experts = {f"{p}.{leaf}" for p, m in quantized_experts(model).items() for leaf in parts(m)}
+    source: dict[int, object] = {}
     missing = []
     prefixes = tuple(p + "." for p in paths)
     for pid, names in _alias_groups(model).items():
-        names = [n for n in names if not n.startswith(prefixes)]
+        names = [n for n in names if not n.startswith(prefixes) and n not in filled_by_experts]
         if not names:
             continue
         key = next((n for n in names if n in ckpt), None)
+        param = model.get_parameter(names[0])
+        if key is None and param.dim() == 3 and param.is_floating_point():   # 16-bit fused experts: per expert
+            source[pid] = sources.source(names[0], tuple(param.shape))
+            continue
         if key is None:
             missing.append(names[0])
             continue
-        param = model.get_parameter(names[0])
         if ckpt.shape[key] != tuple(param.shape):
             raise QLoRADSError(f"{key}: checkpoint shape {ckpt.shape[key]} but the model built from config.json "
                                f"expects {tuple(param.shape)}; the config and the weights do not belong together")
         source[pid] = key
-    fused = [n for n in missing if model.get_parameter(n).dim() >= 3]
-    if fused:
-        raise QLoRADSError(f"checkpoint {ckpt.path!r} has no tensor for the fused MoE expert parameter(s) "
-                           f"{fused[:2]}: transformers builds them from the checkpoint's per-expert weights, which "
-                           f"this streaming loader does not do; load the model with transformers' "
-                           f"AutoModelForCausalLM.from_pretrained, then call qlora_ds.inject.inject(model, config) "
-                           f"(the experts stay in 16 bit, not quantized)")
     if missing:
         raise QLoRADSError(f"checkpoint {ckpt.path!r} lacks {len(missing)} tensor(s), first {missing[:3]}; it is "
                            f"incomplete or from another model — re-save it with save_pretrained")
@@ -245,7 +249,7 @@ def _plan(model, ckpt, paths, conv1d, config, own, weight_key) -> tuple[dict[str
     if bnb_stray:
         raise QLoRADSError(f"checkpoint has 4-bit weights for {bnb_stray[:3]} which this config leaves in 16 bit; "
                            f"add them to target_modules or load the 16-bit checkpoint")
-    return how, source
+    return how, source, experts
 
 
 # ---------------------------------------------------------------------------- filling
@@ -431,7 +435,7 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
     # a targeted head tied to the embeddings (tie_word_embeddings) is saved only under the embedding's name: its
     # layer quantizes a copy of that weight, the embedding stays 16-bit (as inject() after transformers' load does)
     weight_key = {p: next((k for k in aliases.get(f"{p}.weight", ()) if k in ckpt), f"{p}.weight") for p in paths}
-    how, source = _plan(model, ckpt, paths, conv1d, config, own, weight_key)
+    how, source, experts = _plan(model, ckpt, paths, conv1d, config, own, weight_key)
     layer_set = set(paths)
     prefixes = tuple(p + "." for p in paths)
     done: dict[int, nn.Parameter] = {}
@@ -446,13 +450,18 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
                 new_params = list(module.parameters())
             else:
                 new_params = []
+                skip = set(parts(module)) if mpath in experts else set()
                 for name, p in list(module._parameters.items()):
-                    if p is None:
+                    if p is None or name in skip:
                         continue
                     if id(p) in done:               # a tied weight: the same Parameter object again
                         module._parameters[name] = done[id(p)]
                         continue
-                    t = ckpt.get(source[id(p)]) if read else torch.empty(p.shape, dtype=p.dtype)
+                    src = source[id(p)]
+                    if not read:
+                        t = torch.empty(p.shape, dtype=p.dtype)
+                    else:       # a checkpoint key, or per-expert tensors fused as transformers does (Converted)
+                        t = ckpt.get(src) if isinstance(src, str) else src.read(ckpt, torch_dtype)
                     if t.is_floating_point():
                         t = t.to(torch_dtype if p.dtype.is_floating_point else p.dtype)
                     new = _frozen(t.to(device))
@@ -469,6 +478,9 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
                         if read:
                             module._buffers[name] = ckpt.get(key).to(device, b.dtype)
                         loaded_buffers.append((module, name))
+                if mpath in experts:                # the 4-bit expert weights, quantized from quantize_from
+                    new_params += fill_quantized_experts(module, mpath, experts[mpath], ckpt, quantize_from, read,
+                                                         device)
             if stage == 3 and new_params:
                 if ds_compute_dtype(ds_config) == torch.float16:
                     # ZeRO-3 takes its loss scaler from the trainable parameters' dtype: fp32 LoRA weights there mean
@@ -477,7 +489,7 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
                         if p.dtype == torch.float32:
                             p.data = p.data.half()
                 _zero3_partition(new_params, ds_config)
-            if mpath in layer_set:
+            if mpath in layer_set or mpath in experts:
                 release_free_heap()   # the 16-bit tensors just freed: RSS would grow a tensor per layer
     finally:
         ckpt.close()
@@ -498,7 +510,8 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
 # ---------------------------------------------------------------------------- save
 def save_quantized(model: nn.Module, directory: str) -> None:
     """Write the frozen quantized model (no adapters) atomically: ``model.safetensors`` with the layers'
-    packed parameters as stored, ``config.json``, and ``qlora_ds_quant.json`` (format, version, settings).
+    packed parameters (and 4-bit MoE experts' parts) as stored, ``config.json``, and ``qlora_ds_quant.json``
+    (format, version, settings, the quantized layers and experts modules).
     Works under ZeRO-3 too (each module is gathered in turn on every rank; only rank 0 writes it, a tensor at a
     time, and every rank returns once the directory is complete, or raises if rank 0's write failed). Host memory
     beyond the model: one tensor (``qlora_ds.safetensors_writer``)."""
@@ -544,7 +557,8 @@ def save_quantized(model: nn.Module, directory: str) -> None:
 
     if writer:
         try:
-            _write_quantized(model, directory, entries, next(iter(layers.values())), sorted(layers), stream)
+            _write_quantized(model, directory, entries, next(iter(layers.values())), sorted(layers),
+                             sorted(quantized_experts(model)), stream)
         except Exception as err:     # reported on every rank below: none left waiting for rank 0
             error = err
     if not ran:
@@ -555,12 +569,14 @@ def save_quantized(model: nn.Module, directory: str) -> None:
         raise QLoRADSError(f"save_quantized: writing {directory} failed on rank 0 (its error says why)")
 
 
-def _write_quantized(model, directory: str, entries: list, first, modules: list[str], stream) -> None:
+def _write_quantized(model, directory: str, entries: list, first, modules: list[str], experts: list[str],
+                     stream) -> None:
     from .. import __version__
     from ..atomic import atomic_directory
     from ..safetensors_writer import SafetensorsWriter
     meta = {"format": QUANT_FORMAT, "version": QUANT_VERSION, **quant_settings(first.config),
             "weight_dtype": str(first.weight_dtype).removeprefix("torch."), "modules": modules,
+            "experts": experts,
             "qlora_ds_version": __version__}
     with atomic_directory(directory, allowed_existing=_SAVED_FILES) as tmp:
         with SafetensorsWriter(os.path.join(tmp, "model.safetensors"), entries, {"format": "pt"}) as out:

@@ -15,6 +15,9 @@ import dataclasses
 import re
 
 LM_HEADS = ("lm_head", "embed_out", "output")
+# a MoE router that subclasses nn.Linear (Llama-4's returns the top-k scores and indices, not a projection): never
+# wrapped by a policy (the others are no nn.Linear in transformers 5)
+ROUTERS = ("router",)
 # module names of the non-text parts of multimodal models (Gemma-3, LLaVA, Qwen2-VL, Gemma-3n, mllama…)
 NON_TEXT = frozenset({"vision_tower", "vision_model", "visual", "multi_modal_projector", "mm_projector",
                       "audio_tower", "audio_model", "embed_vision", "embed_audio"})
@@ -26,7 +29,7 @@ class Policy:
     model_types: tuple[str, ...]
     targets: tuple[str, ...] = ()        # exact leaf names of the linears to wrap
     pattern: str | None = None           # or a regex on the full module path (re.fullmatch)
-    skip: tuple[str, ...] = LM_HEADS     # leaf names never wrapped
+    skip: tuple[str, ...] = LM_HEADS + ROUTERS     # leaf names never wrapped
     conv1d: bool = False                 # GPT-2 style Conv1D: weight is (in, out)
 
     @property

@@ -21,6 +21,7 @@ The experts are frozen and carry no LoRA (PEFT's ``target_parameters`` adapters 
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 import torch.nn as nn
@@ -35,7 +36,10 @@ _CLASSES: dict[type, type] = {}
 
 
 def expert_weight_names(module: nn.Module) -> list[str]:
-    """The module's own 3-D floating parameters: the fused expert weights of transformers' MoE experts modules."""
+    """The fused expert weights of a MoE experts module: the own 3-D floating parameters of a module whose class is
+    an experts class (every one in transformers 5.23 is named ``*Experts``; a Conv1d's 3-D weight is no expert)."""
+    if re.search("expert", type(module).__name__, re.I) is None:
+        return []
     return [n for n, p in module._parameters.items() if p is not None and p.dim() == 3 and p.is_floating_point()]
 
 
