@@ -207,7 +207,8 @@ MOE = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
 def test_host_load_lists_the_moe_experts(model_type):
-    """plan/host.py's load order holds every tensor the model has: the 16-bit experts and routers too."""
+    """plan/host.py's load order holds every tensor the model has: the experts and routers too; 4-bit experts (the
+    default) keep their quantized bytes, 16-bit ones their load dtype's."""
     import transformers as tf
 
     from qlora_ds.plan.host import estimate_load, load_order
@@ -218,8 +219,13 @@ def test_host_load_lists_the_moe_experts(model_type):
     cfg = config.to_dict()
     order = load_order(cfg)
     assert sum(n for _, n, *_ in order) == sum(p.numel() for p in model.parameters())
-    experts = shape_from_hf_config(cfg).expert_params
-    assert estimate_load(cfg, runtime_bytes=0).resident > 2 * experts
+    from qlora_ds.plan.host import nf4_dq_bytes
+    s = shape_from_hf_config(cfg)
+    assert sum(n for _, n, *_ in load_order(cfg, quantize_experts=False)) == sum(n for _, n, *_ in order)
+    assert estimate_load(cfg, runtime_bytes=0, quantize_experts=False).resident > 2 * s.expert_params
+    saved = s.layers * sum(2 * n - nf4_dq_bytes(n) for n in s.expert_tensors())      # bf16 vs NF4 + DQ
+    assert (estimate_load(cfg, runtime_bytes=0, quantize_experts=False).resident
+            - estimate_load(cfg, runtime_bytes=0).resident) == saved
 
 
 def test_old_bfloat16_section_is_read_as_bf16():

@@ -15,7 +15,8 @@ log = logging.getLogger("qlora_ds.plan")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m qlora_ds.plan", description=__doc__)
-    p.add_argument("--model", required=True, help="preset (llama-7b … llama-3-70b, smollm2-135m), config.json or dir")
+    p.add_argument("--model", required=True, help="preset (llama-7b … llama-3-70b, smollm2-135m, mixtral-8x7b, "
+                                                 "qwen3-30b-a3b), config.json or dir")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per node")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpu-mem", default="48GB", help="memory per GPU, e.g. 48GB (read as GiB), 80GiB")
@@ -36,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=None,
                    help="LM head + cross-entropy over token chunks, as launch/finetune.py does by default (default on, "
                         "or the recipe's); --no-chunked-loss plans the full fp32 logits")
+    p.add_argument("--no-quantize-experts", action="store_true",
+                   help="MoE models: plan the fused experts in 16 bit (finetune --no-quantize-experts); by default "
+                        "they are stored in the linears' 4-bit format, frozen")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"),
                    help="compute dtype, as finetune --dtype (default: the recipe's, else auto). auto: bf16 on cuda "
@@ -89,7 +93,7 @@ def config_from_args(a: argparse.Namespace) -> PlanConfig:
                  "compute_dtype": dtype if a.dtype else None}
     flags = {"grad_ckpt": False if a.no_grad_ckpt else None, "bf16_master": True if a.bf16_lora else None,
              "paged": True if a.paged else None, "fused_cpu_linear": True if a.cpu_amx else None,
-             "packing": True if a.packing else None}
+             "packing": True if a.packing else None, "quantize_experts": False if a.no_quantize_experts else None}
     changes = {k: v for k, v in {**overrides, **flags}.items() if v is not None}
     return replace(cfg, **changes)
 

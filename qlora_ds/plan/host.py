@@ -10,7 +10,8 @@ Load, from first principles (what the loader does, tensor by tensor, in ``named_
 * a target linear of n weights is quantized (NF4 + double quant, block 64/256): it keeps n/2 code bytes,
   n/64 absmax codes, 4·⌈n/64/256⌉ nested absmax and a 4-byte offset; while it runs, the float weight and
   the fp32 per-block absmax (4·n/64) are alive. Its LoRA A, B (fp32, r·(in+out)) and bias (load dtype) stay;
-* embeddings, norms and lm_head (once when tied) stay in the load dtype.
+* embeddings, norms and lm_head (once when tied) stay in the load dtype; a MoE's fused 3-D experts are quantized as
+  a linear's weight is (``quantize_experts``, no LoRA), else kept in the load dtype, their routers kept.
 * allocator: the transients are freed before the next tensor; large blocks (> glibc's mmap threshold) go
   back to the OS at ``free``, small ones at the loader's ``malloc_trim`` after each layer. So the peak is
   the largest (resident so far + this tensor's transient) over the load order, not a sum.
@@ -38,6 +39,7 @@ from ..errors import QLoRADSError
 from .memory import (ALL_LINEAR, DTYPE_BYTES, FRAGMENTATION, MiB, MemoryEstimate, PlanConfig, activation_bytes,
                      activation_bytes_per_token_layer, base_weight_bytes, estimate_memory, lora_params,
                      unfused_linears)
+from .moe import experts_recompute_bytes
 from .presets import ModelShape, shape_from_hf_config
 
 # ---- the frozen calibration: bench/scale.py on llama-0.4b (SmolLM2-360M's shape) only, 2026-12-03, AMD EPYC
@@ -89,9 +91,9 @@ def _ds_partition(nbytes: float, elem: int, world: int) -> float:
     return -(-n // world) * elem
 
 
-def load_order(cfg: dict) -> list[tuple[str, int, bool, int, int]]:
+def load_order(cfg: dict, quantize_experts: bool = True) -> list[tuple[str, int, bool, int, int]]:
     """(name, elements, quantized, in, out) for every tensor the loader fills, in its order (a norm's weight and
-    bias as one entry); names are the layout's (layouts.py), under ``layers.{k}``."""
+    bias as one entry); names are the layout's (layouts.py), under ``layers.{k}``; in, out 0: no LoRA."""
     s = shape_from_hf_config(cfg)
     lay, h = s.layout, s.hidden
     npw = lay.norm_params_per_width
@@ -110,11 +112,11 @@ def load_order(cfg: dict) -> list[tuple[str, int, bool, int, int]]:
             if lin.bias:
                 out.append((f"layers.{k}.{lin.name}.bias", lin.out_features, False, 0, 0))
             if s.experts and lin.name == lay.out:
-                # MoE (named_modules order): the router and the fused 3-D experts, kept in the load dtype
-                ei = s.expert_intermediate
+                # MoE (named_modules order): the router, then the fused 3-D experts (4-bit, or the load dtype)
+                gate_up, down = s.expert_tensors()
                 out += [(f"layers.{k}.mlp.gate", s.experts * h, False, 0, 0),
-                        (f"layers.{k}.mlp.experts.gate_up_proj", s.experts * 2 * ei * h, False, 0, 0),
-                        (f"layers.{k}.mlp.experts.down_proj", s.experts * ei * h, False, 0, 0)]
+                        (f"layers.{k}.mlp.experts.gate_up_proj", gate_up, quantize_experts, 0, 0),
+                        (f"layers.{k}.mlp.experts.down_proj", down, quantize_experts, 0, 0)]
         if s.shared_expert_intermediate:
             out.append((f"layers.{k}.mlp.shared_expert_gate", h, False, 0, 0))
         out += [(f"layers.{k}.qk_norm{j}", w * npw, False, 0, 0) for j, w in enumerate(qk) if npw]
@@ -143,11 +145,12 @@ def checkpoint_dtype(cfg: dict) -> str:
 
 
 def estimate_load(cfg: dict, dtype: str = "bf16", lora_r: int = 16, world: int = 1, zero_stage: int = 0,
-                  runtime_bytes: float | None = None, ckpt_dtype: str | None = None) -> LoadEstimate:
+                  runtime_bytes: float | None = None, ckpt_dtype: str | None = None,
+                  quantize_experts: bool = True) -> LoadEstimate:
     """Peak RSS of one rank while ``from_pretrained`` loads the checkpoint described by ``cfg`` (a
     config.json dict), stored in ``ckpt_dtype`` (None: ``checkpoint_dtype(cfg)``) and loaded in ``dtype``.
     ZeRO-3 (``world`` > 1): rank 0 reads and quantizes each module whole, then keeps 1/world of its parameters
-    (DeepSpeed pads each to a multiple of world)."""
+    (DeepSpeed pads each to a multiple of world). ``quantize_experts``: a MoE's experts are stored in 4 bit."""
     for what, name in (("dtype", dtype), ("ckpt_dtype", ckpt_dtype or "bf16")):
         if name not in DTYPE_BYTES:
             raise QLoRADSError(f"{what}={name!r}: use one of {sorted(DTYPE_BYTES)}")
@@ -157,7 +160,7 @@ def estimate_load(cfg: dict, dtype: str = "bf16", lora_r: int = 16, world: int =
     if runtime_bytes is None:
         runtime_bytes = RUNTIME_BYTES if share == 1 else ZERO3_RUNTIME_BYTES + ZERO3_LAZY_IMPORT_BYTES
     resident, best, where, at_peak = 0.0, 0.0, "", 0.0
-    for name, n, quantized, i, o in load_order(cfg):
+    for name, n, quantized, i, o in load_order(cfg, quantize_experts):
         read = c * n + (e * n if convert else 0)             # the stored tensor (+ its converted copy)
         if quantized:
             kept = nf4_dq_bytes(n) + 4 * lora_r * (i + o)
@@ -252,13 +255,15 @@ def estimate_first_step(cfg: dict, dtype: str = "fp32", seq_len: int = 256, batc
     keep = min(pc.keep_dequant_bytes, per_layer)
     pools = keep + (largest if per_layer > pc.keep_dequant_bytes else 0)   # allocated once, then kept
     moments = 8 * p
+    experts = experts_recompute_bytes(shape, e, tokens) if pc.experts_4bit else 0    # one MoE layer's, in backward
     phases = {"loss": stored + min(largest, keep) + act["logits_loss"],
-              "layers": 4 * p + act["activations"] + pools,
+              "layers": 4 * p + act["activations"] + pools + experts,
               "optimizer": 4 * p + (0 if later else moments) + pools}
-    weights = base_weight_bytes(shape, pc.base_bits_per_param, e)
-    loaded = weights["quantized_linears"] + weights["embeddings_norms"] + 4 * p + RUNTIME_BYTES + LOAD_OVERHEAD_BYTES
+    weights = base_weight_bytes(shape, pc.base_bits_per_param, e, pc.experts_4bit, pc.double_quant)
+    loaded = sum(weights.values()) + 4 * p + RUNTIME_BYTES + LOAD_OVERHEAD_BYTES
     layer_act = tokens * activation_bytes_per_token_layer(shape, lora_r, pc.lora_targets, pc.lora_dropout, e,
-                                                          mask_bytes=0)      # the CPU's dropout keeps no mask
+                                                          mask_bytes=0,      # the CPU's dropout keeps no mask
+                                                          quantized_experts=pc.experts_4bit)
     base = loaded + STEP_RUNTIME_BYTES + HEAP_SLACK_PER_LAYER_ACTIVATION * layer_act + (moments if later else 0)
     return StepEstimate(base, phases, FRAGMENTATION, loaded)
 

@@ -6,7 +6,9 @@ h = hidden, i = intermediate, kv = key/value width, L = layers, V = vocab, P = L
 N = data-parallel world size):
 
 * quantized linears: L·Σ(in·out) · bits/8, bits = 4 + 8/64 + 32/(64·256) = 4.127 (NF4 + double quant);
-  16 for a bf16 base. Embedding, lm_head and norms stay 16-bit. ZeRO-3 divides both by N.
+  16 for a bf16 base. Embedding, lm_head and norms stay 16-bit. ZeRO-3 divides both by N. A MoE's fused 3-D experts
+  (``moe_experts``, plan/moe.py) in the same 4-bit format per tensor (``quantize_experts``, the default), else
+  16-bit; their routers 16-bit; ZeRO-3 divides them by N too.
 * LoRA: P = L·Σ r·(in+out) over the target linears. Working copy bf16 (2 B; fp32, 4 B, under ZeRO-3 in bf16:
   zero.Init partitions A/B as built), gradients 16-bit (2 B), master copy fp32 (4 B; bf16 with ``bf16_master``),
   Adam moments 2×4 B (2×1 B + 8 B per 256-block absmax for 8-bit Adam, whose step dequantizes per block: no fp32
@@ -31,7 +33,9 @@ N = data-parallel world size):
   norms (attention.py: SDPA's q, k, v, output and log-sum-exp, Falcon's masks, eager attention's probabilities
   per head and key, what dropout and packed rows add); a gated MLP's gate, up, act(gate) 3·e·i, a plain MLP's
   activation input e·i (×4 for GPT-2's composite gelu_new); a MoE layer's routing (moe.py: router probabilities,
-  top-k indices, the experts' index tensors, routing weights and outputs, Qwen2-MoE's shared-expert gate). LoRA
+  top-k indices, Qwen2-MoE's shared-expert gate; 16-bit experts: their gate/up/act over the top-k experts, index
+  tensors, routing weights and outputs; 4-bit experts, checkpointed: their inputs only, and in backward one
+  layer's experts recomputed with their dequantized weights, ``moe_experts_recompute``). LoRA
   adds per target linear the dropped input e·in (+1·in bool mask when dropout > 0; an input the layer's linears
   share, once when dropout = 0) and A·x e·r.
   Without checkpointing: L·b·s·(that). With checkpointing: L·b·s·e·h (layer inputs) plus one
@@ -72,7 +76,7 @@ from .attention import PACKED_SHORT_LEN  # noqa: F401 (tests/test_packing.py rea
 from .attention import (attention_bytes_per_token, model_dropout_bytes_per_token, packed_eager_bytes_per_token,
                         qk_norm_bytes)
 from .loss import CHUNK_LOGITS, chunked_loss_bytes, logits_loss_bytes  # noqa: F401 (read here by tests)
-from .moe import moe_routing_bytes_per_token
+from .moe import experts_recompute_bytes, experts_words, moe_routing_bytes_per_token, moe_weight_bytes
 from .presets import Linear, ModelShape
 
 GiB = 1 << 30
@@ -122,6 +126,7 @@ class PlanConfig:
     chunked_loss: bool = False           # LM head + CE over token chunks (qlora_ds.loss) where it runs: plan/loss.py
     keep_dequant_bytes: int = 256 * MiB  # qlora_ds.nn.functional.KEEP_LIMIT: NF4 weights kept from forward to backward
     fused_cpu_linear: bool = False       # the CPU runs NF4 linears fused (AMX, bf16: qlora_ds.ops.fused_linear)
+    quantize_experts: bool = True        # QLoRAConfig.quantize_experts: MoE experts in 4 bit (plan/moe.py)
     packing: bool = False                # finetune --packing: attention per example (qlora_ds.nn.packed_attention)
     width_sum: int | None = None         # Σ of the batch widths met (a run's check); None: every padded width
     contiguous_gradients: bool = True    # DeepSpeed's default; ZeRO-3 then keeps a reduce_bucket_size buffer
@@ -197,6 +202,12 @@ class PlanConfig:
         if self.quant == "int":
             return self.base_bits + 64 / self.group_size
         return NF4_DQ_BITS if self.double_quant else NF4_BITS
+
+    @property
+    def experts_4bit(self) -> bool:
+        """A MoE's experts are stored in 4 bit: ``quantize_experts`` with an NF4/FP4 base (inject leaves them
+        16-bit under QA-LoRA; a 16-bit base quantizes nothing)."""
+        return bool(self.shape.experts) and self.quantize_experts and self.quant == "nf4" and self.base_bits < 16
 
     @property
     def runtime(self) -> tuple[str, int, str]:
@@ -308,19 +319,23 @@ def rank_for_fraction(shape: ModelShape, fraction: float, targets=ALL_LINEAR) ->
     return fraction * shape.total_params / lora_params(shape, 1, targets)
 
 
-def base_weight_bytes(shape: ModelShape, bits_per_param: float, embed_bytes: int = 2) -> dict:
+def base_weight_bytes(shape: ModelShape, bits_per_param: float, embed_bytes: int = 2, experts_4bit: bool = False,
+                      double_quant: bool = True) -> dict:
+    """The frozen weights by kind; ``moe_experts`` (a MoE's experts and routers) in 4 bit with ``experts_4bit``."""
     return {"quantized_linears": shape.linear_params * bits_per_param / 8,
-            "embeddings_norms": shape.embedding_params * embed_bytes}
+            "embeddings_norms": (shape.embedding_params - shape.expert_params) * embed_bytes,
+            "moe_experts": moe_weight_bytes(shape, embed_bytes, experts_4bit, double_quant)}
 
 
 def activation_bytes_per_token_layer(shape: ModelShape, r: int, targets=ALL_LINEAR, dropout: float = 0.05,
-                                     elem: int = 2, mask_bytes: int = 1, keys: int = 0, batch: int = 1) -> float:
+                                     elem: int = 2, mask_bytes: int = 1, keys: int = 0, batch: int = 1,
+                                     quantized_experts: bool = True) -> float:
     """Bytes autograd keeps per token in one decoder layer (see the module docstring); ``elem``: bytes per
     element of the compute dtype (2 for bf16/fp16, 4 for fp32; the norms' fp32 part is 4 either way);
     ``mask_bytes``: dropout's saved mask per element (torch's bool mask on CUDA; 0 on the CPU, where
     ``qlora_ds.nn.dropout`` regenerates it from a seed); ``keys``: the keys each token attends to (the sequence
-    length; 0 leaves out eager attention's probabilities), ``batch``: the micro batch. The model's own dropout:
-    ``model_dropout_bytes_per_token``."""
+    length; 0 leaves out eager attention's probabilities), ``batch``: the micro batch; ``quantized_experts``: a MoE's
+    experts are 4-bit (checkpointed: moe.py). The model's own dropout: ``model_dropout_bytes_per_token``."""
     lay, h, i, e = shape.layout, shape.hidden, shape.intermediate, elem
     if lay.norm == "layer":
         # nn.LayerNorm keeps its e-byte input (once when both norms read the layer input) and its mean and rstd
@@ -329,11 +344,16 @@ def activation_bytes_per_token_layer(shape: ModelShape, r: int, targets=ALL_LINE
         # fp32 input and rstd (RMSNorm) or mean and rstd (OLMo's LayerNorm without parameters)
         norms = lay.norms * (4 * h + (8 if lay.norm == "fixed" else 4))
     attention = attention_bytes_per_token(shape, e, keys, batch) + qk_norm_bytes(shape, e)
+    if shape.experts:
+        i = shape.shared_expert_intermediate      # the routed experts' gate/up/act are moe.py's
     mlp = 3 * e * i if lay.gated else lay.act_saved * e * i   # gate, up, act(gate) | the activation's input (+ parts)
-    base = norms + attention + mlp + moe_routing_bytes_per_token(shape, e)
-    if r == 0 or not targets:
+    lin = targeted(shape, targets) if r and targets else ()
+    # LoRA with dropout 0 on a linear reading the MoE block's input keeps the tensor the 4-bit experts' checkpoint keeps
+    shared = dropout == 0 and any(t.reads == "mlp_in" for t in lin)
+    base = norms + attention + mlp + moe_routing_bytes_per_token(shape, e, quantized=quantized_experts,
+                                                                 input_saved=shared)
+    if not lin:
         return base
-    lin = targeted(shape, targets)
     if dropout > 0:
         lora = sum((e + mask_bytes) * t.in_features + e * r for t in lin)   # dropped copy (+ mask)
     else:
@@ -349,7 +369,8 @@ def activation_bytes(cfg: PlanConfig) -> dict:
     e = cfg.elem
     per_layer = tokens * activation_bytes_per_token_layer(s, cfg.lora_r, cfg.lora_targets, cfg.lora_dropout, e,
                                                           mask_bytes=1 if cfg.device == "cuda" else 0,
-                                                          keys=cfg.seq_len, batch=cfg.micro_batch)
+                                                          keys=cfg.seq_len, batch=cfg.micro_batch,
+                                                          quantized_experts=cfg.experts_4bit)
     drop_layer, drop_once = model_dropout_bytes_per_token(s, e, cfg.device, cfg.seq_len, cfg.micro_batch)
     per_layer += tokens * drop_layer
     if cfg.packing and cfg.device == "cpu" and e == 2:
@@ -416,7 +437,7 @@ def _step_copies(cfg: PlanConfig, p: int, grad_bytes: int) -> list[Item]:
 def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
     s, n = cfg.shape, cfg.world_size
     z = cfg.zero_stage
-    w = base_weight_bytes(s, cfg.base_bits_per_param, cfg.elem)
+    w = base_weight_bytes(s, cfg.base_bits_per_param, cfg.elem, cfg.experts_4bit, cfg.double_quant)
     p = cfg_lora_params(cfg)
     part_params = n if z >= 3 else 1
     part_grads = n if z >= 2 else 1
@@ -452,6 +473,8 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
         Item("quantized_linears" if cfg.base_bits < 16 else "bf16_linears", w["quantized_linears"] / part_params,
              param_phase, note=f"{cfg.base_bits_per_param:.3f} bit/param"),
         Item("embeddings_norms", w["embeddings_norms"] / part_params, param_phase, note=cfg.compute_dtype),
+        *([Item("moe_experts", w["moe_experts"] / part_params, param_phase, note=experts_words(cfg))]
+          if s.experts else []),
         Item("lora_params", p * lora_bytes / part_params, param_phase,
              note=f"{p:,} params in {'fp32' if lora_bytes == 4 else cfg.compute_dtype}"),
         # ZeRO-3 with offload keeps its gradient partitions in host memory (stage3.py: self.device is the CPU)
@@ -478,6 +501,9 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
 
     act = activation_bytes(cfg)
     items += [Item(k, v, phase="backward") for k, v in act.items()]
+    if cfg.experts_4bit:
+        items.append(Item("moe_experts_recompute", experts_recompute_bytes(s, cfg.elem, cfg.micro_batch * cfg.seq_len),
+                          phase="backward", note=f"one layer's experts dequantized ({cfg.compute_dtype}), recomputed"))
     # the linears whose weight is dequantized into memory: all of them, but the ones the fused CPU path computes
     lin = [a * b for a, b in unfused_linears(cfg).values()]
     if cfg.base_bits < 16 and lin:
@@ -491,7 +517,7 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
                           phase="backward", note="dequantized weights kept for backward (bounded pool)"))
     if z >= 3 and n > 1:
         layer = (s.linear_params_per_layer * cfg.base_bits_per_param / 8 + cfg_lora_params(cfg) / s.layers
-                 * lora_bytes + s.expert_params / s.layers * cfg.elem)
+                 * lora_bytes + w["moe_experts"] / s.layers)
         head = s.vocab * s.hidden * cfg.elem
         items.append(Item("zero3_gathered", max(2 * layer, head), phase="backward",
                           note="layer in use + prefetched layer, or lm_head"))
@@ -520,6 +546,8 @@ class Advice:
 def _candidates(cfg: PlanConfig):
     if cfg.base_bits == 16:
         yield "quantize the base model to NF4", "--bits 4", replace(cfg, base_bits=4)
+    if cfg.shape.experts and not cfg.quantize_experts and cfg.quant == "nf4" and cfg.base_bits < 16:
+        yield "store the MoE experts in 4 bit", "(drop --no-quantize-experts)", replace(cfg, quantize_experts=True)
     if not cfg.grad_ckpt:
         yield "turn gradient checkpointing on", "(drop --no-grad-ckpt)", replace(cfg, grad_ckpt=True)
     if not cfg.paged:

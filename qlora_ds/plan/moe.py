@@ -1,17 +1,30 @@
-"""What a MoE decoder layer's routing keeps for backward, per token, beyond the gated MLP term of memory.py (which
-counts gate, up and act(gate) over the top-k experts' and the shared expert's widths: ``intermediate``). Units:
-bytes per token and layer; e = bytes per element of the compute dtype, E = experts, k = experts per token, h =
-hidden. Measured with autograd's saved tensors around one decoder layer of transformers 5.23's Mixtral, Qwen2-MoE
-and Qwen3-MoE (tests/test_plan_moe.py), whose experts run ``grouped_mm`` (its default experts implementation, on
-CUDA and, with torch > 2.10, on the CPU); the expert weights are frozen 3-D parameters (qlora-ds neither quantizes
-nor wraps them), so the gathered expert inputs are not kept, with or without LoRA on the other linears.
+"""A MoE decoder layer in the planner: its experts' weights, what its routing and experts keep for backward, and the
+transient of recomputing the experts. Units: bytes; per token and layer for the kept terms. e = bytes per element
+of the compute dtype, E = experts, k = experts per token, h = hidden, I = expert width.
+
+Weights. transformers 5 fuses a layer's experts into two 3-D parameters, ``gate_up_proj`` (E, 2I, h) and
+``down_proj`` (E, h, I). With ``quantize_experts`` (QLoRAConfig's default; qlora_ds.nn.quantized_experts) each is
+stored as a quantized linear's weight is, over the flattened tensor: n/2 code bytes, and per 64-block an absmax
+code byte + per 256 of those an fp32 absmax + a 4-byte offset (double quant), or an fp32 absmax per block; frozen,
+no LoRA. Without it (or with QA-LoRA or a 16-bit base, which leave them as they are) they are e-byte. The routers
+(E·h) and Qwen2-MoE's shared-expert gates (h) stay e-byte either way.
+
+Kept for backward, measured with autograd's saved tensors around one decoder layer of transformers 5.23's Mixtral,
+Qwen2-MoE and Qwen3-MoE (tests/test_plan_moe.py), whose experts run ``grouped_mm`` (its default experts
+implementation, on CUDA and, with torch > 2.10, on the CPU):
 
 * router (``*TopKRouter``): the fp32 softmax output 4·E and top-k's int64 indices 8·k; with ``norm_topk_prob``
   (Mixtral always) the in-place division keeps the sum 4 and the fp32 top-k values it overwrites 4·k.
-* experts (``grouped_mm_experts_forward``): three int64 index tensors of k per token (the sort permutation, the
-  token each row gathers, the inverse permutation) 3·8·k; the routing weights gathered per row, w·k (w = 4 for
-  Mixtral, whose weights stay fp32; e for Qwen, which casts them to the compute dtype), and the expert outputs they
-  scale, e·k·h (their gradient needs it). A (E,) int32 offsets tensor is per layer, not per token.
+* 16-bit experts (``grouped_mm_experts_forward``; the weights are frozen, so the gathered inputs are not kept):
+  gate, up and act(gate) over the k experts 3·e·k·I; three int64 index tensors of k per token (the sort
+  permutation, the token each row gathers, the inverse permutation) 3·8·k; the routing weights gathered per row,
+  w·k (w = 4 for Mixtral, whose weights stay fp32; e for Qwen, which casts them to the compute dtype), and the
+  expert outputs they scale, e·k·h (their gradient needs it). A (E,) int32 offsets tensor is per layer.
+* 4-bit experts run under a non-reentrant activation checkpoint: it keeps only its inputs, the hidden states e·h
+  (no new bytes when LoRA with dropout 0 keeps that tensor already: a shared expert's gate/up) and the routing
+  weights w·k (the indices are the router's). Backward recomputes the experts one layer at a time: the transient
+  ``experts_recompute_bytes``, the dequantized weights E·3·I·h·e + the offsets 4·E + the 16-bit experts' terms
+  above per token.
 * Qwen2-MoE's shared-expert gate: sigmoid(shared_expert_gate(x)) · shared expert's output keeps both, e·(1 + h).
 * Mixtral's ``router_jitter_noise`` > 0 (training only): the in-place multiply keeps its noise, e·h.
 """
@@ -25,13 +38,71 @@ def top_k(shape: ModelShape) -> int:
     return (shape.intermediate - shape.shared_expert_intermediate) // shape.expert_intermediate
 
 
-def moe_routing_bytes_per_token(shape: ModelShape, elem: int) -> float:
-    """Bytes per token one MoE decoder layer's routing keeps for backward (see the module docstring); 0 if dense."""
+def nf4_part_bytes(n: int, double_quant: bool = True, blocksize: int = 64, nested: int = 256) -> tuple[int, ...]:
+    """Bytes of the uint8 tensors one n-element weight is stored as in 4 bit (QLoRALinear, QuantizedExperts): codes,
+    absmax codes, nested fp32 absmax, offset with double quant; codes, fp32 absmax without."""
+    blocks = -(-n // blocksize)
+    if double_quant:
+        return (n + 1) // 2, blocks, 4 * -(-blocks // nested), 4
+    return (n + 1) // 2, 4 * blocks
+
+
+def router_params_per_layer(shape: ModelShape) -> int:
+    """The e-byte MoE parameters of one layer beside the 3-D experts: the router, Qwen2-MoE's shared-expert gate."""
+    return shape.expert_params // shape.layers - sum(shape.expert_tensors()) if shape.experts else 0
+
+
+def moe_weight_bytes(shape: ModelShape, elem: int, quantized: bool, double_quant: bool = True) -> float:
+    """Bytes of the model's MoE weights: the 3-D experts in 4 bit (``quantized``) or e-byte, the routers e-byte."""
+    if not shape.experts:
+        return 0
+    experts = (sum(sum(nf4_part_bytes(n, double_quant)) for n in shape.expert_tensors()) if quantized
+               else elem * sum(shape.expert_tensors()))
+    return shape.layers * (experts + elem * router_params_per_layer(shape))
+
+
+def _routing_weight_bytes(shape: ModelShape, e: int) -> int:
+    return 4 if shape.layout.family == "mixtral" else e
+
+
+def experts_bytes_per_token(shape: ModelShape, elem: int) -> float:
+    """What the experts module's own forward keeps per token (16-bit experts; for 4-bit ones, what backward
+    recomputes): gate/up/act, the index tensors, the gathered routing weights, the expert outputs."""
+    e, k = elem, top_k(shape)
+    weights = _routing_weight_bytes(shape, e)
+    return 3 * e * k * shape.expert_intermediate + 3 * 8 * k + weights * k + e * k * shape.hidden
+
+
+def moe_routing_bytes_per_token(shape: ModelShape, elem: int, *, quantized: bool, input_saved: bool = False) -> float:
+    """Bytes per token one MoE decoder layer keeps for backward beyond its shared expert's gated MLP (see the module
+    docstring); 0 if dense. ``quantized``: 4-bit experts (checkpointed); ``input_saved``: another saved tensor is the
+    experts' input already (LoRA with dropout 0 on a linear reading it)."""
     if not shape.experts:
         return 0
     lay, e, h, k = shape.layout, elem, shape.hidden, top_k(shape)
     router = 4 * shape.experts + 8 * k + ((4 + 4 * k) if lay.norm_topk else 0)
-    weights = 4 if lay.family == "mixtral" else e
-    experts = 3 * 8 * k + weights * k + e * k * h
+    if quantized:
+        experts = (0 if input_saved else e * h) + _routing_weight_bytes(shape, e) * k
+    else:
+        experts = experts_bytes_per_token(shape, e)
     shared_gate = e * (1 + h) if shape.shared_expert_intermediate else 0
     return router + experts + shared_gate + (e * h if lay.router_jitter else 0)
+
+
+def experts_recompute_bytes(shape: ModelShape, elem: int, tokens: int) -> float:
+    """4-bit experts: the transient of one layer's experts in backward (recomputed under their checkpoint): the
+    weights dequantized in the compute dtype, the (E,) int32 offsets and the experts' activations for ``tokens``."""
+    if not shape.experts:
+        return 0
+    return elem * sum(shape.expert_tensors()) + 4 * shape.experts + tokens * experts_bytes_per_token(shape, elem)
+
+
+def experts_words(cfg) -> str:
+    """How a MoE plan (a PlanConfig) stores its experts: the report's words."""
+    s = cfg.shape
+    what = f"{s.layers}x{s.experts} experts"
+    if cfg.experts_4bit:
+        return f"{what} in 4 bit ({cfg.base_bits_per_param:.3f} bit/param, frozen), routers {cfg.compute_dtype}"
+    why = ("--no-quantize-experts" if not cfg.quantize_experts else "QA-LoRA quantizes the linears only"
+           if cfg.quant == "int" else "16-bit base")
+    return f"{what} + routers unquantized in {cfg.compute_dtype} ({why})"

@@ -38,8 +38,9 @@ class ModelShape:
     ``head_dim``: 0 means hidden // heads (a config.json may set its own: Gemma-7b has 16 heads of 256 at
     hidden 3072). ``intermediate``: the MLP width (a plain MLP's up-projection, a gated MLP's gate and up each).
     MoE (``experts`` > 0, the Mixtral / Qwen-MoE layout): per layer ``experts`` routed experts of
-    width ``expert_intermediate`` plus their router, kept in 16 bit (transformers fuses them into 3-D parameters,
-    which qlora-ds neither quantizes nor trains), and a shared expert of width ``shared_expert_intermediate``
+    width ``expert_intermediate`` plus their router (transformers fuses the experts into two 3-D parameters, which
+    qlora-ds stores in 4 bit by default, ``quantize_experts``, and never trains: plan/moe.py; the router stays
+    16-bit), and a shared expert of width ``shared_expert_intermediate``
     (0: none) whose gate/up/down are ordinary quantized linears. ``intermediate`` is then the MLP width one token
     passes through (top-k experts + shared expert), which sizes the activations.
     """
@@ -91,7 +92,7 @@ class ModelShape:
 
     def layer_linears(self) -> tuple[Linear, ...]:
         """The quantized linears of one decoder layer, in the layer's module order. A MoE's MLP is its shared
-        expert's gate/up/down (none without one: the routed experts stay 16-bit, ``expert_params``)."""
+        expert's gate/up/down (none without one: the routed experts are ``expert_tensors``, not linears)."""
         lay, h, q, kv = self.layout, self.hidden, self.q_dim, self.kv_dim
         qkv = (zip(lay.qkv, (q, kv, kv)) if len(lay.qkv) == 3 else [(lay.qkv[0], q + 2 * kv)])
         out = [Linear(n, h, o, lay.qkv_bias, "attn_in") for n, o in qkv] + [Linear(lay.out, q, h, lay.out_bias,
@@ -120,9 +121,18 @@ class ModelShape:
         """Parameters in the decoder linears: the part that is quantized."""
         return self.layers * self.linear_params_per_layer
 
+    def expert_tensors(self) -> tuple[int, ...]:
+        """Elements of one layer's fused 3-D experts, gate_up_proj (E, 2I, h) and down_proj (E, h, I): what
+        ``quantize_experts`` stores in 4 bit (plan/moe.py); () for a dense model."""
+        if not self.experts:
+            return ()
+        n = self.experts * self.hidden * self.expert_intermediate
+        return 2 * n, n
+
     @property
     def expert_params(self) -> int:
-        """MoE parameters kept in 16 bit: routed experts (gate, up, down), routers, shared-expert gates."""
+        """MoE parameters outside the quantized linears: routed experts (gate, up, down: ``expert_tensors``, 4-bit
+        by default), routers and shared-expert gates (16-bit)."""
         if not self.experts:
             return 0
         h = self.hidden
@@ -146,9 +156,10 @@ class ModelShape:
 
     @property
     def embedding_params(self) -> int:
-        """Parameters kept in 16 bit: token embedding + lm_head (once if tied) and its bias, a learned position table,
-        OPT's project_in/out, the norms, the linears' biases, the MoE experts (``expert_params``), and what lies
-        outside the text model (``frozen_params``)."""
+        """Parameters outside the quantized linears: token embedding + lm_head (once if tied) and its bias, a learned
+        position table, OPT's project_in/out, the norms, the linears' biases, the MoE experts and routers
+        (``expert_params``: the planner's ``moe_experts``, 4-bit by default) and what lies outside the text model
+        (``frozen_params``). All 16-bit but the quantized experts."""
         lay = self.layout
         emb = self.vocab * self.embed_width * (1 if self.tie_embeddings else 2) + (self.vocab if lay.head_bias else 0)
         emb += lay.positions * self.hidden + (2 * self.hidden * lay.embed_width if lay.embed_width else 0)
@@ -221,7 +232,7 @@ def _tied_default(model_type: str, name: str) -> bool:
 
 def shape_from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
     """Build a shape from a Hugging Face config dict: its widths and its model type's layout (layouts.py; Mixtral /
-    Qwen-MoE experts are counted in 16 bit, as qlora-ds leaves them). A ``model_type`` outside ``SUPPORTED`` is
+    Qwen-MoE experts: plan/moe.py). A ``model_type`` outside ``SUPPORTED`` is
     refused; none at all is read as the LLaMA layout."""
     if isinstance(cfg.get("text_config"), dict):
         return _multimodal_shape(cfg, name)
@@ -282,6 +293,20 @@ def _multimodal_shape(cfg: dict, name: str) -> ModelShape:
     return dataclasses.replace(shape, name=str(cfg.get("_name_or_path") or name),
                                frozen_params=total - shape.total_params,
                                logit_config=tuple(kv for kv in shape.logit_config if kv[0] not in ignored))
+
+
+# MoE presets, from the published config.json files (the widths the planner reads)
+PRESETS.update({name: shape_from_hf_config(cfg, name) for name, cfg in {
+    "mixtral-8x7b": {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+                     "max_position_embeddings": 32768, "num_local_experts": 8, "num_experts_per_tok": 2,
+                     "tie_word_embeddings": False},
+    "qwen3-30b-a3b": {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+                      "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+                      "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                      "vocab_size": 151936, "max_position_embeddings": 40960, "norm_topk_prob": True,
+                      "tie_word_embeddings": False},
+}.items()})
 
 
 def load_shape(model: str) -> ModelShape:

@@ -9,7 +9,8 @@ nodes (×2 for all-reduce). Times are not overlapped with compute, so ``step_s_u
 What moves per optimizer step (``grad_accum`` micro steps):
 * ZeRO-3: all-gather of the parameters in forward and again for backward, every micro step (details
   in ``zero3_gathers``). Our base is partitioned as *packed* NF4 bytes (4.127 bit/param) instead of
-  bf16: 4.127/16 of the traffic.
+  bf16: 4.127/16 of the traffic. A MoE's fused 3-D experts likewise, packed per tensor when they are 4-bit
+  (``quantize_experts``), else in the compute dtype, with their routers.
 * LoRA gradients (bf16): ZeRO-0/1 all-reduce once per step; ZeRO-2/3 reduce-scatter every micro step.
 * ZeRO-1/2: all-gather of the updated bf16 LoRA weights after the step.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .memory import PlanConfig, cfg_lora_params, targeted
+from .moe import nf4_part_bytes
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,19 @@ def _quantized_tensor_sizes(cfg: PlanConfig, fan_in: int, fan_out: int) -> list[
     if cfg.quant == "int":
         groups = w // cfg.group_size
         return [(w * cfg.base_bits // 8, 1), (4 * groups, 1), (4 * groups, 1)]
-    blocks = -(-w // 64)
-    if cfg.double_quant:
-        return [((w + 1) // 2, 1), (blocks, 1), (4 * -(-blocks // 256), 1), (4, 1)]
-    return [((w + 1) // 2, 1), (4 * blocks, 1)]
+    return [(n, 1) for n in nf4_part_bytes(w, cfg.double_quant)]
+
+
+def _expert_tensor_sizes(cfg: PlanConfig) -> list[tuple[int, int]]:
+    """(numel, bytes per element) of one MoE layer's experts and routers as ZeRO-3 partitions them: the 3-D
+    weights' uint8 parts when they are 4-bit (qlora_ds.nn.quantized_experts), else compute-dtype tensors."""
+    s, e = cfg.shape, cfg.elem
+    if cfg.experts_4bit:
+        weights = [(n, 1) for t in s.expert_tensors() for n in nf4_part_bytes(t, cfg.double_quant)]
+    else:
+        weights = [(t, e) for t in s.expert_tensors()]
+    gates = [(s.experts * s.hidden, e)] + ([(s.hidden, e)] if s.shared_expert_intermediate else [])
+    return weights + gates
 
 
 def zero3_gathers(cfg: PlanConfig) -> dict:
@@ -107,17 +118,21 @@ def zero3_gathers(cfg: PlanConfig) -> dict:
                         + [(lin.out_features, 2) for lin in s.layer_linears() if lin.bias])
     embed = moved([(s.vocab * s.embed_width, 2)])
     final_norm = moved([(s.hidden, 2)])
-    numel = s.layers * sum(numel for numel, _ in quantized) + cfg_lora_params(cfg) \
+    experts = _expert_tensor_sizes(cfg) if s.experts else []
+    numel = s.layers * sum(numel for numel, _ in quantized + experts) + cfg_lora_params(cfg) \
         + s.vocab * s.hidden * (1 if s.tie_embeddings else 2)
     if numel <= min(cfg.max_live_parameters, cfg.max_reuse_distance):
         layer_passes, embed_passes, head_passes = 1, 1, (0 if s.tie_embeddings else 1)
     else:
         layer_passes = 3 if cfg.grad_ckpt and cfg.max_reuse_distance == 0 else 2
         embed_passes, head_passes = (3, 0) if s.tie_embeddings else (1, 2)
-    return {"linears": layer_passes * s.layers * layer_linears,
-            "embeddings_norms": (embed_passes + head_passes) * embed + layer_passes * s.layers * layer_norms
-            + (layer_passes if layer_passes == 1 else 2) * final_norm,
-            "lora": layer_passes * s.layers * layer_lora}
+    out = {"linears": layer_passes * s.layers * layer_linears,
+           "embeddings_norms": (embed_passes + head_passes) * embed + layer_passes * s.layers * layer_norms
+           + (layer_passes if layer_passes == 1 else 2) * final_norm,
+           "lora": layer_passes * s.layers * layer_lora}
+    if experts:
+        out["moe_experts"] = layer_passes * s.layers * moved(experts)
+    return out
 
 
 def _collectives(cfg: PlanConfig) -> list[tuple[str, float, str, int]]:
