@@ -80,7 +80,7 @@ def test_bytes_are_bitsandbytes_quantize_4bit_of_the_3d_tensor(quant_type, doubl
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
-def test_loss_and_input_gradients_equal_the_dequantized_model(model_type, device):
+def test_loss_and_input_gradients_equal_the_dequantized_model(model_type, device, monkeypatch):
     model = tiny_moe(model_type)
     ref = copy.deepcopy(model).to(device)
     model.to(device)
@@ -94,6 +94,14 @@ def test_loss_and_input_gradients_equal_the_dequantized_model(model_type, device
     assert loss == ref_loss and torch.equal(grad, ref_grad) and grad.abs().sum() > 0
     with torch.no_grad():       # the eval path (no checkpoint) computes the same
         assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+        # one token reaches 2 of the 4 experts: only they are dequantized (not Llama-4's, which routes inside)
+        from qlora_ds.nn.quantized_experts import QuantizedExperts
+        read = []
+        few = QuantizedExperts._dequantized_experts
+        monkeypatch.setattr(QuantizedExperts, "_dequantized_experts",
+                            lambda self, name, hit, dtype: read.append(hit.numel()) or few(self, name, hit, dtype))
+        assert torch.equal(model(input_ids=ids[:1, :1]).logits, ref(input_ids=ids[:1, :1]).logits)
+        assert read == ([] if model_type == "llama4_text" else [2, 2] * 2)
     if device.type == "cuda":   # the CUDA kernels give the CPU's values
         cpu = {p: m.dequantized(n).cpu() for p, m in experts_modules(model).items() for n in m._qds_weights}
         assert all(torch.equal(w, dequantize(quantize(w0, "nf4"), w0.dtype)) for w, w0 in

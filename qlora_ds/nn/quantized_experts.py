@@ -11,6 +11,8 @@ and transformers + bitsandbytes leaves them in 16 bit. ``quantize_experts`` stor
   keeps neither the dequantized weights nor the experts' activations; backward recomputes them (one layer's
   experts at a time, in the compute dtype, is the transient the planner counts). Gradients flow to the inputs
   (hidden states, routing weights), never to the frozen weights;
+* a call whose tokens reach at most half the experts (decoding, short prompts) dequantizes only those: the
+  model's forward then sees a layer of just them (its routing indices remapped, ``num_experts`` that count);
 * parameter ``name`` becomes frozen uint8 parameters (ZeRO-3 partitions them as it does QLoRALinear's):
   ``{name}_packed`` (codes), ``{name}_absmax`` (DQ codes, or the fp32 absmax's bytes), and with double
   quantization ``{name}_absmax2`` (fp32 bytes) and ``{name}_offset`` (4 bytes); ``module.{name}`` reads a
@@ -27,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import ops
 from ..errors import QLoRADSError
 from ..quant.nf4 import QuantizedTensor, quantize
 from .functional import dequantize_nf4_parts
@@ -63,11 +66,11 @@ class QuantizedExperts(nn.Module):
     _qds_quant: tuple          # (quant_type, blocksize, double_quant, nested_blocksize)
 
     def __getattr__(self, name: str):
+        live = self.__dict__.get("_qds_live")
+        if live is not None and name in live:   # in a forward: the dequantized weights (and a few-experts call's
+            return live[name]                   # biases)
         weights = self.__dict__.get("_qds_weights")
         if weights is not None and name in weights:
-            live = self.__dict__.get("_qds_live")
-            if live is not None:
-                return live[name]
             return self.dequantized(name)        # outside a forward: a fresh copy (merge, export, inspection)
         return super().__getattr__(name)
 
@@ -142,9 +145,43 @@ class QuantizedExperts(nn.Module):
     def _forward_dequantized(self, *args, **kwargs):
         floats = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         dtype = floats[0].dtype if floats else None
+        few = self._few_experts(args, kwargs)
+        if few is not None:
+            hit, index = few
+            live = {name: self._dequantized_experts(name, hit, dtype) for name in self._qds_weights}
+            experts = self.__dict__["num_experts"]
+            live.update({n: p.index_select(0, hit) for n, p in self._parameters.items()      # per-expert biases
+                         if p is not None and p.is_floating_point() and p.dim() >= 2 and p.shape[0] == experts})
+            with _live(self, live), _attribute(self, "num_experts", hit.numel()):
+                return self._qds_base.forward(self, args[0], index, args[2])
         live = {name: self.dequantized(name, dtype) for name in self._qds_weights}
         with _live(self, live):
             return self._qds_base.forward(self, *args, **kwargs)
+
+    def _few_experts(self, args, kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(the experts the tokens reach, the routing indices renumbered over them) when a call of transformers' experts
+        signature (hidden_states, top_k_index, top_k_weights) reaches at most half of the experts; else None."""
+        experts = self.__dict__.get("num_experts")
+        if kwargs or len(args) != 3 or not isinstance(experts, int) or not isinstance(args[1], torch.Tensor) \
+                or args[1].is_floating_point() or args[1].numel() * 2 > experts:
+            return None
+        blocksize = self._qds_quant[1]
+        if any(shape[0] != experts or (shape[1] * shape[2]) % blocksize for shape, _ in self._qds_weights.values()):
+            return None
+        hit, index = torch.unique(args[1], return_inverse=True)
+        return (hit, index) if int(hit[-1]) < experts else None      # no sentinel index (expert parallelism)
+
+    def _dequantized_experts(self, name: str, hit: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        """Experts ``hit`` of weight ``name``, dequantized: each expert's blocks are whole (checked by the caller)."""
+        (experts, rows, cols), orig = self._qds_weights[name]
+        quant_type, blocksize, dq, nested = self._qds_quant
+        p = self._parameters
+        absmax = p[f"{name}_absmax"]
+        absmax = (ops.dequantize_8bit_blockwise(absmax, p[f"{name}_absmax2"].view(torch.float32), nested,
+                                                self._offset(name)) if dq else absmax.view(torch.float32))
+        packed = p[f"{name}_packed"].view(experts, -1).index_select(0, hit)
+        absmax = absmax.view(experts, -1).index_select(0, hit)
+        return ops.dequantize_4bit(packed, absmax, quant_type, blocksize, (hit.numel(), rows, cols), dtype or orig)
 
 
 @contextlib.contextmanager
@@ -155,6 +192,16 @@ def _live(module: nn.Module, weights: dict):
         yield
     finally:
         module.__dict__["_qds_live"] = before
+
+
+@contextlib.contextmanager
+def _attribute(module: nn.Module, name: str, value):
+    before = module.__dict__[name]
+    module.__dict__[name] = value
+    try:
+        yield
+    finally:
+        module.__dict__[name] = before
 
 
 def _quantized_class(base: type) -> type:

@@ -547,7 +547,7 @@ def _candidates(cfg: PlanConfig):
     if cfg.base_bits == 16:
         yield "quantize the base model to NF4", "--bits 4", replace(cfg, base_bits=4)
     if cfg.shape.experts and not cfg.quantize_experts and cfg.quant == "nf4" and cfg.base_bits < 16:
-        yield "store the MoE experts in 4 bit", "(drop --no-quantize-experts)", replace(cfg, quantize_experts=True)
+        yield "store the MoE experts in 4 bit", "drop --no-quantize-experts", replace(cfg, quantize_experts=True)
     if not cfg.grad_ckpt:
         yield "turn gradient checkpointing on", "(drop --no-grad-ckpt)", replace(cfg, grad_ckpt=True)
     if not cfg.paged:
