@@ -108,16 +108,19 @@ def _enable_ckpt(model) -> None:
 
 
 def build(method: str, path: str, r: int = 16, alpha: float = 16, grad_ckpt: bool = True,
-          device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, dropout: float = 0.0):
+          device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, dropout: float = 0.0,
+          quantize_experts: bool = True):
     """(model in train mode on ``device``, its trainable parameters) for one method variant computing in ``dtype``
-    (the quantized layers' compute dtype and the dtype of everything left unquantized)."""
+    (the quantized layers' compute dtype and the dtype of everything left unquantized). ``quantize_experts``: ours
+    with NF4 + DQ stores a MoE model's fused experts in 4 bit (bnb + PEFT leaves them in 16 bit)."""
     device = torch.device(device)
     if method.startswith("ours-"):
         from qlora_ds.inject import from_pretrained
         from qlora_ds.nn import QALoRAConfig, QLoRAConfig
         kind = method[len("ours-"):]
         if kind == "nf4dq":
-            cfg = QLoRAConfig(quant_type="nf4", double_quant=True, r=r, alpha=alpha, dropout=dropout, compute_dtype=dtype)
+            cfg = QLoRAConfig(quant_type="nf4", double_quant=True, r=r, alpha=alpha, dropout=dropout, compute_dtype=dtype,
+                              quantize_experts=quantize_experts)
         elif kind == "fp4":
             cfg = QLoRAConfig(quant_type="fp4", double_quant=False, r=r, alpha=alpha, dropout=dropout, compute_dtype=dtype)
         elif kind.startswith("qalora"):

@@ -6,7 +6,8 @@
 
 The checkpoint is written once by this script (random weights, bf16, transformers' own per-expert layout) under
 ``--workdir``. Each variant runs in its own subprocess (its peak is its own): load, one warm-up step, ``--steps``
-timed steps of batch 1 x ``--seq`` random tokens, r 16 / α 16 / dropout 0 on every linear but the LM head,
+timed steps of batch 1 x ``--seq`` random tokens, r 16 / α 16 / dropout 0 on the attention (``bench._train_loop``'s
+targets: the experts are no linears),
 non-reentrant checkpointing, torch AdamW, the machine's compute dtype. ``loaded``: RSS after loading minus before
 (CUDA: allocated); ``peak_step_over_loaded``: the step's high-water mark minus the loaded RSS.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -48,25 +50,9 @@ def write_checkpoint(path: str, shape: dict) -> str:
 
 
 def _build(variant: str, path: str, dtype: torch.dtype, device):
-    if variant.startswith("ours"):
-        from qlora_ds.inject import from_pretrained
-        from qlora_ds.nn import QLoRAConfig
-        cfg = QLoRAConfig(r=16, alpha=16, dropout=0.0, compute_dtype=dtype, quantize_experts=variant == "ours")
-        model = from_pretrained(path, cfg, torch_dtype=dtype).to(device)
-    else:
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=q,
-                                                     device_map={"": device.index or 0} if device.type == "cuda"
-                                                     else "cpu")
-        model.requires_grad_(False)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    return model.train()
+    method = "bnb-peft" if variant == "bnb-peft" else "ours-nf4dq"
+    model, _ = tl.build(method, path, device=device, dtype=dtype, quantize_experts=variant == "ours")
+    return model
 
 
 def worker(args) -> dict:
@@ -85,13 +71,10 @@ def worker(args) -> dict:
     def step() -> float:
         tl._sync(device)
         t0 = time.perf_counter()
-        loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = tl.train_step(model, params, opt, batch)
         tl._sync(device)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss {loss.item()}")
+        if not math.isfinite(loss):
+            raise RuntimeError(f"loss {loss}")
         return time.perf_counter() - t0
 
     step()

@@ -18,7 +18,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ["install", "env", "build_quant", "build_quant_cpu", "build_paged_optim", "tests", "paging", "fp16", "headline",
          "headline_7b", "bench_quant", "bench_layer", "bench_train_135m", "headline_33b", "headline_13b",
-         "bench_train_1b"]
+         "bench_train_1b", "bench_moe"]
 # the steps the dry run cannot run on a CPU, each with its reason: a new skip must be added here, on purpose
 SKIPPED_IN_DRY_RUN: set[str] = set()
 

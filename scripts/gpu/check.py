@@ -119,6 +119,9 @@ def steps(res: str) -> list[Step]:
         by_name["headline_33b"], by_name["headline_13b"],
         # dry run: the same command at the same tiny shape (bench train has no size overrides), ours only
         bench_train("1b", "llama-1b", 19, 20, {"set": {**TINY_TRAIN, "--variants": "ours-nf4dq"}}),
+        # a ~0.7B Qwen3-MoE: 4-bit experts vs 16-bit experts vs transformers + bnb + PEFT (16-bit experts)
+        Step("bench_moe", 100, ["-m", "bench", "moe", "--device", "cuda", "--timeout", "25"], {"add": ("--quick",),
+                                                                                            "set": {"--timeout": "90"}}),
     ]
 
 
