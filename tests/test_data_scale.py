@@ -97,3 +97,21 @@ def test_packed_rows_slice_into_a_micro_batch_and_an_empty_store_is_empty():
     assert len(empty) == 0 and list(empty) == []
     held, train, dropped = split_heldout(empty, 4, seed=0)
     assert len(held) == len(train) == dropped == 0
+
+
+def test_the_batch_order_costs_12_bytes_per_example_and_python_objects_only_per_batch():
+    """GroupByLengthBatches keeps the lengths and this rank's batches of two epochs as int32 tensors (it kept Python
+    int lists: ~100 B per example on every rank); a batch becomes a list of ints only when it is read."""
+    from qlora_ds.data.batching import GroupByLengthBatches
+    n = 100_000
+    lengths = torch.randint(1, 512, (n,), generator=torch.Generator().manual_seed(0))
+    tracemalloc.start()
+    sampler = GroupByLengthBatches(lengths, 4, world_size=2, rank=1, seed=3)
+    epochs = [sampler.epoch(0), sampler.epoch(1)]
+    python_bytes = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    tensor_bytes = sampler.lengths.nbytes + sum(e.rows.nbytes for e in epochs)
+    assert tensor_bytes == 4 * n + 2 * 4 * (n // 2) and python_bytes < 0.5 * n     # 8 B per example and rank
+    first = epochs[0][0]
+    assert isinstance(first, list) and all(isinstance(i, int) for i in first) and len(first) == 4
+    assert lengths[first].tolist() == sorted(lengths[first].tolist(), reverse=True)       # grouped by length

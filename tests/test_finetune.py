@@ -394,7 +394,7 @@ def _planner_checks(tmp_path, cfg, runs) -> list[dict]:
     from qlora_ds.run_memory import planner_check
     args = argparse.Namespace(lora_r=8, lora_dropout=0.0, target_modules=None, grad_ckpt=True, method="qlora", bits=4,
                               group_size=32, double_quant=True, pad_to_multiple_of=16, chunked_loss=True,
-                              packing=False)
+                              packing=False, quantize_experts=True)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
         got = []
