@@ -9,7 +9,8 @@ The checkpoint is written once by this script (random weights, bf16, transformer
 timed steps of batch 1 x ``--seq`` random tokens, r 16 / α 16 / dropout 0 on the attention (``bench._train_loop``'s
 targets: the experts are no linears),
 non-reentrant checkpointing, torch AdamW, the machine's compute dtype. ``loaded``: RSS after loading minus before
-(CUDA: allocated); ``peak_step_over_loaded``: the step's high-water mark minus the loaded RSS.
+(CUDA: allocated); ``peak_step_over_loaded``: the step's high-water mark minus the loaded RSS; ``one_token_ms``: a
+forward of one token without cache (what decoding pays per layer's experts).
 """
 from __future__ import annotations
 
@@ -81,9 +82,23 @@ def worker(args) -> dict:
     tl.reset_peak()
     times = [step() for _ in range(args.steps)]
     peak = tl.peak_rss() if device.type == "cpu" else tl.cuda_peak()
+    one = batch["input_ids"][:, :1]
+
+    def one_token() -> float:       # a decoding step's forward (no cache): one token reaches top-k experts
+        tl._sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=one, use_cache=False)
+        tl._sync(device)
+        return time.perf_counter() - t0
+
+    model.eval()
+    one_token()
+    token_ms = 1000 * statistics.median(one_token() for _ in range(5))
     return {"variant": args.worker, "seq": args.seq, "dtype": str(dtype).replace("torch.", ""),
             "frozen_bytes": frozen, "loaded": loaded - before, "step_s": statistics.median(times),
-            "step_s_all": times, "peak_step_over_loaded": peak - loaded, "device": device.type}
+            "step_s_all": times, "peak_step_over_loaded": peak - loaded, "one_token_ms": token_ms,
+            "device": device.type}
 
 
 def run_variant(variant: str, model: str, seq: int, steps: int, timeout: float) -> dict:
@@ -127,8 +142,10 @@ def main(argv=None) -> int:
         rows.append(writer.write(model=model, shape=shape, **row))
     table = [(r["variant"], f"{r['frozen_bytes'] / MiB:.0f}" if "frozen_bytes" in r else r.get("error", "?"),
               f"{r['loaded'] / MiB:.0f}" if "loaded" in r else "", f"{r['step_s']:.2f}" if "step_s" in r else "",
-              f"{r['peak_step_over_loaded'] / MiB:.0f}" if "peak_step_over_loaded" in r else "") for r in rows]
-    print(format_table(("variant", "frozen MiB", "loaded MiB", "step s", "step peak over loaded MiB"), table))
+              f"{r['peak_step_over_loaded'] / MiB:.0f}" if "peak_step_over_loaded" in r else "",
+              f"{r['one_token_ms']:.0f}" if "one_token_ms" in r else "") for r in rows]
+    print(format_table(("variant", "frozen MiB", "loaded MiB", "step s", "step peak over loaded MiB",
+                        "1-token forward ms"), table))
     return 0 if all("error" not in r for r in rows) else 1
 
 
