@@ -231,3 +231,25 @@ def test_only_experts_classes_are_quantized_and_llama4s_router_is_no_projection(
     ids = torch.randint(1, 128, (1, 8), generator=torch.Generator().manual_seed(3))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_inside_the_models_checkpointing_the_experts_run_twice_not_three_times(monkeypatch):
+    """Under the decoder layers' own non-reentrant checkpoint (finetune's gradient checkpointing) the experts' nested
+    checkpoint costs no third run (torch recomputes a nested non-reentrant checkpoint with its outer one): forward +
+    one recompute, with the gradients of the run without the model's checkpointing."""
+    from qlora_ds.nn.quantized_experts import QuantizedExperts
+    model = tiny_moe("qwen3_moe")
+    inject(model, CFG)
+    runs = []
+    base = QuantizedExperts._forward_dequantized
+    monkeypatch.setattr(QuantizedExperts, "_forward_dequantized",
+                        lambda self, *a, **k: runs.append(1) or base(self, *a, **k))
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(4))
+    grads = {}
+    for name, m, ckpt in (("plain", model, False), ("ckpt", model, True)):
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}) if ckpt else None
+        m.train()
+        runs.clear()
+        grads[name] = loss_and_grad(m, ids)[1]
+        assert len(runs) == 2 * 2          # 2 layers: forward + one recompute each (3 each with both checkpoints)
+    assert torch.equal(grads["plain"], grads["ckpt"]) and grads["plain"].abs().sum() > 0
