@@ -51,6 +51,8 @@ class ModelDataArguments:
     lora_alpha: float = field(default=16)
     lora_dropout: float = field(default=0.1)
     quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4"})
+    quantize_experts: bool = field(default=True, metadata={"help": "MoE models: the fused experts in 4 bit too "
+                                                                   "(frozen, no LoRA); --quantize_experts false: 16-bit"})
     dtype: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32: the defaults of --bf16/--fp16 "
                                                          "(auto: bf16 where native, fp16 on older GPUs, else fp32)"})
 
@@ -93,7 +95,8 @@ def train(data_args, training_args, ds_source) -> int:
     check_vocab(tokenizer, vocab)
     examples = tokenize_records(dataset_records(data_args.dataset), tokenizer, data_args.max_len, ctx)
     config = QLoRAConfig(quant_type=data_args.quant_type, r=data_args.lora_r, alpha=data_args.lora_alpha,
-                         dropout=data_args.lora_dropout, compute_dtype="auto")
+                         dropout=data_args.lora_dropout, compute_dtype="auto",
+                         quantize_experts=data_args.quantize_experts)
     model = prepare_for_trainer(data_args.model, config, training_args)    # computes in --bf16/--fp16/fp32
 
     # PagedAdamW from the ds_config's optimizer section (None: the Trainer's --optim, or DeepSpeed's own optimizer)
