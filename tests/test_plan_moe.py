@@ -257,6 +257,19 @@ def test_published_moe_presets():
         assert on.get("moe_experts_recompute") > 0 and off.get("activations") > on.get("activations")
 
 
+def test_step_time_counts_the_experts_a_token_reaches():
+    """Mixtral-8x7B: a token reaches 2 of 8 experts (3·h·I each, per layer), frozen-linear FLOPs (2 forward, 2 input
+    gradient), + 2 recompute when the experts are 4-bit (their own checkpoint) even with checkpointing off."""
+    from qlora_ds.plan import load_shape
+    from qlora_ds.plan.scaling import flops_per_token
+    s = load_shape("mixtral-8x7b")
+    reached = s.layers * 2 * 3 * s.hidden * s.expert_intermediate
+    on, off = (PlanConfig(shape=s, seq_len=512, grad_ckpt=False, quantize_experts=q) for q in (True, False))
+    dense = flops_per_token(off) - 4 * reached          # attention, linears, LoRA, head
+    assert flops_per_token(on) - dense == 6 * reached and reached == 11_274_289_152
+    assert dense < reached        # the experts are most of the compute
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", ["mixtral", "qwen2_moe"])
 @pytest.mark.parametrize("bits", list(BITS))

@@ -15,14 +15,16 @@ What moves per optimizer step (``grad_accum`` micro steps):
 * ZeRO-1/2: all-gather of the updated bf16 LoRA weights after the step.
 
 FLOPs per token: frozen linears 2·W forward + 2·W input gradient (+ 2·W recompute with gradient
-checkpointing); LoRA 6·P (+2·P recompute); attention 2·s·h·L forward (causal), ×2 backward, +1 recompute.
+checkpointing); LoRA 6·P (+2·P recompute); attention 2·s·h·L forward (causal), ×2 backward, +1 recompute; a MoE's
+experts the same as frozen linears over the k experts a token reaches (3·h·I each), recomputed whenever they are
+4-bit (their own checkpoint) or checkpointing is on.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .memory import PlanConfig, cfg_lora_params, targeted
-from .moe import nf4_part_bytes
+from .moe import nf4_part_bytes, top_k
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,9 @@ def flops_per_token(cfg: PlanConfig) -> float:
     p = cfg_lora_params(cfg)
     ck = 1 if cfg.grad_ckpt else 0
     attn = 2 * cfg.seq_len * s.hidden * s.layers
-    return (4 + 2 * ck) * frozen + (6 + 2 * ck) * p + (3 + ck) * attn
+    experts = s.layers * top_k(s) * sum(s.expert_tensors()) / s.experts if s.experts else 0   # reached per token
+    experts_ck = 1 if cfg.grad_ckpt or cfg.experts_4bit else 0
+    return (4 + 2 * ck) * frozen + (6 + 2 * ck) * p + (3 + ck) * attn + (4 + 2 * experts_ck) * experts
 
 
 def estimate_scaling(cfg: PlanConfig) -> Scaling:
