@@ -50,6 +50,34 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous().view(-1).view(torch.uint8)
 
 
+def part_sizes(numel: int, config) -> dict[str, int]:
+    """Elements of the uint8 parts a blockwise 4-bit weight of ``numel`` elements is kept as (QLoRALinear,
+    QuantizedExperts): packed codes, absmax (DQ codes, or the fp32 absmax's bytes), and with double quantization the
+    nested fp32 absmax's bytes and the offset's."""
+    blocks = -(-numel // config.blocksize)
+    if config.double_quant:
+        return {"packed": (numel + 1) // 2, "absmax": blocks, "absmax2": 4 * -(-blocks // config.nested_blocksize),
+                "offset": 4}
+    return {"packed": (numel + 1) // 2, "absmax": 4 * blocks}
+
+
+def stored_parts(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    """``qt`` as those uint8 parts (views where they can be)."""
+    parts = {"packed": qt.packed.view(-1)}
+    if qt.double_quant:
+        parts["absmax"] = qt.absmax.view(-1)
+        parts["absmax2"] = _bytes(qt.absmax2)
+        parts["offset"] = _bytes(torch.tensor([qt.offset], dtype=torch.float32, device=qt.packed.device))
+    else:
+        parts["absmax"] = _bytes(qt.absmax)
+    return parts
+
+
+def _weight_part(part: str) -> str:
+    """QLoRALinear's parameter name for a part: ``weight`` for the codes, ``weight_<part>`` for the others."""
+    return "weight" if part == "packed" else f"weight_{part}"
+
+
 def build_lora(module: nn.Module, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
                device) -> None:
     """Attach PEFT-named LoRA submodules (fp32) and the scaling to ``module``."""
@@ -86,16 +114,9 @@ class QLoRALinear(nn.Module):
         self.weight_dtype = config.compute_dtype
         self.quant_type, self.blocksize = config.quant_type, config.blocksize
         self.double_quant, self.nested_blocksize = config.double_quant, config.nested_blocksize
-        numel = in_features * out_features
-        blocks = -(-numel // config.blocksize)
-        u8 = dict(dtype=torch.uint8, device=device)
-        self.weight = _frozen(torch.zeros((numel + 1) // 2, **u8))
-        if config.double_quant:
-            self.weight_absmax = _frozen(torch.zeros(blocks, **u8))
-            self.weight_absmax2 = _frozen(torch.zeros(4 * -(-blocks // config.nested_blocksize), **u8))
-            self.weight_offset = _frozen(torch.zeros(4, **u8))
-        else:
-            self.weight_absmax = _frozen(torch.zeros(4 * blocks, **u8))
+        for part, n in part_sizes(in_features * out_features, config).items():
+            setattr(self, _weight_part(part), _frozen(torch.zeros(n, dtype=torch.uint8, device=device)))
+        if not config.double_quant:
             self.register_parameter("weight_absmax2", None)
             self.register_parameter("weight_offset", None)
         if bias:
@@ -139,13 +160,7 @@ class QLoRALinear(nn.Module):
                                f"{'is missing' if bias is None else 'was given'}")
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise QLoRADSError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
-        new = {"weight": qt.packed.view(-1)}
-        if qt.double_quant:
-            new["weight_absmax"] = qt.absmax.view(-1)
-            new["weight_absmax2"] = _bytes(qt.absmax2)
-            new["weight_offset"] = _bytes(torch.tensor([qt.offset], dtype=torch.float32, device=qt.packed.device))
-        else:
-            new["weight_absmax"] = _bytes(qt.absmax)
+        new = {_weight_part(part): t for part, t in stored_parts(qt).items()}
         if bias is not None:
             new["bias"] = bias.detach().to(self.compute_dtype).view(-1)
         with torch.no_grad():

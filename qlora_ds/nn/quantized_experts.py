@@ -33,6 +33,7 @@ from .. import ops
 from ..errors import QLoRADSError
 from ..quant.nf4 import QuantizedTensor, quantize
 from .functional import dequantize_nf4_parts
+from .qlora_linear import _frozen, part_sizes, stored_parts
 
 PARTS = ("packed", "absmax", "absmax2", "offset")
 _CLASSES: dict[type, type] = {}
@@ -48,14 +49,6 @@ def expert_weight_names(module: nn.Module) -> list[str]:
 
 def is_quantized_experts(module: nn.Module) -> bool:
     return isinstance(module, QuantizedExperts)
-
-
-def _frozen(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t, requires_grad=False)
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float32).contiguous().view(-1).view(torch.uint8)
 
 
 class QuantizedExperts(nn.Module):
@@ -85,15 +78,8 @@ class QuantizedExperts(nn.Module):
         if got != (quant_type, blocksize, dq, nested):
             raise QLoRADSError(f"quantized {name} has (quant_type, blocksize, double_quant, nested_blocksize)={got} "
                                f"but the experts' config says {(quant_type, blocksize, dq, nested)}")
-        new = {"packed": qt.packed.view(-1)}
-        if dq:
-            new["absmax"] = qt.absmax.view(-1)
-            new["absmax2"] = _bytes(qt.absmax2)
-            new["offset"] = _bytes(torch.tensor([qt.offset], dtype=torch.float32, device=qt.packed.device))
-        else:
-            new["absmax"] = _bytes(qt.absmax)
         with torch.no_grad():
-            for part, value in new.items():
+            for part, value in stored_parts(qt).items():
                 key = f"{name}_{part}"
                 param = self._parameters.get(key)
                 if param is None or param.is_meta or param.numel() != value.numel():
@@ -152,10 +138,10 @@ class QuantizedExperts(nn.Module):
             experts = self.__dict__["num_experts"]
             live.update({n: p.index_select(0, hit) for n, p in self._parameters.items()      # per-expert biases
                          if p is not None and p.is_floating_point() and p.dim() >= 2 and p.shape[0] == experts})
-            with _live(self, live), _attribute(self, "num_experts", hit.numel()):
+            with _attribute(self, "_qds_live", live), _attribute(self, "num_experts", hit.numel()):
                 return self._qds_base.forward(self, args[0], index, args[2])
         live = {name: self.dequantized(name, dtype) for name in self._qds_weights}
-        with _live(self, live):
+        with _attribute(self, "_qds_live", live):
             return self._qds_base.forward(self, *args, **kwargs)
 
     def _few_experts(self, args, kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -185,18 +171,9 @@ class QuantizedExperts(nn.Module):
 
 
 @contextlib.contextmanager
-def _live(module: nn.Module, weights: dict):
-    before = module.__dict__.get("_qds_live")
-    module.__dict__["_qds_live"] = weights
-    try:
-        yield
-    finally:
-        module.__dict__["_qds_live"] = before
-
-
-@contextlib.contextmanager
 def _attribute(module: nn.Module, name: str, value):
-    before = module.__dict__[name]
+    """``module.<name>`` set to ``value`` for the block (an instance attribute, restored after)."""
+    before = module.__dict__.get(name)
     module.__dict__[name] = value
     try:
         yield
@@ -231,16 +208,8 @@ def quantize_experts_module(module: nn.Module, config) -> list[str]:
 
 
 def _meta_parts(module: nn.Module, name: str, numel: int, config) -> None:
-    blocks = -(-numel // config.blocksize)
-    meta = dict(dtype=torch.uint8, device="meta")
-    module._parameters[f"{name}_packed"] = _frozen(torch.empty((numel + 1) // 2, **meta))
-    if config.double_quant:
-        module._parameters[f"{name}_absmax"] = _frozen(torch.empty(blocks, **meta))
-        module._parameters[f"{name}_absmax2"] = _frozen(torch.empty(4 * -(-blocks // config.nested_blocksize),
-                                                                    **meta))
-        module._parameters[f"{name}_offset"] = _frozen(torch.empty(4, **meta))
-    else:
-        module._parameters[f"{name}_absmax"] = _frozen(torch.empty(4 * blocks, **meta))
+    for part, n in part_sizes(numel, config).items():
+        module._parameters[f"{name}_{part}"] = _frozen(torch.empty(n, dtype=torch.uint8, device="meta"))
 
 
 def dequantize_experts_module(module: nn.Module, dtype: torch.dtype | None = None) -> None:
@@ -248,16 +217,11 @@ def dequantize_experts_module(module: nn.Module, dtype: torch.dtype | None = Non
     dequantized weights (what the model computed with; ``dtype``: default each weight's original dtype)."""
     if not is_quantized_experts(module):
         return
-    weights = module.__dict__.pop("_qds_weights")
-    floats = {}
-    module.__dict__["_qds_weights"] = weights      # dequantized() reads it
-    for name in weights:
-        floats[name] = module.dequantized(name, dtype)
-    del module.__dict__["_qds_weights"]
-    for name in weights:
+    floats = {name: module.dequantized(name, dtype) for name in module._qds_weights}
+    for name, weight in floats.items():
         for part in PARTS:
             module._parameters.pop(f"{name}_{part}", None)
-        module._parameters[name] = _frozen(floats[name])
-    for key in ("_qds_quant", "_qds_live", "_qds_offsets"):
+        module._parameters[name] = _frozen(weight)
+    for key in ("_qds_weights", "_qds_quant", "_qds_live", "_qds_offsets"):
         module.__dict__.pop(key, None)
     module.__class__ = module._qds_base

@@ -39,7 +39,7 @@ from ..errors import QLoRADSError
 from .memory import (ALL_LINEAR, DTYPE_BYTES, FRAGMENTATION, MiB, MemoryEstimate, PlanConfig, activation_bytes,
                      activation_bytes_per_token_layer, base_weight_bytes, estimate_memory, lora_params,
                      unfused_linears)
-from .moe import experts_recompute_bytes
+from .moe import experts_recompute_bytes, nf4_part_bytes
 from .presets import ModelShape, shape_from_hf_config
 
 # ---- the frozen calibration: bench/scale.py on llama-0.4b (SmolLM2-360M's shape) only, 2026-12-03, AMD EPYC
@@ -80,8 +80,7 @@ class LoadEstimate:
 
 def nf4_dq_bytes(n: int, blocksize: int = 64, nested: int = 256) -> int:
     """Stored bytes of one NF4 + double-quant weight of n elements (QLoRALinear's frozen parameters)."""
-    blocks = -(-n // blocksize)
-    return (n + 1) // 2 + blocks + 4 * -(-blocks // nested) + 4
+    return sum(nf4_part_bytes(n, True, blocksize, nested))
 
 
 def _ds_partition(nbytes: float, elem: int, world: int) -> float:
