@@ -52,7 +52,9 @@ class ModelDataArguments:
     lora_dropout: float = field(default=0.1)
     quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4"})
     quantize_experts: bool = field(default=True, metadata={"help": "MoE models: the fused experts in 4 bit too "
-                                                                   "(frozen, no LoRA); --quantize_experts false: 16-bit"})
+                                                                   "(frozen); --quantize_experts false: 16-bit"})
+    lora_experts: bool = field(default=False, metadata={"help": "MoE models: LoRA on the 4-bit experts too (PEFT's "
+                                                                "target_parameters; needs --lora_dropout 0)"})
     dtype: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32: the defaults of --bf16/--fp16 "
                                                          "(auto: bf16 where native, fp16 on older GPUs, else fp32)"})
 
@@ -96,7 +98,7 @@ def train(data_args, training_args, ds_source) -> int:
     examples = tokenize_records(dataset_records(data_args.dataset), tokenizer, data_args.max_len, ctx)
     config = QLoRAConfig(quant_type=data_args.quant_type, r=data_args.lora_r, alpha=data_args.lora_alpha,
                          dropout=data_args.lora_dropout, compute_dtype="auto",
-                         quantize_experts=data_args.quantize_experts)
+                         quantize_experts=data_args.quantize_experts, lora_experts=data_args.lora_experts)
     model = prepare_for_trainer(data_args.model, config, training_args)    # computes in --bf16/--fp16/fp32
 
     # PagedAdamW from the ds_config's optimizer section (None: the Trainer's --optim, or DeepSpeed's own optimizer)

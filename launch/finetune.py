@@ -60,8 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
     g.add_argument("--no-double-quant", dest="double_quant", action="store_false")
     g.add_argument("--quantize-experts", action=argparse.BooleanOptionalAction, default=True,
-                   help="MoE models: store the fused experts in the same 4-bit format (frozen, no LoRA); "
+                   help="MoE models: store the fused experts in the same 4-bit format (frozen; LoRA: --lora-experts); "
                         "--no-quantize-experts keeps them 16-bit as transformers + bitsandbytes does")
+    g.add_argument("--lora-experts", action=argparse.BooleanOptionalAction, default=False,
+                   help="MoE models: LoRA on the 4-bit fused experts too (PEFT's target_parameters layout; needs "
+                        "--lora-dropout 0: the update is folded into the experts' weights)")
     g.add_argument("--bits", type=int, default=4, help="QA-LoRA integer bits (2, 3, 4)")
     g.add_argument("--group-size", type=int, default=32, help="QA-LoRA group size")
     g.add_argument("--pool", choices=["sum", "mean"], default=None,
@@ -156,6 +159,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"was saved to (a run's <output-dir>/adapter, or PEFT's save_pretrained directory)")
     if not 0.0 <= args.lora_dropout < 1.0:
         p.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.lora_experts and (args.lora_dropout or not args.quantize_experts or args.method != "qlora"):
+        p.error("--lora-experts adapts the 4-bit MoE experts of --method qlora (with --quantize-experts) and needs "
+                f"--lora-dropout 0 (got {args.lora_dropout}): their LoRA update is folded into the weights, where "
+                "dropout cannot act (PEFT's target_parameters refuses it too)")
     if not 0.0 <= args.warmup_ratio <= 1.0:
         p.error(f"--warmup-ratio must be in [0, 1], got {args.warmup_ratio}")
     return args
@@ -173,7 +180,7 @@ def adapter_config(args, dtype: torch.dtype):
         pool = {} if args.pool is None else {"pool": args.pool}
         return QALoRAConfig(bits=args.bits, group_size=args.group_size, **pool, **common)
     return QLoRAConfig(quant_type=args.quant_type, double_quant=args.double_quant,
-                       quantize_experts=args.quantize_experts, **common)
+                       quantize_experts=args.quantize_experts, lora_experts=args.lora_experts, **common)
 
 
 compute_dtype = ds_compute_dtype     # of a ds_config that went through resolve_ds_config

@@ -24,7 +24,8 @@ BEFORE_SAMPLE = "sample_before.json"
 BEFORE_OPTION_EXISTED = {"pad_to_multiple_of": 1, "dtype": "bf16", "packing": False, "init_adapter": None,
                          "lr_scheduler": "constant", "loss_weighting": "micro-batch",
                          "dedup": False, "plain_bos": False, "text_windows": False, "heldout_groups": False,
-                         "weight0_untrained": False, "quantize_experts": False}
+                         "weight0_untrained": False, "quantize_experts": False,
+                         "lora_experts": False}
 # arguments that may differ between a run and its resumption
 # (chunked: the same loss, computed leaner; a recipe's values are compared one by one as the arguments they set;
 # nan_policy acts only once a loss is non-finite: a run stopped by one resumes with skip; output_dir: the run itself,

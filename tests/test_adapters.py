@@ -392,7 +392,7 @@ def _saved(tmp_path, config=CFG, model=None):
     ("use_dora", True, "DoRA"), ("alora_invocation_tokens", [5, 6], "aLoRA"),
     ("use_bdlora", {"nblocks": 2}, "block-diagonal"), ("arrow_config", {"top_k": 2}, "Arrow"),
     ("kasa_config", {"beta": 1.0}, "KaSA"), ("layer_replication", [[0, 2], [1, 2]], "replication"),
-    ("target_parameters", ["mlp.experts.down_proj"], "nn.Parameters"), ("lora_bias", True, "bias on lora_B")])
+    ("lora_bias", True, "bias on lora_B")])      # target_parameters (MoE experts): tests/test_experts_lora.py
 def test_peft_options_that_change_the_forward_are_refused(tmp_path, flag, value, what):
     _, d = _saved(tmp_path)
     _edit(d / "adapter_config.json", **{flag: value})

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -37,7 +38,10 @@ def write_moe_run(root) -> dict:
     return {"model": model_dir, "data": data}
 
 
-def test_moe_finetune_zero3_two_ranks_then_merge(tmp_path):
+@pytest.mark.parametrize("lora_experts", [False, True])
+def test_moe_finetune_zero3_two_ranks_then_merge(tmp_path, lora_experts):
+    """--lora-experts: the experts' LoRA tensors (their module's own parameters) are partitioned and gathered with
+    the 4-bit parts, trained, saved in PEFT's target_parameters layout and merged into the experts."""
     run = write_moe_run(tmp_path)
     ds = json.loads((REPO / "configs" / "ds_cpu_demo.json").read_text())
     ds.update(train_batch_size=4, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
@@ -48,7 +52,7 @@ def test_moe_finetune_zero3_two_ranks_then_merge(tmp_path):
     args = ["--model", run["model"], "--dataset", run["data"], "--output-dir", str(out), "--ds-config",
             str(tmp_path / "z3.json"), "--max-len", "32", "--lora-r", "4", "--lora-dropout", "0",
             "--max-steps", "4", "--eval-every", "4", "--save-every", "4", "--eval-size", "4", "--sample-prompt=",
-            "--dtype", "fp32"]
+            "--dtype", "fp32"] + (["--lora-experts"] if lora_experts else [])
     check(run_deepspeed(FINETUNE, *args, timeout=300))
     with open(out / "metrics.jsonl") as fh:
         evals = [r["eval_loss"] for r in map(json.loads, fh) if "eval_loss" in r]
@@ -59,7 +63,13 @@ def test_moe_finetune_zero3_two_ranks_then_merge(tmp_path):
     side = json.loads((out / "adapter" / "qlora_ds.json").read_text())
     assert side["quantize_experts"] is True
     tensors = load_file(out / "adapter" / "adapter_model.safetensors")
-    assert tensors and not any(".experts." in k for k in tensors)        # the experts are frozen, no LoRA
+    experts_keys = sorted(k for k in tensors if ".experts." in k)
+    if lora_experts:     # per layer: down_proj outer, gate_up_proj nested under base_layer (PEFT's order)
+        assert experts_keys == sorted(f"base_model.model.model.layers.{i}.mlp.experts.{b}lora_{p}.weight"
+                                      for i in range(2) for b in ("", "base_layer.") for p in "AB")
+        assert all(tensors[k].abs().sum() > 0 for k in experts_keys)           # B trained away from zero
+    else:
+        assert not experts_keys                                                 # the experts are frozen, no LoRA
     assert all(v.numel() > 0 for v in tensors.values())                   # gathered, not ZeRO-3 stubs
 
     merged = tmp_path / "merged"
@@ -80,5 +90,10 @@ def test_moe_finetune_zero3_two_ranks_then_merge(tmp_path):
     assert len(experts) == 4
     for name in experts:
         want = dequantize(quantize(base.get_parameter(name).detach(), "nf4"), torch.float32)
-        assert torch.equal(model.get_parameter(name), want.to(torch.bfloat16).float())
+        got = model.get_parameter(name)
+        if lora_experts:      # plus the trained update, small against the weights
+            delta = (got - want).abs().max()
+            assert 0 < delta < 0.5 * want.abs().max(), (name, delta)
+        else:
+            assert torch.equal(got, want.to(torch.bfloat16).float())
     assert isinstance(from_pretrained(str(merged), QLoRAConfig(r=4)), torch.nn.Module)   # and it loads again

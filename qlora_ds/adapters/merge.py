@@ -197,7 +197,7 @@ def adapter_config_from_dir(directory: str, compute_dtype: torch.dtype = torch.b
     if os.path.exists(side_path):
         with open(side_path) as f:
             side = json.load(f)
-    infos = list(side.get("layers", {}).values())
+    infos = [i for i in side.get("layers", {}).values() if i.get("kind") != "qlora_experts"]   # experts: below
     kinds = {i.get("kind") for i in infos}
     if len(kinds) > 1:
         raise QLoRADSError(f"adapter {directory} mixes layer kinds {sorted(kinds)}; merge supports one kind per model")
@@ -230,8 +230,14 @@ def adapter_config_from_dir(directory: str, compute_dtype: torch.dtype = torch.b
     # 4-bit MoE experts: recorded by qlora-ds since they exist; older files and plain PEFT ones (bitsandbytes leaves
     # experts in 16 bit) trained on 16-bit experts
     experts = side.get("quantize_experts") if side else fallback.get("quantize_experts")
+    lora_experts = bool(peft_cfg.get("target_parameters"))
+    if lora_experts and not experts:
+        raise QLoRADSError(f"adapter {directory} has LoRA on MoE experts (target_parameters) trained on 16-bit experts "
+                           f"(a plain PEFT file); qlora-ds adapts 4-bit experts only: pass --quantize-experts if they "
+                           f"were 4-bit in training, else merge this adapter with PEFT")
     return QLoRAConfig(quant_type=pick("quant_type", "nf4"), blocksize=int(pick("blocksize", 64)),
-                       double_quant=bool(pick("double_quant", True)), quantize_experts=bool(experts), **common)
+                       double_quant=bool(pick("double_quant", True)), quantize_experts=bool(experts),
+                       lora_experts=lora_experts, **common)
 
 
 # ------------------------------------------------------------------------------------------- export

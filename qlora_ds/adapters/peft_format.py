@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import QLoRADSError
 from ..nn import QALoRALinear, QLoRALinear
+from ..nn.experts_lora import ExpertsLoRAView, adapter_paths
 from ..nn.quantized_experts import is_quantized_experts
 from ..atomic import atomic_directory
 
@@ -64,7 +65,6 @@ _UNSUPPORTED_OPTIONS = {
     "arrow_config": "Arrow routing between LoRAs",
     "kasa_config": "KaSA (a learned singular-value diagonal on a truncated base)",
     "layer_replication": "layer replication (PEFT stacks copies of decoder layers)",
-    "target_parameters": "LoRA on nn.Parameters (e.g. MoE experts) instead of Linear modules",
     "lora_bias": "a bias on lora_B",
 }
 # init_lora_weights methods that also change the base (W - scaling·B0·A0; LoftQ re-quantizes it): a file saved
@@ -74,9 +74,20 @@ _QLORA_QUANT_KEYS = ("quant_type", "blocksize", "double_quant")
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> our LoRA layer, for every QLoRALinear / QALoRALinear that carries an adapter."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, QLoRALinear) or (isinstance(m, QALoRALinear) and m.has_adapter)}
+    """Module path -> our LoRA layer, for every QLoRALinear / QALoRALinear that carries an adapter, and for each
+    adapted 4-bit MoE expert weight an ``ExpertsLoRAView`` under the path PEFT's nested wrappers give it."""
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QLoRALinear) or (isinstance(m, QALoRALinear) and m.has_adapter):
+            layers[name] = m
+        elif is_quantized_experts(m):
+            layers.update({path: ExpertsLoRAView(m, weight, name) for weight, path in adapter_paths(name, m).items()})
+    return layers
+
+
+def _state_key(path: str, layer, part: str) -> str:
+    """Our parameter name of a layer's ``lora_A``/``lora_B`` (``model.named_parameters()``)."""
+    return layer.state_key(part) if isinstance(layer, ExpertsLoRAView) else f"{path}.{part}.weight"
 
 
 def _config_dict(model: nn.Module) -> dict | None:
@@ -123,7 +134,8 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
                  model_state: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
     """Write the adapter of ``model`` atomically in PEFT's format.
 
-    ``model_state``: optional (name, tensor) pairs with our names (``<path>.lora_A.weight``) whose
+    ``model_state``: optional (name, tensor) pairs with our names (``<path>.lora_A.weight``, an experts module's
+    ``<path>.<weight>_lora_A``) whose
     tensors are used instead of the module's parameters (e.g. ones gathered under ZeRO-3); the
     model then only supplies the structure.
     """
@@ -135,7 +147,8 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
     for path, layer in layers.items():
         for part in ("lora_A", "lora_B"):
             key = f"{path}.{part}.weight"
-            t = given[key] if key in given else getattr(layer, part).weight
+            state_key = _state_key(path, layer, part)
+            t = given[state_key] if state_key in given else getattr(layer, part).weight
             t = t.detach().to("cpu", torch.float32)
             want = tuple(getattr(layer, part).weight.shape) if not getattr(layer, part).weight.is_meta else t.shape
             if tuple(t.shape) != tuple(want) or t.numel() == 0:
@@ -145,7 +158,7 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
                 t = _to_peft_a(layer, t)
             tensors[PREFIX + key] = t.contiguous()
         ranks[path], alphas[path] = layer.r, layer.lora_alpha
-        info = {"kind": "qalora" if isinstance(layer, QALoRALinear) else "qlora", "r": layer.r,
+        info = {"kind": _kind(layer), "r": layer.r,
                 "lora_alpha": layer.lora_alpha, "in_features": layer.in_features, "out_features": layer.out_features}
         if isinstance(layer, QALoRALinear):
             info.update(bits=layer.bits, group_size=layer.group_size, pool=layer.pool_mode)
@@ -155,6 +168,7 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     first = next(iter(layers.values()))
+    experts = {p: l for p, l in layers.items() if isinstance(l, ExpertsLoRAView)}
     qalora = [l for l in layers.values() if isinstance(l, QALoRALinear)]
     group_sizes = {l.group_size for l in qalora}
     if len(group_sizes) > 1:
@@ -162,7 +176,7 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
         "lora_dropout": float(getattr(first.lora_dropout, "p", 0.0)), "bias": "none",
-        "target_modules": _target_modules(model, layers),
+        "target_modules": _target_modules(model, [p for p in layers if p not in experts]),
         "rank_pattern": {p: v for p, v in ranks.items() if v != r},
         "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
         "base_model_name_or_path": base_model_name_or_path
@@ -171,6 +185,8 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
         "use_dora": False, "modules_to_save": None, "revision": None,
         "use_qalora": bool(qalora), "qalora_group_size": qalora[0].group_size if qalora else 16,
     }
+    if experts:     # PEFT's LoRA on nn.Parameters: the experts modules' fused weights, by full path
+        config["target_parameters"] = sorted(f"{l.module_path}.{l.name}" for l in experts.values())
     side = {"format": "qlora_ds.adapter", "version": 1, "base_config_hash": base_config_hash(model),
             "base_config": base_config(model), "quantized_from": str(first.weight_dtype).removeprefix("torch."),
             "layers": side_layers, "quantize_experts": any(is_quantized_experts(m) for m in model.modules())}
@@ -321,6 +337,11 @@ def _read_adapter(model: nn.Module, directory: str):
                                f"modules_to_save are not supported)")
         layer = layers.get(path)
         if layer is None:
+            if config.get("target_parameters"):
+                raise QLoRADSError(f"adapter key {key!r} targets {path!r}, which is no QLoRALinear/QALoRALinear or "
+                                   f"adapted 4-bit MoE experts weight in this model; the adapter has LoRA on the "
+                                   f"experts (target_parameters): build the model with QLoRAConfig(lora_experts=True,"
+                                   f" dropout=0) and its target_modules {config.get('target_modules')}")
             raise QLoRADSError(f"adapter key {key!r} targets module {path!r}, which is not a QLoRALinear/QALoRALinear "
                                f"in this model; inject layers for the adapter's target_modules "
                                f"{config.get('target_modules')} first")
@@ -336,8 +357,9 @@ def _read_adapter(model: nn.Module, directory: str):
                                    f"group_size={layer.group_size}")
             if part[0] == "A":
                 t = _from_peft_a(layer, t)
-        elif info is not None and info.get("kind") != "qlora":
-            raise QLoRADSError(f"adapter key {key!r} is a {info.get('kind')} adapter but {path} is a QLoRALinear")
+        elif info is not None and info.get("kind") != _kind(layer):
+            raise QLoRADSError(f"adapter key {key!r} is a {info.get('kind')} adapter but {path} is "
+                               f"{'a QLoRALinear' if isinstance(layer, QLoRALinear) else 'a 4-bit MoE expert weight'}")
         elif qalora_peft:
             raise QLoRADSError(f"adapter is a QA-LoRA adapter (use_qalora) but {path} is a QLoRALinear")
         elif info is not None and any(k in info and info[k] != getattr(layer, k) for k in _QLORA_QUANT_KEYS):
@@ -361,7 +383,7 @@ def _read_adapter(model: nn.Module, directory: str):
                                f"{' (rank_pattern)' if r != r_file else ''}; build the layers with the adapter's "
                                f"r={r_file} (load_adapter gives rank_pattern layers their own rank)")
         want = list(sub.weight.shape)
-        want[0 if part[0] == "A" else 1] = r
+        want[0 if part[0] == "A" else 1] = r * getattr(layer, "num_experts", 1)      # experts: r per expert
         if tuple(t.shape) != tuple(want):
             raise QLoRADSError(f"adapter key {key!r} has shape {tuple(t.shape)} but {path}.lora_{part} at the "
                                f"adapter's rank {r} is {tuple(want)}; load it into the base model it was trained on")
@@ -377,6 +399,10 @@ def _read_adapter(model: nn.Module, directory: str):
             if f"{path}.lora_{part}.weight" not in out:
                 raise QLoRADSError(f"adapter has no lora_{part} weight for {path}; the file is incomplete")
     return out, scalings, alphas, ranks
+
+
+def _kind(layer) -> str:
+    return "qalora" if isinstance(layer, QALoRALinear) else getattr(layer, "kind", "qlora")
 
 
 def _check_options(config: dict) -> None:
@@ -480,6 +506,10 @@ def load_adapter(model: nn.Module, directory: str) -> list[str]:
         raise QLoRADSError(f"the adapter gives {split[0]} rank {ranks[split[0]]} (rank_pattern), but its LoRA weights "
                            f"are ZeRO-3 partitions built at rank {layers[split[0]].r}, which cannot be resized; load "
                            f"this adapter without ZeRO-3 (merge, evaluate), or train with one rank")
+    fused = [p for p in ranks if isinstance(layers[p], ExpertsLoRAView)]
+    if fused:
+        raise QLoRADSError(f"the adapter gives the experts weight {fused[0]} rank {ranks[fused[0]]} (rank_pattern), "
+                           f"but it was built at rank {layers[fused[0]].r}; build the model with that r")
     for path, r in ranks.items():
         _set_rank(layers[path], r)
     for key, t in state.items():

@@ -115,7 +115,7 @@ def _settings_layer_config(settings: dict, compute_dtype: torch.dtype):
         raise QLoRADSError(f"method {method!r} (run_config.json, or --method) is not qlora or qalora")
     return QLoRAConfig(quant_type=get("quant_type", "nf4"), double_quant=bool(get("double_quant", True)),
                        quantize_experts=bool(get("quantize_experts", BEFORE_OPTION_EXISTED["quantize_experts"])),
-                       **common)
+                       lora_experts=bool(get("lora_experts", False)), **common)
 
 
 def load_tokenizer(path: str):

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import QLoRADSError
+from ..nn import experts_lora
 from ..nn.quantized_experts import PARTS, is_quantized_experts
 from ..quant.nf4 import QuantizedTensor, quantize
 
@@ -165,6 +166,12 @@ def parts(module: nn.Module, name: str | None = None) -> list[str]:
     return [f"{n}_{part}" for n in names for part in PARTS if f"{n}_{part}" in module._parameters]
 
 
+def filled_leaves(module: nn.Module) -> list[str]:
+    """Every parameter ``fill_quantized_experts`` fills: the uint8 parts and the experts' LoRA tensors (the
+    checkpoint has none of them under these names)."""
+    return parts(module) + [f"{n}{s}" for n in module.__dict__.get("_qds_lora", {}) for s in experts_lora.SUFFIXES]
+
+
 def plan_quantized_experts(model: nn.Module, sources: ExpertSources, own: dict | None) -> dict[str, dict]:
     """{experts path: {weight name: fused key | Converted | "own"}} for every ``QuantizedExperts`` module; checked
     from the headers (a ``save_quantized`` directory must hold the parts with the skeleton's sizes)."""
@@ -240,4 +247,12 @@ def fill_quantized_experts(module: nn.Module, path: str, plan: dict, ckpt, dtype
         if p.device != device:
             p = module._parameters[leaf] = nn.Parameter(p.data.to(device), requires_grad=False)
         filled.append(p)
+    if experts_lora.has_lora(module):      # initialised on the CPU: the same LoRA weights wherever the model goes
+        names = [f"{n}{s}" for n in module._qds_lora for s in experts_lora.SUFFIXES]
+        for leaf in names:
+            module._parameters[leaf] = nn.Parameter(torch.empty(module._parameters[leaf].shape))
+        experts_lora.reset_lora(module)
+        for leaf in names:
+            p = module._parameters[leaf] = nn.Parameter(module._parameters[leaf].data.to(device))
+            filled.append(p)
     return filled

@@ -46,9 +46,10 @@ from ..hardware import ds_compute_dtype, resolve_dtype
 from ..heap import install_heap_release, release_free_heap
 from ..nn.config import AUTO, QALoRAConfig, QLoRAConfig
 from .checkpoint import BNB_STATE, DTYPES, Checkpoint
-from .experts_loading import ExpertSources, fill_quantized_experts, parts, plan_quantized_experts, quantized_experts
+from .experts_loading import (ExpertSources, fill_quantized_experts, filled_leaves, plan_quantized_experts,
+                              quantized_experts)
 from .policies import Policy
-from .replace import inject, is_linear_like, is_quantized_layer, quantize_for
+from .replace import inject, is_linear_like, is_lora_name, is_quantized_layer, lora_parameters, quantize_for
 from .zero import gathered
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ def _plan(model, ckpt, paths, conv1d, config, own, weight_key):
                            f"this config targets {len(paths)}; use the target_modules it was saved with")
     sources = ExpertSources(model, ckpt)
     experts = plan_quantized_experts(model, sources, own)
-    filled_by_experts = {f"{p}.{leaf}" for p, m in quantized_experts(model).items() for leaf in parts(m)}
+    filled_by_experts = {f"{p}.{leaf}" for p, m in quantized_experts(model).items() for leaf in filled_leaves(m)}
     source: dict[int, object] = {}
     missing = []
     prefixes = tuple(p + "." for p in paths)
@@ -450,7 +451,7 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
                 new_params = list(module.parameters())
             else:
                 new_params = []
-                skip = set(parts(module)) if mpath in experts else set()
+                skip = set(filled_leaves(module)) if mpath in experts else set()
                 for name, p in list(module._parameters.items()):
                     if p is None or name in skip:
                         continue
@@ -499,9 +500,8 @@ def from_pretrained(path: str, config, ds_config=None, torch_dtype: torch.dtype 
     elif device.type != "cpu":
         _buffers_to_device(model, device)        # the skeleton's own (rotary inv_freq, masks)
     model.requires_grad_(False)
-    for layer in paths:
-        model.get_submodule(layer).lora_A.weight.requires_grad_(True)
-        model.get_submodule(layer).lora_B.weight.requires_grad_(True)
+    for param in lora_parameters(model).values():
+        param.requires_grad_(True)
     model.qlora_ds_targets = tuple(paths)
     install_heap_release(model)
     return model.eval()
@@ -528,7 +528,8 @@ def save_quantized(model: nn.Module, directory: str) -> None:
     for mpath, module in model.named_modules():
         if ".lora_A" in mpath or ".lora_B" in mpath:
             continue
-        params = [(n, p) for n, p in module._parameters.items() if p is not None and id(p) not in seen]
+        params = [(n, p) for n, p in module._parameters.items()
+                  if p is not None and id(p) not in seen and not is_lora_name(n)]      # experts' LoRA: no base
         seen.update(id(p) for _, p in params)
         buffers = [(n, b) for n, b in module._buffers.items()
                    if b is not None and n not in module._non_persistent_buffers_set]

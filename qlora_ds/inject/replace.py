@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..errors import QLoRADSError
 from ..nn.config import QALoRAConfig, QLoRAConfig
+from ..nn.experts_lora import SUFFIXES
 from .policies import NON_TEXT, Policy, policy_for
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,12 @@ def inject(model: nn.Module, config, policy: Policy | None = None) -> list[str]:
         setattr(parent, leaf, new)
     experts = quantize_experts(model, config)
     for name, param in model.named_parameters():
-        if ".lora_A." not in name and ".lora_B." not in name:
+        if not is_lora_name(name):
             param.requires_grad_(False)
     if experts:
-        log.info("qlora-ds: %d MoE experts modules stored in %s (frozen, no LoRA): %s", len(experts),
-                 config.quant_type.upper(), ", ".join(experts[:4]) + (" …" if len(experts) > 4 else ""))
+        log.info("qlora-ds: %d MoE experts modules stored in %s (frozen, %s): %s", len(experts),
+                 config.quant_type.upper(), "with LoRA" if config.lora_experts else "no LoRA",
+                 ", ".join(experts[:4]) + (" …" if len(experts) > 4 else ""))
     if policy.generic and config.target_modules is None:
         log.info("qlora-ds: no policy for model_type=%r; generic policy wrapped %d linear layers: %s",
                  model_type, len(paths), ", ".join(paths))
@@ -189,6 +191,12 @@ def _warn_unquantized(model: nn.Module, total: int, config) -> None:
                     100 * numel / total, where, why)
 
 
+def is_lora_name(name: str) -> bool:
+    """A LoRA tensor's parameter name: a layer's ``…lora_A.weight`` / ``…lora_B.weight``, or a 4-bit experts
+    module's ``…<weight>_lora_A`` / ``…<weight>_lora_B`` (``qlora_ds.nn.experts_lora``)."""
+    return ".lora_A." in name or ".lora_B." in name or name.endswith(SUFFIXES)
+
+
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The trainable LoRA tensors by name (``…lora_A.weight``, ``…lora_B.weight``)."""
-    return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    """The trainable LoRA tensors by name (``is_lora_name``)."""
+    return {n: p for n, p in model.named_parameters() if is_lora_name(n)}

@@ -104,10 +104,21 @@ class QLoRAConfig(_LoRAFields):
     # MoE experts fused as 3-D parameters (transformers 5) stored in the same 4-bit format, frozen, without LoRA
     # (qlora_ds.nn.quantized_experts); False leaves them in 16 bit, as transformers + bitsandbytes does
     quantize_experts: bool = True
+    # LoRA on those 4-bit experts too, as PEFT's ``target_parameters`` adapts them: per weight a lora_A (r·E, in) and
+    # lora_B (out, r·E), the update folded into the dequantized weights (so no dropout: PEFT refuses it there too)
+    lora_experts: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.quantize_experts, bool):
-            raise QLoRADSError(f"quantize_experts={self.quantize_experts!r} must be True or False")
+        for flag in ("quantize_experts", "lora_experts"):
+            if not isinstance(getattr(self, flag), bool):
+                raise QLoRADSError(f"{flag}={getattr(self, flag)!r} must be True or False")
+        if self.lora_experts and not self.quantize_experts:
+            raise QLoRADSError("lora_experts=True adapts the 4-bit MoE experts, but quantize_experts=False keeps them "
+                               "in 16 bit; set quantize_experts=True, or lora_experts=False")
+        if self.lora_experts and self.dropout:
+            raise QLoRADSError(f"lora_experts=True with dropout={self.dropout}: the experts' LoRA update is folded "
+                               f"into their weights, where dropout on the input cannot act (PEFT's target_parameters "
+                               f"refuses it too); set dropout=0, or lora_experts=False")
         if self.quant_type not in QUANT_TYPES:
             raise QLoRADSError(f"quant_type={self.quant_type!r} is unknown; use 'nf4' (QLoRA) or 'fp4'")
         check_blocksize(self.blocksize)

@@ -18,7 +18,8 @@ and transformers + bitsandbytes leaves them in 16 bit. ``quantize_experts`` stor
   quantization ``{name}_absmax2`` (fp32 bytes) and ``{name}_offset`` (4 bytes); ``module.{name}`` reads a
   dequantized copy.
 
-The experts are frozen and carry no LoRA (PEFT's ``target_parameters`` adapters are not written).
+The 4-bit weights are frozen; ``QLoRAConfig.lora_experts`` gives them LoRA adapters in PEFT's ``target_parameters``
+layout (``qlora_ds.nn.experts_lora``), added to the dequantized weights per call.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import ops
 from ..errors import QLoRADSError
 from ..quant.nf4 import QuantizedTensor, quantize
+from . import experts_lora
 from .functional import dequantize_nf4_parts
 from .qlora_linear import _frozen, part_sizes, stored_parts
 
@@ -124,6 +126,7 @@ class QuantizedExperts(nn.Module):
     # ------------------------------------------------------------------ compute
     def forward(self, *args, **kwargs):
         tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        tensors += experts_lora.lora_parameters(self)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return checkpoint(self._forward_dequantized, *args, use_reentrant=False, **kwargs)
         return self._forward_dequantized(*args, **kwargs)
@@ -134,13 +137,14 @@ class QuantizedExperts(nn.Module):
         few = self._few_experts(args, kwargs)
         if few is not None:
             hit, index = few
-            live = {name: self._dequantized_experts(name, hit, dtype) for name in self._qds_weights}
+            live = {name: experts_lora.with_lora(self, name, self._dequantized_experts(name, hit, dtype), hit)
+                    for name in self._qds_weights}
             experts = self.__dict__["num_experts"]
             live.update({n: p.index_select(0, hit) for n, p in self._parameters.items()      # per-expert biases
                          if p is not None and p.is_floating_point() and p.dim() >= 2 and p.shape[0] == experts})
             with _attribute(self, "_qds_live", live), _attribute(self, "num_experts", hit.numel()):
                 return self._qds_base.forward(self, args[0], index, args[2])
-        live = {name: self.dequantized(name, dtype) for name in self._qds_weights}
+        live = {name: experts_lora.with_lora(self, name, self.dequantized(name, dtype)) for name in self._qds_weights}
         with _attribute(self, "_qds_live", live):
             return self._qds_base.forward(self, *args, **kwargs)
 
@@ -188,8 +192,9 @@ def _quantized_class(base: type) -> type:
 
 
 def quantize_experts_module(module: nn.Module, config) -> list[str]:
-    """Store ``module``'s fused expert weights in 4 bit as ``config`` (a QLoRAConfig) says, in place; returns the
-    names quantized. On a meta skeleton the parameters stay meta (``set_quantized`` fills them)."""
+    """Store ``module``'s fused expert weights in 4 bit as ``config`` (a QLoRAConfig) says, in place, with LoRA on
+    them if ``config.lora_experts``; returns the names quantized. On a meta skeleton the parameters stay meta
+    (``set_quantized`` and ``experts_lora.reset_lora`` fill them)."""
     names = expert_weight_names(module)
     if not names or is_quantized_experts(module):
         return []
@@ -204,6 +209,8 @@ def quantize_experts_module(module: nn.Module, config) -> list[str]:
             _meta_parts(module, name, old.numel(), config)
         else:
             module.set_quantized(name, quantize(old.detach(), *quant))
+    if getattr(config, "lora_experts", False):
+        experts_lora.add_lora(module, config.r, config.alpha)
     return names
 
 
@@ -212,16 +219,20 @@ def _meta_parts(module: nn.Module, name: str, numel: int, config) -> None:
         module._parameters[f"{name}_{part}"] = _frozen(torch.empty(n, dtype=torch.uint8, device="meta"))
 
 
+@torch.no_grad()
 def dequantize_experts_module(module: nn.Module, dtype: torch.dtype | None = None) -> None:
     """Undo ``quantize_experts_module`` in place: the original class with float 3-D parameters holding the
-    dequantized weights (what the model computed with; ``dtype``: default each weight's original dtype)."""
+    dequantized weights with their LoRA update merged, summed in fp32 (what the model computed with; ``dtype``:
+    default each weight's original dtype)."""
     if not is_quantized_experts(module):
         return
-    floats = {name: module.dequantized(name, dtype) for name in module._qds_weights}
+    floats = {name: experts_lora.with_lora(module, name, module.dequantized(name, torch.float32))
+              .to(dtype or module._qds_weights[name][1]) if experts_lora.has_lora(module)
+              else module.dequantized(name, dtype) for name in module._qds_weights}
     for name, weight in floats.items():
-        for part in PARTS:
+        for part in (*PARTS, "lora_A", "lora_B"):
             module._parameters.pop(f"{name}_{part}", None)
         module._parameters[name] = _frozen(weight)
-    for key in ("_qds_weights", "_qds_quant", "_qds_live", "_qds_offsets"):
+    for key in ("_qds_weights", "_qds_quant", "_qds_live", "_qds_offsets", "_qds_lora"):
         module.__dict__.pop(key, None)
     module.__class__ = module._qds_base
