@@ -109,10 +109,11 @@ def _enable_ckpt(model) -> None:
 
 def build(method: str, path: str, r: int = 16, alpha: float = 16, grad_ckpt: bool = True,
           device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, dropout: float = 0.0,
-          quantize_experts: bool = True):
+          quantize_experts: bool = True, lora_experts: bool = False):
     """(model in train mode on ``device``, its trainable parameters) for one method variant computing in ``dtype``
     (the quantized layers' compute dtype and the dtype of everything left unquantized). ``quantize_experts``: ours
-    with NF4 + DQ stores a MoE model's fused experts in 4 bit (bnb + PEFT leaves them in 16 bit)."""
+    with NF4 + DQ stores a MoE model's fused experts in 4 bit (bnb + PEFT leaves them in 16 bit). ``lora_experts``:
+    LoRA on those fused experts too (ours: ``QLoRAConfig.lora_experts``; PEFT: ``target_parameters``)."""
     device = torch.device(device)
     if method.startswith("ours-"):
         from qlora_ds.inject import from_pretrained
@@ -120,7 +121,7 @@ def build(method: str, path: str, r: int = 16, alpha: float = 16, grad_ckpt: boo
         kind = method[len("ours-"):]
         if kind == "nf4dq":
             cfg = QLoRAConfig(quant_type="nf4", double_quant=True, r=r, alpha=alpha, dropout=dropout, compute_dtype=dtype,
-                              quantize_experts=quantize_experts)
+                              quantize_experts=quantize_experts, lora_experts=lora_experts)
         elif kind == "fp4":
             cfg = QLoRAConfig(quant_type="fp4", double_quant=False, r=r, alpha=alpha, dropout=dropout, compute_dtype=dtype)
         elif kind.startswith("qalora"):
@@ -146,8 +147,11 @@ def build(method: str, path: str, r: int = 16, alpha: float = 16, grad_ckpt: boo
             p.requires_grad_(False)
         if grad_ckpt:
             _enable_ckpt(base)
+        fused = sorted({n for n, p in base.named_parameters() if p.dim() == 3 and ".experts." in n}) if lora_experts \
+            else None
         model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
-                                                target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+                                                target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
+                                                target_parameters=fused))
         grad_ckpt = False   # already on the base model
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")

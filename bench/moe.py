@@ -7,7 +7,8 @@
 The checkpoint is written once by this script (random weights, bf16, transformers' own per-expert layout) under
 ``--workdir``. Each variant runs in its own subprocess (its peak is its own): load, one warm-up step, ``--steps``
 timed steps of batch 1 x ``--seq`` random tokens, r 16 / α 16 / dropout 0 on the attention (``bench._train_loop``'s
-targets: the experts are no linears),
+targets: the experts are no linears) and, in the ``*-lora-experts`` variants, on the fused experts too (ours:
+``--lora-experts``, 4-bit; PEFT: ``target_parameters`` on the 16-bit experts bitsandbytes leaves),
 non-reentrant checkpointing, torch AdamW, the machine's compute dtype. ``loaded``: RSS after loading minus before
 (CUDA: allocated); ``peak_step_over_loaded``: the step's high-water mark minus the loaded RSS; ``one_token_ms``: a
 forward of one token without cache (what decoding pays per layer's experts).
@@ -29,7 +30,7 @@ from bench import _train_loop as tl
 from bench.common import REPO, RowWriter, default_device, describe_machine, format_table
 
 MiB = 1 << 20
-VARIANTS = ("ours", "ours-16bit-experts", "bnb-peft")
+VARIANTS = ("ours", "ours-16bit-experts", "bnb-peft", "ours-lora-experts", "bnb-peft-lora-experts")
 SHAPES = {"default": dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                           head_dim=128, num_experts=32, moe_intermediate_size=768, num_experts_per_tok=4,
                           intermediate_size=3072, vocab_size=32000),
@@ -51,8 +52,9 @@ def write_checkpoint(path: str, shape: dict) -> str:
 
 
 def _build(variant: str, path: str, dtype: torch.dtype, device):
-    method = "bnb-peft" if variant == "bnb-peft" else "ours-nf4dq"
-    model, _ = tl.build(method, path, device=device, dtype=dtype, quantize_experts=variant == "ours")
+    method = "bnb-peft" if variant.startswith("bnb-peft") else "ours-nf4dq"
+    model, _ = tl.build(method, path, device=device, dtype=dtype, quantize_experts=variant != "ours-16bit-experts",
+                        lora_experts=variant.endswith("-lora-experts"))
     return model
 
 

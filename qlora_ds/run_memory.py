@@ -40,7 +40,8 @@ def planner_check(args, model_config, ds_config: dict, world: int, runtime: int,
                              runtime_bytes=0 if cuda else int(runtime), pad_multiple=args.pad_to_multiple_of,
                              chunked_loss=args.chunked_loss, compute_dtype=ds_compute_dtype(ds_config),
                              fused_cpu_linear=not cuda and fused_linear.available(), packing=args.packing,
-                             width_sum=int(width_sum), quantize_experts=args.quantize_experts)
+                             width_sum=int(width_sum), quantize_experts=args.quantize_experts,
+                             lora_experts=getattr(args, "lora_experts", False))
     except QLoRADSError as err:
         log.info("memory planner: not compared (%s)", err)
         return None

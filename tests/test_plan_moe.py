@@ -6,7 +6,10 @@ trains, with the fused 3-D experts in 16 bit and in 4 bit (``quantize_experts``,
   the linears inject wraps but o_proj (attention and the shared expert), where the 4-bit experts' checkpoint shares
   its input with LoRA's at dropout 0;
 * the backward transient of 4-bit experts: what one layer's experts save when their forward runs unchecked (what
-  their checkpoint recomputes): the dequantized weights and the activations per token;
+  their checkpoint recomputes): the dequantized weights and the activations per token; with LoRA on them
+  (``lora_experts``) also what that keeps, and the weights' full gradients alive at the backward's peak (live
+  tensors tracked op by op);
+* ``lora_experts``' trainable parameters counted by hand and in the injected model, their bytes, the switch;
 * weights: the planned bytes of the experts and routers are the injected model's parameter bytes (NF4 with and
   without double quantization; 16-bit), and ZeRO-3 partitions and gathers exactly those tensors."""
 from dataclasses import replace
@@ -35,10 +38,10 @@ CASES = {   # id: (model_type, config keywords)
 BITS = {"16bit": False, "4bit": True}
 
 
-def _quantized(model, dtype):
+def _quantized(model, dtype, lora: bool = False):
     from qlora_ds.inject.replace import quantize_experts
     from qlora_ds.nn import QLoRAConfig
-    assert quantize_experts(model, QLoRAConfig(r=4, compute_dtype=dtype))
+    assert quantize_experts(model, QLoRAConfig(r=4, compute_dtype=dtype, dropout=0.0, lora_experts=lora))
     return model
 
 
@@ -95,19 +98,61 @@ def test_the_routing_term_reads_the_config():
 
 
 RECOMPUTED = ("mixtral", "mixtral-top3", "qwen2_moe")
+LORA = {"": False, "/lora": True}
 
 
 def _recomputed(ids) -> dict:
-    """Bytes layer 1's 4-bit experts save at batch 1, 2, 3 when their forward runs without the checkpoint: what
-    backward recomputes and holds for that layer (the dequantized weights included)."""
+    """Bytes layer 1's 4-bit experts (with LoRA r=4 on them or not) save at batch 1, 2, 3 when their forward runs
+    without the checkpoint: what backward recomputes and holds for that layer (the dequantized weights included);
+    and ``_backward_peak``'s weight-sized tensors."""
     out = {}
     for case in ids:
         for dtype in ("bfloat16", "float32"):
-            model = _quantized(_model(*CASES[case], getattr(torch, dtype)), getattr(torch, dtype))
-            experts = _layer(model).mlp.experts
-            experts.forward = experts._forward_dequantized
-            out[f"{case}/{dtype}"] = [_saved_bytes_per_layer(model, experts, b, SEQ) for b in (1, 2, 3)]
+            for tag, lora in LORA.items():
+                model = _quantized(_model(*CASES[case], getattr(torch, dtype)), getattr(torch, dtype), lora)
+                out[f"peak/{case}/{dtype}{tag}"] = _backward_peak(model)
+                experts = _layer(model).mlp.experts
+                experts.forward = experts._forward_dequantized
+                out[f"{case}/{dtype}{tag}"] = [_saved_bytes_per_layer(model, experts, b, SEQ) for b in (1, 2, 3)]
     return out
+
+
+def _backward_peak(model, tokens: int = 4) -> list[int]:
+    """Layer 1's 4-bit experts run (checkpointed) on ``tokens`` tokens, then backward: every tensor the backward
+    allocates is tracked op by op until freed; returns the bytes of those alive at its peak that are at least one
+    weight of the experts in size (at 4 tokens every activation is far smaller)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    experts, h = _layer(model).mlp.experts, model.config.hidden_size
+    e, k = experts.num_experts, top_k(shape_from_hf_config(model.config.to_dict()))
+    dtype = model.get_input_embeddings().weight.dtype
+    smallest = min(shape[0] * shape[1] * shape[2] for shape, _ in experts._qds_weights.values()) * dtype.itemsize
+    torch.manual_seed(0)
+    x = torch.randn(tokens, h, dtype=dtype, requires_grad=True)
+    index = torch.stack([torch.randperm(e)[:k] for _ in range(tokens)])
+    out = experts(x, index, torch.rand(tokens, k, dtype=dtype))
+    grad = torch.randn_like(out)
+    before = {t.untyped_storage().data_ptr() for t in (*model.parameters(), x, index, out, grad)}
+
+    class Live(TorchDispatchMode):
+        live, peak, at_peak = {}, 0, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(result):
+                ptr = t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else 0
+                if ptr and ptr not in before and ptr not in self.live:
+                    self.live[ptr] = (StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes())
+            now = sum(n for _, n in self.live.values())
+            if now > Live.peak:
+                Live.peak, Live.at_peak = now, sorted(n for _, n in self.live.values() if n >= smallest)
+            for ptr in [p for p, (ref, _) in self.live.items() if ref.expired()]:
+                del self.live[ptr]
+            return result
+
+    with Live():
+        out.backward(grad)
+    return Live.at_peak
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +171,37 @@ def test_4bit_experts_recompute_transient(recomputed, case, dtype):
     cfg = PlanConfig(shape=shape, device="cpu", compute_dtype={2: "bf16", 4: "fp32"}[e], seq_len=SEQ, micro_batch=3)
     assert estimate_memory(cfg).get("moe_experts_recompute") == got[2]
     assert estimate_memory(replace(cfg, quantize_experts=False)).get("moe_experts_recompute") == 0
+
+
+@pytest.mark.parametrize("case", RECOMPUTED)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_4bit_experts_with_lora_recompute_transient(recomputed, case, dtype):
+    """LoRA r=4 on the experts (fp32 factors, as built): the recompute keeps the live weights (as many bytes as
+    the dequantized ones), the factors cast to bf16 (none in fp32: the parameters themselves), and grouped_mm's
+    inputs, e·k·(h + I) per token. At the backward's peak the live weight-sized tensors are gate_up's weight and
+    both weights' gradients: the dequantized weights + ``experts_lora_grad_bytes`` = e·E·2I·h (down's weight is
+    freed by then), where without LoRA they are the two dequantized weights."""
+    from qlora_ds.plan.moe import experts_lora_grad_bytes
+    shape, e = _shape(*CASES[case]), 2 if dtype == "bfloat16" else 4
+    E, h, i, k, r = shape.experts, shape.hidden, shape.expert_intermediate, top_k(shape), 4
+    got, plain = recomputed[f"{case}/{dtype}/lora"], recomputed[f"{case}/{dtype}"]
+    factors = r * E * (h + 2 * i) + r * E * (i + h)          # gate_up A (rE, h), B (2I, rE); down A (rE, I), B (h, rE)
+    assert [a - b for a, b in zip(got, plain)] == [(e * factors if e == 2 else 0) + b * SEQ * e * k * (h + i)
+                                                   for b in (1, 2, 3)]
+    assert got == [experts_recompute_bytes(shape, e, b * SEQ, r, factor_copies=e == 2) for b in (1, 2, 3)]
+    gate_up, down = e * E * 2 * i * h, e * E * h * i
+    assert recomputed[f"peak/{case}/{dtype}"] == sorted([gate_up, down])
+    assert recomputed[f"peak/{case}/{dtype}/lora"] == sorted([gate_up, gate_up, down])
+    assert experts_lora_grad_bytes(shape, e) == gate_up == sum(recomputed[f"peak/{case}/{dtype}/lora"]) - (
+        experts_recompute_bytes(shape, e, 0) - 4 * E)
+    cfg = PlanConfig(shape=shape, device="cpu", compute_dtype={2: "bf16", 4: "fp32"}[e], seq_len=SEQ, micro_batch=3,
+                     lora_r=r, lora_dropout=0.0, zero_stage=3)      # ZeRO-3 in bf16: fp32 factors, cast per call
+    on = estimate_memory(replace(cfg, lora_experts=True))
+    assert on.get("moe_experts_recompute") == got[2] and on.get("moe_experts_lora_grads") == gate_up
+    assert estimate_memory(cfg).get("moe_experts_lora_grads") == 0
+    if e == 2:      # ZeRO-0 in bf16: DeepSpeed casts the factors to bf16 themselves, no copies
+        z0 = estimate_memory(replace(cfg, lora_experts=True, zero_stage=0))
+        assert on.get("moe_experts_recompute") - z0.get("moe_experts_recompute") == e * factors
 
 
 # o_proj left out: its input is SDPA's output, which SDPA keeps already (a LoRA term memory.py counts twice; not MoE)
@@ -244,6 +320,76 @@ def test_quantized_experts_switch_through_the_planner(tmp_path):
     assert "drop --no-quantize-experts" in advice
 
 
+def test_lora_experts_parameters_by_hand():
+    """``lora_experts`` on tiny Qwen2-MoE (E=4, h=64, I=32, 2 layers), r=4: per layer gate_up's A (16, 64) + B
+    (64, 16) and down's A (16, 32) + B (64, 16) = 3584 trainable parameters, the injected model's, counted with the
+    linears' LoRA in every term (working copy, gradients, masters, Adam; ZeRO partitions)."""
+    from qlora_ds.inject import inject
+    from qlora_ds.inject.replace import lora_parameters
+    from qlora_ds.nn import QLoRAConfig
+    from qlora_ds.plan.memory import cfg_lora_params
+    from qlora_ds.plan.moe import expert_lora_params
+    model = _build("qwen2_moe", dict(LLAMA_KW, **MOE["qwen2_moe"]), dtype=torch.bfloat16)
+    inject(model, QLoRAConfig(r=4, dropout=0.0, compute_dtype=torch.bfloat16, lora_experts=True))
+    s = shape_from_hf_config(model.config.to_dict())
+    assert (s.experts, s.hidden, s.expert_intermediate, s.layers) == (4, 64, 32, 2)
+    hand = 2 * ((16 * 64 + 64 * 16) + (16 * 32 + 64 * 16))
+    assert expert_lora_params(s, 4) == hand == 7168
+    trained = lora_parameters(model)
+    assert sum(p.numel() for n, p in trained.items() if n.endswith(("_lora_A", "_lora_B"))) == hand
+    cfg = PlanConfig(shape=s, lora_r=4, lora_dropout=0.0, zero_stage=0)
+    on = replace(cfg, lora_experts=True)
+    assert cfg_lora_params(on) - cfg_lora_params(cfg) == hand and cfg_lora_params(on) == sum(
+        p.numel() for p in trained.values() if p.requires_grad)
+    for z, n, lora_bytes in ((0, 1, 2), (1, 4, 2), (2, 4, 2), (3, 4, 4)):   # ZeRO-3 in bf16: fp32 A/B as built
+        a, b = (estimate_memory(replace(c, zero_stage=z, gpus_per_node=n)) for c in (on, cfg))
+        part = {"lora_params": n if z >= 3 else 1, "lora_grads": n if z >= 2 else 1, "master_weights": n if z else 1,
+                "optimizer_states": n if z else 1}
+        for item, size in {"lora_params": lora_bytes, "lora_grads": 2, "master_weights": 4,
+                           "optimizer_states": 8}.items():
+            assert a.get(item) - b.get(item) == hand * size / part[item], (z, item)
+    assert "(7,168 on the MoE experts)" in format_report(plan(on)) and "with LoRA" in format_report(plan(on))
+    assert "frozen + LoRA r=4" in format_report(plan(on))
+
+
+def test_lora_experts_switch_through_the_planner(tmp_path):
+    """The CLI flag (it plans dropout 0, as finetune --lora-experts needs), the recipe key, config_for_run, the
+    advice; refused as finetune refuses it: with dropout, 16-bit experts, QA-LoRA."""
+    import json
+
+    from qlora_ds.errors import QLoRADSError
+    from qlora_ds.plan.__main__ import config_from_args, parse_args
+    from qlora_ds.plan.moe import expert_lora_params
+    from qlora_ds.plan.run_check import config_for_run
+    hf = dict(LLAMA_KW, model_type="qwen3_moe", **MOE["qwen3_moe"])
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(hf))
+    plain = config_from_args(parse_args(["--model", str(path)]))
+    flag = config_from_args(parse_args(["--model", str(path), "--lora-experts"]))
+    assert (plain.lora_experts, flag.lora_experts, flag.lora_dropout) == (False, True, 0.0)
+    s, r = flag.shape, flag.lora_r
+    per_layer = r * s.experts * (s.hidden + 2 * s.expert_intermediate) + r * s.experts * (
+        s.expert_intermediate + s.hidden)
+    assert estimate_memory(flag).get("lora_grads") - estimate_memory(replace(flag, lora_experts=False)).get(
+        "lora_grads") == 2 * s.layers * per_layer == 2 * expert_lora_params(s, r)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"lora_experts": True, "lora_dropout": 0.0}))
+    assert config_from_args(parse_args(["--model", str(path), "--recipe", str(recipe)])).lora_experts
+    assert apply_recipe(flag, {"lora_dropout": 0}).lora_experts          # the key absent: the config's
+    assert not apply_recipe(flag, {"lora_experts": False}).lora_experts
+    for bad in ({"lora_experts": True}, {"lora_experts": True, "lora_dropout": 0, "quantize_experts": False},
+                {"lora_experts": True, "lora_dropout": 0, "method": "qalora", "group_size": 16}):
+        with pytest.raises(QLoRADSError, match="lora_experts"):
+            apply_recipe(plain, bad)
+    with pytest.raises(QLoRADSError, match="quantize_experts=False"):
+        config_from_args(parse_args(["--model", str(path), "--lora-experts", "--no-quantize-experts"]))
+    run = dict(world=1, device="cpu", seq_len=SEQ, lora_r=4, lora_dropout=0.0, targets=None, grad_ckpt=True)
+    assert config_for_run(hf, {}, **run, lora_experts=True).lora_experts
+    assert not config_for_run(hf, {}, **run).lora_experts
+    need = estimate_memory(flag).required
+    assert "drop --lora-experts" in [a.flag for a in plan(replace(flag, gpu_mem_bytes=int(need) - 1)).advice]
+
+
 def test_published_moe_presets():
     """Mixtral-8x7B (46.7 B) and Qwen3-30B-A3B (30.5 B) as presets; their 4-bit experts are 3.9x smaller."""
     from qlora_ds.plan import load_shape
@@ -255,6 +401,11 @@ def test_published_moe_presets():
         off = estimate_memory(PlanConfig(shape=s, seq_len=2048, gpu_mem_bytes=80 * GiB, quantize_experts=False))
         assert 3.8 < off.get("moe_experts") / on.get("moe_experts") < 3.9
         assert on.get("moe_experts_recompute") > 0 and off.get("activations") > on.get("activations")
+    # LoRA r=64 on Qwen3-30B-A3B's experts (48 layers, 128 experts, h 2048, I 768): r·E·(2h + 3I) per layer
+    lora = estimate_memory(PlanConfig(shape=qwen, seq_len=2048, lora_dropout=0.0, lora_experts=True))
+    assert lora.get("moe_experts_lora_grads") == 2 * 128 * 2 * 768 * 2048
+    assert 48 * 64 * 128 * (2 * 2048 + 3 * 768) == 2_516_582_400
+    assert "(2,516,582,400 on the MoE experts)" in next(it.note for it in lora.items if it.name == "lora_params")
 
 
 def test_step_time_counts_the_experts_a_token_reaches():

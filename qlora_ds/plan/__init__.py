@@ -137,12 +137,12 @@ def _find(path: str, near: str | None) -> str:
 FINETUNE_KEYS = frozenset({
     "adam_beta2", "bits", "chunked_loss", "dataset", "dedup", "deepspeed", "double_quant", "ds_config", "dtype",
     "epochs", "eval_every", "eval_size", "grad_accum", "grad_ckpt", "group_by_length", "group_size", "heldout_groups",
-    "help", "init_adapter",
-    "keep_checkpoints", "local_rank", "log_every", "lora_alpha", "lora_dropout", "lora_r", "loss_weighting", "lr",
-    "lr_scheduler", "max_grad_norm", "max_len", "max_steps", "method", "micro_batch", "model", "nan_policy",
-    "optimizer", "output_dir", "overwrite", "packing", "pad_to_multiple_of", "plain_bos", "pool", "quant_type",
-    "quantize_experts", "recipe", "resume", "sample_prompt", "save_every", "seed", "target_modules", "text_windows",
-    "train_on_prompt", "warmup_ratio", "weight0_untrained", "weight_decay"})
+    "help", "init_adapter", "keep_checkpoints", "local_rank", "log_every", "lora_alpha", "lora_dropout",
+    "lora_experts", "lora_r", "loss_weighting", "lr", "lr_scheduler", "max_grad_norm", "max_len", "max_steps",
+    "method", "micro_batch", "model", "nan_policy", "optimizer", "output_dir", "overwrite", "packing",
+    "pad_to_multiple_of", "plain_bos", "pool", "quant_type", "quantize_experts", "recipe", "resume", "sample_prompt",
+    "save_every", "seed", "target_modules", "text_windows", "train_on_prompt", "warmup_ratio", "weight0_untrained",
+    "weight_decay"})
 FINETUNE_OPTIMIZER = "PagedAdamW"     # finetune's optimizer when neither the recipe nor the ds_config names one
 
 
@@ -162,11 +162,11 @@ def _check_recipe_vs_ds(recipe: dict, ds: dict, where: str) -> None:
 
 def apply_recipe(cfg: PlanConfig, recipe: dict | str) -> PlanConfig:
     """What a ``launch/finetune.py --recipe`` file (flat keys) runs: LoRA rank/dropout/targets, method (QLoRA NF4 or
-    QA-LoRA INT-N with its bits and group size), MoE experts in 4 bit or not, max length, micro batch, accumulation,
-    optimizer, dtype, chunked loss, checkpointing, packing and the ds_config. A key finetune does not know is an
-    error, as it is there; keys it lacks take finetune's defaults for the loss (chunked) and the optimizer
-    (PagedAdamW), else ``cfg``'s. A dtype of "auto" (or none) keeps ``cfg.compute_dtype``: the caller resolves auto
-    for the planned device, as ``python -m qlora_ds.plan`` does."""
+    QA-LoRA INT-N with its bits and group size), MoE experts in 4 bit or not (with LoRA or not), max length, micro
+    batch, accumulation, optimizer, dtype, chunked loss, checkpointing, packing and the ds_config. A key finetune
+    does not know is an error, as it is there; keys it lacks take finetune's defaults for the loss (chunked) and the
+    optimizer (PagedAdamW), else ``cfg``'s. A dtype of "auto" (or none) keeps ``cfg.compute_dtype``: the caller
+    resolves auto for the planned device, as ``python -m qlora_ds.plan`` does."""
     path = recipe if isinstance(recipe, str) else None
     if path is not None:
         with open(path) as f:
@@ -204,6 +204,7 @@ def apply_recipe(cfg: PlanConfig, recipe: dict | str) -> PlanConfig:
         grad_ckpt=bool(recipe.get("grad_ckpt", cfg.grad_ckpt)),
         double_quant=bool(recipe.get("double_quant", cfg.double_quant)),
         quantize_experts=bool(recipe.get("quantize_experts", cfg.quantize_experts)),
+        lora_experts=bool(recipe.get("lora_experts", cfg.lora_experts)),
         packing=bool(recipe.get("packing", cfg.packing)),
         pad_multiple=int(recipe.get("pad_to_multiple_of", cfg.pad_multiple)),
         chunked_loss=bool(recipe.get("chunked_loss", True)),
@@ -235,6 +236,7 @@ def format_report(r: PlanReport) -> str:
              f"micro batch {c.micro_batch}, grad ckpt {'on' if c.grad_ckpt else 'off'}, "
              f"{'paged ' if c.paged else ''}Adam {c.optim_bits}-bit, loss {_loss_words(c)}"
              + (f", MoE experts {4 if c.experts_4bit else 8 * c.elem}-bit" if c.shape.experts else "")
+             + (" with LoRA" if c.shape.experts and c.lora_experts else "")
              + (f", optimizer offload {c.offload_optimizer}" if c.offload_optimizer != "none" else "")
              + (f", param offload {c.offload_param}" if c.offload_param != "none" else ""),
              "per-GPU memory:"]

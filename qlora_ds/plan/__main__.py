@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-quantize-experts", action="store_true",
                    help="MoE models: plan the fused experts in 16 bit (finetune --no-quantize-experts); by default "
                         "they are stored in the linears' 4-bit format, frozen")
+    p.add_argument("--lora-experts", action="store_true",
+                   help="MoE models: LoRA on the 4-bit experts too (finetune --lora-experts); plans LoRA dropout 0, "
+                        "which it needs (a recipe's other dropout is an error, as there)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"),
                    help="compute dtype, as finetune --dtype (default: the recipe's, else auto). auto: bf16 on cuda "
@@ -82,7 +85,8 @@ def config_from_args(a: argparse.Namespace) -> PlanConfig:
                      compute_dtype=dtype,      # a recipe's explicit dtype replaces it; its "auto" keeps it
                      chunked_loss=True,    # launch/finetune.py's default
                      runtime_bytes=parse_mem(a.runtime_mem) if a.runtime_mem is not None else None,
-                     interconnect_gbps=a.interconnect_gbps, intra_node_gbps=a.intra_gbps, tflops=a.tflops)
+                     interconnect_gbps=a.interconnect_gbps, intra_node_gbps=a.intra_gbps, tflops=a.tflops,
+                     **({"lora_dropout": 0.0} if a.lora_experts else {}))     # finetune --lora-experts needs it
     if a.recipe:
         cfg = apply_recipe(cfg, a.recipe)
     if a.ds_config:
@@ -93,7 +97,8 @@ def config_from_args(a: argparse.Namespace) -> PlanConfig:
                  "compute_dtype": dtype if a.dtype else None}
     flags = {"grad_ckpt": False if a.no_grad_ckpt else None, "bf16_master": True if a.bf16_lora else None,
              "paged": True if a.paged else None, "fused_cpu_linear": True if a.cpu_amx else None,
-             "packing": True if a.packing else None, "quantize_experts": False if a.no_quantize_experts else None}
+             "packing": True if a.packing else None, "quantize_experts": False if a.no_quantize_experts else None,
+             "lora_experts": True if a.lora_experts else None}
     changes = {k: v for k, v in {**overrides, **flags}.items() if v is not None}
     return replace(cfg, **changes)
 

@@ -9,10 +9,12 @@ N = data-parallel world size):
   16 for a bf16 base. Embedding, lm_head and norms stay 16-bit. ZeRO-3 divides both by N. A MoE's fused 3-D experts
   (``moe_experts``, plan/moe.py) in the same 4-bit format per tensor (``quantize_experts``, the default), else
   16-bit; their routers 16-bit; ZeRO-3 divides them by N too.
-* LoRA: P = L·Σ r·(in+out) over the target linears. Working copy bf16 (2 B; fp32, 4 B, under ZeRO-3 in bf16:
-  zero.Init partitions A/B as built), gradients 16-bit (2 B), master copy fp32 (4 B; bf16 with ``bf16_master``),
-  Adam moments 2×4 B (2×1 B + 8 B per 256-block absmax for 8-bit Adam, whose step dequantizes per block: no fp32
-  moments). ZeRO-1 divides master + moments by N, ZeRO-2 also the gradients, ZeRO-3 also the working copy.
+* LoRA: P = L·Σ r·(in+out) over the target linears, + L·r·E·(2h + 3I) on a MoE's 4-bit experts with
+  ``lora_experts`` (moe.py; their weights' gradients in backward: ``moe_experts_lora_grads``). Working copy bf16
+  (2 B; fp32, 4 B, under ZeRO-3 in bf16: zero.Init partitions A/B as built), gradients 16-bit (2 B), master copy
+  fp32 (4 B; bf16 with ``bf16_master``), Adam moments 2×4 B (2×1 B + 8 B per 256-block absmax for 8-bit Adam, whose
+  step dequantizes per block: no fp32 moments). ZeRO-1 divides master + moments by N, ZeRO-2 also the gradients,
+  ZeRO-3 also the working copy.
   The optimizer step, when activations are already freed, is the "step" phase: ZeRO-0 (FP16_UnfusedOptimizer)
   converts the 16-bit gradients to fp32 (4·P) inside step() only; ZeRO-1/2/3 flatten this rank's gradient
   partition (2·P/N; 4·P/N in fp32) and copy that to fp32 (4·P/N; none when it is fp32 already).
@@ -76,7 +78,8 @@ from .attention import PACKED_SHORT_LEN  # noqa: F401 (tests/test_packing.py rea
 from .attention import (attention_bytes_per_token, model_dropout_bytes_per_token, packed_eager_bytes_per_token,
                         qk_norm_bytes)
 from .loss import CHUNK_LOGITS, chunked_loss_bytes, logits_loss_bytes  # noqa: F401 (read here by tests)
-from .moe import experts_recompute_bytes, experts_words, moe_routing_bytes_per_token, moe_weight_bytes
+from .moe import (check_lora_experts, expert_lora_params, experts_lora_grad_bytes, experts_recompute_bytes,
+                  experts_words, lora_on_experts, moe_routing_bytes_per_token, moe_weight_bytes)
 from .presets import Linear, ModelShape
 
 GiB = 1 << 30
@@ -127,6 +130,7 @@ class PlanConfig:
     keep_dequant_bytes: int = 256 * MiB  # qlora_ds.nn.functional.KEEP_LIMIT: NF4 weights kept from forward to backward
     fused_cpu_linear: bool = False       # the CPU runs NF4 linears fused (AMX, bf16: qlora_ds.ops.fused_linear)
     quantize_experts: bool = True        # QLoRAConfig.quantize_experts: MoE experts in 4 bit (plan/moe.py)
+    lora_experts: bool = False           # QLoRAConfig.lora_experts: LoRA on those 4-bit experts (dropout 0; moe.py)
     packing: bool = False                # finetune --packing: attention per example (qlora_ds.nn.packed_attention)
     width_sum: int | None = None         # Σ of the batch widths met (a run's check); None: every padded width
     contiguous_gradients: bool = True    # DeepSpeed's default; ZeRO-3 then keeps a reduce_bucket_size buffer
@@ -173,6 +177,7 @@ class PlanConfig:
         for ok, name, value, fix in checks:
             if not ok:
                 raise QLoRADSError(f"planner: {name}={value!r} is invalid; {fix}")
+        check_lora_experts(self)
         if self.lora_targets != ALL_LINEAR and self.lora_targets and not targeted(self.shape, self.lora_targets):
             names = ", ".join(lin.name for lin in self.shape.layer_linears())
             raise QLoRADSError(f"the planner models LoRA on the linears of this {self.shape.layout.family} layout "
@@ -310,8 +315,9 @@ def lora_params(shape: ModelShape, r: int, targets=ALL_LINEAR, pool_group: int =
 
 
 def cfg_lora_params(cfg: "PlanConfig") -> int:
-    """``lora_params`` of a plan: QA-LoRA's A is in/group_size wide."""
-    return lora_params(cfg.shape, cfg.lora_r, cfg.lora_targets, cfg.group_size if cfg.quant == "int" else 1)
+    """``lora_params`` of a plan (QA-LoRA's A is in/group_size wide), + the 4-bit experts' with ``lora_experts``."""
+    return (lora_params(cfg.shape, cfg.lora_r, cfg.lora_targets, cfg.group_size if cfg.quant == "int" else 1)
+            + (expert_lora_params(cfg.shape, cfg.lora_r) if cfg.lora_experts else 0))
 
 
 def rank_for_fraction(shape: ModelShape, fraction: float, targets=ALL_LINEAR) -> float:
@@ -476,7 +482,7 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
         *([Item("moe_experts", w["moe_experts"] / part_params, param_phase, note=experts_words(cfg))]
           if s.experts else []),
         Item("lora_params", p * lora_bytes / part_params, param_phase,
-             note=f"{p:,} params in {'fp32' if lora_bytes == 4 else cfg.compute_dtype}"),
+             note=f"{p:,} params in {'fp32' if lora_bytes == 4 else cfg.compute_dtype}{lora_on_experts(cfg)}"),
         # ZeRO-3 with offload keeps its gradient partitions in host memory (stage3.py: self.device is the CPU)
         Item("lora_grads", p * grad_bytes / part_grads, opt_phase if z >= 3 else "static",
              note="fp32" if fp32 else "bf16 + fp32 accumulation (BF16_Optimizer)" if bf16_accum else
@@ -502,8 +508,13 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
     act = activation_bytes(cfg)
     items += [Item(k, v, phase="backward") for k, v in act.items()]
     if cfg.experts_4bit:
-        items.append(Item("moe_experts_recompute", experts_recompute_bytes(s, cfg.elem, cfg.micro_batch * cfg.seq_len),
-                          phase="backward", note=f"one layer's experts dequantized ({cfg.compute_dtype}), recomputed"))
+        r = cfg.lora_r if cfg.lora_experts else 0     # LoRA's factors are cast when not stored in the compute dtype
+        recompute = experts_recompute_bytes(s, cfg.elem, cfg.micro_batch * cfg.seq_len, r, lora_bytes != cfg.elem)
+        items.append(Item("moe_experts_recompute", recompute, phase="backward",
+                          note=f"one layer's experts dequantized ({cfg.compute_dtype}), recomputed"))
+        if r:
+            items.append(Item("moe_experts_lora_grads", experts_lora_grad_bytes(s, cfg.elem), phase="backward",
+                              note="one layer's expert weights' full gradients (their LoRA's dA, dB come from them)"))
     # the linears whose weight is dequantized into memory: all of them, but the ones the fused CPU path computes
     lin = [a * b for a, b in unfused_linears(cfg).values()]
     if cfg.base_bits < 16 and lin:
@@ -548,6 +559,8 @@ def _candidates(cfg: PlanConfig):
         yield "quantize the base model to NF4", "--bits 4", replace(cfg, base_bits=4)
     if cfg.shape.experts and not cfg.quantize_experts and cfg.quant == "nf4" and cfg.base_bits < 16:
         yield "store the MoE experts in 4 bit", "drop --no-quantize-experts", replace(cfg, quantize_experts=True)
+    if cfg.lora_experts and cfg.shape.experts:
+        yield "LoRA on the linears only, not the MoE experts", "drop --lora-experts", replace(cfg, lora_experts=False)
     if not cfg.grad_ckpt:
         yield "turn gradient checkpointing on", "(drop --no-grad-ckpt)", replace(cfg, grad_ckpt=True)
     if not cfg.paged:

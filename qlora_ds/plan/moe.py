@@ -6,8 +6,12 @@ Weights. transformers 5 fuses a layer's experts into two 3-D parameters, ``gate_
 ``down_proj`` (E, h, I). With ``quantize_experts`` (QLoRAConfig's default; qlora_ds.nn.quantized_experts) each is
 stored as a quantized linear's weight is, over the flattened tensor: n/2 code bytes, and per 64-block an absmax
 code byte + per 256 of those an fp32 absmax + a 4-byte offset (double quant), or an fp32 absmax per block; frozen,
-no LoRA. Without it (or with QA-LoRA or a 16-bit base, which leave them as they are) they are e-byte. The routers
-(E·h) and Qwen2-MoE's shared-expert gates (h) stay e-byte either way.
+no LoRA unless ``lora_experts``. Without it (or with QA-LoRA or a 16-bit base, which leave them as they are) they are
+e-byte. The routers (E·h) and Qwen2-MoE's shared-expert gates (h) stay e-byte either way.
+
+LoRA on the 4-bit experts (``lora_experts``; QLoRA only, dropout 0: qlora_ds.nn.experts_lora): per fused weight a
+lora_A (r·E, in) and lora_B (out, r·E), (in, out) = (h, 2I) for gate_up and (I, h) for down: r·E·(2h + 3I) trainable
+parameters per layer, counted with the linears' LoRA (memory.py: working copy, gradients, masters, Adam, ZeRO).
 
 Kept for backward, measured with autograd's saved tensors around one decoder layer of transformers 5.23's Mixtral,
 Qwen2-MoE and Qwen3-MoE (tests/test_plan_moe.py), whose experts run ``grouped_mm`` (its default experts
@@ -25,11 +29,19 @@ implementation, on CUDA and, with torch > 2.10, on the CPU):
   weights w·k (the indices are the router's). Backward recomputes the experts one layer at a time: the transient
   ``experts_recompute_bytes``, the dequantized weights E·3·I·h·e + the offsets 4·E + the 16-bit experts' terms
   above per token.
+* 4-bit experts with LoRA: each forward adds scaling·B_e·A_e to the dequantized weights (``baddbmm``), so the
+  recompute keeps the live weights (the same bytes), the factors cast to the compute dtype when they are stored in
+  another (fp32 LoRA under bf16 compute at ZeRO-3: e·r·E·(2h + 3I)), and, as the weights now need a gradient,
+  ``grouped_mm``'s inputs, e·k·(h + I) per token (measured). Its backward then materializes each weight's full
+  gradient (E×2I×h, E×h×I, e-byte) before reducing it to dA, dB; down's runs first, and its saved weight is freed
+  before gate_up's gradient is made, so at the peak (measured live tensors) the weights' gradients add
+  ``experts_lora_grad_bytes``: e·E·2I·h (both gradients, less down's weight).
 * Qwen2-MoE's shared-expert gate: sigmoid(shared_expert_gate(x)) · shared expert's output keeps both, e·(1 + h).
 * Mixtral's ``router_jitter_noise`` > 0 (training only): the in-place multiply keeps its noise, e·h.
 """
 from __future__ import annotations
 
+from ..errors import QLoRADSError
 from .presets import ModelShape
 
 
@@ -45,6 +57,39 @@ def nf4_part_bytes(n: int, double_quant: bool = True, blocksize: int = 64, neste
     if double_quant:
         return (n + 1) // 2, blocks, 4 * -(-blocks // nested), 4
     return (n + 1) // 2, 4 * blocks
+
+
+def expert_lora_dims(shape: ModelShape) -> tuple[tuple[int, int], ...]:
+    """(in, out) of one expert's matrix per fused weight, as PEFT reads them: gate_up (h, 2I), down (I, h)."""
+    h, i = shape.hidden, shape.expert_intermediate
+    return ((h, 2 * i), (i, h)) if shape.experts else ()
+
+
+def expert_lora_params(shape: ModelShape, r: int) -> int:
+    """``lora_experts``' trainable parameters over all layers: lora_A (r·E, in) + lora_B (out, r·E) per weight."""
+    return shape.layers * sum(r * shape.experts * (a + b) for a, b in expert_lora_dims(shape))
+
+
+def check_lora_experts(cfg) -> None:
+    """A PlanConfig's ``lora_experts`` is what finetune --lora-experts (and QLoRAConfig) accept: LoRA on the 4-bit
+    experts of an NF4/FP4 base (QLoRA), at LoRA dropout 0; else QLoRADSError, as they refuse it."""
+    if not cfg.lora_experts:
+        return
+    why = ("quantize_experts=False keeps them 16-bit" if not cfg.quantize_experts else
+           "QA-LoRA (quant int) leaves them 16-bit" if cfg.quant == "int" else
+           "a 16-bit base leaves them unquantized" if cfg.base_bits >= 16 else
+           f"lora_dropout={cfg.lora_dropout}: their update is folded into the weights, where dropout cannot act"
+           if cfg.lora_dropout else "")
+    if why:
+        raise QLoRADSError(f"planner: lora_experts=True adapts the 4-bit MoE experts, but {why}; finetune "
+                           f"--lora-experts refuses this too: plan QLoRA with 4-bit experts and LoRA dropout 0, "
+                           f"or drop lora_experts")
+
+
+def lora_on_experts(cfg) -> str:
+    """The report's words for a plan's (a PlanConfig's) experts' share of its LoRA parameters."""
+    n = expert_lora_params(cfg.shape, cfg.lora_r) if cfg.lora_experts else 0
+    return f" ({n:,} on the MoE experts)" if n else ""
 
 
 def router_params_per_layer(shape: ModelShape) -> int:
@@ -65,12 +110,13 @@ def _routing_weight_bytes(shape: ModelShape, e: int) -> int:
     return 4 if shape.layout.family == "mixtral" else e
 
 
-def experts_bytes_per_token(shape: ModelShape, elem: int) -> float:
+def experts_bytes_per_token(shape: ModelShape, elem: int, lora: bool = False) -> float:
     """What the experts module's own forward keeps per token (16-bit experts; for 4-bit ones, what backward
-    recomputes): gate/up/act, the index tensors, the gathered routing weights, the expert outputs."""
-    e, k = elem, top_k(shape)
+    recomputes): gate/up/act, the index tensors, the gathered routing weights, the expert outputs; with ``lora``
+    (weights that need a gradient) also ``grouped_mm``'s inputs, the gathered hidden states and act(gate)·up."""
+    e, k, i = elem, top_k(shape), shape.expert_intermediate
     weights = _routing_weight_bytes(shape, e)
-    return 3 * e * k * shape.expert_intermediate + 3 * 8 * k + weights * k + e * k * shape.hidden
+    return 3 * e * k * i + 3 * 8 * k + weights * k + e * k * shape.hidden + (e * k * (shape.hidden + i) if lora else 0)
 
 
 def moe_routing_bytes_per_token(shape: ModelShape, elem: int, *, quantized: bool, input_saved: bool = False) -> float:
@@ -89,12 +135,24 @@ def moe_routing_bytes_per_token(shape: ModelShape, elem: int, *, quantized: bool
     return router + experts + shared_gate + (e * h if lay.router_jitter else 0)
 
 
-def experts_recompute_bytes(shape: ModelShape, elem: int, tokens: int) -> float:
-    """4-bit experts: the transient of one layer's experts in backward (recomputed under their checkpoint): the
-    weights dequantized in the compute dtype, the (E,) int32 offsets and the experts' activations for ``tokens``."""
+def experts_recompute_bytes(shape: ModelShape, elem: int, tokens: int, lora_r: int = 0,
+                            factor_copies: bool = True) -> float:
+    """4-bit experts: what one layer's experts keep in backward (recomputed under their checkpoint): the weights
+    dequantized in the compute dtype, the (E,) int32 offsets and the experts' activations for ``tokens``. With LoRA
+    of rank ``lora_r`` (``lora_experts``): those activations with LoRA's, and the factors cast to the compute dtype
+    (``factor_copies``: their stored dtype is another). Their weights' gradients: ``experts_lora_grad_bytes``."""
     if not shape.experts:
         return 0
-    return elem * sum(shape.expert_tensors()) + 4 * shape.experts + tokens * experts_bytes_per_token(shape, elem)
+    copies = elem * expert_lora_params(shape, lora_r) // shape.layers if lora_r and factor_copies else 0
+    return (elem * sum(shape.expert_tensors()) + 4 * shape.experts + copies
+            + tokens * experts_bytes_per_token(shape, elem, lora=bool(lora_r)))
+
+
+def experts_lora_grad_bytes(shape: ModelShape, elem: int) -> float:
+    """4-bit experts with LoRA: the weights' full-size gradients one layer's backward holds beside what it keeps,
+    before they reduce to dA, dB: gate_up's E·2I·h and down's E·h·I, less down's weight (freed by then):
+    e·E·2I·h."""
+    return elem * shape.expert_tensors()[0] if shape.experts else 0
 
 
 def experts_words(cfg) -> str:
@@ -102,7 +160,8 @@ def experts_words(cfg) -> str:
     s = cfg.shape
     what = f"{s.layers}x{s.experts} experts"
     if cfg.experts_4bit:
-        return f"{what} in 4 bit ({cfg.base_bits_per_param:.3f} bit/param, frozen), routers {cfg.compute_dtype}"
+        lora = f" + LoRA r={cfg.lora_r}" if cfg.lora_experts else ""
+        return f"{what} in 4 bit ({cfg.base_bits_per_param:.3f} bit/param, frozen{lora}), routers {cfg.compute_dtype}"
     why = ("--no-quantize-experts" if not cfg.quantize_experts else "QA-LoRA quantizes the linears only"
            if cfg.quant == "int" else "16-bit base")
     return f"{what} + routers unquantized in {cfg.compute_dtype} ({why})"

@@ -39,9 +39,9 @@ class ModelShape:
     hidden 3072). ``intermediate``: the MLP width (a plain MLP's up-projection, a gated MLP's gate and up each).
     MoE (``experts`` > 0, the Mixtral / Qwen-MoE layout): per layer ``experts`` routed experts of
     width ``expert_intermediate`` plus their router (transformers fuses the experts into two 3-D parameters, which
-    qlora-ds stores in 4 bit by default, ``quantize_experts``, and never trains: plan/moe.py; the router stays
-    16-bit), and a shared expert of width ``shared_expert_intermediate``
-    (0: none) whose gate/up/down are ordinary quantized linears. ``intermediate`` is then the MLP width one token
+    qlora-ds stores in 4 bit by default, ``quantize_experts``, frozen, with LoRA only if ``lora_experts``:
+    plan/moe.py; the router stays 16-bit), and a shared expert of width ``shared_expert_intermediate`` (0: none)
+    whose gate/up/down are ordinary quantized linears. ``intermediate`` is then the MLP width one token
     passes through (top-k experts + shared expert), which sizes the activations.
     """
 

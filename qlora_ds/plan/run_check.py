@@ -17,14 +17,16 @@ def config_for_run(hf_config: dict, ds_config: dict, *, world: int, device: str,
                    group_size: int = 32, double_quant: bool = True, runtime_bytes: int | None = None,
                    pad_multiple: int = 16, chunked_loss: bool = False, compute_dtype="bf16",
                    fused_cpu_linear: bool = False, packing: bool = False,
-                   width_sum: int | None = None, quantize_experts: bool = True) -> PlanConfig:
+                   width_sum: int | None = None, quantize_experts: bool = True,
+                   lora_experts: bool = False) -> PlanConfig:
     """A PlanConfig for one rank of a run; ``QLoRADSError`` when the planner cannot model the model
     (a model type plan/layouts.py lacks, or target modules that match none of its linears). ``compute_dtype``: the dtype
     the run computes and keeps its embeddings in: "bf16", "fp16", "fp32" or the torch dtype;
     ``fused_cpu_linear``: this CPU runs the fused AMX linear (``qlora_ds.ops.fused_linear.available()``);
     ``packing``: packed rows with attention per example (``finetune --packing``); ``width_sum``: the sum of the
     distinct batch widths the run met (None: every multiple of ``pad_multiple`` up to ``seq_len``);
-    ``quantize_experts``: finetune --quantize-experts (a MoE's experts in 4 bit; QA-LoRA leaves them 16-bit)."""
+    ``quantize_experts``: finetune --quantize-experts (a MoE's experts in 4 bit; QA-LoRA leaves them 16-bit);
+    ``lora_experts``: finetune --lora-experts (LoRA on those 4-bit experts too)."""
     compute_dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}.get(
         str(compute_dtype), compute_dtype)
     targets = tuple(targets) if targets else ALL_LINEAR
@@ -34,7 +36,7 @@ def config_for_run(hf_config: dict, ds_config: dict, *, world: int, device: str,
                      group_size=group_size, double_quant=double_quant, runtime_bytes=runtime_bytes,
                      pad_multiple=pad_multiple, chunked_loss=chunked_loss, compute_dtype=compute_dtype,
                      fused_cpu_linear=fused_cpu_linear, packing=packing, width_sum=width_sum,
-                     quantize_experts=quantize_experts)
+                     quantize_experts=quantize_experts, lora_experts=lora_experts)
     return apply_ds_config(cfg, ds_config)
 
 
