@@ -419,6 +419,12 @@ def test_step_time_counts_the_experts_a_token_reaches():
     dense = flops_per_token(off) - 4 * reached          # attention, linears, LoRA, head
     assert flops_per_token(on) - dense == 6 * reached and reached == 11_274_289_152
     assert dense < reached        # the experts are most of the compute
+    # LoRA on the experts: folded into the weights per micro step (8·r·E·h·I·3 per layer: B·A in the forward and its
+    # recompute, dA and dB), plus the weight gradient per token (2 per reached weight) — not a per-token LoRA of
+    # its 8·r·E·(…) parameters
+    lora = PlanConfig(shape=s, seq_len=512, grad_ckpt=False, lora_dropout=0.0, lora_experts=True)
+    fold = 8 * 64 * s.layers * 8 * 3 * s.hidden * s.expert_intermediate
+    assert flops_per_token(lora) == pytest.approx(flops_per_token(on) + 2 * reached + fold / 512, rel=1e-12)
 
 
 @pytest.mark.cuda

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .memory import PlanConfig, cfg_lora_params, targeted
-from .moe import nf4_part_bytes, top_k
+from .moe import expert_lora_params, nf4_part_bytes, top_k
 
 
 @dataclass(frozen=True)
@@ -170,14 +170,21 @@ def _comm_seconds(cfg: PlanConfig) -> float:
 
 
 def flops_per_token(cfg: PlanConfig) -> float:
+    """Training FLOPs per token. The experts' LoRA (``lora_experts``) is folded into their weights once per micro
+    step — B·A added in the forward and its recompute, dA and dB from the weight gradient: 8·r·(E·in·out) per
+    weight, shared by the step's tokens — and adds the weight-gradient matmul (2 FLOPs per reached weight) per
+    token; it is not a per-token LoRA of its parameter count."""
     s = cfg.shape
     frozen = s.linear_params + s.vocab * s.hidden
-    p = cfg_lora_params(cfg)
+    lora_e = expert_lora_params(s, cfg.lora_r) if cfg.lora_experts and s.experts else 0
+    p = cfg_lora_params(cfg) - lora_e
     ck = 1 if cfg.grad_ckpt else 0
     attn = 2 * cfg.seq_len * s.hidden * s.layers
     experts = s.layers * top_k(s) * sum(s.expert_tensors()) / s.experts if s.experts else 0   # reached per token
     experts_ck = 1 if cfg.grad_ckpt or cfg.experts_4bit else 0
-    return (4 + 2 * ck) * frozen + (6 + 2 * ck) * p + (3 + ck) * attn + (4 + 2 * experts_ck) * experts
+    fold = 8 * cfg.lora_r * s.layers * sum(s.expert_tensors()) / (cfg.micro_batch * cfg.seq_len) if lora_e else 0
+    return ((4 + 2 * ck) * frozen + (6 + 2 * ck) * p + (3 + ck) * attn + (4 + 2 * experts_ck) * experts
+            + (2 * experts + fold if lora_e else 0))
 
 
 def estimate_scaling(cfg: PlanConfig) -> Scaling:
