@@ -46,9 +46,11 @@ def randomize(model, seed=1):
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss", "llama4_text"])
-def test_our_experts_adapter_loads_in_peft(tmp_path, model_type):
+def test_our_experts_adapter_loads_in_peft(tmp_path, model_type, device):
+    """On ``--device cuda`` (the GPU check) the experts dequantize with the CUDA kernels and fold B·A there."""
     from peft import PeftModel
-    ours = quantized(model_type)
+    ours = quantized(model_type).to(device)
+    ids = IDS.to(device)
     experts = [m for m in ours.modules() if is_quantized_experts(m)]
     names = list(experts[0]._qds_lora)
     assert len(names) == 2 and all(experts[0]._parameters[f"{n}_lora_A"].requires_grad for n in names)
@@ -59,12 +61,12 @@ def test_our_experts_adapter_loads_in_peft(tmp_path, model_type):
                                               else f"model.layers.{i}.feed_forward.experts.{n}"
                                               for i in range(2) for n in names)
     assert cfg["lora_dropout"] == 0.0
-    theirs = PeftModel.from_pretrained(peft_base(model_type, ours), str(tmp_path / "ad")).eval()
+    theirs = PeftModel.from_pretrained(peft_base(model_type, ours).to(device), str(tmp_path / "ad")).eval()
     with torch.no_grad():
-        want = theirs(IDS).logits
-        torch.testing.assert_close(ours(IDS).logits, want, rtol=1e-4, atol=1e-4)
+        want = theirs(ids).logits
+        torch.testing.assert_close(ours(ids).logits, want, rtol=1e-4, atol=1e-4)
         with theirs.disable_adapter():
-            plain = theirs(IDS).logits
+            plain = theirs(ids).logits
     assert (want - plain).abs().max() > 1e-3        # the experts' adapters matter
 
 

@@ -41,7 +41,7 @@ CUDA_TESTS = ["tests/test_kernels.py", "tests/test_kernels_intn.py", "tests/test
               "tests/test_hardware.py", "tests/test_ds_config_sections.py", "tests/test_plan_attention.py",
               "tests/test_plan_dropout.py", "tests/test_plan_moe.py", "tests/test_merge_safety.py",
               "tests/test_launch_device.py", "tests/test_packing.py", "tests/test_quantized_experts.py",
-              "tests/test_loading_experts.py",
+              "tests/test_loading_experts.py", "tests/test_experts_lora.py",
               "tests/test_finetune.py"]     # quick ones first
 # what fetch_wheels.sh puts in gpu_wheels/ (distribution names as wheel files spell them)
 WHEELS = ("bitsandbytes", "deepspeed", "hjson", "pydantic", "pydantic_core", "annotated_types", "typing_inspection",
