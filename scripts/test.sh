@@ -9,7 +9,7 @@ export DS_ACCELERATOR=cpu
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/qlora_ds/torch_extensions}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 set +e
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi

@@ -232,13 +232,21 @@ def _lora_slope(case: str, dtype: str, quantized: bool, dropout: float = 0.0, r:
     return planned, (three - one) / (2 * SEQ)
 
 
-@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe"])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("bits", list(BITS))
-def test_moe_layers_with_lora_plan_what_autograd_keeps(case, dtype, bits):
-    planned, got = _fresh(f"from tests.test_plan_moe import _lora_slope; print(json.dumps(_lora_slope({case!r}, "
-                          f"{dtype!r}, {BITS[bits]})))")
-    assert got == planned
+LORA_CASES = [(c, d, b) for c in ("mixtral", "qwen2_moe") for d in ("bfloat16", "float32") for b in BITS]
+
+
+@pytest.fixture(scope="module")
+def lora_measured():
+    """Every case's (planned, measured) in one fresh process (a process per case cost ~6 s each)."""
+    cases = [(c, d, BITS[b]) for c, d, b in LORA_CASES]
+    return _fresh(f"from tests.test_plan_moe import _lora_slope; print(json.dumps([_lora_slope(*c) for c in "
+                  f"{cases!r}]))")
+
+
+@pytest.mark.parametrize("i", range(len(LORA_CASES)), ids=["-".join(c[::-1]) for c in LORA_CASES])
+def test_moe_layers_with_lora_plan_what_autograd_keeps(lora_measured, i):
+    planned, got = lora_measured[i]
+    assert got == planned, LORA_CASES[i]
 
 
 def test_lora_dropout_keeps_its_own_copy_beside_the_4bit_experts_input():
