@@ -169,7 +169,7 @@ def parts(module: nn.Module, name: str | None = None) -> list[str]:
 def filled_leaves(module: nn.Module) -> list[str]:
     """Every parameter ``fill_quantized_experts`` fills: the uint8 parts and the experts' LoRA tensors (the
     checkpoint has none of them under these names)."""
-    return parts(module) + [f"{n}{s}" for n in module.__dict__.get("_qds_lora", {}) for s in experts_lora.SUFFIXES]
+    return parts(module) + experts_lora.lora_names(module)
 
 
 def plan_quantized_experts(model: nn.Module, sources: ExpertSources, own: dict | None) -> dict[str, dict]:
@@ -248,7 +248,7 @@ def fill_quantized_experts(module: nn.Module, path: str, plan: dict, ckpt, dtype
             p = module._parameters[leaf] = nn.Parameter(p.data.to(device), requires_grad=False)
         filled.append(p)
     if experts_lora.has_lora(module):      # initialised on the CPU: the same LoRA weights wherever the model goes
-        names = [f"{n}{s}" for n in module._qds_lora for s in experts_lora.SUFFIXES]
+        names = experts_lora.lora_names(module)
         for leaf in names:
             module._parameters[leaf] = nn.Parameter(torch.empty(module._parameters[leaf].shape))
         experts_lora.reset_lora(module)

@@ -62,8 +62,13 @@ def has_lora(module: nn.Module) -> bool:
     return bool(module.__dict__.get("_qds_lora"))
 
 
+def lora_names(module: nn.Module) -> list[str]:
+    """The experts module's own parameter names of its LoRA tensors (``{weight}_lora_A``, ``{weight}_lora_B``)."""
+    return [f"{n}{s}" for n in module.__dict__.get("_qds_lora", {}) for s in SUFFIXES]
+
+
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    return [module._parameters[f"{n}{s}"] for n in module.__dict__.get("_qds_lora", {}) for s in SUFFIXES]
+    return [module._parameters[leaf] for leaf in lora_names(module)]
 
 
 def factors(module: nn.Module, name: str, dtype: torch.dtype, hit: torch.Tensor | None = None):
