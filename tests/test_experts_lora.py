@@ -100,7 +100,7 @@ def test_few_experts_path_carries_the_update_and_grads_reach_only_adapters():
     index = torch.tensor([[3, 1]])
     weights = torch.tensor([[0.6, 0.4]])
     few = experts(hidden, index, weights)
-    assert experts._few_experts((hidden, index, weights), {}) is not None
+    assert experts._routed((hidden, index, weights), {}, 4) is not None
     everyone = experts(hidden.expand(3, 64), torch.tensor([[3, 1], [0, 2], [1, 0]]), weights.expand(3, 2))
     torch.testing.assert_close(few[0], everyone[0], rtol=1e-5, atol=1e-5)
     loss = ours(IDS, labels=IDS).loss
@@ -108,6 +108,31 @@ def test_few_experts_path_carries_the_update_and_grads_reach_only_adapters():
     grads = {n for n, p in ours.named_parameters() if p.grad is not None}
     assert grads == set(lora_parameters(ours)) and "model.layers.1.mlp.experts.down_proj_lora_B" in grads
     assert all(not p.requires_grad for n, p in ours.named_parameters() if n not in grads)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_grouped_experts_carry_the_update_and_its_gradients(model_type, monkeypatch):
+    """A layer above the dequantization limit runs its experts one at a time: each group adds its own experts'
+    LoRA update, and the adapters' gradients equal the whole-layer run's."""
+    from qlora_ds.nn import quantized_experts as qe
+    ours = quantized(model_type)
+    randomize(ours)
+
+    def run():
+        for p in lora_parameters(ours).values():
+            p.grad = None
+        loss = ours(IDS, labels=IDS).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in lora_parameters(ours).items()}
+
+    loss, grads = run()
+    monkeypatch.setattr(qe, "DEQUANT_LIMIT", 1)
+    assert ours.model.layers[0].mlp.experts._group_size(torch.float32) == 1
+    grouped_loss, grouped = run()
+    torch.testing.assert_close(grouped_loss, loss, rtol=1e-6, atol=0)
+    assert grads.keys() == grouped.keys() and any("experts.gate_up_proj_lora_A" in n for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grouped[n], grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_merge_writes_the_experts_update(tmp_path):

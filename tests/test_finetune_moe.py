@@ -1,5 +1,6 @@
 """A MoE model end to end, as a user runs one: launch/finetune.py under the deepspeed launcher with ZeRO-3 on 2 ranks
-(the 4-bit experts partitioned, gathered for each forward and for the recompute in backward), then launch/merge.py
+(the 4-bit experts partitioned, gathered for each forward and for the recompute in backward, run in two groups of
+experts per layer), then launch/merge.py
 (the experts written back dequantized, the merge verified against base + adapter) and transformers loading it."""
 from __future__ import annotations
 
@@ -53,7 +54,10 @@ def test_moe_finetune_zero3_two_ranks_then_merge(tmp_path):
             str(tmp_path / "z3.json"), "--max-len", "32", "--lora-r", "4", "--lora-dropout", "0",
             "--max-steps", "4", "--eval-every", "4", "--save-every", "4", "--eval-size", "4", "--sample-prompt=",
             "--dtype", "fp32", "--lora-experts"]
-    check(run_deepspeed(FINETUNE, *args, timeout=300))
+    # 0.1 MiB holds 2 of the 4 experts (fp32): each layer runs its experts in 2 groups, gathered and recomputed
+    proc = run_deepspeed(FINETUNE, *args, timeout=300, QLORA_DS_EXPERTS_DEQUANT_MB="0.1")
+    check(proc)
+    assert "MoE experts: 2 of a layer's 4 dequantized at a time" in proc.stdout + proc.stderr
     with open(out / "metrics.jsonl") as fh:
         evals = [r["eval_loss"] for r in map(json.loads, fh) if "eval_loss" in r]
     assert len(evals) == 2 and all(map(math.isfinite, evals)) and evals[1] < evals[0]

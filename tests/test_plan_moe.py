@@ -12,6 +12,7 @@ trains, with the fused 3-D experts in 16 bit and in 4 bit (``quantize_experts``,
 * ``lora_experts``' trainable parameters counted by hand and in the injected model, their bytes, the switch;
 * weights: the planned bytes of the experts and routers are the injected model's parameter bytes (NF4 with and
   without double quantization; 16-bit), and ZeRO-3 partitions and gathers exactly those tensors."""
+import functools
 from dataclasses import replace
 
 import pytest
@@ -112,7 +113,7 @@ def _recomputed(ids) -> dict:
                 model = _quantized(_model(*CASES[case], getattr(torch, dtype)), getattr(torch, dtype), lora)
                 out[f"peak/{case}/{dtype}{tag}"] = _backward_peak(model)
                 experts = _layer(model).mlp.experts
-                experts.forward = experts._forward_dequantized
+                experts.forward = functools.partial(experts._forward_dequantized, None)   # all experts
                 out[f"{case}/{dtype}{tag}"] = [_saved_bytes_per_layer(model, experts, b, SEQ) for b in (1, 2, 3)]
     return out
 
@@ -444,3 +445,31 @@ def test_moe_routing_on_cuda_is_what_autograd_keeps(case, bits):
     shape, q = _shape(mt, kw), BITS[bits]
     assert _per_token(mt, kw, torch.bfloat16, SEQ, q, "cuda") == (_planned(shape, 2, SEQ, 1, q, "cuda"),
                                                                    _planned(shape, 2, SEQ, 2, q, "cuda"))
+
+
+def test_a_layer_above_the_dequant_limit_is_planned_in_the_groups_it_runs_in(monkeypatch):
+    """The planner's expert groups are the module's (``_group_size`` at the same limit), and its recompute transient
+    (and the LoRA weight gradients') hold one group's weights instead of the layer's."""
+    from qlora_ds.nn import quantized_experts as qe
+    from qlora_ds.plan.moe import experts_group
+    default = qe.DEQUANT_LIMIT
+    mt, kw = CASES["mixtral-top3"]
+    shape, e = _shape(mt, kw), 4
+    experts = _layer(_quantized(_model(mt, kw, torch.float32), torch.float32)).mlp.experts
+    per_expert = e * sum(shape.expert_tensors()) // shape.experts
+    assert shape.experts == 8 and per_expert == sum(4 * s[1] * s[2] for s, _ in experts._qds_weights.values())
+    for limit, group in ((8 * per_expert, 8), (3 * per_expert + 1, 3), (per_expert - 1, 1), (0, 1)):
+        monkeypatch.setattr(qe, "DEQUANT_LIMIT", limit)
+        assert experts._group_size(torch.float32) == experts_group(shape, e, limit) == group
+    cfg = PlanConfig(shape=shape, device="cpu", compute_dtype="fp32", seq_len=SEQ, micro_batch=1, lora_experts=True,
+                     lora_dropout=0.0)
+    grouped = replace(cfg, experts_dequant_bytes=3 * per_expert + 1)
+    assert estimate_memory(cfg).get("moe_experts_recompute") - estimate_memory(grouped).get("moe_experts_recompute") \
+        == 5 * per_expert      # fp32 compute: the fp32 factors are used as stored, no copies
+    assert estimate_memory(grouped).get("moe_experts_lora_grads") == \
+        pytest.approx(3 / 8 * estimate_memory(cfg).get("moe_experts_lora_grads"))
+    assert "3 of a layer's 8 experts" in format_report(plan(grouped))
+    from qlora_ds.plan.__main__ import config_from_args, parse_args
+    assert config_from_args(parse_args(["--model", "qwen3-235b-a22b", "--experts-dequant-mb", "64"])) \
+        .experts_dequant_bytes == 64 << 20
+    assert config_from_args(parse_args(["--model", "qwen3-235b-a22b"])).experts_dequant_bytes == default

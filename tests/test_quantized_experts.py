@@ -253,3 +253,41 @@ def test_inside_the_models_checkpointing_the_experts_run_twice_not_three_times(m
         grads[name] = loss_and_grad(m, ids)[1]
         assert len(runs) == 2 * 2          # 2 layers: forward + one recompute each (3 each with both checkpoints)
     assert torch.equal(grads["plain"], grads["ckpt"]) and grads["plain"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("group", [1, 3])
+def test_a_layer_above_the_dequant_limit_runs_its_experts_in_groups(model_type, group, monkeypatch):
+    """With DEQUANT_LIMIT at ``group`` experts' weights, no call dequantizes more experts than that — in forward and
+    in backward's recomputation — and the loss and input gradients equal the whole-layer model's (the reference
+    holding the dequantized weights); routing weights get their gradient through the grouped slots too."""
+    from qlora_ds.nn import quantized_experts as qe
+    model = tiny_moe(model_type)
+    ref = with_dequantized_experts(model, CFG)
+    for module in experts_modules(model).values():
+        quantize_experts_module(module, CFG)
+    experts = next(iter(experts_modules(model).values()))
+    per_expert = sum(4 * s[1] * s[2] for s, _ in experts._qds_weights.values())     # fp32 compute
+    monkeypatch.setattr(qe, "DEQUANT_LIMIT", group * per_expert + per_expert // 2)
+    assert experts._group_size(torch.float32) == group
+    read, whole = [], qe.QuantizedExperts.dequantized
+    few = qe.QuantizedExperts._dequantized_experts
+    monkeypatch.setattr(qe.QuantizedExperts, "_dequantized_experts",
+                        lambda self, name, hit, dtype: read.append(hit.numel()) or few(self, name, hit, dtype))
+    monkeypatch.setattr(qe.QuantizedExperts, "dequantized",
+                        lambda self, name, dtype=None: read.append(4) or whole(self, name, dtype))
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    loss, grad = loss_and_grad(model, ids)
+    ref_loss, ref_grad = loss_and_grad(ref, ids)
+    assert read and max(read) == group and len(read) >= 2 * 2 * 2 * (4 // group)  # 2 layers x 2 weights, fwd + bwd
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+    assert grad.abs().sum() > 0
+    # the router's gradient (its weights scale each slot's output) flows through the grouped slots too
+    gate = [m for n, m in model.named_modules() if n.endswith("mlp.gate") or n.endswith("mlp.router")][0]
+    ref_gate = [m for n, m in ref.named_modules() if n.endswith("mlp.gate") or n.endswith("mlp.router")][0]
+    for m in (gate, ref_gate):
+        m.weight.requires_grad_(True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(gate.weight.grad, ref_gate.weight.grad, rtol=1e-5, atol=1e-7)

@@ -137,12 +137,18 @@ def quantize_experts(model: nn.Module, config) -> list[str]:
     they are (``NON_TEXT``), as for the linears."""
     if not isinstance(config, QLoRAConfig) or not config.quantize_experts:
         return []
-    from ..nn.quantized_experts import expert_weight_names, quantize_experts_module
+    from ..nn.quantized_experts import DEQUANT_LIMIT, expert_weight_names, quantize_experts_module
     done = []
     for path, module in model.named_modules():
         if path and expert_weight_names(module) and NON_TEXT.isdisjoint(path.split(".")):
             quantize_experts_module(module, config)
             done.append(path)
+    if done:        # a layer above the dequantization limit runs its experts in groups: say so once
+        first = model.get_submodule(done[0])
+        experts, group = first.__dict__.get("num_experts"), first._group_size(config.resolved().compute_dtype)
+        if isinstance(experts, int) and group < experts:
+            log.info("MoE experts: %d of a layer's %d dequantized at a time (QLORA_DS_EXPERTS_DEQUANT_MB=%g), "
+                     "each group under its own checkpoint", group, experts, DEQUANT_LIMIT / 2**20)
     return done
 
 

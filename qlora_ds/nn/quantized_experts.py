@@ -24,6 +24,7 @@ layout (``qlora_ds.nn.experts_lora``), added to the dequantized weights per call
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 
 import torch
@@ -39,6 +40,17 @@ from .qlora_linear import _frozen, part_sizes, stored_parts
 
 PARTS = ("packed", "absmax", "absmax2", "offset")
 _CLASSES: dict[type, type] = {}
+# The most bytes of one layer's expert weights dequantized at once (in the compute dtype). A layer above it
+# (DeepSeek-V3: ~22 GB in bf16) runs its experts in groups that fit (``_forward_grouped``); the planner's
+# ``moe_experts_recompute`` counts the same bound. Llama-4's experts, called with every expert's tokens at once
+# (no routing indices), are not grouped.
+DEQUANT_LIMIT = int(float(os.environ.get("QLORA_DS_EXPERTS_DEQUANT_MB", "2048")) * (1 << 20))
+
+
+def set_dequant_limit(nbytes: int) -> None:
+    """Bytes of one layer's expert weights a call may dequantize at once (at least one expert always is)."""
+    global DEQUANT_LIMIT
+    DEQUANT_LIMIT = max(0, int(nbytes))
 
 
 def expert_weight_names(module: nn.Module) -> list[str]:
@@ -127,37 +139,77 @@ class QuantizedExperts(nn.Module):
     def forward(self, *args, **kwargs):
         tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
         tensors += experts_lora.lora_parameters(self)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return checkpoint(self._forward_dequantized, *args, use_reentrant=False, **kwargs)
-        return self._forward_dequantized(*args, **kwargs)
+        recorded = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        floats = [t for t in tensors if t.is_floating_point()]
+        group = self._group_size(floats[0].dtype if floats else None)
+        routed = self._routed(args, kwargs, group)
+        if routed is not None and routed[0].numel() > group:
+            return self._forward_grouped(*args, *routed, group=group, recorded=recorded)
+        few = routed if routed is not None and routed[0].numel() * 2 <= self.__dict__["num_experts"] else None
+        if recorded:
+            return checkpoint(self._forward_dequantized, few, *args, use_reentrant=False, **kwargs)
+        return self._forward_dequantized(few, *args, **kwargs)
 
-    def _forward_dequantized(self, *args, **kwargs):
+    def _forward_dequantized(self, few, *args, **kwargs):
+        """The class's forward with the weights dequantized: only experts ``few[0]`` when given (``few[1]``: the
+        routing indices renumbered over them), else all."""
         floats = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         dtype = floats[0].dtype if floats else None
-        few = self._few_experts(args, kwargs)
         if few is not None:
-            hit, index = few
-            live = {name: experts_lora.with_lora(self, name, self._dequantized_experts(name, hit, dtype), hit)
-                    for name in self._qds_weights}
-            experts = self.__dict__["num_experts"]
-            live.update({n: p.index_select(0, hit) for n, p in self._parameters.items()      # per-expert biases
-                         if p is not None and p.is_floating_point() and p.dim() >= 2 and p.shape[0] == experts})
-            with _attribute(self, "_qds_live", live), _attribute(self, "num_experts", hit.numel()):
-                return self._qds_base.forward(self, args[0], index, args[2])
+            return self._forward_experts(args[0], few[1], args[2], few[0], dtype)
         live = {name: experts_lora.with_lora(self, name, self.dequantized(name, dtype)) for name in self._qds_weights}
         with _attribute(self, "_qds_live", live):
             return self._qds_base.forward(self, *args, **kwargs)
 
-    def _few_experts(self, args, kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(the experts the tokens reach, the routing indices renumbered over them) when a call of transformers' experts
-        signature (hidden_states, top_k_index, top_k_weights) reaches at most half of the experts; else None."""
+    def _forward_experts(self, hidden, index, weights, hit, dtype):
+        """The class's forward over a layer of just experts ``hit`` (``index`` numbers them 0..len(hit)-1)."""
+        live = {name: experts_lora.with_lora(self, name, self._dequantized_experts(name, hit, dtype), hit)
+                for name in self._qds_weights}
+        experts = self.__dict__["num_experts"]
+        live.update({n: p.index_select(0, hit) for n, p in self._parameters.items()      # per-expert biases
+                     if p is not None and p.is_floating_point() and p.dim() >= 2 and p.shape[0] == experts})
+        with _attribute(self, "_qds_live", live), _attribute(self, "num_experts", hit.numel()):
+            return self._qds_base.forward(self, hidden, index, weights)
+
+    def _forward_grouped(self, hidden, top_k_index, top_k_weights, hit, index, *, group: int, recorded: bool):
+        """A layer whose reached experts exceed DEQUANT_LIMIT dequantized: the experts run ``group`` at a time on
+        the routing slots that reach them (each slot a token with top-k 1), each group under its own checkpoint
+        when recorded, so forward and backward hold one group's weights; the slots' outputs are summed per token
+        in group order (ascending experts, as the eager forward adds them)."""
+        dtype = hidden.dtype if hidden.is_floating_point() else None
+        out = None
+        for start in range(0, hit.numel(), group):
+            token, slot = ((index >= start) & (index < start + group)).nonzero(as_tuple=True)
+            part = (hidden.index_select(0, token), (index[token, slot] - start).unsqueeze(1),
+                    top_k_weights[token, slot].unsqueeze(1), hit[start:start + group], dtype)
+            y = (checkpoint(self._forward_experts, *part, use_reentrant=False) if recorded
+                 else self._forward_experts(*part))
+            out = (y.new_zeros(hidden.shape[0], *y.shape[1:]) if out is None else out).index_add(0, token, y)
+        return out
+
+    def _group_size(self, dtype: torch.dtype | None) -> int:
+        """How many experts fit DEQUANT_LIMIT dequantized in ``dtype`` (all of them if the layer does)."""
+        experts = self.__dict__.get("num_experts")
+        if not isinstance(experts, int) or experts <= 0:
+            return 1 << 62
+        per_expert = sum(torch.empty((), dtype=dtype or orig).element_size() * shape[1] * shape[2]
+                         for shape, orig in self._qds_weights.values())
+        return experts if per_expert * experts <= DEQUANT_LIMIT else max(1, DEQUANT_LIMIT // per_expert)
+
+    def _routed(self, args, kwargs, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(the experts the tokens reach, the routing indices renumbered over them) for a call of transformers'
+        experts signature (hidden_states (T, h), top_k_index (T, k), top_k_weights (T, k)) that reaches at most half
+        of the experts or more than ``group``, when each expert's blocks are whole; else None (the whole layer)."""
         experts = self.__dict__.get("num_experts")
         if kwargs or len(args) != 3 or not isinstance(experts, int) or not isinstance(args[1], torch.Tensor) \
-                or args[1].is_floating_point() or args[1].numel() * 2 > experts:
+                or args[1].is_floating_point() or (args[1].numel() * 2 > experts and group >= experts):
             return None
         blocksize = self._qds_quant[1]
         if any(shape[0] != experts or (shape[1] * shape[2]) % blocksize for shape, _ in self._qds_weights.values()):
             return None
+        if group < experts and not (args[0].dim() == args[1].dim() == 2 and isinstance(args[2], torch.Tensor)
+                                    and args[2].shape == args[1].shape and args[0].shape[0] == args[1].shape[0]):
+            return None     # another signature: grouped slots would not be (token, k) pairs
         hit, index = torch.unique(args[1], return_inverse=True)
         return (hit, index) if int(hit[-1]) < experts else None      # no sentinel index (expert parallelism)
 

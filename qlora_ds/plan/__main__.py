@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-experts", action="store_true",
                    help="MoE models: LoRA on the 4-bit experts too (finetune --lora-experts); plans LoRA dropout 0, "
                         "which it needs (a recipe's other dropout is an error, as there)")
+    p.add_argument("--experts-dequant-mb", type=float, default=None,
+                   help="MoE models: the most MiB of one layer's experts dequantized at once (finetune's "
+                        "QLORA_DS_EXPERTS_DEQUANT_MB, default 2048); a larger layer runs its experts in groups")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"),
                    help="compute dtype, as finetune --dtype (default: the recipe's, else auto). auto: bf16 on cuda "
@@ -94,7 +97,8 @@ def config_from_args(a: argparse.Namespace) -> PlanConfig:
     overrides = {"seq_len": a.seq_len, "micro_batch": a.batch, "grad_accum": a.grad_accum,
                  "zero_stage": a.zero, "lora_r": a.lora_r, "base_bits": a.bits, "optim_bits": a.optim_bits,
                  "quant": a.quant, "group_size": a.group_size, "chunked_loss": a.chunked_loss,
-                 "compute_dtype": dtype if a.dtype else None}
+                 "compute_dtype": dtype if a.dtype else None,
+                 "experts_dequant_bytes": None if a.experts_dequant_mb is None else int(a.experts_dequant_mb * 2**20)}
     flags = {"grad_ckpt": False if a.no_grad_ckpt else None, "bf16_master": True if a.bf16_lora else None,
              "paged": True if a.paged else None, "fused_cpu_linear": True if a.cpu_amx else None,
              "packing": True if a.packing else None, "quantize_experts": False if a.no_quantize_experts else None,

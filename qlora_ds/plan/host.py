@@ -39,7 +39,7 @@ from ..errors import QLoRADSError
 from .memory import (ALL_LINEAR, DTYPE_BYTES, FRAGMENTATION, MiB, MemoryEstimate, PlanConfig, activation_bytes,
                      activation_bytes_per_token_layer, base_weight_bytes, estimate_memory, lora_params,
                      unfused_linears)
-from .moe import experts_recompute_bytes, nf4_part_bytes
+from .moe import experts_transients, nf4_part_bytes
 from .presets import ModelShape, shape_from_hf_config
 
 # ---- the frozen calibration: bench/scale.py on llama-0.4b (SmolLM2-360M's shape) only, 2026-12-03, AMD EPYC
@@ -254,7 +254,7 @@ def estimate_first_step(cfg: dict, dtype: str = "fp32", seq_len: int = 256, batc
     keep = min(pc.keep_dequant_bytes, per_layer)
     pools = keep + (largest if per_layer > pc.keep_dequant_bytes else 0)   # allocated once, then kept
     moments = 8 * p
-    experts = experts_recompute_bytes(shape, e, tokens) if pc.experts_4bit else 0    # one MoE layer's, in backward
+    experts = sum(v for _, v, _ in experts_transients(pc, 4))    # one MoE layer's (or group's), in backward
     phases = {"loss": stored + min(largest, keep) + act["logits_loss"],
               "layers": 4 * p + act["activations"] + pools + experts,
               "optimizer": 4 * p + (0 if later else moments) + pools}

@@ -78,8 +78,8 @@ from .attention import PACKED_SHORT_LEN  # noqa: F401 (tests/test_packing.py rea
 from .attention import (attention_bytes_per_token, model_dropout_bytes_per_token, packed_eager_bytes_per_token,
                         qk_norm_bytes)
 from .loss import CHUNK_LOGITS, chunked_loss_bytes, logits_loss_bytes  # noqa: F401 (read here by tests)
-from .moe import (check_lora_experts, expert_lora_params, experts_lora_grad_bytes, experts_recompute_bytes,
-                  experts_words, lora_on_experts, moe_routing_bytes_per_token, moe_weight_bytes)
+from .moe import (DEQUANT_LIMIT, check_lora_experts, expert_lora_params, experts_transients, experts_words,
+                  lora_on_experts, moe_routing_bytes_per_token, moe_weight_bytes)
 from .presets import Linear, ModelShape
 
 GiB = 1 << 30
@@ -131,6 +131,7 @@ class PlanConfig:
     fused_cpu_linear: bool = False       # the CPU runs NF4 linears fused (AMX, bf16: qlora_ds.ops.fused_linear)
     quantize_experts: bool = True        # QLoRAConfig.quantize_experts: MoE experts in 4 bit (plan/moe.py)
     lora_experts: bool = False           # QLoRAConfig.lora_experts: LoRA on those 4-bit experts (dropout 0; moe.py)
+    experts_dequant_bytes: int = DEQUANT_LIMIT  # quantized_experts.DEQUANT_LIMIT: larger layers run in expert groups
     packing: bool = False                # finetune --packing: attention per example (qlora_ds.nn.packed_attention)
     width_sum: int | None = None         # Σ of the batch widths met (a run's check); None: every padded width
     contiguous_gradients: bool = True    # DeepSpeed's default; ZeRO-3 then keeps a reduce_bucket_size buffer
@@ -507,14 +508,7 @@ def estimate_memory(cfg: PlanConfig) -> MemoryEstimate:
 
     act = activation_bytes(cfg)
     items += [Item(k, v, phase="backward") for k, v in act.items()]
-    if cfg.experts_4bit:
-        r = cfg.lora_r if cfg.lora_experts else 0     # LoRA's factors are cast when not stored in the compute dtype
-        recompute = experts_recompute_bytes(s, cfg.elem, cfg.micro_batch * cfg.seq_len, r, lora_bytes != cfg.elem)
-        items.append(Item("moe_experts_recompute", recompute, phase="backward",
-                          note=f"one layer's experts dequantized ({cfg.compute_dtype}), recomputed"))
-        if r:
-            items.append(Item("moe_experts_lora_grads", experts_lora_grad_bytes(s, cfg.elem), phase="backward",
-                              note="one layer's expert weights' full gradients (their LoRA's dA, dB come from them)"))
+    items += [Item(k, v, phase="backward", note=note) for k, v, note in experts_transients(cfg, lora_bytes)]
     # the linears whose weight is dequantized into memory: all of them, but the ones the fused CPU path computes
     lin = [a * b for a, b in unfused_linears(cfg).values()]
     if cfg.base_bits < 16 and lin:

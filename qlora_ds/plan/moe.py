@@ -28,7 +28,8 @@ implementation, on CUDA and, with torch > 2.10, on the CPU):
   (no new bytes when LoRA with dropout 0 keeps that tensor already: a shared expert's gate/up) and the routing
   weights w·k (the indices are the router's). Backward recomputes the experts one layer at a time: the transient
   ``experts_recompute_bytes``, the dequantized weights E·3·I·h·e + the offsets 4·E + the 16-bit experts' terms
-  above per token.
+  above per token. A layer whose weights exceed ``PlanConfig.experts_dequant_bytes`` (DeepSeek-V3: ~22 GB in bf16)
+  runs its experts in groups that fit, each under its own checkpoint: the weights' term is one group's.
 * 4-bit experts with LoRA: each forward adds scaling·B_e·A_e to the dequantized weights (``baddbmm``), so the
   recompute keeps the live weights (the same bytes), the factors cast to the compute dtype when they are stored in
   another (fp32 LoRA under bf16 compute at ZeRO-3: e·r·E·(2h + 3I)), and, as the weights now need a gradient,
@@ -41,8 +42,13 @@ implementation, on CUDA and, with torch > 2.10, on the CPU):
 """
 from __future__ import annotations
 
+import os
+
 from ..errors import QLoRADSError
 from .presets import ModelShape
+
+# qlora_ds.nn.quantized_experts.DEQUANT_LIMIT, read from the same variable (the planner imports no torch)
+DEQUANT_LIMIT = int(float(os.environ.get("QLORA_DS_EXPERTS_DEQUANT_MB", "2048")) * (1 << 20))
 
 
 def top_k(shape: ModelShape) -> int:
@@ -135,24 +141,52 @@ def moe_routing_bytes_per_token(shape: ModelShape, elem: int, *, quantized: bool
     return router + experts + shared_gate + (e * h if lay.router_jitter else 0)
 
 
+def experts_group(shape: ModelShape, elem: int, limit: int) -> int:
+    """How many experts one call dequantizes: all of them, or as many as fit ``limit`` bytes (at least one), the
+    groups ``qlora_ds.nn.quantized_experts`` runs a layer above its DEQUANT_LIMIT in."""
+    per_expert = elem * sum(shape.expert_tensors()) // shape.experts
+    return shape.experts if per_expert * shape.experts <= limit else max(1, limit // per_expert)
+
+
 def experts_recompute_bytes(shape: ModelShape, elem: int, tokens: int, lora_r: int = 0,
-                            factor_copies: bool = True) -> float:
+                            factor_copies: bool = True, limit: int = DEQUANT_LIMIT) -> float:
     """4-bit experts: what one layer's experts keep in backward (recomputed under their checkpoint): the weights
-    dequantized in the compute dtype, the (E,) int32 offsets and the experts' activations for ``tokens``. With LoRA
-    of rank ``lora_r`` (``lora_experts``): those activations with LoRA's, and the factors cast to the compute dtype
-    (``factor_copies``: their stored dtype is another). Their weights' gradients: ``experts_lora_grad_bytes``."""
+    dequantized in the compute dtype (one group's, ``experts_group`` under ``limit``), the (E,) int32 offsets and the
+    experts' activations for ``tokens``. With LoRA of rank ``lora_r`` (``lora_experts``): those activations with
+    LoRA's, and the factors cast to the compute dtype (``factor_copies``: their stored dtype is another). Their
+    weights' gradients: ``experts_lora_grad_bytes``."""
     if not shape.experts:
         return 0
+    share = experts_group(shape, elem, limit) / shape.experts
     copies = elem * expert_lora_params(shape, lora_r) // shape.layers if lora_r and factor_copies else 0
-    return (elem * sum(shape.expert_tensors()) + 4 * shape.experts + copies
+    return (share * (elem * sum(shape.expert_tensors()) + copies) + 4 * shape.experts
             + tokens * experts_bytes_per_token(shape, elem, lora=bool(lora_r)))
 
 
-def experts_lora_grad_bytes(shape: ModelShape, elem: int) -> float:
-    """4-bit experts with LoRA: the weights' full-size gradients one layer's backward holds beside what it keeps,
-    before they reduce to dA, dB: gate_up's E·2I·h and down's E·h·I, less down's weight (freed by then):
-    e·E·2I·h."""
-    return elem * shape.expert_tensors()[0] if shape.experts else 0
+def experts_lora_grad_bytes(shape: ModelShape, elem: int, limit: int = DEQUANT_LIMIT) -> float:
+    """4-bit experts with LoRA: the weights' full-size gradients one layer's backward (one group's, as
+    ``experts_recompute_bytes``) holds beside what it keeps, before they reduce to dA, dB: gate_up's E·2I·h and
+    down's E·h·I, less down's weight (freed by then): e·E·2I·h."""
+    if not shape.experts:
+        return 0
+    return elem * shape.expert_tensors()[0] * experts_group(shape, elem, limit) / shape.experts
+
+
+def experts_transients(cfg, lora_bytes: int) -> list[tuple[str, float, str]]:
+    """A plan's (PlanConfig's) backward transients of its 4-bit experts: (item name, bytes, note)."""
+    if not cfg.experts_4bit:
+        return []
+    s, e, limit = cfg.shape, cfg.elem, cfg.experts_dequant_bytes
+    r = cfg.lora_r if cfg.lora_experts else 0     # LoRA's factors are cast when not stored in the compute dtype
+    group = experts_group(s, e, limit)
+    which = "one layer's experts" if group == s.experts else f"{group} of a layer's {s.experts} experts (a group)"
+    items = [("moe_experts_recompute", experts_recompute_bytes(s, e, cfg.micro_batch * cfg.seq_len, r,
+                                                               lora_bytes != e, limit),
+              f"{which} dequantized ({cfg.compute_dtype}), recomputed")]
+    if r:
+        items.append(("moe_experts_lora_grads", experts_lora_grad_bytes(s, e, limit),
+                      f"the full gradients of {which}' weights (their LoRA's dA, dB come from them)"))
+    return items
 
 
 def experts_words(cfg) -> str:

@@ -306,6 +306,11 @@ PRESETS.update({name: shape_from_hf_config(cfg, name) for name, cfg in {
                       "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
                       "vocab_size": 151936, "max_position_embeddings": 40960, "norm_topk_prob": True,
                       "tie_word_embeddings": False},
+    "qwen3-235b-a22b": {"model_type": "qwen3_moe", "hidden_size": 4096, "intermediate_size": 12288,
+                        "moe_intermediate_size": 1536, "num_experts": 128, "num_experts_per_tok": 8,
+                        "num_hidden_layers": 94, "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128,
+                        "vocab_size": 151936, "max_position_embeddings": 40960, "norm_topk_prob": True,
+                        "tie_word_embeddings": False},
 }.items()})
 
 
