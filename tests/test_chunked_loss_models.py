@@ -12,11 +12,16 @@ from qlora_ds.loss_support import LogitTransform
 
 KW = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
           num_key_value_heads=2, pad_token_id=0)
+# Gemma-3's vision tower, small (with its defaults, a 2B text model and SigLIP-So400m, it took ~40 s to build)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+              patch_size=14)
 
 
 def build(model_type: str, **extra):
     from transformers import AutoConfig, AutoModelForCausalLM
     kw = dict(KW, **({} if model_type == "falcon" else {"head_dim": 16}), **extra)
+    if model_type == "gemma3":      # multimodal: the text model's keys go in its text_config
+        kw = dict(text_config=kw, vision_config=VISION)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw)).eval()
     with torch.no_grad():
@@ -62,10 +67,8 @@ def test_a_transform_in_the_text_config(monkeypatch):
     """Gemma3ForConditionalGeneration never applies its text config's final_logit_softcapping (transformers 5.23; only
     Gemma3ForCausalLM does): the chunked loss leaves it out too. Another transform there keeps the plain loss."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                  patch_size=14)
     for extra, chunked in (({"final_logit_softcapping": 2.0}, True), ({"logits_scaling": 4.0}, False)):
-        cfg = Gemma3Config(text_config=dict(KW, head_dim=16, **extra), vision_config=vision)
+        cfg = Gemma3Config(text_config=dict(KW, head_dim=16, **extra), vision_config=VISION)
         torch.manual_seed(0)
         model = Gemma3ForConditionalGeneration(cfg).eval()
         with torch.no_grad():
@@ -77,7 +80,7 @@ def test_a_transform_in_the_text_config(monkeypatch):
         assert abs(ours - plain) <= 1e-5 * abs(plain)
     # applying the text config's cap (as Gemma3ForCausalLM would) gives another loss: the check above can tell
     monkeypatch.setattr("qlora_ds.loss.chunked_transform", lambda m: (LogitTransform(softcap=2.0), None))
-    cfg = Gemma3Config(text_config=dict(KW, head_dim=16, final_logit_softcapping=2.0), vision_config=vision)
+    cfg = Gemma3Config(text_config=dict(KW, head_dim=16, final_logit_softcapping=2.0), vision_config=VISION)
     torch.manual_seed(0)
     model = Gemma3ForConditionalGeneration(cfg).eval()
     with torch.no_grad():
