@@ -109,9 +109,14 @@ def test_loss_and_input_gradients_equal_the_dequantized_model(model_type, device
                                       for p, m in experts_modules(model).items() for n in m._qds_weights)))
 
 
-def test_nothing_of_the_experts_is_kept_for_backward():
+@pytest.mark.parametrize("grouped", [False, True])
+def test_nothing_of_the_experts_is_kept_for_backward(grouped, monkeypatch):
     """The checkpointed call keeps its inputs only: no dequantized weight, no expert activation (the unquantized
-    layer keeps the expert outputs, index tensors and gathered routing weights: moe.py's per-token terms)."""
+    layer keeps the expert outputs, index tensors and gathered routing weights: moe.py's per-token terms). Run one
+    expert at a time (``grouped``), each group's checkpoint keeps the shared hidden states, not its slots' rows."""
+    from qlora_ds.nn import quantized_experts as qe
+    if grouped:
+        monkeypatch.setattr(qe, "DEQUANT_LIMIT", 1)
     model = tiny_moe("qwen3_moe", layers=1)
     layer = model.model.layers[0]
     ref = with_dequantized_experts(layer.mlp, CFG)
@@ -128,6 +133,7 @@ def test_nothing_of_the_experts_is_kept_for_backward():
     ref_kept, ref_out = saved(ref)
     shapes = {tuple(t.shape) for t in kept}
     assert not shapes & {(4, 128, 64), (4, 64, 64), (128, 64), (64, 64)}            # no expert weight, no slice
+    assert not [t.shape for t in kept if t.is_floating_point() and t.shape[-1] == 64 and t.numel() != 12 * 64]
     assert sum(t.numel() for t in kept) < sum(t.numel() for t in ref_kept) / 2
     out.sum().backward()
     grad = x.grad.clone()

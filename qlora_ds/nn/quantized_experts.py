@@ -180,12 +180,17 @@ class QuantizedExperts(nn.Module):
         out = None
         for start in range(0, hit.numel(), group):
             token, slot = ((index >= start) & (index < start + group)).nonzero(as_tuple=True)
-            part = (hidden.index_select(0, token), (index[token, slot] - start).unsqueeze(1),
-                    top_k_weights[token, slot].unsqueeze(1), hit[start:start + group], dtype)
-            y = (checkpoint(self._forward_experts, *part, use_reentrant=False) if recorded
-                 else self._forward_experts(*part))
-            out = (y.new_zeros(hidden.shape[0], *y.shape[1:]) if out is None else out).index_add(0, token, y)
+            part = (hidden, token, (index[token, slot] - start).unsqueeze(1), top_k_weights[token, slot].unsqueeze(1),
+                    hit[start:start + group], dtype)
+            y = checkpoint(self._forward_slots, *part, use_reentrant=False) if recorded else self._forward_slots(*part)
+            out = y if out is None else out + y
         return out
+
+    def _forward_slots(self, hidden, token, index, weights, hit, dtype):
+        # the rows are gathered and their outputs added per token in here, so a group's checkpoint keeps the (shared)
+        # hidden states and the slots' token numbers, not k rows per token (index_add's backward keeps its source)
+        y = self._forward_experts(hidden.index_select(0, token), index, weights, hit, dtype)
+        return y.new_zeros(hidden.shape[0], *y.shape[1:]).index_add_(0, token, y)
 
     def _group_size(self, dtype: torch.dtype | None) -> int:
         """How many experts fit DEQUANT_LIMIT dequantized in ``dtype`` (all of them if the layer does)."""
