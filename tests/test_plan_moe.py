@@ -465,7 +465,7 @@ def test_a_layer_above_the_dequant_limit_is_planned_in_the_groups_it_runs_in(mon
                      lora_dropout=0.0)
     grouped = replace(cfg, experts_dequant_bytes=3 * per_expert + 1)
     assert estimate_memory(cfg).get("moe_experts_recompute") - estimate_memory(grouped).get("moe_experts_recompute") \
-        == 5 * per_expert      # fp32 compute: the fp32 factors are used as stored, no copies
+        == 5 * per_expert - SEQ * 3 * 24     # fp32: the factors are used as stored; the slots' int64 indices
     assert estimate_memory(grouped).get("moe_experts_lora_grads") == \
         pytest.approx(3 / 8 * estimate_memory(cfg).get("moe_experts_lora_grads"))
     assert "3 of a layer's 8 experts" in format_report(plan(grouped))
@@ -473,3 +473,26 @@ def test_a_layer_above_the_dequant_limit_is_planned_in_the_groups_it_runs_in(mon
     assert config_from_args(parse_args(["--model", "qwen3-235b-a22b", "--experts-dequant-mb", "64"])) \
         .experts_dequant_bytes == 64 << 20
     assert config_from_args(parse_args(["--model", "qwen3-235b-a22b"])).experts_dequant_bytes == default
+
+
+def test_grouped_experts_keep_the_planned_bytes_per_slot(monkeypatch):
+    """What a layer run in groups keeps beyond the whole layer's checkpoint (its storages, once each): the slots'
+    int64 token numbers, slots and renumbered experts, 24·k per token, as ``experts_recompute_bytes`` counts."""
+    from qlora_ds.nn import QLoRAConfig, quantized_experts as qe
+    from qlora_ds.nn.quantized_experts import quantize_experts_module
+
+    from .test_quantized_experts import tiny_moe
+
+    def kept(limit):
+        monkeypatch.setattr(qe, "DEQUANT_LIMIT", limit)
+        mlp = tiny_moe("qwen3_moe", layers=1).model.layers[0].mlp
+        quantize_experts_module(mlp.experts, QLoRAConfig(dropout=0.0, compute_dtype=torch.float32))
+        storages = {}
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
+                lambda t: t):
+            mlp(torch.randn(1, 12, 64, requires_grad=True))
+        return sum(storages.values())
+
+    extra = kept(1) - kept(1 << 40)      # one expert at a time vs the whole layer; 12 tokens, top-2
+    assert abs(extra - 12 * 2 * 24) <= 64, extra

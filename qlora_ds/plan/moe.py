@@ -154,13 +154,17 @@ def experts_recompute_bytes(shape: ModelShape, elem: int, tokens: int, lora_r: i
     dequantized in the compute dtype (one group's, ``experts_group`` under ``limit``), the (E,) int32 offsets and the
     experts' activations for ``tokens``. With LoRA of rank ``lora_r`` (``lora_experts``): those activations with
     LoRA's, and the factors cast to the compute dtype (``factor_copies``: their stored dtype is another). Their
-    weights' gradients: ``experts_lora_grad_bytes``."""
+    weights' gradients: ``experts_lora_grad_bytes``. Run in groups, the layer's checkpoints also keep per routing slot
+    its token's number, its slot and its renumbered expert (int64; the gathered routing weights replace the whole
+    tensor's): 24·k per token (measured: 608 B for 24 slots), counted here for the one layer a checkpointed model
+    recomputes; the activations stay the whole layer's, an upper bound."""
     if not shape.experts:
         return 0
-    share = experts_group(shape, elem, limit) / shape.experts
+    group = experts_group(shape, elem, limit)
     copies = elem * expert_lora_params(shape, lora_r) // shape.layers if lora_r and factor_copies else 0
-    return (share * (elem * sum(shape.expert_tensors()) + copies) + 4 * shape.experts
-            + tokens * experts_bytes_per_token(shape, elem, lora=bool(lora_r)))
+    slots = 24 * top_k(shape) if group < shape.experts else 0
+    return (group / shape.experts * (elem * sum(shape.expert_tensors()) + copies) + 4 * shape.experts
+            + tokens * (experts_bytes_per_token(shape, elem, lora=bool(lora_r)) + slots))
 
 
 def experts_lora_grad_bytes(shape: ModelShape, elem: int, limit: int = DEQUANT_LIMIT) -> float:
