@@ -9,7 +9,6 @@ weights in bf16), 512 tokens.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -18,17 +17,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
 def worker(args) -> dict:
     import torch
     from transformers import AutoConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
     from qlora_ds.hardware import resolve_dtype
+    from qlora_ds.heap import release_free_heap
+    from qlora_ds.memstats import peak_rss, reset_peak, rss
     from qlora_ds.nn import QLoRAConfig
     from qlora_ds.nn.quantized_experts import quantize_experts_module
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
@@ -46,13 +42,15 @@ def worker(args) -> dict:
     index = torch.stack([torch.randperm(args.experts, generator=gen)[:args.top_k] for _ in range(args.tokens)])
     weights = torch.softmax(torch.randn(args.tokens, args.top_k, generator=gen), -1).to(dtype).requires_grad_(True)
     group = experts._group_size(dtype)
-    loaded = rss_mib()
+    release_free_heap()            # the 16-bit weights and the quantization's temporaries, freed, off the count
+    reset_peak()
+    loaded = rss() / 2**20
     times = []
     for _ in range(args.steps + 1):
         t = time.perf_counter()
         experts(hidden, index, weights).float().square().mean().backward()
         times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss() / 2**20
     return {"limit_mb": args.limit, "group": group, "experts": args.experts, "dtype": str(dtype).split(".")[-1],
             "tokens": args.tokens, "step_s": min(times[1:]), "peak_above_loaded_mib": round(peak - loaded),
             "layer_mib": round(sum(s[0] * s[1] * s[2] for s, _ in experts._qds_weights.values())
@@ -68,20 +66,22 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--results", default=None, help="directory of the results rows (default bench/results)")
     ap.add_argument("--limit", type=float, default=None, help=argparse.SUPPRESS)    # the worker's
     args = ap.parse_args()
     if args.limit is not None:
         print(json.dumps(worker(args)))
         return
-    from bench.common import describe_machine
+    from bench.common import RowWriter, describe_machine
     print(describe_machine("cpu"))
-    shape = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("limits", "limit")]
+    rows = RowWriter("experts_groups", "cpu", args.results)
+    shape = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("limits", "limit", "results")]
     for limit in args.limits.split(","):
         env = dict(os.environ, QLORA_DS_EXPERTS_DEQUANT_MB=limit)
         out = subprocess.run([sys.executable, __file__, *shape, "--limit", limit], env=env, cwd=ROOT, check=True,
                              capture_output=True, text=True).stdout
-        print(out.strip().splitlines()[-1], flush=True)
+        print(json.dumps(rows.write(**json.loads(out.strip().splitlines()[-1]))), flush=True)
 
 
 if __name__ == "__main__":
