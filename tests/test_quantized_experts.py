@@ -263,13 +263,14 @@ def test_inside_the_models_checkpointing_the_experts_run_twice_not_three_times(m
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
 @pytest.mark.parametrize("group", [1, 3])
-def test_a_layer_above_the_dequant_limit_runs_its_experts_in_groups(model_type, group, monkeypatch):
+def test_a_layer_above_the_dequant_limit_runs_its_experts_in_groups(model_type, group, monkeypatch, device):
     """With DEQUANT_LIMIT at ``group`` experts' weights, no call dequantizes more experts than that — in forward and
     in backward's recomputation — and the loss and input gradients equal the whole-layer model's (the reference
     holding the dequantized weights); routing weights get their gradient through the grouped slots too."""
     from qlora_ds.nn import quantized_experts as qe
     model = tiny_moe(model_type)
-    ref = with_dequantized_experts(model, CFG)
+    ref = with_dequantized_experts(model, CFG).to(device)
+    model.to(device)
     for module in experts_modules(model).values():
         quantize_experts_module(module, CFG)
     experts = next(iter(experts_modules(model).values()))
@@ -282,7 +283,7 @@ def test_a_layer_above_the_dequant_limit_runs_its_experts_in_groups(model_type, 
                         lambda self, name, hit, dtype: read.append(hit.numel()) or few(self, name, hit, dtype))
     monkeypatch.setattr(qe.QuantizedExperts, "dequantized",
                         lambda self, name, dtype=None: read.append(4) or whole(self, name, dtype))
-    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(1)).to(device)
     loss, grad = loss_and_grad(model, ids)
     ref_loss, ref_grad = loss_and_grad(ref, ids)
     assert read and max(read) == group and len(read) >= 2 * 2 * 2 * (4 // group)  # 2 layers x 2 weights, fwd + bwd
@@ -297,3 +298,17 @@ def test_a_layer_above_the_dequant_limit_runs_its_experts_in_groups(model_type, 
     model(input_ids=ids, labels=ids).loss.backward()
     ref(input_ids=ids, labels=ids).loss.backward()
     torch.testing.assert_close(gate.weight.grad, ref_gate.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("limit", [1 << 40, 1])
+def test_a_call_with_no_tokens_returns_no_rows(limit, monkeypatch):
+    """An empty batch (a rank's empty shard, an empty routing) gives the unquantized module's empty output, on the
+    whole-layer and the grouped path (the routing probe once indexed the last of no experts)."""
+    from qlora_ds.nn import quantized_experts as qe
+    monkeypatch.setattr(qe, "DEQUANT_LIMIT", limit)
+    experts = experts_modules(tiny_moe("qwen3_moe", layers=1))["model.layers.0.mlp.experts"]
+    args = (torch.zeros(0, 64), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    ref = experts(*args)
+    quantize_experts_module(experts, CFG)
+    out = experts(*args)
+    assert out.shape == ref.shape == (0, 64)

@@ -216,7 +216,9 @@ class QuantizedExperts(nn.Module):
                                     and args[2].shape == args[1].shape and args[0].shape[0] == args[1].shape[0]):
             return None     # another signature: grouped slots would not be (token, k) pairs
         hit, index = torch.unique(args[1], return_inverse=True)
-        return (hit, index) if int(hit[-1]) < experts else None      # no sentinel index (expert parallelism)
+        if not hit.numel() or int(hit[-1]) >= experts:     # no tokens; a sentinel index (expert parallelism)
+            return None
+        return hit, index
 
     def _dequantized_experts(self, name: str, hit: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         """Experts ``hit`` of weight ``name``, dequantized: each expert's blocks are whole (checked by the caller)."""
