@@ -148,6 +148,31 @@ def test_merge_writes_the_experts_update(tmp_path):
         torch.testing.assert_close(merged(IDS).logits, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("lora", [True, False])
+def test_merge_builds_the_experts_a_group_at_a_time(lora, monkeypatch):
+    """Above the dequantization limit the merge builds each weight a group of experts at a time (the fp32 transient
+    bounded as in training): the same bytes as the whole-layer merge, with and without the experts' LoRA."""
+    import copy as _copy
+
+    from qlora_ds.nn import quantized_experts as qe
+    from qlora_ds.nn.quantized_experts import dequantize_experts_module
+    ours = quantized("gpt_oss", CFG if lora else QLoRAConfig(r=4, alpha=8, dropout=0.0, compute_dtype=torch.float32))
+    randomize(ours)
+    whole, grouped = (_copy.deepcopy(ours.model.layers[0].mlp.experts) for _ in range(2))
+    built = []
+    part = qe.QuantizedExperts._dequantized_experts
+    monkeypatch.setattr(qe.QuantizedExperts, "_dequantized_experts",
+                        lambda self, name, hit, dtype: built.append(hit.numel()) or part(self, name, hit, dtype))
+    dequantize_experts_module(whole, torch.bfloat16)
+    assert not built
+    monkeypatch.setattr(qe, "DEQUANT_LIMIT", 1)
+    dequantize_experts_module(grouped, torch.bfloat16)
+    assert built == [1] * 8            # 4 experts, 2 weights
+    for name in ("gate_up_proj", "down_proj"):
+        got, want = grouped._parameters[name], whole._parameters[name]
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want), name
+
+
 def test_config_refusals_and_mismatched_files(tmp_path):
     with pytest.raises(QLoRADSError, match="dropout=0"):
         QLoRAConfig(dropout=0.1, lora_experts=True)

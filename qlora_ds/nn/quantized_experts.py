@@ -209,8 +209,7 @@ class QuantizedExperts(nn.Module):
         if kwargs or len(args) != 3 or not isinstance(experts, int) or not isinstance(args[1], torch.Tensor) \
                 or args[1].is_floating_point() or (args[1].numel() * 2 > experts and group >= experts):
             return None
-        blocksize = self._qds_quant[1]
-        if any(shape[0] != experts or (shape[1] * shape[2]) % blocksize for shape, _ in self._qds_weights.values()):
+        if not self._whole_blocks():
             return None
         if group < experts and not (args[0].dim() == args[1].dim() == 2 and isinstance(args[2], torch.Tensor)
                                     and args[2].shape == args[1].shape and args[0].shape[0] == args[1].shape[0]):
@@ -219,6 +218,30 @@ class QuantizedExperts(nn.Module):
         if not hit.numel() or int(hit[-1]) >= experts:     # no tokens; a sentinel index (expert parallelism)
             return None
         return hit, index
+
+    def _whole_blocks(self) -> bool:
+        """Whether each expert's weights are whole quantization blocks (so a subset of experts dequantizes alone)."""
+        experts, blocksize = self.__dict__.get("num_experts"), self._qds_quant[1]
+        return all(shape[0] == experts and (shape[1] * shape[2]) % blocksize == 0
+                   for shape, _ in self._qds_weights.values())
+
+    def merged(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Weight ``name`` dequantized with its LoRA update summed in fp32 (what the model computes with), in ``dtype``
+        (default its original dtype); built DEQUANT_LIMIT's worth of experts (in fp32) at a time."""
+        (experts, rows, cols), orig = self._qds_weights[name]
+        lora = experts_lora.has_lora(self)
+        group = self._group_size(torch.float32)
+        if group >= experts or not self._whole_blocks():
+            if not lora:
+                return self.dequantized(name, dtype)
+            return experts_lora.with_lora(self, name, self.dequantized(name, torch.float32)).to(dtype or orig)
+        device = self._parameters[f"{name}_packed"].device
+        out = torch.empty((experts, rows, cols), dtype=dtype or orig, device=device)
+        for start in range(0, experts, group):
+            hit = torch.arange(start, min(experts, start + group), device=device)
+            part = self._dequantized_experts(name, hit, torch.float32)
+            out[start:start + hit.numel()] = experts_lora.with_lora(self, name, part, hit) if lora else part
+        return out
 
     def _dequantized_experts(self, name: str, hit: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         """Experts ``hit`` of weight ``name``, dequantized: each expert's blocks are whole (checked by the caller)."""
@@ -281,13 +304,11 @@ def _meta_parts(module: nn.Module, name: str, numel: int, config) -> None:
 @torch.no_grad()
 def dequantize_experts_module(module: nn.Module, dtype: torch.dtype | None = None) -> None:
     """Undo ``quantize_experts_module`` in place: the original class with float 3-D parameters holding the
-    dequantized weights with their LoRA update merged, summed in fp32 (what the model computed with; ``dtype``:
-    default each weight's original dtype)."""
+    dequantized weights with their LoRA update merged (``QuantizedExperts.merged``; ``dtype``: default each weight's
+    original dtype)."""
     if not is_quantized_experts(module):
         return
-    floats = {name: experts_lora.with_lora(module, name, module.dequantized(name, torch.float32))
-              .to(dtype or module._qds_weights[name][1]) if experts_lora.has_lora(module)
-              else module.dequantized(name, dtype) for name in module._qds_weights}
+    floats = {name: module.merged(name, dtype) for name in module._qds_weights}
     for name, weight in floats.items():
         for part in (*PARTS, "lora_A", "lora_B"):
             module._parameters.pop(f"{name}_{part}", None)
