@@ -469,6 +469,11 @@ def test_a_layer_above_the_dequant_limit_is_planned_in_the_groups_it_runs_in(mon
     assert estimate_memory(grouped).get("moe_experts_lora_grads") == \
         pytest.approx(3 / 8 * estimate_memory(cfg).get("moe_experts_lora_grads"))
     assert "3 of a layer's 8 experts" in format_report(plan(grouped))
+    # under checkpointing the layer's recompute replays the 2 groups before the last one (3 groups of <= 3 experts)
+    from qlora_ds.plan.scaling import flops_per_token
+    reached = shape.layers * 3 * sum(shape.expert_tensors()) / 8          # top-3 of 8 experts, per token
+    assert flops_per_token(grouped) - flops_per_token(cfg) == pytest.approx(2 * reached * 2 / 3)
+    assert flops_per_token(replace(grouped, grad_ckpt=False)) == flops_per_token(replace(cfg, grad_ckpt=False))
     from qlora_ds.plan.__main__ import config_from_args, parse_args
     assert config_from_args(parse_args(["--model", "qwen3-235b-a22b", "--experts-dequant-mb", "64"])) \
         .experts_dequant_bytes == 64 << 20

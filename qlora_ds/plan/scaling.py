@@ -17,14 +17,15 @@ What moves per optimizer step (``grad_accum`` micro steps):
 FLOPs per token: frozen linears 2·W forward + 2·W input gradient (+ 2·W recompute with gradient
 checkpointing); LoRA 6·P (+2·P recompute); attention 2·s·h·L forward (causal), ×2 backward, +1 recompute; a MoE's
 experts the same as frozen linears over the k experts a token reaches (3·h·I each), recomputed whenever they are
-4-bit (their own checkpoint) or checkpointing is on.
+4-bit (their own checkpoint) or checkpointing is on; run in n groups (``experts_dequant_bytes``) under checkpointing,
+the layer's recompute replays the first n - 1 of them once more.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .memory import PlanConfig, cfg_lora_params, targeted
-from .moe import expert_lora_params, nf4_part_bytes, top_k
+from .moe import expert_lora_params, experts_group, nf4_part_bytes, top_k
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,11 @@ def flops_per_token(cfg: PlanConfig) -> float:
     experts = s.layers * top_k(s) * sum(s.expert_tensors()) / s.experts if s.experts else 0   # reached per token
     experts_ck = 1 if cfg.grad_ckpt or cfg.experts_4bit else 0
     fold = 8 * cfg.lora_r * s.layers * sum(s.expert_tensors()) / (cfg.micro_batch * cfg.seq_len) if lora_e else 0
-    return ((4 + 2 * ck) * frozen + (6 + 2 * ck) * p + (3 + ck) * attn + (4 + 2 * experts_ck) * experts
+    # experts run in n groups under the model's checkpointing: its recompute replays the n - 1 groups before the last
+    # one's checkpoint (torch's nested checkpoints stop at the last saved input), one more forward of them
+    groups = -(-s.experts // experts_group(s, cfg.elem, cfg.experts_dequant_bytes)) if cfg.experts_4bit else 1
+    replay = 2 * experts * (groups - 1) / groups if s.experts and ck and groups > 1 else 0
+    return ((4 + 2 * ck) * frozen + (6 + 2 * ck) * p + (3 + ck) * attn + (4 + 2 * experts_ck) * experts + replay
             + (2 * experts + fold if lora_e else 0))
 
 
