@@ -162,7 +162,7 @@ def test_merge_builds_the_experts_a_group_at_a_time(lora, monkeypatch):
     built = []
     part = qe.QuantizedExperts._dequantized_experts
     monkeypatch.setattr(qe.QuantizedExperts, "_dequantized_experts",
-                        lambda self, name, hit, dtype: built.append(hit.numel()) or part(self, name, hit, dtype))
+                        lambda self, name, hit, dtype: built.append(qe._count(hit)) or part(self, name, hit, dtype))
     dequantize_experts_module(whole, torch.bfloat16)
     assert not built
     monkeypatch.setattr(qe, "DEQUANT_LIMIT", 1)

@@ -288,7 +288,7 @@ def test_a_layer_above_the_dequant_limit_runs_its_experts_in_groups(model_type, 
     read, whole = [], qe.QuantizedExperts.dequantized
     few = qe.QuantizedExperts._dequantized_experts
     monkeypatch.setattr(qe.QuantizedExperts, "_dequantized_experts",
-                        lambda self, name, hit, dtype: read.append(hit.numel()) or few(self, name, hit, dtype))
+                        lambda self, name, hit, dtype: read.append(qe._count(hit)) or few(self, name, hit, dtype))
     monkeypatch.setattr(qe.QuantizedExperts, "dequantized",
                         lambda self, name, dtype=None: read.append(4) or whole(self, name, dtype))
     ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(1)).to(device)
@@ -320,3 +320,25 @@ def test_a_call_with_no_tokens_returns_no_rows(limit, monkeypatch):
     quantize_experts_module(experts, CFG)
     out = experts(*args)
     assert out.shape == ref.shape == (0, 64)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_groups_of_experts_with_gaps_between_them(model_type, monkeypatch):
+    """Tokens reaching experts {0, 2, 3} in groups of two: the group (0, 2) is no run of experts (its parts are
+    gathered), the group (3,) is one (its parts are views); outputs and gradients equal the whole layer's."""
+    from qlora_ds.nn import quantized_experts as qe
+    experts = experts_modules(tiny_moe(model_type, layers=1))["model.layers.0.mlp.experts"]
+    quantize_experts_module(experts, CFG)
+    per_expert = sum(4 * s[1] * s[2] for s, _ in experts._qds_weights.values())
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(6, 64, generator=gen, requires_grad=True)
+    index = torch.tensor([[0, 2], [3, 0], [2, 3], [0, 3], [2, 0], [3, 2]])
+    weights = torch.rand(6, 2, generator=gen).requires_grad_(True)
+    runs = []
+    for limit in (1 << 40, 2 * per_expert):
+        monkeypatch.setattr(qe, "DEQUANT_LIMIT", limit)
+        out = experts(hidden, index, weights)
+        runs.append((out.detach(), *torch.autograd.grad(out.square().sum(), (hidden, weights))))
+    assert experts._group_size(torch.float32) == 2
+    for whole, grouped in zip(*runs):
+        torch.testing.assert_close(grouped, whole, rtol=1e-5, atol=1e-6)

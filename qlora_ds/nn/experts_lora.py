@@ -71,18 +71,24 @@ def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [module._parameters[leaf] for leaf in lora_names(module)]
 
 
-def factors(module: nn.Module, name: str, dtype: torch.dtype, hit: torch.Tensor | None = None):
+def take(t: torch.Tensor, hit: torch.Tensor | slice) -> torch.Tensor:
+    """Experts ``hit`` of a per-expert tensor: a slice (a run of experts) is a view, an index tensor a copy."""
+    return t[hit] if isinstance(hit, slice) else t.index_select(0, hit)
+
+
+def factors(module: nn.Module, name: str, dtype: torch.dtype, hit: torch.Tensor | slice | None = None):
     """(B (E, out, r), A (E, r, in)) of weight ``name`` in ``dtype`` (only experts ``hit`` when given)."""
     a, b = module._parameters[f"{name}_lora_A"], module._parameters[f"{name}_lora_B"]
     experts = module._qds_weights[name][0][0]
     a = a.view(experts, -1, a.shape[-1])                               # (E, r, in)
     b = b.view(b.shape[0], -1, experts).permute(2, 0, 1)               # (E, out, r)
     if hit is not None:
-        a, b = a.index_select(0, hit), b.index_select(0, hit)
+        a, b = take(a, hit), take(b, hit)
     return b.to(dtype), a.to(dtype)
 
 
-def with_lora(module: nn.Module, name: str, weight: torch.Tensor, hit: torch.Tensor | None = None) -> torch.Tensor:
+def with_lora(module: nn.Module, name: str, weight: torch.Tensor,
+              hit: torch.Tensor | slice | None = None) -> torch.Tensor:
     """``weight`` (the dequantized experts ``hit``, or all) plus ``scaling · B_e A_e`` in its own layout."""
     lora = module.__dict__.get("_qds_lora", {}).get(name)
     if lora is None:

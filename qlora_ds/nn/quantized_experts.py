@@ -166,9 +166,9 @@ class QuantizedExperts(nn.Module):
         live = {name: experts_lora.with_lora(self, name, self._dequantized_experts(name, hit, dtype), hit)
                 for name in self._qds_weights}
         experts = self.__dict__["num_experts"]
-        live.update({n: p.index_select(0, hit) for n, p in self._parameters.items()      # per-expert biases
+        live.update({n: experts_lora.take(p, hit) for n, p in self._parameters.items()      # per-expert biases
                      if p is not None and p.is_floating_point() and p.dim() >= 2 and p.shape[0] == experts})
-        with _attribute(self, "_qds_live", live), _attribute(self, "num_experts", hit.numel()):
+        with _attribute(self, "_qds_live", live), _attribute(self, "num_experts", _count(hit)):
             return self._qds_base.forward(self, hidden, index, weights)
 
     def _forward_grouped(self, hidden, top_k_index, top_k_weights, hit, index, *, group: int, recorded: bool):
@@ -177,11 +177,14 @@ class QuantizedExperts(nn.Module):
         when recorded, so forward and backward hold one group's weights; the slots' outputs are summed per token
         in group order (ascending experts, as the eager forward adds them)."""
         dtype = hidden.dtype if hidden.is_floating_point() else None
+        ids = hit.tolist()
         out = None
-        for start in range(0, hit.numel(), group):
-            token, slot = ((index >= start) & (index < start + group)).nonzero(as_tuple=True)
+        for start in range(0, len(ids), group):
+            end = min(len(ids), start + group)
+            token, slot = ((index >= start) & (index < end)).nonzero(as_tuple=True)
+            run = ids[end - 1] - ids[start] == end - 1 - start     # a run of experts: their parts are views
             part = (hidden, token, (index[token, slot] - start).unsqueeze(1), top_k_weights[token, slot].unsqueeze(1),
-                    hit[start:start + group], dtype)
+                    slice(ids[start], ids[end - 1] + 1) if run else hit[start:end], dtype)
             y = checkpoint(self._forward_slots, *part, use_reentrant=False) if recorded else self._forward_slots(*part)
             out = y if out is None else out + y
         return out
@@ -238,12 +241,12 @@ class QuantizedExperts(nn.Module):
         device = self._parameters[f"{name}_packed"].device
         out = torch.empty((experts, rows, cols), dtype=dtype or orig, device=device)
         for start in range(0, experts, group):
-            hit = torch.arange(start, min(experts, start + group), device=device)
+            hit = slice(start, min(experts, start + group))
             part = self._dequantized_experts(name, hit, torch.float32)
-            out[start:start + hit.numel()] = experts_lora.with_lora(self, name, part, hit) if lora else part
+            out[hit] = experts_lora.with_lora(self, name, part, hit) if lora else part
         return out
 
-    def _dequantized_experts(self, name: str, hit: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    def _dequantized_experts(self, name: str, hit: torch.Tensor | slice, dtype: torch.dtype | None) -> torch.Tensor:
         """Experts ``hit`` of weight ``name``, dequantized: each expert's blocks are whole (checked by the caller)."""
         (experts, rows, cols), orig = self._qds_weights[name]
         quant_type, blocksize, dq, nested = self._qds_quant
@@ -251,9 +254,13 @@ class QuantizedExperts(nn.Module):
         absmax = p[f"{name}_absmax"]
         absmax = (ops.dequantize_8bit_blockwise(absmax, p[f"{name}_absmax2"].view(torch.float32), nested,
                                                 self._offset(name)) if dq else absmax.view(torch.float32))
-        packed = p[f"{name}_packed"].view(experts, -1).index_select(0, hit)
-        absmax = absmax.view(experts, -1).index_select(0, hit)
-        return ops.dequantize_4bit(packed, absmax, quant_type, blocksize, (hit.numel(), rows, cols), dtype or orig)
+        packed = experts_lora.take(p[f"{name}_packed"].view(experts, -1), hit)
+        absmax = experts_lora.take(absmax.view(experts, -1), hit)
+        return ops.dequantize_4bit(packed, absmax, quant_type, blocksize, (packed.shape[0], rows, cols), dtype or orig)
+
+
+def _count(hit: torch.Tensor | slice) -> int:
+    return hit.stop - hit.start if isinstance(hit, slice) else hit.numel()
 
 
 @contextlib.contextmanager
