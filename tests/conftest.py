@@ -58,6 +58,17 @@ def pytest_report_header(config):
     return f"qlora-ds test device: {config._qlora_ds_device}"
 
 
+@pytest.fixture(autouse=True)
+def _functional_linear_restored():
+    """A ZeRO-3 engine built in this process on parameters not yet ZeRO's replaces ``torch.nn.functional.linear``
+    with DeepSpeed's memory-efficient version, for the rest of the process (``mem_efficient_linear``). That version
+    keeps every input and weight for backward, so tests after it would see other saved tensors than they do alone:
+    each test gets the function it started with back."""
+    linear = torch.nn.functional.linear
+    yield
+    torch.nn.functional.linear = linear
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _release_leftover_shm_buffers():
     """Helper scripts of the suite that start 2 DeepSpeed ranks without finetune's shutdown leave DeepSpeed's CPU
