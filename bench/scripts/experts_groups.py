@@ -54,7 +54,7 @@ def worker(args) -> dict:
     return {"limit_mb": args.limit, "group": group, "experts": args.experts, "dtype": str(dtype).split(".")[-1],
             "tokens": args.tokens, "step_s": min(times[1:]), "peak_above_loaded_mib": round(peak - loaded),
             "layer_mib": round(sum(s[0] * s[1] * s[2] for s, _ in experts._qds_weights.values())
-                               * torch.empty((), dtype=dtype).element_size() / 2**20)}
+                               * dtype.itemsize / 2**20)}
 
 
 def main() -> None:

@@ -47,12 +47,6 @@ _CLASSES: dict[type, type] = {}
 DEQUANT_LIMIT = int(float(os.environ.get("QLORA_DS_EXPERTS_DEQUANT_MB", "2048")) * (1 << 20))
 
 
-def set_dequant_limit(nbytes: int) -> None:
-    """Bytes of one layer's expert weights a call may dequantize at once (at least one expert always is)."""
-    global DEQUANT_LIMIT
-    DEQUANT_LIMIT = max(0, int(nbytes))
-
-
 def expert_weight_names(module: nn.Module) -> list[str]:
     """The fused expert weights of a MoE experts module: the own 3-D floating parameters of a module whose class is
     an experts class (every one in transformers 5.23 is named ``*Experts``; a Conv1d's 3-D weight is no expert)."""
@@ -200,8 +194,7 @@ class QuantizedExperts(nn.Module):
         experts = self.__dict__.get("num_experts")
         if not isinstance(experts, int) or experts <= 0:
             return 1 << 62
-        per_expert = sum(torch.empty((), dtype=dtype or orig).element_size() * shape[1] * shape[2]
-                         for shape, orig in self._qds_weights.values())
+        per_expert = sum((dtype or orig).itemsize * shape[1] * shape[2] for shape, orig in self._qds_weights.values())
         return experts if per_expert * experts <= DEQUANT_LIMIT else max(1, DEQUANT_LIMIT // per_expert)
 
     def _routed(self, args, kwargs, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
