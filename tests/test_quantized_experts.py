@@ -141,7 +141,11 @@ def test_nothing_of_the_experts_is_kept_for_backward(grouped, monkeypatch):
     grad = x.grad.clone()
     x.grad = None
     ref_out.sum().backward()
-    assert torch.equal(grad, x.grad) and torch.equal(out, ref_out)
+    if grouped:     # the groups gather their rows into new tensors, and MKL's fp32 GEMM on AVX2 rounds by alignment
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-7)
+    else:
+        assert torch.equal(grad, x.grad) and torch.equal(out, ref_out)
     assert not any(p.grad is not None for p in layer.mlp.experts.parameters())
 
 

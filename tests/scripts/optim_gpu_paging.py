@@ -133,8 +133,11 @@ def check_kernel():
         a.step()
         b.step()
     rel = max(((x - y).abs() / y.abs().clamp(min=1e-30)).max().item() for x, y in zip(ours, ref))
-    exact = all(torch.equal(x, y) and torch.equal(a.state[x][k].view_as(x), b.state[y][k])
-                for x, y in zip(ours, ref) for k in ("exp_avg", "exp_avg_sq"))
+    moments = all(torch.equal(a.state[x][k].view_as(x), b.state[y][k])
+                  for x, y in zip(ours, ref) for k in ("exp_avg", "exp_avg_sq"))
+    # fp32 parameters' distance in units in the last place (same-sign values: their bit patterns differ by that)
+    ulps = max((x.detach().view(torch.int32).long() - y.detach().view(torch.int32).long()).abs().max().item()
+               for x, y in zip(ours, ref))
     # device independence: GPU state -> CPU optimizer -> GPU optimizer, bit for bit
     sd = a.state_dict()
     cpu = PagedAdamW([torch.nn.Parameter(p.detach().cpu()) for p in ours])
@@ -143,7 +146,8 @@ def check_kernel():
     back.load_state_dict(cpu.state_dict())
     same = all(torch.equal(x[k].cpu(), y[k].cpu()) for x, y in zip(a.state.values(), back.state.values())
                for k in ("exp_avg", "exp_avg_sq"))
-    return {"max_rel_diff_vs_torch": rel, "bit_identical_to_torch": exact, "managed_state_bytes": a.page_manager.nbytes,
+    return {"max_rel_diff_vs_torch": rel, "param_ulps_vs_torch": ulps, "moments_bit_identical_to_torch": moments,
+            "bit_identical_to_torch": moments and ulps == 0, "managed_state_bytes": a.page_manager.nbytes,
             "state_dict_gpu_cpu_gpu_exact": same}
 
 
@@ -223,9 +227,12 @@ def checks(op) -> dict:
 
 def failed_checks(res: dict) -> list[str]:
     """The pass/fail properties ``res`` holds that did not hold. Eviction freeing the device's memory is a GPU fact
-    only: the CPU's fake managed memory frees nothing."""
+    only: the CPU's fake managed memory frees nothing. On the CPU the parameters may differ from torch's by an ulp
+    (torch's vectorised sqrt is not always correctly rounded, ours is: tests/test_optim.py), the moments may not."""
     kernel, paging = res["kernel"], res["paging"]
-    want = {name: kernel[name] for name in ("bit_identical_to_torch", "state_dict_gpu_cpu_gpu_exact")}
+    want = {name: kernel[name] for name in ("moments_bit_identical_to_torch", "state_dict_gpu_cpu_gpu_exact")}
+    want["bit_identical_to_torch" if DEVICE == "cuda" else "param_ulps_vs_torch<=1"] = \
+        kernel["bit_identical_to_torch"] if DEVICE == "cuda" else kernel["param_ulps_vs_torch"] <= 1
     want.update({name: paging[name] for name in ("spike_ok", "paged_equals_unpaged")
                  + (("evict_freed_state",) if DEVICE == "cuda" else ())})
     return [name for name, ok in want.items() if not ok]
