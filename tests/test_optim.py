@@ -14,6 +14,7 @@ from qlora_ds.optim import AdamW8bit, PagedAdamW, PagedAdamW8bit, optimizer_from
 from qlora_ds.optim import _op
 from qlora_ds.optim.adamw import udynamic_code
 
+from . import compile_checks
 from .conftest import CPU_ISAS, on_cpu_isa
 
 REPO = Path(__file__).resolve().parents[1]
@@ -368,25 +369,20 @@ def test_bf16_and_noncontiguous_params_keep_fp32_state():
 def test_cuda_binding_syntax(tmp_path):
     """The torch bindings compile (syntax only) against the CPU wheel's headers plus a stub of the one CMake-generated
     header the CPU wheel lacks; a real build needs CUDA torch (design notes §6). Both sources, in C++17 (DeepSpeed's
-    under torch < 2.12) and C++20, the four compilers side by side (each parses torch's headers for ~20 s)."""
+    under torch < 2.12) and C++20, side by side; a unit that passed before unchanged is not parsed again
+    (tests/compile_checks.py: ~20 s of torch headers per unit)."""
     import sysconfig
 
     stub = tmp_path / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
     inc = Path(torch.__file__).parent / "include"
-    procs = {}
-    for source in ("paged_optim_cuda.cpp", "quant_cuda.cpp"):
-        for std in ("c++17", "c++20"):
-            cmd = ["g++", f"-std={std}", "-fsyntax-only", f"-DTORCH_EXTENSION_NAME={source[:-4]}", f"-I{tmp_path}",
-                   f"-I{inc}", f"-I{inc / 'torch' / 'csrc' / 'api' / 'include'}", "-I/usr/local/cuda/include",
-                   f"-I{REPO / 'csrc' / 'include'}", f"-I{sysconfig.get_paths()['include']}", str(REPO / "csrc" / source)]
-            procs[source, std] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    failed = {}
-    for key, proc in procs.items():
-        _, err = proc.communicate(timeout=600)
-        if proc.returncode:
-            failed[key] = err[-3000:]
+    units = {(source, std): (std, [f"-DTORCH_EXTENSION_NAME={source[:-4]}", f"-I{tmp_path}", f"-I{inc}",
+                                   f"-I{inc / 'torch' / 'csrc' / 'api' / 'include'}", "-I/usr/local/cuda/include",
+                                   f"-I{REPO / 'csrc' / 'include'}", f"-I{sysconfig.get_paths()['include']}",
+                                   str(REPO / "csrc" / source)])
+             for source in ("paged_optim_cuda.cpp", "quant_cuda.cpp") for std in ("c++17", "c++20")}
+    failed = compile_checks.syntax_checks(units, "g++", tmp_path)
     assert not failed, failed
 
 
