@@ -2,9 +2,10 @@
 
 Parsing torch's headers costs ~20 s per translation unit (over a minute for the four binding checks on a 2-core AVX2
 box). As ccache does, each unit is preprocessed first (~2 s); a unit whose preprocessed text (line markers left out,
-so the clone's and the venv's paths do not matter), compiler version and language standard already passed is not
-parsed again. The cache sits beside the compiled ops (``$QLORA_DS_CHECK_CACHE``, else ``~/.cache/qlora_ds/
-compile_checks``), so it outlives the clone; any change to a source, a header, torch or the compiler is a new key.
+include folders named by place: the clone's and the venv's paths do not matter), compiler version and language
+standard already passed is not parsed again. The cache sits beside the compiled ops (``$QLORA_DS_CHECK_CACHE``,
+else ``~/.cache/qlora_ds/compile_checks``), so it outlives the clone; any change to a source, a header, torch or the
+compiler is a new key. A machine that starts with no cache (a fresh CI box) parses all four.
 """
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QLORA_DS_CHECK_CACHE") or Path.home() / ".cache" / "qlora_ds" / "compile_checks")
 
 
-def _key(compiler: str, std: str, preprocessed: str) -> str:
+def _key(compiler: str, std: str, preprocessed: str, places: list[str]) -> str:
+    """``places``: the include and source folders, named in the text by ``__FILE__`` (torch's checks expand it)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     h = hashlib.sha256(f"{version}\n{std}\n".encode())
     for line in preprocessed.splitlines():
         if not line.startswith("# "):           # a line marker: a path, not code
+            for n, place in enumerate(places):
+                line = line.replace(place, f"<dir{n}>")
             h.update(line.encode())
             h.update(b"\n")
     return h.hexdigest()
@@ -40,7 +44,9 @@ def syntax_checks(units: dict, compiler: str, work: Path) -> dict:
             failed[k] = err[-3000:]
             continue
         std = units[k][0]
-        keys[k] = _key(compiler, std, text)
+        args = units[k][1]
+        places = {a[2:] for a in args if a.startswith("-I")} | {str(Path(args[-1]).parent)}
+        keys[k] = _key(compiler, std, text, sorted(places, key=len, reverse=True))    # the longest first
         if (cache_dir() / keys[k]).exists():
             continue
         unit = work / f"unit{n}.ii"

@@ -20,7 +20,7 @@ def test_cache_skips_only_an_unchanged_unit(tmp_path, monkeypatch):
     src.mkdir()
     monkeypatch.setenv("QLORA_DS_CHECK_CACHE", str(cache))
     (src / "head.h").write_text("inline int twice(int x) { return 2 * x; }\n")
-    (src / "unit.cpp").write_text('#include "head.h"\nint f() { return twice(3); }\n')
+    (src / "unit.cpp").write_text('#include "head.h"\nint f() { return twice(3); }\nconst char *where = __FILE__;\n')
     assert compile_checks.syntax_checks(_units(src), "g++", tmp_path) == {}
     first = sorted(p.name for p in cache.iterdir())
     assert len(first) == 1
