@@ -19,17 +19,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QLORA_DS_CHECK_CACHE") or Path.home() / ".cache" / "qlora_ds" / "compile_checks")
 
 
-def _key(compiler: str, std: str, preprocessed: str, places: list[str]) -> str:
+def _key(version: str, std: str, preprocessed: str, places: list[str]) -> str:
     """``places``: the include and source folders, named in the text by ``__FILE__`` (torch's checks expand it)."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    h = hashlib.sha256(f"{version}\n{std}\n".encode())
-    for line in preprocessed.splitlines():
-        if not line.startswith("# "):           # a line marker: a path, not code
-            for n, place in enumerate(places):
-                line = line.replace(place, f"<dir{n}>")
-            h.update(line.encode())
-            h.update(b"\n")
-    return h.hexdigest()
+    for n, place in enumerate(places):
+        preprocessed = preprocessed.replace(place, f"<dir{n}>")
+    code = "\n".join(line for line in preprocessed.splitlines() if not line.startswith("# "))    # no line markers
+    return hashlib.sha256(f"{version}\n{std}\n{code}".encode()).hexdigest()
 
 
 def syntax_checks(units: dict, compiler: str, work: Path) -> dict:
@@ -37,6 +32,7 @@ def syntax_checks(units: dict, compiler: str, work: Path) -> dict:
     side; returns ``{key: compiler errors}`` for the units that failed (empty: all passed)."""
     pre = {k: subprocess.Popen([compiler, f"-std={std}", "-E", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True) for k, (std, args) in units.items()}
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     failed, parsing, keys = {}, {}, {}
     for n, (k, proc) in enumerate(pre.items()):
         text, err = proc.communicate(timeout=600)
@@ -46,7 +42,7 @@ def syntax_checks(units: dict, compiler: str, work: Path) -> dict:
         std = units[k][0]
         args = units[k][1]
         places = {a[2:] for a in args if a.startswith("-I")} | {str(Path(args[-1]).parent)}
-        keys[k] = _key(compiler, std, text, sorted(places, key=len, reverse=True))    # the longest first
+        keys[k] = _key(version, std, text, sorted(places, key=len, reverse=True))    # the longest first
         if (cache_dir() / keys[k]).exists():
             continue
         unit = work / f"unit{n}.ii"
