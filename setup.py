@@ -21,6 +21,8 @@ PINS = {
     "matplotlib": "3.11.2",
     "gguf": "0.19.0",
     "pytest": "9.2.0",
+    "pytest-xdist": "3.8.0",
+    "execnet": "2.1.2",
     "mpi4py": "4.1.2",
     "openmpi": "5.0.11",
     "torchao": "0.18.0",
@@ -57,7 +59,7 @@ setup(
     install_requires=pin("torch", "deepspeed", "safetensors", "transformers", "accelerate", "peft", "numpy",
                          "tqdm", "matplotlib", "gguf"),
     extras_require={
-        "test": pin("pytest", "bitsandbytes", "chatterbot-corpus"),
+        "test": pin("pytest", "pytest-xdist", "execnet", "bitsandbytes", "chatterbot-corpus"),
         "bench": pin("bitsandbytes", "torchao"),
         "mpi": pin("mpi4py", "openmpi"),
     },

@@ -69,17 +69,35 @@ def _functional_linear_restored():
     torch.nn.functional.linear = linear
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
+                 "CROSS_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _launcher_env_restored():
+    """A Trainer set up in this process (accelerate / DeepSpeed with no launcher's variables) writes RANK=0 and
+    MASTER_PORT=29500 into os.environ for good: a later test's world of one then took port 29500 instead of a free
+    one and failed when another job (a second pytest worker's) held it. Each test gets the variables it started with."""
+    before = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        elif os.environ.get(key) != value:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _release_leftover_shm_buffers():
     """Helper scripts of the suite that start 2 DeepSpeed ranks without finetune's shutdown leave DeepSpeed's CPU
-    all-reduce buffers in /dev/shm (66 MB of RAM per rank, never removed): remove those this session made."""
+    all-reduce buffers in /dev/shm (66 MB of RAM per rank, never removed): remove those of the jobs this session
+    started (by their master ports: another pytest worker's running jobs keep theirs)."""
     from qlora_ds.distributed import SHM_DIR
 
-    from .dist_utils import shm_buffers
+    from .dist_utils import JOB_PORTS, shm_buffers
 
-    before = shm_buffers()
     yield
-    for name in shm_buffers() - before:
+    for name in shm_buffers(JOB_PORTS):
         try:
             os.unlink(os.path.join(SHM_DIR, name))
         except OSError:
