@@ -1,5 +1,6 @@
 import os
 import shutil
+import sys
 import time
 import warnings
 
@@ -69,21 +70,29 @@ def _functional_linear_restored():
     torch.nn.functional.linear = linear
 
 
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
-                 "CROSS_SIZE")
-
-
 @pytest.fixture(autouse=True)
-def _launcher_env_restored():
-    """A Trainer set up in this process (accelerate / DeepSpeed with no launcher's variables) writes RANK=0 and
-    MASTER_PORT=29500 into os.environ for good: a later test's world of one then took port 29500 instead of a free
-    one and failed when another job (a second pytest worker's) held it. Each test gets the variables it started with."""
-    before = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+def _distributed_state_restored():
+    """A Trainer set up in this process leaves behind, for good: accelerate's shared state, the process group DeepSpeed
+    started, and os.environ entries (ACCELERATE_USE_DEEPSPEED=true after a ds_config, then RANK=0, MASTER_PORT=29500).
+    Later tests ran on them by chance: a Trainer given no ds_config built a DeepSpeed engine, and a world of one took
+    port 29500 instead of a free one (failing when a second pytest worker's job held it). Each test gets none of these
+    unless it had them when it started."""
+    import torch.distributed as dist
+
+    env = dict(os.environ)
+    had_group = dist.is_available() and dist.is_initialized()
     yield
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key, None)
-        elif os.environ.get(key) != value:
+    if not had_group and dist.is_available() and dist.is_initialized():
+        from qlora_ds.distributed import shutdown
+
+        shutdown()
+    accelerate_state = sys.modules.get("accelerate.state")
+    if accelerate_state is not None:
+        accelerate_state.AcceleratorState._reset_state(reset_partial_state=True)
+    for key in set(os.environ) - set(env) - {"PYTEST_CURRENT_TEST"}:
+        del os.environ[key]
+    for key, value in env.items():
+        if key != "PYTEST_CURRENT_TEST" and os.environ.get(key) != value:
             os.environ[key] = value
 
 
