@@ -88,6 +88,8 @@ def test_release_shm_buffer_removes_this_ranks_file():
     path = shm_buffer_path(env)
     assert path == f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{env['MASTER_PORT']}_1"
     open(path, "wb").close()
+    port = int(env["MASTER_PORT"])        # the tests' checks find a job's buffers by its master port
+    assert shm_buffers(port) == {os.path.basename(path)} and shm_buffers(port + 1) == set()
     assert release_shm_buffer(env) and not os.path.exists(path)
     assert not release_shm_buffer(env) and not release_shm_buffer({})
 
