@@ -9,7 +9,7 @@ import torch
 
 from qlora_ds.ops import reference as ref
 
-from .test_kernels import codebook, codebook8, make_input, run_4bit, same_bits
+from .test_kernels import codebook8, make_input, run_4bit, same_bits
 from .test_kernels_intn import make_weight, run_quant
 
 
