@@ -123,13 +123,15 @@ def _skeleton(hf_config, dtype: torch.dtype) -> nn.Module:
 
 
 def _renamer(model: nn.Module) -> Callable[[str], str]:
-    """Checkpoint key -> module name, as transformers 5 loads: the plain key renamings of its conversion mapping,
+    """Checkpoint key -> module name, as transformers 5 loads: the key renamings of its conversion mapping,
     then the base-model prefix added to keys saved from the bare base model (the hub's gpt2 and bloom files hold
     ``h.0.…`` and ``wte.weight``, not ``transformer.h.0.…``). A key goes under the prefix when its first name is a
     submodule of the base model and not of the whole model, so ``lm_head.*`` stays as it is."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        renamings = [t for t in get_model_conversion_mapping(model) if type(t).__name__ == "WeightRenaming"
+        from transformers.core_model_loading import WeightRenaming
+        # subclasses included: Qwen3.5's PrefixChange takes the hub files' "model.language_model." to "model."
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)
                      and getattr(t, "scope_prefix", None) is None and hasattr(t, "rename_source_key")]
     except Exception:                               # older/newer transformers: names are taken as they are
         renamings = []
