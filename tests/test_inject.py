@@ -46,6 +46,32 @@ def test_fresh_adapter_logits_equal_dequantized_original(arch, device):
         torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["mamba", "falcon_mamba", "jamba"])
+def test_mamba_mixers_keep_dt_proj_16bit_and_train(arch):
+    """Mamba-1 mixers (Mamba, Falcon-Mamba, Jamba) multiply by ``dt_proj.weight`` itself: it stays an nn.Linear,
+    every other projection is wrapped; logits equal the original with deq(quant(W)) in the wrapped layers, and
+    a backward reaches every LoRA factor."""
+    model, ref = tiny_model(arch), tiny_model(arch)
+    wrapped = set(inject(model, dataclasses.replace(CFG, quantize_experts=False)))   # Jamba's experts: 16 bit here
+    leaves = {p.rsplit(".", 1)[-1] for p in wrapped}
+    assert {"in_proj", "x_proj", "out_proj"} <= leaves and "dt_proj" not in leaves
+    if arch == "jamba":
+        assert {"q_proj", "o_proj", "gate_proj", "down_proj"} <= leaves
+    assert all(isinstance(m, nn.Linear) and m.weight.dtype == torch.float32
+               for p, m in model.named_modules() if p.endswith("dt_proj"))
+    assert policy_for(model.config.model_type) is not GENERIC
+    with torch.no_grad():
+        for path in wrapped:
+            mod = ref.get_submodule(path)
+            mod.weight.copy_(quantize(float_weight(mod)).dequantize(torch.float32))
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=1e-5, atol=1e-5)
+    model.train()
+    model(x, labels=x).loss.backward()
+    assert all(p.grad is not None for p in lora_parameters(model).values())
+
+
 def test_gpt2_conv1d_is_transposed(device):
     model = tiny_model("gpt2").to(device)
     conv = model.transformer.h[0].mlp.c_fc

@@ -38,6 +38,14 @@ def tiny_config(arch: str, hidden: int = 64, layers: int = 2, vocab: int = VOCAB
     if arch == "falcon":
         return tf.FalconConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                                new_decoder_architecture=False, multi_query=True, **common)
+    if arch in ("mamba", "falcon_mamba"):
+        cls = {"mamba": tf.MambaConfig, "falcon_mamba": tf.FalconMambaConfig}[arch]
+        return cls(hidden_size=hidden, num_hidden_layers=layers, state_size=8, expand=2, **common)
+    if arch == "jamba":     # layer 0 Mamba + dense MLP, layer 1 attention + MoE
+        return tf.JambaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                              num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
+                              expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+                              mamba_d_state=8, mamba_expand=2, pad_token_id=0, **common)
     raise ValueError(arch)
 
 

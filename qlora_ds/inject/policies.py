@@ -60,6 +60,10 @@ POLICIES: list[Policy] = [
     Policy("bloom", ("bloom",), _NEOX_STYLE),
     Policy("gpt2", ("gpt2",), ("c_attn", "c_proj", "c_fc"), conv1d=True),
     Policy("falcon", ("falcon",), _NEOX_STYLE),
+    # Mamba-1 mixers multiply by dt_proj's weight itself (`dt_proj.weight @ time_step`), so it is never wrapped;
+    # in_proj / x_proj / out_proj are called as modules (every linear of the attention and MoE layers too: Jamba).
+    # transformers' fused training kernel (mamba-ssm installed, CUDA) takes x_proj/out_proj weights raw: untested.
+    Policy("mamba", ("mamba", "falcon_mamba", "jamba"), skip=LM_HEADS + ROUTERS + ("dt_proj",)),
 ]
 
 GENERIC = Policy("generic", ())

@@ -15,7 +15,7 @@ import torch.nn as nn
 from ..errors import QLoRADSError
 from ..nn.config import QALoRAConfig, QLoRAConfig
 from ..nn.experts_lora import SUFFIXES
-from .policies import NON_TEXT, Policy, policy_for
+from .policies import GENERIC, NON_TEXT, Policy, policy_for
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def inject(model: nn.Module, config, policy: Policy | None = None) -> list[str]:
         log.info("qlora-ds: %d MoE experts modules stored in %s (frozen, %s): %s", len(experts),
                  config.quant_type.upper(), "with LoRA" if config.lora_experts else "no LoRA",
                  ", ".join(experts[:4]) + (" …" if len(experts) > 4 else ""))
-    if policy.generic and config.target_modules is None:
+    if policy is GENERIC and config.target_modules is None:
         log.info("qlora-ds: no policy for model_type=%r; generic policy wrapped %d linear layers: %s",
                  model_type, len(paths), ", ".join(paths))
     _warn_unquantized(model, total, config)
