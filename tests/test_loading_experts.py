@@ -246,6 +246,27 @@ def test_qwen3_5_checkpoint_of_the_multimodal_model_loads(model_type, tmp_path):
     assert torch.equal(logits(ours), logits(hf))
 
 
+@pytest.mark.parametrize("model_type", ["olmo_hybrid", "kimi_linear"])
+def test_weight_concatenated_from_several_tensors_loads(model_type, tmp_path):
+    """The short convolution of these linear-attention layers is one parameter that transformers concatenates from
+    q/k/v tensors in the file (a converter of ``Concatenate`` alone): read the same way, transformers' logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+                                  num_attention_heads=4, num_key_value_heads=2, num_experts=4, moe_intermediate_size=48,
+                                  num_experts_per_tok=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+                                  qk_nope_head_dim=8, v_head_dim=16, first_k_dense_replace=1)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    keys = load_file(str(tmp_path / "model.safetensors")).keys()
+    assert not any(k.endswith("conv1d.weight") and ".q_" not in k and ".k_" not in k and ".v_" not in k for k in keys)
+    ours = from_pretrained(str(tmp_path), CFG, torch_dtype=torch.bfloat16)
+    hf = hf_load(str(tmp_path))
+    inject(hf, CFG)
+    assert torch.equal(logits(ours), logits(hf))
+
+
 def test_bitsandbytes_checkpoint_experts_are_quantized_from_their_16bit_tensors(tmp_path):
     """transformers + bitsandbytes quantize the linears and leave the experts in 16 bit (saved per expert): the
     linears' bytes are taken as stored, the experts are fused and quantized like a 16-bit checkpoint's."""
@@ -344,7 +365,7 @@ def test_converter_with_other_operations_is_refused_with_the_fix(tmp_path, monke
                 *out]
 
     monkeypatch.setattr(cm, "get_model_conversion_mapping", mapping)
-    with pytest.raises(QLoRADSError, match=r"model_type='qwen3_moe' expert weight .*Transpose.* AutoModelForCausalLM"
+    with pytest.raises(QLoRADSError, match=r"model_type='qwen3_moe' weight .*Transpose.* AutoModelForCausalLM"
                                            r"\.from_pretrained .* qlora_ds\.inject\.inject"):
         from_pretrained(d, CFG)
 

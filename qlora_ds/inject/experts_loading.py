@@ -14,6 +14,9 @@ A checkpoint holds such a weight in one of three ways, checked from the headers 
 * in ``save_quantized``'s format, for ``QuantizedExperts`` (``qlora_ds.nn.quantized_experts``): the uint8 parts
   ``{name}_packed``, ``{name}_absmax`` (and ``{name}_absmax2``, ``{name}_offset``), taken byte for byte.
 
+The same path reads a non-expert weight that transformers concatenates from one tensor per source pattern
+(a ``Concatenate`` converter alone: the q/k/v short convolutions of Kimi-Linear and OLMo-hybrid).
+
 Quantized experts (``QLoRAConfig.quantize_experts``) are filled here; 16-bit ones built from per-expert tensors are
 read through ``Converted.read`` by the loader's plain parameter path.
 """
@@ -36,10 +39,11 @@ _FLOATS = {"F64", "F32", "F16", "BF16"}
 class Converted:
     """A fused expert weight built from per-expert checkpoint tensors: ``keys[i]`` are the tensors of the
     converter's i-th source pattern in expert order, stacked along ``stack_dim``; the stacks are concatenated along
-    ``cat_dim`` (None: one pattern, no concatenation)."""
+    ``cat_dim`` (None: one pattern, no concatenation). ``stack_dim`` None: no stacking, one tensor per pattern,
+    concatenated (a converter of ``Concatenate`` alone, e.g. Kimi-Linear's q/k/v short convolutions)."""
     target: str
     keys: tuple[tuple[str, ...], ...]
-    stack_dim: int
+    stack_dim: int | None
     cat_dim: int | None
     widths: tuple[int, ...]          # each stack's size along cat_dim
     shape: tuple[int, ...]
@@ -51,7 +55,7 @@ class Converted:
             slot = out if self.cat_dim is None else out.narrow(self.cat_dim, offset, width)
             offset += width
             for e, key in enumerate(keys):
-                slot.select(self.stack_dim, e).copy_(ckpt.get(key))
+                (slot if self.stack_dim is None else slot.select(self.stack_dim, e)).copy_(ckpt.get(key))
         return out
 
 
@@ -114,19 +118,20 @@ class ExpertSources:
         ops = list(conv.operations)
         kinds = [type(op) for op in ops]
         patterns = list(conv.source_patterns)
+        plain = kinds == [Concatenate] and len(patterns) > 1 and all(len(found.get(p, ())) == 1 for p in patterns)
         if not (kinds == [MergeModulelist] and len(patterns) == 1
-                or kinds == [MergeModulelist, Concatenate] and len(patterns) > 1):
-            raise QLoRADSError(f"{name}: transformers builds this model_type={_model_type(self.model)!r} expert weight "
-                               f"from per-expert tensors with {ops}, which qlora-ds' streaming loader does not "
-                               f"reproduce (it reads MergeModulelist, then Concatenate); {FIX}")
+                or kinds == [MergeModulelist, Concatenate] and len(patterns) > 1 or plain):
+            raise QLoRADSError(f"{name}: transformers builds this model_type={_model_type(self.model)!r} weight "
+                               f"from several checkpoint tensors with {ops}, which qlora-ds' streaming loader does not "
+                               f"reproduce (it reads MergeModulelist, then Concatenate, or Concatenate alone); {FIX}")
         absent = [p for p in patterns if p not in found]
         if absent:
             raise QLoRADSError(f"{name}: checkpoint {self.ckpt.path!r} has per-expert tensors for {sorted(found)} but "
                                f"none for {absent}; it is incomplete — re-save it with save_pretrained")
         keys = tuple(tuple(sorted(found[p], key=dot_natural_key)) for p in patterns)
-        ndim = len(self.ckpt.shape[keys[0][0]]) + 1            # of a stack; torch's negative dims wrap around it
-        stack_dim = ops[0].dim % ndim
-        cat_dim = ops[1].dim % ndim if len(ops) > 1 else None
+        ndim = len(self.ckpt.shape[keys[0][0]]) + (0 if plain else 1)   # of a stack; negative dims wrap around it
+        stack_dim = None if plain else ops[0].dim % ndim
+        cat_dim = ops[-1].dim % ndim if len(ops) > 1 or plain else None
         stacked = []
         for p, ks in zip(patterns, keys):
             shapes = {self.ckpt.shape[k] for k in ks}
@@ -139,7 +144,7 @@ class ExpertSources:
                 raise QLoRADSError(f"{name}: the per-expert tensors {p!r} have shapes {sorted(shapes)}, not one; the "
                                    f"checkpoint is corrupt — re-save it with save_pretrained")
             one = shapes.pop()
-            stacked.append(one[:stack_dim] + (len(ks),) + one[stack_dim:])
+            stacked.append(one if plain else one[:stack_dim] + (len(ks),) + one[stack_dim:])
         if cat_dim is None:
             built = stacked[0]
         else:
