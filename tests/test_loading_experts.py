@@ -216,27 +216,23 @@ def test_fused_checkpoint_is_read_as_stored(arch, tmp_path):
     assert torch.equal(logits(ours), logits(hf))
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5_text", "qwen3_5_moe_text"])
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
 def test_qwen3_5_checkpoint_of_the_multimodal_model_loads(model_type, tmp_path):
     """The hub's Qwen3.5 files are saved from the vision-language model: the text weights sit under
     ``model.language_model.``, next to ``model.visual.*``. transformers' CausalLM load drops that prefix (a
     ``PrefixChange`` in its conversion mapping); ours reads the same tensors: transformers' logits after inject()."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=48,
-                                  num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
-                                  moe_intermediate_size=48, shared_expert_intermediate_size=96,
-                                  num_experts_per_tok=2, linear_num_key_heads=2, linear_num_value_heads=4,
-                                  linear_key_head_dim=16, linear_value_head_dim=16, max_position_embeddings=64)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                layer_types=["linear_attention", "full_attention"], num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, num_experts=4, moe_intermediate_size=48, shared_expert_intermediate_size=96,
+                num_experts_per_tok=2, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                linear_value_head_dim=16, max_position_embeddings=64)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "text")
-    state = load_file(str(tmp_path / "text" / "model.safetensors"))
-    state = {k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k: v
-             for k, v in state.items()}
-    assert "model.language_model.layers.1.self_attn.q_proj.weight" in state
-    state["model.visual.patch_embed.proj.weight"] = torch.zeros(4, 4, dtype=torch.bfloat16)
-    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(tmp_path)
+    config = AutoConfig.for_model(model_type, text_config=text, vision_config=vision)
+    AutoModelForImageTextToText.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    assert any(k.startswith("model.visual.") for k in state)
     ours = from_pretrained(str(tmp_path), CFG, torch_dtype=torch.bfloat16)
     hf = hf_load(str(tmp_path))
     assert torch.equal(hf.model.layers[1].self_attn.q_proj.weight,           # transformers read the file's tensors
