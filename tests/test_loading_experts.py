@@ -242,6 +242,30 @@ def test_qwen3_5_checkpoint_of_the_multimodal_model_loads(model_type, tmp_path):
     assert torch.equal(logits(ours), logits(hf))
 
 
+def test_llama4_checkpoint_of_the_multimodal_model_loads(tmp_path):
+    """The hub's Llama-4 files are saved from Llama4ForConditionalGeneration (``language_model.model.…``,
+    ``language_model.lm_head.weight``, ``vision_model.…``); AutoModelForCausalLM builds Llama4ForCausalLM, whose
+    base-model prefix is ``language_model``, and transformers strips it: ours reads the same tensors."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=48, intermediate_size_mlp=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                num_experts_per_tok=1, max_position_embeddings=64, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama4", text_config=text, vision_config=vision)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path)    # fp32, read in bf16 by both
+    state = load_file(str(tmp_path / "model.safetensors"))
+    assert "language_model.lm_head.weight" in state and any(k.startswith("vision_model.") for k in state)
+    cfg = dataclasses.replace(CFG, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))   # the router: see above
+    ours = from_pretrained(str(tmp_path), cfg, torch_dtype=torch.bfloat16)
+    hf = hf_load(str(tmp_path))
+    assert torch.equal(hf.lm_head.weight, state["language_model.lm_head.weight"].to(torch.bfloat16))
+    assert len(experts_of(ours)) == 2
+    inject(hf, cfg)
+    assert torch.equal(logits(ours), logits(hf))
+
+
 @pytest.mark.parametrize("model_type", ["olmo_hybrid", "kimi_linear"])
 def test_weight_concatenated_from_several_tensors_loads(model_type, tmp_path):
     """The short convolution of these linear-attention layers is one parameter that transformers concatenates from

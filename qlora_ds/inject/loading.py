@@ -126,7 +126,9 @@ def _renamer(model: nn.Module) -> Callable[[str], str]:
     """Checkpoint key -> module name, as transformers 5 loads: the key renamings of its conversion mapping,
     then the base-model prefix added to keys saved from the bare base model (the hub's gpt2 and bloom files hold
     ``h.0.…`` and ``wte.weight``, not ``transformer.h.0.…``). A key goes under the prefix when its first name is a
-    submodule of the base model and not of the whole model, so ``lm_head.*`` stays as it is."""
+    submodule of the base model and not of the whole model, so ``lm_head.*`` stays as it is. A key that starts with
+    the prefix loses it when only the rest names a tensor of the model (Llama4ForCausalLM, prefix
+    ``language_model``, reads the multimodal model's ``language_model.model.…`` and ``language_model.lm_head.…``)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
@@ -139,10 +141,14 @@ def _renamer(model: nn.Module) -> Callable[[str], str]:
     base = getattr(model, prefix, None) if prefix else None
     inner = (set(dict(base.named_children())) - set(dict(model.named_children()))
              if isinstance(base, nn.Module) and base is not model else set())
+    names = set(model.state_dict(keep_vars=True)) if prefix else set()
 
     def rename(key: str) -> str:
         for t in renamings:                         # transformers' own matching (name boundaries, groups)
             key = t.rename_source_key(key)[0]
+        # saved by a model that holds this one under the prefix (Llama-4's hub files: language_model.model.…)
+        if key.startswith(f"{prefix}.") and key not in names and key[len(prefix) + 1:] in names:
+            return key[len(prefix) + 1:]
         return f"{prefix}.{key}" if key.split(".", 1)[0] in inner else key
     return rename
 
