@@ -25,11 +25,14 @@ ROUTER_WHY = f"config.{ROUTER_LOSS} adds the router's auxiliary loss to the mode
 # the loss from them alone: tests/test_chunked_loss_models.py checks each against the model's own loss. Others (new
 # or remote-code architectures, which may scale or cap the logits under any name) use the plain loss.
 VERIFIED_MODEL_TYPES = frozenset((
-    "apertus", "arcee", "biogpt", "bitnet", "bloom", "cohere", "cohere2", "ernie4_5", "exaone4", "falcon",
-    "falcon_h1", "gemma", "gemma2", "gemma3", "gemma3_text", "glm", "glm4", "gpt2", "gpt_bigcode", "gpt_neox",
-    "gpt_oss", "granite", "granitemoe", "helium", "hunyuan_v1_dense", "lfm2", "llama", "llama4_text", "ministral",
-    "mistral", "mixtral", "mpt", "nemotron", "olmo", "olmo2", "olmoe", "opt", "persimmon", "phi", "phi3", "phimoe",
-    "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "seed_oss", "smollm3", "stablelm", "starcoder2", "xglm"))
+    "apertus", "arcee", "biogpt", "bitnet", "bloom", "codegen", "cohere", "cohere2", "deepseek_v2", "deepseek_v3",
+    "diffllama", "ernie4_5", "ernie4_5_moe", "exaone4", "exaone_moe", "falcon", "falcon_h1", "falcon_mamba", "gemma",
+    "gemma2", "gemma3", "gemma3_text", "glm", "glm4", "glm4_moe", "glm4_moe_lite", "gpt2", "gpt_bigcode", "gpt_neox",
+    "gpt_oss", "gptj", "granite", "granitemoe", "helium", "hunyuan_v1_dense", "hunyuan_v1_moe", "hy_v3", "internlm3",
+    "jamba", "kimi_linear", "lfm2", "llama", "llama4_text", "mamba", "mimo_v2_flash", "minimax", "minimax_m2",
+    "ministral", "mistral", "mixtral", "mpt", "nemotron", "olmo", "olmo2", "olmo3", "olmoe", "opt", "persimmon", "phi",
+    "phi3", "phimoe", "qwen2", "qwen2_moe", "qwen3", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_moe", "qwen3_next",
+    "seed_oss", "smollm3", "solar_open", "stablelm", "starcoder2", "xglm", "youtu"))
 # model type -> {attribute of the model's own config: (what its forward does with it, the config class's default)}
 # as transformers 5.23 writes it: "softcap" logits = v·tanh(logits/v), "mul" logits * v, "div" logits / v
 APPLIED = {

@@ -17,9 +17,18 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_att
               patch_size=14)
 
 
+# multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Youtu) and GPT-J-style partial rotary: their own sizes
+_MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=0, n_group=1,
+            topk_group=1)
+_GPTJ = dict(rotary_dim=8, n_embd=64, n_layer=1, n_head=4)
+OWN = {"falcon": {}, "deepseek_v2": _MLA, "deepseek_v3": _MLA, "glm4_moe_lite": _MLA, "youtu": _MLA,
+       "codegen": _GPTJ, "gptj": _GPTJ}
+
+
 def build(model_type: str, **extra):
     from transformers import AutoConfig, AutoModelForCausalLM
-    kw = dict(KW, **({} if model_type == "falcon" else {"head_dim": 16}), **extra)
+    kw = dict(KW, **OWN.get(model_type, {"head_dim": 16}), **extra)
     if model_type == "gemma3":      # multimodal: the text model's keys go in its text_config
         kw = dict(text_config=kw, vision_config=VISION)
     torch.manual_seed(0)
