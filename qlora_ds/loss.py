@@ -8,13 +8,13 @@ head's call. Both hooks run first (``prepend``): under ZeRO-3 the head's weight 
 hook (no extra all-gather, no copy), and the hidden states are taken before ZeRO-3 wraps the head's input in its
 backward-release Function — the loss's gradient reaches the final norm directly; ZeRO-3's head hooks see only the
 empty slice, which the returned loss adds times 0 (so the engine's backward prologue, hooked on the forward's
-outputs, runs: one more gather of the head per backward under ZeRO-3). The loss's own backward needs no weight (its gradients
-are formed in forward, ``qlora_ds.nn.chunked_loss``). Works for every transformers CausalLM whose forward calls
-``get_output_embeddings()`` on the final hidden states and at most a known transform on the logits: the model types
-in ``VERIFIED_MODEL_TYPES`` (Llama, Mistral, Qwen, DeepSeek, Gemma, Phi, Mamba, GPT-NeoX, OPT …), each checked by a
-test. Gemma-2's (and Gemma3ForCausalLM's) final soft cap, Cohere's logit scale, Granite's logits scaling and Falcon-H1's LM-head
-multiplier are applied inside the chunked loss (``qlora_ds.loss_support.APPLIED``); any other transform (in the config
-or its text config) or an unverified model type uses the plain loss, with a warning.
+outputs, runs: one more gather of the head per backward under ZeRO-3). The loss's own backward needs no weight (its
+gradients are formed in forward, ``qlora_ds.nn.chunked_loss``). Works for every transformers CausalLM whose forward
+calls ``get_output_embeddings()`` on the final hidden states and at most a known transform on the logits: the model
+types in ``VERIFIED_MODEL_TYPES`` (Llama, Mistral, Qwen, DeepSeek, Gemma, Phi, Mamba, GPT-NeoX, OPT …), each checked
+by a test. Gemma-2's (and Gemma3ForCausalLM's) final soft cap, Cohere's logit scale, Granite's logits scaling and
+Falcon-H1's LM-head multiplier are applied inside the chunked loss (``qlora_ds.loss_support.APPLIED``); any other
+transform (in the config or its text config) or an unverified model type uses the plain loss, with a warning.
 """
 from __future__ import annotations
 

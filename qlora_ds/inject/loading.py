@@ -128,7 +128,8 @@ def _renamer(model: nn.Module) -> Callable[[str], str]:
     ``h.0.…`` and ``wte.weight``, not ``transformer.h.0.…``). A key goes under the prefix when its first name is a
     submodule of the base model and not of the whole model, so ``lm_head.*`` stays as it is. A key that starts with
     the prefix loses it when only the rest names a tensor of the model (Llama4ForCausalLM, prefix
-    ``language_model``, reads the multimodal model's ``language_model.model.…`` and ``language_model.lm_head.…``)."""
+    ``language_model``, reads the multimodal model's ``language_model.model.…`` and
+    ``language_model.lm_head.…``)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
