@@ -191,8 +191,9 @@ def plan_quantized_experts(model: nn.Module, sources: ExpertSources, own: dict |
                                    f"QLoRAConfig(quantize_experts={'False' if not saved else 'True'})) but this config "
                                    f"has quantize_experts={now}; pass QLoRAConfig(quantize_experts="
                                    f"{'False' if not saved else 'True'}), or quantize the original 16-bit checkpoint")
-            raise QLoRADSError(f"quantized checkpoint {ckpt.path!r} was saved with quantized MoE experts {saved[:3]}… "
-                               f"but this model's are {sorted(modules)[:3]}…; the config and the weights do not match")
+            raise QLoRADSError(f"quantized checkpoint {ckpt.path!r} was saved with quantized MoE experts "
+                               f"{saved[:3]}… but this model's are {sorted(modules)[:3]}…; the config and the weights "
+                               f"do not match")
     plan = {}
     for path, module in modules.items():
         plan[path] = {}
