@@ -17,7 +17,7 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_att
               patch_size=14)
 
 
-# multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Youtu) and GPT-J-style partial rotary: their own sizes
+# multi-head latent attention (DeepSeek-V2/V3, glm4_moe_lite, Youtu) and GPT-J-style partial rotary: their own sizes
 _MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
             n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=0, n_group=1,
             topk_group=1)
