@@ -12,6 +12,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from qlora_ds.distributed import shutdown
 from qlora_ds.inject import from_pretrained, load_adapter, save_adapter
 from qlora_ds.nn import QLoRAConfig
 
@@ -29,6 +30,7 @@ def main(ckpt: str, adapter: str, out: str) -> None:
         json.dump({"loaded": loaded, "scaling": {n: m.scaling for n, m in layers.items()},
                    "partition_numel": sum(m.lora_B.weight.ds_tensor.numel() for m in layers.values())}, f)
     save_adapter(model, os.path.join(out, "adapter"))
+    shutdown()      # a process group left to interpreter exit can die of gloo's SIGABRT there (seen once in CI)
 
 
 if __name__ == "__main__":
